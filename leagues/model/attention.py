@@ -1,0 +1,126 @@
+"""Self-attention with a backend seam.
+
+The projections, q/k norms and rotary embedding are the model's; *where keys and values live* is
+the backend's. A backend is any object with `attend(layer_idx, q_THA, k_TGA, v_TGA) -> o_THA` over
+the flat token axis of a batch:
+
+- `PackedSeqs` (here): a packed variable-length batch described by `cu_seqlens`, no padding, causal
+  within each sequence. The trainer and the plain `forward(input_ids_BT)` use it.
+- The engine's paged-KV backend (in `leagues.engine`) writes k/v into cache blocks by `layer_idx`
+  and attends over each sequence's cached prefix.
+
+`PackedSeqs` picks the fastest exact kernel it can: one SDPA call when every sequence has the same
+length, `varlen_attn` (FlashAttention) on CUDA otherwise, and a per-sequence SDPA loop as the
+reference that runs anywhere.
+
+Legend: T tokens, B sequences, H query heads, G kv heads, A head dim, D model dim.
+"""
+
+import inspect
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leagues.model.config import ModelConfig
+from leagues.model.layers import RMSNorm, apply_rope
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # older torch: the per-sequence loop serves
+    varlen_attn = None
+
+
+class AttentionBackend(Protocol):
+    def attend(self, layer_idx: int, q_THA: torch.Tensor, k_TGA: torch.Tensor, v_TGA: torch.Tensor) -> torch.Tensor:
+        """Causal attention for the batch's tokens; returns [T, H, A]."""
+        ...
+
+
+def _sdpa_BHLA(q_THA, k_TGA, v_TGA, num_seqs: int) -> torch.Tensor:
+    """Causal SDPA over `num_seqs` equal-length sequences laid end to end."""
+    q, k, v = (t.unflatten(0, (num_seqs, -1)).transpose(1, 2) for t in (q_THA, k_TGA, v_TGA))
+    gqa = q.shape[1] != k.shape[1]
+    o_BHLA = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return o_BHLA.transpose(1, 2).flatten(0, 1)
+
+
+def _varlen(q_THA, k_TGA, v_TGA, cu_seqlens_B1: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    if k_TGA.shape[1] != q_THA.shape[1]:
+        rep = q_THA.shape[1] // k_TGA.shape[1]
+        k_TGA, v_TGA = k_TGA.repeat_interleave(rep, dim=1), v_TGA.repeat_interleave(rep, dim=1)
+    cu = cu_seqlens_B1.to(torch.int32)
+    if "is_causal" in inspect.signature(varlen_attn).parameters:
+        return varlen_attn(q_THA, k_TGA, v_TGA, cu, cu, max_seqlen, max_seqlen, is_causal=True)
+    return varlen_attn(q_THA, k_TGA, v_TGA, cu, cu, max_seqlen, max_seqlen, window_size=(-1, 0))
+
+
+@dataclass(slots=True)
+class PackedSeqs:
+    """A packed batch: sequence b owns tokens cu_seqlens[b]:cu_seqlens[b+1]."""
+
+    cu_seqlens_B1: torch.Tensor
+    max_seqlen: int
+    lengths: tuple[int, ...]
+    impl: str = "auto"
+    """"auto", "sdpa_loop" (reference) or "varlen"."""
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], device: torch.device | str = "cpu", impl: str = "auto") -> "PackedSeqs":
+        if not lengths or min(lengths) <= 0:
+            raise ValueError(f"sequence lengths must be positive, got {lengths}")
+        cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        return cls(cu_seqlens_B1=cu, max_seqlen=max(lengths), lengths=tuple(lengths), impl=impl)
+
+    def positions(self) -> torch.Tensor:
+        """Position of every token within its own sequence, [T]."""
+        device = self.cu_seqlens_B1.device
+        return torch.cat([torch.arange(n, device=device) for n in self.lengths])
+
+    def attend(self, layer_idx: int, q_THA, k_TGA, v_TGA) -> torch.Tensor:
+        uniform = len(set(self.lengths)) == 1
+        if self.impl == "auto" and uniform:
+            return _sdpa_BHLA(q_THA, k_TGA, v_TGA, len(self.lengths))
+        if self.impl == "varlen" or (self.impl == "auto" and q_THA.is_cuda and varlen_attn is not None):
+            return _varlen(q_THA, k_TGA, v_TGA, self.cu_seqlens_B1, self.max_seqlen)
+        bounds = [0, *torch.tensor(self.lengths).cumsum(0).tolist()]
+        parts = [_sdpa_BHLA(q_THA[s:e], k_TGA[s:e], v_TGA[s:e], 1) for s, e in zip(bounds, bounds[1:], strict=False)]
+        return torch.cat(parts, dim=0)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, q_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(q_dim, cfg.dim, bias=cfg.o_bias)
+        self.qk_norm, self.clip_qkv = cfg.qk_norm, cfg.clip_qkv
+        if cfg.qk_norm != "none":
+            norm_q, norm_k = (cfg.head_dim, cfg.head_dim) if cfg.qk_norm == "head" else (q_dim, kv_dim)
+            self.q_norm, self.k_norm = RMSNorm(norm_q, cfg.norm_eps), RMSNorm(norm_k, cfg.norm_eps)
+
+    def _qkv(self, x_TD: torch.Tensor):
+        q, k, v = self.wq(x_TD), self.wk(x_TD), self.wv(x_TD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q_THA = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k_TGA = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v_TGA = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.qk_norm == "head":
+            q_THA, k_TGA = self.q_norm(q_THA), self.k_norm(k_TGA)
+        return q_THA, k_TGA, v_TGA
+
+    def forward(self, x_TD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend):
+        q_THA, k_TGA, v_TGA = self._qkv(x_TD)
+        cos_TA, sin_TA = rope
+        q_THA, k_TGA = apply_rope(q_THA, cos_TA, sin_TA), apply_rope(k_TGA, cos_TA, sin_TA)
+        o_THA = backend.attend(self.layer_idx, q_THA, k_TGA, v_TGA)
+        return self.wo(o_THA.flatten(-2))

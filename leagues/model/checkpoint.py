@@ -1,0 +1,184 @@
+"""Hugging Face checkpoint IO: `load_pretrained` and `save_pretrained`.
+
+A checkpoint directory is used as-is: `config.json` plus `model.safetensors` or a sharded
+`model.safetensors.index.json`. The family's weight table (`families.py`) says which HF tensors make
+each of our parameters; loading builds the model on the meta device and assigns tensors one by one
+(no random init, no second copy), and saving splits them back into the same HF names, so
+HF → leagues → HF is bit-exact. Writes go to a temporary file renamed into place.
+"""
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from leagues.model.config import ModelConfig
+from leagues.model.families import FAMILIES, HF, config_from_hf
+from leagues.model.transformer import Transformer
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no config.json in model directory {path}")
+    try:
+        hf_cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    return config_from_hf(hf_cfg, where=str(cfg_path))
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """HF tensor name → the safetensors file that holds it."""
+    if (path / INDEX).is_file():
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        return {name: path / fname for name, fname in weight_map.items()}
+    if (path / SINGLE).is_file():
+        with safe_open(path / SINGLE, framework="pt") as f:
+            return dict.fromkeys(f.keys(), path / SINGLE)
+    raise FileNotFoundError(f"no {SINGLE} or {INDEX} in model directory {path}")
+
+
+def hf_names(ours: str, spec: HF, num_experts: int) -> list[list[str]]:
+    """HF names for one parameter: a list per expert (one list when not per expert), each to concatenate."""
+    m = _LAYER.match(ours)
+    layer = m.group(1) if m else ""
+    experts = range(num_experts) if spec.per_expert else [None]
+    return [[n.format(i=layer, e=e) for n in spec.names] for e in experts]
+
+
+def _table_key(ours: str) -> str:
+    return _LAYER.sub("layers.{i}.", ours)
+
+
+def parameter_map(model: Transformer) -> Iterator[tuple[str, torch.Tensor, HF, list[list[str]]]]:
+    """(our name, parameter, table entry, HF names) for every parameter of the model."""
+    table = FAMILIES[model.config.family].weights
+    for ours, param in model.named_parameters():
+        key = _table_key(ours)
+        if key not in table:
+            raise KeyError(f"family {model.config.family} has no HF name for parameter {ours}")
+        yield ours, param, table[key], hf_names(ours, table[key], model.config.num_experts)
+
+
+class _Reader:
+    """Opens each shard once and hands out tensors by HF name."""
+
+    def __init__(self, path: Path) -> None:
+        self.files = _weight_files(path)
+        self.handles: dict[Path, object] = {}
+        self.used: set[str] = set()
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise ValueError(f"checkpoint is missing tensor {name!r}")
+        file = self.files[name]
+        if file not in self.handles:
+            self.handles[file] = safe_open(file, framework="pt")
+        self.used.add(name)
+        return self.handles[file].get_tensor(name)
+
+    def unused(self) -> list[str]:
+        return sorted(n for n in self.files if n not in self.used and not IGNORED.match(n))
+
+
+def _assemble(reader: _Reader, names: list[list[str]], per_expert: bool) -> torch.Tensor:
+    parts = [torch.cat([reader.get(n) for n in group], dim=0) for group in names]
+    return torch.stack(parts) if per_expert else parts[0]
+
+
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+) -> Transformer:
+    """Load an HF checkpoint directory as a `Transformer` (dtype None keeps the checkpoint's)."""
+    path = Path(path)
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    reader = _Reader(path)
+    if cfg.tie_embeddings:
+        reader.used.add("lm_head.weight")  # some tied checkpoints still carry the copy
+    state = {}
+    for ours, param, spec, names in parameter_map(model):
+        tensor = _assemble(reader, names, spec.per_expert)
+        if tensor.shape != param.shape:
+            raise ValueError(
+                f"{path}: tensor for {ours} ({names[0]}) has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+            )
+        state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    if extra := reader.unused():
+        raise ValueError(f"{path}: checkpoint tensors not used by family {cfg.family}: {extra[:8]}")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rope.reset(device)
+    return model
+
+
+def _hf_tensors(model: Transformer, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Split every parameter back into the HF tensors it was made from."""
+    for _, param, spec, names in parameter_map(model):
+        data = param.detach().to(dtype=dtype or param.dtype, device="cpu")
+        per_group = data.unbind(0) if spec.per_expert else [data]
+        for group_names, tensor in zip(names, per_group, strict=True):
+            for name, part in zip(group_names, tensor.chunk(len(group_names), dim=0), strict=True):
+                yield name, part.contiguous()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, file)
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, size = [{}], 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def save_pretrained(
+    model: Transformer, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30
+) -> None:
+    """Write the model as an HF checkpoint directory (config.json + safetensors, sharded when large)."""
+    if not model.config.hf_config:
+        raise ValueError(
+            "model.config.hf_config is empty: build configs with config_from_hf so config.json can be written"
+        )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = dict(_hf_tensors(model, dtype))
+    shards = _shard(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        _atomic_save(shards[0], path / SINGLE)
+    else:
+        names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+        for shard, fname in zip(shards, names, strict=True):
+            _atomic_save(shard, path / fname)
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {n: f for s, f in zip(shards, names, strict=True) for n in s},
+        }
+        _atomic_write_text(path / INDEX, json.dumps(index, indent=2))
+    _atomic_write_text(path / "config.json", json.dumps(model.config.hf_config, indent=2) + "\n")
+
+
+def _atomic_write_text(file: Path, text: str) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)

@@ -1,0 +1,92 @@
+"""Mixture-of-experts MLP: router, grouped experts, optional shared expert, routing capture and replay.
+
+Token-choice routing: softmax over the router logits in float32, top-k, optional renormalisation.
+Routing *replay* swaps only the choice of experts: given ids recorded elsewhere (the engine during
+rollout, or an earlier pass), the weights are still the router's probabilities at those ids, so the
+router keeps receiving gradients.
+
+Experts are stacked `[E, ...]` tensors. Token-expert pairs are sorted by expert and run through two
+grouped matmuls (`leagues.kernels.grouped_gemm`: `torch._grouped_mm` on CUDA/bf16, a loop elsewhere).
+Results are un-permuted by a scatter with unique indices and summed over k, which keeps the combine
+free of atomics (same answer every run).
+
+Legend: T tokens, D model dim, E experts, K top-k, F expert ffn dim, N = T*K token-expert pairs.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leagues.kernels.grouped_gemm import grouped_mm
+from leagues.model.config import ModelConfig
+from leagues.model.layers import GatedMLP
+
+
+@dataclass(slots=True)
+class Routing:
+    weights_TK: torch.Tensor
+    expert_ids_TK: torch.Tensor
+    logits_TE: torch.Tensor
+
+
+class Router(nn.Module):
+    def __init__(self, dim: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+
+    def forward(self, x_TD: torch.Tensor, replay_ids_TK: torch.Tensor | None = None) -> Routing:
+        logits_TE = F.linear(x_TD, self.weight)
+        probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+        if replay_ids_TK is None:
+            weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        else:
+            ids_TK = replay_ids_TK.to(device=x_TD.device, dtype=torch.long)
+            weights_TK = probs_TE.gather(1, ids_TK)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return Routing(weights_TK.to(x_TD.dtype), ids_TK, logits_TE)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts: w13 [E, 2F, D] (gate and up fused), w2 [E, D, F]."""
+
+    def __init__(self, num_experts: int, dim: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
+        self.impl = "auto"
+        """"auto", "grouped" or "reference" (see `leagues.kernels.grouped_gemm`)."""
+
+    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        num_tokens, top_k = ids_TK.shape
+        num_experts = self.w13.shape[0]
+        order_N = torch.argsort(ids_TK.flatten(), stable=True)
+        counts_E = torch.bincount(ids_TK.flatten(), minlength=num_experts)
+        offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        x_ND = x_TD[order_N // top_k]
+        gate_NF, up_NF = grouped_mm(x_ND, self.w13, offs_E, self.impl).chunk(2, dim=-1)
+        y_ND = grouped_mm(F.silu(gate_NF) * up_NF, self.w2, offs_E, self.impl)
+        y_TKD = torch.empty_like(y_ND).index_put_((order_N,), y_ND).view(num_tokens, top_k, -1)
+        return torch.einsum("tk,tkd->td", weights_TK, y_TKD)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.router = Router(cfg.dim, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.dim, cfg.expert_ffn_dim)
+        self.shared = GatedMLP(cfg.dim, cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else None
+        self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
+
+    def forward(self, x_TD: torch.Tensor, replay_ids_TK: torch.Tensor | None = None):
+        routing = self.router(x_TD, replay_ids_TK)
+        out_TD = self.experts(x_TD, routing.weights_TK, routing.expert_ids_TK)
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            out_TD = out_TD + shared_TD
+        return out_TD, routing

@@ -1,0 +1,144 @@
+"""The transformer that both the rollout engine and the trainer run.
+
+Single-device and free of distribution: parallelism (FSDP2, expert parallel) is applied from outside
+by `leagues.parallel`. The core entry is `Transformer.run(ForwardBatch) -> ForwardOutput` over a flat
+token axis; attention goes through the batch's backend (packed varlen here, paged KV in the engine).
+`forward(input_ids_BT)` is the plain convenience for tests and users.
+
+Routing records are `[T, L, K]` in a compact integer dtype, L counting MoE layers only (in layer
+order): `capture_experts=True` returns them, `replay_experts_TLK` feeds them back in.
+
+Legend: B sequences, T tokens, D model dim, V vocab, L MoE layers, K top-k, E experts.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from leagues.model.attention import Attention, AttentionBackend, PackedSeqs
+from leagues.model.config import ModelConfig
+from leagues.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from leagues.model.moe import GroupedExperts, MoE
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    input_ids_T: torch.Tensor
+    positions_T: torch.Tensor
+    attention: AttentionBackend
+    replay_experts_TLK: torch.Tensor | None = None
+    """Use these experts instead of the router's top-k (routing replay)."""
+    capture_experts: bool = False
+    capture_router_logits: bool = False
+    compute_logits: bool = True
+    """False returns only the final hidden states (the trainer computes logprobs in vocab chunks)."""
+
+    @classmethod
+    def packed(cls, input_ids_T: torch.Tensor, lengths: list[int], **kwargs) -> "ForwardBatch":
+        if sum(lengths) != input_ids_T.shape[0]:
+            raise ValueError(f"lengths sum to {sum(lengths)} but input_ids has {input_ids_T.shape[0]} tokens")
+        seqs = PackedSeqs.from_lengths(lengths, device=input_ids_T.device)
+        return cls(input_ids_T=input_ids_T, positions_T=seqs.positions(), attention=seqs, **kwargs)
+
+
+@dataclass(slots=True)
+class ForwardOutput:
+    hidden_TD: torch.Tensor
+    logits_TV: torch.Tensor | None = None
+    routed_experts_TLK: torch.Tensor | None = None
+    router_logits: list[torch.Tensor] = field(default_factory=list)
+    """One [T, E] tensor per MoE layer, for auxiliary losses and metrics."""
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.is_moe = layer_idx in cfg.moe_layers
+        if self.is_moe:
+            self.moe = MoE(cfg)
+        else:
+            self.mlp = GatedMLP(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+
+    def forward(self, x_TD, rope, backend, replay_ids_TK=None):
+        x_TD = x_TD + self.attn(self.attn_norm(x_TD), rope, backend)
+        h_TD = self.mlp_norm(x_TD)
+        if not self.is_moe:
+            return x_TD + self.mlp(h_TD), None
+        out_TD, routing = self.moe(h_TD, replay_ids_TK)
+        return x_TD + out_TD, routing
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.rope = RotaryEmbedding(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] for B equal-length sequences, causal within each."""
+        num_seqs, seq_len = input_ids_BT.shape
+        batch = ForwardBatch.packed(input_ids_BT.flatten(), [seq_len] * num_seqs)
+        return self.run(batch).logits_TV.view(num_seqs, seq_len, -1)
+
+    def run(self, batch: ForwardBatch) -> ForwardOutput:
+        x_TD = self.embed(batch.input_ids_T)
+        rope = self.rope(batch.positions_T, x_TD.dtype)
+        replay = self._check_replay(batch.replay_experts_TLK, x_TD.shape[0])
+        routes, router_logits = [], []
+        for block in self.layers:
+            replay_ids_TK = replay[:, len(routes)] if replay is not None and block.is_moe else None
+            x_TD, routing = block(x_TD, rope, batch.attention, replay_ids_TK)
+            if routing is not None:
+                routes.append(routing.expert_ids_TK)
+                router_logits.append(routing.logits_TE)
+        hidden_TD = self.norm(x_TD)
+        out = ForwardOutput(hidden_TD=hidden_TD)
+        if batch.compute_logits:
+            out.logits_TV = self.logits(hidden_TD)
+        if batch.capture_experts and routes:
+            out.routed_experts_TLK = torch.stack(routes, dim=1).to(self.config.expert_id_dtype())
+        if batch.capture_router_logits:
+            out.router_logits = router_logits
+        return out
+
+    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+        weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return hidden_TD @ weight_VD.T
+
+    def _check_replay(self, replay_TLK: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
+        if replay_TLK is None:
+            return None
+        expected = (num_tokens, self.config.num_moe_layers, self.config.top_k)
+        if tuple(replay_TLK.shape) != expected:
+            raise ValueError(f"replay_experts_TLK has shape {tuple(replay_TLK.shape)}, expected {expected}")
+        if replay_TLK.numel() and (int(replay_TLK.min()) < 0 or int(replay_TLK.max()) >= self.config.num_experts):
+            raise ValueError(f"replay_experts_TLK holds expert ids outside 0..{self.config.num_experts - 1}")
+        return replay_TLK
+
+    def set_moe_impl(self, impl: str) -> None:
+        """Choose the expert kernel: "auto", "grouped" or "reference"."""
+        if impl not in ("auto", "grouped", "reference"):
+            raise ValueError(f"moe impl must be auto, grouped or reference, got {impl!r}")
+        for module in self.modules():
+            if isinstance(module, GroupedExperts):
+                module.impl = impl
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Deterministic random initialisation (normal(0, std) matrices, unit norms, zero biases)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
