@@ -25,6 +25,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -92,8 +93,19 @@ class _Reader:
         return sorted(n for n in self.files if n not in self.used and not IGNORED.match(n))
 
 
-def _assemble(reader: _Reader, names: list[list[str]], per_expert: bool) -> torch.Tensor:
-    parts = [torch.cat([reader.get(n) for n in group], dim=0) for group in names]
+def _assemble(reader: _Reader, names: list[list[str]], per_expert: bool, shape: torch.Size, what: str) -> torch.Tensor:
+    """One parameter from its HF tensors, each checked against its share of `shape` before cat/stack."""
+    part_shape = list(shape[1:] if per_expert else shape)
+    part_shape[0] //= len(names[0])
+    groups = [[reader.get(n) for n in group] for group in names]
+    for group_names, group in zip(names, groups, strict=True):
+        for name, tensor in zip(group_names, group, strict=True):
+            if list(tensor.shape) != part_shape:
+                raise ValueError(
+                    f"{what}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(part_shape)}"
+                    f" (parameter shape {tuple(shape)})"
+                )
+    parts = [torch.cat(group, dim=0) for group in groups]
     return torch.stack(parts) if per_expert else parts[0]
 
 
@@ -110,11 +122,7 @@ def load_pretrained(
         reader.used.add("lm_head.weight")  # some tied checkpoints still carry the copy
     state = {}
     for ours, param, spec, names in parameter_map(model):
-        tensor = _assemble(reader, names, spec.per_expert)
-        if tensor.shape != param.shape:
-            raise ValueError(
-                f"{path}: tensor for {ours} ({names[0]}) has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
-            )
+        tensor = _assemble(reader, names, spec.per_expert, param.shape, f"{path}: {ours}")
         state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
     if extra := reader.unused():
         raise ValueError(f"{path}: checkpoint tensors not used by family {cfg.family}: {extra[:8]}")
@@ -165,6 +173,7 @@ def save_pretrained(
     shards = _shard(tensors, max_shard_bytes)
     if len(shards) == 1:
         _atomic_save(shards[0], path / SINGLE)
+        names = [SINGLE]
     else:
         names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
         for shard, fname in zip(shards, names, strict=True):
@@ -175,7 +184,17 @@ def save_pretrained(
             "weight_map": {n: f for s, f in zip(shards, names, strict=True) for n in s},
         }
         _atomic_write_text(path / INDEX, json.dumps(index, indent=2))
+    _remove_stale_weights(path, keep=set(names))
     _atomic_write_text(path / "config.json", json.dumps(model.config.hf_config, indent=2) + "\n")
+
+
+def _remove_stale_weights(path: Path, keep: set[str]) -> None:
+    """Drop weight files of an earlier save in another layout: a stale index would otherwise win on load."""
+    if SINGLE in keep:
+        (path / INDEX).unlink(missing_ok=True)  # first, so the directory never points at missing shards
+    for file in [path / SINGLE, *path.glob("model-*-of-*.safetensors")]:
+        if file.name not in keep and _WEIGHT_FILE.fullmatch(file.name):
+            file.unlink(missing_ok=True)
 
 
 def _atomic_write_text(file: Path, text: str) -> None:

@@ -1,0 +1,145 @@
+"""The `leagues` command: help for every verb, exit codes, config resolution, and the built verbs end to end."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from leagues.cli.generate import GenerateConfig
+from leagues.cli.main import VERBS, main
+from leagues.config import from_dict, load_yaml
+from leagues.recipes import RECIPES, get_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_main(argv: list[str]) -> int:
+    """`main(argv)`'s exit status, whether it returns it or argparse raises SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_help_for_every_verb(verb, capsys):
+    assert run_main([verb, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"leagues {verb}" in out
+    if VERBS[verb].config_cls is GenerateConfig:
+        assert "--max_new_tokens int = 32" in out
+        assert "Sampling temperature; 0 is greedy decoding." in out
+    if VERBS[verb].run is None:
+        assert "Not built yet" in out
+
+
+@pytest.mark.parametrize("verb", [name for name, verb in VERBS.items() if verb.run is None])
+def test_unbuilt_verbs_say_what_they_await(verb, capsys):
+    assert run_main([verb]) == 2
+    assert "not built yet; it awaits" in capsys.readouterr().err
+
+
+def test_no_verb_is_a_usage_error():
+    assert run_main([]) == 2
+
+
+@pytest.mark.parametrize("module", ["leagues.cli.main", "leagues.cli"])
+def test_module_entry_points(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "generate" in proc.stdout and "convert" in proc.stdout
+
+
+def test_unknown_override_exits_2_naming_the_key(capsys):
+    assert run_main(["generate", "--temperatur", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "leagues: error: unknown config key 'temperatur' (did you mean 'temperature'?)"
+
+
+def test_bad_value_and_bad_recipe_exit_2(capsys):
+    assert run_main(["generate", "--max-new-tokens", "many"]) == 2
+    assert "max_new_tokens: expected int, got 'many'" in capsys.readouterr().err
+    assert run_main(["generate", "--temperature", "-1"]) == 2
+    assert "temperature: must be >= 0" in capsys.readouterr().err
+    assert run_main(["generate", "--recipe", "nope"]) == 2
+    assert "unknown recipe 'nope' (known: tiny-generate)" in capsys.readouterr().err
+    assert run_main(["convert", "--recipe", "tiny-generate"]) == 2
+    assert "recipe 'tiny-generate' for `leagues convert`: unknown config key 'prompt'" in capsys.readouterr().err
+
+
+def test_print_and_dump_config_round_trip(tmp_path, capsys):
+    dumped = tmp_path / "run.yaml"
+    argv = ["generate", "--recipe", "tiny-generate", "--prompt=hi there", "--chat", "--dump-config", str(dumped)]
+    assert run_main([*argv, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["prompt"] == "hi there" and printed["chat"] is True
+    assert load_yaml(GenerateConfig, dumped) == GenerateConfig(**printed)
+    assert run_main(["generate", "--config", str(dumped), "--seed", "7", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == {**printed, "seed": 7}
+
+
+def test_config_file_errors_name_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("model: tiny-moe\nmax_new_tokens: 4\ntemprature: 0.5\n")
+    assert run_main(["generate", "--config", str(bad)]) == 2
+    assert f"{bad}:3: unknown config key 'temprature'" in capsys.readouterr().err
+
+
+def test_recipes_registry():
+    assert set(RECIPES) >= {"tiny-generate"}
+    assert from_dict(GenerateConfig, get_recipe("tiny-generate")).model == "tiny-moe"
+    with pytest.raises(ValueError, match="known: tiny-generate"):
+        get_recipe("nope")
+
+
+# ---------------------------------------------------------------------------------------------------
+# verbs that load the model (skipped while leagues.model is unavailable)
+
+
+@pytest.fixture
+def tiny_dir():
+    """The built-in tiny MoE, made once per session under the LEAGUES_HOME that conftest.py sets."""
+    model = pytest.importorskip("leagues.model")
+    return model.resolve_model_path("tiny-moe")
+
+
+def test_generate_greedy_is_deterministic(tiny_dir, capsys):
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--max-new-tokens", "5"]
+    assert run_main(argv) == 0
+    first = capsys.readouterr()
+    assert "5 new tokens" in first.err
+    assert run_main(argv) == 0
+    assert capsys.readouterr().out == first.out
+
+
+def test_generate_sampled_with_chat(tiny_dir, capsys):
+    argv = ["generate", "--model", str(tiny_dir), "--chat", "--temperature", "1.0", "--seed", "3", "--max-new-tokens"]
+    assert run_main([*argv, "4"]) == 0
+    assert "prompt tokens" in capsys.readouterr().err
+
+
+def test_generate_missing_model_exits_2(tiny_dir, tmp_path, capsys):
+    assert run_main(["generate", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("leagues: error: ") and "nope" in err and "Traceback" not in err
+
+
+def test_run_main_job(tiny_dir, capsys):
+    assert run_main(["run", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt:     'The quick brown fox'" in out and "generation:" in out and "new tokens" in out
+
+
+def test_convert_round_trip(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "converted"
+    assert run_main(["convert", "--model", str(tiny_dir), "--out", str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    generate = ["generate", "--prompt", "abc", "--max-new-tokens", "6", "--model"]
+    assert run_main([*generate, str(tiny_dir)]) == 0
+    expected = capsys.readouterr().out
+    assert run_main([*generate, str(out)]) == 0
+    assert capsys.readouterr().out == expected
+    assert run_main(["convert", "--model", str(tiny_dir), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert run_main(["convert", "--model", str(tiny_dir)]) == 2

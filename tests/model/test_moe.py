@@ -1,0 +1,251 @@
+"""MoE layer: grouped-GEMM kernel parity, routing capture and replay, router logits, and a gradient check."""
+
+import pytest
+import torch
+
+from leagues.kernels.grouped_gemm import can_use_fast, grouped_mm, grouped_mm_fast, grouped_mm_reference
+from leagues.model import ForwardBatch, Transformer, config_from_hf, load_pretrained
+
+from .hf_cases import write_hf_checkpoint
+
+# Qwen3-MoE shaped, every dim a multiple of 4 so float32 rows are 16-byte aligned for torch._grouped_mm on CPU.
+QWEN3_MOE = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "moe_intermediate_size": 16,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "mlp_only_layers": [1],
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+}
+LENGTHS = [5, 11, 1, 7]
+
+
+def make_model(seed: int = 0, std: float = 0.2, **overrides) -> Transformer:
+    model = Transformer(config_from_hf(QWEN3_MOE | overrides))
+    model.init_weights(seed=seed, std=std)  # a larger std than 0.02 so routing is far from uniform
+    return model
+
+
+def make_batch(vocab: int = 64, seed: int = 1, **kwargs) -> ForwardBatch:
+    ids = torch.randint(0, vocab, (sum(LENGTHS),), generator=torch.Generator().manual_seed(seed))
+    return ForwardBatch.packed(ids, LENGTHS, **kwargs)
+
+
+def routers(model: Transformer) -> list[torch.nn.Parameter]:
+    return [block.moe.router.weight for block in model.layers if block.is_moe]
+
+
+# ---------------------------------------------------------------- grouped GEMM kernel
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 8], [0, 0, 4, 0], [7, 1, 0, 0], [0, 0, 0, 0]])
+def test_grouped_mm_fast_matches_reference(counts):
+    # On CPU, torch._grouped_mm runs forward for float32 when rows are 16-byte aligned (dims multiples of 4),
+    # but its backward fails on this CPU build, so only the forward is compared here.
+    gen = torch.Generator().manual_seed(0)
+    x_NI = torch.randn(sum(counts), 12, generator=gen)
+    w_EOI = torch.randn(len(counts), 20, 12, generator=gen)
+    offs_E = torch.tensor(counts).cumsum(0).to(torch.int32)
+    ref = grouped_mm_reference(x_NI, w_EOI, offs_E)
+    assert ref.shape == (sum(counts), 20)
+    torch.testing.assert_close(grouped_mm_fast(x_NI, w_EOI, offs_E), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grouped_mm(x_NI, w_EOI, offs_E, impl="grouped"), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_mm_reference_is_per_row_matmul():
+    counts = [2, 0, 3, 1]
+    gen = torch.Generator().manual_seed(1)
+    x_NI = torch.randn(6, 4, generator=gen)
+    w_EOI = torch.randn(4, 5, 4, generator=gen)
+    expert_of_row = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    expected = torch.stack([w_EOI[e] @ x_NI[n] for n, e in enumerate(expert_of_row.tolist())])
+    got = grouped_mm_reference(x_NI, w_EOI, torch.tensor(counts).cumsum(0).to(torch.int32))
+    torch.testing.assert_close(got, expected)
+
+
+def test_auto_dispatch_uses_reference_on_cpu():
+    x, w = torch.randn(4, 8), torch.randn(2, 8, 8)
+    assert not can_use_fast(x, w)
+    assert not can_use_fast(x.bfloat16(), w.bfloat16())  # bf16 but not CUDA
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, [2, 1]])
+def test_grouped_impl_matches_reference_impl_on_model(lengths):
+    model = make_model()
+    ids = torch.randint(0, 64, (sum(lengths),), generator=torch.Generator().manual_seed(1))
+    batch = ForwardBatch.packed(ids, lengths, capture_experts=True)
+    with torch.no_grad():
+        model.set_moe_impl("reference")
+        ref = model.run(batch)
+        model.set_moe_impl("grouped")
+        got = model.run(batch)
+    if len(lengths) == 2:  # 3 tokens x top-2 over 8 experts: some experts get no token (empty groups)
+        assert (torch.bincount(ref.routed_experts_TLK[:, 0].flatten().long(), minlength=8) == 0).any()
+    assert torch.equal(got.routed_experts_TLK, ref.routed_experts_TLK)
+    torch.testing.assert_close(got.logits_TV, ref.logits_TV, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="moe impl"):
+        model.set_moe_impl("fast")
+
+
+# ---------------------------------------------------------------- routing capture and replay
+
+
+def test_capture_returns_router_choice():
+    model = make_model()
+    with torch.no_grad():
+        out = model.run(make_batch(capture_experts=True, capture_router_logits=True))
+    routes = out.routed_experts_TLK
+    assert routes.shape == (sum(LENGTHS), 2, 2)  # [T, MoE layers (0 and 2; 1 is dense), top_k]
+    assert routes.dtype == torch.uint8
+    assert len(out.router_logits) == 2
+    for l, logits_TE in enumerate(out.router_logits):
+        assert logits_TE.shape == (sum(LENGTHS), 8)
+        assert torch.equal(routes[:, l].long(), logits_TE.topk(2, dim=-1).indices)
+    # Nothing captured unless asked.
+    with torch.no_grad():
+        plain = model.run(make_batch())
+    assert plain.routed_experts_TLK is None and plain.router_logits == []
+    assert torch.equal(plain.logits_TV, out.logits_TV)
+
+
+def test_replay_own_routes_is_exact_and_other_routes_differ():
+    model = make_model()
+    with torch.no_grad():
+        out = model.run(make_batch(capture_experts=True))
+        routes = out.routed_experts_TLK
+        replayed = model.run(make_batch(replay_experts_TLK=routes, capture_experts=True))
+        rolled = (routes.long() + 1) % 8
+        other = model.run(make_batch(replay_experts_TLK=rolled.to(torch.uint8), capture_experts=True))
+    assert torch.equal(replayed.logits_TV, out.logits_TV)
+    assert torch.equal(replayed.routed_experts_TLK, routes)
+    assert torch.equal(other.routed_experts_TLK.long(), rolled)
+    assert (other.logits_TV - out.logits_TV).abs().max() > 1e-3
+    # Replay is per layer: other ids in the last MoE layer change the logits but no router input before it.
+    mixed = routes.clone()
+    mixed[:, 1] = rolled[:, 1].to(torch.uint8)
+    with torch.no_grad():
+        ref = model.run(make_batch(capture_router_logits=True))
+        half = model.run(make_batch(replay_experts_TLK=mixed, capture_router_logits=True))
+    assert not torch.allclose(half.logits_TV, out.logits_TV)
+    for ours, theirs in zip(half.router_logits, ref.router_logits, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def loss_of(model: Transformer, batch: ForwardBatch) -> torch.Tensor:
+    logits = model.run(batch).logits_TV
+    targets = batch.input_ids_T.roll(-1)
+    return torch.nn.functional.cross_entropy(logits, targets)
+
+
+def test_replay_keeps_router_gradients():
+    model = make_model()
+    with torch.no_grad():
+        routes = model.run(make_batch(capture_experts=True)).routed_experts_TLK
+
+    loss_of(model, make_batch()).backward()
+    own = [w.grad.clone() for w in routers(model)]
+    model.zero_grad()
+    loss_of(model, make_batch(replay_experts_TLK=routes)).backward()
+    replayed = [w.grad.clone() for w in routers(model)]
+    model.zero_grad()
+    loss_of(model, make_batch(replay_experts_TLK=((routes.long() + 3) % 8).to(torch.uint8))).backward()
+    other = [w.grad.clone() for w in routers(model)]
+
+    for g_own, g_rep, g_other in zip(own, replayed, other, strict=True):
+        assert g_rep.abs().sum() > 0
+        assert g_other.abs().sum() > 0
+        torch.testing.assert_close(g_rep, g_own, rtol=1e-6, atol=1e-9)
+        assert not torch.allclose(g_other, g_own)
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "match"),
+    [
+        (lambda r: r[:-1], r"shape \(23, 2, 2\), expected \(24, 2, 2\)"),
+        (lambda r: r[:, :1], r"shape \(24, 1, 2\), expected \(24, 2, 2\)"),
+        (lambda r: torch.cat([r, r[..., :1]], dim=-1), r"shape \(24, 2, 3\), expected \(24, 2, 2\)"),
+        (lambda r: r.flatten(), r"shape \(96,\)"),
+        (lambda r: torch.where(r == r.max(), 8, r), "outside 0..7"),
+        (lambda r: torch.where(r == r.min(), -1, r.long()), "outside 0..7"),
+    ],
+)
+def test_bad_replay_raises(make_bad, match):
+    model = make_model()
+    with torch.no_grad():
+        routes = model.run(make_batch(capture_experts=True)).routed_experts_TLK
+        with pytest.raises(ValueError, match=match):
+            model.run(make_batch(replay_experts_TLK=make_bad(routes)))
+
+
+# ---------------------------------------------------------------- MoE layer placement and router logits
+
+
+@pytest.mark.parametrize(("case", "moe_layers"), [("qwen3_moe_mixed", (0, 2)), ("qwen3_moe_sparse_step", (1,))])
+def test_moe_layer_placement_and_router_logits(case, moe_layers, tmp_path):
+    hf_model = write_hf_checkpoint(case, tmp_path)
+    model = load_pretrained(tmp_path)
+    cfg = model.config
+    hf_sparse = tuple(i for i, layer in enumerate(hf_model.model.layers) if hasattr(layer.mlp, "gate"))
+    assert cfg.moe_layers == moe_layers == hf_sparse
+    assert [block.is_moe for block in model.layers] == [i in moe_layers for i in range(cfg.num_layers)]
+
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model.run(ForwardBatch.packed(ids.flatten(), [9, 9], capture_experts=True, capture_router_logits=True))
+        hf_router_logits = hf_model(ids, output_router_logits=True).router_logits
+    assert len(out.router_logits) == len(moe_layers) == len(hf_router_logits)
+    for ours, theirs in zip(out.router_logits, hf_router_logits, strict=True):
+        assert ours.shape == (18, cfg.num_experts)
+        torch.testing.assert_close(ours, theirs.reshape(18, -1), rtol=1e-5, atol=1e-5)
+    assert out.routed_experts_TLK.shape == (18, len(moe_layers), cfg.top_k)
+
+
+# ---------------------------------------------------------------- finite-difference gradient check
+
+
+def test_gradients_match_finite_differences_float64():
+    """Analytic gradients against central differences, in float64, with routing replayed so the loss is smooth.
+
+    RMSNorm statistics and the router softmax run in float32 even for a float64 model (as in HF), so the loss
+    carries float32 rounding noise: a fairly large step (1e-2) and a 2% tolerance keep the check above it.
+    """
+    model = make_model(seed=3, num_hidden_layers=2, mlp_only_layers=[]).double()
+    with torch.no_grad():
+        routes = model.run(make_batch(capture_experts=True)).routed_experts_TLK
+    probe = torch.randn(sum(LENGTHS), 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def loss() -> torch.Tensor:
+        return (model.run(make_batch(replay_experts_TLK=routes)).logits_TV * probe).sum()
+
+    loss().backward()
+    params = dict(model.named_parameters())
+    checks = [
+        ("layers.0.moe.router.weight", (3, 5)),
+        ("layers.1.moe.experts.w13", (routes[0, 1, 0].item(), 2, 7)),  # an expert that token 0 uses
+        ("layers.0.moe.experts.w2", (routes[4, 0, 1].item(), 9, 3)),
+        ("layers.0.attn.wq.weight", (6, 11)),
+    ]
+    eps = 1e-2
+    for name, idx in checks:
+        param = params[name]
+        analytic = param.grad[idx].item()
+        with torch.no_grad():
+            orig = param[idx].item()
+            param[idx] = orig + eps
+            up = loss().item()
+            param[idx] = orig - eps
+            down = loss().item()
+            param[idx] = orig
+        numeric = (up - down) / (2 * eps)
+        assert abs(analytic) > 1e-2, name
+        assert abs(numeric - analytic) <= 2e-2 * abs(analytic) + 1e-3, (name, numeric, analytic)
