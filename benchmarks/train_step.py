@@ -152,8 +152,7 @@ def run_one(impl: str, path: str, ids_BT, labels_BT, steps: int):
         model = load_pretrained(path, dtype=torch.bfloat16, device=DEVICE)
         forward = lambda m, x: m(x)  # noqa: E731
         if impl == "leagues_compiled":
-            for block in model.layers:
-                block.compile()
+            model.compile_blocks()
     else:
         import transformers
 

@@ -131,6 +131,15 @@ class Transformer(nn.Module):
             if isinstance(module, GroupedExperts):
                 module.impl = impl
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """`torch.compile` each block in place (fuses norms, rotary and the MoE permutation glue).
+
+        Blocks share one graph (parameters are graph inputs), so compiling costs one trace per
+        distinct block kind, not per layer.
+        """
+        for block in self.layers:
+            block.compile(**compile_kwargs)
+
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
         """Deterministic random initialisation (normal(0, std) matrices, unit norms, zero biases)."""
