@@ -1,0 +1,54 @@
+"""Records that cross package boundaries: sampling parameters and finish reasons.
+
+Defined once here so the engine, the server, the rollout code and the trainer agree on them. The RL
+sample records (`Sample`, `Group`) join this file with the RL loop.
+"""
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    """An eos token, a stop token id or a stop string ended the output."""
+    LENGTH = "length"
+    """`max_new_tokens` or the context limit ended the output."""
+    ABORT = "abort"
+    """The request was aborted."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingParams:
+    temperature: float = 1.0
+    """0 means greedy. Logprobs are always under softmax(logits / temperature) (temperature 1 when greedy),
+    before top-p/top-k/min-p truncation, so the trainer can recompute them with the same temperature."""
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 or 0: no top-k truncation."""
+    min_p: float = 0.0
+    seed: int | None = None
+    """Same seed, same prompt, same weights: same output, whatever else shares the batch."""
+    max_new_tokens: int = 128
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    """Stop strings; the output text is cut before the first one (the tokens up to it are kept)."""
+    ignore_eos: bool = False
+    n: int = 1
+    """Samples per prompt; they share the prompt's KV blocks."""
+    top_logprobs: int = 0
+    """Also return the top-k logprobs (same distribution as `logprobs`) of every generated token."""
+    return_routed_experts: bool = False
+    """Return the experts each token was routed to, per MoE layer."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "temperature": self.temperature >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "min_p": 0 <= self.min_p <= 1,
+            "max_new_tokens": self.max_new_tokens >= 0,
+            "n": self.n >= 1,
+            "top_logprobs": self.top_logprobs >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"SamplingParams.{name}: invalid value {getattr(self, name)!r}")
