@@ -1,151 +1,202 @@
-"""`leagues generate`: load a checkpoint and print a greedy or sampled continuation of a prompt.
+"""`leagues generate`: prompts through the rollout engine, with a progress bar and a throughput summary.
 
-Where it sits: a user-facing check that a model and tokenizer load and produce text, and (through
-`leagues run`) the main job until the RL loop exists. It is not the rollout engine: each new token
-re-runs the full forward over the whole sequence (no KV cache, batch of one), so its cost grows with
-the square of the length. That is fine for a smoke test and wrong for anything else; `leagues/engine/`
-replaces it.
+Two modes:
+- `--prompt TEXT`: one prompt; the continuation goes to stdout.
+- `--input prompts.jsonl [--output outputs.jsonl]`: one JSON object per line with the prompt under
+  `prompt_key` (a string, a list of token ids, or a list of chat messages); one output object per
+  sample, in input order, to `--output` (or stdout). A malformed line is an error naming file, line
+  and field.
 
 Decisions:
-- Temperature 0 means greedy (argmax); otherwise softmax(logits / temperature) is sampled with a
-  `torch.Generator` seeded from the config, so a run is repeatable on a given device.
-- With `chat` on and a tokenizer that has a chat template, the prompt becomes one user turn plus the
-  generation prompt; without a template the raw prompt is used and a note says so.
-- `leagues.model` and torch are imported inside the functions that need them, so `leagues --help`
-  stays fast and works while the model package is unavailable.
+- The engine does the work (paged KV cache, continuous batching); this file only reads, formats
+  and writes. `leagues.engine` and torch are imported inside functions, so `leagues --help` stays fast.
+- With `chat` on and a tokenizer that has a chat template, a string prompt becomes one user turn plus
+  the generation prompt; a list of messages always goes through the template.
+- Output records carry token ids, logprobs, finish reason and the weight version, the fields an RL
+  pipeline needs; the summary counts generated tokens over generation time.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from leagues.cli import UsageError
 
-if TYPE_CHECKING:
-    import torch
-
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass(kw_only=True, slots=True)
 class GenerateConfig:
-    """One prompt, one continuation."""
+    """Prompts in, continuations out."""
 
     model: str = "tiny-moe"
     """Checkpoint directory in HF format, or the name of a built-in model (`tiny-moe`)."""
     prompt: str = "The quick brown fox"
-    """Text to continue."""
+    """Text to continue (ignored when `input` is set)."""
+    input: str | None = None
+    """JSONL file of prompts."""
+    output: str | None = None
+    """JSONL file for the outputs (default: stdout)."""
+    prompt_key: str = "prompt"
+    """Field of each input line that holds the prompt."""
     chat: bool = False
-    """Wrap the prompt as a user turn with the tokenizer's chat template (when it has one)."""
+    """Wrap string prompts as a user turn with the tokenizer's chat template (when it has one)."""
     max_new_tokens: int = 32
-    """Most tokens to generate; generation also stops at the tokenizer's eos token."""
+    """Most tokens to generate per sample."""
     temperature: float = 0.0
     """Sampling temperature; 0 is greedy decoding."""
+    top_p: float = 1.0
+    top_k: int = -1
+    n: int = 1
+    """Samples per prompt."""
     seed: int = 0
-    """Seed of the sampling generator."""
-    device: str = "cpu"
-    """Torch device to run on (`cpu`, `cuda`, `cuda:1`)."""
-    dtype: Dtype = "float32"
-    """Dtype the weights are loaded in."""
+    """Seed of every request (sample i of a prompt uses a seed derived from it and i)."""
+    device: str = "auto"
+    """Torch device (`auto`, `cpu`, `cuda`)."""
+    dtype: Dtype = "auto"
+    """Dtype the weights are loaded in (`auto`: bfloat16 on cuda, float32 on cpu)."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if self.n < 1:
+            raise ValueError(f"n: must be >= 1, got {self.n}")
 
 
 @dataclass(kw_only=True, slots=True)
 class GenerateResult:
-    prompt_text: str
-    """The prompt as the model saw it (after the chat template, if any)."""
-    text: str
-    """The decoded continuation."""
+    records: list[dict[str, Any]]
     num_prompt_tokens: int
     num_new_tokens: int
     seconds: float
     """Wall time of generation alone, without loading."""
 
 
-def resolve_model_dir(model: str):
+def resolve_model_dir(model: str) -> Path:
     """The checkpoint directory of `model`, or a `UsageError` naming what is missing."""
     from leagues.model import resolve_model_path
 
     try:
-        path = resolve_model_path(model)
+        return resolve_model_path(model)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
-    if not path.is_dir():
-        raise UsageError(f"model directory not found: {path}")
-    return path
+
+
+def read_prompts(path: str, key: str) -> list[Any]:
+    """Prompts of a JSONL file; a bad line raises naming file, line and field."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"input file not found: {path}")
+    prompts = []
+    for lineno, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+        if not isinstance(row, dict) or key not in row:
+            raise UsageError(f"{path}:{lineno}: missing field {key!r}")
+        if not isinstance(row[key], str | list) or not row[key]:
+            raise UsageError(f"{path}:{lineno}: field {key!r} must be a non-empty string, token list or message list")
+        prompts.append(row[key])
+    return prompts
+
+
+def format_prompt(tok, prompt: Any, chat: bool) -> str | list[int]:
+    """Token ids stay as they are; messages and (with `chat`) strings go through the chat template."""
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return prompt
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if isinstance(prompt, str) and not chat:
+        return prompt
+    if not getattr(tok, "chat_template", None):
+        raise UsageError("chat prompts need a tokenizer with a chat template")
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def generate(cfg: GenerateConfig) -> GenerateResult:
-    """Load `cfg.model` and continue `cfg.prompt`."""
-    import torch
-
-    from leagues.model import load_pretrained, load_tokenizer
+    """Run every prompt through a fresh engine."""
+    from leagues.engine import Engine, SamplingParams
 
     path = resolve_model_dir(cfg.model)
-    model = load_pretrained(path, dtype=getattr(torch, cfg.dtype), device=cfg.device).eval()
-    tok = load_tokenizer(path)
-    prompt_text = _format_prompt(tok, cfg.prompt, chat=cfg.chat)
-    prompt_ids = tok.encode(prompt_text, add_special_tokens=False)
-    if not prompt_ids:
-        raise UsageError("prompt: empty after tokenization")
-    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-    start = time.perf_counter()
-    new_ids = decode_loop(model, prompt_ids, cfg, eos_token_id=tok.eos_token_id, generator=generator)
-    seconds = time.perf_counter() - start
+    engine = Engine(path, device=cfg.device, dtype=cfg.dtype)
+    try:
+        raw = read_prompts(cfg.input, cfg.prompt_key) if cfg.input else [cfg.prompt]
+        prompts = [format_prompt(engine.tokenizer, p, cfg.chat) for p in raw]
+        params = SamplingParams(
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            n=cfg.n,
+            seed=cfg.seed,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        start = time.perf_counter()
+        outputs = _run_with_progress(engine, prompts, params, cfg.progress)
+        seconds = time.perf_counter() - start
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        engine.close()
+    records = [_record(o) for o in outputs]
+    num_prompt = sum(len(o.prompt_token_ids) for o in outputs[:: cfg.n])
     return GenerateResult(
-        prompt_text=prompt_text,
-        text=tok.decode(new_ids, skip_special_tokens=True),
-        num_prompt_tokens=len(prompt_ids),
-        num_new_tokens=len(new_ids),
+        records=records,
+        num_prompt_tokens=num_prompt,
+        num_new_tokens=sum(len(o.token_ids) for o in outputs),
         seconds=seconds,
     )
 
 
-def _format_prompt(tok, prompt: str, *, chat: bool) -> str:
-    if not chat:
-        return prompt
-    if not getattr(tok, "chat_template", None):
-        print("leagues: note: the tokenizer has no chat template; using the raw prompt", file=sys.stderr)
-        return prompt
-    messages = [{"role": "user", "content": prompt}]
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _run_with_progress(engine, prompts, params, show: bool):
+    from rich.progress import Progress
+
+    with Progress(transient=True, disable=not show, console=_stderr_console()) as progress:
+        task = progress.add_task("generating", total=len(prompts))
+        return engine.generate(prompts, params, on_output=lambda _: progress.advance(task))
 
 
-def decode_loop(
-    model, prompt_ids: list[int], cfg: GenerateConfig, *, eos_token_id: int | None, generator: torch.Generator
-) -> list[int]:
-    """Append one token at a time, re-running the full forward each step (no KV cache)."""
-    import torch
+def _stderr_console():
+    from rich.console import Console
 
-    ids_BT = torch.tensor([prompt_ids], dtype=torch.long, device=cfg.device)
-    new_ids: list[int] = []
-    with torch.inference_mode():
-        for _ in range(cfg.max_new_tokens):
-            logits_V = model(ids_BT)[0, -1].float()
-            if cfg.temperature == 0:
-                next_id = int(logits_V.argmax())
-            else:
-                probs_V = torch.softmax(logits_V / cfg.temperature, dim=-1)
-                next_id = int(torch.multinomial(probs_V, 1, generator=generator))
-            if next_id == eos_token_id:
-                break
-            new_ids.append(next_id)
-            ids_BT = torch.cat([ids_BT, ids_BT.new_tensor([[next_id]])], dim=1)
-    return new_ids
+    return Console(stderr=True)
+
+
+def _record(o) -> dict[str, Any]:
+    return {
+        "request_id": o.request_id,
+        "index": o.index,
+        "text": o.text,
+        "token_ids": o.token_ids,
+        "logprobs": [round(x, 6) for x in o.logprobs],
+        "finish_reason": str(o.finish_reason),
+        "prompt_tokens": len(o.prompt_token_ids),
+        "weight_version": o.weight_version,
+    }
 
 
 def run_generate(cfg: GenerateConfig) -> int:
-    """The `leagues generate` verb: the continuation on stdout, a summary on stderr."""
+    """The `leagues generate` verb: text (one prompt) or JSONL records out, a summary on stderr."""
     result = generate(cfg)
-    print(result.text)
+    if cfg.output:
+        lines = "".join(json.dumps(r) + "\n" for r in result.records)
+        Path(cfg.output).write_text(lines)
+    elif cfg.input:
+        for record in result.records:
+            print(json.dumps(record))
+    else:
+        for record in result.records:
+            print(record["text"])
     print(summary_line(result), file=sys.stderr)
     return 0
 
@@ -153,6 +204,6 @@ def run_generate(cfg: GenerateConfig) -> int:
 def summary_line(result: GenerateResult) -> str:
     rate = result.num_new_tokens / result.seconds if result.seconds > 0 else float("inf")
     return (
-        f"{result.num_prompt_tokens} prompt tokens, {result.num_new_tokens} new tokens "
-        f"in {result.seconds:.2f} s ({rate:.1f} tok/s, full forward per token)"
+        f"{len(result.records)} outputs, {result.num_prompt_tokens} prompt tokens, "
+        f"{result.num_new_tokens} new tokens in {result.seconds:.2f} s ({rate:.1f} tok/s)"
     )

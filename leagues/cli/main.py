@@ -37,8 +37,9 @@ def run_job(cfg: GenerateConfig) -> int:
     """`leagues run`, the main job (`make run`): for now one generation; the GRPO loop replaces it."""
     start = time.perf_counter()
     result = generate(cfg)
-    print(f"prompt:     {result.prompt_text!r}")
-    print(f"generation: {result.text!r}")
+    print(f"prompt:     {cfg.prompt!r}")
+    for record in result.records:
+        print(f"generation: {record['text']!r}")
     print(f"{summary_line(result)}; {time.perf_counter() - start:.2f} s with loading")
     return 0
 

@@ -47,14 +47,15 @@ def _sdpa_BHLA(q_THA, k_TGA, v_TGA, num_seqs: int) -> torch.Tensor:
     return o_BHLA.transpose(1, 2).flatten(0, 1)
 
 
-def _varlen(q_THA, k_TGA, v_TGA, cu_seqlens_B1: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-    if k_TGA.shape[1] != q_THA.shape[1]:
-        rep = q_THA.shape[1] // k_TGA.shape[1]
-        k_TGA, v_TGA = k_TGA.repeat_interleave(rep, dim=1), v_TGA.repeat_interleave(rep, dim=1)
-    cu = cu_seqlens_B1.to(torch.int32)
+def varlen_causal(q_THA, k_SGA, v_SGA, cu_q_B1, cu_k_B1, max_q: int, max_k: int) -> torch.Tensor:
+    """FlashAttention over packed sequences (CUDA); queries are the last tokens of their keys (bottom-right causal)."""
+    if k_SGA.shape[1] != q_THA.shape[1]:
+        rep = q_THA.shape[1] // k_SGA.shape[1]
+        k_SGA, v_SGA = k_SGA.repeat_interleave(rep, dim=1), v_SGA.repeat_interleave(rep, dim=1)
+    cu_q, cu_k = cu_q_B1.to(torch.int32), cu_k_B1.to(torch.int32)
     if "is_causal" in inspect.signature(varlen_attn).parameters:
-        return varlen_attn(q_THA, k_TGA, v_TGA, cu, cu, max_seqlen, max_seqlen, is_causal=True)
-    return varlen_attn(q_THA, k_TGA, v_TGA, cu, cu, max_seqlen, max_seqlen, window_size=(-1, 0))
+        return varlen_attn(q_THA, k_SGA, v_SGA, cu_q, cu_k, max_q, max_k, is_causal=True)
+    return varlen_attn(q_THA, k_SGA, v_SGA, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
 
 
 @dataclass(slots=True)
@@ -84,7 +85,8 @@ class PackedSeqs:
         if self.impl == "auto" and uniform:
             return _sdpa_BHLA(q_THA, k_TGA, v_TGA, len(self.lengths))
         if self.impl == "varlen" or (self.impl == "auto" and q_THA.is_cuda and varlen_attn is not None):
-            return _varlen(q_THA, k_TGA, v_TGA, self.cu_seqlens_B1, self.max_seqlen)
+            cu, n = self.cu_seqlens_B1, self.max_seqlen
+            return varlen_causal(q_THA, k_TGA, v_TGA, cu, cu, n, n)
         bounds = [0, *torch.tensor(self.lengths).cumsum(0).tolist()]
         parts = [_sdpa_BHLA(q_THA[s:e], k_TGA[s:e], v_TGA[s:e], 1) for s, e in zip(bounds, bounds[1:], strict=False)]
         return torch.cat(parts, dim=0)

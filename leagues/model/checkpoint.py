@@ -201,3 +201,40 @@ def _atomic_write_text(file: Path, text: str) -> None:
     tmp = file.with_name(file.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, file)
+
+
+def hf_name_index(model: Transformer) -> dict[str, tuple[str, int | None, int, int]]:
+    """HF tensor name → (our parameter, expert index or None, part index, number of parts along dim 0)."""
+    index = {}
+    for ours, _, spec, names in parameter_map(model):
+        for expert, group in enumerate(names):
+            for part, name in enumerate(group):
+                index[name] = (ours, expert if spec.per_expert else None, part, len(group))
+    return index
+
+
+@torch.no_grad()
+def load_named_tensors(model: Transformer, named_tensors) -> int:
+    """Copy tensors into the model in place, by our parameter names or by HF names; returns the count.
+
+    In place (`copy_` into the existing storage) so no second copy of the model is made and captured
+    CUDA graphs stay valid. A name that maps to nothing, or a shape that does not fit, raises.
+    """
+    params = dict(model.named_parameters())
+    hf_index = None
+    count = 0
+    for name, tensor in named_tensors:
+        if name in params:
+            target = params[name]
+        else:
+            hf_index = hf_index if hf_index is not None else hf_name_index(model)
+            if name not in hf_index:
+                raise ValueError(f"weight {name!r} matches no parameter of family {model.config.family}")
+            ours, expert, part, num_parts = hf_index[name]
+            target = params[ours] if expert is None else params[ours][expert]
+            target = target.chunk(num_parts, dim=0)[part]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        target.copy_(tensor)
+        count += 1
+    return count

@@ -16,16 +16,16 @@ import torch
 
 from leagues.model.checkpoint import save_pretrained
 from leagues.model.families import config_from_hf
-from leagues.model.tokenizer import write_tiny_tokenizer
+from leagues.model.tokenizer import TINY_VOCAB_SIZE, write_tiny_tokenizer
 from leagues.model.transformer import Transformer
 
 TINY_NAME = "tiny-moe"
-_VERSION = "v1"  # bump when the recipe below changes, so stale copies are rebuilt
+_VERSION = "v2"  # bump when the recipe below changes, so stale copies are rebuilt
 
 TINY_MOE_CONFIG = {
     "architectures": ["Qwen3MoeForCausalLM"],
     "model_type": "qwen3_moe",
-    "vocab_size": 128,
+    "vocab_size": TINY_VOCAB_SIZE,
     "hidden_size": 64,
     "intermediate_size": 128,
     "moe_intermediate_size": 32,

@@ -1,5 +1,6 @@
 """The `leagues` command: help for every verb, exit codes, config resolution, and the built verbs end to end."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,26 @@ def test_convert_round_trip(tiny_dir, tmp_path, capsys):
     assert capsys.readouterr().out == expected
     assert run_main(["convert", "--model", str(tiny_dir), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     assert run_main(["convert", "--model", str(tiny_dir)]) == 2
+
+
+def test_generate_jsonl_in_and_out(tiny_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "abc"}, {"prompt": [5, 6, 7]}, {"prompt": [{"role": "user", "content": "hi"}]}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(tiny_dir), "--input", str(prompts), "--output", str(out), "--n", "2"]
+    assert run_main([*argv, "--temperature", "1", "--max-new-tokens", "4", "--no-progress"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 6 and [r["index"] for r in records] == [0, 1] * 3
+    assert all(len(r["token_ids"]) == len(r["logprobs"]) <= 4 for r in records)
+    assert "6 outputs" in capsys.readouterr().err
+
+
+def test_generate_jsonl_bad_line_names_file_line_field(tiny_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    assert run_main(["generate", "--model", str(tiny_dir), "--input", str(prompts)]) == 2
+    assert f"{prompts}:2: missing field 'prompt'" in capsys.readouterr().err
+    prompts.write_text('{"prompt": "ok"}\n{not json\n')
+    assert run_main(["generate", "--model", str(tiny_dir), "--input", str(prompts)]) == 2
+    assert f"{prompts}:2: invalid JSON" in capsys.readouterr().err

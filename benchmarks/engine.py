@@ -1,0 +1,194 @@
+"""Rollout engine throughput against `transformers` `generate` and against the roofline floor.
+
+One GPU, bf16, a Qwen3-MoE model with random weights (the ANCHORS.md shape by default). Measured in
+one run, on the same checkpoint and prompts:
+- greedy parity: the engine's first 32 greedy tokens against HF `generate` for 16 prompts;
+- decode: B prompts of 64 tokens, 128 new tokens (eos ignored), at B = 1, 8, 64, 256; the decode
+  time is the 128-token run minus a 1-token run (the prefill), per step and per token;
+- prefill: 64 prompts of 512 tokens, one new token, against HF's forward on the same batch.
+
+Floor of a decode step at batch B: max(bytes / copy bandwidth, FLOPs / matmul peak), both measured
+here. Bytes = attention and LM-head weights + the experts the batch touches (expected distinct
+experts per layer E·(1-(1-K/E)^B)) + router + the KV cache read (B × context × 2 × L × G × A × 2).
+FLOPs = 2 × active matmul parameters × B.
+
+    PYTHONPATH=. python benchmarks/engine.py [--shape anchor] [--batches 1,8,64,256]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from benchmarks.train_step import BASE, SHAPES, make_checkpoint
+from leagues.engine import Engine, SamplingParams
+
+OUT = os.environ.get("OUT", "/tmp")
+
+
+def log(path, **row):
+    print(json.dumps(row), flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def ceilings() -> tuple[float, float]:
+    """(copy bandwidth bytes/s counting read + write, bf16 matmul FLOP/s), medians of timed runs."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * x.numel() / _time(lambda: y.copy_(x)), 2 * 8192**3 / _time(lambda: a @ b)
+
+
+def _time(fn, iters=20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def decode_floor(hf: dict, batch: int, context: int, bandwidth: float, peak: float) -> float:
+    d, h, g, a = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+    e, k, f, n = hf["num_experts"], hf["num_experts_per_tok"], hf["moe_intermediate_size"], hf["num_hidden_layers"]
+    attn, expert, lm_head = d * a * (2 * h + 2 * g), 3 * d * f, d * hf["vocab_size"]
+    touched = e * (1 - (1 - k / e) ** batch)
+    weight_bytes = 2 * (n * (attn + touched * expert + e * d) + lm_head)
+    kv_bytes = batch * context * 2 * n * g * a * 2
+    flops = 2 * batch * (n * (attn + k * expert + e * d) + lm_head)
+    return max((weight_bytes + kv_bytes) / bandwidth, flops / peak)
+
+
+def prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (num, length), generator=gen).tolist()
+
+
+def engine_time(engine: Engine, batch: list[list[int]], new_tokens: int) -> float:
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.generate(batch, params)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def hf_generate_time(model, batch: list[list[int]], new_tokens: int) -> float:
+    ids = torch.tensor(batch, device="cuda")
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    model.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, **kwargs | {"attention_mask": None})
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def parity(engine: Engine, model, vocab: int, out: str) -> None:
+    batch = [p[: 16 + 3 * i] for i, p in enumerate(prompts(16, 64, vocab, seed=1))]
+    got = engine.generate(batch, SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True))
+    matches = []
+    for p, o in zip(batch, got, strict=True):
+        ids = torch.tensor([p], device="cuda")
+        ref = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=32,
+            min_new_tokens=32,
+            pad_token_id=0,
+        )[0, len(p) :].tolist()
+        same = next((i for i, (x, y) in enumerate(zip(o.token_ids, ref, strict=True)) if x != y), 32)
+        matches.append(same)
+    log(
+        out,
+        check="greedy_parity_bf16",
+        prompts=16,
+        tokens=32,
+        identical_prompts=sum(m == 32 for m in matches),
+        first_divergence=matches,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="anchor")
+    parser.add_argument("--batches", default="1,8,64,256")
+    parser.add_argument("--hf-batches", default="1,8,64,256")
+    parser.add_argument("--out", default=os.path.join(OUT, "engine.jsonl"))
+    args = parser.parse_args()
+    import transformers
+
+    hf = BASE | SHAPES[args.shape]
+    path = tempfile.mkdtemp()
+    make_checkpoint(hf, path)
+    bandwidth, peak = ceilings()
+    log(
+        args.out,
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        shape=args.shape,
+        copy_gbps=round(bandwidth / 1e9),
+        matmul_tflops=round(peak / 1e12),
+        date=time.strftime("%F"),
+    )
+    t0 = time.perf_counter()
+    engine = Engine(path, max_model_len=1024)
+    log(
+        args.out, what="engine_start_s", seconds=round(time.perf_counter() - t0, 1), num_blocks=engine.blocks.num_blocks
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    parity(engine, model, hf["vocab_size"], args.out)
+    hf_batches = {int(b) for b in args.hf_batches.split(",") if b}
+    for batch_size in (int(b) for b in args.batches.split(",")):
+        batch = prompts(batch_size, 64, hf["vocab_size"], seed=batch_size)
+        engine_time(engine, batch, 4)  # warm-up
+        prefill = engine_time(engine, batch, 1)
+        total = engine_time(engine, batch, 128)
+        step = (total - prefill) / 127
+        floor = decode_floor(hf, batch_size, 64 + 64, bandwidth, peak)
+        row = dict(
+            what="decode",
+            batch=batch_size,
+            step_ms=round(step * 1e3, 3),
+            tokens_per_s=round(batch_size / step),
+            floor_ms=round(floor * 1e3, 3),
+            step_over_floor=round(step / floor, 2),
+        )
+        if batch_size in hf_batches:
+            hf_s = hf_generate_time(model, batch, 128)
+            row |= dict(
+                hf_tokens_per_s=round(batch_size * 128 / hf_s, 1),
+                speedup_vs_hf=round(total and (batch_size * 128 / total) / (batch_size * 128 / hf_s), 2),
+            )
+        log(args.out, **row)
+    batch = prompts(64, 512, hf["vocab_size"], seed=3)
+    engine_time(engine, batch, 1)
+    prefill = engine_time(engine, batch, 1)
+    ids = torch.tensor(batch, device="cuda")
+    with torch.inference_mode():
+        hf_prefill = _time(lambda: model(input_ids=ids), iters=3)
+    log(
+        args.out,
+        what="prefill",
+        tokens=64 * 512,
+        tokens_per_s=round(64 * 512 / prefill),
+        hf_forward_tokens_per_s=round(64 * 512 / hf_prefill),
+        ratio_vs_hf_forward=round(hf_prefill / prefill, 2),
+    )
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The engine's attention backend: keys and values live in a paged cache.
+
+`PagedAttention` is what the runner hands to `Transformer.run` as the batch's attention backend (the
+seam in `leagues.model.attention`). For each layer it writes the step's new keys and values into
+their cache slots, then attends:
+- decode steps (one query per sequence): the paged decode kernel (`leagues.kernels.paged_attention`,
+  Triton on CUDA, the torch reference elsewhere);
+- prefill steps on CUDA: FlashAttention varlen over the fresh keys when no sequence has a cached
+  prefix, else over each sequence's cached keys gathered contiguously (prefix hits, later chunks);
+- prefill steps elsewhere: the torch reference over the paged cache.
+
+Legend: T tokens in the step, B sequences, H query heads, G kv heads, A head dim, N blocks,
+S block size, M max blocks per sequence, L layers.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from leagues.kernels.paged_attention import gather_kv, paged_decode, paged_prefill_reference, write_kv
+from leagues.model.attention import varlen_attn, varlen_causal
+
+
+@dataclass(slots=True)
+class PagedAttention:
+    kv_cache_2LNSGA: torch.Tensor
+    slots_T: torch.Tensor
+    """Flat cache slot (block * S + row) of every token of the step."""
+    block_tables_BM: torch.Tensor
+    context_lens_B: torch.Tensor
+    """Tokens of each sequence in the cache once this step's are written."""
+    cu_seqlens_q_B1: torch.Tensor
+    max_q: int
+    max_k: int
+    is_decode: bool
+    fresh: bool
+    """No sequence has a cached prefix: every query chunk starts at position 0."""
+    impl: str = "auto"
+    """"auto", "triton" or "reference" for the decode kernel; "reference" also forces the prefill reference."""
+
+    def attend(self, layer_idx: int, q_THA: torch.Tensor, k_TGA: torch.Tensor, v_TGA: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.kv_cache_2LNSGA[0, layer_idx], self.kv_cache_2LNSGA[1, layer_idx]
+        write_kv(k_cache, v_cache, k_TGA, v_TGA, self.slots_T)
+        scale = q_THA.shape[-1] ** -0.5
+        if self.is_decode:
+            return paged_decode(q_THA, k_cache, v_cache, self.block_tables_BM, self.context_lens_B, scale, self.impl)
+        if q_THA.is_cuda and varlen_attn is not None and self.impl != "reference":
+            if self.fresh:
+                cu, n = self.cu_seqlens_q_B1, self.max_q
+                return varlen_causal(q_THA, k_TGA, v_TGA, cu, cu, n, n)
+            k_SGA, v_SGA, cu_k = gather_kv(k_cache, v_cache, self.block_tables_BM, self.context_lens_B)
+            return varlen_causal(q_THA, k_SGA, v_SGA, self.cu_seqlens_q_B1, cu_k, self.max_q, self.max_k)
+        return paged_prefill_reference(
+            q_THA, k_cache, v_cache, self.block_tables_BM, self.cu_seqlens_q_B1, self.context_lens_B, scale
+        )

@@ -1,0 +1,420 @@
+"""The rollout engine: requests in, tokens with logprobs (and routes) out, one batch loop.
+
+    Engine(model_or_path, **config)
+      .generate(prompts, params)            sync, a whole batch
+      await .generate_async(prompt, params) many concurrent callers share the same batch loop
+      .abort(request_id) / .load_weights(named_tensors, version) / .sleep() / .wake()
+
+Every request goes through one background thread that owns all engine state and runs the step loop
+(schedule → runner → sampler → bookkeeping); callers submit work and wait on futures. Weight loads,
+sleep, wake and aborts are queued commands run between steps, so they never race a step.
+
+A request with `n` samples computes its prompt once and forks: the samples share the prompt's KV
+blocks, each with its own seed (`seed + index`; a request without a seed gets a random one).
+Outputs carry the weight version that produced them.
+"""
+
+import asyncio
+import itertools
+import queue
+import random
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from leagues.engine.block_manager import BlockManager
+from leagues.engine.output import Output, RequestState, make_outputs
+from leagues.engine.runner import ModelRunner
+from leagues.engine.sampler import SamplingTensors, sample
+from leagues.engine.scheduler import Scheduler
+from leagues.engine.sequence import Sequence
+from leagues.model import Transformer, load_pretrained, load_tokenizer, resolve_model_path
+from leagues.model.checkpoint import load_named_tensors
+from leagues.types import FinishReason, SamplingParams
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    device: str = "auto"
+    """"auto" is cuda when available, else cpu."""
+    dtype: str = "auto"
+    """"auto" is bfloat16 on cuda and float32 on cpu (only used when loading from a path)."""
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    num_blocks: int | None = None
+    """KV-cache blocks; default: sized from `kv_cache_fraction` (cuda) or `kv_cache_bytes` (cpu)."""
+    kv_cache_fraction: float = 0.8
+    """Fraction of free GPU memory (after the model loads) given to the KV cache."""
+    kv_cache_bytes: int = 256 * 2**20
+    """KV-cache size on the CPU."""
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    """Token budget of one prefill step (the chunk size of chunked prefill)."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output); default: the model's max positions."""
+    enable_prefix_caching: bool = True
+    chunked_prefill: bool = True
+    cuda_graphs: bool = True
+    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    capture_routes: bool = True
+    """Record every token's experts (MoE models) so requests can ask for them."""
+    attention_impl: str = "auto"
+    moe_impl: str = "auto"
+    seed: int = 0
+    """Seeds the random seeds of requests that bring none."""
+
+
+def _resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(cfg.dtype)
+    return device, dtype or getattr(torch, cfg.dtype)
+
+
+def _num_blocks(model: Transformer, cfg: EngineConfig) -> int:
+    if cfg.num_blocks is not None:
+        return cfg.num_blocks
+    m = model.config
+    param = model.embed.weight
+    block_bytes = 2 * m.num_layers * cfg.block_size * m.num_kv_heads * m.head_dim * param.element_size()
+    if param.is_cuda:
+        free, _ = torch.cuda.mem_get_info(param.device)
+        return int(free * cfg.kv_cache_fraction) // block_bytes
+    return cfg.kv_cache_bytes // block_bytes
+
+
+class Engine:
+    def __init__(self, model: str | Path | Transformer, tokenizer=None, **config) -> None:
+        self.config = cfg = EngineConfig(**config)
+        if isinstance(model, Transformer):
+            self.model = model
+            self.model_path = None
+        else:
+            self.model_path = resolve_model_path(model)
+            device, dtype = _resolve_device_dtype(cfg)
+            self.model = load_pretrained(self.model_path, dtype=dtype, device=device)
+            tokenizer = tokenizer or load_tokenizer(self.model_path)
+        self.model.eval().set_moe_impl(cfg.moe_impl)
+        self.tokenizer = tokenizer
+        self.max_model_len = cfg.max_model_len or self.model.config.max_seq_len
+        self.eos_ids = _eos_ids(self.model, tokenizer)
+        self.blocks = BlockManager(_num_blocks(self.model, cfg), cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunked_prefill)
+        options = dict(capture_routes=cfg.capture_routes, attention_impl=cfg.attention_impl)
+        options |= dict(cuda_graphs=cfg.cuda_graphs, graph_batch_sizes=list(cfg.graph_batch_sizes))
+        self.runner = ModelRunner(self.model, self.blocks.num_blocks, cfg.block_size, self.max_model_len, **options)
+        self.weight_version = 0
+        self.asleep = False
+        self.requests: dict[str, RequestState] = {}
+        self._rng = random.Random(cfg.seed)
+        self._ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "cached_tokens": 0, "steps": 0}
+
+    # --- public API ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[list[int]] | list[str],
+        params: SamplingParams | list[SamplingParams] = None,
+        on_output: Callable[[list[Output]], None] | None = None,
+    ) -> list[Output]:
+        """Outputs of every prompt, prompt-major (n samples per prompt are consecutive)."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        futures = [self.submit(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        results = []
+        for future in futures:
+            outputs = future.result()
+            if on_output:
+                on_output(outputs)
+            results.extend(outputs)
+        return results
+
+    async def generate_async(
+        self, prompt: list[int] | str, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> list[Output]:
+        """The n outputs of one prompt; many callers may await concurrently."""
+        return await asyncio.wrap_future(self.submit(prompt, params or SamplingParams(), request_id))
+
+    def submit(self, prompt: list[int] | str, params: SamplingParams, request_id: str | None = None) -> Future:
+        """Queue one request; the future resolves to its list of n outputs."""
+        prompt_ids = self._tokenize(prompt)
+        self._validate(prompt_ids, params)
+        future: Future = Future()
+        rid = request_id or f"req-{next(self._request_ids)}"
+        self._post(("add", (rid, prompt_ids, params, future)))
+        return future
+
+    def abort(self, request_id: str) -> None:
+        self._post(("abort", request_id))
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None:
+        """Copy new weights into the model in place (our or HF names); later outputs carry `version`."""
+        self._call(self._load_weights, named_tensors, version)
+
+    def sleep(self, offload_weights: bool = False) -> None:
+        """Free the KV cache (running requests are paused and recomputed on wake); optionally offload weights."""
+        self._call(self._sleep, offload_weights)
+
+    def wake(self) -> None:
+        self._call(self._wake)
+
+    def flush_cache(self) -> None:
+        self._call(self.blocks.reset_prefix_cache)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # --- the loop thread ------------------------------------------------------------------------
+
+    def _post(self, message) -> None:
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        self._inbox.put(message)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="leagues-engine", daemon=True)
+            self._thread.start()
+        self._wake_event.set()
+
+    def _call(self, fn, *args):
+        future: Future = Future()
+        self._post(("call", (fn, args, future)))
+        return future.result()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            self._drain_inbox()
+            if self.asleep or not self.scheduler.has_work():
+                self._wake_event.wait(timeout=0.1)
+                self._wake_event.clear()
+                continue
+            try:
+                self.step()
+            except Exception as err:  # fail every waiting caller rather than hang them
+                self._fail_all(err)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._add_request(*payload)
+            elif kind == "abort":
+                self._abort(payload)
+            else:
+                fn, args, future = payload
+                try:
+                    future.set_result(fn(*args))
+                except Exception as err:
+                    future.set_exception(err)
+
+    def _fail_all(self, err: Exception) -> None:
+        for rid in list(self.requests):
+            state = self.requests.pop(rid)
+            for seq in state.seqs:
+                self.scheduler.remove(seq)
+            if not state.future.done():
+                state.future.set_exception(err)
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def _tokenize(self, prompt: list[int] | str) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or Engine(..., tokenizer=...)")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return list(prompt)
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model.config.vocab_size
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt has token ids outside the vocabulary (0..{vocab - 1})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the limit is {self.max_model_len - 1}")
+        if -(-len(prompt_ids) // self.config.block_size) >= self.blocks.num_blocks:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache")
+        if params.return_routed_experts and not self.runner.capture_routes:
+            raise ValueError("return_routed_experts needs an MoE model and capture_routes=True")
+
+    def _add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams, future: Future) -> None:
+        if rid in self.requests:
+            future.set_exception(ValueError(f"request id {rid!r} is already in flight"))
+            return
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        seq = Sequence(
+            next(self._ids),
+            rid,
+            0,
+            list(prompt_ids),
+            len(prompt_ids),
+            params,
+            base_seed,
+            num_forks=params.n - 1,
+            first_weight_version=self.weight_version,
+        )
+        self.requests[rid] = RequestState(rid, future, [seq], params.n)
+        self.stats["prompt_tokens"] += len(prompt_ids)
+        if params.max_new_tokens == 0:
+            self._finish(seq, FinishReason.LENGTH)
+            return
+        self.scheduler.add(seq)
+
+    def _abort(self, rid: str) -> None:
+        state = self.requests.get(rid)
+        if state is None:
+            return
+        for seq in list(state.seqs):
+            if seq.finish_reason is None:
+                self._finish(seq, FinishReason.ABORT)
+
+    # --- one step -------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return
+        logits_RV = self.runner.execute(batch)
+        sampling = [item.seq for item in batch.items if item.samples]
+        for item in batch.items:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.blocks.register_computed(item.seq)
+        rows, row_index = self._fork_samples(sampling)
+        result = sample(logits_RV.index_select(0, row_index), self._sampling_tensors(rows))
+        self._append_tokens(rows, result)
+        self.stats["steps"] += 1
+
+    def _fork_samples(self, sampling: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
+        """Sequences that sample, with forked siblings reading their parent's logits row."""
+        rows, index = [], []
+        for r, seq in enumerate(sampling):
+            rows.append(seq)
+            index.append(r)
+            for _ in range(seq.num_forks):
+                child = replace(
+                    seq,
+                    seq_id=next(self._ids),
+                    sample_index=len(self.requests[seq.request_id].seqs),
+                    token_ids=list(seq.token_ids),
+                    logprobs=[],
+                    top_logprobs=[],
+                    block_table=[],
+                    block_hashes=[],
+                    num_forks=0,
+                )
+                self.blocks.fork(seq, child)
+                self.requests[seq.request_id].seqs.append(child)
+                self.scheduler.running.append(child)
+                rows.append(child)
+                index.append(r)
+            seq.num_forks = 0
+        return rows, torch.tensor(index, device=self.runner.device)
+
+    def _sampling_tensors(self, rows: list[Sequence]) -> SamplingTensors:
+        seeds = [(s.seed + s.sample_index * 0x9E3779B97F4A7C15) % 2**62 for s in rows]
+        return SamplingTensors.from_params([(s.params, s.num_output_tokens) for s in rows], self.runner.device, seeds)
+
+    def _append_tokens(self, rows: list[Sequence], result) -> None:
+        token_ids = result.token_ids_B.tolist()
+        logprobs = result.logprobs_B.tolist()
+        top = None
+        if result.top_ids_BK is not None:
+            top = list(zip(result.top_ids_BK.tolist(), result.top_logprobs_BK.tolist(), strict=True))
+        for i, seq in enumerate(rows):
+            seq.token_ids.append(token_ids[i])
+            seq.logprobs.append(logprobs[i])
+            if top is not None and seq.params.top_logprobs:
+                k = seq.params.top_logprobs
+                seq.top_logprobs.append(list(zip(top[i][0][:k], top[i][1][:k], strict=True)))
+            seq.weight_version = self.weight_version
+            self.stats["generated_tokens"] += 1
+            if (reason := self._stop_reason(seq)) is not None:
+                self._finish(seq, reason)
+
+    def _stop_reason(self, seq: Sequence) -> FinishReason | None:
+        token, params = seq.token_ids[-1], seq.params
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return FinishReason.STOP
+        if params.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            hits = [text.find(s) for s in params.stop if s and s in text]
+            if hits:
+                seq.stop_text_end = min(hits)
+                return FinishReason.STOP
+        if seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish_reason = reason
+        state = self.requests[seq.request_id]
+        if seq.params.return_routed_experts and seq.num_computed_tokens > 0:
+            state.routes[seq.sample_index] = self.runner.routes_of(seq.block_table, seq.num_computed_tokens)
+        self.stats["cached_tokens"] += seq.num_cached_prompt_tokens
+        self.scheduler.remove(seq)
+        self._complete_if_done(state)
+
+    def _complete_if_done(self, state: RequestState) -> None:
+        if any(s.finish_reason is None for s in state.seqs):
+            return
+        del self.requests[state.request_id]
+        state.future.set_result(make_outputs(state, self.tokenizer))
+
+    # --- weights and memory ---------------------------------------------------------------------
+
+    def _load_weights(self, named_tensors, version: int | None) -> int:
+        count = load_named_tensors(self.model, named_tensors)
+        self.blocks.reset_prefix_cache()  # cached keys and values came from the old weights
+        self.weight_version = self.weight_version + 1 if version is None else version
+        return count
+
+    def _sleep(self, offload_weights: bool) -> None:
+        if self.asleep:
+            return
+        for seq in list(self.scheduler.running):
+            self.scheduler.preempt(seq)
+        self.blocks.reset_prefix_cache()
+        self.runner.free_cache()
+        if offload_weights:
+            self._weights_device = self.runner.device
+            for param in self.model.parameters():
+                param.data = param.data.to("cpu")
+        self.asleep = True
+
+    def _wake(self) -> None:
+        if not self.asleep:
+            return
+        device = getattr(self, "_weights_device", None)
+        if device is not None:
+            for param in self.model.parameters():
+                param.data = param.data.to(device)
+            self.model.rope.reset(device)
+            self._weights_device = None
+        self.runner.allocate_cache()
+        self.asleep = False
+
+
+def _eos_ids(model: Transformer, tokenizer) -> set[int]:
+    ids = model.config.hf_config.get("eos_token_id")
+    eos = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return eos

@@ -1,0 +1,213 @@
+"""Sampler: the last-position logits of a batch of sequences in, one next token per sequence out.
+
+Runs once per decode step, after the model runner and before the scheduler appends the tokens. It is
+batched and vectorised on the logits' device, with fixed shapes, no per-row Python loop and no host
+sync, so it can later be captured in a CUDA graph (one graph per combination of the Python flags).
+
+Decisions:
+- Per-row parameters travel as tensors (`SamplingTensors`), built once per step on the host. Python
+  flags (`any_top_k`, `any_top_p`, `any_min_p`, `all_greedy`, `max_top_logprobs`) skip unused work;
+  they are computed over the sampled rows only, since truncation never affects a greedy row.
+- Logprob semantics, defined once in `compute_logprobs`: `log_softmax(logits.float() / T)` with
+  T := 1 for greedy rows (temperature 0), *before* top-k/top-p/min-p truncation. The trainer
+  recomputes exactly this, so it should call `compute_logprobs` too: dividing by a tensor of
+  temperatures is not bitwise the same as dividing by a Python float on CUDA (which multiplies by
+  the reciprocal). The top-logprobs come from the same distribution.
+- Greedy rows (temperature 0) take `argmax(logits)`: ties go to the lowest id.
+- Truncation, in order: top-k, top-p over the top-k survivors (renormalised), min-p relative to the
+  max probability; the top token is always kept. Top-k and top-p share one stable descending sort (so
+  ties rank by id); min-p needs no sort: p / p_max >= min_p is `score - max_score >= log(min_p)`, and
+  the ratio does not change when the distribution is renormalised.
+- Sampling is the Gumbel-max trick, `argmax(scores + gumbel)` over the kept tokens, which draws from
+  the renormalised truncated distribution without ever normalising it.
+- The noise comes from a counter-based hash RNG, not a stateful generator: u[b, v] is a pure function
+  of (seed_b, step_b, v), with step the number of tokens the sequence has generated so far. So a row
+  samples the same token whatever else shares the batch, at whatever index, after preemption and
+  recompute, and across engines. The hash is the splitmix64 mixer on int64 tensors (wrap-around
+  multiplication; `>>` on int64 is arithmetic, so shifts are masked to make them logical):
+      key_b   = mix(seed_b ^ mix(step_b + GOLDEN))
+      bits    = mix(key_b + (v + 1) * GOLDEN)          (the splitmix64 stream of key_b, element v)
+      u       = (2 * top23(bits) + 1) / 2**24           in (0, 1), exact in float32, never 0 or 1
+      gumbel  = -log(-log(u))
+  24 bits bound the Gumbel noise to [-2.8, 16.6]: tokens below ~1e-7 probability are slightly
+  under-sampled, which is far below anything a rollout can notice.
+- Requests without a seed get a random one from the engine at submission (and the n samples of one
+  request get distinct derived seeds, passed as `from_params(..., seeds=)`); a sampled row left without a
+  seed is a ValueError rather than a silent shared default.
+
+Legend: B rows (sequences in the step), V vocabulary, K top logprobs per row (the batch maximum).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from leagues.types import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def _i64(c: int) -> int:
+    """A 64-bit pattern as the signed int64 value torch stores."""
+    c &= _MASK64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = _i64(0x9E3779B97F4A7C15)
+_MIX1 = _i64(0xBF58476D1CE4E5B9)
+_MIX2 = _i64(0x94D049BB133111EB)
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingTensors:
+    temperature_B: torch.Tensor
+    """float32; 0 marks a greedy row."""
+    top_p_B: torch.Tensor
+    """float32; 1 means off."""
+    top_k_B: torch.Tensor
+    """int64; <= 0 means off."""
+    min_p_B: torch.Tensor
+    """float32; 0 means off."""
+    seed_B: torch.Tensor
+    """int64 (the seed's low 64 bits); 0 for greedy rows without a seed."""
+    step_B: torch.Tensor
+    """int64; tokens the sequence has generated so far, the RNG counter."""
+    any_top_p: bool
+    any_top_k: bool
+    any_min_p: bool
+    all_greedy: bool
+    max_top_logprobs: int
+    """K: the largest `top_logprobs` in the batch; 0 skips the top-logprob work."""
+
+    @classmethod
+    def from_params(
+        cls, rows: list[tuple[SamplingParams, int]], device: torch.device | str, seeds: list[int | None] | None = None
+    ) -> "SamplingTensors":
+        """One row per (params, step counter), in batch order; `seeds`, if given, replaces `params.seed` per row."""
+        params = [p for p, _ in rows]
+        sampled = [p for p in params if p.temperature > 0]
+        seeds = seeds if seeds is not None else [p.seed for p in params]
+        if len(seeds) != len(rows):
+            raise ValueError(f"seeds: {len(seeds)} seeds for {len(rows)} rows")
+        if any(p.temperature > 0 and s is None for p, s in zip(params, seeds, strict=True)):
+            raise ValueError("SamplingParams.seed: None for a sampled row (the engine assigns one at submission)")
+        device = torch.device(device)
+        return cls(
+            temperature_B=_to_device([float(p.temperature) for p in params], torch.float32, device),
+            top_p_B=_to_device([float(p.top_p) for p in params], torch.float32, device),
+            top_k_B=_to_device([int(p.top_k) for p in params], torch.int64, device),
+            min_p_B=_to_device([float(p.min_p) for p in params], torch.float32, device),
+            seed_B=_to_device([_i64(s or 0) for s in seeds], torch.int64, device),
+            step_B=_to_device([int(step) for _, step in rows], torch.int64, device),
+            any_top_p=any(p.top_p < 1 for p in sampled),
+            any_top_k=any(p.top_k > 0 for p in sampled),
+            any_min_p=any(p.min_p > 0 for p in sampled),
+            all_greedy=not sampled,
+            max_top_logprobs=max((p.top_logprobs for p in params), default=0),
+        )
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host list to device tensor; pinned on CUDA so the copy is asynchronous."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    token_ids_B: torch.Tensor
+    """int64."""
+    logprobs_B: torch.Tensor
+    """float32; the chosen token's logprob under `compute_logprobs`."""
+    top_ids_BK: torch.Tensor | None = None
+    """int64, by descending logprob; None when `max_top_logprobs` is 0."""
+    top_logprobs_BK: torch.Tensor | None = None
+    """float32, descending."""
+
+
+def effective_temperature(temperature_B: torch.Tensor) -> torch.Tensor:
+    """The temperature logprobs are taken at: 1 for greedy rows (temperature 0)."""
+    return torch.where(temperature_B > 0, temperature_B, torch.ones_like(temperature_B))
+
+
+def scale_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor) -> torch.Tensor:
+    """`logits.float() / T` per row, float32; the scores both sampling and logprobs start from."""
+    return logits_BV.float() / effective_temperature(temperature_B).float()[:, None]
+
+
+def compute_logprobs(logits_BV: torch.Tensor, temperature_B: torch.Tensor) -> torch.Tensor:
+    """The engine's logprob semantics: log_softmax(logits.float() / T), T := 1 where temperature is 0."""
+    return scale_logits(logits_BV, temperature_B).log_softmax(dim=-1)
+
+
+def _shr(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's `>>` is arithmetic: mask off the copied sign bits)."""
+    return (x >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 output mixer on int64 tensors (multiplication wraps modulo 2**64)."""
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def hash_uniform(seed_B: torch.Tensor, step_B: torch.Tensor, num_vocab: int) -> torch.Tensor:
+    """u[b, v] in the open interval (0, 1), a pure function of (seed_b, step_b, v); float32."""
+    key_B = mix64(seed_B ^ mix64(step_B + _GOLDEN))
+    offset_V = (torch.arange(num_vocab, device=seed_B.device, dtype=torch.int64) + 1) * _GOLDEN
+    bits_BV = mix64(key_B[:, None] + offset_V)
+    odd_BV = _shr(bits_BV, 41) * 2 + 1  # top 23 bits as an odd 24-bit integer: exact in float32
+    return odd_BV.float() * (2.0**-24)
+
+
+def gumbel_noise(seed_B: torch.Tensor, step_B: torch.Tensor, num_vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise from `hash_uniform`; float32 [B, V]."""
+    return -torch.log(-torch.log(hash_uniform(seed_B, step_B, num_vocab)))
+
+
+def _top_k_top_p_keep(scores_BV: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Tokens kept by top-k, then top-p over the top-k survivors; bool [B, V], the top token always kept."""
+    num_vocab = scores_BV.shape[-1]
+    sorted_BV, order_BV = scores_BV.sort(dim=-1, descending=True, stable=True)
+    rank_V = torch.arange(num_vocab, device=scores_BV.device)
+    k_B = torch.where(t.top_k_B > 0, t.top_k_B, num_vocab)
+    keep_BV = rank_V[None, :] < k_B[:, None]
+    if t.any_top_p:
+        probs_BV = sorted_BV.masked_fill(~keep_BV, -math.inf).softmax(dim=-1)
+        mass_before_BV = probs_BV.cumsum(dim=-1) - probs_BV
+        # top_p = 1 keeps everything exactly, whatever rounding the cumulative sum picks up.
+        keep_BV &= (mass_before_BV < t.top_p_B[:, None]) | (t.top_p_B[:, None] >= 1)
+    keep_BV[:, 0] = True
+    return torch.zeros_like(keep_BV).scatter_(1, order_BV, keep_BV)
+
+
+def _min_p_keep(scores_BV: torch.Tensor, min_p_B: torch.Tensor) -> torch.Tensor:
+    """p >= min_p * p_max, in log space: score - max_score >= log(min_p) (min_p = 0 keeps all)."""
+    max_B = scores_BV.amax(dim=-1)
+    return scores_BV - max_B[:, None] >= torch.log(min_p_B)[:, None]
+
+
+def _sample_scores(scores_BV: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Gumbel-max over the truncated scores: a draw from the renormalised truncated distribution."""
+    if t.any_top_k or t.any_top_p:
+        scores_BV = scores_BV.masked_fill(~_top_k_top_p_keep(scores_BV, t), -math.inf)
+    if t.any_min_p:
+        scores_BV = scores_BV.masked_fill(~_min_p_keep(scores_BV, t.min_p_B), -math.inf)
+    noisy_BV = scores_BV + gumbel_noise(t.seed_B, t.step_B, scores_BV.shape[-1])
+    return noisy_BV.argmax(dim=-1)
+
+
+def sample(logits_BV: torch.Tensor, t: SamplingTensors) -> SampleOutput:
+    """Next token, its logprob, and optionally the top-K logprobs, for every row."""
+    scores_BV = scale_logits(logits_BV, t.temperature_B)
+    logprobs_BV = scores_BV.log_softmax(dim=-1)
+    token_ids_B = logits_BV.argmax(dim=-1)
+    if not t.all_greedy:
+        token_ids_B = torch.where(t.temperature_B > 0, _sample_scores(scores_BV, t), token_ids_B)
+    out = SampleOutput(token_ids_B, logprobs_BV.gather(1, token_ids_B[:, None]).squeeze(1))
+    if t.max_top_logprobs > 0:
+        num_top = min(t.max_top_logprobs, logits_BV.shape[-1])
+        out.top_logprobs_BK, out.top_ids_BK = logprobs_BV.topk(num_top, dim=-1)
+    return out
