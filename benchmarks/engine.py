@@ -97,7 +97,7 @@ def hf_generate_time(model, batch: list[list[int]], new_tokens: int) -> float:
 def parity(engine: Engine, model, vocab: int, out: str) -> None:
     batch = [p[: 16 + 3 * i] for i, p in enumerate(prompts(16, 64, vocab, seed=1))]
     got = engine.generate(batch, SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True))
-    matches = []
+    matches, gaps = [], []
     for p, o in zip(batch, got, strict=True):
         ids = torch.tensor([p], device="cuda")
         ref = model.generate(
@@ -110,6 +110,18 @@ def parity(engine: Engine, model, vocab: int, out: str) -> None:
         )[0, len(p) :].tolist()
         same = next((i for i, (x, y) in enumerate(zip(o.token_ids, ref, strict=True)) if x != y), 32)
         matches.append(same)
+        if same < 32:  # how close was the call? HF's own logits for both candidates at that position
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([p + ref[:same]], device="cuda")).logits[0, -1].float()
+            top2 = logits.topk(2).values
+            gaps.append(
+                dict(
+                    position=same,
+                    hf_logit_ours_minus_hf_pick=round((logits[o.token_ids[same]] - logits[ref[same]]).item(), 5),
+                    hf_top2_gap=round((top2[0] - top2[1]).item(), 5),
+                    logit_scale=round(logits.abs().max().item(), 3),
+                )
+            )
     log(
         out,
         check="greedy_parity_bf16",
@@ -117,6 +129,7 @@ def parity(engine: Engine, model, vocab: int, out: str) -> None:
         tokens=32,
         identical_prompts=sum(m == 32 for m in matches),
         first_divergence=matches,
+        divergences=gaps,
     )
 
 

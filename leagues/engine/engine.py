@@ -99,12 +99,15 @@ class Engine:
             self.model_path = resolve_model_path(model)
             device, dtype = _resolve_device_dtype(cfg)
             self.model = load_pretrained(self.model_path, dtype=dtype, device=device)
-            tokenizer = tokenizer or load_tokenizer(self.model_path)
+            if tokenizer is None and (self.model_path / "tokenizer.json").is_file():
+                tokenizer = load_tokenizer(self.model_path)  # without one, prompts are token ids
         self.model.eval().set_moe_impl(cfg.moe_impl)
         self.tokenizer = tokenizer
         self.max_model_len = cfg.max_model_len or self.model.config.max_seq_len
         self.eos_ids = _eos_ids(self.model, tokenizer)
         self.blocks = BlockManager(_num_blocks(self.model, cfg), cfg.block_size, cfg.enable_prefix_caching)
+        # a sequence must fit the cache alone, else preempting it can never make room for it (livelock)
+        self.max_model_len = min(self.max_model_len, self.blocks.num_blocks * cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunked_prefill)
         options = dict(capture_routes=cfg.capture_routes, attention_impl=cfg.attention_impl)
         options |= dict(cuda_graphs=cfg.cuda_graphs, graph_batch_sizes=list(cfg.graph_batch_sizes))
@@ -260,6 +263,8 @@ class Engine:
             future.set_exception(ValueError(f"request id {rid!r} is already in flight"))
             return
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        if params.seed is None:  # the sampler rejects sampled rows without a seed
+            params = replace(params, seed=base_seed)
         seq = Sequence(
             next(self._ids),
             rid,
@@ -326,7 +331,7 @@ class Engine:
                 rows.append(child)
                 index.append(r)
             seq.num_forks = 0
-        return rows, torch.tensor(index, device=self.runner.device)
+        return rows, torch.tensor(index, dtype=torch.int64, device=self.runner.device)
 
     def _sampling_tensors(self, rows: list[Sequence]) -> SamplingTensors:
         seeds = [(s.seed + s.sample_index * 0x9E3779B97F4A7C15) % 2**62 for s in rows]

@@ -11,6 +11,7 @@ the scratch block); everything else runs eagerly.
 Legend: T tokens in the step, B sequences, M max blocks per sequence, V vocab, D model dim.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,8 @@ class ModelRunner:
             q_lens.append(end - start)
             ctx_lens.append(end)
             tables.append(seq.block_table)
-        sample_rows = [sum(q_lens[: i + 1]) - 1 for i, item in enumerate(batch.items) if item.samples]
+        ends = list(itertools.accumulate(q_lens))
+        sample_rows = [end - 1 for end, item in zip(ends, batch.items, strict=True) if item.samples]
         width = max(len(t) for t in tables)
         tensor = lambda x, dtype=torch.int64: torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)  # noqa: E731
         attention = PagedAttention(
@@ -91,7 +93,7 @@ class ModelRunner:
             slots_T=tensor(slots),
             block_tables_BM=tensor([t + [0] * (width - len(t)) for t in tables], torch.int32),
             context_lens_B=tensor(ctx_lens, torch.int32),
-            cu_seqlens_q_B1=tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], torch.int32),
+            cu_seqlens_q_B1=tensor([0, *ends], torch.int32),
             max_q=max(q_lens),
             max_k=max(ctx_lens),
             is_decode=batch.is_decode,

@@ -217,26 +217,18 @@ def paged_decode_triton(
     split_tokens: int | None = None,
 ) -> torch.Tensor:
     """The Triton decode kernel; `split_tokens` (a multiple of `block_n`) turns on split-K with that split size."""
-    if triton is None:
-        raise RuntimeError("paged_decode_triton needs triton, which is not installed")
-    _check_heads(q_BHA, k_cache_NSGA)
+    _check_decode_args(q_BHA, k_cache_NSGA, v_cache_NSGA, block_n, split_tokens)
     num_seqs, num_heads, head_dim = q_BHA.shape
     _, block_size, num_kv_heads, _ = k_cache_NSGA.shape
-    if head_dim & (head_dim - 1) or head_dim < 16 or block_n & (block_n - 1) or block_n < 16:
-        raise ValueError(f"head_dim ({head_dim}) and block_n ({block_n}) must be powers of two >= 16")
-    if k_cache_NSGA.stride(3) != 1 or v_cache_NSGA.stride(3) != 1 or q_BHA.stride(2) != 1:
-        raise ValueError("q and the caches must be contiguous in the head dim")
     group = num_heads // num_kv_heads
     split = split_tokens is not None
-    if split and (split_tokens % block_n or split_tokens <= 0):
-        raise ValueError(f"split_tokens ({split_tokens}) must be a positive multiple of block_n ({block_n})")
     num_splits = triton.cdiv(block_tables_BM.shape[1] * block_size, split_tokens) if split else 1
     o_BHA = torch.empty_like(q_BHA)
     # split-K writes float32 partials [B, H, P, A] and their log2-sum-exp2 [B, H, P]; shapes only, no data
     o_BHPA = (
         q_BHA.new_empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32) if split else o_BHA[:, :, None]
     )
-    lse_BHP = q_BHA.new_empty(num_seqs, num_heads, num_splits, dtype=torch.float32) if split else o_BHPA
+    lse_BHP = q_BHA.new_empty(num_seqs, num_heads, num_splits, dtype=torch.float32) if split else o_BHPA  # unused
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q_BHA, k_cache_NSGA, v_cache_NSGA, block_tables_BM, context_lens_B, o_BHPA, lse_BHP,
         scale * LOG2E,
@@ -252,6 +244,19 @@ def paged_decode_triton(
             NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), A=head_dim,
         )  # fmt: skip
     return o_BHA
+
+
+def _check_decode_args(q_BHA, k_cache_NSGA, v_cache_NSGA, block_n: int, split_tokens: int | None) -> None:
+    if triton is None:
+        raise RuntimeError("paged_decode_triton needs triton, which is not installed")
+    _check_heads(q_BHA, k_cache_NSGA)
+    head_dim = q_BHA.shape[2]
+    if head_dim & (head_dim - 1) or head_dim < 16 or block_n & (block_n - 1) or block_n < 16:
+        raise ValueError(f"head_dim ({head_dim}) and block_n ({block_n}) must be powers of two >= 16")
+    if k_cache_NSGA.stride(3) != 1 or v_cache_NSGA.stride(3) != 1 or q_BHA.stride(2) != 1:
+        raise ValueError("q and the caches must be contiguous in the head dim")
+    if split_tokens is not None and (split_tokens % block_n or split_tokens <= 0):
+        raise ValueError(f"split_tokens ({split_tokens}) must be a positive multiple of block_n ({block_n})")
 
 
 # ---------------------------------------------------------------------------------------------- dispatch

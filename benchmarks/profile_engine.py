@@ -1,0 +1,76 @@
+"""Where an engine decode step spends its time: host phases (synchronised timers) and top GPU kernels.
+
+PYTHONPATH=. python benchmarks/profile_engine.py [--batch 1,64]
+"""
+
+import argparse
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.train_step import BASE, SHAPES, make_checkpoint
+from leagues.engine import Engine, SamplingParams
+
+
+def timed_steps(engine: Engine, num_steps: int) -> dict[str, float]:
+    """Run `num_steps` steps in this thread, timing each phase with a device sync around it."""
+    totals = defaultdict(float)
+    original = {name: getattr(engine.runner, name) for name in ("prepare", "_replay", "execute")}
+
+    def wrap(name, fn):
+        def inner(*args, **kwargs):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            totals[name] += time.perf_counter() - start
+            return out
+
+        return inner
+
+    for name, fn in original.items():
+        setattr(engine.runner, name, wrap(name, fn))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        engine.step()
+    torch.cuda.synchronize()
+    totals["step_total"] = time.perf_counter() - start
+    for name, fn in original.items():
+        setattr(engine.runner, name, fn)
+    return {k: round(v / num_steps * 1e3, 3) for k, v in totals.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", default="1,64")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs, so kernels show one by one")
+    parser.add_argument("--sort", default="cpu_time_total")
+    args = parser.parse_args()
+    hf = BASE | SHAPES["anchor"]
+    path = tempfile.mkdtemp()
+    make_checkpoint(hf, path)
+    engine = Engine(path, max_model_len=1024, kv_cache_fraction=0.5, cuda_graphs=not args.eager)
+    engine.close()  # drive steps from this thread
+    params = SamplingParams(temperature=0, max_new_tokens=400, ignore_eos=True)
+    for batch in (int(b) for b in args.batch.split(",")):
+        for i in range(batch):
+            engine._add_request(f"b{batch}-{i}", list(range(1, 65)), params, Future())
+        for _ in range(5):
+            engine.step()  # prefill and warm-up
+        print(f"batch {batch} ms/step by phase:", timed_steps(engine, 50))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                engine.step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by=args.sort, row_limit=22, max_name_column_width=60))
+        for rid in list(engine.requests):
+            engine._abort(rid)
+
+
+if __name__ == "__main__":
+    main()
