@@ -210,6 +210,8 @@ class Engine:
                 self.step()
             except Exception as err:  # fail every waiting caller rather than hang them
                 self._fail_all(err)
+        self._drain_inbox()  # requests posted before close() fail below too
+        self._fail_all(RuntimeError("engine is closed"))
 
     def _drain_inbox(self) -> None:
         while True:
