@@ -52,3 +52,40 @@ class SamplingParams:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"SamplingParams.{name}: invalid value {getattr(self, name)!r}")
+
+
+class SampleStatus(StrEnum):
+    PENDING = "pending"
+    COMPLETED = "completed"
+    """Finished by a stop condition (eos, stop token or string)."""
+    TRUNCATED = "truncated"
+    """Hit max_new_tokens or the context limit."""
+    ABORTED = "aborted"
+    FAILED = "failed"
+    """Generation or reward failed; the error is in `metadata["error"]`."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Sample:
+    """One prompt and one response: what rollout produces and the trainer consumes."""
+
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] | None = None
+    """Per response token, 1 where it is trained on (0 for tool outputs in agent turns); None means all."""
+    rollout_logprobs: list[float] | None = None
+    """Per response token, the engine's logprob under the sampling temperature."""
+    routed_experts: object | None = None
+    """Tensor [prompt + response - 1, MoE layers, top-k] of the experts the engine routed each token to."""
+    reward: float = 0.0
+    advantage: float = 0.0
+    """Per-sample advantage, broadcast to every trained token."""
+    group_id: int = 0
+    """Index of the prompt group (the n samples of one prompt share it)."""
+    status: SampleStatus = SampleStatus.PENDING
+    weight_version: int = 0
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)

@@ -29,8 +29,10 @@ from leagues import __version__
 from leagues.cli import UsageError
 from leagues.cli.convert import ConvertConfig, run_convert
 from leagues.cli.generate import GenerateConfig, generate, run_generate, summary_line
+from leagues.cli.sft import run_sft_verb
 from leagues.config import apply_overrides, describe, dump_yaml, from_dict, load_yaml, to_dict
 from leagues.recipes import RECIPES, get_recipe
+from leagues.train.sft import SFTConfig
 
 
 def run_job(cfg: GenerateConfig) -> int:
@@ -56,7 +58,7 @@ class Verb:
 
 VERBS: dict[str, Verb] = {
     "train": Verb(summary="RL post-training (GRPO and friends)", awaits="the RL loop (leagues/loop/)"),
-    "sft": Verb(summary="supervised fine-tuning", awaits="the trainer (leagues/train/)"),
+    "sft": Verb(summary="supervised fine-tuning on prompt/response JSONL", config_cls=SFTConfig, run=run_sft_verb),
     "serve": Verb(summary="serve a model over HTTP", awaits="the rollout engine and its server (leagues/engine/)"),
     "generate": Verb(summary="print a continuation of a prompt", config_cls=GenerateConfig, run=run_generate),
     "eval": Verb(summary="evaluate a model on tasks", awaits="tasks and rewards (leagues/rollout/) and the engine"),

@@ -1,0 +1,37 @@
+"""Multi-process launch for `leagues train|sft --nproc N`: the same command under torchrun's launcher.
+
+One SPMD program: with `--nproc N` on a single node the command re-runs itself through
+`torch.distributed.run --standalone` (nothing home-made: multi-node is plain `torchrun`). Under a
+launcher (RANK set), `init_distributed` joins the group: NCCL on GPUs, gloo on CPUs.
+"""
+
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def under_launcher() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def relaunch(argv: list[str], nproc: int) -> int:
+    """Run `leagues <argv>` with `nproc` ranks on this node; returns the launcher's exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.call([*cmd, "-m", "leagues.cli", *argv])
+
+
+def init_distributed() -> None:
+    if under_launcher() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,24 @@
+"""`leagues sft`: supervised fine-tuning on prompt/response JSONL (see `leagues.train.sft`)."""
+
+import sys
+
+from leagues.cli import UsageError
+from leagues.cli.launch import init_distributed, relaunch, shutdown_distributed, under_launcher
+from leagues.train.sft import SFTConfig, run_sft
+
+
+def run_sft_verb(cfg: SFTConfig) -> int:
+    if cfg.nproc > 1 and not under_launcher():
+        return relaunch(sys.argv[1:], cfg.nproc)
+    if not cfg.data:
+        raise UsageError("data: give a JSONL file of prompt/response pairs (--data FILE)")
+    init_distributed()
+    try:
+        losses = run_sft(cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        shutdown_distributed()
+    if losses:
+        print(f"sft: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}", file=sys.stderr)
+    return 0

@@ -1,0 +1,35 @@
+"""Parallelism applied to the single-device model from outside: device mesh, FSDP2, expert parallel.
+
+Public API:
+    ParallelConfig, ParallelMesh
+    build_mesh(cfg, world_size, device_type) -> ParallelMesh
+    apply_ep(model, ep_mesh)                       experts split over the `ep` axis, all-to-all dispatch
+    apply_activation_checkpointing(model)
+    apply_fsdp(model, mesh, cfg, device_type)      FSDP2 per expert module, per block, at the root
+    parallelize(model, cfg, world_size, device_type) -> ParallelMesh   all of the above, in order
+    full_state_dict(model) / full_state_dict_buckets(model)   full tensors back out, by our names
+    ExpertParallelExperts                          the experts module with dispatch() / combine()
+"""
+
+from leagues.parallel.expert_parallel import ExpertParallelExperts, apply_ep
+from leagues.parallel.fsdp import (
+    apply_activation_checkpointing,
+    apply_fsdp,
+    full_state_dict,
+    full_state_dict_buckets,
+    parallelize,
+)
+from leagues.parallel.mesh import ParallelConfig, ParallelMesh, build_mesh
+
+__all__ = [
+    "ExpertParallelExperts",
+    "ParallelConfig",
+    "ParallelMesh",
+    "apply_activation_checkpointing",
+    "apply_ep",
+    "apply_fsdp",
+    "build_mesh",
+    "full_state_dict",
+    "full_state_dict_buckets",
+    "parallelize",
+]

@@ -1,0 +1,143 @@
+"""FSDP2 over the mesh, activation checkpointing, `parallelize` (all of it in order), and gathering full
+weights back out of the shards.
+
+Order: expert parallel (splits the experts) -> activation checkpointing (wraps each block) -> FSDP2
+(`fully_shard` each expert module over `dp_ep` when expert-parallel, then each block over `dp`, then
+the root). `Transformer.run` and `Transformer.logits` are registered as FSDP forward methods, so the
+trainer may call them directly (hidden states from `run`, logits in vocab chunks from `logits`).
+
+Gradient reduction (`ParallelConfig.grad_reduce`). The trainer's objective is the SUM over ranks of
+each rank's loss, each already normalised by the global token count; its gradient is the sum over
+ranks of the per-rank gradients.
+- Non-expert parameters are replicated in compute: each rank's backward yields the gradient of its own
+  loss, and reduce-scattering over `dp` (all ranks) with SUM gives the gradient of the sum.
+- Expert parameters under EP: the backward of the token all-to-all sends each row's gradient back to the
+  rank holding its expert, so a rank's local expert gradient already sums the contributions of every
+  rank in its expert group. The ranks holding the same expert shard (`dp_ep`, one per expert group)
+  then reduce-scatter with SUM, which adds the remaining groups: again the gradient of the sum over
+  all ranks.
+So both reductions are plain SUMs (divide factor 1). FSDP's default divides each by its own group
+size, world for `dp` but only world/ep for `dp_ep`, which would scale the expert gradients by ep
+relative to the rest. "mean" therefore divides every unit by the same world size (what torchtitan does).
+On gloo (CPU), whose reduce-scatter knows only SUM, the division runs after the collective.
+
+Decisions:
+- The root unit follows FSDP2's own heuristic (not resharded after forward: backward needs it first).
+- `full_state_dict` gathers onto every rank (the gathers are collectives anyway; rank 0 alone may keep
+  what it needs), bucket by bucket so one bucket of full tensors is alive at a time.
+"""
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX, checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
+from torch.distributed.tensor import DTensor
+
+from leagues.parallel.expert_parallel import ExpertParallelExperts, apply_ep
+from leagues.parallel.mesh import DTYPES, ParallelConfig, ParallelMesh, build_mesh
+
+FORWARD_METHODS = ("run", "logits")
+"""Methods of the root model that the trainer calls directly and that must gather the root's parameters."""
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig, world_size: int, device_type: str) -> ParallelMesh:
+    """Apply expert parallel, activation checkpointing and FSDP2 to `model` in place; every rank calls it."""
+    mesh = build_mesh(cfg, world_size, device_type)
+    if cfg.ep > 1:
+        apply_ep(model, mesh.ep)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, mesh, cfg, device_type)
+    return mesh
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Wrap each block of `model.layers` so its activations are recomputed in backward."""
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block)
+
+
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, device_type: str) -> None:
+    """`fully_shard` expert modules over `dp_ep`, blocks over `dp`, then the root; see the module docstring."""
+    kwargs = {
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=cfg.resolved_param_dtype(device_type), reduce_dtype=DTYPES[cfg.reduce_dtype]
+        ),
+        "reshard_after_forward": cfg.reshard_after_forward,
+    }
+    if cfg.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device_type == "cuda")
+    factor = 1.0 if cfg.grad_reduce == "sum" else float(mesh.dp_size)
+    for block in model.layers:
+        experts = getattr(getattr(block, "moe", None), "experts", None)
+        if isinstance(experts, ExpertParallelExperts):
+            shard(experts, mesh.dp_ep, factor, **kwargs)
+        shard(block, mesh.dp, factor, **kwargs)
+    # The root (embeddings, final norm, LM head) stays gathered after forward: the trainer's chunked
+    # LM head reads `lm_head.weight` right after `run`, and the backward needs it again at once.
+    shard(model, mesh.dp, factor, **kwargs | {"reshard_after_forward": False})
+    for name in FORWARD_METHODS:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+
+
+def shard(module: nn.Module, mesh: DeviceMesh, divide_factor: float, **kwargs) -> None:
+    """`fully_shard` one unit and set how its gradients are reduced (see the module docstring)."""
+    fully_shard(module, mesh=mesh, **kwargs)
+    module.set_gradient_divide_factor(divide_factor)
+    # gloo reduces with SUM only (no AVG, no PREMUL_SUM). Not on a group of one: there FSDP (torch 2.13)
+    # would divide twice, once on its copy path and again after it.
+    if mesh.size() > 1 and dist.get_backend(mesh.get_group()) == "gloo":
+        module.set_force_sum_reduction_for_comms(True)
+
+
+def full_state_dict_buckets(
+    model: nn.Module, bucket_bytes: int = 256 << 20
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Full, unsharded parameters in buckets of about `bucket_bytes` (a larger tensor gets a bucket alone).
+
+    Every rank must iterate in step (each tensor is gathered by a collective) and every rank gets the data.
+    Names are the single-device model's (no checkpoint-wrapper prefix); expert weights come back as [E, ...].
+    Call it outside forward/backward, while the parameters are sharded.
+    """
+    bucket, size = [], 0
+    for name, module, param in _parameters(model):
+        tensor = _full_tensor(module, param)
+        if bucket and size + tensor.nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += tensor.nbytes
+    if bucket:
+        yield bucket
+
+
+def full_state_dict(model: nn.Module, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter; see `full_state_dict_buckets`."""
+    for bucket in full_state_dict_buckets(model, bucket_bytes):
+        yield from bucket
+
+
+def _parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Parameter]]:
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            yield name.replace(_CHECKPOINT_PREFIX, ""), module, param
+
+
+def _full_tensor(module: nn.Module, param: torch.Tensor) -> torch.Tensor:
+    tensor = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+    if isinstance(module, ExpertParallelExperts):
+        shards = [torch.empty_like(tensor) for _ in range(module.ep_size)]
+        dist.all_gather(shards, tensor.contiguous(), group=module.ep_group)
+        tensor = torch.cat(shards, dim=0)
+    return tensor

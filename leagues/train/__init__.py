@@ -1,0 +1,23 @@
+"""Training: RL losses and advantage estimators (registries), chunked logprobs, packing, optimizer,
+checkpoints, the `Trainer`, and SFT. Runs the same `leagues.model` the engine serves, sharded from
+outside by `leagues.parallel` (FSDP2 + expert parallel).
+"""
+
+from leagues.train.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig, compute_advantages
+from leagues.train.losses import AGGREGATIONS, KL_ESTIMATORS, OFF_POLICY_CORRECTIONS, POLICY_LOSSES, LossConfig
+from leagues.train.optim import OptimConfig
+from leagues.train.trainer import Trainer, TrainerConfig
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AGGREGATIONS",
+    "KL_ESTIMATORS",
+    "OFF_POLICY_CORRECTIONS",
+    "POLICY_LOSSES",
+    "AdvantageConfig",
+    "LossConfig",
+    "OptimConfig",
+    "Trainer",
+    "TrainerConfig",
+    "compute_advantages",
+]

@@ -1,0 +1,270 @@
+"""Sharded training checkpoints (torch.distributed.checkpoint) and their export to Hugging Face files.
+
+The trainer saves here every few steps and `loop` resumes from `latest_checkpoint(root)`:
+
+    save_checkpoint(root, step, model, optimizer, scheduler, extra, keep_last) -> root/step-00000042
+    latest_checkpoint(root)                                                    -> newest complete one, or None
+    load_checkpoint(path, model, optimizer, scheduler)                         -> extra
+    export_hf(path, model, out_dir)                                            -> HF safetensors directory
+
+A checkpoint directory holds:
+    .metadata, *.distcp   model and optimizer state, written by `dcp.save` (every rank its shards)
+    rank-{r}.pt           per-rank state that is no tensor shard: scheduler, python/torch/CUDA RNG, `extra`
+    meta.json             step and world size; written last, it marks the directory complete
+
+Decisions:
+- State dicts come from `torch.distributed.checkpoint.state_dict.get_state_dict`, so one code path
+  serves plain modules and FSDP2-sharded ones, and a checkpoint saved on N ranks loads on M ranks
+  (DCP reshards); `export_hf` relies on that to load a sharded checkpoint into one process.
+- Atomic commit: everything is written into `step-{step:08d}.tmp/`; after a barrier rank 0 writes
+  `meta.json` and renames the directory into place. A save killed at any point leaves at most a
+  `.tmp` directory, which `latest_checkpoint` ignores and the next save of that step clears.
+  `latest_checkpoint` also ignores final-named directories without `meta.json` or a rank file (a
+  checkpoint being deleted, or a partial copy). Pruning deletes `meta.json` first for that reason.
+- RNG states are saved per rank, because ranks draw different streams (dropout, sampling). Loading
+  on a different world size falls back to rank 0's file, with a warning: model, optimizer, scheduler
+  and `extra` are still exact, the RNG streams are not.
+- `rank-{r}.pt` is read with `weights_only=True`, so `extra` must be plain data (dicts, lists,
+  tuples, str, int, float, bool, None, tensors); `save_checkpoint` checks that up front rather than
+  failing on resume.
+- Without an initialised process group every collective is skipped (single process, tests, export).
+  With one, `root` must be a filesystem every rank sees.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+
+from leagues.model import save_pretrained
+
+_STEP_DIR = re.compile(r"step-(\d{8})")
+META = "meta.json"
+FORMAT_VERSION = 1
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _dcp_io(fn, state: dict, path: Path, no_dist: bool) -> None:
+    """`dcp.save` or `dcp.load`, without DCP's warning about single-process use (intended here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        fn(state, checkpoint_id=path, no_dist=no_dist)
+
+
+# ---------------------------------------------------------------------------------------------------
+# saving
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None = None,
+    extra: dict | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Save model, optimizer, scheduler, RNG states and `extra` as `root/step-{step:08d}`; every rank calls it.
+
+    `keep_last` > 0 keeps that many newest checkpoints and deletes older ones; 0 keeps all.
+    """
+    if step < 0 or keep_last < 0:
+        raise ValueError(f"save_checkpoint: step and keep_last must be >= 0, got {step} and {keep_last}")
+    _check_plain(extra, "extra")
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that was killed half-way
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    _dcp_io(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp, no_dist=not _distributed())
+    torch.save(_local_state(scheduler, extra), tmp / f"rank-{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        _commit(tmp, final, step)
+        if keep_last:
+            _prune(Path(root), keep_last, step)
+    _barrier()
+    return final
+
+
+def _local_state(scheduler: Any | None, extra: dict | None) -> dict:
+    return {
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "python_rng": random.getstate(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "extra": extra,
+    }
+
+
+def _commit(tmp: Path, final: Path, step: int) -> None:
+    """Mark `tmp` complete and rename it into place (replacing an older save of the same step)."""
+    meta = {"format": FORMAT_VERSION, "step": step, "world_size": _world_size()}
+    (tmp / META).write_text(json.dumps(meta) + "\n")
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        _delete(old)
+    else:
+        os.rename(tmp, final)
+
+
+def _prune(root: Path, keep_last: int, current: int) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last`, and leftovers of older killed saves."""
+    steps = sorted(_complete_steps(root))
+    for step in steps[:-keep_last]:
+        _delete(step_dir(root, step))
+    for leftover in root.glob("step-*.tmp"):
+        m = _STEP_DIR.match(leftover.name)
+        if m and int(m.group(1)) < current:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _delete(path: Path) -> None:
+    (path / META).unlink(missing_ok=True)  # first: a half-deleted checkpoint is never taken for complete
+    shutil.rmtree(path, ignore_errors=True)
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Raise unless `obj` loads back with `torch.load(weights_only=True)`."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_plain(key, f"{where} key")
+            _check_plain(value, f"{where}[{key!r}]")
+    elif isinstance(obj, list | tuple):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN):
+        raise ValueError(f"save_checkpoint: {where} is a {type(obj).__name__}; extra must hold plain data only")
+
+
+# ---------------------------------------------------------------------------------------------------
+# finding and loading
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether `path` is a committed checkpoint with every file its world size needs."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    ranks = range(int(meta.get("world_size", 0)))
+    return (path / ".metadata").is_file() and bool(ranks) and all((path / f"rank-{r}.pt").is_file() for r in ranks)
+
+
+def _complete_steps(root: Path) -> list[int]:
+    if not root.is_dir():
+        return []
+    steps = []
+    for child in root.iterdir():
+        m = _STEP_DIR.fullmatch(child.name)
+        if m and child.is_dir() and is_complete(child):
+            steps.append(int(m.group(1)))
+    return steps
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under `root`, or None."""
+    steps = _complete_steps(Path(root))
+    return step_dir(root, max(steps)) if steps else None
+
+
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None = None
+) -> dict | None:
+    """Restore model, optimizer, scheduler and this rank's RNG states in place; returns the saved `extra`.
+
+    Every rank calls it, with the model sharded (or not) as it will train; call it before any backward
+    pass (a fresh optimizer's state is initialised from zero gradients).
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise ValueError(f"{path} is not a complete checkpoint (no {META}, .metadata or rank files)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    _dcp_io(dcp.load, state, path, no_dist=not _distributed())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    local = torch.load(_rank_file(path), weights_only=True)
+    if scheduler is not None:
+        if local["scheduler"] is None:
+            raise ValueError(f"{path} holds no scheduler state, but a scheduler was given")
+        scheduler.load_state_dict(local["scheduler"])
+    _restore_rng(local)
+    return local["extra"]
+
+
+def _rank_file(path: Path) -> Path:
+    own = path / f"rank-{_rank()}.pt"
+    if own.is_file():
+        return own
+    warnings.warn(
+        f"{path} was saved on fewer ranks than rank {_rank()}: using rank 0's RNG states and extra", stacklevel=3
+    )
+    return path / "rank-0.pt"
+
+
+def _restore_rng(local: dict) -> None:
+    random.setstate(local["python_rng"])
+    torch.set_rng_state(local["torch_rng"])
+    if local["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(local["cuda_rng"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# export
+
+
+def export_hf(
+    checkpoint_path: str | Path, model: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None
+) -> Path:
+    """Load the model part of a training checkpoint into a single-process `Transformer` and save it as HF files.
+
+    `model` supplies the architecture (e.g. `load_pretrained(base)`); its weights are overwritten. Works
+    for checkpoints saved on any number of ranks, sharded or not.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    if not is_complete(checkpoint_path):
+        raise ValueError(f"{checkpoint_path} is not a complete checkpoint")
+    state = {"model": get_model_state_dict(model)}
+    _dcp_io(dcp.load, state, checkpoint_path, no_dist=True)
+    model.load_state_dict(state["model"], strict=True)
+    save_pretrained(model, out_dir, dtype=dtype)
+    return Path(out_dir)

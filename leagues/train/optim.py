@@ -1,0 +1,221 @@
+"""AdamW, learning-rate schedules and the guarded optimizer step of the trainer.
+
+Sits at the end of every training step: after the losses' backward passes have filled `.grad`,
+`optimizer_step` measures the gradient norm, clips, steps AdamW and advances the schedule.
+
+    build_optimizer(params, cfg)                            -> torch.optim.AdamW
+    build_scheduler(optimizer, cfg)                         -> LambdaLR over SCHEDULES[cfg.schedule]
+    optimizer_step(params, optimizer, scheduler, cfg)       -> {"grad_norm", "lr", "skipped", "skipped_total"}
+
+Decisions:
+- Schedules are functions `(step, cfg) -> lr multiplier` in the `SCHEDULES` registry, wrapped by a
+  `LambdaLR`. `step` counts optimizer steps taken so far, so step 0 is the first update. Warmup is
+  linear and never zero: step s < warmup_steps uses (s + 1) / warmup_steps, so no step is wasted at
+  lr 0. Cosine decays from the peak at step `warmup_steps` to `min_lr_ratio` at `total_steps`, and
+  stays there after.
+- The gradient norm is the norm of all gradients together, measured before clipping (the metric shows
+  what the backward pass produced). Under FSDP2 the gradients are DTensors and so is their norm;
+  `.full_tensor()` reduces it over the mesh, so every rank sees the same norm and takes the same branch.
+- Non-finite guard: when the norm is inf or nan, the step is skipped on every rank: gradients are
+  dropped, neither the optimizer nor the schedule steps, so weights and optimizer state stay bitwise
+  as they were. Skips are counted in each param group under `SKIPPED_KEY`, so the count travels with
+  the optimizer's state dict (and therefore with checkpoints).
+- After a normal step the gradients are left in place, as with any torch optimizer: the caller zeroes
+  them (`optimizer.zero_grad()`) before the next backward.
+- One param group, weight decay on every parameter (norms and biases included), as torchtitan does;
+  the effect on norm weights over a post-training run is negligible and it keeps the state simple.
+- fused="auto" picks the fused AdamW kernel when every parameter lives on CUDA and torch's default
+  (foreach) otherwise.
+- Optimizer-state CPU offload is not done here: it comes from FSDP2's `CPUOffloadPolicy`, applied to
+  the model in `leagues.parallel`; the parameters (and so the AdamW state) then live on the CPU and
+  "auto" picks the non-fused path.
+- Known limit: all gradients must be of one kind (all DTensors on one mesh, or all plain tensors);
+  parameters sharded over different meshes (expert parallel) need their norms combined per mesh first.
+"""
+
+import functools
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
+
+SKIPPED_KEY = "num_skipped_steps"
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate (reached at the end of warmup)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW beta1 and beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay, applied to every parameter."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup; step s < warmup_steps uses lr * (s + 1) / warmup_steps."""
+    schedule: str = "constant"
+    """Learning-rate schedule after warmup: "constant" or "cosine" (see SCHEDULES)."""
+    total_steps: int = 0
+    """Steps at which the cosine schedule reaches `min_lr_ratio * lr` (required by "cosine")."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine schedule, as a fraction of `lr`."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still measured)."""
+    fused: str = "auto"
+    """AdamW implementation: "auto" (fused on CUDA, else torch's default), "fused" or "foreach"."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule: unknown schedule {self.schedule!r} (choose from {sorted(SCHEDULES)})")
+        if self.fused not in ("auto", "fused", "foreach"):
+            raise ValueError(f"optim.fused: expected auto, fused or foreach, got {self.fused!r}")
+        for key in ("lr", "eps", "weight_decay", "warmup_steps", "total_steps", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"optim.{key}: must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
+            raise ValueError(
+                f"optim.total_steps: the cosine schedule needs total_steps > warmup_steps, "
+                f"got {self.total_steps} <= {self.warmup_steps}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# schedules: (optimizer steps taken so far, config) -> multiplier of cfg.lr
+
+Schedule = Callable[[int, OptimConfig], float]
+SCHEDULES: dict[str, Schedule] = {}
+
+
+def register_schedule(name: str) -> Callable[[Schedule], Schedule]:
+    def register(fn: Schedule) -> Schedule:
+        SCHEDULES[name] = fn
+        return fn
+
+    return register
+
+
+def warmup_factor(step: int, cfg: OptimConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    return 1.0
+
+
+@register_schedule("constant")
+def constant_schedule(step: int, cfg: OptimConfig) -> float:
+    return warmup_factor(step, cfg)
+
+
+@register_schedule("cosine")
+def cosine_schedule(step: int, cfg: OptimConfig) -> float:
+    if step < cfg.warmup_steps:
+        return warmup_factor(step, cfg)
+    progress = min(1.0, (step - cfg.warmup_steps) / (cfg.total_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------------
+# building
+
+
+def _fused_kwargs(params: list[torch.Tensor], fused: str) -> dict[str, bool]:
+    if fused == "fused":
+        return {"fused": True}
+    if fused == "foreach":
+        return {"foreach": True}
+    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    return {"fused": True} if on_cuda else {}
+
+
+def build_optimizer(params: Iterable[torch.Tensor], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `params` (one group), with the skip counter at 0."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("build_optimizer: no trainable parameters")
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        **_fused_kwargs(params, cfg.fused),
+    )
+    for group in optimizer.param_groups:
+        group[SKIPPED_KEY] = 0
+    return optimizer
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> LambdaLR:
+    """The configured schedule as a `LambdaLR` (multiplier of each group's initial lr)."""
+    return LambdaLR(optimizer, functools.partial(SCHEDULES[cfg.schedule], cfg=cfg))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the step
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients of `params` (a plain tensor).
+
+    Sharded gradients (FSDP2 DTensors, possibly on different meshes: experts under expert parallel
+    live on their own) hold disjoint pieces, so the squared norm is the sum over every rank of the
+    squares of its local shards: one all-reduce over the whole group, whatever the meshes.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    squares = torch.stack([t.detach().float().pow(2).sum() for t in local]).sum()
+    if dist.is_initialized():
+        dist.all_reduce(squares)
+    return squares.sqrt()
+
+
+def clip_grads(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale gradients in place to a total norm of at most `max_norm` (shard by shard: meshes may differ)."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        grad.mul_(coef.to(grad.device, grad.dtype))
+
+
+def optimizer_step(
+    params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: LambdaLR | None, cfg: OptimConfig
+) -> dict[str, float]:
+    """Clip, step and advance the schedule, or skip everything when the gradient norm is not finite.
+
+    Returns the pre-clip `grad_norm`, the `lr` this step used, `skipped` (0 or 1) and `skipped_total`.
+    """
+    params = [p for p in params if p.grad is not None]
+    norm = grad_norm(params)
+    lr = float(optimizer.param_groups[0]["lr"])
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        for p in params:  # also the ones the optimizer does not own
+            p.grad = None
+        for group in optimizer.param_groups:
+            group[SKIPPED_KEY] = group.get(SKIPPED_KEY, 0) + 1
+        return _metrics(norm, lr, 1, optimizer)
+    if cfg.grad_clip > 0:
+        clip_grads(params, cfg.grad_clip, norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return _metrics(norm, lr, 0, optimizer)
+
+
+def _metrics(norm: torch.Tensor, lr: float, skipped: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    return {
+        "grad_norm": norm.item(),
+        "lr": lr,
+        "skipped": float(skipped),
+        "skipped_total": float(optimizer.param_groups[0].get(SKIPPED_KEY, 0)),
+    }

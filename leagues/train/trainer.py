@@ -1,0 +1,236 @@
+"""The trainer: one optimizer step on a global batch of samples, on one process or many (FSDP2 + EP).
+
+    trainer = Trainer("tiny-moe", TrainerConfig())
+    trainer.compute_logprobs(samples)        # per-sample response logprobs (no grad)
+    metrics = trainer.train_step(samples)    # this rank's samples; rebalanced across ranks by tokens
+    for bucket in trainer.state_dict_for_sync(): engine.load_weights(bucket)
+    trainer.save(dir, extra={"data": ...}); trainer.load(dir)
+
+A step: gather every rank's samples and split them evenly by token count; pack each rank's share
+into micro-batches of at most `max_tokens_per_microbatch` tokens; compute one `Normalizer` over the
+whole global batch (so the loss does not depend on how it is split); forward, loss, backward per
+micro-batch; then one clipped, guarded optimizer step. The old-policy logprobs of the ratio are the
+current weights' own (detached): each batch gets one update, so the ratio is 1 at the start and the
+importance correction against the engine's logprobs is where off-policy-ness is handled.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from leagues.model import ForwardBatch, Transformer, load_pretrained, resolve_model_path
+from leagues.parallel import ParallelConfig, full_state_dict, parallelize
+from leagues.train.checkpoint import load_checkpoint, save_checkpoint
+from leagues.train.logprobs import token_logprobs
+from leagues.train.losses import LossConfig, LossInputs, Normalizer, policy_loss
+from leagues.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
+from leagues.train.packing import MicroBatch, balance, build_microbatch, input_length, split_by_tokens
+from leagues.types import Sample
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainerConfig:
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    max_tokens_per_microbatch: int = 8192
+    """Token budget of one packed micro-batch."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollout; logprobs are computed under it, as the engine does."""
+    logprob_chunk_size: int = 2048
+    """Tokens per chunk of the LM head and log-softmax."""
+    ref_offload: bool = True
+    """Keep the frozen reference model on the CPU between uses (only loaded when the loss has KL)."""
+    keep_last: int = 3
+    """Checkpoints kept by `save`."""
+
+
+def _device() -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return torch.device("cuda", rank % torch.cuda.device_count())
+
+
+class Trainer:
+    def __init__(self, model: str | Path | Transformer, cfg: TrainerConfig | None = None) -> None:
+        self.cfg = cfg = cfg or TrainerConfig()
+        self.device = _device()
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if not isinstance(model, Transformer):
+            self.model_path = resolve_model_path(model)
+            model = load_pretrained(self.model_path, dtype=torch.float32, device=self.device)
+        self.model = model.train()
+        self.ref = self._load_ref() if cfg.loss.kl_coef > 0 else None
+        # FSDP2 whenever there is a process group (also of one rank: it brings bf16 compute, fp32 master).
+        self.mesh = (
+            parallelize(self.model, cfg.parallel, self.world, self.device.type) if dist.is_initialized() else None
+        )
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.step = 0
+
+    def _load_ref(self) -> Transformer:
+        ref = load_pretrained(
+            self.model_path, dtype=torch.float32, device="cpu" if self.cfg.ref_offload else self.device
+        )
+        return ref.eval().requires_grad_(False)
+
+    # --- forward pieces -----------------------------------------------------------------------
+
+    def _forward_logprobs(self, model: Transformer, mb: MicroBatch, with_entropy: bool = False):
+        batch = ForwardBatch.packed(mb.input_ids_T, mb.lengths, compute_logits=False)
+        batch.replay_experts_TLK = mb.replay_experts_TLK
+        hidden_TD = model.run(batch).hidden_TD
+        weight_VD = model.embed.weight if model.lm_head is None else model.lm_head.weight
+        return token_logprobs(
+            hidden_TD, weight_VD, mb.targets_T, self.cfg.temperature, self.cfg.logprob_chunk_size, with_entropy
+        )
+
+    def _microbatches(self, samples: list[Sample]) -> list[MicroBatch]:
+        lengths = [input_length(s) for s in samples]
+        groups = split_by_tokens(lengths, self.cfg.max_tokens_per_microbatch)
+        return [build_microbatch(samples, g, self.device) for g in groups]
+
+    @torch.no_grad()
+    def compute_logprobs(self, samples: list[Sample], model: Transformer | None = None) -> list[torch.Tensor]:
+        """Response-token logprobs of each sample (CPU float32), under `model` (default: the policy)."""
+        model = model or self.model
+        out: list[torch.Tensor | None] = [None] * len(samples)
+        for mb in self._microbatches(samples):
+            logprobs_T, _ = self._forward_logprobs(model, mb)
+            for seq, i in enumerate(mb.sample_indices):  # response targets are each sequence's last positions
+                out[i] = logprobs_T[mb.seq_ids_T == seq][-len(samples[i].response_ids) :].float().cpu()
+        return out
+
+    def _ref_logprobs(self, samples: list[Sample]) -> list[torch.Tensor] | None:
+        if self.ref is None:
+            return None
+        if self.cfg.ref_offload:
+            self.ref.to(self.device)
+        try:
+            return self.compute_logprobs(samples, self.ref)
+        finally:
+            if self.cfg.ref_offload:
+                self.ref.to("cpu")
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def _rebalance(self, samples: list[Sample]) -> list[Sample]:
+        if self.world == 1:
+            return samples
+        gathered: list[list[Sample]] = [None] * self.world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, samples)
+        everything = [s for part in gathered for s in part]
+        share = balance([input_length(s) for s in everything], self.world)[self.rank]
+        return [everything[i] for i in share]
+
+    def _normalizer(self, mbs: list[MicroBatch]) -> Normalizer:
+        counts = torch.tensor(
+            [sum(float(mb.mask_T.sum()) for mb in mbs), float(sum(mb.num_seqs for mb in mbs))], dtype=torch.float64
+        )
+        if self.world > 1:
+            counts = counts.to(self.device)
+            dist.all_reduce(counts)
+        return Normalizer(
+            num_tokens=max(float(counts[0]), 1.0),
+            num_seqs=max(float(counts[1]), 1.0),
+            seq_num_tokens_T=None,
+            constant=None,
+        )
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        """One optimizer step on the global batch made of every rank's `samples`."""
+        local = self._rebalance(samples)
+        mbs = self._microbatches(local)
+        ref = self._ref_logprobs(local)
+        norm = self._normalizer(mbs)
+        totals: dict[str, float] = {}
+        for mb in mbs:
+            loss, metrics = self._microbatch_loss(mb, norm, ref, local)
+            loss.backward()  # a share of the global loss; FSDP sums the shares (grad_reduce "sum")
+            weight = float(mb.mask_T.sum())
+            for key, value in metrics.items():
+                if key.endswith("_max"):  # maxima combine by max (across micro-batches here, ranks below)
+                    totals[key] = max(totals.get(key, float("-inf")), float(value))
+                else:
+                    totals[key] = totals.get(key, 0.0) + float(value) * weight
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+            totals["_tokens"] = totals.get("_tokens", 0.0) + weight
+        step_metrics = optimizer_step(list(self.model.parameters()), self.optimizer, self.scheduler, self.cfg.optim)
+        self.step += 1
+        return self._reduce_metrics(totals) | {k: float(v) for k, v in step_metrics.items()}
+
+    def _microbatch_loss(self, mb: MicroBatch, norm: Normalizer, ref, samples: list[Sample]):
+        logprobs_T, entropy_T = self._forward_logprobs(self.model, mb, with_entropy=True)
+        seq_tokens = torch.zeros(mb.num_seqs, device=self.device).index_add_(0, mb.seq_ids_T, mb.mask_T)
+        norm.seq_num_tokens_T = seq_tokens[mb.seq_ids_T].clamp(min=1.0)
+        inputs = LossInputs(
+            logprobs_T=logprobs_T,
+            old_logprobs_T=logprobs_T.detach(),
+            advantages_T=mb.advantages_T,
+            mask_T=mb.mask_T,
+            seq_ids_T=mb.seq_ids_T,
+            num_seqs=mb.num_seqs,
+            rollout_logprobs_T=mb.rollout_logprobs_T,
+            ref_logprobs_T=self._ref_tokens(mb, ref, samples),
+            entropy_T=entropy_T,
+        )
+        return policy_loss(inputs, self.cfg.loss, norm)
+
+    def _ref_tokens(self, mb: MicroBatch, ref, samples: list[Sample]) -> torch.Tensor | None:
+        if ref is None:
+            return None
+        parts = []
+        for i in mb.sample_indices:
+            pad = torch.zeros(len(samples[i].prompt_ids) - 1)
+            parts.append(torch.cat([pad, ref[i]]))
+        return torch.cat(parts).to(self.device)
+
+    def _reduce_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        """Token-weighted means over the global batch; `*_max` keys are maxima; loss and tokens are sums."""
+        maxima = {k: v for k, v in totals.items() if k.endswith("_max")}
+        sums = {k: v for k, v in totals.items() if k not in maxima}
+        reduced = {}
+        for values, op in ((sums, dist.ReduceOp.SUM), (maxima, dist.ReduceOp.MAX)):
+            keys = sorted(values)
+            tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+            if self.world > 1 and keys:
+                dist.all_reduce(tensor, op=op)
+            reduced.update(zip(keys, tensor.tolist(), strict=True))
+        tokens = max(reduced.pop("_tokens"), 1.0)
+        loss = reduced.pop("loss")
+        out = {k: (v if k in maxima else v / tokens) for k, v in reduced.items()}
+        return out | {"loss": loss, "tokens": tokens}
+
+    # --- weights out, checkpoints -------------------------------------------------------------------
+
+    def state_dict_for_sync(self, bucket_bytes: int = 512 * 2**20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Full (unsharded) weights in buckets of about `bucket_bytes`, under the model's parameter names."""
+        named = (
+            full_state_dict(self.model)
+            if self.mesh is not None
+            else ((n, p.detach()) for n, p in self.model.named_parameters())
+        )
+        bucket, size = [], 0
+        for name, tensor in named:
+            bucket.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+        if bucket:
+            yield bucket
+
+    def save(self, root: str | Path, extra: dict | None = None) -> Path:
+        extra = {"trainer_step": self.step, **(extra or {})}
+        return save_checkpoint(root, self.step, self.model, self.optimizer, self.scheduler, extra, self.cfg.keep_last)
+
+    def load(self, path: str | Path) -> dict:
+        extra = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.step = extra.pop("trainer_step", self.step)
+        return extra

@@ -1,0 +1,195 @@
+"""FSDP2 and expert parallel against the single-process model, on 2 gloo ranks on the CPU.
+
+Each test spawns 2 ranks. Both build the same seeded model; each rank trains on its own packed
+sequences, with loss = (cross-entropy summed over its tokens) / (tokens over both ranks), so the sum of
+the ranks' losses is the global loss. Every rank also runs the single-process reference (the unsharded
+model on the union of both ranks' sequences, one packed batch) locally, and compares: logits, the full
+parameters after one SGD step with lr 1 (so a wrong gradient shows at its own scale), and
+`full_state_dict`.
+"""
+
+import os
+import socket
+from functools import partial
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from leagues.model import ForwardBatch, Transformer, config_from_hf
+from leagues.parallel import ParallelConfig, apply_ep, build_mesh, full_state_dict, parallelize
+
+CONFIG = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "moe_intermediate_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "mlp_only_layers": [],
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+}
+LENGTHS = [[5, 7], [3, 9, 4]]  # per rank: different sequences and token counts
+WORLD = 2
+TOL = 1e-5
+
+
+# ---------------------------------------------------------------- process machinery
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, port: int, fn) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        fn(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn) -> None:
+    mp.spawn(_worker, args=(free_port(), fn), nprocs=WORLD, join=True)
+
+
+# ---------------------------------------------------------------- model, data, loss
+
+
+def make_model() -> Transformer:
+    model = Transformer(config_from_hf(CONFIG))
+    model.init_weights(seed=0, std=0.2)  # large enough that routing is far from uniform
+    model.set_moe_impl("reference")
+    return model
+
+
+def rank_data(rank: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    lengths = LENGTHS[rank]
+    gen = torch.Generator().manual_seed(100 + rank)
+    ids_T = torch.randint(0, CONFIG["vocab_size"], (sum(lengths),), generator=gen)
+    targets_T = torch.randint(0, CONFIG["vocab_size"], (sum(lengths),), generator=gen)
+    return ids_T, targets_T, lengths
+
+
+def union_data() -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    parts = [rank_data(r) for r in range(WORLD)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), sum((p[2] for p in parts), [])
+
+
+def loss_of(model: Transformer, ids_T, targets_T, lengths) -> torch.Tensor:
+    """Cross-entropy summed over the tokens / tokens over all ranks; logits in two vocab-free chunks of tokens,
+    through `model.logits`, as the trainer computes them."""
+    hidden_TD = model.run(ForwardBatch.packed(ids_T, lengths, compute_logits=False)).hidden_TD
+    num_total = sum(map(sum, LENGTHS))
+    half = hidden_TD.shape[0] // 2
+    chunks = [(hidden_TD[:half], targets_T[:half]), (hidden_TD[half:], targets_T[half:])]
+    return sum(F.cross_entropy(model.logits(h), t, reduction="sum") for h, t in chunks) / num_total
+
+
+def sgd_step(model: torch.nn.Module, lr: float = 1.0) -> None:
+    with torch.no_grad():
+        for param in model.parameters():
+            param -= lr * param.grad
+
+
+def reference_after_step(lr: float = 1.0) -> dict[str, torch.Tensor]:
+    model = make_model()
+    loss_of(model, *union_data()).backward()
+    sgd_step(model, lr)
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        err = (got[name] - want[name]).abs().max().item()
+        assert err <= TOL, f"{name}: max abs error {err}"
+
+
+# ---------------------------------------------------------------- rank bodies
+
+
+def train_one_step(rank: int, cfg: ParallelConfig) -> None:
+    model = make_model()
+    parallelize(model, cfg, WORLD, "cpu")
+    loss_of(model, *rank_data(rank)).backward()
+    sgd_step(model)
+    # "mean" is the sum's gradient over the world size, for expert and non-expert parameters alike.
+    ref_lr = 1.0 if cfg.grad_reduce == "sum" else 1.0 / WORLD
+    assert_same(dict(full_state_dict(model)), reference_after_step(ref_lr))
+
+
+def ep_forward(rank: int) -> None:
+    model, reference = make_model(), make_model()
+    apply_ep(model, build_mesh(ParallelConfig(ep=WORLD), WORLD, "cpu").ep)
+    assert model.layers[0].moe.experts.w13.shape[0] == CONFIG["num_experts"] // WORLD
+    ids_T, _, lengths = rank_data(rank)
+    logits_TV = model.run(ForwardBatch.packed(ids_T, lengths)).logits_TV
+    want_TV = reference.run(ForwardBatch.packed(ids_T, lengths)).logits_TV
+    assert (logits_TV - want_TV).abs().max().item() <= TOL
+
+
+def gather_full(rank: int) -> None:
+    model = make_model()
+    parallelize(model, ParallelConfig(ep=WORLD, activation_checkpointing=True), WORLD, "cpu")
+    want = {name: p.detach() for name, p in make_model().named_parameters()}
+    got = dict(full_state_dict(model, bucket_bytes=4096))
+    assert list(got) == list(want)
+    assert_same(got, want)
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_fsdp_step_matches_single_process():
+    spawn(partial(train_one_step, cfg=ParallelConfig(ep=1)))
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_fsdp_ep_step_matches_single_process(activation_checkpointing):
+    spawn(partial(train_one_step, cfg=ParallelConfig(ep=2, activation_checkpointing=activation_checkpointing)))
+
+
+def test_fsdp_ep_mean_reduction_is_the_sum_over_world_size():
+    spawn(partial(train_one_step, cfg=ParallelConfig(ep=2, grad_reduce="mean")))
+
+
+def test_ep_forward_matches_single_process():
+    spawn(ep_forward)
+
+
+def test_full_state_dict_matches_single_process():
+    spawn(gather_full)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="ep"):
+        ParallelConfig(ep=0)
+    with pytest.raises(ValueError, match="param_dtype"):
+        ParallelConfig(param_dtype="fp8")
+    with pytest.raises(ValueError, match=r"ep \(3\) must divide the world size \(2\)"):
+        build_mesh(ParallelConfig(ep=3), 2, "cpu")
+
+
+def test_ep_must_divide_the_experts():
+    class ThreeRanks:  # apply_ep checks divisibility before touching any process group
+        def size(self) -> int:
+            return 3
+
+    with pytest.raises(ValueError, match=r"ep \(3\) must divide the number of experts \(4\)"):
+        apply_ep(make_model(), ThreeRanks())

@@ -1,0 +1,87 @@
+"""The trainer on 2 gloo ranks (FSDP2, and FSDP2 + expert parallel) against one process."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from leagues.model import Transformer, config_from_hf
+from leagues.parallel import ParallelConfig
+from leagues.train.losses import LossConfig
+from leagues.train.optim import OptimConfig
+from leagues.train.trainer import Trainer, TrainerConfig
+
+from .test_trainer import make_samples
+
+CONFIG = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "moe_intermediate_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+}
+
+
+def make_trainer(ep: int = 1) -> Trainer:
+    model = Transformer(config_from_hf(CONFIG))
+    model.init_weights(seed=0, std=0.2)
+    model.set_moe_impl("reference")
+    cfg = TrainerConfig(
+        loss=LossConfig(off_policy="token_tis"),
+        optim=OptimConfig(lr=1e-2, grad_clip=0.05),
+        parallel=ParallelConfig(ep=ep),
+        max_tokens_per_microbatch=24,
+    )
+    return Trainer(model, cfg)
+
+
+def full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for bucket in trainer.state_dict_for_sync() for name, t in bucket}
+
+
+def _worker(rank: int, port: int, ep: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        trainer = make_trainer(ep)
+        samples = make_samples(12, seed=3)
+        local = samples[rank::2]  # each rank brings its own half; the trainer rebalances by tokens
+        metrics = trainer.train_step(local)
+        params = full_params(trainer)
+        if rank == 0:
+            torch.save({"params": params, "metrics": metrics}, os.path.join(out_dir, f"ep{ep}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_two_ranks_match_one_process(ep, tmp_path):
+    mp.spawn(_worker, args=(free_port(), ep, str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / f"ep{ep}.pt")
+    single = make_trainer()
+    metrics = single.train_step(make_samples(12, seed=3))
+    want = full_params(single)
+    assert set(got["params"]) == set(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got["params"][name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert abs(got["metrics"]["loss"] - metrics["loss"]) < 1e-5
