@@ -38,6 +38,9 @@ class ConvertConfig:
     """Destination directory; created if missing, files in it are overwritten."""
     dtype: Dtype = "float32"
     """Dtype of the written weights."""
+    checkpoint: str | None = None
+    """A training checkpoint (`step-*` directory written by the trainer) whose weights replace the model's;
+    `model` then only gives the architecture and the tokenizer."""
 
 
 def run_convert(cfg: ConvertConfig) -> int:
@@ -53,7 +56,15 @@ def run_convert(cfg: ConvertConfig) -> int:
         raise UsageError(f"--out must differ from the source checkpoint ({src})")
     model = load_pretrained(src, dtype=getattr(torch, cfg.dtype), device="cpu")
     dst.mkdir(parents=True, exist_ok=True)
-    save_pretrained(model, dst)
+    if cfg.checkpoint:
+        from leagues.train.checkpoint import export_hf
+
+        try:
+            export_hf(cfg.checkpoint, model, dst, dtype=getattr(torch, cfg.dtype))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    else:
+        save_pretrained(model, dst)
     copied = copy_tokenizer_files(src, dst)
     print(f"wrote {dst} ({cfg.dtype}; copied {', '.join(copied) or 'no tokenizer files'})", file=sys.stderr)
     return 0

@@ -20,7 +20,20 @@ def under_launcher() -> bool:
 def relaunch(argv: list[str], nproc: int) -> int:
     """Run `leagues <argv>` with `nproc` ranks on this node; returns the launcher's exit status."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.call([*cmd, "-m", "leagues.cli", *argv])
+    return subprocess.call([*cmd, "-m", "leagues.cli", *strip_option(argv, "--nproc")])
+
+
+def strip_option(argv: list[str], option: str) -> list[str]:
+    """`argv` without `option VALUE` / `option=VALUE` (the ranks must not relaunch themselves)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 def init_distributed() -> None:

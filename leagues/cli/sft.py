@@ -1,5 +1,6 @@
 """`leagues sft`: supervised fine-tuning on prompt/response JSONL (see `leagues.train.sft`)."""
 
+import os
 import sys
 
 from leagues.cli import UsageError
@@ -13,12 +14,13 @@ def run_sft_verb(cfg: SFTConfig) -> int:
     if not cfg.data:
         raise UsageError("data: give a JSONL file of prompt/response pairs (--data FILE)")
     init_distributed()
+    rank = int(os.environ.get("RANK", 0))
     try:
         losses = run_sft(cfg)
     except ValueError as e:
         raise UsageError(str(e)) from None
     finally:
         shutdown_distributed()
-    if losses:
+    if losses and rank == 0:
         print(f"sft: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}", file=sys.stderr)
     return 0

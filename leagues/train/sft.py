@@ -83,9 +83,11 @@ def run_sft(cfg: SFTConfig, log=print) -> list[float]:
         rng.shuffle(order)
         for start in range(0, len(order), cfg.batch_size):
             batch = [samples[i] for i in order[start : start + cfg.batch_size]]
-            metrics = trainer.train_step(batch)
+            metrics = trainer.train_step(batch[trainer.rank :: trainer.world])  # each rank brings its share
             losses.append(metrics["loss"])
-            log(f"epoch {epoch} step {trainer.step}: loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f}")
+            if trainer.rank == 0:
+                loss, norm = metrics["loss"], metrics["grad_norm"]
+                log(f"epoch {epoch} step {trainer.step}: loss {loss:.4f} grad_norm {norm:.3f}")
     if cfg.out and trainer.mesh is None:
         save_pretrained(trainer.model, cfg.out)
         tokenizer.save_pretrained(cfg.out)

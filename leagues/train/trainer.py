@@ -227,6 +227,9 @@ class Trainer:
             yield bucket
 
     def save(self, root: str | Path, extra: dict | None = None) -> Path:
+        if self.cfg.parallel.ep > 1:
+            # Expert shards are plain per-rank tensors under one name; DCP would keep only one of them.
+            raise NotImplementedError("checkpoints of expert-parallel runs (parallel.ep > 1) are not supported yet")
         extra = {"trainer_step": self.step, **(extra or {})}
         return save_checkpoint(root, self.step, self.model, self.optimizer, self.scheduler, extra, self.cfg.keep_last)
 

@@ -167,3 +167,12 @@ def test_generate_jsonl_bad_line_names_file_line_field(tiny_dir, tmp_path, capsy
     prompts.write_text('{"prompt": "ok"}\n{not json\n')
     assert run_main(["generate", "--model", str(tiny_dir), "--input", str(prompts)]) == 2
     assert f"{prompts}:2: invalid JSON" in capsys.readouterr().err
+
+
+def test_sft_with_two_ranks_via_nproc(tiny_dir, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "response": str(2 * a)}) + "\n" for a in range(8)))
+    argv = ["sft", "--model", str(tiny_dir), "--data", str(data), "--nproc", "2", "--batch-size", "4"]
+    proc = subprocess.run([sys.executable, "-m", "leagues.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("sft: 2 steps") == 1  # rank 0 reports, once

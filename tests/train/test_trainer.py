@@ -93,3 +93,20 @@ def test_sft_bad_line_names_file_line_field(tmp_path):
     data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'response'"):
         run_sft(SFTConfig(data=str(data)), log=lambda _: None)
+
+
+def test_trainer_save_load_and_convert_export(tmp_path):
+    from leagues.cli.main import main
+
+    trainer = Trainer("tiny-moe", TrainerConfig(optim=OptimConfig(lr=1e-3)))
+    trainer.train_step(make_samples(4))
+    path = trainer.save(tmp_path / "ckpt", extra={"position": 7})
+    resumed = Trainer("tiny-moe", TrainerConfig(optim=OptimConfig(lr=1e-3)))
+    assert resumed.load(path) == {"position": 7} and resumed.step == 1
+    for (name, a), (_, b) in zip(trainer.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    out = tmp_path / "hf"
+    assert main(["convert", "--model", "tiny-moe", "--checkpoint", str(path), "--out", str(out)]) == 0
+    exported = load_pretrained(out)
+    for (name, a), (_, b) in zip(trainer.model.named_parameters(), exported.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
