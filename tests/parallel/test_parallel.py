@@ -59,8 +59,10 @@ def _worker(rank: int, port: int, fn) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         fn(rank)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: gloo's threads sometimes abort there ("terminate called ...")
 
 
 def spawn(fn) -> None:

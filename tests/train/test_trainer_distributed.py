@@ -64,8 +64,10 @@ def _worker(rank: int, port: int, ep: int, out_dir: str) -> None:
         params = full_params(trainer)
         if rank == 0:
             torch.save({"params": params, "metrics": metrics}, os.path.join(out_dir, f"ep{ep}.pt"))
+        dist.barrier()  # neither rank tears the group down while the other still talks
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: gloo's threads sometimes abort there ("terminate called ...")
 
 
 def free_port() -> int:
