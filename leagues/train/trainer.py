@@ -46,6 +46,8 @@ class TrainerConfig:
     """Keep the frozen reference model on the CPU between uses (only loaded when the loss has KL)."""
     keep_last: int = 3
     """Checkpoints kept by `save`."""
+    compile: bool = False
+    """`torch.compile` each transformer block (fuses norms, rotary and the MoE glue)."""
 
 
 def _device() -> torch.device:
@@ -66,6 +68,8 @@ class Trainer:
             model = load_pretrained(self.model_path, dtype=torch.float32, device=self.device)
         self.model = model.train()
         self.ref = self._load_ref() if cfg.loss.kl_coef > 0 else None
+        if cfg.compile:
+            self.model.compile_blocks()
         # FSDP2 whenever there is a process group (also of one rank: it brings bf16 compute, fp32 master).
         self.mesh = (
             parallelize(self.model, cfg.parallel, self.world, self.device.type) if dist.is_initialized() else None

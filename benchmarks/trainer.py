@@ -1,0 +1,156 @@
+"""Trainer throughput: leagues' `Trainer` (GRPO loss, packed micro-batches, FSDP2 + expert parallel)
+against `transformers`' model of the same family under plain FSDP2, on 1..N GPUs.
+
+Run one configuration per launch (the JSON row goes to $OUT/trainer.jsonl from rank 0):
+
+    PYTHONPATH=. torchrun --standalone --nproc-per-node N benchmarks/trainer.py --impl leagues --ep N
+    PYTHONPATH=. torchrun --standalone --nproc-per-node N benchmarks/trainer.py --impl transformers
+
+Synthetic GRPO batch: per rank `--samples` samples of 256 prompt + 768 response tokens with random
+advantages; micro-batches of `--microbatch-tokens` (4,096) packed tokens. A step is the trainer's
+whole `train_step` (forward, backward, AdamW). MFU counts matmul FLOPs as in `train_step.py` over a
+measured bf16 matmul peak. transformers: the same checkpoint in bf16 compute / fp32 master weights
+via FSDP2 per decoder layer, [4, 1024] batches, the same token-mean policy-gradient loss.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from benchmarks.train_step import BASE, SHAPES, flops_per_token, make_checkpoint, matmul_peak_tflops
+
+PROMPT, RESPONSE = 256, 768
+
+
+def synthetic_samples(num: int, vocab: int, seed: int):
+    from leagues.types import Sample
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (num, PROMPT + RESPONSE), generator=gen)
+    adv = torch.randn(num, generator=gen)
+    return [
+        Sample(
+            prompt_ids=row[:PROMPT].tolist(),
+            response_ids=row[PROMPT:].tolist(),
+            advantage=float(a),
+            rollout_logprobs=[-1.0] * RESPONSE,
+        )
+        for row, a in zip(ids, adv, strict=True)
+    ]
+
+
+def leagues_step(args, path, rank, vocab):
+    from leagues.parallel import ParallelConfig
+    from leagues.train import LossConfig, OptimConfig, Trainer, TrainerConfig
+
+    cfg = TrainerConfig(
+        loss=LossConfig(policy_loss="ppo", eps_clip_high=0.28, off_policy="token_tis"),
+        optim=OptimConfig(lr=1e-6),
+        parallel=ParallelConfig(ep=args.ep, activation_checkpointing=args.ac),
+        max_tokens_per_microbatch=args.microbatch_tokens,
+        compile=args.compile,
+    )
+    trainer = Trainer(path, cfg)
+    samples = synthetic_samples(args.samples, vocab, seed=rank)
+    return lambda: trainer.train_step(samples)
+
+
+def transformers_step(args, path, rank, vocab):
+    import transformers
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).train()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else torch.float32, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda)
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, vocab, (args.samples, PROMPT + RESPONSE), generator=gen).to(device)
+    adv = torch.randn(args.samples, generator=gen).to(device)
+    per_mb = max(1, args.microbatch_tokens // (PROMPT + RESPONSE))
+    total = args.samples * (RESPONSE) * dist.get_world_size()
+
+    def step():
+        for start in range(0, args.samples, per_mb):
+            x = ids[start : start + per_mb]
+            logits = model(input_ids=x[:, :-1]).logits.float()
+            logp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None])[..., 0][:, PROMPT - 1 :]
+            loss = -(logp * adv[start : start + per_mb, None]).sum() / total * dist.get_world_size()
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--impl", choices=["leagues", "transformers"], default="leagues")
+    parser.add_argument("--shape", default="anchor")
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--microbatch-tokens", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--ac", action="store_true", help="activation checkpointing")
+    parser.add_argument("--path", default="/tmp/leagues-bench-trainer")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    hf = BASE | SHAPES[args.shape]
+    if dist.get_rank() == 0 and not os.path.isfile(os.path.join(args.path, "config.json")):
+        make_checkpoint(hf, args.path)
+    dist.barrier()
+    build = leagues_step if args.impl == "leagues" else transformers_step
+    step = build(args, args.path, dist.get_rank(), hf["vocab_size"])
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    tokens_per_gpu = args.samples * (PROMPT + RESPONSE - 1) / seconds
+    peak = matmul_peak_tflops() if cuda else float("nan")
+    tflops = flops_per_token(hf, PROMPT + RESPONSE) * tokens_per_gpu / 1e12
+    row = dict(
+        impl=args.impl,
+        shape=args.shape,
+        gpus=dist.get_world_size(),
+        ep=args.ep if args.impl == "leagues" else 0,
+        compile=args.compile and args.impl == "leagues",
+        step_s=round(seconds, 3),
+        tokens_per_s_per_gpu=round(tokens_per_gpu),
+        tflops_per_gpu=round(tflops, 1),
+        mfu=round(tflops / peak, 4) if cuda else None,
+        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
+        gpu=torch.cuda.get_device_name() if cuda else "cpu",
+    )
+    if dist.get_rank() == 0:
+        print(json.dumps(row), flush=True)
+        with open(os.path.join(os.environ.get("OUT", "/tmp"), "trainer.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
