@@ -29,6 +29,8 @@ from leagues import __version__
 from leagues.cli import UsageError
 from leagues.cli.convert import ConvertConfig, run_convert
 from leagues.cli.generate import GenerateConfig, generate, run_generate, summary_line
+from leagues.cli.router import RouterConfig, run_router
+from leagues.cli.serve import ServeConfig, run_serve
 from leagues.cli.sft import run_sft_verb
 from leagues.config import apply_overrides, describe, dump_yaml, from_dict, load_yaml, to_dict
 from leagues.recipes import RECIPES, get_recipe
@@ -59,8 +61,9 @@ class Verb:
 VERBS: dict[str, Verb] = {
     "train": Verb(summary="RL post-training (GRPO and friends)", awaits="the RL loop (leagues/loop/)"),
     "sft": Verb(summary="supervised fine-tuning on prompt/response JSONL", config_cls=SFTConfig, run=run_sft_verb),
-    "serve": Verb(summary="serve a model over HTTP", awaits="the rollout engine and its server (leagues/engine/)"),
+    "serve": Verb(summary="serve a model over HTTP (SGLang and OpenAI APIs)", config_cls=ServeConfig, run=run_serve),
     "generate": Verb(summary="print a continuation of a prompt", config_cls=GenerateConfig, run=run_generate),
+    "router": Verb(summary="route requests over engine replicas", config_cls=RouterConfig, run=run_router),
     "eval": Verb(summary="evaluate a model on tasks", awaits="tasks and rewards (leagues/rollout/) and the engine"),
     "report": Verb(summary="summarise a run's metrics", awaits="metrics sinks and plots (leagues/obs/)"),
     "convert": Verb(summary="rewrite a checkpoint in HF format", config_cls=ConvertConfig, run=run_convert),

@@ -36,6 +36,9 @@ from leagues.model import Transformer, load_pretrained, load_tokenizer, resolve_
 from leagues.model.checkpoint import load_named_tensors
 from leagues.types import FinishReason, SamplingParams
 
+TokenCallback = Callable[[int, int, float], None]
+"""on_token(sample_index, token_id, logprob): one sampled token of a request, called on the engine thread."""
+
 
 @dataclass(kw_only=True, slots=True)
 class EngineConfig:
@@ -146,18 +149,32 @@ class Engine:
         return results
 
     async def generate_async(
-        self, prompt: list[int] | str, params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: list[int] | str,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        on_token: TokenCallback | None = None,
     ) -> list[Output]:
         """The n outputs of one prompt; many callers may await concurrently."""
-        return await asyncio.wrap_future(self.submit(prompt, params or SamplingParams(), request_id))
+        return await asyncio.wrap_future(self.submit(prompt, params or SamplingParams(), request_id, on_token))
 
-    def submit(self, prompt: list[int] | str, params: SamplingParams, request_id: str | None = None) -> Future:
-        """Queue one request; the future resolves to its list of n outputs."""
+    def submit(
+        self,
+        prompt: list[int] | str,
+        params: SamplingParams,
+        request_id: str | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> Future:
+        """Queue one request; the future resolves to its list of n outputs.
+
+        `on_token(sample_index, token_id, logprob)` is called on the engine thread for every sampled token
+        (for streaming); it must be quick and must not raise.
+        """
         prompt_ids = self._tokenize(prompt)
         self._validate(prompt_ids, params)
         future: Future = Future()
         rid = request_id or f"req-{next(self._request_ids)}"
-        self._post(("add", (rid, prompt_ids, params, future)))
+        self._post(("add", (rid, prompt_ids, params, future, on_token)))
         return future
 
     def abort(self, request_id: str) -> None:
@@ -176,6 +193,11 @@ class Engine:
 
     def flush_cache(self) -> None:
         self._call(self.blocks.reset_prefix_cache)
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether the loop thread runs (it starts with the first request or call)."""
+        return not self._closed and self._thread is not None and self._thread.is_alive()
 
     def close(self) -> None:
         self._closed = True
@@ -260,7 +282,9 @@ class Engine:
         if params.return_routed_experts and not self.runner.capture_routes:
             raise ValueError("return_routed_experts needs an MoE model and capture_routes=True")
 
-    def _add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams, future: Future) -> None:
+    def _add_request(
+        self, rid: str, prompt_ids: list[int], params: SamplingParams, future: Future, on_token=None
+    ) -> None:
         if rid in self.requests:
             future.set_exception(ValueError(f"request id {rid!r} is already in flight"))
             return
@@ -278,7 +302,7 @@ class Engine:
             num_forks=params.n - 1,
             first_weight_version=self.weight_version,
         )
-        self.requests[rid] = RequestState(rid, future, [seq], params.n)
+        self.requests[rid] = RequestState(rid, future, [seq], params.n, on_token=on_token)
         self.stats["prompt_tokens"] += len(prompt_ids)
         if params.max_new_tokens == 0:
             self._finish(seq, FinishReason.LENGTH)
@@ -353,6 +377,8 @@ class Engine:
                 seq.top_logprobs.append(list(zip(top[i][0][:k], top[i][1][:k], strict=True)))
             seq.weight_version = self.weight_version
             self.stats["generated_tokens"] += 1
+            if (on_token := self.requests[seq.request_id].on_token) is not None:
+                on_token(seq.sample_index, token_ids[i], logprobs[i])
             if (reason := self._stop_reason(seq)) is not None:
                 self._finish(seq, reason)
 

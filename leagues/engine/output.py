@@ -1,5 +1,6 @@
 """What a finished request gives back: one `Output` per sample."""
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -39,6 +40,8 @@ class RequestState:
     seqs: list[Sequence]
     n: int
     routes: dict[int, torch.Tensor] = field(default_factory=dict)
+    on_token: Callable[[int, int, float], None] | None = None
+    """Called with (sample index, token id, logprob) for every sampled token (streaming)."""
 
 
 def _text(seq: Sequence, tokenizer) -> str:

@@ -1,0 +1,226 @@
+"""SGLang's native control routes: health, model and server info, cache, abort, weights, memory, metrics.
+
+    GET  /health                      200 while the engine's loop thread is alive (open without a key)
+    GET  /health_generate             a 1-token generation (503 if it fails or takes over 20 s)
+    GET  /get_model_info              model_path, is_generation, max_model_len, weight_version, ...
+    GET  /get_server_info             weight_version (int), engine config, stats, served model
+    POST /flush_cache                 drop the prefix cache
+    POST /abort_request               {"rid": ...} or {"abort_all": true}
+    POST /update_weights_from_disk    {"model_path": dir, "weight_version"?}: safetensors in HF names   [admin]
+    POST /release_memory_occupation   engine.sleep() (tags: kv_cache, weights)                          [admin]
+    POST /resume_memory_occupation    engine.wake()                                                     [admin]
+    POST /init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group
+                                      SGLang's NCCL/gloo weight protocol, in `remote_weights.py`        [admin]
+    GET  /metrics                     Prometheus text format
+
+Decisions:
+- Blocking engine calls (`load_weights`, `sleep`, `flush_cache`) run in a worker thread, so the event
+  loop keeps serving while the engine thread does them between steps.
+- `update_weights_from_disk` checks every tensor name and shape against the model (from the safetensors
+  headers, reading no data) and that the checkpoint covers every parameter, before writing anything:
+  a wrong directory fails with 400 and leaves the served weights untouched. The tensors are then read
+  lazily, one at a time, on the engine thread.
+- The distributed routes take a plain JSON object and leave parsing to `remote_weights.py` (its errors,
+  `ValueError`s naming the field, are 400 with `{"success": false, "message"}`); the receiver of the
+  weight groups is made on first use and kept in the server state.
+- There is no `update_weights_from_tensor`: SGLang's version unpickles tensors sent over HTTP, which
+  would let any caller run code in the server. Weights arrive from disk or over NCCL.
+"""
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import JSONResponse, Response
+from safetensors import safe_open
+
+from leagues.engine import remote_weights
+from leagues.engine.protocol import AbortRequest, MemoryRequest, UpdateWeightsFromDiskRequest
+from leagues.engine.server import APIError, ServerState, error_response, state_of
+from leagues.model.checkpoint import IGNORED, hf_name_index
+from leagues.types import SamplingParams
+
+router = APIRouter(tags=["admin"])
+HEALTH_TIMEOUT_S = 20.0
+
+
+@router.get("/health")
+async def health(request: Request):
+    if not state_of(request).engine.is_alive:
+        return error_response(503, "the engine loop is not running", "server_error")
+    return Response(status_code=200)
+
+
+@router.get("/health_generate")
+async def health_generate(request: Request):
+    state = state_of(request)
+    params = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
+    rid = state.new_id("health")
+    try:
+        await asyncio.wait_for(state.engine.generate_async([0], params, rid), HEALTH_TIMEOUT_S)
+    except (TimeoutError, RuntimeError) as err:
+        state.engine.abort(rid)
+        return error_response(503, f"generation failed: {err or 'timed out'}", "server_error")
+    return Response(status_code=200)
+
+
+@router.get("/get_model_info")
+async def get_model_info(request: Request):
+    state = state_of(request)
+    engine = state.engine
+    return {
+        "model_path": state.model_path,
+        "tokenizer_path": state.model_path if engine.tokenizer is not None else None,
+        "served_model_name": state.served_model_name,
+        "is_generation": True,
+        "architecture": engine.model.config.family,
+        "max_model_len": engine.max_model_len,
+        "weight_version": engine.weight_version,
+        "has_image_understanding": False,
+        "has_audio_understanding": False,
+    }
+
+
+@router.get("/get_server_info")
+async def get_server_info(request: Request):
+    state = state_of(request)
+    engine = state.engine
+    return {
+        "model_path": state.model_path,
+        "served_model_name": state.served_model_name,
+        "weight_version": engine.weight_version,
+        "engine_config": asdict(engine.config),
+        "max_model_len": engine.max_model_len,
+        "num_blocks": engine.blocks.num_blocks,
+        "asleep": engine.asleep,
+        "stats": dict(engine.stats),
+        "num_waiting": len(engine.scheduler.waiting),
+        "num_running": len(engine.scheduler.running),
+        "num_in_flight_requests": len(state.in_flight),
+        "version": request.app.version,
+    }
+
+
+@router.post("/flush_cache")
+async def flush_cache(request: Request):
+    await asyncio.to_thread(state_of(request).engine.flush_cache)
+    return {"success": True, "message": "prefix cache flushed"}
+
+
+@router.post("/abort_request")
+async def abort_request(req: AbortRequest, request: Request):
+    state = state_of(request)
+    if not req.rid and not req.abort_all:
+        raise APIError(422, "rid: give a request id, or abort_all: true", param="rid")
+    rids = list(state.in_flight) if req.abort_all else [req.rid]
+    for rid in rids:
+        state.engine.abort(rid)
+    return {"success": True, "message": f"aborted {len(rids)} request(s)"}
+
+
+@router.post("/update_weights_from_disk")
+async def update_weights_from_disk(req: UpdateWeightsFromDiskRequest, request: Request):
+    state = state_of(request)
+    engine = state.engine
+    try:
+        files = check_checkpoint(engine.model, Path(req.model_path))
+    except (ValueError, OSError) as err:
+        return JSONResponse({"success": False, "message": str(err)}, status_code=400)
+    if req.abort_all_requests:
+        for rid in list(state.in_flight):
+            engine.abort(rid)
+    count = await asyncio.to_thread(engine.load_weights, disk_tensors(files), req.weight_version)
+    state.model_path = req.model_path
+    message = f"loaded {count} tensors from {req.model_path}; weight version {engine.weight_version}"
+    return {"success": True, "message": message, "weight_version": engine.weight_version, "num_paused_requests": 0}
+
+
+def check_checkpoint(model, path: Path) -> list[tuple[Path, list[str]]]:
+    """The safetensors files of `path` and the tensors to load from each, once every tensor fits a parameter
+    and every parameter is covered (tensors a checkpoint may carry but the model does not use are skipped)."""
+    if not path.is_dir():
+        raise ValueError(f"model_path: {path} is not a directory")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model_path: no .safetensors files in {path}")
+    index, params, seen, plan = hf_name_index(model), dict(model.named_parameters()), set(), []
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names = [n for n in f.keys() if not _unused(model, n)]  # noqa: SIM118 (safe_open has no __iter__)
+            plan.append((file, names))
+            for name in names:
+                expected = _expected_shape(index, params, name)
+                shape = tuple(f.get_slice(name).get_shape())
+                if expected is None or shape != expected:
+                    raise ValueError(f"model_path: tensor {name} {shape} in {file.name} fits no parameter")
+                seen.add(name)
+    if missing := sorted(set(index) - seen):
+        raise ValueError(f"model_path: {len(missing)} tensors missing, e.g. {missing[:4]}")
+    return plan
+
+
+def _unused(model, name: str) -> bool:
+    return bool(IGNORED.match(name)) or (model.config.tie_embeddings and name == "lm_head.weight")
+
+
+def _expected_shape(index: dict, params: dict, name: str) -> tuple | None:
+    if name in index:
+        ours, expert, part, num_parts = index[name]
+        target = params[ours] if expert is None else params[ours][expert]
+        return tuple(target.chunk(num_parts, dim=0)[part].shape)
+    return None
+
+
+def disk_tensors(plan: list[tuple[Path, list[str]]]) -> Iterator:
+    for file, names in plan:
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                yield name, f.get_tensor(name)
+
+
+@router.post("/release_memory_occupation")
+async def release_memory_occupation(request: Request, req: MemoryRequest | None = None):
+    tags = (req.tags if req else None) or ["kv_cache", "weights"]
+    await asyncio.to_thread(state_of(request).engine.sleep, "weights" in tags)
+    return {"success": True, "message": f"released {', '.join(tags)}"}
+
+
+@router.post("/resume_memory_occupation")
+async def resume_memory_occupation(request: Request, req: MemoryRequest | None = None):
+    await asyncio.to_thread(state_of(request).engine.wake)
+    return {"success": True, "message": "resumed"}
+
+
+@router.post("/init_weights_update_group")
+async def init_weights_update_group(request: Request, req: dict = Body(...)):  # noqa: B008
+    return await _remote(request, remote_weights.init_weights_update_group, req)
+
+
+@router.post("/update_weights_from_distributed")
+async def update_weights_from_distributed(request: Request, req: dict = Body(...)):  # noqa: B008
+    return await _remote(request, remote_weights.update_weights_from_distributed, req)
+
+
+@router.post("/destroy_weights_update_group")
+async def destroy_weights_update_group(request: Request, req: dict = Body(...)):  # noqa: B008
+    return await _remote(request, remote_weights.destroy_weights_update_group, req)
+
+
+async def _remote(request: Request, fn, req: dict):
+    """One of `remote_weights`' routes, off the event loop (joining a group and broadcasts block)."""
+    state = state_of(request)
+    if state.weight_receiver is None:
+        state.weight_receiver = remote_weights.WeightReceiver()
+    try:
+        return await asyncio.to_thread(fn, state.engine, state.weight_receiver, req)
+    except ValueError as err:
+        return JSONResponse({"success": False, "message": str(err)}, status_code=400)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    state: ServerState = state_of(request)
+    state.metrics.refresh(state.engine)
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

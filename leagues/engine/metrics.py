@@ -1,0 +1,70 @@
+"""Prometheus metrics of the HTTP server: one `ServerMetrics` (with its own registry) per app.
+
+Where it sits: `server.py` counts every HTTP request here, the generation routes report tokens and
+latencies, and `GET /metrics` refreshes the engine gauges and renders the registry.
+
+Decisions:
+- A registry per app, never prometheus-client's global one: two servers (or tests) in one process stay
+  apart, and there is no module-level mutable state.
+- Engine gauges (queue, running, KV blocks, prefix hits) are read at scrape time, not pushed from the
+  engine thread: scrapes are rare, steps are not. Reading lengths of the engine's containers from another
+  thread is a benign race (a value one step old).
+- Latencies are measured in the server from the engine's per-token callback: time to first token from
+  arrival, inter-token gaps, end to end. Names follow vLLM/SGLang conventions with a `leagues_` prefix.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("leagues_http_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("leagues_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generated_tokens = Counter("leagues_generation_tokens", "Generated tokens", registry=r)
+        self.finished = Counter("leagues_request_finished", "Finished samples", ["finish_reason"], registry=r)
+        self.waiting = Gauge("leagues_num_requests_waiting", "Sequences waiting to be scheduled", registry=r)
+        self.running = Gauge("leagues_num_requests_running", "Sequences running", registry=r)
+        self.kv_used = Gauge("leagues_kv_cache_blocks_used", "KV-cache blocks in use", registry=r)
+        self.kv_total = Gauge("leagues_kv_cache_blocks_total", "KV-cache blocks", registry=r)
+        self.prefix_hit_rate = Gauge(
+            "leagues_prefix_cache_hit_rate", "Prefix-cache hits over lookups (blocks), since start", registry=r
+        )
+        self.weight_version = Gauge("leagues_weight_version", "Version of the served weights", registry=r)
+        self.ttft = Histogram(
+            "leagues_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "leagues_inter_token_latency_seconds", "Gap between tokens", buckets=TOKEN_GAP_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "leagues_e2e_request_latency_seconds", "Arrival to completion", buckets=LATENCY_BUCKETS, registry=r
+        )
+
+    def observe_http(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def observe_sample(self, start: float, token_times: list[float], end: float) -> None:
+        """Latencies of one sample: `token_times` are the monotonic times its tokens were sampled."""
+        if token_times:
+            self.ttft.observe(token_times[0] - start)
+        for before, after in zip(token_times, token_times[1:], strict=False):
+            self.itl.observe(after - before)
+        self.e2e.observe(end - start)
+
+    def refresh(self, engine) -> None:
+        """Engine gauges, read at scrape time."""
+        blocks = engine.blocks
+        self.waiting.set(len(engine.scheduler.waiting))
+        self.running.set(len(engine.scheduler.running))
+        self.kv_total.set(blocks.num_blocks)
+        self.kv_used.set(blocks.num_blocks - blocks.num_free_blocks)
+        queries = blocks.num_prefix_queries
+        self.prefix_hit_rate.set(blocks.num_prefix_hits / queries if queries else 0.0)
+        self.weight_version.set(engine.weight_version)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
