@@ -75,6 +75,8 @@ class ExpertParallelExperts(GroupedExperts):
         self.w13 = nn.Parameter(full.w13.detach()[lo:hi].clone())
         self.w2 = nn.Parameter(full.w2.detach()[lo:hi].clone())
         self.impl = full.impl
+        # Every EP rank holds other experts under the same parameter names; checkpoints need distinct keys.
+        self.checkpoint_tag = f"ep{rank}of{size}"
 
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         x_RD, offs_L, state = self.dispatch(x_TD, ids_TK)

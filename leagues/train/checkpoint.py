@@ -53,6 +53,9 @@ META = "meta.json"
 FORMAT_VERSION = 1
 
 
+_WRAPPER = "_checkpoint_wrapped_module."  # activation checkpointing's prefix, absent from state-dict names
+
+
 def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
@@ -107,7 +110,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that was killed half-way
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    renames = tagged_names(model)
+    model_sd, optim_sd = _rename(*get_state_dict(model, optimizer), renames)
     _dcp_io(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp, no_dist=not _distributed())
     torch.save(_local_state(scheduler, extra), tmp / f"rank-{_rank()}.pt")
     _barrier()
@@ -117,6 +121,37 @@ def save_checkpoint(
             _prune(Path(root), keep_last, step)
     _barrier()
     return final
+
+
+def tagged_names(model: nn.Module) -> dict[str, str]:
+    """State-dict name → a rank-specific name, for modules that hold this rank's own slice of a tensor.
+
+    Expert-parallel experts are such modules (`checkpoint_tag`, e.g. "ep1of4"): every rank has
+    `...experts.w13`, but each holds other experts, so DCP gets `...experts.w13.ep1of4` instead. Resuming
+    needs the same expert-parallel degree; `export_hf` stitches the slices back together.
+    """
+    renames = {}
+    for module_name, module in model.named_modules():
+        tag = getattr(module, "checkpoint_tag", None)
+        if tag is None:
+            continue
+        prefix = module_name.replace(_WRAPPER, "")
+        for name, _ in module.named_parameters(recurse=False):
+            fqn = f"{prefix}.{name}" if prefix else name
+            renames[fqn] = f"{fqn}.{tag}"
+    return renames
+
+
+def _rename(model_sd: dict, optim_sd: dict, renames: dict[str, str]) -> tuple[dict, dict]:
+    """Both state dicts with keys renamed (model: by FQN; optimizer: its per-FQN state and param groups)."""
+    if not renames:
+        return model_sd, optim_sd
+    model_sd = {renames.get(k, k): v for k, v in model_sd.items()}
+    optim_sd = {
+        "state": {renames.get(k, k): v for k, v in optim_sd["state"].items()},
+        "param_groups": [g | {"params": [renames.get(p, p) for p in g["params"]]} for g in optim_sd["param_groups"]],
+    }
+    return model_sd, optim_sd
 
 
 def _local_state(scheduler: Any | None, extra: dict | None) -> dict:
@@ -218,10 +253,12 @@ def load_checkpoint(
     path = Path(path)
     if not is_complete(path):
         raise ValueError(f"{path} is not a complete checkpoint (no {META}, .metadata or rank files)")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    renames = tagged_names(model)
+    model_sd, optim_sd = _rename(*get_state_dict(model, optimizer), renames)
     state = {"model": model_sd, "optim": optim_sd}
     _dcp_io(dcp.load, state, path, no_dist=not _distributed())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    model_sd, optim_sd = _rename(state["model"], state["optim"], {v: k for k, v in renames.items()})
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     local = torch.load(_rank_file(path), weights_only=True)
     if scheduler is not None:
         if local["scheduler"] is None:
@@ -252,6 +289,12 @@ def _restore_rng(local: dict) -> None:
 # export
 
 
+def _slice_keys(saved: dict, key: str) -> list[str]:
+    """`key.ep{r}of{P}` entries of a checkpoint, in rank order."""
+    found = [k for k in saved if k.startswith(key + ".ep") and re.fullmatch(r"ep\d+of\d+", k[len(key) + 1 :])]
+    return sorted(found, key=lambda k: int(re.search(r"ep(\d+)of", k[len(key) :]).group(1)))
+
+
 def export_hf(
     checkpoint_path: str | Path, model: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None
 ) -> Path:
@@ -263,8 +306,17 @@ def export_hf(
     checkpoint_path = Path(checkpoint_path)
     if not is_complete(checkpoint_path):
         raise ValueError(f"{checkpoint_path} is not a complete checkpoint")
-    state = {"model": get_model_state_dict(model)}
+    full = get_model_state_dict(model)
+    saved = dcp.FileSystemReader(str(checkpoint_path)).read_metadata().state_dict_metadata
+    slices = {k: _slice_keys(saved, f"model.{k}") for k in full if f"model.{k}" not in saved}
+    state = {"model": {k: v for k, v in full.items() if k not in slices}}
+    for key, parts in slices.items():  # expert-parallel slices: load each, then concatenate
+        if not parts:
+            raise ValueError(f"{checkpoint_path} has no tensor for model parameter {key!r}")
+        state["model"] |= {p[len("model.") :]: torch.empty(tuple(saved[p].size), dtype=full[key].dtype) for p in parts}
     _dcp_io(dcp.load, state, checkpoint_path, no_dist=True)
+    for key, parts in slices.items():
+        state["model"][key] = torch.cat([state["model"].pop(p[len("model.") :]) for p in parts])
     model.load_state_dict(state["model"], strict=True)
     save_pretrained(model, out_dir, dtype=dtype)
     return Path(out_dir)

@@ -133,6 +133,19 @@ class Trainer:
         share = balance([input_length(s) for s in everything], self.world)[self.rank]
         return [everything[i] for i in share]
 
+    def _padding_microbatches(self, count: int) -> list[MicroBatch]:
+        """Empty micro-batches so every rank runs as many forward/backward passes as the busiest one.
+
+        FSDP2 (and expert parallel's all-to-all) are collective per pass, so ranks must agree on the
+        count; a padding pass is one token with no loss weight: it moves nothing but its collectives.
+        """
+        if self.world == 1:
+            return []
+        most = torch.tensor([count], device=self.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        dummy = Sample(prompt_ids=[0], response_ids=[0], loss_mask=[0], rollout_logprobs=[0.0])
+        return [build_microbatch([dummy], [0], self.device) for _ in range(int(most) - count)]
+
     def _normalizer(self, mbs: list[MicroBatch]) -> Normalizer:
         counts = torch.tensor(
             [sum(float(mb.mask_T.sum()) for mb in mbs), float(sum(mb.num_seqs for mb in mbs))], dtype=torch.float64
@@ -153,6 +166,7 @@ class Trainer:
         mbs = self._microbatches(local)
         ref = self._ref_logprobs(local)
         norm = self._normalizer(mbs)
+        mbs += self._padding_microbatches(len(mbs))
         totals: dict[str, float] = {}
         for mb in mbs:
             loss, metrics = self._microbatch_loss(mb, norm, ref, local)
@@ -166,6 +180,7 @@ class Trainer:
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
             totals["_tokens"] = totals.get("_tokens", 0.0) + weight
         step_metrics = optimizer_step(list(self.model.parameters()), self.optimizer, self.scheduler, self.cfg.optim)
+        self.optimizer.zero_grad(set_to_none=True)  # the next step starts from clean gradients
         self.step += 1
         return self._reduce_metrics(totals) | {k: float(v) for k, v in step_metrics.items()}
 
@@ -231,9 +246,6 @@ class Trainer:
             yield bucket
 
     def save(self, root: str | Path, extra: dict | None = None) -> Path:
-        if self.cfg.parallel.ep > 1:
-            # Expert shards are plain per-rank tensors under one name; DCP would keep only one of them.
-            raise NotImplementedError("checkpoints of expert-parallel runs (parallel.ep > 1) are not supported yet")
         extra = {"trainer_step": self.step, **(extra or {})}
         return save_checkpoint(root, self.step, self.model, self.optimizer, self.scheduler, extra, self.cfg.keep_last)
 

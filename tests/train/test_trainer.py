@@ -110,3 +110,16 @@ def test_trainer_save_load_and_convert_export(tmp_path):
     exported = load_pretrained(out)
     for (name, a), (_, b) in zip(trainer.model.named_parameters(), exported.named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_each_step_starts_from_clean_gradients():
+    """Two steps equal a fresh trainer's second step from the first step's weights and optimizer state."""
+    first, second = make_samples(6, seed=1), make_samples(6, seed=2)
+    trainer = Trainer("tiny-moe", TrainerConfig(optim=OptimConfig(lr=1e-3)))
+    trainer.train_step(first)
+    assert all(p.grad is None for p in trainer.model.parameters())
+    fresh = Trainer("tiny-moe", TrainerConfig(optim=OptimConfig(lr=1e-3)))
+    fresh.model.load_state_dict(trainer.model.state_dict())
+    grads_second = grads_after_backward(trainer, second)
+    for name, grad in grads_after_backward(fresh, second).items():
+        assert torch.equal(grad, grads_second[name]), name
