@@ -1,0 +1,1 @@
+"""Tests of leagues.rollout: data, tasks, rewards."""
