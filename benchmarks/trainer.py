@@ -51,7 +51,7 @@ def leagues_step(args, path, rank, vocab):
     cfg = TrainerConfig(
         loss=LossConfig(policy_loss="ppo", eps_clip_high=0.28, off_policy="token_tis"),
         optim=OptimConfig(lr=1e-6),
-        parallel=ParallelConfig(ep=args.ep, activation_checkpointing=args.ac),
+        parallel=ParallelConfig(ep=args.ep, activation_checkpointing=args.ac, grad_accumulation=args.grad_accumulation),
         max_tokens_per_microbatch=args.microbatch_tokens,
         compile=args.compile,
     )
@@ -102,8 +102,11 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--ac", action="store_true", help="activation checkpointing")
-    parser.add_argument("--path", default="/tmp/leagues-bench-trainer")
+    parser.add_argument("--grad-accumulation", default="auto", choices=["auto", "sharded", "unsharded"])
+    parser.add_argument("--path", default=None, help="checkpoint dir (default: /tmp/leagues-bench-trainer-SHAPE)")
+    parser.add_argument("--profile", action="store_true", help="also profile one step; table to $OUT")
     args = parser.parse_args()
+    args.path = args.path or f"/tmp/leagues-bench-trainer-{args.shape}"
     cuda = torch.cuda.is_available()
     rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
@@ -115,8 +118,10 @@ def main():
     dist.barrier()
     build = leagues_step if args.impl == "leagues" else transformers_step
     step = build(args, args.path, dist.get_rank(), hf["vocab_size"])
+    start = time.perf_counter()
     for _ in range(2):
         step()
+    warmup_s = time.perf_counter() - start
     times = []
     for _ in range(args.steps):
         if cuda:
@@ -138,18 +143,46 @@ def main():
         gpus=dist.get_world_size(),
         ep=args.ep if args.impl == "leagues" else 0,
         compile=args.compile and args.impl == "leagues",
+        grad_accumulation=args.grad_accumulation if args.impl == "leagues" else None,
+        samples_per_gpu=args.samples,
         step_s=round(seconds, 3),
         tokens_per_s_per_gpu=round(tokens_per_gpu),
         tflops_per_gpu=round(tflops, 1),
         mfu=round(tflops / peak, 4) if cuda else None,
         peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
+        warmup_s=round(warmup_s, 1),
         gpu=torch.cuda.get_device_name() if cuda else "cpu",
     )
     if dist.get_rank() == 0:
         print(json.dumps(row), flush=True)
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "trainer.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+    if args.profile:
+        profile_step(step, args, row)
     dist.destroy_process_group()
+
+
+def profile_step(step, args, row) -> None:
+    """One profiled step: top kernels by GPU time and top ops by CPU time, to $OUT (rank 0)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    if dist.get_rank() != 0:
+        return
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    name = f"profile-{args.impl}-{args.shape}-{row['gpus']}gpu.txt"
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), name), "w") as f:
+        f.write(
+            json.dumps(row) + f"\nkernels {kernels}, GPU busy {gpu_us / 1e3:.1f} ms of {row['step_s'] * 1e3:.1f} ms\n"
+        )
+        f.write(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=80))
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=80))
 
 
 if __name__ == "__main__":

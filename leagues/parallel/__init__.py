@@ -8,6 +8,7 @@ Public API:
     apply_fsdp(model, mesh, cfg, device_type)      FSDP2 per expert module, per block, at the root
     parallelize(model, cfg, world_size, device_type) -> ParallelMesh   all of the above, in order
     full_state_dict(model) / full_state_dict_buckets(model)   full tensors back out, by our names
+    set_last_microbatch(model, cfg, mesh, last)    gradient accumulation across micro-batches
     ExpertParallelExperts                          the experts module with dispatch() / combine()
 """
 
@@ -18,6 +19,7 @@ from leagues.parallel.fsdp import (
     full_state_dict,
     full_state_dict_buckets,
     parallelize,
+    set_last_microbatch,
 )
 from leagues.parallel.mesh import ParallelConfig, ParallelMesh, build_mesh
 
@@ -32,4 +34,5 @@ __all__ = [
     "full_state_dict",
     "full_state_dict_buckets",
     "parallelize",
+    "set_last_microbatch",
 ]

@@ -21,6 +21,11 @@ size, world for `dp` but only world/ep for `dp_ep`, which would scale the expert
 relative to the rest. "mean" therefore divides every unit by the same world size (what torchtitan does).
 On gloo (CPU), whose reduce-scatter knows only SUM, the division runs after the collective.
 
+Gradient accumulation (`ParallelConfig.grad_accumulation`): "sharded" gathers and reduces around
+every micro-batch; "unsharded" keeps parameters gathered through a step's micro-batches (FSDP2's
+`set_reshard_after_backward(False)`) and skips the reduction (`set_requires_gradient_sync(False)`),
+so FSDP accumulates unsharded gradients in the reduce dtype and reduces once, after the last one.
+
 Decisions:
 - The root unit follows FSDP2's own heuristic (not resharded after forward: backward needs it first).
 - `full_state_dict` gathers onto every rank (the gathers are collectives anyway; rank 0 alone may keep
@@ -76,6 +81,8 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, device
     }
     if cfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device_type == "cuda")
+    if cfg.accumulates_unsharded(mesh.dp_size):  # gathered once per step: see `set_last_microbatch`
+        kwargs["reshard_after_forward"] = False
     factor = 1.0 if cfg.grad_reduce == "sum" else float(mesh.dp_size)
     for block in model.layers:
         experts = getattr(getattr(block, "moe", None), "experts", None)
@@ -88,6 +95,14 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, device
     for name in FORWARD_METHODS:
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
+
+
+def set_last_microbatch(model: nn.Module, cfg: ParallelConfig, mesh: ParallelMesh, last: bool) -> None:
+    """Before each micro-batch's backward: with unsharded accumulation, reduce gradients and reshard
+    parameters only after the step's last micro-batch (earlier ones accumulate full float32 gradients)."""
+    if cfg.accumulates_unsharded(mesh.dp_size):
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last)
 
 
 def shard(module: nn.Module, mesh: DeviceMesh, divide_factor: float, **kwargs) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from leagues.model import ForwardBatch, Transformer, load_pretrained, resolve_model_path
-from leagues.parallel import ParallelConfig, full_state_dict, parallelize
+from leagues.parallel import ParallelConfig, full_state_dict, parallelize, set_last_microbatch
 from leagues.train.checkpoint import load_checkpoint, save_checkpoint
 from leagues.train.logprobs import token_logprobs
 from leagues.train.losses import LossConfig, LossInputs, Normalizer, policy_loss
@@ -92,7 +92,14 @@ class Trainer:
         hidden_TD = model.run(batch).hidden_TD
         weight_VD = model.embed.weight if model.lm_head is None else model.lm_head.weight
         return token_logprobs(
-            hidden_TD, weight_VD, mb.targets_T, self.cfg.temperature, self.cfg.logprob_chunk_size, with_entropy
+            hidden_TD,
+            weight_VD,
+            mb.targets_T,
+            self.cfg.temperature,
+            self.cfg.logprob_chunk_size,
+            with_entropy=with_entropy,
+            entropy_grad=self.cfg.loss.entropy_coef != 0,
+            compiled=self.cfg.compile,
         )
 
     def _microbatches(self, samples: list[Sample]) -> list[MicroBatch]:
@@ -168,7 +175,9 @@ class Trainer:
         norm = self._normalizer(mbs)
         mbs += self._padding_microbatches(len(mbs))
         totals: dict[str, float] = {}
-        for mb in mbs:
+        for i, mb in enumerate(mbs):
+            if self.mesh is not None:
+                set_last_microbatch(self.model, self.cfg.parallel, self.mesh, last=i == len(mbs) - 1)
             loss, metrics = self._microbatch_loss(mb, norm, ref, local)
             loss.backward()  # a share of the global loss; FSDP sums the shares (grad_reduce "sum")
             weight = float(mb.mask_T.sum())

@@ -44,7 +44,9 @@ def test_chunked_logprobs_equal_full_log_softmax_with_grads():
     hidden = torch.randn(37, 16, generator=gen, requires_grad=True)
     weight = torch.randn(50, 16, generator=gen, requires_grad=True)
     targets = torch.randint(0, 50, (37,), generator=gen)
-    lp, ent = token_logprobs(hidden, weight, targets, temperature=0.7, chunk_size=8, with_entropy=True)
+    lp, ent = token_logprobs(
+        hidden, weight, targets, temperature=0.7, chunk_size=8, with_entropy=True, entropy_grad=True
+    )
     full = torch.log_softmax((hidden @ weight.T) / 0.7, dim=-1)
     ref = full.gather(1, targets[:, None])[:, 0]
     torch.testing.assert_close(lp, ref, rtol=0, atol=1e-6)
@@ -53,3 +55,7 @@ def test_chunked_logprobs_equal_full_log_softmax_with_grads():
     ref_grads = torch.autograd.grad(ref.sum() - (full.exp() * full).sum(), (hidden, weight))
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    # As a metric (the default), entropy carries no gradient; logprobs keep theirs.
+    lp, ent = token_logprobs(hidden, weight, targets, temperature=0.7, chunk_size=8, with_entropy=True)
+    assert lp.requires_grad and not ent.requires_grad
+    torch.testing.assert_close(ent, -(full.exp() * full).sum(-1), rtol=0, atol=1e-5)
