@@ -102,7 +102,7 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--ac", action="store_true", help="activation checkpointing")
-    parser.add_argument("--grad-accumulation", default="auto", choices=["auto", "sharded", "unsharded"])
+    parser.add_argument("--grad-accumulation", default="unsharded", choices=["sharded", "unsharded"])
     parser.add_argument("--path", default=None, help="checkpoint dir (default: /tmp/leagues-bench-trainer-SHAPE)")
     parser.add_argument("--profile", action="store_true", help="also profile one step; table to $OUT")
     args = parser.parse_args()

@@ -8,7 +8,7 @@ Public API:
     apply_fsdp(model, mesh, cfg, device_type)      FSDP2 per expert module, per block, at the root
     parallelize(model, cfg, world_size, device_type) -> ParallelMesh   all of the above, in order
     full_state_dict(model) / full_state_dict_buckets(model)   full tensors back out, by our names
-    set_last_microbatch(model, cfg, mesh, last)    gradient accumulation across micro-batches
+    set_last_microbatch(model, cfg, last)       gradient accumulation across micro-batches
     ExpertParallelExperts                          the experts module with dispatch() / combine()
 """
 

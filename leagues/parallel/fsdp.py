@@ -81,7 +81,7 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, device
     }
     if cfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device_type == "cuda")
-    if cfg.accumulates_unsharded(mesh.dp_size):  # gathered once per step: see `set_last_microbatch`
+    if cfg.accumulates_unsharded:  # gathered once per step: see `set_last_microbatch`
         kwargs["reshard_after_forward"] = False
     factor = 1.0 if cfg.grad_reduce == "sum" else float(mesh.dp_size)
     for block in model.layers:
@@ -97,10 +97,10 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, device
             register_fsdp_forward_method(model, name)
 
 
-def set_last_microbatch(model: nn.Module, cfg: ParallelConfig, mesh: ParallelMesh, last: bool) -> None:
+def set_last_microbatch(model: nn.Module, cfg: ParallelConfig, last: bool) -> None:
     """Before each micro-batch's backward: with unsharded accumulation, reduce gradients and reshard
     parameters only after the step's last micro-batch (earlier ones accumulate full float32 gradients)."""
-    if cfg.accumulates_unsharded(mesh.dp_size):
+    if cfg.accumulates_unsharded:
         model.set_requires_gradient_sync(last)
         model.set_reshard_after_backward(last)
 

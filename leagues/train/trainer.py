@@ -177,7 +177,7 @@ class Trainer:
         totals: dict[str, float] = {}
         for i, mb in enumerate(mbs):
             if self.mesh is not None:
-                set_last_microbatch(self.model, self.cfg.parallel, self.mesh, last=i == len(mbs) - 1)
+                set_last_microbatch(self.model, self.cfg.parallel, last=i == len(mbs) - 1)
             loss, metrics = self._microbatch_loss(mb, norm, ref, local)
             loss.backward()  # a share of the global loss; FSDP sums the shares (grad_reduce "sum")
             weight = float(mb.mask_T.sum())
