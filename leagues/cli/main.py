@@ -29,10 +29,13 @@ from leagues import __version__
 from leagues.cli import UsageError
 from leagues.cli.convert import ConvertConfig, run_convert
 from leagues.cli.generate import GenerateConfig, generate, run_generate, summary_line
+from leagues.cli.report import ReportConfig, run_report
 from leagues.cli.router import RouterConfig, run_router
 from leagues.cli.serve import ServeConfig, run_serve
 from leagues.cli.sft import run_sft_verb
+from leagues.cli.train import run_train_verb
 from leagues.config import apply_overrides, describe, dump_yaml, from_dict, load_yaml, to_dict
+from leagues.loop import TrainConfig
 from leagues.recipes import RECIPES, get_recipe
 from leagues.train.sft import SFTConfig
 
@@ -59,13 +62,13 @@ class Verb:
 
 
 VERBS: dict[str, Verb] = {
-    "train": Verb(summary="RL post-training (GRPO and friends)", awaits="the RL loop (leagues/loop/)"),
+    "train": Verb(summary="RL post-training (GRPO and friends)", config_cls=TrainConfig, run=run_train_verb),
     "sft": Verb(summary="supervised fine-tuning on prompt/response JSONL", config_cls=SFTConfig, run=run_sft_verb),
     "serve": Verb(summary="serve a model over HTTP (SGLang and OpenAI APIs)", config_cls=ServeConfig, run=run_serve),
     "generate": Verb(summary="print a continuation of a prompt", config_cls=GenerateConfig, run=run_generate),
     "router": Verb(summary="route requests over engine replicas", config_cls=RouterConfig, run=run_router),
     "eval": Verb(summary="evaluate a model on tasks", awaits="tasks and rewards (leagues/rollout/) and the engine"),
-    "report": Verb(summary="summarise a run's metrics", awaits="metrics sinks and plots (leagues/obs/)"),
+    "report": Verb(summary="plots and a summary of a run's metrics", config_cls=ReportConfig, run=run_report),
     "convert": Verb(summary="rewrite a checkpoint in HF format", config_cls=ConvertConfig, run=run_convert),
     "bench": Verb(summary="benchmark the engine and trainer", awaits="the engine and trainer benchmarks"),
     "run": Verb(

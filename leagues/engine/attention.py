@@ -7,7 +7,8 @@ their cache slots, then attends:
   Triton on CUDA, the torch reference elsewhere);
 - prefill steps on CUDA: FlashAttention varlen over the fresh keys when no sequence has a cached
   prefix, else over each sequence's cached keys gathered contiguously (prefix hits, later chunks);
-- prefill steps elsewhere: the torch reference over the paged cache.
+- prefill steps elsewhere: the padded batched torch path over the paged cache (`impl="reference"`: the
+  per-sequence reference).
 
 Legend: T tokens in the step, B sequences, H query heads, G kv heads, A head dim, N blocks,
 S block size, M max blocks per sequence, L layers.
@@ -17,7 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from leagues.kernels.paged_attention import gather_kv, paged_decode, paged_prefill_reference, write_kv
+from leagues.kernels.paged_attention import (
+    gather_kv,
+    paged_attention_padded,
+    paged_decode,
+    paged_prefill_reference,
+    write_kv,
+)
 from leagues.model.attention import varlen_attn, varlen_causal
 
 
@@ -50,6 +57,5 @@ class PagedAttention:
                 return varlen_causal(q_THA, k_TGA, v_TGA, cu, cu, n, n)
             k_SGA, v_SGA, cu_k = gather_kv(k_cache, v_cache, self.block_tables_BM, self.context_lens_B)
             return varlen_causal(q_THA, k_SGA, v_SGA, self.cu_seqlens_q_B1, cu_k, self.max_q, self.max_k)
-        return paged_prefill_reference(
-            q_THA, k_cache, v_cache, self.block_tables_BM, self.cu_seqlens_q_B1, self.context_lens_B, scale
-        )
+        prefill = paged_prefill_reference if self.impl == "reference" else paged_attention_padded
+        return prefill(q_THA, k_cache, v_cache, self.block_tables_BM, self.cu_seqlens_q_B1, self.context_lens_B, scale)

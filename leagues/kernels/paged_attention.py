@@ -109,6 +109,54 @@ def paged_prefill_reference(
     return o_THA
 
 
+_PADDED_MAX_ELEMENTS = 1 << 25
+"""Largest [B, H, Q, K] score tensor the padded path builds; beyond it the per-sequence loop runs."""
+
+
+def paged_attention_padded(
+    q_THA: torch.Tensor,
+    k_cache_NSGA: torch.Tensor,
+    v_cache_NSGA: torch.Tensor,
+    block_tables_BM: torch.Tensor,
+    cu_seqlens_q_B1: torch.Tensor,
+    context_lens_B: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """`paged_prefill_reference` (decode: q_len 1) batched over sequences: queries and each sequence's
+    cached keys padded to the longest, masked, in float32. Off CUDA this is the fast path (a batch of
+    hundreds of short sequences is a few tensor ops, not a Python loop); it falls back to the loop when
+    the padded score tensor would be large (one long sequence among many short ones)."""
+    _check_heads(q_THA, k_cache_NSGA)
+    q_lens, k_lens = cu_seqlens_q_B1.diff().tolist(), context_lens_B.tolist()
+    num_seqs, max_q, max_k = len(k_lens), max(q_lens), max(k_lens)
+    if num_seqs * q_THA.shape[1] * max_q * max_k > _PADDED_MAX_ELEMENTS:
+        args = (block_tables_BM, cu_seqlens_q_B1, context_lens_B, scale)
+        return paged_prefill_reference(q_THA, k_cache_NSGA, v_cache_NSGA, *args)
+    device, block_size = q_THA.device, k_cache_NSGA.shape[1]
+    num_blocks = -(-max_k // block_size)
+    blocks_BM = block_tables_BM[:, :num_blocks].long().clamp(min=0)  # unused table entries are masked below
+    k_BKGA = k_cache_NSGA[blocks_BM].flatten(1, 2)[:, :max_k]
+    v_BKGA = v_cache_NSGA[blocks_BM].flatten(1, 2)[:, :max_k]
+    # query i of sequence b sits at absolute position k_len - q_len + i; padded queries are dropped below
+    q_lens_B, k_lens_B = torch.tensor(q_lens, device=device), context_lens_B.long()
+    row_BQ = torch.arange(max_q, device=device)[None, :]
+    valid_BQ = row_BQ < q_lens_B[:, None]
+    q_index_BQ = (cu_seqlens_q_B1[:-1].long()[:, None] + row_BQ).clamp(max=q_THA.shape[0] - 1)
+    pos_BQ = k_lens_B[:, None] - q_lens_B[:, None] + row_BQ
+    mask_BQK = torch.arange(max_k, device=device)[None, None, :] <= pos_BQ[:, :, None]
+    group = q_THA.shape[1] // k_cache_NSGA.shape[2]
+    q_BQHA = q_THA[q_index_BQ].float()
+    k_BKHA = k_BKGA.float().repeat_interleave(group, dim=2)
+    # padded key rows may hold anything (NaN in a fresh cache): zero them so 0-weight x garbage stays 0
+    valid_BK = torch.arange(max_k, device=device)[None, :] < k_lens_B[:, None]
+    v_BKHA = v_BKGA.float().masked_fill(~valid_BK[:, :, None, None], 0.0).repeat_interleave(group, dim=2)
+    k_BKHA = k_BKHA.masked_fill(~valid_BK[:, :, None, None], 0.0)
+    scores_BHQK = torch.einsum("bqha,bkha->bhqk", q_BQHA, k_BKHA) * scale
+    scores_BHQK = scores_BHQK.masked_fill(~mask_BQK[:, None], float("-inf"))
+    o_BQHA = torch.einsum("bhqk,bkha->bqha", scores_BHQK.softmax(dim=-1), v_BKHA)
+    return o_BQHA[valid_BQ].to(q_THA.dtype)
+
+
 def paged_decode_reference(
     q_BHA: torch.Tensor,
     k_cache_NSGA: torch.Tensor,
@@ -279,4 +327,9 @@ def paged_decode(
     args = (q_BHA, k_cache_NSGA, v_cache_NSGA, block_tables_BM, context_lens_B, scale)
     if impl == "triton" or (impl == "auto" and q_BHA.is_cuda and triton is not None):
         return paged_decode_triton(*args, **kernel_options)
+    if impl == "auto":
+        cu_seqlens_q_B1 = torch.arange(len(q_BHA) + 1, device=q_BHA.device, dtype=torch.int32)
+        return paged_attention_padded(
+            q_BHA, k_cache_NSGA, v_cache_NSGA, block_tables_BM, cu_seqlens_q_B1, context_lens_B, scale
+        )
     return paged_decode_reference(*args)

@@ -10,8 +10,9 @@ the flat token axis of a batch:
   and attends over each sequence's cached prefix.
 
 `PackedSeqs` picks the fastest exact kernel it can: one SDPA call when every sequence has the same
-length, `varlen_attn` (FlashAttention) on CUDA otherwise, and a per-sequence SDPA loop as the
-reference that runs anywhere.
+length, `varlen_attn` (FlashAttention) on CUDA otherwise, and elsewhere one batched SDPA call per
+distinct length (RL batches of short answers have few distinct lengths, so a batch of 512 sequences
+is a handful of calls, not 512). The per-sequence SDPA loop (`impl="sdpa_loop"`) is the reference.
 
 Legend: T tokens, B sequences, H query heads, G kv heads, A head dim, D model dim.
 """
@@ -87,9 +88,25 @@ class PackedSeqs:
         if self.impl == "varlen" or (self.impl == "auto" and q_THA.is_cuda and varlen_attn is not None):
             cu, n = self.cu_seqlens_B1, self.max_seqlen
             return varlen_causal(q_THA, k_TGA, v_TGA, cu, cu, n, n)
+        if self.impl == "auto":
+            return self._sdpa_by_length(q_THA, k_TGA, v_TGA)
         bounds = [0, *torch.tensor(self.lengths).cumsum(0).tolist()]
         parts = [_sdpa_BHLA(q_THA[s:e], k_TGA[s:e], v_TGA[s:e], 1) for s, e in zip(bounds, bounds[1:], strict=False)]
         return torch.cat(parts, dim=0)
+
+    def _sdpa_by_length(self, q_THA, k_TGA, v_TGA) -> torch.Tensor:
+        """One batched SDPA per distinct sequence length; rows gathered and scattered back by index."""
+        starts: dict[int, list[int]] = {}
+        offset = 0
+        for n in self.lengths:
+            starts.setdefault(n, []).append(offset)
+            offset += n
+        out_THA = q_THA.new_empty(q_THA.shape)
+        for n, firsts in starts.items():
+            rows = (torch.tensor(firsts)[:, None] + torch.arange(n)).flatten().to(q_THA.device)
+            o = _sdpa_BHLA(q_THA[rows], k_TGA[rows], v_TGA[rows], len(firsts))
+            out_THA = out_THA.index_copy(0, rows, o)
+        return out_THA
 
 
 class Attention(nn.Module):

@@ -1,5 +1,8 @@
 """Moving weights from the trainer to the engines.
 
+push_in_place(trainer.state_dict_for_sync(), engine, version)      # colocated
+BroadcastSync(group, src).send(buckets, version) / .receive(engine)  # disaggregated, inside one job
+
 sender = DistributedWeightSender(["http://engine-0:30000"], "10.0.0.1", 29600, backend="nccl")
 sender.init()
 sender.send(trainer.state_dict_for_sync(), weight_version=step)
@@ -7,5 +10,6 @@ sender.close()
 """
 
 from leagues.sync.distributed import DistributedWeightSender
+from leagues.sync.local import BroadcastSync, push_in_place
 
-__all__ = ["DistributedWeightSender"]
+__all__ = ["BroadcastSync", "DistributedWeightSender", "push_in_place"]

@@ -268,6 +268,14 @@ def load_checkpoint(
     return local["extra"]
 
 
+def read_extra(path: str | Path) -> dict | None:
+    """The caller-provided `extra` of a checkpoint (rank 0's), without loading any tensors into a model."""
+    path = Path(path)
+    if not is_complete(path):
+        raise ValueError(f"{path} is not a complete checkpoint (no {META}, .metadata or rank files)")
+    return torch.load(path / "rank-0.pt", weights_only=True)["extra"]
+
+
 def _rank_file(path: Path) -> Path:
     own = path / f"rank-{_rank()}.pt"
     if own.is_file():

@@ -251,3 +251,15 @@ def test_triton_in_fresh_process():
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+def test_padded_batched_path_equals_reference_for_prefill_chunks():
+    """The CPU fast path over mixed query and cache lengths (later chunks, prefix hits) against the loop."""
+    lens = [5, 1, 9, 4, 13]
+    q_lens = [2, 1, 9, 3, 4]
+    case = make_case(lens)
+    q_THA = random_q(sum(q_lens), 4, 16)
+    cu_q = torch.tensor([0, *q_lens]).cumsum(0).to(torch.int32).to(DEVICE)
+    args = (case.k_cache_NSGA, case.v_cache_NSGA, case.block_tables_BM, cu_q, case.context_lens_B, 0.25)
+    want = pa.paged_prefill_reference(q_THA, *args)
+    torch.testing.assert_close(pa.paged_attention_padded(q_THA, *args), want, atol=1e-6, rtol=1e-6)

@@ -1,0 +1,129 @@
+"""Engine clients: the one protocol rollout code generates through, in-process or over HTTP.
+
+    client = LocalClient(engine)                        # the engine in this process
+    client = HTTPClient(["http://host:30000"])          # `leagues serve`, a `leagues router`, or SGLang
+    outputs = await client.generate(prompt_ids, params) # params.n outputs of one prompt
+
+Where it sits: `leagues.rollout` reaches engines only through this module (DESIGN.md's layering), so the
+same generate functions run against the built-in engine, a fleet behind the router, or an external SGLang
+server. Both clients return the engine's `Output` records (tokens, logprobs, finish reason, weight version,
+routed experts), so a sample carries the same fields whichever way it was generated.
+
+Decisions:
+- HTTP speaks SGLang's native `/generate` with `input_ids` (tokenisation stays on the rollout side, so the
+  trainer sees the exact ids that were sampled) and `return_logprob`; routed experts come back base64 as
+  SGLang encodes them. Several URLs are used round-robin; a router URL is just one URL.
+- Transient HTTP failures (connection errors, 5xx, 429) are retried with backoff `retries` times; a 4xx is
+  the request's fault and raises at once, with the server's message.
+"""
+
+import asyncio
+import base64
+import itertools
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from leagues.engine.output import Output
+from leagues.types import FinishReason, SamplingParams
+
+
+class EngineClient(Protocol):
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[Output]:
+        """The `params.n` outputs of one prompt."""
+        ...
+
+
+class LocalClient:
+    """An `Engine` of this process (its requests share the engine's batch loop)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[Output]:
+        return await self.engine.generate_async(prompt_ids, params)
+
+
+class HTTPClient:
+    """Engines behind `/generate` (leagues serve, leagues router, SGLang), round-robin over `urls`."""
+
+    def __init__(self, urls: list[str], timeout_s: float = 600.0, retries: int = 3, api_key: str | None = None):
+        import httpx
+
+        if not urls:
+            raise ValueError("HTTPClient: no engine URLs given")
+        self.urls = [u.rstrip("/") for u in urls]
+        self._next = itertools.cycle(range(len(self.urls)))
+        self.retries = retries
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(timeout=timeout_s, headers=headers)
+        self._httpx = httpx
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[Output]:
+        body = {
+            "input_ids": prompt_ids,
+            "sampling_params": _sampling_body(params),
+            "return_logprob": True,
+            "return_routed_experts": params.return_routed_experts,
+        }
+        data = await self._post("/generate", body)
+        items = data if isinstance(data, list) else [data]
+        return [_output(item, prompt_ids, i) for i, item in enumerate(items)]
+
+    async def _post(self, path: str, body: dict):
+        for attempt in range(self.retries + 1):
+            url = self.urls[next(self._next)] + path
+            try:
+                response = await self._client.post(url, json=body)
+            except self._httpx.TransportError as e:
+                error = f"{url}: {type(e).__name__}: {e}"
+            else:
+                if response.status_code < 400:
+                    return response.json()
+                error = f"{url}: HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code < 500 and response.status_code != 429:
+                    raise ValueError(error)
+            if attempt < self.retries:
+                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+        raise ConnectionError(f"generation failed after {self.retries + 1} attempts: {error}")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _sampling_body(params: SamplingParams) -> dict:
+    body = {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "min_p": params.min_p,
+        "max_new_tokens": params.max_new_tokens,
+        "stop_token_ids": params.stop_token_ids,
+        "stop": params.stop,
+        "ignore_eos": params.ignore_eos,
+        "n": params.n,
+    }
+    return body | ({"seed": params.seed} if params.seed is not None else {})
+
+
+def _output(item: dict, prompt_ids: list[int], index: int) -> Output:
+    meta = item.get("meta_info", {})
+    reason = (meta.get("finish_reason") or {}).get("type", "stop")
+    routes = None
+    if meta.get("routed_experts") is not None:
+        flat = np.frombuffer(base64.b64decode(meta["routed_experts"]), dtype="<i4")
+        routes = torch.from_numpy(flat.copy()).view(*meta["routed_experts_shape"]).to(torch.uint8)
+    return Output(
+        request_id=str(meta.get("id", "")),
+        index=index,
+        prompt_token_ids=prompt_ids,
+        token_ids=list(item["output_ids"]),
+        logprobs=[float(entry[0]) for entry in meta.get("output_token_logprobs", [])],
+        finish_reason=FinishReason(reason),
+        text=item.get("text", ""),
+        routed_experts=routes,
+        weight_version=int(meta.get("weight_version", 0)),
+        first_weight_version=int(meta.get("first_weight_version", 0)),
+        num_cached_tokens=int(meta.get("cached_tokens", 0)),
+    )

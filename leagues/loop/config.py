@@ -1,0 +1,108 @@
+"""The root config of an RL run (`leagues train`), composed of every component's own config.
+
+Where it sits: `leagues train --recipe NAME --key.sub value` resolves one `TrainConfig`; the loop hands each
+component only its own part (`rollout`, `reward`, `trainer`, ...). The run directory receives the resolved
+config as `config.yaml`, which `--config` loads back.
+
+Decisions:
+- A run names either a built-in `task` (which brings its data, its held-out split and its reward) or a
+  `data` file plus a `reward`. With a task, `reward` defaults to the task's own.
+- The SFT warm start (`warm_start`) is part of the run, so `make run` is one command: it trains on the task's
+  reference answers (or the data file's `response` column), writes an HF checkpoint into the run directory,
+  and the RL phase starts from it; a resumed run finds it there and skips it.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from leagues.engine import EngineConfig
+from leagues.obs import ObsConfig
+from leagues.rollout import DataConfig, RewardConfig
+from leagues.rollout.generate import RolloutConfig
+from leagues.train import LossConfig, OptimConfig, TrainerConfig
+from leagues.train.advantages import AdvantageConfig
+
+PLACEMENTS = ("colocated", "disaggregated")
+
+
+@dataclass(kw_only=True, slots=True)
+class WarmStartConfig:
+    steps: int = 0
+    """SFT optimizer steps before RL (0: none)."""
+    batch_size: int = 64
+    """Samples per SFT step."""
+    lr: float = 3e-3
+    num_rows: int = 4096
+    """Reference rows drawn from the task's train split (tasks only)."""
+    response_key: str = "response"
+    """Column of the reference response when the run trains on a data file."""
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    every: int = 0
+    """Evaluate held-out accuracy every this many steps (and before the first and after the last); 0: never."""
+    num_prompts: int = 256
+    """Held-out prompts (the task's test split, or the first rows of `data`)."""
+    data: str = ""
+    """A JSONL/Parquet file of held-out prompts (same keys as the training data); empty: the task's test split."""
+    max_response_len: int | None = None
+    """None: the rollout's."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    model: str = "tiny-moe"
+    """Checkpoint directory or built-in model name."""
+    task: str = ""
+    """A built-in task (arithmetic, countdown): brings data, held-out split and reward. Empty: use `data`."""
+    task_params: dict[str, Any] = field(default_factory=dict)
+    """Settings of the task's own config (e.g. {max_digits: 2})."""
+    task_rows: int = 8000
+    """Training prompts drawn from the task."""
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig | None = None
+    """The reward; None: the task's (a data file needs one)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(loss=LossConfig(eps_clip_high=0.28), optim=OptimConfig(lr=1e-6))
+    )
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    obs: ObsConfig = field(default_factory=ObsConfig)
+    steps: int = 10
+    """RL steps (one rollout batch, one optimizer step each)."""
+    seed: int = 0
+    run_dir: str = ""
+    """Where metrics, checkpoints, the resolved config and the report go; empty: runs/<time>."""
+    save_every: int = 0
+    """Checkpoint every this many steps (and at the end); 0: only at the end."""
+    keep_last: int = 2
+    resume: bool = False
+    """Continue from the latest checkpoint in `run_dir`."""
+    placement: str = "colocated"
+    """colocated (every rank trains and rolls out) or disaggregated (engine ranks keep generating)."""
+    num_engine_ranks: int = 1
+    """Ranks that only generate, when disaggregated (the last ones)."""
+    max_staleness: int = 1
+    """Disaggregated: a batch may be generated with weights at most this many steps old."""
+    engine_urls: list[str] = field(default_factory=list)
+    """External engines (leagues serve, a router, SGLang) to roll out over HTTP instead of an in-process engine."""
+    weight_sync: str = "auto"
+    """External engines: disk (update_weights_from_disk) or none (frozen engines); auto: disk."""
+    nproc: int = 1
+    """Ranks to start on this node (torchrun underneath)."""
+    report: bool = True
+    """Write the PNG plots and summary (`leagues report`) at the end of the run."""
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement: expected one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if self.steps < 0:
+            raise ValueError(f"steps: must be >= 0, got {self.steps}")
+        if self.weight_sync not in ("auto", "disk", "none"):
+            raise ValueError(f"weight_sync: expected auto, disk or none, got {self.weight_sync!r}")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness: must be >= 0, got {self.max_staleness}")

@@ -1,0 +1,186 @@
+"""Everything an RL run holds, built once: run directory, data, reward, trainer, engine, sinks, resume.
+
+Where it sits: `leagues.loop.train.train(cfg)` builds a `Run` with `Run.build(cfg)` and then only steps.
+This file is the wiring; the step itself reads top to bottom in `train.py`.
+
+Decisions:
+- Every rank builds the same prompt iterator (same seed) and takes its share of each global batch
+  (`prompts[rank::world]`), so the data position is one number for the whole job and resumes exactly.
+- The trainer computes logprobs at the rollout's temperature (set here, so the two can never disagree).
+- The engine is built from the same checkpoint the trainer starts from, so step 0 needs no weight sync;
+  after a resume the trainer's weights are pushed before the first rollout.
+- External engines (`engine_urls`) replace the in-process engine: rollout goes over HTTP, and weights reach
+  them through `update_weights_from_disk` (a checkpoint in the run directory) after each step.
+"""
+
+import asyncio
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from leagues.config import dump_yaml
+from leagues.engine import Engine
+from leagues.engine.client import EngineClient, HTTPClient, LocalClient
+from leagues.loop.config import TrainConfig
+from leagues.loop.warm_start import warm_start
+from leagues.model import load_tokenizer, resolve_model_path
+from leagues.obs import Sink, StepTimer, build_sinks
+from leagues.rollout import PromptDataset, PromptIterator, RewardConfig, RewardScorer, load_prompts, make_task
+from leagues.rollout.generate import GenerateContext, load_generate_fn
+from leagues.rollout.tasks import task_dataset
+from leagues.train import Trainer
+from leagues.train.checkpoint import latest_checkpoint
+from leagues.types import SamplingParams
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def log(*args) -> None:
+    if rank_world()[0] == 0:
+        print(*args, flush=True)
+
+
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    """`cfg.run_dir`, or runs/<time> agreed by every rank."""
+    name = [cfg.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def datasets(cfg: TrainConfig, tokenizer) -> tuple[PromptDataset, PromptDataset | None, RewardConfig]:
+    """Training prompts, held-out prompts (or None) and the reward of the run."""
+    if cfg.task:
+        task = make_task(cfg.task, cfg.task_params)
+        train = task_dataset(task, tokenizer, cfg.task_rows, cfg.seed, "train")
+        held_out = task_dataset(task, tokenizer, cfg.eval.num_prompts, cfg.seed, "test") if cfg.eval.every else None
+        return train, held_out, cfg.reward or task.reward
+    if not cfg.data.path:
+        raise ValueError("data.path: give a prompt file (--data.path FILE) or a built-in task (--task arithmetic)")
+    if cfg.reward is None:
+        raise ValueError("reward.name: a run on a data file needs a reward (--reward.name math, or module:function)")
+    held_out = load_prompts(replace(cfg.data, path=cfg.eval.data), tokenizer) if cfg.eval.data else None
+    return load_prompts(cfg.data, tokenizer), held_out, cfg.reward
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    run_dir: Path
+    model_path: Path
+    tokenizer: object
+    prompts: PromptIterator
+    held_out: PromptDataset | None
+    scorer: RewardScorer
+    trainer: Trainer | None
+    engine: Engine | None
+    client: EngineClient
+    ctx: GenerateContext
+    sinks: Sink
+    timer: StepTimer
+    loop: asyncio.AbstractEventLoop
+    start_step: int = 0
+    rank: int = 0
+    world: int = 1
+    generate_fn: object = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, is_trainer: bool = True, is_engine: bool = True) -> "Run":
+        rank, world = rank_world()
+        run_dir = resolve_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            dump_yaml(cfg, run_dir / "config.yaml")
+        torch.manual_seed(cfg.seed)
+        model_path = resolve_model_path(cfg.model)
+        if cfg.warm_start.steps:
+            model_path = warm_start(cfg, model_path, run_dir, log=log)
+        tokenizer = load_tokenizer(model_path)
+        train_data, held_out, reward = datasets(cfg, tokenizer)
+        cfg.trainer.temperature = cfg.rollout.temperature
+        trainer = Trainer(model_path, cfg.trainer) if is_trainer else None
+        engine, client = _engine(cfg, model_path, tokenizer, is_engine)
+        params = SamplingParams(
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            max_new_tokens=cfg.rollout.max_response_len,
+            stop=list(cfg.rollout.stop),
+            return_routed_experts=cfg.rollout.return_routes,
+        )
+        run = cls(
+            cfg=cfg,
+            run_dir=run_dir,
+            model_path=model_path,
+            tokenizer=tokenizer,
+            prompts=PromptIterator(train_data, seed=cfg.data.seed + cfg.seed, shuffle=cfg.data.shuffle),
+            held_out=held_out,
+            scorer=RewardScorer(reward),
+            trainer=trainer,
+            engine=engine,
+            client=client,
+            ctx=GenerateContext(client=client, params=params, tokenizer=tokenizer, config=cfg.rollout),
+            sinks=None,  # type: ignore[arg-type]
+            timer=StepTimer(sync=torch.cuda.synchronize if torch.cuda.is_available() else None),
+            loop=asyncio.new_event_loop(),
+            rank=rank,
+            world=world,
+            generate_fn=load_generate_fn(cfg.rollout.generate_fn),
+        )
+        run.start_step = run.resume() if cfg.resume else 0
+        resume_step = run.start_step if cfg.resume else None
+        run.sinks = build_sinks(cfg.obs, run_dir, cfg.steps, resume_step=resume_step, rank=rank)
+        return run
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def resume(self) -> int:
+        """Load the latest checkpoint (if any); returns the step to continue from."""
+        path = latest_checkpoint(self.checkpoint_root)
+        if path is None:
+            log(f"resume: no checkpoint under {self.checkpoint_root}, starting at step 0")
+            return 0
+        extra = self.trainer.load(path) if self.trainer is not None else _read_extra(path)
+        self.prompts.load_state_dict(extra["data"])
+        log(f"resume: continuing from {path} (step {extra['step']})")
+        return int(extra["step"])
+
+    def save(self, step: int) -> None:
+        extra = {"data": self.prompts.state_dict(), "step": step}
+        self.trainer.save(self.checkpoint_root, extra=extra)
+
+    def close(self) -> None:
+        self.sinks.close()
+        self.scorer.close()
+        if self.engine is not None:
+            self.engine.close()
+        if isinstance(self.client, HTTPClient):
+            self.loop.run_until_complete(self.client.aclose())
+        self.loop.close()
+
+
+def _engine(cfg: TrainConfig, model_path: Path, tokenizer, is_engine: bool):
+    if cfg.engine_urls:
+        return None, HTTPClient(list(cfg.engine_urls))
+    if not is_engine:
+        return None, None
+    engine = Engine(model_path, tokenizer, **asdict(cfg.engine))
+    return engine, LocalClient(engine)
+
+
+def _read_extra(path: Path) -> dict:
+    """The caller-provided state of a checkpoint, for ranks without a trainer (engine ranks)."""
+    from leagues.train.checkpoint import read_extra
+
+    return read_extra(path)

@@ -1,0 +1,190 @@
+"""The RL loop: `train(cfg)`, readable top to bottom. Colocated placement (the default) lives here;
+disaggregated placement is in `disaggregated.py` with the same stages.
+
+        ┌──────────── every rank, every step ─────────────────────────────────────────────────┐
+        │ prompts[rank::world] ─► rollout ─► rewards ─► advantages ─► engine.sleep()          │
+        │   (PromptIterator)      (engine,    (scorer)   (per group,    (frees the KV cache)  │
+        │                          n per prompt)          on this rank)                       │
+        │                                                       │                             │
+        │ engine.wake() ◄─ weights (in place, version) ◄─ trainer.train_step(global batch) ◄─┘  │
+        │      │               push_in_place                (rebalanced by tokens, FSDP2+EP)    │
+        └──────┼───────────────────────────────────────────────────────────────────────────────┘
+               └─► metrics (sinks) ─► held-out eval every k steps ─► checkpoint every k steps
+
+Each stage's time goes to `time/<stage>` (rollout, reward, train, sync, eval, save, idle), every metric to
+the sinks (JSONL, TensorBoard, console, Prometheus) under `rollout/`, `train/`, `eval/`, `time/`.
+
+Decisions:
+- A prompt's group stays on the rank that generated it: advantages need no communication; the trainer then
+  rebalances the whole batch across ranks by token count.
+- Samples whose generation or reward failed are counted (`rollout/failed`) and left out of training.
+- Held-out accuracy is greedy (temperature 0) on the held-out prompts, split over the ranks.
+"""
+
+import torch
+import torch.distributed as dist
+
+from leagues.loop.config import TrainConfig
+from leagues.loop.run import Run, log
+from leagues.rollout.generate import rollout
+from leagues.sync import push_in_place
+from leagues.train import compute_advantages
+from leagues.types import Sample, SampleStatus, SamplingParams
+
+
+def train(cfg: TrainConfig) -> list[dict[str, float]]:
+    """Run the whole job; returns the per-step metrics (on every rank)."""
+    if cfg.placement == "disaggregated":
+        from leagues.loop.disaggregated import train_disaggregated
+
+        return train_disaggregated(cfg)
+    run = Run.build(cfg)
+    history = []
+    try:
+        if run.start_step:  # resumed: the engine still holds the starting weights
+            push_in_place(run.trainer.state_dict_for_sync(), run.engine, run.start_step)
+        elif cfg.eval.every and run.held_out is not None:  # the starting point (the warm start), as step 0
+            start = evaluate(run)
+            log(f"step 0: held-out accuracy {start['eval/accuracy']:.3f}")
+            run.sinks.log(0, start)
+        for step in range(run.start_step, cfg.steps):
+            metrics = colocated_step(run, step)
+            metrics |= maybe_eval(run, step)
+            metrics |= maybe_save(run, step)
+            metrics |= run.timer.pop()
+            run.sinks.log(step + 1, metrics)
+            history.append(metrics)
+    finally:
+        run.close()
+    finish(run)
+    return history
+
+
+def colocated_step(run: Run, step: int) -> dict[str, float]:
+    cfg, timer = run.cfg, run.timer
+    result = run.loop.run_until_complete(
+        rollout(
+            next_prompts=lambda n: run.prompts.next_batch(n * run.world)[run.rank :: run.world],
+            num_groups=len(range(run.rank, cfg.rollout.batch_size, run.world)),
+            step=step,
+            ctx=run.ctx,
+            scorer=run.scorer,
+            generate_fn=run.generate_fn,
+            seed=cfg.seed,
+            sections=lambda name: timer.section("rollout" if name == "generate" else name),
+        )
+    )
+    samples = trainable(result.samples)
+    assign_advantages(samples, cfg)
+    sleep = run.engine is not None and torch.cuda.is_available()
+    if sleep:
+        run.engine.sleep()
+    with timer.section("train"):
+        train_metrics = run.trainer.train_step(samples)
+    if sleep:
+        run.engine.wake()
+    with timer.section("sync"):
+        push_in_place(run.trainer.state_dict_for_sync(), run.engine, version=step + 1)
+    return merge_rollout_metrics(result.metrics) | {f"train/{k}": v for k, v in train_metrics.items()}
+
+
+def trainable(samples: list[Sample]) -> list[Sample]:
+    return [s for s in samples if s.status != SampleStatus.FAILED and s.response_ids]
+
+
+def assign_advantages(samples: list[Sample], cfg: TrainConfig) -> None:
+    if not samples:
+        return
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    groups = torch.tensor([s.group_id for s in samples])
+    for sample, adv in zip(samples, compute_advantages(rewards, groups, cfg.advantage).tolist(), strict=True):
+        sample.advantage = adv
+
+
+def merge_rollout_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Each rank's rollout metrics combined over ranks: sums, maxima, and means weighted by sample count."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return metrics
+    parts: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(parts, metrics)
+    weights = [p.get("rollout/num_generated", 1.0) for p in parts]
+    total = max(sum(weights), 1.0)
+    merged = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if key.endswith("_max"):
+            merged[key] = max(values)
+        elif key in SUMMED:
+            merged[key] = sum(values)
+        else:
+            merged[key] = sum(v * w for v, w in zip(values, weights, strict=True)) / total
+    return merged
+
+
+SUMMED = {
+    "rollout/failed",
+    "rollout/num_samples",
+    "rollout/num_generated",
+    "rollout/tokens_per_s",
+    "rollout/kept_groups",
+}
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Greedy held-out accuracy (and mean response length) over every rank's share of the held-out prompts."""
+    prompts = [p for i, p in enumerate(run.held_out) if i % run.world == run.rank]
+    params = SamplingParams(
+        temperature=0.0, max_new_tokens=run.cfg.eval.max_response_len or run.ctx.params.max_new_tokens
+    )
+    samples = [Sample(prompt_ids=list(p.prompt_ids), group_id=i) for i, p in enumerate(prompts)]
+    for s, p in zip(samples, prompts, strict=True):
+        s.metadata = {"prompt_text": p.text, "label": p.label} | p.metadata
+
+    async def one(sample: Sample) -> None:
+        out = (await run.client.generate(sample.prompt_ids, params))[0]
+        sample.response_ids, sample.metadata["response_text"] = list(out.token_ids), out.text
+
+    async def all_of_them() -> None:
+        import asyncio
+
+        await asyncio.gather(*(one(s) for s in samples))
+        await run.scorer.score(samples)
+
+    run.loop.run_until_complete(all_of_them())
+    threshold = run.cfg.rollout.pass_threshold
+    totals = torch.tensor(
+        [sum(s.reward >= threshold for s in samples), len(samples), sum(len(s.response_ids) for s in samples)],
+        dtype=torch.float64,
+    )
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    correct, count, length = totals.tolist()
+    return {"eval/accuracy": correct / max(count, 1.0), "eval/response_len_mean": length / max(count, 1.0)}
+
+
+def maybe_eval(run: Run, step: int) -> dict[str, float]:
+    every = run.cfg.eval.every
+    if not every or run.held_out is None:
+        return {}
+    if (step + 1) % every and step + 1 != run.cfg.steps:
+        return {}
+    with run.timer.section("eval"):
+        out = evaluate(run)
+    log(f"step {step + 1}: held-out accuracy {out['eval/accuracy']:.3f}")
+    return out
+
+
+def maybe_save(run: Run, step: int) -> dict[str, float]:
+    every = run.cfg.save_every
+    if (every and (step + 1) % every == 0) or step + 1 == run.cfg.steps:
+        with run.timer.section("save"):
+            run.save(step + 1)
+    return {}
+
+
+def finish(run: Run) -> None:
+    if run.rank == 0 and run.cfg.report and (run.run_dir / "metrics.jsonl").is_file():
+        from leagues.obs.report import write_report
+
+        paths = write_report(run.run_dir)
+        log(f"report: {paths[-1]}")
