@@ -60,8 +60,10 @@ def datasets(cfg: TrainConfig, tokenizer) -> tuple[PromptDataset, PromptDataset 
     """Training prompts, held-out prompts (or None) and the reward of the run."""
     if cfg.task:
         task = make_task(cfg.task, cfg.task_params)
-        train = task_dataset(task, tokenizer, cfg.task_rows, cfg.seed, "train")
-        held_out = task_dataset(task, tokenizer, cfg.eval.num_prompts, cfg.seed, "test") if cfg.eval.every else None
+        train = task_dataset(task, tokenizer, cfg.task_rows, cfg.seed, "train", at_most=True)
+        held_out = None
+        if cfg.eval.every:
+            held_out = task_dataset(task, tokenizer, cfg.eval.num_prompts, cfg.seed, "test", at_most=True)
         return train, held_out, cfg.reward or task.reward
     if not cfg.data.path:
         raise ValueError("data.path: give a prompt file (--data.path FILE) or a built-in task (--task arithmetic)")
@@ -103,11 +105,17 @@ class Run:
         torch.manual_seed(cfg.seed)
         model_path = resolve_model_path(cfg.model)
         if cfg.warm_start.steps:
-            model_path = warm_start(cfg, model_path, run_dir, log=log)
+            alone = cfg.placement == "disaggregated"
+            if is_trainer:
+                warm_start(cfg, model_path, run_dir, log=log, alone=alone)
+            if alone:
+                dist.barrier()  # engine ranks wait for the trainer's warm start
+            model_path = run_dir / "warm_start"
         tokenizer = load_tokenizer(model_path)
         train_data, held_out, reward = datasets(cfg, tokenizer)
         cfg.trainer.temperature = cfg.rollout.temperature
-        trainer = Trainer(model_path, cfg.trainer) if is_trainer else None
+        alone = cfg.placement == "disaggregated"
+        trainer = Trainer(model_path, cfg.trainer, alone=alone) if is_trainer else None
         engine, client = _engine(cfg, model_path, tokenizer, is_engine)
         params = SamplingParams(
             temperature=cfg.rollout.temperature,

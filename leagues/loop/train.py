@@ -107,6 +107,11 @@ def merge_rollout_metrics(metrics: dict[str, float]) -> dict[str, float]:
         return metrics
     parts: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(parts, metrics)
+    return merge_parts(parts)
+
+
+def merge_parts(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Rollout metrics of several ranks as one: sums, maxima, and means weighted by generated samples."""
     weights = [p.get("rollout/num_generated", 1.0) for p in parts]
     total = max(sum(weights), 1.0)
     merged = {}

@@ -28,13 +28,10 @@ from leagues.train import LossConfig, OptimConfig, Trainer, TrainerConfig
 from leagues.train.sft import make_samples, read_pairs
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def write_hf(trainer: Trainer, base_model: Path, out: Path, tokenizer) -> Path:
-    """The trainer's current full weights as an HF checkpoint at `out` (all ranks call; rank 0 writes)."""
-    model = load_pretrained(base_model, dtype=torch.float32, device="cpu") if _rank() == 0 else None
+    """The trainer's current full weights as an HF checkpoint at `out` (every trainer rank calls; its rank 0
+    writes)."""
+    model = load_pretrained(base_model, dtype=torch.float32, device="cpu") if trainer.rank == 0 else None
     params = dict(model.named_parameters()) if model is not None else {}
     with torch.no_grad():
         for bucket in trainer.state_dict_for_sync():
@@ -48,7 +45,7 @@ def write_hf(trainer: Trainer, base_model: Path, out: Path, tokenizer) -> Path:
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-    if dist.is_initialized():
+    if not trainer.alone:
         dist.barrier()
     return out
 
@@ -56,14 +53,15 @@ def write_hf(trainer: Trainer, base_model: Path, out: Path, tokenizer) -> Path:
 def warm_start_pairs(cfg: TrainConfig) -> tuple[list[tuple[str, str]], bool]:
     """(prompt, response) pairs for the warm start, and whether to apply the chat template."""
     if cfg.task:
-        rows = make_task(cfg.task, cfg.task_params).make_rows(cfg.warm_start.num_rows, cfg.seed, "train")
+        rows = make_task(cfg.task, cfg.task_params).make_rows(cfg.warm_start.num_rows, cfg.seed, "train", at_most=True)
         return [(row["prompt"], row["response"]) for row in rows], False
     pairs = read_pairs(cfg.data.path, cfg.data.prompt_key, cfg.warm_start.response_key)
     return pairs, cfg.data.chat_template
 
 
-def warm_start(cfg: TrainConfig, model_path: Path, run_dir: Path, log=print) -> Path:
-    """Run the SFT warm start (unless its checkpoint exists) and return the checkpoint directory."""
+def warm_start(cfg: TrainConfig, model_path: Path, run_dir: Path, log=print, alone: bool = False) -> Path:
+    """Run the SFT warm start (unless its checkpoint exists) and return the checkpoint directory; `alone`:
+    this rank trains by itself (see `Trainer`)."""
     out = run_dir / "warm_start"
     if (out / "config.json").is_file():
         log(f"warm start: found {out}, skipping")
@@ -77,7 +75,7 @@ def warm_start(cfg: TrainConfig, model_path: Path, run_dir: Path, log=print) -> 
         parallel=cfg.trainer.parallel,
         max_tokens_per_microbatch=cfg.trainer.max_tokens_per_microbatch,
     )
-    trainer = Trainer(model_path, sft)
+    trainer = Trainer(model_path, sft, alone=alone)
     rng = random.Random(cfg.seed)
     batch = cfg.warm_start.batch_size
     for step in range(cfg.warm_start.steps):

@@ -78,8 +78,9 @@ class Task:
         digest = hashlib.sha256(f"{self.name}\0{prompt}".encode()).digest()
         return "test" if int.from_bytes(digest[:8], "big") < self.config.test_fraction * 2**64 else "train"
 
-    def make_rows(self, num: int, seed: int, split: str) -> list[dict[str, Any]]:
-        """`num` distinct problems of `split`, the same for the same seed."""
+    def make_rows(self, num: int, seed: int, split: str, at_most: bool = False) -> list[dict[str, Any]]:
+        """`num` distinct problems of `split`, the same for the same seed (`at_most`: fewer when the split
+        has fewer distinct problems, instead of raising)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         if num < 0:
@@ -91,6 +92,8 @@ class Task:
             if row["prompt"] in seen or self.split_of(row["prompt"]) != split:
                 misses += 1
                 if misses > _MAX_MISSES:
+                    if at_most:
+                        break
                     raise ValueError(f"{self.name}: only {len(rows)} distinct {split} problems found, {num} asked")
                 continue
             misses = 0
@@ -234,10 +237,12 @@ def write_task_data(task: Task | str, path: str | Path, num: int, seed: int, spl
     return path
 
 
-def task_dataset(task: Task | str, tokenizer: Any, num: int, seed: int, split: str) -> PromptDataset:
+def task_dataset(
+    task: Task | str, tokenizer: Any, num: int, seed: int, split: str, at_most: bool = False
+) -> PromptDataset:
     """`num` prompts of `task` as a dataset (plain text prompts, no chat template), labels included."""
     task = _as_task(task)
-    rows = task.make_rows(num, seed, split)
+    rows = task.make_rows(num, seed, split, at_most=at_most)
     where = [f"{task.name}/{split}: row {i}" for i in range(len(rows))]
     cfg = DataConfig(chat_template=False)
     return prompts_from_rows(zip(where, rows, strict=True), cfg, tokenizer, source=f"task {task.name}/{split}")

@@ -31,12 +31,15 @@ Decisions:
   With one, `root` must be a filesystem every rank sees.
 """
 
+import contextvars
 import json
 import os
 import random
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +63,22 @@ def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
+_LOCAL_ONLY = contextvars.ContextVar("leagues_checkpoint_local_only", default=False)
+
+
+@contextmanager
+def local_only() -> Iterator[None]:
+    """Save and load as one process although a process group exists (a trainer that is alone in its job's
+    trainer group, beside engine ranks that take no part in checkpoints)."""
+    token = _LOCAL_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY.reset(token)
+
+
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return dist.is_available() and dist.is_initialized() and not _LOCAL_ONLY.get()
 
 
 def _rank() -> int:

@@ -469,7 +469,8 @@ def _regularisers(inputs: LossInputs, cfg: LossConfig) -> tuple[Tensor | float, 
         metrics["kl/mean"] = masked_mean(kl_T, inputs.mask_T)
     if cfg.entropy_coef != 0:
         extra_T = extra_T - cfg.entropy_coef * inputs.entropy_T
-        metrics["entropy/mean"] = masked_mean(inputs.entropy_T, inputs.mask_T)
+    if inputs.entropy_T is not None:  # a metric whenever the trainer computed it, a bonus only with a coefficient
+        metrics["entropy/mean"] = masked_mean(inputs.entropy_T.detach(), inputs.mask_T)
     return extra_T, metrics
 
 

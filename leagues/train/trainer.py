@@ -15,6 +15,7 @@ importance correction against the engine's logprobs is where off-policy-ness is 
 """
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from leagues.model import ForwardBatch, Transformer, load_pretrained, resolve_model_path
 from leagues.parallel import ParallelConfig, full_state_dict, parallelize, set_last_microbatch
-from leagues.train.checkpoint import load_checkpoint, save_checkpoint
+from leagues.train.checkpoint import load_checkpoint, local_only, save_checkpoint
 from leagues.train.logprobs import token_logprobs
 from leagues.train.losses import LossConfig, LossInputs, Normalizer, policy_loss
 from leagues.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
@@ -58,11 +59,14 @@ def _device() -> torch.device:
 
 
 class Trainer:
-    def __init__(self, model: str | Path | Transformer, cfg: TrainerConfig | None = None) -> None:
+    def __init__(self, model: str | Path | Transformer, cfg: TrainerConfig | None = None, alone: bool = False) -> None:
+        """`alone`: this rank trains by itself although the job has other ranks (disaggregated placement with
+        one trainer rank): no FSDP, no collectives, checkpoints of one process."""
         self.cfg = cfg = cfg or TrainerConfig()
         self.device = _device()
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.alone = alone or not dist.is_initialized()
+        self.world = 1 if self.alone else dist.get_world_size()
+        self.rank = 0 if self.alone else dist.get_rank()
         if not isinstance(model, Transformer):
             self.model_path = resolve_model_path(model)
             model = load_pretrained(self.model_path, dtype=torch.float32, device=self.device)
@@ -71,9 +75,7 @@ class Trainer:
         if cfg.compile:
             self.model.compile_blocks()
         # FSDP2 whenever there is a process group (also of one rank: it brings bf16 compute, fp32 master).
-        self.mesh = (
-            parallelize(self.model, cfg.parallel, self.world, self.device.type) if dist.is_initialized() else None
-        )
+        self.mesh = None if self.alone else parallelize(self.model, cfg.parallel, self.world, self.device.type)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.step = 0
@@ -256,9 +258,13 @@ class Trainer:
 
     def save(self, root: str | Path, extra: dict | None = None) -> Path:
         extra = {"trainer_step": self.step, **(extra or {})}
-        return save_checkpoint(root, self.step, self.model, self.optimizer, self.scheduler, extra, self.cfg.keep_last)
+        with local_only() if self.alone else nullcontext():
+            return save_checkpoint(
+                root, self.step, self.model, self.optimizer, self.scheduler, extra, self.cfg.keep_last
+            )
 
     def load(self, path: str | Path) -> dict:
-        extra = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        with local_only() if self.alone else nullcontext():
+            extra = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step = extra.pop("trainer_step", self.step)
         return extra

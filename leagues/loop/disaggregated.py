@@ -1,0 +1,129 @@
+"""Disaggregated placement: engine ranks keep generating while the trainer rank trains, within a staleness bound.
+
+    engine ranks (the last `num_engine_ranks`)            trainer rank 0
+    ──────────────────────────────────────────            ───────────────────────────────────────────
+    step s: wait for weights of version >= s - k ◄─┐      recv batch s from every engine rank
+            rollout + rewards of its prompt share  │      advantages, train_step          (time/train)
+            isend batch s (samples, metrics) ──────┼────► broadcast weights, version s+1  (time/sync)
+                                                   └───── (bucketed: header + one flat tensor per dtype)
+
+With k = `max_staleness` = 1, batch s+1 is generated with the weights of step s-1 while step s trains: the
+two overlap, and the trainer's off-policy correction (`trainer.loss.off_policy`, e.g. token_tis) handles
+the lag; every sample carries the weight version it was generated with (`train/staleness` is logged).
+
+Decisions:
+- Batches travel as pickled samples over a gloo group with non-blocking sends, so an engine never waits
+  for the trainer to take a batch (a blocking send would deadlock against the weight broadcast).
+- Weights travel in one broadcast group (trainer + engines; NCCL on GPUs, gloo on CPUs) by `BroadcastSync`.
+- Every engine draws the same global batch of prompts and keeps its share, and sends its prompt position
+  with each batch; the trainer checkpoints the position of the last batch it trained on, so a resumed run
+  regenerates exactly the batches that were not trained on.
+- One trainer rank for now (the trainer is not sharded over a sub-group yet); held-out evaluation runs in
+  colocated runs only.
+"""
+
+import pickle
+
+import torch
+import torch.distributed as dist
+
+from leagues.loop.config import TrainConfig
+from leagues.loop.run import Run, log
+from leagues.loop.train import assign_advantages, finish, maybe_save, merge_parts, trainable
+from leagues.rollout.generate import rollout
+from leagues.sync import BroadcastSync
+
+
+def train_disaggregated(cfg: TrainConfig) -> list[dict[str, float]]:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    num_trainers = world - cfg.num_engine_ranks
+    if num_trainers != 1 or cfg.num_engine_ranks < 1:
+        raise ValueError(
+            f"placement disaggregated: needs exactly one trainer rank and at least one engine rank; got {world} "
+            f"ranks with num_engine_ranks={cfg.num_engine_ranks} (launch with --nproc {cfg.num_engine_ranks + 1})"
+        )
+    if cfg.engine_urls:
+        raise ValueError("placement disaggregated: engine_urls (external engines) use the colocated loop's HTTP path")
+    rank = dist.get_rank()
+    engines = list(range(1, world))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = BroadcastSync(dist.new_group([0, *engines]), src=0, device=device)
+    data_group = dist.new_group(backend="gloo")
+    run = Run.build(cfg, is_trainer=rank == 0, is_engine=rank != 0)
+    try:
+        if rank == 0:
+            return trainer_loop(run, sync, data_group, engines)
+        engine_loop(run, sync, data_group)
+        return []
+    finally:
+        run.close()
+
+
+def engine_loop(run: Run, sync: BroadcastSync, data_group) -> None:
+    cfg, index, num = run.cfg, run.rank - 1, run.world - 1
+    version, pending = run.start_step, []
+    if run.start_step:
+        version = sync.receive(run.engine)  # the resumed trainer's weights
+    for step in range(run.start_step, cfg.steps):
+        while version < step - cfg.max_staleness:
+            version = sync.receive(run.engine)
+        result = run.loop.run_until_complete(
+            rollout(
+                next_prompts=lambda n: run.prompts.next_batch(n * num)[index::num],
+                num_groups=len(range(index, cfg.rollout.batch_size, num)),
+                step=step,
+                ctx=run.ctx,
+                scorer=run.scorer,
+                generate_fn=run.generate_fn,
+                seed=cfg.seed,
+            )
+        )
+        message = {"samples": result.samples, "metrics": result.metrics, "data": run.prompts.state_dict()}
+        pending.append(send_object(message, dst=0, group=data_group))
+    while version < cfg.steps:  # take every broadcast the trainer makes, so the collectives match
+        version = sync.receive(run.engine)
+    for works, _buffers in pending:
+        for work in works:
+            work.wait()
+
+
+def trainer_loop(run: Run, sync: BroadcastSync, data_group, engines: list[int]) -> list[dict[str, float]]:
+    cfg, timer, history = run.cfg, run.timer, []
+    if run.start_step:
+        sync.send(run.trainer.state_dict_for_sync(), version=run.start_step)
+    for step in range(run.start_step, cfg.steps):
+        with timer.section("wait_rollout"):
+            messages = [recv_object(src=e, group=data_group) for e in engines]
+        samples = trainable([s for m in messages for s in m["samples"]])
+        assign_advantages(samples, cfg)
+        with timer.section("train"):
+            train_metrics = run.trainer.train_step(samples)
+        with timer.section("sync"):
+            sync.send(run.trainer.state_dict_for_sync(), version=step + 1)
+        run.prompts.load_state_dict(messages[0]["data"])  # the position after the batch just trained on
+        staleness = [step - s.weight_version for s in samples] or [0]
+        metrics = merge_parts([m["metrics"] for m in messages]) | {f"train/{k}": v for k, v in train_metrics.items()}
+        metrics["train/staleness_mean"] = sum(staleness) / len(staleness)
+        metrics["train/staleness_max"] = float(max(staleness))
+        metrics |= maybe_save(run, step) | timer.pop()
+        run.sinks.log(step + 1, metrics)
+        history.append(metrics)
+    log(f"disaggregated: {cfg.steps - run.start_step} steps trained")
+    finish(run)
+    return history
+
+
+def send_object(obj, dst: int, group) -> tuple[list, tuple]:
+    """Non-blocking send of a picklable object (size, then bytes): the works to wait on, and the buffers,
+    which must stay alive until then."""
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    size = torch.tensor([payload.numel()], dtype=torch.int64)
+    return [dist.isend(size, dst, group=group), dist.isend(payload, dst, group=group)], (size, payload)
+
+
+def recv_object(src: int, group):
+    size = torch.empty(1, dtype=torch.int64)
+    dist.recv(size, src, group=group)
+    payload = torch.empty(int(size), dtype=torch.uint8)
+    dist.recv(payload, src, group=group)
+    return pickle.loads(payload.numpy().tobytes())

@@ -1,0 +1,30 @@
+"""User rewards of the loop tests, loaded as `tests.loop.rewards_for_tests:NAME` (the repo root is on sys.path)."""
+
+import os
+import signal
+from pathlib import Path
+
+
+def starts_with_one(prompt: str, response: str, label, metadata: dict) -> float:
+    """An easy reward for a tiny model to learn in a few steps: the answer starts with "1"."""
+    return 1.0 if response.startswith("1") else 0.0
+
+
+def flaky(prompt: str, response: str, label, metadata: dict) -> float:
+    """Raises for every answer that starts with "1"; the run must survive it."""
+    if response.startswith("1"):
+        raise RuntimeError("this reward is broken for answers starting with 1")
+    return 1.0 if response.strip() == str(label) else 0.0
+
+
+def kill_on_call(prompt: str, response: str, label, metadata: dict) -> float:
+    """`starts_with_one`, but SIGKILLs its own process on the Nth call when LEAGUES_TEST_KILL_AT=N and
+    LEAGUES_TEST_COUNTER=FILE are set: a real crash at a known point of a run."""
+    at, counter = os.environ.get("LEAGUES_TEST_KILL_AT"), os.environ.get("LEAGUES_TEST_COUNTER")
+    if at and counter:
+        path = Path(counter)
+        with path.open("a") as f:
+            f.write("x")
+        if path.stat().st_size >= int(at):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return starts_with_one(prompt, response, label, metadata)

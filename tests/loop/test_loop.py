@@ -1,0 +1,151 @@
+"""The RL loop end to end on the tiny model: colocated on 1 and 2 ranks, disaggregated, determinism against a
+golden file, resume after a real kill, and rewards that raise.
+
+Every run here is a real job: the built-in tiny MoE, a warm start, the in-process engine, real rewards
+(`rewards_for_tests.py`), real files in a temporary run directory; 2-rank runs go through
+`leagues train --nproc 2` (torchrun, gloo).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leagues.config import apply_overrides
+from leagues.loop import TrainConfig, train
+
+REWARDS = Path(__file__).parent / "rewards_for_tests.py"
+GOLDEN = Path(__file__).parents[1] / "assets" / "golden_metrics.jsonl"
+ROOT = Path(__file__).parents[2]
+
+# An easy objective for a few steps: warm start on 1-digit sums, then RL towards answers starting with "1".
+EASY = [
+    "--task", "arithmetic",
+    "--task_params", "{max_digits: 1}",
+    "--reward.name", f"{REWARDS}:starts_with_one",
+    "--warm_start.steps", "30",
+    "--warm_start.batch_size", "32",
+    "--steps", "6",
+    "--rollout.batch_size", "16",
+    "--rollout.n_samples_per_prompt", "8",
+    "--rollout.max_response_len", "4",
+    "--trainer.optim.lr", "3e-3",
+    "--obs.tensorboard", "false",
+    "--obs.console", "false",
+]  # fmt: skip
+
+
+def config(run_dir: Path, *extra: str) -> TrainConfig:
+    return apply_overrides(TrainConfig(), [*EASY, "--run_dir", str(run_dir), *extra])
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def rl_rows(run_dir: Path) -> list[dict]:
+    return [row for row in read_metrics(run_dir) if row["step"] >= 1 and "rollout/reward_mean" in row]
+
+
+def assert_improves(rows: list[dict]) -> None:
+    rewards = [row["rollout/reward_mean"] for row in rows]
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.1, rewards
+
+
+def leagues_cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "leagues.cli", *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_colocated_one_rank_learns_and_writes_everything(tmp_path):
+    history = train(config(tmp_path / "run", "--eval.every", "3", "--eval.num_prompts", "32"))
+    assert len(history) == 6
+    rows = rl_rows(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert_improves(rows)
+    for key in ("train/loss", "train/grad_norm", "train/entropy/mean", "train/mismatch/abs_diff_mean", "time/train"):
+        assert all(math.isfinite(row[key]) for row in rows), key
+    steps_with_eval = [row["step"] for row in read_metrics(tmp_path / "run") if "eval/accuracy" in row]
+    assert steps_with_eval == [0, 3, 6]
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file() and (run / "warm_start" / "config.json").is_file()
+    assert (run / "checkpoints" / "step-00000006").is_dir()
+    assert (run / "report" / "summary.md").is_file() and (run / "report" / "reward.png").is_file()
+
+
+@pytest.mark.slow
+def test_colocated_two_gloo_ranks(tmp_path):
+    leagues_cli("train", "--nproc", "2", *EASY, "--run_dir", str(tmp_path / "run"))
+    rows = rl_rows(tmp_path / "run")
+    assert len(rows) == 6
+    assert all(row["rollout/num_samples"] == 16 * 8 for row in rows)  # both ranks' groups counted
+    assert_improves(rows)
+
+
+@pytest.mark.slow
+def test_disaggregated_one_trainer_one_engine(tmp_path):
+    args = ["--placement", "disaggregated", "--trainer.loss.off_policy", "token_tis"]
+    leagues_cli("train", "--nproc", "2", *EASY, *args, "--run_dir", str(tmp_path / "run"))
+    rows = rl_rows(tmp_path / "run")
+    assert len(rows) == 6
+    assert max(row["train/staleness_max"] for row in rows) <= 1  # the staleness bound holds
+    assert max(row["train/staleness_max"] for row in rows) == 1  # ... and generation overlapped training
+    assert_improves(rows)
+
+
+def comparable(row: dict) -> dict:
+    """The metrics that must repeat exactly: everything but timings and throughput."""
+    return {k: v for k, v in row.items() if not k.startswith("time") and "tokens_per_s" not in k}
+
+
+def test_determinism_against_golden_file(tmp_path):
+    """A short run's per-step metrics equal the committed golden file (regenerate only with a reason:
+    LEAGUES_REGENERATE_GOLDEN=1)."""
+    train(config(tmp_path / "run", "--steps", "3"))
+    rows = [comparable(row) for row in rl_rows(tmp_path / "run")]
+    if os.environ.get("LEAGUES_REGENERATE_GOLDEN"):
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+    golden = [json.loads(line) for line in GOLDEN.read_text().splitlines()]
+    assert len(rows) == len(golden)
+    for row, want in zip(rows, golden, strict=True):
+        assert row.keys() == want.keys()
+        for key, value in want.items():
+            assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (row["step"], key)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    args = [
+        *EASY,
+        "--reward.name", f"{REWARDS}:kill_on_call",
+        "--steps", "4",
+        "--save_every", "2",
+        "--rollout.batch_size", "4",
+        "--rollout.n_samples_per_prompt", "4",
+    ]  # fmt: skip
+    leagues_cli("train", *args, "--run_dir", str(tmp_path / "whole"))
+    # 16 reward calls per step: die at the 40th, in step 3, after step 2's checkpoint.
+    env = os.environ | {"LEAGUES_TEST_KILL_AT": "40", "LEAGUES_TEST_COUNTER": str(tmp_path / "calls")}
+    killed = leagues_cli("train", *args, "--run_dir", str(tmp_path / "cut"), env=env, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "cut" / "checkpoints" / "step-00000002").is_dir()
+    assert not (tmp_path / "cut" / "checkpoints" / "step-00000004").exists()
+    leagues_cli("train", *args, "--run_dir", str(tmp_path / "cut"), "--resume", "true")
+    whole, resumed = rl_rows(tmp_path / "whole"), rl_rows(tmp_path / "cut")
+    assert [row["step"] for row in resumed] == [1, 2, 3, 4]
+    assert [comparable(r) for r in resumed] == [comparable(r) for r in whole]
+
+
+def test_failing_reward_is_contained(tmp_path):
+    history = train(config(tmp_path / "run", "--reward.name", f"{REWARDS}:flaky", "--steps", "2"))
+    assert len(history) == 2
+    assert sum(row["rollout/failed"] for row in history) > 0  # counted, not fatal
+    assert all(math.isfinite(row["train/loss"]) for row in history)
