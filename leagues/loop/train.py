@@ -26,8 +26,9 @@ import torch.distributed as dist
 
 from leagues.loop.config import TrainConfig
 from leagues.loop.run import Run, log
+from leagues.loop.warm_start import write_hf
 from leagues.rollout.generate import rollout
-from leagues.sync import push_in_place
+from leagues.sync import push_in_place, update_from_disk
 from leagues.train import compute_advantages
 from leagues.types import Sample, SampleStatus, SamplingParams
 
@@ -41,8 +42,8 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
     run = Run.build(cfg)
     history = []
     try:
-        if run.start_step:  # resumed: the engine still holds the starting weights
-            push_in_place(run.trainer.state_dict_for_sync(), run.engine, run.start_step)
+        if run.start_step or run.engine is None:  # resumed, or external engines: start from our weights
+            sync_weights(run, run.start_step)
         elif cfg.eval.every and run.held_out is not None:  # the starting point (the warm start), as step 0
             start = evaluate(run)
             log(f"step 0: held-out accuracy {start['eval/accuracy']:.3f}")
@@ -84,8 +85,20 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
     if sleep:
         run.engine.wake()
     with timer.section("sync"):
-        push_in_place(run.trainer.state_dict_for_sync(), run.engine, version=step + 1)
+        sync_weights(run, version=step + 1)
     return merge_rollout_metrics(result.metrics) | {f"train/{k}": v for k, v in train_metrics.items()}
+
+
+def sync_weights(run: Run, version: int) -> None:
+    """The trainer's new weights into the engine: in place, or through disk for external engines."""
+    if run.engine is not None:
+        push_in_place(run.trainer.state_dict_for_sync(), run.engine, version=version)
+    elif run.cfg.weight_sync != "none":
+        path = write_hf(run.trainer, run.model_path, run.run_dir / "weights", run.tokenizer)
+        if run.rank == 0:
+            update_from_disk(run.cfg.engine_urls, path.resolve(), version)
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def trainable(samples: list[Sample]) -> list[Sample]:

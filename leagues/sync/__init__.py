@@ -2,6 +2,7 @@
 
 push_in_place(trainer.state_dict_for_sync(), engine, version)      # colocated
 BroadcastSync(group, src).send(buckets, version) / .receive(engine)  # disaggregated, inside one job
+update_from_disk(engine_urls, checkpoint_dir, version)               # external engines, shared disk
 
 sender = DistributedWeightSender(["http://engine-0:30000"], "10.0.0.1", 29600, backend="nccl")
 sender.init()
@@ -9,7 +10,8 @@ sender.send(trainer.state_dict_for_sync(), weight_version=step)
 sender.close()
 """
 
+from leagues.sync.disk import update_from_disk
 from leagues.sync.distributed import DistributedWeightSender
 from leagues.sync.local import BroadcastSync, push_in_place
 
-__all__ = ["BroadcastSync", "DistributedWeightSender", "push_in_place"]
+__all__ = ["BroadcastSync", "DistributedWeightSender", "push_in_place", "update_from_disk"]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from leagues.config import apply_overrides
@@ -149,3 +150,20 @@ def test_failing_reward_is_contained(tmp_path):
     assert len(history) == 2
     assert sum(row["rollout/failed"] for row in history) > 0  # counted, not fatal
     assert all(math.isfinite(row["train/loss"]) for row in history)
+
+
+@pytest.mark.slow
+def test_external_engine_over_http_with_disk_weight_sync(tmp_path):
+    from tests.engine.test_server import _launch, _wait_url
+
+    server = _launch()
+    try:
+        url = _wait_url(server)
+        history = train(config(tmp_path / "run", "--steps", "2", "--engine_urls", f"[{url}]"))
+        assert len(history) == 2 and all(row["rollout/num_samples"] == 16 * 8 for row in history)
+        info = httpx.get(f"{url}/get_server_info", timeout=30).json()
+        assert info["weight_version"] == 2  # the engine serves the trainer's weights after step 2
+        assert Path(info["model_path"]).resolve() == (tmp_path / "run" / "weights").resolve()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
