@@ -397,6 +397,7 @@ def apply_overrides(cfg: T, args: list[str]) -> T:
     needs the `--key=value` form. Unknown keys and bad values raise `ValueError` naming the dotted key.
     """
     for path, raw in _parse_overrides(type(cfg), args):
+        path = _shorthand(type(cfg), path, raw)
         tp = _field_type(type(cfg), path)
         cfg = _replace_at(cfg, path, _parse_value(tp, raw, path))
     return cfg
@@ -465,6 +466,16 @@ def _dataclass_of(tp: Any) -> type | None:
     """The config class behind `Sub` or `Sub | None`, else None."""
     arms = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (Union, types.UnionType) else [tp]
     return arms[0] if len(arms) == 1 and dataclasses.is_dataclass(arms[0]) else None
+
+
+def _shorthand(cls: type, path: KeyPath, raw: str) -> KeyPath:
+    """`--data file.jsonl` for `--data.path file.jsonl`: a scalar given for a sub-config goes to the field its
+    class names in `SHORTHAND` (a mapping still sets the whole sub-config)."""
+    sub = _dataclass_of(_field_type(cls, path))
+    key = getattr(sub, "SHORTHAND", None) if sub is not None else None
+    if key is None or raw.lstrip().startswith("{"):
+        return path
+    return (*path, key)
 
 
 def _field_type(cls: type, path: KeyPath) -> Any:

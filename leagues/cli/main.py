@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ import yaml
 from leagues import __version__
 from leagues.cli import UsageError
 from leagues.cli.convert import ConvertConfig, run_convert
-from leagues.cli.generate import GenerateConfig, generate, run_generate, summary_line
+from leagues.cli.generate import GenerateConfig, run_generate
 from leagues.cli.report import ReportConfig, run_report
 from leagues.cli.router import RouterConfig, run_router
 from leagues.cli.serve import ServeConfig, run_serve
@@ -38,17 +37,6 @@ from leagues.config import apply_overrides, describe, dump_yaml, from_dict, load
 from leagues.loop import TrainConfig
 from leagues.recipes import RECIPES, get_recipe
 from leagues.train.sft import SFTConfig
-
-
-def run_job(cfg: GenerateConfig) -> int:
-    """`leagues run`, the main job (`make run`): for now one generation; the GRPO loop replaces it."""
-    start = time.perf_counter()
-    result = generate(cfg)
-    print(f"prompt:     {cfg.prompt!r}")
-    for record in result.records:
-        print(f"generation: {record['text']!r}")
-    print(f"{summary_line(result)}; {time.perf_counter() - start:.2f} s with loading")
-    return 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +60,10 @@ VERBS: dict[str, Verb] = {
     "convert": Verb(summary="rewrite a checkpoint in HF format", config_cls=ConvertConfig, run=run_convert),
     "bench": Verb(summary="benchmark the engine and trainer", awaits="the engine and trainer benchmarks"),
     "run": Verb(
-        summary="the main job (`make run`): for now the tiny-generate recipe",
-        config_cls=GenerateConfig,
-        run=run_job,
-        default_recipe="tiny-generate",
+        summary="the main job (`make run`): GRPO on the built-in arithmetic task with the tiny MoE",
+        config_cls=TrainConfig,
+        run=run_train_verb,
+        default_recipe="tiny-arithmetic",
     ),
 }
 

@@ -32,7 +32,7 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 _FORMATS = ("auto", "jsonl", "parquet")
 _SUFFIX_FORMATS = {
@@ -47,6 +47,9 @@ _MAX_KEPT_REASONS = 10
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
+    SHORTHAND: ClassVar[str] = "path"
+    """`--data FILE` sets `data.path`."""
+
     path: str = ""
     """JSONL or Parquet file of prompt rows."""
     format: str = "auto"

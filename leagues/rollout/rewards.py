@@ -48,7 +48,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -62,6 +62,9 @@ RewardFn = Callable[..., Any]
 
 @dataclass(kw_only=True, slots=True)
 class RewardConfig:
+    SHORTHAND: ClassVar[str] = "name"
+    """`--reward NAME` sets `reward.name`."""
+
     name: str = "exact"
     """A key of REWARDS (exact, math, countdown, format, remote), 'pkg.module:function' (importable from sys.path) or
     'path/to/file.py:function' (relative to the working directory)."""

@@ -65,7 +65,7 @@ def test_bad_value_and_bad_recipe_exit_2(capsys):
     assert run_main(["generate", "--temperature", "-1"]) == 2
     assert "temperature: must be >= 0" in capsys.readouterr().err
     assert run_main(["generate", "--recipe", "nope"]) == 2
-    assert "unknown recipe 'nope' (known: tiny-generate)" in capsys.readouterr().err
+    assert "unknown recipe 'nope' (known: tiny-arithmetic, tiny-generate)" in capsys.readouterr().err
     assert run_main(["convert", "--recipe", "tiny-generate"]) == 2
     assert "recipe 'tiny-generate' for `leagues convert`: unknown config key 'prompt'" in capsys.readouterr().err
 
@@ -91,7 +91,7 @@ def test_config_file_errors_name_file_and_line(tmp_path, capsys):
 def test_recipes_registry():
     assert set(RECIPES) >= {"tiny-generate"}
     assert from_dict(GenerateConfig, get_recipe("tiny-generate")).model == "tiny-moe"
-    with pytest.raises(ValueError, match="known: tiny-generate"):
+    with pytest.raises(ValueError, match="known: tiny-arithmetic, tiny-generate"):
         get_recipe("nope")
 
 
@@ -127,10 +127,14 @@ def test_generate_missing_model_exits_2(tiny_dir, tmp_path, capsys):
     assert err.startswith("leagues: error: ") and "nope" in err and "Traceback" not in err
 
 
-def test_run_main_job(tiny_dir, capsys):
-    assert run_main(["run", "--max-new-tokens", "3"]) == 0
+def test_run_main_job_is_the_grpo_recipe_shortened(tmp_path, capsys):
+    """`leagues run` (make run) is `leagues train --recipe tiny-arithmetic`; here cut to a few seconds."""
+    short = ["--warm_start.steps", "5", "--steps", "2", "--eval.num_prompts", "16", "--eval.every", "2"]
+    args = [*short, "--rollout.batch_size", "4", "--obs.tensorboard", "false", "--run_dir", str(tmp_path / "run")]
+    assert run_main(["run", *args]) == 0
     out = capsys.readouterr().out
-    assert "prompt:     'The quick brown fox'" in out and "generation:" in out and "new tokens" in out
+    assert "held-out accuracy" in out and "report:" in out
+    assert (tmp_path / "run" / "report" / "summary.md").is_file()
 
 
 def test_convert_round_trip(tiny_dir, tmp_path, capsys):

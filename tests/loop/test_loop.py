@@ -167,3 +167,20 @@ def test_external_engine_over_http_with_disk_weight_sync(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_users_own_data_and_reward_from_the_command_line(tmp_path, capsys):
+    """The documented path: `leagues train --data my.jsonl --reward my_module:my_fn` (shorthands of
+    `--data.path` and `--reward.name`), with prompts through the chat template."""
+    from leagues.cli.main import main
+
+    data = tmp_path / "my.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"say {i}", "label": str(i)}) + "\n" for i in range(8)))
+    args = ["train", "--data", str(data), "--reward", f"{REWARDS}:starts_with_one", "--steps", "2"]
+    args += ["--rollout.batch_size", "4", "--rollout.n_samples_per_prompt", "2", "--rollout.max_response_len", "4"]
+    args += ["--obs.tensorboard", "false", "--run_dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    rows = rl_rows(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2] and rows[0]["rollout/num_samples"] == 8
+    assert main(["train", "--data", str(tmp_path / "missing.jsonl"), "--reward", "exact"]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
