@@ -91,7 +91,12 @@ class TrainConfig:
     engine_urls: list[str] = field(default_factory=list)
     """External engines (leagues serve, a router, SGLang) to roll out over HTTP instead of an in-process engine."""
     weight_sync: str = "auto"
-    """External engines: disk (update_weights_from_disk) or none (frozen engines); auto: disk."""
+    """External engines: disk (update_weights_from_disk, shared filesystem), distributed (SGLang's NCCL/gloo
+    weight-update group: NCCL on GPUs, gloo on CPUs) or none (frozen engines); auto: disk."""
+    weight_sync_address: str = "127.0.0.1"
+    """distributed: the address the engines reach this trainer's rank 0 at (the group's TCP store)."""
+    weight_sync_port: int = 29650
+    """distributed: the TCP store's port."""
     nproc: int = 1
     """Ranks to start on this node (torchrun underneath)."""
     report: bool = True
@@ -102,7 +107,7 @@ class TrainConfig:
             raise ValueError(f"placement: expected one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.steps < 0:
             raise ValueError(f"steps: must be >= 0, got {self.steps}")
-        if self.weight_sync not in ("auto", "disk", "none"):
-            raise ValueError(f"weight_sync: expected auto, disk or none, got {self.weight_sync!r}")
+        if self.weight_sync not in ("auto", "disk", "distributed", "none"):
+            raise ValueError(f"weight_sync: expected auto, disk, distributed or none, got {self.weight_sync!r}")
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness: must be >= 0, got {self.max_staleness}")

@@ -23,6 +23,7 @@ Decisions:
 """
 
 import pickle
+import time
 
 import torch
 import torch.distributed as dist
@@ -96,8 +97,10 @@ def trainer_loop(run: Run, sync: BroadcastSync, data_group, engines: list[int]) 
             messages = [recv_object(src=e, group=data_group) for e in engines]
         samples = trainable([s for m in messages for s in m["samples"]])
         assign_advantages(samples, cfg)
+        start = time.perf_counter()
         with timer.section("train"):
             train_metrics = run.trainer.train_step(samples)
+        train_metrics["tokens_per_s"] = train_metrics.get("tokens", 0.0) / (time.perf_counter() - start)
         with timer.section("sync"):
             sync.send(run.trainer.state_dict_for_sync(), version=step + 1)
         run.prompts.load_state_dict(messages[0]["data"])  # the position after the batch just trained on

@@ -16,7 +16,7 @@ Decisions:
 import asyncio
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from leagues.obs import Sink, StepTimer, build_sinks
 from leagues.rollout import PromptDataset, PromptIterator, RewardConfig, RewardScorer, load_prompts, make_task
 from leagues.rollout.generate import GenerateContext, load_generate_fn
 from leagues.rollout.tasks import task_dataset
+from leagues.sync import DistributedWeightSender
 from leagues.train import Trainer
 from leagues.train.checkpoint import latest_checkpoint
 from leagues.types import SamplingParams
@@ -93,7 +94,7 @@ class Run:
     rank: int = 0
     world: int = 1
     generate_fn: object = None
-    extra: dict = field(default_factory=dict)
+    _sender: DistributedWeightSender | None = None
 
     @classmethod
     def build(cls, cfg: TrainConfig, is_trainer: bool = True, is_engine: bool = True) -> "Run":
@@ -168,7 +169,18 @@ class Run:
         extra = {"data": self.prompts.state_dict(), "step": step}
         self.trainer.save(self.checkpoint_root, extra=extra)
 
+    def weight_sender(self) -> DistributedWeightSender:
+        """The SGLang weight-update group to the external engines, made on first use (rank 0 only)."""
+        if self._sender is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            address, port = self.cfg.weight_sync_address, self.cfg.weight_sync_port
+            self._sender = DistributedWeightSender(list(self.cfg.engine_urls), address, port, backend=backend)
+            self._sender.init()
+        return self._sender
+
     def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
         self.sinks.close()
         self.scorer.close()
         if self.engine is not None:

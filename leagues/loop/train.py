@@ -21,6 +21,8 @@ Decisions:
 - Held-out accuracy is greedy (temperature 0) on the held-out prompts, split over the ranks.
 """
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -80,8 +82,10 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
     sleep = run.engine is not None and torch.cuda.is_available()
     if sleep:
         run.engine.sleep()
+    start = time.perf_counter()
     with timer.section("train"):
         train_metrics = run.trainer.train_step(samples)
+    train_metrics["tokens_per_s"] = train_metrics.get("tokens", 0.0) / (time.perf_counter() - start)
     if sleep:
         run.engine.wake()
     with timer.section("sync"):
@@ -93,6 +97,13 @@ def sync_weights(run: Run, version: int) -> None:
     """The trainer's new weights into the engine: in place, or through disk for external engines."""
     if run.engine is not None:
         push_in_place(run.trainer.state_dict_for_sync(), run.engine, version=version)
+    elif run.cfg.weight_sync == "distributed":
+        buckets = run.trainer.state_dict_for_sync()  # every trainer rank gathers; rank 0 sends
+        if run.rank == 0:
+            run.weight_sender().send(buckets, weight_version=version)
+        else:
+            for _ in buckets:
+                pass
     elif run.cfg.weight_sync != "none":
         path = write_hf(run.trainer, run.model_path, run.run_dir / "weights", run.tokenizer)
         if run.rank == 0:

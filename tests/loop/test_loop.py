@@ -153,17 +153,21 @@ def test_failing_reward_is_contained(tmp_path):
 
 
 @pytest.mark.slow
-def test_external_engine_over_http_with_disk_weight_sync(tmp_path):
+@pytest.mark.parametrize("weight_sync", ["disk", "distributed"])
+def test_external_engine_over_http(tmp_path, weight_sync):
     from tests.engine.test_server import _launch, _wait_url
+    from tests.sync.test_distributed import free_port
 
     server = _launch()
     try:
         url = _wait_url(server)
-        history = train(config(tmp_path / "run", "--steps", "2", "--engine_urls", f"[{url}]"))
+        sync = ["--weight_sync", weight_sync, "--weight_sync_port", str(free_port())]
+        history = train(config(tmp_path / "run", "--steps", "2", "--engine_urls", f"[{url}]", *sync))
         assert len(history) == 2 and all(row["rollout/num_samples"] == 16 * 8 for row in history)
         info = httpx.get(f"{url}/get_server_info", timeout=30).json()
         assert info["weight_version"] == 2  # the engine serves the trainer's weights after step 2
-        assert Path(info["model_path"]).resolve() == (tmp_path / "run" / "weights").resolve()
+        if weight_sync == "disk":
+            assert Path(info["model_path"]).resolve() == (tmp_path / "run" / "weights").resolve()
     finally:
         server.terminate()
         server.wait(timeout=10)
