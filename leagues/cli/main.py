@@ -27,6 +27,7 @@ import yaml
 from leagues import __version__
 from leagues.cli import UsageError
 from leagues.cli.convert import ConvertConfig, run_convert
+from leagues.cli.eval import EvalVerbConfig, run_eval
 from leagues.cli.generate import GenerateConfig, run_generate
 from leagues.cli.report import ReportConfig, run_report
 from leagues.cli.router import RouterConfig, run_router
@@ -55,7 +56,7 @@ VERBS: dict[str, Verb] = {
     "serve": Verb(summary="serve a model over HTTP (SGLang and OpenAI APIs)", config_cls=ServeConfig, run=run_serve),
     "generate": Verb(summary="print a continuation of a prompt", config_cls=GenerateConfig, run=run_generate),
     "router": Verb(summary="route requests over engine replicas", config_cls=RouterConfig, run=run_router),
-    "eval": Verb(summary="evaluate a model on tasks", awaits="tasks and rewards (leagues/rollout/) and the engine"),
+    "eval": Verb(summary="accuracy of a model on a task or prompt file", config_cls=EvalVerbConfig, run=run_eval),
     "report": Verb(summary="plots and a summary of a run's metrics", config_cls=ReportConfig, run=run_report),
     "convert": Verb(summary="rewrite a checkpoint in HF format", config_cls=ConvertConfig, run=run_convert),
     "bench": Verb(summary="benchmark the engine and trainer", awaits="the engine and trainer benchmarks"),

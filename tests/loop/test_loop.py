@@ -188,3 +188,14 @@ def test_users_own_data_and_reward_from_the_command_line(tmp_path, capsys):
     assert [row["step"] for row in rows] == [1, 2] and rows[0]["rollout/num_samples"] == 8
     assert main(["train", "--data", str(tmp_path / "missing.jsonl"), "--reward", "exact"]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_eval_verb_reports_accuracy_and_pass_at_n(tmp_path, capsys):
+    from leagues.cli.main import main
+
+    args = ["eval", "--task", "arithmetic", "--num_prompts", "8", "--max_response_len", "4"]
+    assert main([*args, "--n", "4", "--temperature", "1", "--out", str(tmp_path / "out.jsonl")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["prompts"] == 8 and 0 <= result["accuracy"] <= result["pass@4"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(rows) == 32 and {"prompt", "response", "reward"} <= rows[0].keys()
