@@ -30,6 +30,7 @@ This module imports nothing from leagues.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import enum
@@ -395,12 +396,14 @@ def apply_overrides(cfg: T, args: list[str]) -> T:
 
     Dashes in keys may stand for underscores (`--max-new-tokens`); a value that itself starts with `--`
     needs the `--key=value` form. Unknown keys and bad values raise `ValueError` naming the dotted key.
+    Each value is type-checked as it is read; each config's own checks (`__post_init__`, which may relate
+    several fields) run once all overrides are in, so the order of flags never matters.
     """
     for path, raw in _parse_overrides(type(cfg), args):
         path = _shorthand(type(cfg), path, raw)
         tp = _field_type(type(cfg), path)
         cfg = _replace_at(cfg, path, _parse_value(tp, raw, path))
-    return cfg
+    return from_dict(type(cfg), to_dict(cfg))
 
 
 def _parse_overrides(cls: type, args: list[str]) -> Iterator[tuple[KeyPath, str]]:
@@ -501,10 +504,13 @@ def _parse_value(tp: Any, raw: str, path: KeyPath) -> Any:
 
 
 def _replace_at(cfg: Any, path: KeyPath, value: Any) -> Any:
+    """A copy of `cfg` with the field at `path` set, without running `__post_init__` (see apply_overrides)."""
     name = path[0]
-    if len(path) == 1:
-        return dataclasses.replace(cfg, **{name: value})
-    child = getattr(cfg, name)
-    if child is None:  # `Sub | None` left unset: start from Sub's defaults
-        child = _build(_dataclass_of(_hints(type(cfg))[name]), {}, (name,))
-    return dataclasses.replace(cfg, **{name: _replace_at(child, path[1:], value)})
+    if len(path) > 1:
+        child = getattr(cfg, name)
+        if child is None:  # `Sub | None` left unset: start from Sub's defaults
+            child = _build(_dataclass_of(_hints(type(cfg))[name]), {}, (name,))
+        value = _replace_at(child, path[1:], value)
+    new = copy.copy(cfg)
+    object.__setattr__(new, name, value)
+    return new

@@ -174,3 +174,17 @@ def test_override_errors_name_the_key(args, message):
     with pytest.raises(ValueError) as info:
         apply_overrides(RunConfig(name="x"), args)
     assert message in str(info.value)
+
+
+def test_overrides_are_checked_together_so_their_order_does_not_matter():
+    """A config check that relates two fields (cosine needs total_steps) sees both overrides, in any order."""
+    from leagues.loop import TrainConfig
+
+    for args in (
+        ["--trainer.optim.schedule", "cosine", "--trainer.optim.total_steps", "50"],
+        ["--trainer.optim.total_steps", "50", "--trainer.optim.schedule", "cosine"],
+    ):
+        cfg = apply_overrides(TrainConfig(), args)
+        assert (cfg.trainer.optim.schedule, cfg.trainer.optim.total_steps) == ("cosine", 50)
+    with pytest.raises(ValueError, match="total_steps"):
+        apply_overrides(TrainConfig(), ["--trainer.optim.schedule", "cosine"])

@@ -6,6 +6,8 @@ This file is the wiring; the step itself reads top to bottom in `train.py`.
 Decisions:
 - Every rank builds the same prompt iterator (same seed) and takes its share of each global batch
   (`prompts[rank::world]`), so the data position is one number for the whole job and resumes exactly.
+  (With dynamic sampling on several ranks, ranks draw extra rounds independently and their positions
+  drift apart; rank 0's position is the one checkpointed.)
 - The trainer computes logprobs at the rollout's temperature (set here, so the two can never disagree).
 - The engine is built from the same checkpoint the trainer starts from, so step 0 needs no weight sync;
   after a resume the trainer's weights are pushed before the first rollout.

@@ -21,6 +21,7 @@ Decisions:
 - Held-out accuracy is greedy (temperature 0) on the held-out prompts, split over the ranks.
 """
 
+import asyncio
 import time
 
 import torch
@@ -174,8 +175,6 @@ def evaluate(run: Run) -> dict[str, float]:
         sample.response_ids, sample.metadata["response_text"] = list(out.token_ids), out.text
 
     async def all_of_them() -> None:
-        import asyncio
-
         await asyncio.gather(*(one(s) for s in samples))
         await run.scorer.score(samples)
 
