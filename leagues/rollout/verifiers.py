@@ -28,8 +28,6 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
-from math_verify import parse, verify
-
 _LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _TOLERANCE = Fraction(1, 10**6)
@@ -79,6 +77,8 @@ def extract_math_answer(response: str) -> str | None:
 
 
 def _parse_math(text: str) -> list:
+    from math_verify import parse  # imported on first use: it pulls in sympy, which only `math` needs
+
     return parse(text, parsing_timeout=None) or parse(f"${text}$", parsing_timeout=None)
 
 
@@ -88,7 +88,9 @@ def math_reward(prompt: str, response: str, label: Any, metadata: dict) -> float
     answer = extract_math_answer(response)
     if answer is None:
         return 0.0
-    gold, parsed = _parse_math(gold_text), parse(f"${answer}$", parsing_timeout=None)
+    from math_verify import verify
+
+    gold, parsed = _parse_math(gold_text), _parse_math(answer)
     if not gold:
         return float(answer == gold_text)
     if not parsed:
