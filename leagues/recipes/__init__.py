@@ -23,17 +23,22 @@ def tiny_generate() -> RunConfig:
 
 
 def tiny_arithmetic() -> RunConfig:
-    """The main job (`make run`): the built-in tiny MoE, SFT warm start on 1-2 digit sums and differences,
-    then 300 GRPO steps with held-out greedy accuracy every 50 steps. About 5 minutes on a 2-core CPU."""
+    """The main job (`make run`): the built-in tiny MoE, a short SFT warm start on 1-2 digit sums and
+    differences (about 27% held-out greedy accuracy), then 500 GRPO steps with a cosine learning rate and
+    held-out accuracy every 50 steps. About 4 minutes on a 2-core CPU."""
+    steps = 500
     return {
         "model": "tiny-moe",
         "task": "arithmetic",
-        "warm_start": {"steps": 1200, "batch_size": 64, "lr": 3e-3},
-        "steps": 300,
+        "warm_start": {"steps": 1000, "batch_size": 64, "lr": 3e-3},
+        "steps": steps,
         "rollout": {"batch_size": 64, "n_samples_per_prompt": 8, "max_response_len": 8, "temperature": 1.0},
-        "trainer": {"optim": {"lr": 7e-4}, "loss": {"eps_clip_high": 0.28}},
-        "eval": {"every": 50, "num_prompts": 512},
-        "save_every": 50,
+        "trainer": {
+            "optim": {"lr": 1e-3, "schedule": "cosine", "total_steps": steps, "min_lr_ratio": 0.1},
+            "loss": {"eps_clip_high": 0.28},
+        },
+        "eval": {"every": 50, "num_prompts": 1024},
+        "save_every": 100,
         "obs": {"tensorboard": True},
     }
 
