@@ -37,11 +37,17 @@ def strip_option(argv: list[str], option: str) -> list[str]:
 
 
 def init_distributed() -> None:
-    if under_launcher() and not dist.is_initialized():
+    """Join the launcher's group; on a GPU without a launcher, make a group of one rank, so the trainer
+    still gets FSDP2's bf16 compute with float32 master weights (on the CPU one process needs no group)."""
+    if dist.is_initialized():
+        return
+    if under_launcher():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
+    elif torch.cuda.is_available():
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
 
 
 def shutdown_distributed() -> None:

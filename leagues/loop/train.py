@@ -184,7 +184,8 @@ def evaluate(run: Run) -> dict[str, float]:
         [sum(s.reward >= threshold for s in samples), len(samples), sum(len(s.response_ids) for s in samples)],
         dtype=torch.float64,
     )
-    if dist.is_initialized():
+    if dist.is_initialized():  # NCCL reduces on the GPU only
+        totals = totals.to("cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(totals)
     correct, count, length = totals.tolist()
     return {"eval/accuracy": correct / max(count, 1.0), "eval/response_len_mean": length / max(count, 1.0)}

@@ -10,7 +10,7 @@ the flat token axis of a batch:
   and attends over each sequence's cached prefix.
 
 `PackedSeqs` picks the fastest exact kernel it can: one SDPA call when every sequence has the same
-length, `varlen_attn` (FlashAttention) on CUDA otherwise, and elsewhere one batched SDPA call per
+length, `varlen_attn` (FlashAttention) on CUDA in 16-bit dtypes otherwise, and elsewhere one batched SDPA call per
 distinct length (RL batches of short answers have few distinct lengths, so a batch of 512 sequences
 is a handful of calls, not 512). The per-sequence SDPA loop (`impl="sdpa_loop"`) is the reference.
 
@@ -85,7 +85,8 @@ class PackedSeqs:
         uniform = len(set(self.lengths)) == 1
         if self.impl == "auto" and uniform:
             return _sdpa_BHLA(q_THA, k_TGA, v_TGA, len(self.lengths))
-        if self.impl == "varlen" or (self.impl == "auto" and q_THA.is_cuda and varlen_attn is not None):
+        flash_dtype = q_THA.dtype in (torch.float16, torch.bfloat16)  # FlashAttention has no float32 kernel
+        if self.impl == "varlen" or (self.impl == "auto" and q_THA.is_cuda and flash_dtype and varlen_attn is not None):
             cu, n = self.cu_seqlens_B1, self.max_seqlen
             return varlen_causal(q_THA, k_TGA, v_TGA, cu, cu, n, n)
         if self.impl == "auto":
