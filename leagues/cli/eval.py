@@ -8,6 +8,7 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from leagues.cli import UsageError
 from leagues.engine import Engine, EngineConfig
@@ -24,7 +25,7 @@ class EvalVerbConfig:
     model: str = "tiny-moe"
     task: str = ""
     """A built-in task: its test split and its reward."""
-    task_params: dict = field(default_factory=dict)
+    task_params: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     """Or a prompt file (with labels) and a reward."""
     reward: RewardConfig | None = None
