@@ -16,6 +16,7 @@ Decisions:
 """
 
 import asyncio
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -59,8 +60,12 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
     return Path(name[0])
 
 
-def datasets(cfg: TrainConfig, tokenizer) -> tuple[PromptDataset, PromptDataset | None, RewardConfig]:
-    """Training prompts, held-out prompts (or None) and the reward of the run."""
+def datasets(
+    cfg: TrainConfig, tokenizer, max_len: int | None = None
+) -> tuple[PromptDataset, PromptDataset | None, RewardConfig]:
+    """Training prompts, held-out prompts (or None) and the reward of the run. `max_len`: the engine's context
+    limit; unless `data.max_prompt_tokens` is set, a prompt that leaves no room for `max_response_len` tokens
+    is rejected at load naming its file and line (or dropped with `data.filter_long_prompts`)."""
     if cfg.task:
         task = make_task(cfg.task, cfg.task_params)
         train = task_dataset(task, tokenizer, cfg.task_rows, cfg.seed, "train", at_most=True)
@@ -72,8 +77,16 @@ def datasets(cfg: TrainConfig, tokenizer) -> tuple[PromptDataset, PromptDataset 
         raise ValueError("data.path: give a prompt file (--data.path FILE) or a built-in task (--task arithmetic)")
     if cfg.reward is None:
         raise ValueError("reward.name: a run on a data file needs a reward (--reward.name math, or module:function)")
-    held_out = load_prompts(replace(cfg.data, path=cfg.eval.data), tokenizer) if cfg.eval.data else None
-    return load_prompts(cfg.data, tokenizer), held_out, cfg.reward
+    data = cfg.data
+    if data.max_prompt_tokens is None and max_len is not None:  # room for the response, checked at load
+        if max_len <= cfg.rollout.max_response_len:
+            raise ValueError(
+                f"rollout.max_response_len ({cfg.rollout.max_response_len}) leaves no room for a prompt in the "
+                f"engine's context of {max_len} tokens (engine.max_model_len)"
+            )
+        data = replace(data, max_prompt_tokens=max_len - cfg.rollout.max_response_len)
+    held_out = load_prompts(replace(data, path=cfg.eval.data), tokenizer) if cfg.eval.data else None
+    return load_prompts(data, tokenizer), held_out, cfg.reward
 
 
 @dataclass
@@ -115,7 +128,7 @@ class Run:
                 dist.barrier()  # engine ranks wait for the trainer's warm start
             model_path = run_dir / "warm_start"
         tokenizer = load_tokenizer(model_path)
-        train_data, held_out, reward = datasets(cfg, tokenizer)
+        train_data, held_out, reward = datasets(cfg, tokenizer, context_limit(cfg, model_path))
         cfg.trainer.temperature = cfg.rollout.temperature
         alone = cfg.placement == "disaggregated"
         trainer = Trainer(model_path, cfg.trainer, alone=alone) if is_trainer else None
@@ -190,6 +203,14 @@ class Run:
         if isinstance(self.client, HTTPClient):
             self.loop.run_until_complete(self.client.aclose())
         self.loop.close()
+
+
+def context_limit(cfg: TrainConfig, model_path: Path) -> int | None:
+    """The engine's longest sequence: its `max_model_len`, else the model's position limit."""
+    if cfg.engine.max_model_len:
+        return cfg.engine.max_model_len
+    config = json.loads((model_path / "config.json").read_text())
+    return config.get("max_position_embeddings")
 
 
 def _engine(cfg: TrainConfig, model_path: Path, tokenizer, is_engine: bool):

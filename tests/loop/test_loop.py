@@ -199,3 +199,26 @@ def test_eval_verb_reports_accuracy_and_pass_at_n(tmp_path, capsys):
     assert result["prompts"] == 8 and 0 <= result["accuracy"] <= result["pass@4"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(rows) == 32 and {"prompt", "response", "reward"} <= rows[0].keys()
+
+
+def test_prompt_longer_than_the_context_is_rejected_naming_the_line(tmp_path):
+    data = tmp_path / "long.jsonl"
+    rows = [{"prompt": "short", "label": "1"}, {"prompt": "x" * 200, "label": "1"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        "--data",
+        str(data),
+        "--reward",
+        "exact",
+        "--engine.max_model_len",
+        "128",
+        "--rollout.max_response_len",
+        "16",
+    ]
+    cfg = apply_overrides(TrainConfig(), [*args, "--run_dir", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=r"long.jsonl:2"):
+        train(cfg)
+    with pytest.raises(ValueError, match="leaves no room"):
+        train(apply_overrides(cfg, ["--rollout.max_response_len", "128"]))
+    filtered = apply_overrides(cfg, ["--data.filter_long_prompts", "true", "--steps", "1", "--rollout.batch_size", "1"])
+    assert len(train(filtered)) == 1
