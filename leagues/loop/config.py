@@ -97,6 +97,9 @@ class TrainConfig:
     """distributed: the address the engines reach this trainer's rank 0 at (the group's TCP store)."""
     weight_sync_port: int = 29650
     """distributed: the TCP store's port."""
+    engine_sleep: bool = True
+    """Colocated on GPUs: free the engine's KV cache while the trainer trains (off: keep it, when the model, its
+    optimizer state and the cache fit together, saving the re-allocation every step)."""
     nproc: int = 1
     """Ranks to start on this node (torchrun underneath)."""
     report: bool = True

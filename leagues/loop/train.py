@@ -80,7 +80,7 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
     )
     samples = trainable(result.samples)
     assign_advantages(samples, cfg)
-    sleep = run.engine is not None and torch.cuda.is_available()
+    sleep = run.engine is not None and torch.cuda.is_available() and cfg.engine_sleep
     if sleep:
         run.engine.sleep()
     start = time.perf_counter()
@@ -90,15 +90,18 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
     if sleep:
         run.engine.wake()
     with timer.section("sync"):
-        sync_weights(run, version=step + 1)
-    return merge_rollout_metrics(result.metrics) | {f"train/{k}": v for k, v in train_metrics.items()}
+        sync_metrics = sync_weights(run, version=step + 1)
+    return merge_rollout_metrics(result.metrics) | {f"train/{k}": v for k, v in train_metrics.items()} | sync_metrics
 
 
-def sync_weights(run: Run, version: int) -> None:
+def sync_weights(run: Run, version: int) -> dict[str, float]:
     """The trainer's new weights into the engine: in place, or through disk for external engines."""
     if run.engine is not None:
-        push_in_place(run.trainer.state_dict_for_sync(), run.engine, version=version)
-    elif run.cfg.weight_sync == "distributed":
+        start = time.perf_counter()
+        moved = push_in_place(run.trainer.state_dict_for_sync(), run.engine, version=version)
+        seconds = time.perf_counter() - start
+        return {"sync/gb": moved / 1e9, "sync/gb_per_s": moved / 1e9 / seconds if seconds else 0.0}
+    if run.cfg.weight_sync == "distributed":
         buckets = run.trainer.state_dict_for_sync()  # every trainer rank gathers; rank 0 sends
         if run.rank == 0:
             run.weight_sender().send(buckets, weight_version=version)
@@ -111,6 +114,7 @@ def sync_weights(run: Run, version: int) -> None:
             update_from_disk(run.cfg.engine_urls, path.resolve(), version)
         if dist.is_initialized():
             dist.barrier()
+    return {}
 
 
 def trainable(samples: list[Sample]) -> list[Sample]:

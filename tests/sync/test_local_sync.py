@@ -1,0 +1,84 @@
+"""Weight sync inside a job: after a training step and a sync, the engine's logprobs for a fixed sequence
+equal the trainer's (float32, <= 1e-5) and the engine stamps the new version; the broadcast path (trainer
+rank -> engine rank over a real gloo group) lands exactly the sent weights."""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from leagues.engine import Engine, SamplingParams
+from leagues.model import resolve_model_path, write_tiny_moe
+from leagues.sync import BroadcastSync, push_in_place
+from leagues.train import LossConfig, OptimConfig, Trainer, TrainerConfig
+from leagues.types import Sample
+from tests.sync.test_distributed import free_port
+
+PROMPT = [5, 17, 33, 42, 8]
+
+
+def _engine_logprobs(engine: Engine):
+    """Greedy continuation of PROMPT with its logprobs and version."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    out = engine.generate([PROMPT], params)[0]
+    return out.token_ids, out.logprobs, out.weight_version
+
+
+def test_in_place_sync_engine_logprobs_equal_trainer_logprobs():
+    path = resolve_model_path("tiny-moe")
+    trainer = Trainer(path, TrainerConfig(loss=LossConfig(policy_loss="reinforce"), optim=OptimConfig(lr=1e-2)))
+    engine = Engine(path, num_blocks=64, device="cpu", dtype="float32")
+    try:
+        tokens_before, _, version = _engine_logprobs(engine)
+        assert version == 0
+        batch = [Sample(prompt_ids=PROMPT, response_ids=tokens_before, advantage=-1.0) for _ in range(4)]
+        trainer.train_step(batch)  # push the greedy answer's probability down: the weights change
+        moved = push_in_place(trainer.state_dict_for_sync(), engine, version=1)
+        assert moved > 0
+        tokens, logprobs, version = _engine_logprobs(engine)
+        assert version == 1
+        want = trainer.compute_logprobs([Sample(prompt_ids=PROMPT, response_ids=tokens)])[0]
+        torch.testing.assert_close(torch.tensor(logprobs), want, rtol=0, atol=1e-5)
+    finally:
+        engine.close()
+
+
+def _broadcast_rank(rank: int, port: int, second: str, results) -> None:
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        sync = BroadcastSync(dist.new_group([0, 1]), src=0)
+        if rank == 0:
+            trainer = Trainer(second, TrainerConfig(), alone=True)
+            sync.send(trainer.state_dict_for_sync(bucket_bytes=64 * 1024), version=3)  # several buckets
+        else:
+            engine = Engine(resolve_model_path("tiny-moe"), num_blocks=64, device="cpu", dtype="float32")
+            try:
+                results.put((sync.receive(engine), _engine_logprobs(engine)))
+            finally:
+                engine.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_broadcast_sync_lands_the_sent_weights(tmp_path):
+    second = write_tiny_moe(tmp_path / "second", seed=1)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_broadcast_rank, args=(r, port, str(second), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    version, (tokens, logprobs, out_version) = results.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert version == 3 and out_version == 3
+    reference = Engine(second, num_blocks=64, device="cpu", dtype="float32")
+    try:
+        want_tokens, want_logprobs, _ = _engine_logprobs(reference)
+    finally:
+        reference.close()
+    assert tokens == want_tokens
+    torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(want_logprobs), rtol=0, atol=1e-6)
