@@ -1,0 +1,106 @@
+"""The main job on GPUs: `leagues.loop.train`, colocated, on a ~1B Qwen3-MoE shape, 1..N ranks.
+
+The model is the `anchor` shape of `train_step.py` (24 layers, hidden 1024, 64 experts of FFN 256, top-8)
+with the tiny character vocabulary (so the built-in arithmetic task and its tokenizer apply): 1.2B
+parameters. A short SFT warm start gives the reward a signal; then GRPO steps on the arithmetic task.
+Reported from the run's own metrics (steps after the first two): step time and its breakdown, rollout and
+train tokens/s, weight-sync GB/s against a device-to-device copy measured in the same run, and the reward
+at the first and last step. One JSON row goes to $OUT/loop.jsonl (rank 0).
+
+    PYTHONPATH=. torchrun --standalone --nproc-per-node N benchmarks/loop.py [--steps 12] [--warm-start 60]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from benchmarks.train_step import BASE, SHAPES, make_checkpoint
+from leagues.cli.launch import init_distributed
+from leagues.config import from_dict
+from leagues.loop import TrainConfig, train
+from leagues.model.tokenizer import TINY_VOCAB_SIZE, write_tiny_tokenizer
+
+
+def copy_gb_per_s() -> float:
+    """Device-to-device copy of 1 GiB: bytes read and written per second (the in-place sync's ceiling)."""
+    x = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.nbytes * 10 / (time.perf_counter() - start) / 1e9
+
+
+def summarize(history: list[dict], args, world: int) -> dict:
+    rows = history[2:] or history
+    mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in rows)  # noqa: E731
+    step = mean("time/step")
+    sections = ("rollout", "reward", "train", "sync", "eval", "save", "idle")
+    return {
+        "gpus": world,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "steps_timed": len(rows),
+        "step_s": round(step, 3),
+        "share": {s: round(mean(f"time/{s}") / step, 3) for s in sections},
+        "rollout_tokens_per_s": round(mean("rollout/tokens_per_s")),
+        "train_tokens_per_s": round(mean("train/tokens_per_s")),
+        "sync_s": round(mean("time/sync"), 3),
+        "sync_gb": round(mean("sync/gb"), 2),
+        "sync_gb_per_s": round(mean("sync/gb_per_s"), 1),
+        "reward_first": round(history[0]["rollout/reward_mean"], 3),
+        "reward_last": round(history[-1]["rollout/reward_mean"], 3),
+        "rewards": [round(r["rollout/reward_mean"], 3) for r in history],
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warm-start", type=int, default=60)
+    parser.add_argument("--shape", default="anchor", help="a shape of train_step.py (smoke: a CPU check)")
+    parser.add_argument("--path", default=None)
+    parser.add_argument("--engine-sleep", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    args.path = args.path or f"/tmp/leagues-bench-loop-{args.shape}"
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0 and not os.path.isfile(os.path.join(args.path, "config.json")):
+        hf = BASE | SHAPES[args.shape] | {"vocab_size": TINY_VOCAB_SIZE, "eos_token_id": 2, "pad_token_id": 0}
+        params = make_checkpoint(hf, args.path)
+        write_tiny_tokenizer(args.path)
+        print(f"model: {params / 1e9:.2f}B parameters", flush=True)
+    dist.barrier()
+    overrides = {
+        "model": args.path,
+        "task": "arithmetic",
+        "warm_start": {"steps": args.warm_start, "batch_size": 64, "lr": 3e-4},
+        "steps": args.steps,
+        "rollout": {"batch_size": 64, "n_samples_per_prompt": 8, "max_response_len": 8},
+        "trainer": {"optim": {"lr": 1e-5}, "loss": {"eps_clip_high": 0.28, "off_policy": "token_tis"}},
+        "engine_sleep": args.engine_sleep,
+        "run_dir": f"/tmp/leagues-bench-loop-{args.shape}-{world}gpu-{int(time.time())}",
+        "obs": {"console": False, "tensorboard": False},
+        "report": False,
+    }
+    history = train(from_dict(TrainConfig, overrides))
+    if rank == 0:
+        row = summarize(history, args, world) | {"engine_sleep": args.engine_sleep, "copy_gb_per_s": 0.0}
+        row["copy_gb_per_s"] = round(copy_gb_per_s(), 1) if torch.cuda.is_available() else None
+        print(json.dumps(row), flush=True)
+        with open(os.path.join(os.environ.get("OUT", "/tmp"), "loop.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
