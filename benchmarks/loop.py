@@ -3,7 +3,7 @@
 The model is the `anchor` shape of `train_step.py` (24 layers, hidden 1024, 64 experts of FFN 256, top-8)
 with the tiny character vocabulary (so the built-in arithmetic task and its tokenizer apply): 1.2B
 parameters. A short SFT warm start gives the reward a signal; then GRPO steps on the arithmetic task.
-Reported from the run's own metrics (steps after the first two): step time and its breakdown, rollout and
+Reported from the run's own metrics (steps after the first two, before the last, which saves a checkpoint): step time and its breakdown, rollout and
 train tokens/s, weight-sync GB/s against a device-to-device copy measured in the same run, and the reward
 at the first and last step. One JSON row goes to $OUT/loop.jsonl (rank 0).
 
@@ -41,10 +41,10 @@ def copy_gb_per_s() -> float:
 
 
 def summarize(history: list[dict], args, world: int) -> dict:
-    rows = history[2:] or history
+    rows = history[2:-1] or history  # not the warm-up steps, not the last (it saves a checkpoint)
     mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in rows)  # noqa: E731
     step = mean("time/step")
-    sections = ("rollout", "reward", "train", "sync", "eval", "save", "idle")
+    sections = ("rollout", "reward", "train", "sync", "sleep", "eval", "save", "idle")
     return {
         "gpus": world,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -222,6 +222,9 @@ class Engine:
         return future.result()
 
     def _loop(self) -> None:
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":  # the current device is per thread; kernels launch on it (rank r: cuda:r)
+            torch.cuda.set_device(device)
         while not self._closed:
             self._drain_inbox()
             if self.asleep or not self.scheduler.has_work():

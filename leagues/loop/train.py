@@ -82,13 +82,15 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
     assign_advantages(samples, cfg)
     sleep = run.engine is not None and torch.cuda.is_available() and cfg.engine_sleep
     if sleep:
-        run.engine.sleep()
+        with timer.section("sleep"):  # frees the KV cache for training; wake re-allocates it
+            run.engine.sleep()
     start = time.perf_counter()
     with timer.section("train"):
         train_metrics = run.trainer.train_step(samples)
     train_metrics["tokens_per_s"] = train_metrics.get("tokens", 0.0) / (time.perf_counter() - start)
     if sleep:
-        run.engine.wake()
+        with timer.section("sleep"):
+            run.engine.wake()
     with timer.section("sync"):
         sync_metrics = sync_weights(run, version=step + 1)
     return merge_rollout_metrics(result.metrics) | {f"train/{k}": v for k, v in train_metrics.items()} | sync_metrics
