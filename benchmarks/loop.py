@@ -3,9 +3,10 @@
 The model is the `anchor` shape of `train_step.py` (24 layers, hidden 1024, 64 experts of FFN 256, top-8)
 with the tiny character vocabulary (so the built-in arithmetic task and its tokenizer apply): 1.2B
 parameters. A short SFT warm start gives the reward a signal; then GRPO steps on the arithmetic task.
-Reported from the run's own metrics (steps after the first two, before the last, which saves a checkpoint): step time and its breakdown, rollout and
-train tokens/s, weight-sync GB/s against a device-to-device copy measured in the same run, and the reward
-at the first and last step. One JSON row goes to $OUT/loop.jsonl (rank 0).
+Reported from the run's own metrics, over the steps after the first two and before the last (which
+saves a checkpoint): step time and its breakdown, rollout and train tokens/s, weight-sync GB/s against a
+device-to-device copy measured in the same run, and the reward at the first and last step. One JSON row
+goes to $OUT/loop.jsonl (rank 0).
 
     PYTHONPATH=. torchrun --standalone --nproc-per-node N benchmarks/loop.py [--steps 12] [--warm-start 60]
 """
