@@ -21,6 +21,7 @@ from leagues.rollout import DataConfig, RewardConfig
 from leagues.rollout.generate import RolloutConfig
 from leagues.train import LossConfig, OptimConfig, TrainerConfig
 from leagues.train.advantages import AdvantageConfig
+from leagues.train.moe import MoEConfig
 
 PLACEMENTS = ("colocated", "disaggregated")
 
@@ -69,6 +70,8 @@ class TrainConfig:
         default_factory=lambda: TrainerConfig(loss=LossConfig(eps_clip_high=0.28), optim=OptimConfig(lr=1e-6))
     )
     engine: EngineConfig = field(default_factory=EngineConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """MoE stability: rollout routing replay (`--moe.routing_replay rollout`)."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     obs: ObsConfig = field(default_factory=ObsConfig)

@@ -130,6 +130,9 @@ class Run:
         tokenizer = load_tokenizer(model_path)
         train_data, held_out, reward = datasets(cfg, tokenizer, context_limit(cfg, model_path))
         cfg.trainer.temperature = cfg.rollout.temperature
+        cfg.trainer.moe = cfg.moe
+        if cfg.moe.routing_replay == "rollout":  # the engine records what the trainer replays
+            cfg.rollout.return_routes = True
         alone = cfg.placement == "disaggregated"
         trainer = Trainer(model_path, cfg.trainer, alone=alone) if is_trainer else None
         engine, client = _engine(cfg, model_path, tokenizer, is_engine)

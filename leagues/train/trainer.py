@@ -27,6 +27,7 @@ from leagues.parallel import ParallelConfig, full_state_dict, parallelize, set_l
 from leagues.train.checkpoint import load_checkpoint, local_only, save_checkpoint
 from leagues.train.logprobs import token_logprobs
 from leagues.train.losses import LossConfig, LossInputs, Normalizer, policy_loss
+from leagues.train.moe import MoEConfig, route_mismatch_frac
 from leagues.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
 from leagues.train.packing import MicroBatch, balance, build_microbatch, input_length, split_by_tokens
 from leagues.types import Sample
@@ -49,6 +50,7 @@ class TrainerConfig:
     """Checkpoints kept by `save`."""
     compile: bool = False
     """`torch.compile` each transformer block (fuses norms, rotary and the MoE glue)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 def _device() -> torch.device:
@@ -88,10 +90,20 @@ class Trainer:
 
     # --- forward pieces -----------------------------------------------------------------------
 
-    def _forward_logprobs(self, model: Transformer, mb: MicroBatch, with_entropy: bool = False):
-        batch = ForwardBatch.packed(mb.input_ids_T, mb.lengths, compute_logits=False)
-        batch.replay_experts_TLK = mb.replay_experts_TLK
-        hidden_TD = model.run(batch).hidden_TD
+    def _forward_logprobs(self, model: Transformer, mb: MicroBatch, with_entropy: bool = False, metrics=None):
+        replay = self.cfg.moe.routing_replay == "rollout"
+        if replay and mb.replay_experts_TLK is None:
+            raise ValueError("moe.routing_replay=rollout: the samples carry no routed_experts (record them in rollout)")
+        measure = metrics is not None and mb.replay_experts_TLK is not None and not replay
+        batch = ForwardBatch.packed(mb.input_ids_T, mb.lengths, compute_logits=False, capture_experts=measure)
+        batch.replay_experts_TLK = mb.replay_experts_TLK if replay else None
+        out = model.run(batch)
+        hidden_TD = out.hidden_TD
+        if measure and out.routed_experts_TLK is not None:
+            metrics["moe/route_mismatch_frac"] = route_mismatch_frac(out.routed_experts_TLK, mb.replay_experts_TLK)
+        elif replay:
+            metrics_out = metrics if metrics is not None else {}
+            metrics_out["moe/route_mismatch_frac"] = torch.zeros((), device=hidden_TD.device)
         weight_VD = model.embed.weight if model.lm_head is None else model.lm_head.weight
         return token_logprobs(
             hidden_TD,
@@ -153,6 +165,9 @@ class Trainer:
         most = torch.tensor([count], device=self.device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         dummy = Sample(prompt_ids=[0], response_ids=[0], loss_mask=[0], rollout_logprobs=[0.0])
+        if self.cfg.moe.routing_replay == "rollout":  # a route for its one token, so replay has one to use
+            config = self.model.config
+            dummy.routed_experts = torch.arange(config.top_k, dtype=torch.uint8).expand(1, config.num_moe_layers, -1)
         return [build_microbatch([dummy], [0], self.device) for _ in range(int(most) - count)]
 
     def _normalizer(self, mbs: list[MicroBatch]) -> Normalizer:
@@ -196,7 +211,8 @@ class Trainer:
         return self._reduce_metrics(totals) | {k: float(v) for k, v in step_metrics.items()}
 
     def _microbatch_loss(self, mb: MicroBatch, norm: Normalizer, ref, samples: list[Sample]):
-        logprobs_T, entropy_T = self._forward_logprobs(self.model, mb, with_entropy=True)
+        moe_metrics: dict[str, torch.Tensor] = {}
+        logprobs_T, entropy_T = self._forward_logprobs(self.model, mb, with_entropy=True, metrics=moe_metrics)
         seq_tokens = torch.zeros(mb.num_seqs, device=self.device).index_add_(0, mb.seq_ids_T, mb.mask_T)
         norm.seq_num_tokens_T = seq_tokens[mb.seq_ids_T].clamp(min=1.0)
         inputs = LossInputs(
@@ -210,7 +226,8 @@ class Trainer:
             ref_logprobs_T=self._ref_tokens(mb, ref, samples),
             entropy_T=entropy_T,
         )
-        return policy_loss(inputs, self.cfg.loss, norm)
+        loss, metrics = policy_loss(inputs, self.cfg.loss, norm)
+        return loss, metrics | moe_metrics
 
     def _ref_tokens(self, mb: MicroBatch, ref, samples: list[Sample]) -> torch.Tensor | None:
         if ref is None:

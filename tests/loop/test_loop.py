@@ -92,12 +92,13 @@ def test_colocated_two_gloo_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_disaggregated_one_trainer_one_engine(tmp_path):
-    args = ["--placement", "disaggregated", "--trainer.loss.off_policy", "token_tis"]
+    args = ["--placement", "disaggregated", "--trainer.loss.off_policy", "token_tis", "--moe.routing_replay", "rollout"]
     leagues_cli("train", "--nproc", "2", *EASY, *args, "--run_dir", str(tmp_path / "run"))
     rows = rl_rows(tmp_path / "run")
     assert len(rows) == 6
     assert max(row["train/staleness_max"] for row in rows) <= 1  # the staleness bound holds
     assert max(row["train/staleness_max"] for row in rows) == 1  # ... and generation overlapped training
+    assert all(row["train/moe/route_mismatch_frac"] == 0.0 for row in rows)  # routes crossed ranks, replayed
     assert_improves(rows)
 
 
@@ -161,9 +162,10 @@ def test_external_engine_over_http(tmp_path, weight_sync):
     server = _launch()
     try:
         url = _wait_url(server)
-        sync = ["--weight_sync", weight_sync, "--weight_sync_port", str(free_port())]
+        sync = ["--weight_sync", weight_sync, "--weight_sync_port", str(free_port()), "--moe.routing_replay", "rollout"]
         history = train(config(tmp_path / "run", "--steps", "2", "--engine_urls", f"[{url}]", *sync))
         assert len(history) == 2 and all(row["rollout/num_samples"] == 16 * 8 for row in history)
+        assert all(row["train/moe/route_mismatch_frac"] == 0.0 for row in history)  # routes came over HTTP
         info = httpx.get(f"{url}/get_server_info", timeout=30).json()
         assert info["weight_version"] == 2  # the engine serves the trainer's weights after step 2
         if weight_sync == "disk":
