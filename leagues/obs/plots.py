@@ -155,10 +155,35 @@ def plot_mismatch(rows: Sequence[Row]) -> Any:
     return fig
 
 
+def expert_load_keys(rows: Sequence[Row]) -> list[str]:
+    """Per-layer expert-load keys (`.../load_max_over_mean/layer{i}`), in layer order."""
+    keys = {k for row in rows for k in row if "load_max_over_mean/layer" in k}
+    return sorted(keys, key=lambda k: int(k.rsplit("layer", 1)[-1]))
+
+
+def plot_expert_load(rows: Sequence[Row]) -> Any:
+    """Heat map of expert load imbalance (max over mean routed tokens) per MoE layer and step; 1 is uniform."""
+    keys = expert_load_keys(rows)
+    if not keys:
+        return None
+    steps = np.array([row["step"] for row in rows if keys[0] in row])
+    grid = np.array([[row.get(k, np.nan) for row in rows if keys[0] in row] for k in keys], dtype=float)
+    fig, (ax,) = _figure(1, "Expert load per MoE layer (max / mean routed tokens)")
+    extent = (steps.min() - 0.5, steps.max() + 0.5, len(keys) - 0.5, -0.5)
+    image = ax.imshow(grid, aspect="auto", cmap="magma", extent=extent, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="max / mean (1 = balanced)")
+    ax.set_yticks(range(len(keys)))
+    ax.grid(False)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MoE layer")
+    return fig
+
+
 PLOTS: dict[str, Callable[[Sequence[Row]], Any]] = {
     "reward.png": plot_reward,
     "lengths.png": plot_lengths,
     "time.png": plot_time,
     "mismatch.png": plot_mismatch,
+    "expert_load.png": plot_expert_load,
 }
 """File name -> figure builder, in the order the report lists them."""

@@ -40,6 +40,7 @@ SKIP_REASONS = {
     "lengths.png": "no response length or truncation metrics logged",
     "time.png": "no time/step or time sections logged",
     "mismatch.png": "no mismatch metrics logged",
+    "expert_load.png": "no per-layer expert load logged (a dense model, or a run before load metrics existed)",
 }
 
 

@@ -1,4 +1,5 @@
-"""MoE-specific training settings: rollout routing replay (R3) and the router-agreement metric.
+"""MoE-specific training: rollout routing replay (R3), the router-agreement metric, expert load balance
+(auxiliary loss, router z-loss) and per-layer expert load metrics.
 
 Where it sits: the trainer's forward. With `routing_replay="rollout"` every micro-batch replays the experts
 the engine chose for each token (recorded during rollout and carried on the samples), so the policy being
@@ -10,10 +11,17 @@ Decisions:
   naming the sample: silently falling back to the trainer's own routing would hide the very mismatch R3
   exists to remove.
 - Disagreement compares expert SETS per (token, layer): top-k order is irrelevant to the output.
+- Balance terms are per MoE layer, averaged over layers, and weighted per micro-batch by its share of the
+  global batch's loss tokens, like the policy loss: the sum over micro-batches and ranks does not depend on
+  how the batch was split (up to the per-micro-batch statistics the Switch loss is defined on).
+- Load metrics count the routed (token, expert) slots of the step per layer: the max/mean ratio (1 is
+  perfect balance), the entropy of the load distribution over experts normalised by log E (1 is uniform),
+  and the number of experts that got no token.
 
-Legend: T tokens, L MoE layers, K top-k.
+Legend: T tokens, L MoE layers, K top-k, E experts.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +35,14 @@ class MoEConfig:
     """none: the trainer routes by itself; rollout: replay the engine's routes (R3) in every training forward
     (samples must carry them: the loop then asks the engine to record them)."""
 
+    aux_loss_coef: float = 0.0
+    """Weight of the Switch/GShard load-balancing loss E * sum_e f_e * P_e (Fedus et al. 2021), per layer."""
+    z_loss_coef: float = 0.0
+    """Weight of the router z-loss mean(logsumexp(logits)^2) (ST-MoE, Zoph et al. 2022), per layer."""
+
     def __post_init__(self) -> None:
+        if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
+            raise ValueError("moe.aux_loss_coef and moe.z_loss_coef must be >= 0")
         if self.routing_replay not in ROUTING_REPLAY:
             raise ValueError(
                 f"moe.routing_replay: expected one of {', '.join(ROUTING_REPLAY)}, got {self.routing_replay!r}"
@@ -39,3 +54,43 @@ def route_mismatch_frac(trainer_TLK: torch.Tensor, rollout_TLK: torch.Tensor) ->
     mine = trainer_TLK.long().sort(dim=-1).values
     theirs = rollout_TLK.to(mine.device).long().sort(dim=-1).values
     return (mine != theirs).any(dim=-1).float().mean()
+
+
+def load_balance_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+    """Switch/GShard auxiliary loss E * sum_e f_e * P_e: f_e is the share of the T*K routed slots sent to
+    expert e (no gradient), P_e the mean router probability of e. Equals 1 under perfect balance."""
+    num_experts = logits_TE.shape[-1]
+    probs_E = torch.softmax(logits_TE.float(), dim=-1).mean(dim=0)
+    share_E = torch.bincount(ids_TK.flatten().long(), minlength=num_experts).float() / max(ids_TK.numel(), 1)
+    return num_experts * (share_E * probs_E).sum()
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of logsumexp(router logits)^2: keeps router logits small (ST-MoE)."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def expert_counts(ids_TLK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[L, E] routed slots per expert and layer."""
+    offsets_L = torch.arange(ids_TLK.shape[1], device=ids_TLK.device)[:, None] * num_experts
+    flat = (ids_TLK.long().transpose(0, 1).flatten(1) + offsets_L).flatten()
+    return torch.bincount(flat, minlength=ids_TLK.shape[1] * num_experts).view(-1, num_experts)
+
+
+def load_metrics(counts_LE: torch.Tensor) -> dict[str, float]:
+    """Per-layer load balance of a step's routed slots: `moe/load_max_over_mean/layer{i}`, their means over
+    layers, the normalised load entropy and the count of experts with no token."""
+    counts = counts_LE.double()
+    num_experts = counts.shape[1]
+    mean_L = counts.mean(dim=1).clamp(min=1e-12)
+    ratio_L = counts.max(dim=1).values / mean_L
+    share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    entropy_L = -(share * share.clamp(min=1e-30).log()).sum(dim=1) / math.log(num_experts)
+    empty_L = (counts == 0).sum(dim=1).double()
+    out = {f"moe/load_max_over_mean/layer{i}": float(r) for i, r in enumerate(ratio_L)}
+    out |= {
+        "moe/load_max_over_mean": float(ratio_L.mean()),
+        "moe/load_entropy": float(entropy_L.mean()),
+        "moe/experts_without_tokens": float(empty_L.mean()),
+    }
+    return out

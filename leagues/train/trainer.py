@@ -27,7 +27,14 @@ from leagues.parallel import ParallelConfig, full_state_dict, parallelize, set_l
 from leagues.train.checkpoint import load_checkpoint, local_only, save_checkpoint
 from leagues.train.logprobs import token_logprobs
 from leagues.train.losses import LossConfig, LossInputs, Normalizer, policy_loss
-from leagues.train.moe import MoEConfig, route_mismatch_frac
+from leagues.train.moe import (
+    MoEConfig,
+    expert_counts,
+    load_balance_loss,
+    load_metrics,
+    route_mismatch_frac,
+    router_z_loss,
+)
 from leagues.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
 from leagues.train.packing import MicroBatch, balance, build_microbatch, input_length, split_by_tokens
 from leagues.types import Sample
@@ -81,6 +88,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.step = 0
+        self._load_counts: torch.Tensor | None = None
 
     def _load_ref(self) -> Transformer:
         ref = load_pretrained(
@@ -90,23 +98,25 @@ class Trainer:
 
     # --- forward pieces -----------------------------------------------------------------------
 
-    def _forward_logprobs(self, model: Transformer, mb: MicroBatch, with_entropy: bool = False, metrics=None):
+    def _forward_logprobs(self, model: Transformer, mb: MicroBatch, with_entropy: bool = False, train: bool = False):
+        """Logprobs (and entropy) of the micro-batch's targets, and the forward's output (routes and router
+        logits are captured in training passes of MoE models, for the MoE metrics and balance losses)."""
         replay = self.cfg.moe.routing_replay == "rollout"
         if replay and mb.replay_experts_TLK is None:
             raise ValueError("moe.routing_replay=rollout: the samples carry no routed_experts (record them in rollout)")
-        measure = metrics is not None and mb.replay_experts_TLK is not None and not replay
-        batch = ForwardBatch.packed(mb.input_ids_T, mb.lengths, compute_logits=False, capture_experts=measure)
+        moe = self.cfg.moe
+        batch = ForwardBatch.packed(
+            mb.input_ids_T,
+            mb.lengths,
+            compute_logits=False,
+            capture_experts=train,
+            capture_router_logits=train and (moe.aux_loss_coef > 0 or moe.z_loss_coef > 0),
+        )
         batch.replay_experts_TLK = mb.replay_experts_TLK if replay else None
         out = model.run(batch)
-        hidden_TD = out.hidden_TD
-        if measure and out.routed_experts_TLK is not None:
-            metrics["moe/route_mismatch_frac"] = route_mismatch_frac(out.routed_experts_TLK, mb.replay_experts_TLK)
-        elif replay:
-            metrics_out = metrics if metrics is not None else {}
-            metrics_out["moe/route_mismatch_frac"] = torch.zeros((), device=hidden_TD.device)
         weight_VD = model.embed.weight if model.lm_head is None else model.lm_head.weight
-        return token_logprobs(
-            hidden_TD,
+        logprobs_T, entropy_T = token_logprobs(
+            out.hidden_TD,
             weight_VD,
             mb.targets_T,
             self.cfg.temperature,
@@ -115,6 +125,26 @@ class Trainer:
             entropy_grad=self.cfg.loss.entropy_coef != 0,
             compiled=self.cfg.compile,
         )
+        return logprobs_T, entropy_T, out
+
+    def _moe_terms(self, out, mb: MicroBatch, norm: Normalizer) -> tuple[torch.Tensor | float, dict]:
+        """Balance-loss share of this micro-batch, route disagreement with the rollout, and load counts."""
+        routes_TLK, moe = out.routed_experts_TLK, self.cfg.moe
+        if routes_TLK is None:  # a dense model
+            return 0.0, {}
+        metrics = {}
+        if mb.replay_experts_TLK is not None:  # zero under replay, by construction
+            metrics["moe/route_mismatch_frac"] = route_mismatch_frac(routes_TLK, mb.replay_experts_TLK)
+        if mb.mask_T.any():  # not a padding pass
+            counts = expert_counts(routes_TLK, self.model.config.num_experts)
+            self._load_counts = counts if self._load_counts is None else self._load_counts + counts
+        if not out.router_logits:
+            return 0.0, metrics
+        share = mb.mask_T.sum() / norm.num_tokens  # this micro-batch's part of the global batch
+        aux = torch.stack([load_balance_loss(lg, routes_TLK[:, i]) for i, lg in enumerate(out.router_logits)]).mean()
+        z = torch.stack([router_z_loss(lg) for lg in out.router_logits]).mean()
+        metrics |= {"moe/aux_loss": aux.detach(), "moe/z_loss": z.detach()}
+        return share * (moe.aux_loss_coef * aux + moe.z_loss_coef * z), metrics
 
     def _microbatches(self, samples: list[Sample]) -> list[MicroBatch]:
         lengths = [input_length(s) for s in samples]
@@ -127,7 +157,7 @@ class Trainer:
         model = model or self.model
         out: list[torch.Tensor | None] = [None] * len(samples)
         for mb in self._microbatches(samples):
-            logprobs_T, _ = self._forward_logprobs(model, mb)
+            logprobs_T, _, _ = self._forward_logprobs(model, mb)
             for seq, i in enumerate(mb.sample_indices):  # response targets are each sequence's last positions
                 out[i] = logprobs_T[mb.seq_ids_T == seq][-len(samples[i].response_ids) :].float().cpu()
         return out
@@ -192,6 +222,7 @@ class Trainer:
         norm = self._normalizer(mbs)
         mbs += self._padding_microbatches(len(mbs))
         totals: dict[str, float] = {}
+        self._load_counts = None
         for i, mb in enumerate(mbs):
             if self.mesh is not None:
                 set_last_microbatch(self.model, self.cfg.parallel, last=i == len(mbs) - 1)
@@ -208,11 +239,23 @@ class Trainer:
         step_metrics = optimizer_step(list(self.model.parameters()), self.optimizer, self.scheduler, self.cfg.optim)
         self.optimizer.zero_grad(set_to_none=True)  # the next step starts from clean gradients
         self.step += 1
-        return self._reduce_metrics(totals) | {k: float(v) for k, v in step_metrics.items()}
+        return self._reduce_metrics(totals) | self._load_metrics() | {k: float(v) for k, v in step_metrics.items()}
+
+    def _load_metrics(self) -> dict[str, float]:
+        """Expert load of the step's routed slots over all ranks (MoE models)."""
+        config = self.model.config
+        if not config.num_moe_layers:
+            return {}
+        counts = self._load_counts
+        if counts is None:
+            counts = torch.zeros(config.num_moe_layers, config.num_experts, dtype=torch.long, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(counts)
+        return load_metrics(counts.cpu())
 
     def _microbatch_loss(self, mb: MicroBatch, norm: Normalizer, ref, samples: list[Sample]):
-        moe_metrics: dict[str, torch.Tensor] = {}
-        logprobs_T, entropy_T = self._forward_logprobs(self.model, mb, with_entropy=True, metrics=moe_metrics)
+        logprobs_T, entropy_T, out = self._forward_logprobs(self.model, mb, with_entropy=True, train=True)
+        moe_loss, moe_metrics = self._moe_terms(out, mb, norm)
         seq_tokens = torch.zeros(mb.num_seqs, device=self.device).index_add_(0, mb.seq_ids_T, mb.mask_T)
         norm.seq_num_tokens_T = seq_tokens[mb.seq_ids_T].clamp(min=1.0)
         inputs = LossInputs(
@@ -227,7 +270,7 @@ class Trainer:
             entropy_T=entropy_T,
         )
         loss, metrics = policy_loss(inputs, self.cfg.loss, norm)
-        return loss, metrics | moe_metrics
+        return loss + moe_loss, metrics | moe_metrics
 
     def _ref_tokens(self, mb: MicroBatch, ref, samples: list[Sample]) -> torch.Tensor | None:
         if ref is None:
@@ -240,6 +283,11 @@ class Trainer:
 
     def _reduce_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         """Token-weighted means over the global batch; `*_max` keys are maxima; loss and tokens are sums."""
+        if self.world > 1:  # every rank reduces the same keys, even one whose passes lacked some metric
+            names: list[list[str]] = [None] * self.world  # type: ignore[list-item]
+            dist.all_gather_object(names, sorted(totals))
+            for key in set().union(*names) - totals.keys():
+                totals[key] = float("-inf") if key.endswith("_max") else 0.0
         maxima = {k: v for k, v in totals.items() if k.endswith("_max")}
         sums = {k: v for k, v in totals.items() if k not in maxima}
         reduced = {}

@@ -116,3 +116,16 @@ def test_partial_runs_plot_without_warnings(tmp_path, recwarn):
     files = write_report(write_run(tmp_path / "run", rows))
     assert [p.name for p in files] == ["reward.png", "lengths.png", "time.png", "summary.md"]
     assert not [w for w in recwarn if "legend" in str(w.message)]
+
+
+def test_expert_load_heat_map(tmp_path):
+    from leagues.obs.report import write_report
+
+    rows = [
+        {"step": s, "train/moe/load_max_over_mean/layer0": 1.0 + s, "train/moe/load_max_over_mean/layer1": 2.0}
+        for s in range(1, 5)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths = write_report(tmp_path)
+    heat = tmp_path / "report" / "expert_load.png"
+    assert heat in paths and heat.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
