@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from leagues.model.config import ModelConfig
 from leagues.model.families import FAMILIES, HF, config_from_hf
+from leagues.model.moe import Router
 from leagues.model.transformer import Transformer
 
 INDEX = "model.safetensors.index.json"
@@ -128,6 +129,9 @@ def load_pretrained(
         raise ValueError(f"{path}: checkpoint tensors not used by family {cfg.family}: {extra[:8]}")
     model.load_state_dict(state, assign=True, strict=True)
     model.rope.reset(device)
+    for module in model.modules():  # non-persistent buffers built on the meta device
+        if isinstance(module, Router):
+            module.expert_bias = torch.zeros_like(module.expert_bias, device=device)
     return model
 
 
@@ -215,12 +219,13 @@ def hf_name_index(model: Transformer) -> dict[str, tuple[str, int | None, int, i
 
 @torch.no_grad()
 def load_named_tensors(model: Transformer, named_tensors) -> int:
-    """Copy tensors into the model in place, by our parameter names or by HF names; returns the count.
+    """Copy tensors into the model in place, by our parameter names (or routers' `expert_bias` buffers) or by HF
+    names; returns the count.
 
     In place (`copy_` into the existing storage) so no second copy of the model is made and captured
     CUDA graphs stay valid. A name that maps to nothing, or a shape that does not fit, raises.
     """
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n.endswith("expert_bias")}
     hf_index = None
     count = 0
     for name, tensor in named_tensors:

@@ -59,12 +59,17 @@ class Router(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias that steers which experts are picked
+        # but not how their outputs are weighted. Zero unless a trainer updates it (adding 0.0 is exact, so a
+        # zero bias routes bit for bit as without one); not part of HF checkpoints (non-persistent).
+        self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=False)
 
     def forward(self, x_TD: torch.Tensor, replay_ids_TK: torch.Tensor | None = None) -> Routing:
         logits_TE = F.linear(x_TD, self.weight)
         probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
         if replay_ids_TK is None:
-            weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+            ids_TK = torch.topk(probs_TE + self.expert_bias, self.top_k, dim=-1).indices
+            weights_TK = probs_TE.gather(1, ids_TK)
         else:
             ids_TK = replay_ids_TK.to(device=x_TD.device, dtype=torch.long)
             weights_TK = probs_TE.gather(1, ids_TK)

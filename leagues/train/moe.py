@@ -39,10 +39,13 @@ class MoEConfig:
     """Weight of the Switch/GShard load-balancing loss E * sum_e f_e * P_e (Fedus et al. 2021), per layer."""
     z_loss_coef: float = 0.0
     """Weight of the router z-loss mean(logsumexp(logits)^2) (ST-MoE, Zoph et al. 2022), per layer."""
+    bias_update_rate: float = 0.0
+    """Auxiliary-loss-free balancing (DeepSeek-V3): after each step every expert's routing bias moves by this
+    much toward balance, b_e += rate * sign(mean load - load_e); 0: off."""
 
     def __post_init__(self) -> None:
-        if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
-            raise ValueError("moe.aux_loss_coef and moe.z_loss_coef must be >= 0")
+        if self.aux_loss_coef < 0 or self.z_loss_coef < 0 or self.bias_update_rate < 0:
+            raise ValueError("moe.aux_loss_coef, moe.z_loss_coef and moe.bias_update_rate must be >= 0")
         if self.routing_replay not in ROUTING_REPLAY:
             raise ValueError(
                 f"moe.routing_replay: expected one of {', '.join(ROUTING_REPLAY)}, got {self.routing_replay!r}"
@@ -94,3 +97,9 @@ def load_metrics(counts_LE: torch.Tensor) -> dict[str, float]:
         "moe/experts_without_tokens": float(empty_L.mean()),
     }
     return out
+
+
+def update_expert_bias(bias_LE: list[torch.Tensor], counts_LE: torch.Tensor, rate: float) -> None:
+    """DeepSeek-V3's auxiliary-loss-free update, in place: overloaded experts' biases fall, underloaded rise."""
+    for bias_E, counts_E in zip(bias_LE, counts_LE.to(torch.float32), strict=True):
+        bias_E += rate * torch.sign(counts_E.mean() - counts_E).to(bias_E.device)

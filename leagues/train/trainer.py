@@ -14,6 +14,7 @@ current weights' own (detached): each batch gets one update, so the ratio is 1 a
 importance correction against the engine's logprobs is where off-policy-ness is handled.
 """
 
+import itertools
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from leagues.model import ForwardBatch, Transformer, load_pretrained, resolve_model_path
 from leagues.parallel import ParallelConfig, full_state_dict, parallelize, set_last_microbatch
@@ -34,6 +36,7 @@ from leagues.train.moe import (
     load_metrics,
     route_mismatch_frac,
     router_z_loss,
+    update_expert_bias,
 )
 from leagues.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
 from leagues.train.packing import MicroBatch, balance, build_microbatch, input_length, split_by_tokens
@@ -251,7 +254,17 @@ class Trainer:
             counts = torch.zeros(config.num_moe_layers, config.num_experts, dtype=torch.long, device=self.device)
         if self.world > 1:
             dist.all_reduce(counts)
+        if self.cfg.moe.bias_update_rate > 0:  # every rank has the global counts: biases stay identical
+            update_expert_bias([b for _, b in self._expert_biases()], counts, self.cfg.moe.bias_update_rate)
         return load_metrics(counts.cpu())
+
+    def _expert_biases(self) -> list[tuple[str, torch.Tensor]]:
+        """The routers' balancing biases (buffers, replicated on every rank), by the model's names."""
+        return [
+            (name.replace(_CHECKPOINT_PREFIX, ""), buf)
+            for name, buf in self.model.named_buffers()
+            if name.endswith("expert_bias")
+        ]
 
     def _microbatch_loss(self, mb: MicroBatch, norm: Normalizer, ref, samples: list[Sample]):
         logprobs_T, entropy_T, out = self._forward_logprobs(self.model, mb, with_entropy=True, train=True)
@@ -311,6 +324,8 @@ class Trainer:
             if self.mesh is not None
             else ((n, p.detach()) for n, p in self.model.named_parameters())
         )
+        if self.cfg.moe.bias_update_rate > 0:  # the engine must pick experts with the same biases
+            named = itertools.chain(named, ((n, b.detach().clone()) for n, b in self._expert_biases()))
         bucket, size = [], 0
         for name, tensor in named:
             bucket.append((name, tensor))
@@ -323,6 +338,8 @@ class Trainer:
 
     def save(self, root: str | Path, extra: dict | None = None) -> Path:
         extra = {"trainer_step": self.step, **(extra or {})}
+        if self.cfg.moe.bias_update_rate > 0:  # non-persistent buffers: not in the model's state dict
+            extra["expert_bias"] = {n: b.tolist() for n, b in self._expert_biases()}
         with local_only() if self.alone else nullcontext():
             return save_checkpoint(
                 root, self.step, self.model, self.optimizer, self.scheduler, extra, self.cfg.keep_last
@@ -332,4 +349,8 @@ class Trainer:
         with local_only() if self.alone else nullcontext():
             extra = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step = extra.pop("trainer_step", self.step)
+        saved = extra.pop("expert_bias", {})
+        for name, buf in self._expert_biases():
+            if name in saved:
+                buf.copy_(torch.tensor(saved[name], dtype=buf.dtype))
         return extra

@@ -60,3 +60,56 @@ def test_balance_loss_alone_trains_the_router():
     assert not torch.equal(before, after)
     _, before, after = run(aux=0.0)
     assert torch.equal(before, after)
+
+
+def skewed_trainer(rate: float) -> Trainer:
+    cfg = TrainerConfig(
+        loss=LossConfig(policy_loss="reinforce"),
+        optim=OptimConfig(lr=0.0),
+        moe=MoEConfig(bias_update_rate=rate),
+    )
+    trainer = Trainer("tiny-moe", cfg)
+    for _, bias in trainer._expert_biases():
+        bias[0] = 1.0  # every token now picks expert 0: a skewed router
+    return trainer
+
+
+def balance_samples() -> list[Sample]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        Sample(prompt_ids=torch.randint(4, 100, (12,), generator=gen).tolist(), response_ids=[7, 8, 9], advantage=0.0)
+        for _ in range(16)
+    ]
+
+
+def test_bias_update_moves_load_toward_uniform_and_reaches_the_engine(tmp_path):
+    from leagues.engine import Engine, SamplingParams
+    from leagues.model import ForwardBatch, resolve_model_path
+    from leagues.sync import push_in_place
+
+    trainer, samples = skewed_trainer(rate=0.02), balance_samples()
+    first = trainer.train_step(samples)
+    for _ in range(40):
+        last = trainer.train_step(samples)
+    assert first["moe/load_max_over_mean"] > 2.5  # skewed
+    assert last["moe/load_max_over_mean"] < 0.6 * first["moe/load_max_over_mean"]
+    assert last["moe/load_entropy"] > first["moe/load_entropy"]
+    # the engine routes with the same biases after a sync
+    engine = Engine(resolve_model_path("tiny-moe"), num_blocks=64, device="cpu", dtype="float32")
+    try:
+        push_in_place(trainer.state_dict_for_sync(), engine, version=1)
+        params = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True, return_routed_experts=True)
+        out = engine.generate([[5, 17, 33, 42]], params)[0]
+    finally:
+        engine.close()
+    ids = torch.tensor([5, 17, 33, 42, *out.token_ids[:-1]])
+    with torch.no_grad():
+        mine = trainer.model.run(ForwardBatch.packed(ids, [len(ids)], capture_experts=True)).routed_experts_TLK
+    assert torch.equal(mine.long().sort(-1).values, out.routed_experts.long().sort(-1).values)
+    # and a checkpoint keeps them
+    saved = {n: b.clone() for n, b in trainer._expert_biases()}
+    path = trainer.save(tmp_path / "ckpt")
+    fresh = skewed_trainer(rate=0.02)
+    fresh.load(path)
+    for name, bias in fresh._expert_biases():
+        assert torch.equal(bias, saved[name])
