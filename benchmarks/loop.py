@@ -57,6 +57,10 @@ def summarize(history: list[dict], args, world: int) -> dict:
         "sync_s": round(mean("time/sync"), 3),
         "sync_gb": round(mean("sync/gb"), 2),
         "sync_gb_per_s": round(mean("sync/gb_per_s"), 1),
+        "mismatch_abs_mean": mean("train/mismatch/abs_diff_mean"),
+        "mismatch_abs_max": max(r.get("train/mismatch/abs_diff_max", 0.0) for r in rows),
+        "mismatch_kl_k3": mean("train/mismatch/kl_k3"),
+        "route_mismatch_frac": mean("train/moe/route_mismatch_frac"),
         "reward_first": round(history[0]["rollout/reward_mean"], 3),
         "reward_last": round(history[-1]["rollout/reward_mean"], 3),
         "rewards": [round(r["rollout/reward_mean"], 3) for r in history],
@@ -70,6 +74,7 @@ def main():
     parser.add_argument("--shape", default="anchor", help="a shape of train_step.py (smoke: a CPU check)")
     parser.add_argument("--path", default=None)
     parser.add_argument("--engine-sleep", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--routing-replay", default="none", choices=["none", "rollout"])
     args = parser.parse_args()
     args.path = args.path or f"/tmp/leagues-bench-loop-{args.shape}"
     init_distributed()
@@ -88,13 +93,17 @@ def main():
         "rollout": {"batch_size": 64, "n_samples_per_prompt": 8, "max_response_len": 8},
         "trainer": {"optim": {"lr": 1e-5}, "loss": {"eps_clip_high": 0.28, "off_policy": "token_tis"}},
         "engine_sleep": args.engine_sleep,
+        "moe": {"routing_replay": args.routing_replay},
         "run_dir": f"/tmp/leagues-bench-loop-{args.shape}-{world}gpu-{int(time.time())}",
         "obs": {"console": False, "tensorboard": False},
         "report": False,
     }
     history = train(from_dict(TrainConfig, overrides))
     if rank == 0:
-        row = summarize(history, args, world) | {"engine_sleep": args.engine_sleep, "copy_gb_per_s": 0.0}
+        row = summarize(history, args, world) | {
+            "engine_sleep": args.engine_sleep,
+            "routing_replay": args.routing_replay,
+        }
         row["copy_gb_per_s"] = round(copy_gb_per_s(), 1) if torch.cuda.is_available() else None
         print(json.dumps(row), flush=True)
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "loop.jsonl"), "a") as f:
