@@ -44,6 +44,7 @@ def copy_gb_per_s() -> float:
 def summarize(history: list[dict], args, world: int) -> dict:
     rows = history[2:-1] or history  # not the warm-up steps, not the last (it saves a checkpoint)
     mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in rows)  # noqa: E731
+    has = lambda key: all(key in r for r in rows)  # noqa: E731
     step = mean("time/step")
     sections = ("rollout", "reward", "train", "sync", "sleep", "eval", "save", "idle")
     return {
@@ -60,7 +61,7 @@ def summarize(history: list[dict], args, world: int) -> dict:
         "mismatch_abs_mean": mean("train/mismatch/abs_diff_mean"),
         "mismatch_abs_max": max(r.get("train/mismatch/abs_diff_max", 0.0) for r in rows),
         "mismatch_kl_k3": mean("train/mismatch/kl_k3"),
-        "route_mismatch_frac": mean("train/moe/route_mismatch_frac"),
+        "route_mismatch_frac": mean("train/moe/route_mismatch_frac") if has("train/moe/route_mismatch_frac") else None,
         "reward_first": round(history[0]["rollout/reward_mean"], 3),
         "reward_last": round(history[-1]["rollout/reward_mean"], 3),
         "rewards": [round(r["rollout/reward_mean"], 3) for r in history],
@@ -90,7 +91,8 @@ def main():
         "task": "arithmetic",
         "warm_start": {"steps": args.warm_start, "batch_size": 64, "lr": 3e-4},
         "steps": args.steps,
-        "rollout": {"batch_size": 64, "n_samples_per_prompt": 8, "max_response_len": 8},
+        # routes recorded in every run, so the default run measures how often the trainer routes differently
+        "rollout": {"batch_size": 64, "n_samples_per_prompt": 8, "max_response_len": 8, "return_routes": True},
         "trainer": {"optim": {"lr": 1e-5}, "loss": {"eps_clip_high": 0.28, "off_policy": "token_tis"}},
         "engine_sleep": args.engine_sleep,
         "moe": {"routing_replay": args.routing_replay},
