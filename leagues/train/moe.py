@@ -64,7 +64,7 @@ def load_balance_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Te
     expert e (no gradient), P_e the mean router probability of e. Equals 1 under perfect balance."""
     num_experts = logits_TE.shape[-1]
     probs_E = torch.softmax(logits_TE.float(), dim=-1).mean(dim=0)
-    share_E = torch.bincount(ids_TK.flatten().long(), minlength=num_experts).float() / max(ids_TK.numel(), 1)
+    share_E = _count(ids_TK.flatten().long(), num_experts).float() / max(ids_TK.numel(), 1)
     return num_experts * (share_E * probs_E).sum()
 
 
@@ -77,7 +77,12 @@ def expert_counts(ids_TLK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[L, E] routed slots per expert and layer."""
     offsets_L = torch.arange(ids_TLK.shape[1], device=ids_TLK.device)[:, None] * num_experts
     flat = (ids_TLK.long().transpose(0, 1).flatten(1) + offsets_L).flatten()
-    return torch.bincount(flat, minlength=ids_TLK.shape[1] * num_experts).view(-1, num_experts)
+    return _count(flat, ids_TLK.shape[1] * num_experts).view(-1, num_experts)
+
+
+def _count(ids_N: torch.Tensor, size: int) -> torch.Tensor:
+    """bincount without its host sync on CUDA (it reads the max back): an index_add of ones."""
+    return torch.zeros(size, dtype=torch.long, device=ids_N.device).index_add_(0, ids_N, torch.ones_like(ids_N))
 
 
 def load_metrics(counts_LE: torch.Tensor) -> dict[str, float]:

@@ -138,9 +138,9 @@ class Trainer:
         metrics = {}
         if mb.replay_experts_TLK is not None:  # zero under replay, by construction
             metrics["moe/route_mismatch_frac"] = route_mismatch_frac(routes_TLK, mb.replay_experts_TLK)
-        if mb.mask_T.any():  # not a padding pass
-            counts = expert_counts(routes_TLK, self.model.config.num_experts)
-            self._load_counts = counts if self._load_counts is None else self._load_counts + counts
+        # a padding pass (no loss tokens) counts nothing; multiplied, not branched on, to keep the host out
+        counts = expert_counts(routes_TLK, self.model.config.num_experts) * mb.mask_T.any()
+        self._load_counts = counts if self._load_counts is None else self._load_counts + counts
         if not out.router_logits:
             return 0.0, metrics
         share = mb.mask_T.sum() / norm.num_tokens  # this micro-batch's part of the global batch
