@@ -47,7 +47,7 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
     try:
         if run.start_step or run.engine is None:  # resumed, or external engines: start from our weights
             sync_weights(run, run.start_step)
-        elif cfg.eval.every and run.held_out is not None:  # the starting point (the warm start), as step 0
+        if run.start_step == 0 and cfg.eval.every and run.held_out is not None:  # the starting point, as step 0
             start = evaluate(run)
             log(f"step 0: held-out accuracy {start['eval/accuracy']:.3f}")
             run.sinks.log(0, start)
