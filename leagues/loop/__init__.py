@@ -1,8 +1,18 @@
 """The RL loop: `train(TrainConfig)` runs a whole job (warm start, rollout, rewards, training, weight sync,
-evaluation, metrics, checkpoints), colocated or disaggregated. `train.py` reads top to bottom.
+evaluation, metrics, checkpoints), colocated (`train.py`, which reads top to bottom) or disaggregated
+(`disaggregated.py`).
 """
 
 from leagues.loop.config import EvalConfig, TrainConfig, WarmStartConfig
-from leagues.loop.train import train
+from leagues.loop.disaggregated import train_disaggregated
+from leagues.loop.train import train_colocated
 
-__all__ = ["EvalConfig", "TrainConfig", "WarmStartConfig", "train"]
+
+def train(cfg: TrainConfig) -> list[dict[str, float]]:
+    """Run the job in its placement; returns the per-step metrics (rank 0 of a disaggregated job has them all)."""
+    if cfg.placement == "disaggregated":
+        return train_disaggregated(cfg)
+    return train_colocated(cfg)
+
+
+__all__ = ["EvalConfig", "TrainConfig", "WarmStartConfig", "train", "train_colocated", "train_disaggregated"]

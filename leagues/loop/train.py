@@ -1,5 +1,5 @@
-"""The RL loop: `train(cfg)`, readable top to bottom. Colocated placement (the default) lives here;
-disaggregated placement is in `disaggregated.py` with the same stages.
+"""The RL loop, readable top to bottom: `train_colocated(cfg)`, the default placement. Disaggregated placement
+is in `disaggregated.py` with the same stages; `leagues.loop.train(cfg)` picks one by `cfg.placement`.
 
         ┌──────────── every rank, every step ─────────────────────────────────────────────────┐
         │ prompts[rank::world] ─► rollout ─► rewards ─► advantages ─► engine.sleep()          │
@@ -36,12 +36,8 @@ from leagues.train import compute_advantages
 from leagues.types import Sample, SampleStatus, SamplingParams
 
 
-def train(cfg: TrainConfig) -> list[dict[str, float]]:
-    """Run the whole job; returns the per-step metrics (on every rank)."""
-    if cfg.placement == "disaggregated":
-        from leagues.loop.disaggregated import train_disaggregated
-
-        return train_disaggregated(cfg)
+def train_colocated(cfg: TrainConfig) -> list[dict[str, float]]:
+    """Run the whole job with every rank rolling out and training; returns the per-step metrics."""
     run = Run.build(cfg)
     history = []
     try:
