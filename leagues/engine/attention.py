@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from leagues.kernels import batch_invariant
 from leagues.kernels.paged_attention import (
     gather_kv,
     paged_attention_padded,
@@ -44,11 +45,15 @@ class PagedAttention:
     """No sequence has a cached prefix: every query chunk starts at position 0."""
     impl: str = "auto"
     """"auto", "triton" or "reference" for the decode kernel; "reference" also forces the prefill reference."""
+    invariant_len: int = 0
+    """Deterministic mode (set by the model): batch-invariant attention with keys padded to this length."""
 
     def attend(self, layer_idx: int, q_THA: torch.Tensor, k_TGA: torch.Tensor, v_TGA: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache_2LNSGA[0, layer_idx], self.kv_cache_2LNSGA[1, layer_idx]
         write_kv(k_cache, v_cache, k_TGA, v_TGA, self.slots_T)
         scale = q_THA.shape[-1] ** -0.5
+        if self.invariant_len:
+            return self._invariant(q_THA, k_cache, v_cache, scale)
         if self.is_decode:
             return paged_decode(q_THA, k_cache, v_cache, self.block_tables_BM, self.context_lens_B, scale, self.impl)
         if q_THA.is_cuda and varlen_attn is not None and self.impl != "reference":
@@ -59,3 +64,18 @@ class PagedAttention:
             return varlen_causal(q_THA, k_SGA, v_SGA, self.cu_seqlens_q_B1, cu_k, self.max_q, self.max_k)
         prefill = paged_prefill_reference if self.impl == "reference" else paged_attention_padded
         return prefill(q_THA, k_cache, v_cache, self.block_tables_BM, self.cu_seqlens_q_B1, self.context_lens_B, scale)
+
+    def _invariant(self, q_THA, k_cache, v_cache, scale: float) -> torch.Tensor:
+        """Each sequence's queries over its cached keys with `batch_invariant.attention`: the same per-token
+        arithmetic as the trainer's packed forward in deterministic mode."""
+        k_SGA, v_SGA, cu_k = gather_kv(k_cache, v_cache, self.block_tables_BM, self.context_lens_B)
+        cu_q, cu_k = self.cu_seqlens_q_B1.tolist(), cu_k.tolist()
+        parts = []
+        for b in range(len(cu_k) - 1):
+            num_q, num_k = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
+            pos_Q = torch.arange(num_k - num_q, num_k, device=q_THA.device)
+            k, v = k_SGA[cu_k[b] : cu_k[b + 1]], v_SGA[cu_k[b] : cu_k[b + 1]]
+            parts.append(
+                batch_invariant.attention(q_THA[cu_q[b] : cu_q[b + 1]], k, v, pos_Q, self.invariant_len, scale)
+            )
+        return torch.cat(parts, dim=0)

@@ -69,6 +69,9 @@ class EngineConfig:
     moe_impl: str = "auto"
     seed: int = 0
     """Seeds the random seeds of requests that bring none."""
+    deterministic: bool = False
+    """Batch-invariant kernels (CPU reference): a request's tokens and logprobs are bitwise the same whatever
+    else shares the batch, and equal to the trainer's in deterministic mode. No CUDA graphs."""
 
 
 def _resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -105,6 +108,9 @@ class Engine:
             if tokenizer is None and (self.model_path / "tokenizer.json").is_file():
                 tokenizer = load_tokenizer(self.model_path)  # without one, prompts are token ids
         self.model.eval().set_moe_impl(cfg.moe_impl)
+        if cfg.deterministic:
+            self.model.set_batch_invariant()
+            cfg = self.config = replace(cfg, cuda_graphs=False)
         self.tokenizer = tokenizer
         self.max_model_len = cfg.max_model_len or self.model.config.max_seq_len
         self.eos_ids = _eos_ids(self.model, tokenizer)

@@ -71,7 +71,10 @@ class TrainConfig:
     )
     engine: EngineConfig = field(default_factory=EngineConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
-    """MoE stability: rollout routing replay (`--moe.routing_replay rollout`)."""
+    """MoE stability: rollout routing replay (`--moe.routing_replay rollout`), load balancing."""
+    deterministic: bool = False
+    """True on-policy: engine and trainer run batch-invariant kernels, so rollout logprobs equal the trainer's
+    bit for bit (mismatch exactly 0). CPU reference kernels for now: for small models."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     obs: ObsConfig = field(default_factory=ObsConfig)

@@ -131,6 +131,8 @@ class Run:
         train_data, held_out, reward = datasets(cfg, tokenizer, context_limit(cfg, model_path))
         cfg.trainer.temperature = cfg.rollout.temperature
         cfg.trainer.moe = cfg.moe
+        if cfg.deterministic:
+            cfg.trainer.deterministic = cfg.engine.deterministic = True
         if cfg.moe.routing_replay == "rollout":  # the engine records what the trainer replays
             cfg.rollout.return_routes = True
         alone = cfg.placement == "disaggregated"

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leagues.kernels import batch_invariant
 from leagues.model.config import ModelConfig
 from leagues.model.layers import RMSNorm, apply_rope
 
@@ -68,6 +69,8 @@ class PackedSeqs:
     lengths: tuple[int, ...]
     impl: str = "auto"
     """"auto", "sdpa_loop" (reference) or "varlen"."""
+    invariant_len: int = 0
+    """Deterministic mode (set by the model): batch-invariant attention with keys padded to this length."""
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device: torch.device | str = "cpu", impl: str = "auto") -> "PackedSeqs":
@@ -82,6 +85,8 @@ class PackedSeqs:
         return torch.cat([torch.arange(n, device=device) for n in self.lengths])
 
     def attend(self, layer_idx: int, q_THA, k_TGA, v_TGA) -> torch.Tensor:
+        if self.invariant_len:
+            return self._invariant(q_THA, k_TGA, v_TGA)
         uniform = len(set(self.lengths)) == 1
         if self.impl == "auto" and uniform:
             return _sdpa_BHLA(q_THA, k_TGA, v_TGA, len(self.lengths))
@@ -93,6 +98,15 @@ class PackedSeqs:
             return self._sdpa_by_length(q_THA, k_TGA, v_TGA)
         bounds = [0, *torch.tensor(self.lengths).cumsum(0).tolist()]
         parts = [_sdpa_BHLA(q_THA[s:e], k_TGA[s:e], v_TGA[s:e], 1) for s, e in zip(bounds, bounds[1:], strict=False)]
+        return torch.cat(parts, dim=0)
+
+    def _invariant(self, q_THA, k_TGA, v_TGA) -> torch.Tensor:
+        bounds, scale, parts = [0, *torch.tensor(self.lengths).cumsum(0).tolist()], q_THA.shape[-1] ** -0.5, []
+        for s, e in zip(bounds, bounds[1:], strict=False):
+            pos_Q = torch.arange(e - s, device=q_THA.device)
+            parts.append(
+                batch_invariant.attention(q_THA[s:e], k_TGA[s:e], v_TGA[s:e], pos_Q, self.invariant_len, scale)
+            )
         return torch.cat(parts, dim=0)
 
     def _sdpa_by_length(self, q_THA, k_TGA, v_TGA) -> torch.Tensor:

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leagues.kernels import batch_invariant
 from leagues.model.config import ModelConfig
+
+
+class InvariantLinear(nn.Linear):
+    """`nn.Linear` computed batch-invariantly (deterministic mode swaps it in; same parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return batch_invariant.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leagues.kernels import batch_invariant
 from leagues.kernels.grouped_gemm import grouped_mm
 from leagues.model.config import ModelConfig
 from leagues.model.layers import GatedMLP
@@ -63,9 +64,11 @@ class Router(nn.Module):
         # but not how their outputs are weighted. Zero unless a trainer updates it (adding 0.0 is exact, so a
         # zero bias routes bit for bit as without one); not part of HF checkpoints (non-persistent).
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=False)
+        self.invariant = False
+        """Deterministic mode: the router's product is batch-invariant."""
 
     def forward(self, x_TD: torch.Tensor, replay_ids_TK: torch.Tensor | None = None) -> Routing:
-        logits_TE = F.linear(x_TD, self.weight)
+        logits_TE = batch_invariant.linear(x_TD, self.weight) if self.invariant else F.linear(x_TD, self.weight)
         probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
         if replay_ids_TK is None:
             ids_TK = torch.topk(probs_TE + self.expert_bias, self.top_k, dim=-1).indices

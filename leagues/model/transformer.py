@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from leagues.kernels import batch_invariant
 from leagues.model.attention import Attention, AttentionBackend, PackedSeqs
 from leagues.model.config import ModelConfig
-from leagues.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
-from leagues.model.moe import GroupedExperts, MoE
+from leagues.model.layers import GatedMLP, InvariantLinear, RMSNorm, RotaryEmbedding
+from leagues.model.moe import GroupedExperts, MoE, Router
 
 
 @dataclass(slots=True)
@@ -81,6 +82,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.invariant_len = 0
+        """Deterministic mode: keys are padded to this length (0: off; see `set_batch_invariant`)."""
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] for B equal-length sequences, causal within each."""
@@ -89,6 +92,8 @@ class Transformer(nn.Module):
         return self.run(batch).logits_TV.view(num_seqs, seq_len, -1)
 
     def run(self, batch: ForwardBatch) -> ForwardOutput:
+        if self.invariant_len:  # both attention backends (packed, paged) honour it
+            batch.attention.invariant_len = self.invariant_len
         x_TD = self.embed(batch.input_ids_T)
         rope = self.rope(batch.positions_T, x_TD.dtype)
         replay = self._check_replay(batch.replay_experts_TLK, x_TD.shape[0])
@@ -111,7 +116,7 @@ class Transformer(nn.Module):
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return hidden_TD @ weight_VD.T
+        return batch_invariant.linear(hidden_TD, weight_VD) if self.invariant_len else hidden_TD @ weight_VD.T
 
     def _check_replay(self, replay_TLK: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
         if replay_TLK is None:
@@ -123,10 +128,22 @@ class Transformer(nn.Module):
             raise ValueError(f"replay_experts_TLK holds expert ids outside 0..{self.config.num_experts - 1}")
         return replay_TLK
 
+    def set_batch_invariant(self) -> None:
+        """Deterministic mode: every product, attention and MoE computed batch-invariantly (CPU reference
+        kernels, `leagues.kernels.batch_invariant`), so a token's logits are bitwise the same in a packed
+        training batch, a prefill or a decode step, whatever else shares the batch."""
+        self.invariant_len = self.config.max_seq_len
+        for module in self.modules():
+            if type(module) is nn.Linear:
+                module.__class__ = InvariantLinear
+            elif isinstance(module, Router):
+                module.invariant = True
+        self.set_moe_impl("invariant")
+
     def set_moe_impl(self, impl: str) -> None:
         """Choose the expert kernel: "auto", "grouped" or "reference"."""
-        if impl not in ("auto", "grouped", "reference"):
-            raise ValueError(f"moe impl must be auto, grouped or reference, got {impl!r}")
+        if impl not in ("auto", "grouped", "reference", "invariant"):
+            raise ValueError(f"moe impl must be auto, grouped, reference or invariant, got {impl!r}")
         for module in self.modules():
             if isinstance(module, GroupedExperts):
                 module.impl = impl

@@ -18,8 +18,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk(hidden_TD, weight_VD, targets_T, temperature, with_entropy: bool, entropy_grad: bool):
-    scaled_TV = (hidden_TD @ weight_VD.T).float()
+def _chunk(hidden_TD, weight_VD, targets_T, temperature, with_entropy: bool, entropy_grad: bool, matmul=None):
+    scaled_TV = (hidden_TD @ weight_VD.T if matmul is None else matmul(hidden_TD, weight_VD)).float()
     if temperature is not None:
         scaled_TV = scaled_TV / temperature
     logp_TV = torch.log_softmax(scaled_TV, dim=-1)
@@ -51,6 +51,7 @@ def token_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = False,
     compiled: bool = False,
+    matmul=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob of each target under softmax(h·Wᵀ / T), and optionally the entropy of that distribution
     (differentiable only with `entropy_grad`)."""
@@ -63,9 +64,9 @@ def token_logprobs(
     for start in range(0, hidden_TD.shape[0], chunk_size):
         args = (hidden_TD[start : start + chunk_size], weight_VD, targets_T[start : start + chunk_size], temp)
         if grad:
-            lp, ent = checkpoint(fn, *args, with_entropy, entropy_grad, use_reentrant=False)
+            lp, ent = checkpoint(fn, *args, with_entropy, entropy_grad, matmul, use_reentrant=False)
         else:
-            lp, ent = fn(*args, with_entropy, entropy_grad)
+            lp, ent = fn(*args, with_entropy, entropy_grad, matmul)
         logprobs.append(lp)
         entropies.append(ent)
     entropy = torch.cat(entropies) if with_entropy else None

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
+from leagues.kernels import batch_invariant
 from leagues.model import ForwardBatch, Transformer, load_pretrained, resolve_model_path
 from leagues.parallel import ParallelConfig, full_state_dict, parallelize, set_last_microbatch
 from leagues.train.checkpoint import load_checkpoint, local_only, save_checkpoint
@@ -61,6 +62,9 @@ class TrainerConfig:
     compile: bool = False
     """`torch.compile` each transformer block (fuses norms, rotary and the MoE glue)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
+    deterministic: bool = False
+    """Batch-invariant kernels (CPU reference): the training forward's logprobs equal the engine's bit for bit
+    when the engine runs deterministic too (true on-policy)."""
 
 
 def _device() -> torch.device:
@@ -83,6 +87,8 @@ class Trainer:
             self.model_path = resolve_model_path(model)
             model = load_pretrained(self.model_path, dtype=torch.float32, device=self.device)
         self.model = model.train()
+        if cfg.deterministic:
+            self.model.set_batch_invariant()
         self.ref = self._load_ref() if cfg.loss.kl_coef > 0 else None
         if cfg.compile:
             self.model.compile_blocks()
@@ -126,7 +132,8 @@ class Trainer:
             self.cfg.logprob_chunk_size,
             with_entropy=with_entropy,
             entropy_grad=self.cfg.loss.entropy_coef != 0,
-            compiled=self.cfg.compile,
+            compiled=self.cfg.compile and not self.cfg.deterministic,
+            matmul=batch_invariant.matmul_nt if self.cfg.deterministic else None,
         )
         return logprobs_T, entropy_T, out
 

@@ -224,3 +224,10 @@ def test_prompt_longer_than_the_context_is_rejected_naming_the_line(tmp_path):
         train(apply_overrides(cfg, ["--rollout.max_response_len", "128"]))
     filtered = apply_overrides(cfg, ["--data.filter_long_prompts", "true", "--steps", "1", "--rollout.batch_size", "1"])
     assert len(train(filtered)) == 1
+
+
+def test_deterministic_run_has_exactly_zero_mismatch(tmp_path):
+    """`leagues train --deterministic`: rollout and training logprobs agree bit for bit on every step."""
+    history = train(config(tmp_path / "run", "--steps", "2", "--deterministic", "true", "--rollout.batch_size", "4"))
+    for row in history:
+        assert row["train/mismatch/abs_diff_max"] == 0.0 and row["train/mismatch/abs_diff_mean"] == 0.0
