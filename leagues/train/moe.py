@@ -26,14 +26,16 @@ from dataclasses import dataclass
 
 import torch
 
-ROUTING_REPLAY = ("none", "rollout")
+ROUTING_REPLAY = ("none", "rollout", "train")
 
 
 @dataclass(kw_only=True, slots=True)
 class MoEConfig:
     routing_replay: str = "none"
     """none: the trainer routes by itself; rollout: replay the engine's routes (R3) in every training forward
-    (samples must carry them: the loop then asks the engine to record them)."""
+    (samples must carry them: the loop then asks the engine to record them); train: route each micro-batch
+    once in a no-grad pass and replay those routes in the gradient pass, so the forward, its
+    activation-checkpointing recompute and the logprobs all use one routing."""
 
     aux_loss_coef: float = 0.0
     """Weight of the Switch/GShard load-balancing loss E * sum_e f_e * P_e (Fedus et al. 2021), per layer."""

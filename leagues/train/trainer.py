@@ -122,6 +122,10 @@ class Trainer:
             capture_router_logits=train and (moe.aux_loss_coef > 0 or moe.z_loss_coef > 0),
         )
         batch.replay_experts_TLK = mb.replay_experts_TLK if replay else None
+        if train and moe.routing_replay == "train":  # route once, without grad; the grad pass replays it
+            with torch.no_grad():
+                first = ForwardBatch.packed(mb.input_ids_T, mb.lengths, compute_logits=False, capture_experts=True)
+                batch.replay_experts_TLK = model.run(first).routed_experts_TLK
         out = model.run(batch)
         weight_VD = model.embed.weight if model.lm_head is None else model.lm_head.weight
         logprobs_T, entropy_T = token_logprobs(

@@ -73,3 +73,19 @@ def test_missing_or_corrupted_routes_raise_naming_the_sample():
         t.train_step([Sample(prompt_ids=[1, 2], response_ids=[3], advantage=1.0)])
     with pytest.raises(ValueError, match="routing_replay"):
         MoEConfig(routing_replay="sometimes")
+
+
+def test_train_mode_replays_the_routes_of_a_no_grad_pass():
+    """routing_replay=train: the gradient pass routes as the no-grad pass did (here checked through the
+    model's own capture: replaying the captured routes reproduces them), and training proceeds normally."""
+    path = resolve_model_path("tiny-moe")
+    samples = rollout_samples(path)
+    t = trainer(path, "train")
+    mb = build_microbatch(samples, list(range(len(samples))), "cpu")
+    with torch.no_grad():
+        routes = t.model.run(ForwardBatch.packed(mb.input_ids_T, mb.lengths, capture_experts=True)).routed_experts_TLK
+    logprobs_T, _, out = t._forward_logprobs(t.model, mb, train=True)
+    assert torch.equal(out.routed_experts_TLK.long(), routes.long())
+    assert logprobs_T.requires_grad
+    metrics = t.train_step(samples)
+    assert metrics["moe/route_mismatch_frac"] < 0.01  # the rollout's routes (same weights) were not replayed
