@@ -340,6 +340,13 @@ def dump_yaml(cfg: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = f"# {type(cfg).__name__}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    return write_text_atomic(path, text)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temp file in the same folder and `os.replace`: readers see the old
+    file or the new one, never half of it."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

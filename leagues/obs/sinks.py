@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -41,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from leagues.config import write_text_atomic
 from leagues.obs.console import DEFAULT_CONSOLE_KEYS, ConsoleSink
 
 Metrics = Mapping[str, float]
@@ -150,14 +149,7 @@ def truncate_after(path: Path, step: int) -> int:
             raise
         if row["step"] <= step:
             kept.append(line + "\n")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(kept))
     return len(kept)
 
 
