@@ -14,6 +14,7 @@ goes to $OUT/loop.jsonl (rank 0).
 import argparse
 import json
 import os
+import shutil
 import statistics
 import time
 
@@ -52,6 +53,8 @@ def summarize(history: list[dict], args, world: int) -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "steps_timed": len(rows),
         "step_s": round(step, 3),
+        "rollout_s": round(mean("time/rollout"), 3),
+        "train_s": round(mean("time/train"), 3),
         "share": {s: round(mean(f"time/{s}") / step, 3) for s in sections},
         "rollout_tokens_per_s": round(mean("rollout/tokens_per_s")),
         "train_tokens_per_s": round(mean("train/tokens_per_s")),
@@ -76,6 +79,12 @@ def main():
     parser.add_argument("--path", default=None)
     parser.add_argument("--engine-sleep", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--routing-replay", default="none", choices=["none", "rollout"])
+    parser.add_argument("--deterministic", action="store_true", help="batch-invariant kernels on both sides")
+    parser.add_argument("--engine-graphs", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--warm-lr", type=float, default=3e-4)
+    parser.add_argument("--kv-cache-fraction", type=float, default=0.8, help="of free memory, for the engine")
+    parser.add_argument("--max-response-len", type=int, default=8)
+    parser.add_argument("--run-dir", default=None, help="keep the run here (its warm_start/ can seed later runs)")
     args = parser.parse_args()
     args.path = args.path or f"/tmp/leagues-bench-loop-{args.shape}"
     init_distributed()
@@ -89,22 +98,35 @@ def main():
     overrides = {
         "model": args.path,
         "task": "arithmetic",
-        "warm_start": {"steps": args.warm_start, "batch_size": 64, "lr": 3e-4},
+        "warm_start": {"steps": args.warm_start, "batch_size": 64, "lr": args.warm_lr},
         "steps": args.steps,
         # routes recorded in every run, so the default run measures how often the trainer routes differently
-        "rollout": {"batch_size": 64, "n_samples_per_prompt": 8, "max_response_len": 8, "return_routes": True},
+        "rollout": {
+            "batch_size": 64,
+            "n_samples_per_prompt": 8,
+            "max_response_len": args.max_response_len,
+            "return_routes": True,
+        },
         "trainer": {"optim": {"lr": 1e-5}, "loss": {"eps_clip_high": 0.28, "off_policy": "token_tis"}},
         "engine_sleep": args.engine_sleep,
         "moe": {"routing_replay": args.routing_replay},
-        "run_dir": f"/tmp/leagues-bench-loop-{args.shape}-{world}gpu-{int(time.time())}",
+        "deterministic": args.deterministic,
+        "engine": {"cuda_graphs": args.engine_graphs, "kv_cache_fraction": args.kv_cache_fraction},
+        "run_dir": args.run_dir or f"/tmp/leagues-bench-loop-{args.shape}-{world}gpu-{int(time.time())}",
         "obs": {"console": False, "tensorboard": False},
         "report": False,
     }
     history = train(from_dict(TrainConfig, overrides))
-    if rank == 0:
+    if rank == 0:  # the final checkpoint (weights and optimizer state, ~12 bytes a parameter) would fill disks
+        shutil.rmtree(os.path.join(overrides["run_dir"], "checkpoints"), ignore_errors=True)
         row = summarize(history, args, world) | {
             "engine_sleep": args.engine_sleep,
             "routing_replay": args.routing_replay,
+            "deterministic": args.deterministic,
+            "engine_graphs": args.engine_graphs,
+            "kv_cache_fraction": args.kv_cache_fraction,
+            "warm_start": args.warm_start,
+            "model": args.path,
         }
         row["copy_gb_per_s"] = round(copy_gb_per_s(), 1) if torch.cuda.is_available() else None
         print(json.dumps(row), flush=True)

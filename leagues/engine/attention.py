@@ -68,6 +68,10 @@ class PagedAttention:
     def _invariant(self, q_THA, k_cache, v_cache, scale: float) -> torch.Tensor:
         """Each sequence's queries over its cached keys with `batch_invariant.attention`: the same per-token
         arithmetic as the trainer's packed forward in deterministic mode."""
+        if q_THA.is_cuda:
+            return batch_invariant.paged_attention(
+                q_THA, k_cache, v_cache, self.cu_seqlens_q_B1, self.context_lens_B, self.block_tables_BM, scale
+            )
         k_SGA, v_SGA, cu_k = gather_kv(k_cache, v_cache, self.block_tables_BM, self.context_lens_B)
         cu_q, cu_k = self.cu_seqlens_q_B1.tolist(), cu_k.tolist()
         parts = []

@@ -70,8 +70,8 @@ class EngineConfig:
     seed: int = 0
     """Seeds the random seeds of requests that bring none."""
     deterministic: bool = False
-    """Batch-invariant kernels (CPU reference): a request's tokens and logprobs are bitwise the same whatever
-    else shares the batch, and equal to the trainer's in deterministic mode. No CUDA graphs."""
+    """Batch-invariant kernels (`leagues.kernels.batch_invariant`): a request's tokens and logprobs are bitwise
+    the same whatever else shares the batch, and equal to the trainer's in deterministic mode."""
 
 
 def _resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -109,8 +109,7 @@ class Engine:
                 tokenizer = load_tokenizer(self.model_path)  # without one, prompts are token ids
         self.model.eval().set_moe_impl(cfg.moe_impl)
         if cfg.deterministic:
-            self.model.set_batch_invariant()
-            cfg = self.config = replace(cfg, cuda_graphs=False)
+            self.model.set_batch_invariant()  # the kernels sync nothing with the host: CUDA graphs still apply
         self.tokenizer = tokenizer
         self.max_model_len = cfg.max_model_len or self.model.config.max_seq_len
         self.eos_ids = _eos_ids(self.model, tokenizer)
@@ -338,7 +337,7 @@ class Engine:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.blocks.register_computed(item.seq)
         rows, row_index = self._fork_samples(sampling)
-        result = sample(logits_RV.index_select(0, row_index), self._sampling_tensors(rows))
+        result = sample(logits_RV.index_select(0, row_index), self._sampling_tensors(rows), self.config.deterministic)
         self._append_tokens(rows, result)
         self.stats["steps"] += 1
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from leagues.kernels import batch_invariant
 from leagues.types import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -199,10 +200,11 @@ def _sample_scores(scores_BV: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return noisy_BV.argmax(dim=-1)
 
 
-def sample(logits_BV: torch.Tensor, t: SamplingTensors) -> SampleOutput:
-    """Next token, its logprob, and optionally the top-K logprobs, for every row."""
+def sample(logits_BV: torch.Tensor, t: SamplingTensors, invariant: bool = False) -> SampleOutput:
+    """Next token, its logprob, and optionally the top-K logprobs, for every row. `invariant`: the
+    log-softmax is batch-invariant (deterministic mode; the trainer computes the same)."""
     scores_BV = scale_logits(logits_BV, t.temperature_B)
-    logprobs_BV = scores_BV.log_softmax(dim=-1)
+    logprobs_BV = batch_invariant.log_softmax(scores_BV) if invariant else scores_BV.log_softmax(dim=-1)
     token_ids_B = logits_BV.argmax(dim=-1)
     if not t.all_greedy:
         token_ids_B = torch.where(t.temperature_B > 0, _sample_scores(scores_BV, t), token_ids_B)

@@ -1,39 +1,61 @@
-"""Batch-invariant reference kernels: each output row depends only on its own inputs, bit for bit, whatever
-else is in the batch (deterministic mode, on the CPU).
+"""Batch-invariant kernels for deterministic mode: each output row depends only on its own inputs, bit for bit,
+whatever else is in the batch, so a token's logits are the same in a packed training batch, a chunked prefill
+and a decode step.
 
-A library matmul picks its blocking, and for small row counts even its algorithm, by the batch shape, so
-row r of `x @ w.T` can round differently at M = 1 (decode) and M = 300 (a packed training batch). Here a
-product is an elementwise multiply and a sum over the last (contiguous) axis, whose reduction order depends
-only on that axis's length. Attention pads every sequence's keys to one fixed length, so each softmax row
-and each weighted sum reduce over the same number of elements in prefill, decode and training alike.
-These are slow references (M x N x K intermediates): the engine and the trainer use them for small models
-in tests; GPU batch-invariant kernels are a separate piece of work.
+A library matmul picks its blocking, and for small row counts its algorithm (split-K), by the batch shape, so
+row r of `x @ w.T` can round differently at M = 1 (decode) and M = 300 (a packed training batch); reductions
+(norms, softmax statistics, sums over top-k) can likewise change their tree with the row count.
+
+Decisions:
+- Two implementations of every function, one code path: Triton kernels on CUDA, pure-torch references on
+  the CPU. The two need not agree with each other bit for bit; each agrees with itself across batch shapes.
+- Triton kernels use one fixed tile configuration per kernel, whatever the shapes, and never split a
+  reduction across programs: a row's reduction order is then a function of the reduction length only. A
+  row's position inside a tile does not change its arithmetic (the tensor-core product of a row reads only
+  that row).
+- Attention walks each query's keys from position 0 in fixed 64-key blocks with an online softmax, so a
+  query sees the same block boundaries in training (all of a sequence's queries at once), in a prefill chunk
+  and in a decode step; blocks past its position are masked to exact no-ops. Keys are addressed through a
+  table (`slot = table[b, j // S] * S + j % S`): the engine passes its paged block table, the trainer its
+  packed keys with S = 1, so both run the same compiled kernel.
+- The CPU references: a product is an elementwise multiply and a sum over the last (contiguous) axis, whose
+  reduction order depends only on that axis's length; attention pads every sequence's keys to one fixed
+  length. They are slow (M x N x K intermediates) and serve small models in tests.
+- Only forward passes need to be invariant (rollout and trainer logprobs). Backward passes recompute with the
+  ordinary differentiable ops (cuBLAS, FlashAttention, grouped GEMM).
 
 Legend: M rows, N outputs, K inputs, Q queries, P padded keys, H query heads, G kv heads, A head dim,
-N rows of experts (sorted), E experts.
+N rows of experts (sorted), E experts, B sequences, T tokens, S key-table block size, V vocabulary.
 """
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is Linux-only; the CPU references need none
+    triton = None
 
-def matmul_nt(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+LOG2E = 1.4426950408889634
+# One tile configuration each, never chosen by shape: that is what makes the kernels batch-invariant.
+MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_WARPS, MM_STAGES = 128, 128, 64, 8, 3
+ATT_BLOCK_M, ATT_BLOCK_N, ATT_WARPS = 64, 64, 4
+ROW_BLOCK = 4096
+
+
+def _triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and triton is not None
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+
+def matmul_nt_reference(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     """x @ w.T with a per-row reduction order that does not depend on M."""
     return (x_MK[:, None, :] * w_NK[None, :, :]).sum(dim=-1)
 
 
-def linear(x: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
-    out = matmul_nt(x.reshape(-1, x.shape[-1]), weight_NK).reshape(*x.shape[:-1], weight_NK.shape[0])
-    return out if bias_N is None else out + bias_N
-
-
-def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """Each expert's sorted rows times its weight, row-invariant (see `grouped_gemm.grouped_mm_reference`)."""
-    bounds = [0, *offs_E.tolist()]
-    outs = [matmul_nt(x_NI[bounds[e] : bounds[e + 1]], w_EOI[e]) for e in range(w_EOI.shape[0])]
-    return torch.cat(outs, dim=0) if outs else x_NI.new_empty(0, w_EOI.shape[1])
-
-
-def attention(
+def attention_reference(
     q_QHA: torch.Tensor, k_KGA: torch.Tensor, v_KGA: torch.Tensor, pos_Q: torch.Tensor, pad_to: int, scale: float
 ) -> torch.Tensor:
     """Causal attention of one sequence's queries (at absolute positions `pos_Q`) over its keys 0..K-1,
@@ -50,3 +72,398 @@ def attention(
     probs_HQP = scores_HQP.masked_fill(~mask_QP[None], float("-inf")).softmax(dim=-1)
     out_HQA = (probs_HQP[:, :, None, :] * v_HAP[:, None, :, :]).sum(dim=-1)
     return out_HQA.transpose(0, 1).to(q_QHA.dtype)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm formula (statistics in float32, normalised value cast back before the weight)."""
+    x_f32 = x.float()
+    x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x_f32.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _matmul_nt_kernel(
+        x_ptr, w_ptr, o_ptr, tile_expert_ptr, tile_row0_ptr, tile_row_end_ptr,
+        M, N, K, stride_xm, stride_we, stride_wn, stride_om,
+        GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """o[rows] = x[rows] @ w.T (dense), or x[rows of expert e] @ w[e].T (grouped: a table maps tiles to
+        experts and row ranges). The K loop runs in fixed BLOCK_K steps from 0: each row's order is fixed."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        if GROUPED:
+            expert = tl.load(tile_expert_ptr + pid_m)
+            if expert < 0:  # past the last tile of the last expert (the grid is an upper bound)
+                return
+            row0 = tl.load(tile_row0_ptr + pid_m)
+            row_end = tl.load(tile_row_end_ptr + pid_m)
+            w_ptr += expert.to(tl.int64) * stride_we
+        else:
+            row0 = pid_m * BLOCK_M
+            row_end = M
+        rows_m = row0 + tl.arange(0, BLOCK_M)
+        cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        ok_m, ok_n = rows_m < row_end, cols_n < N
+        x_ptrs = x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + cols_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+        acc_MN = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ok_k = offs_k < K - k0
+            x_MK = tl.load(x_ptrs, mask=ok_m[:, None] & ok_k[None, :], other=0.0)
+            w_KN = tl.load(w_ptrs, mask=ok_n[None, :] & ok_k[:, None], other=0.0)
+            acc_MN = tl.dot(x_MK, w_KN, acc_MN, input_precision=PRECISION)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        o_ptrs = o_ptr + rows_m.to(tl.int64)[:, None] * stride_om + cols_n[None, :]
+        tl.store(o_ptrs, acc_MN.to(o_ptr.dtype.element_ty), mask=ok_m[:, None] & ok_n[None, :])
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, D, stride_x, stride_o, eps, BLOCK_D: tl.constexpr):
+        """One row per program, the whole row in one block: one fixed reduction tree per row length."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_D)
+        ok = offs < D
+        x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
+        x_f32 = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x_f32 * x_f32, axis=0) / D + eps)
+        normed = (x_f32 * rstd).to(x.dtype)
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0)
+        out = w.to(tl.float32) * normed.to(tl.float32)
+        tl.store(o_ptr + row * stride_o + offs, out.to(o_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _logsumexp_kernel(x_ptr, o_ptr, V, stride_x, BLOCK: tl.constexpr):
+        """log(sum(exp(x))) of one float32 row: the max first (exact in any order), then per-lane sums of
+        exp(x - max) over fixed BLOCK-wide steps and one fixed reduction tree."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        m_L = tl.full([BLOCK], float("-inf"), tl.float32)
+        for v0 in range(0, V, BLOCK):
+            x = tl.load(x_ptr + row * stride_x + v0 + offs, mask=offs < V - v0, other=float("-inf"))
+            m_L = tl.maximum(m_L, x)
+        m = tl.max(m_L, axis=0)
+        s_L = tl.zeros([BLOCK], tl.float32)
+        for v0 in range(0, V, BLOCK):
+            x = tl.load(x_ptr + row * stride_x + v0 + offs, mask=offs < V - v0, other=float("-inf"))
+            s_L += tl.exp(x - m)
+        tl.store(o_ptr + row, m + tl.log(tl.sum(s_L, axis=0)))
+
+    @triton.jit(do_not_specialize=["block_size"])
+    def _attention_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, cu_q_ptr, key_lens_ptr, tile_seq_ptr, tile_row0_ptr,
+        stride_qt, stride_qh, stride_ks, stride_kg, stride_vs, stride_vg, stride_ot, stride_oh, stride_tb,
+        block_size, qk_scale,
+        GROUP: tl.constexpr, A: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Program (tile, g): BLOCK_M rows (query token, head of kv head g's group) of one sequence, over
+        that sequence's keys 0.. in BLOCK_N blocks. Sequence b's queries are the last ones of its keys."""
+        tile, g = tl.program_id(0), tl.program_id(1)
+        b = tl.load(tile_seq_ptr + tile)
+        if b < 0:  # past the last tile (the grid is an upper bound, so no host sync sizes it)
+            return
+        row0 = tl.load(tile_row0_ptr + tile)
+        q_start = tl.load(cu_q_ptr + b)
+        num_q = tl.load(cu_q_ptr + b + 1) - q_start
+        num_k = tl.load(key_lens_ptr + b)
+        rows_m = row0 + tl.arange(0, BLOCK_M)
+        tok_m = rows_m // GROUP
+        head_m = g * GROUP + rows_m % GROUP
+        ok_m = tok_m < num_q
+        pos_m = num_k - num_q + tok_m
+        offs_a = tl.arange(0, BLOCK_A)
+        ok_a = offs_a < A
+        q_ptrs = q_ptr + (q_start + tok_m).to(tl.int64)[:, None] * stride_qt + head_m[:, None] * stride_qh
+        q_MA = tl.load(q_ptrs + offs_a[None, :], mask=ok_m[:, None] & ok_a[None, :], other=0.0)
+
+        last_tok = tl.minimum(row0 + BLOCK_M - 1, num_q * GROUP - 1) // GROUP
+        hi = num_k - num_q + last_tok + 1  # keys past the tile's last query are never visible
+        m_M = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_M = tl.zeros([BLOCK_M], tl.float32)
+        acc_MA = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
+        for start in range(0, hi, BLOCK_N):
+            pos_n = start + tl.arange(0, BLOCK_N)
+            ok_n = pos_n < num_k
+            block_n = tl.load(table_ptr + b * stride_tb + pos_n // block_size, mask=ok_n, other=0).to(tl.int64)
+            slot_n = block_n * block_size + pos_n % block_size
+            k_AN = tl.load(
+                k_ptr + slot_n[None, :] * stride_ks + g * stride_kg + offs_a[:, None],
+                mask=ok_n[None, :] & ok_a[:, None],
+                other=0.0,
+            )
+            s_MN = tl.dot(q_MA, k_AN, input_precision=PRECISION) * qk_scale
+            s_MN = tl.where((pos_n[None, :] <= pos_m[:, None]) & ok_n[None, :], s_MN, float("-inf"))
+            # key 0 is visible to every row, so m is finite from the first block on; a block with no visible
+            # key for a row leaves its m, l and acc exactly unchanged (alpha = 1, p = 0)
+            m_new_M = tl.maximum(m_M, tl.max(s_MN, axis=1))
+            alpha_M = tl.exp2(m_M - m_new_M)
+            p_MN = tl.exp2(s_MN - m_new_M[:, None])
+            l_M = l_M * alpha_M + tl.sum(p_MN, axis=1)
+            v_NA = tl.load(
+                v_ptr + slot_n[:, None] * stride_vs + g * stride_vg + offs_a[None, :],
+                mask=ok_n[:, None] & ok_a[None, :],
+                other=0.0,
+            )
+            acc_MA = acc_MA * alpha_M[:, None] + tl.dot(p_MN.to(v_NA.dtype), v_NA, input_precision=PRECISION)
+            m_M = m_new_M
+        o_MA = acc_MA / l_M[:, None]
+        o_ptrs = o_ptr + (q_start + tok_m).to(tl.int64)[:, None] * stride_ot + head_m[:, None] * stride_oh
+        tl.store(o_ptrs + offs_a[None, :], o_MA.to(o_ptr.dtype.element_ty), mask=ok_m[:, None] & ok_a[None, :])
+
+
+def _precision(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+
+def _tile_table(counts_B: torch.Tensor, rows_per_tile: int, max_tiles: int):
+    """Tiles of `rows_per_tile` over groups of `counts_B` rows, without a host sync: for each of `max_tiles`
+    tiles its group (-1 past the end) and its first row within the group."""
+    tiles_B = (counts_B + rows_per_tile - 1) // rows_per_tile
+    ends_B = tiles_B.cumsum(0)
+    tile_T = torch.arange(max_tiles, device=counts_B.device)
+    group_T = torch.searchsorted(ends_B, tile_T, right=True)
+    valid_T = group_T < len(counts_B)
+    group_T = group_T.clamp(max=len(counts_B) - 1)
+    row0_T = (tile_T - (ends_B - tiles_B)[group_T]) * rows_per_tile
+    return torch.where(valid_T, group_T, -1).to(torch.int32), row0_T.to(torch.int32)
+
+
+def matmul_nt_triton(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    x_MK, w_NK = x_MK.contiguous(), w_NK.contiguous()
+    (num_rows, k), n = x_MK.shape, w_NK.shape[0]
+    out_MN = x_MK.new_empty(num_rows, n)
+    if num_rows == 0:
+        return out_MN
+    grid = (triton.cdiv(num_rows, MM_BLOCK_M), triton.cdiv(n, MM_BLOCK_N))
+    _matmul_nt_kernel[grid](
+        x_MK, w_NK, out_MN, x_MK, x_MK, x_MK, num_rows, n, k, x_MK.stride(0), 0, w_NK.stride(0), out_MN.stride(0),
+        GROUPED=False, BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K, PRECISION=_precision(x_MK),
+        num_warps=MM_WARPS, num_stages=MM_STAGES,
+    )  # fmt: skip
+    return out_MN
+
+
+def grouped_mm_triton(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    x_NI, w_EOI = x_NI.contiguous(), w_EOI.contiguous()
+    (num_rows, k), (num_experts, n, _) = x_NI.shape, w_EOI.shape
+    out_NO = x_NI.new_empty(num_rows, n)
+    if num_rows == 0:
+        return out_NO
+    offs_E = offs_E.long()
+    starts_E = torch.cat([offs_E.new_zeros(1), offs_E[:-1]])
+    max_tiles = triton.cdiv(num_rows, MM_BLOCK_M) + num_experts
+    expert_T, row0_T = _tile_table(offs_E - starts_E, MM_BLOCK_M, max_tiles)
+    safe_T = expert_T.clamp(min=0).long()
+    row0_T = (row0_T + starts_E[safe_T]).to(torch.int32)
+    row_end_T = offs_E[safe_T].to(torch.int32)
+    grid = (max_tiles, triton.cdiv(n, MM_BLOCK_N))
+    _matmul_nt_kernel[grid](
+        x_NI, w_EOI, out_NO, expert_T, row0_T, row_end_T, num_rows, n, k,
+        x_NI.stride(0), w_EOI.stride(0), w_EOI.stride(1), out_NO.stride(0),
+        GROUPED=True, BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K, PRECISION=_precision(x_NI),
+        num_warps=MM_WARPS, num_stages=MM_STAGES,
+    )  # fmt: skip
+    return out_NO
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x_RD = x.reshape(-1, x.shape[-1]).contiguous()
+    out_RD = torch.empty(x_RD.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if x_RD.shape[0]:
+        block = triton.next_power_of_2(x_RD.shape[1])
+        _rms_norm_kernel[(x_RD.shape[0],)](
+            x_RD, weight.contiguous(), out_RD, x_RD.shape[1], x_RD.stride(0), out_RD.stride(0), eps,
+            BLOCK_D=block, num_warps=min(16, max(4, block // 256)),
+        )  # fmt: skip
+    return out_RD.view(*x.shape[:-1], x.shape[-1])
+
+
+def logsumexp_triton(x_RV: torch.Tensor) -> torch.Tensor:
+    x_RV = x_RV.float().contiguous()
+    out_R = x_RV.new_empty(x_RV.shape[0])
+    if x_RV.shape[0]:
+        _logsumexp_kernel[(x_RV.shape[0],)](x_RV, out_R, x_RV.shape[1], x_RV.stride(0), BLOCK=ROW_BLOCK, num_warps=8)
+    return out_R
+
+
+def attention_triton(
+    q_THA: torch.Tensor,
+    k_SGA: torch.Tensor,
+    v_SGA: torch.Tensor,
+    cu_q_B1: torch.Tensor,
+    key_lens_B: torch.Tensor,
+    table_BM: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of packed queries over keys addressed through a table (see the module notes): the
+    queries of sequence b (tokens cu_q[b]:cu_q[b+1]) are the last of its key_lens[b] keys. No host sync."""
+    num_tokens, num_heads, head_dim = q_THA.shape
+    num_seqs, num_kv_heads = len(key_lens_B), k_SGA.shape[1]
+    group = num_heads // num_kv_heads
+    q_THA = q_THA if q_THA.stride(-1) == 1 else q_THA.contiguous()
+    o_THA = torch.empty_like(q_THA)
+    if num_tokens == 0:
+        return o_THA
+    max_tiles = triton.cdiv(num_tokens * group, ATT_BLOCK_M) + num_seqs
+    seq_T, row0_T = _tile_table((cu_q_B1[1:] - cu_q_B1[:-1]).long() * group, ATT_BLOCK_M, max_tiles)
+    _attention_kernel[(max_tiles, num_kv_heads)](
+        q_THA, k_SGA, v_SGA, o_THA, table_BM, cu_q_B1, key_lens_B, seq_T, row0_T,
+        q_THA.stride(0), q_THA.stride(1), k_SGA.stride(0), k_SGA.stride(1), v_SGA.stride(0), v_SGA.stride(1),
+        o_THA.stride(0), o_THA.stride(1), table_BM.stride(0), block_size, scale * LOG2E,
+        GROUP=group, A=head_dim, BLOCK_A=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=ATT_BLOCK_M,
+        BLOCK_N=ATT_BLOCK_N, PRECISION=_precision(q_THA), num_warps=ATT_WARPS,
+    )  # fmt: skip
+    return o_THA
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+
+
+class _Linear(torch.autograd.Function):
+    """Invariant forward; the backward is the ordinary one (two library matmuls)."""
+
+    @staticmethod
+    def forward(ctx, x_MK, w_NK):
+        ctx.save_for_backward(x_MK, w_NK)
+        return matmul_nt_triton(x_MK, w_NK)
+
+    @staticmethod
+    def backward(ctx, grad_MN):
+        x_MK, w_NK = ctx.saved_tensors
+        grad_x = grad_MN @ w_NK.to(grad_MN.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = grad_MN.T @ x_MK.to(grad_MN.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+class _Recompute(torch.autograd.Function):
+    """Invariant forward `fast(*inputs)`; the backward differentiates `reference(*inputs)`, recomputed."""
+
+    @staticmethod
+    def forward(ctx, fast, reference, *inputs):
+        ctx.reference = reference
+        ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in inputs))
+        ctx.others = [None if isinstance(t, torch.Tensor) else t for t in inputs]
+        return fast(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = [t if t is not None else o for t, o in zip(ctx.saved_tensors, ctx.others, strict=True)]
+        wanted = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i + 2]]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(i in wanted) if isinstance(t, torch.Tensor) else t
+                      for i, t in enumerate(inputs)]  # fmt: skip
+            out = ctx.reference(*leaves)
+            grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad, allow_unused=True)
+        result = [None] * len(inputs)
+        for i, g in zip(wanted, grads, strict=True):
+            result[i] = g
+        return None, None, *result
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _recompute(fast, reference, *inputs):
+    return _Recompute.apply(fast, reference, *inputs) if _needs_grad(*inputs) else fast(*inputs)
+
+
+# ---------------------------------------------------------------------------------------------- public face
+
+
+def matmul_nt(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    """x @ w.T, row-invariant (differentiable)."""
+    if not _triton(x_MK):
+        return matmul_nt_reference(x_MK, w_NK)
+    return _Linear.apply(x_MK, w_NK) if _needs_grad(x_MK, w_NK) else matmul_nt_triton(x_MK, w_NK)
+
+
+def linear(x: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
+    out = matmul_nt(x.reshape(-1, x.shape[-1]), weight_NK).reshape(*x.shape[:-1], weight_NK.shape[0])
+    return out if bias_N is None else out + bias_N
+
+
+def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Each expert's sorted rows times its weight, row-invariant (see `grouped_gemm.grouped_mm_reference`)."""
+    if _triton(x_NI):
+        from leagues.kernels.grouped_gemm import grouped_mm as ordinary
+
+        return _recompute(grouped_mm_triton, ordinary, x_NI, w_EOI, offs_E)
+    bounds = [0, *offs_E.tolist()]
+    outs = [matmul_nt_reference(x_NI[bounds[e] : bounds[e + 1]], w_EOI[e]) for e in range(w_EOI.shape[0])]
+    return torch.cat(outs, dim=0) if outs else x_NI.new_empty(0, w_EOI.shape[1])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if not _triton(x):
+        return rms_norm_reference(x, weight, eps)
+    return _recompute(rms_norm_triton, rms_norm_reference, x, weight, eps)
+
+
+def logsumexp(x_RV: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last axis of a 2-D float tensor, row-invariant."""
+    if not _triton(x_RV):
+        return torch.logsumexp(x_RV.float(), dim=-1)
+    return _recompute(logsumexp_triton, lambda x: torch.logsumexp(x.float(), dim=-1), x_RV)
+
+
+def log_softmax(x_RV: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax over the last axis, row-invariant (x - logsumexp(x) on CUDA)."""
+    if not _triton(x_RV):
+        return torch.log_softmax(x_RV.float(), dim=-1)
+    x_RV = x_RV.float()
+    return x_RV - logsumexp(x_RV)[:, None]
+
+
+def softmax(x_RV: torch.Tensor) -> torch.Tensor:
+    """float32 softmax over the last axis, row-invariant."""
+    if not _triton(x_RV):
+        return torch.softmax(x_RV, dim=-1, dtype=torch.float32)
+    return log_softmax(x_RV).exp()
+
+
+def sum_rows(x_TKD: torch.Tensor) -> torch.Tensor:
+    """Sum over axis 1 added in index order, one elementwise add at a time (a library reduction may change
+    its tree with the number of rows)."""
+    out = x_TKD[:, 0]
+    for i in range(1, x_TKD.shape[1]):
+        out = out + x_TKD[:, i]
+    return out
+
+
+def attention(
+    q_QHA: torch.Tensor, k_KGA: torch.Tensor, v_KGA: torch.Tensor, pos_Q: torch.Tensor, pad_to: int, scale: float
+) -> torch.Tensor:
+    """One sequence's causal attention, the CPU reference (kept under its old name for the attention backends)."""
+    return attention_reference(q_QHA, k_KGA, v_KGA, pos_Q, pad_to, scale)
+
+
+def packed_attention(q_THA, k_TGA, v_TGA, cu_seqlens_B1: torch.Tensor, lengths: tuple[int, ...], reference):
+    """Causal attention over packed sequences on CUDA (the trainer's side): the keys are the packed keys
+    themselves, addressed through a table with S = 1. `reference(q, k, v)` gives the backward."""
+    max_len = max(lengths)
+    cu = cu_seqlens_B1.to(torch.int32)
+    table_BM = (cu[:-1, None] + torch.arange(max_len, device=cu.device, dtype=torch.int32)[None, :]).contiguous()
+    lens_B = (cu[1:] - cu[:-1]).contiguous()
+    scale = q_THA.shape[-1] ** -0.5
+
+    def fast(q, k, v):
+        return attention_triton(q, k, v, cu, lens_B, table_BM, 1, scale)
+
+    return _recompute(fast, reference, q_THA, k_TGA, v_TGA)
+
+
+def paged_attention(q_THA, k_cache_NSGA, v_cache_NSGA, cu_q_B1, context_lens_B, block_tables_BM, scale: float):
+    """Causal attention of a step's queries over a paged KV cache on CUDA (the engine's side)."""
+    block_size = k_cache_NSGA.shape[1]
+    k_SGA, v_SGA = k_cache_NSGA.flatten(0, 1), v_cache_NSGA.flatten(0, 1)
+    return attention_triton(
+        q_THA, k_SGA, v_SGA, cu_q_B1.to(torch.int32), context_lens_B.to(torch.int32),
+        block_tables_BM.to(torch.int32), block_size, scale,
+    )  # fmt: skip

@@ -101,6 +101,11 @@ class PackedSeqs:
         return torch.cat(parts, dim=0)
 
     def _invariant(self, q_THA, k_TGA, v_TGA) -> torch.Tensor:
+        if q_THA.is_cuda:  # the Triton kernel; its backward differentiates the ordinary path
+            ordinary = PackedSeqs(self.cu_seqlens_B1, self.max_seqlen, self.lengths)
+            return batch_invariant.packed_attention(
+                q_THA, k_TGA, v_TGA, self.cu_seqlens_B1, self.lengths, lambda q, k, v: ordinary.attend(0, q, k, v)
+            )
         bounds, scale, parts = [0, *torch.tensor(self.lengths).cumsum(0).tolist()], q_THA.shape[-1] ** -0.5, []
         for s, e in zip(bounds, bounds[1:], strict=False):
             pos_Q = torch.arange(e - s, device=q_THA.device)

@@ -28,8 +28,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.invariant = False
+        """Deterministic mode: the row statistics are batch-invariant (`batch_invariant.rms_norm`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.invariant:
+            return batch_invariant.rms_norm(x, self.weight, self.eps)
         x_f32 = x.float()
         x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x_f32.to(x.dtype)

@@ -68,8 +68,12 @@ class Router(nn.Module):
         """Deterministic mode: the router's product is batch-invariant."""
 
     def forward(self, x_TD: torch.Tensor, replay_ids_TK: torch.Tensor | None = None) -> Routing:
-        logits_TE = batch_invariant.linear(x_TD, self.weight) if self.invariant else F.linear(x_TD, self.weight)
-        probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+        if self.invariant:
+            logits_TE = batch_invariant.linear(x_TD, self.weight)
+            probs_TE = batch_invariant.softmax(logits_TE)
+        else:
+            logits_TE = F.linear(x_TD, self.weight)
+            probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
         if replay_ids_TK is None:
             ids_TK = torch.topk(probs_TE + self.expert_bias, self.top_k, dim=-1).indices
             weights_TK = probs_TE.gather(1, ids_TK)
@@ -77,7 +81,8 @@ class Router(nn.Module):
             ids_TK = replay_ids_TK.to(device=x_TD.device, dtype=torch.long)
             weights_TK = probs_TE.gather(1, ids_TK)
         if self.norm_topk_prob:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+            total_T1 = batch_invariant.sum_rows(weights_TK[:, :, None]) if self.invariant else weights_TK.sum(-1, True)
+            weights_TK = weights_TK / total_T1
         return Routing(weights_TK.to(x_TD.dtype), ids_TK, logits_TE)
 
 
@@ -102,7 +107,8 @@ class GroupedExperts(nn.Module):
         gate_NF, up_NF = grouped_mm(x_ND, self.w13, offs_E, self.impl).chunk(2, dim=-1)
         y_ND = grouped_mm(F.silu(gate_NF) * up_NF, self.w2, offs_E, self.impl)
         y_ND = y_ND * permute_rows(weights_TK.flatten()[:, None], order_N, inverse_N)
-        return permute_rows(y_ND, inverse_N, order_N).view(num_tokens, top_k, -1).sum(dim=1)
+        y_TKD = permute_rows(y_ND, inverse_N, order_N).view(num_tokens, top_k, -1)
+        return batch_invariant.sum_rows(y_TKD) if self.impl == "invariant" else y_TKD.sum(dim=1)
 
 
 class MoE(nn.Module):

@@ -129,14 +129,15 @@ class Transformer(nn.Module):
         return replay_TLK
 
     def set_batch_invariant(self) -> None:
-        """Deterministic mode: every product, attention and MoE computed batch-invariantly (CPU reference
-        kernels, `leagues.kernels.batch_invariant`), so a token's logits are bitwise the same in a packed
-        training batch, a prefill or a decode step, whatever else shares the batch."""
+        """Deterministic mode: every product, norm, attention and MoE computed batch-invariantly
+        (`leagues.kernels.batch_invariant`: Triton on CUDA, torch references elsewhere), so a token's logits
+        are bitwise the same in a packed training batch, a prefill or a decode step, whatever else shares the
+        batch."""
         self.invariant_len = self.config.max_seq_len
         for module in self.modules():
             if type(module) is nn.Linear:
                 module.__class__ = InvariantLinear
-            elif isinstance(module, Router):
+            elif isinstance(module, (Router, RMSNorm)):
                 module.invariant = True
         self.set_moe_impl("invariant")
 

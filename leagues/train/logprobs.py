@@ -17,12 +17,14 @@ Legend: T tokens, D model dim, V vocab.
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from leagues.kernels import batch_invariant
 
-def _chunk(hidden_TD, weight_VD, targets_T, temperature, with_entropy: bool, entropy_grad: bool, matmul=None):
-    scaled_TV = (hidden_TD @ weight_VD.T if matmul is None else matmul(hidden_TD, weight_VD)).float()
+
+def _chunk(hidden_TD, weight_VD, targets_T, temperature, with_entropy: bool, entropy_grad: bool, invariant=False):
+    scaled_TV = (batch_invariant.matmul_nt(hidden_TD, weight_VD) if invariant else hidden_TD @ weight_VD.T).float()
     if temperature is not None:
         scaled_TV = scaled_TV / temperature
-    logp_TV = torch.log_softmax(scaled_TV, dim=-1)
+    logp_TV = batch_invariant.log_softmax(scaled_TV) if invariant else torch.log_softmax(scaled_TV, dim=-1)
     logprobs_T = logp_TV.gather(1, targets_T[:, None])[:, 0]
     if not with_entropy:
         return logprobs_T, None
@@ -51,10 +53,11 @@ def token_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = False,
     compiled: bool = False,
-    matmul=None,
+    invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob of each target under softmax(h·Wᵀ / T), and optionally the entropy of that distribution
-    (differentiable only with `entropy_grad`)."""
+    (differentiable only with `entropy_grad`). `invariant`: the product and log-softmax are batch-invariant
+    (deterministic mode)."""
     temp = None
     if temperature > 0 and temperature != 1.0:
         temp = torch.tensor(temperature, dtype=torch.float32, device=hidden_TD.device)
@@ -64,9 +67,9 @@ def token_logprobs(
     for start in range(0, hidden_TD.shape[0], chunk_size):
         args = (hidden_TD[start : start + chunk_size], weight_VD, targets_T[start : start + chunk_size], temp)
         if grad:
-            lp, ent = checkpoint(fn, *args, with_entropy, entropy_grad, matmul, use_reentrant=False)
+            lp, ent = checkpoint(fn, *args, with_entropy, entropy_grad, invariant, use_reentrant=False)
         else:
-            lp, ent = fn(*args, with_entropy, entropy_grad, matmul)
+            lp, ent = fn(*args, with_entropy, entropy_grad, invariant)
         logprobs.append(lp)
         entropies.append(ent)
     entropy = torch.cat(entropies) if with_entropy else None

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
-from leagues.kernels import batch_invariant
 from leagues.model import ForwardBatch, Transformer, load_pretrained, resolve_model_path
 from leagues.parallel import ParallelConfig, full_state_dict, parallelize, set_last_microbatch
 from leagues.train.checkpoint import load_checkpoint, local_only, save_checkpoint
@@ -63,8 +62,8 @@ class TrainerConfig:
     """`torch.compile` each transformer block (fuses norms, rotary and the MoE glue)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     deterministic: bool = False
-    """Batch-invariant kernels (CPU reference): the training forward's logprobs equal the engine's bit for bit
-    when the engine runs deterministic too (true on-policy)."""
+    """Batch-invariant kernels (`leagues.kernels.batch_invariant`): the training forward's logprobs equal the
+    engine's bit for bit when the engine runs deterministic too (true on-policy)."""
 
 
 def _device() -> torch.device:
@@ -137,7 +136,7 @@ class Trainer:
             with_entropy=with_entropy,
             entropy_grad=self.cfg.loss.entropy_coef != 0,
             compiled=self.cfg.compile and not self.cfg.deterministic,
-            matmul=batch_invariant.matmul_nt if self.cfg.deterministic else None,
+            invariant=self.cfg.deterministic,
         )
         return logprobs_T, entropy_T, out
 

@@ -1,0 +1,101 @@
+"""Batch-invariant kernels. On the CPU the Triton kernels run under Triton's interpreter (conftest) against
+the torch references; on a GPU they must be invariant
+bit for bit, and the engine's bf16 logprobs must equal the trainer's."""
+
+import os
+
+import pytest
+import torch
+
+from leagues.kernels import batch_invariant as bi
+from leagues.kernels.grouped_gemm import grouped_mm_reference
+from leagues.model.attention import PackedSeqs
+
+triton = pytest.importorskip("triton")
+
+
+def _paged_copy(k_TGA, v_TGA, lens, block_size, num_blocks, gen):
+    """The packed keys scattered into a shuffled paged cache; returns (k_cache, v_cache, block_table)."""
+    _, heads, dim = k_TGA.shape
+    k_cache = torch.zeros(num_blocks, block_size, heads, dim, dtype=k_TGA.dtype, device=k_TGA.device)
+    v_cache = torch.zeros_like(k_cache)
+    perm = torch.randperm(num_blocks, generator=gen)
+    width = max(-(-n // block_size) for n in lens)
+    table = torch.zeros(len(lens), width, dtype=torch.int32)
+    used, start = 0, 0
+    for b, n in enumerate(lens):
+        for j in range(n):
+            block = int(perm[used + j // block_size])
+            table[b, j // block_size] = block
+            k_cache[block, j % block_size], v_cache[block, j % block_size] = k_TGA[start + j], v_TGA[start + j]
+        used, start = used + -(-n // block_size), start + n
+    return k_cache, v_cache, table.to(k_TGA.device)
+
+
+def check_kernels_against_references(device: str = "cpu") -> dict[str, float]:
+    """Largest |kernel - reference| of each Triton kernel on small odd shapes (float32)."""
+    gen = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
+    errors = {}
+    x, w = randn(37, 96), randn(50, 96)
+    errors["matmul"] = (bi.matmul_nt_triton(x, w) - x @ w.T).abs().max().item()
+    offs = torch.tensor([10, 10, 30, 37], dtype=torch.int32, device=device)
+    w_e = randn(4, 50, 96)
+    errors["grouped"] = (bi.grouped_mm_triton(x, w_e, offs) - grouped_mm_reference(x, w_e, offs)).abs().max().item()
+    norm_w = randn(96)
+    errors["rms_norm"] = (bi.rms_norm_triton(x, norm_w, 1e-6) - bi.rms_norm_reference(x, norm_w, 1e-6)).abs().max()
+    logits = randn(5, 9000) * 4
+    errors["logsumexp"] = (bi.logsumexp_triton(logits) - torch.logsumexp(logits, -1)).abs().max().item()
+    lens, heads, kv_heads, dim = [5, 70, 9], 4, 2, 16
+    q, k, v = randn(sum(lens), heads, dim), randn(sum(lens), kv_heads, dim), randn(sum(lens), kv_heads, dim)
+    packed = PackedSeqs.from_lengths(lens, device=device, impl="sdpa_loop")
+    ref = packed.attend(0, q, k, v)
+    errors["packed_attention"] = (
+        (bi.packed_attention(q, k, v, packed.cu_seqlens_B1, packed.lengths, None) - ref).abs().max().item()
+    )
+    k_cache, v_cache, table = _paged_copy(k, v, lens, 4, 64, gen)
+    ends = torch.tensor(lens).cumsum(0).tolist()
+    for num_q in (1, 3):  # decode, and a 3-token chunk at the end of each sequence
+        rows = torch.cat([torch.arange(e - num_q, e) for e in ends]).to(device)
+        cu_q = torch.arange(0, len(lens) * num_q + 1, num_q, dtype=torch.int32, device=device)
+        ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+        got = bi.paged_attention(q[rows], k_cache, v_cache, cu_q, ctx, table, dim**-0.5)
+        errors[f"paged_attention_q{num_q}"] = (got - ref[rows]).abs().max().item()
+    return {name: float(err) for name, err in errors.items()}
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter runs where there is no GPU")
+def test_triton_kernels_match_the_references_under_the_interpreter():
+    errors = check_kernels_against_references("cpu")
+    assert set(errors) >= {"matmul", "grouped", "rms_norm", "logsumexp", "packed_attention", "paged_attention_q1"}
+    assert all(err < 1e-4 for err in errors.values()), errors
+
+
+def test_sum_rows_adds_in_index_order():
+    # in float32 1e8 + 1 rounds to 1e8: the order of the adds decides whether the 1 survives
+    assert bi.sum_rows(torch.tensor([[[1.0], [1e8], [-1e8]]])).item() == 0.0
+    assert bi.sum_rows(torch.tensor([[[1e8], [-1e8], [1.0]]])).item() == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kernels_match_the_references():
+    assert all(err < 1e-3 for err in check_kernels_against_references("cuda").values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_rows_do_not_depend_on_the_batch():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 512, generator=gen).cuda().bfloat16()
+    w = torch.randn(1000, 512, generator=gen).cuda().bfloat16()
+    full = bi.matmul_nt(x, w)
+    for rows in (slice(0, 1), slice(7, 8), slice(100, 164), slice(250, 300)):
+        assert torch.equal(bi.matmul_nt(x[rows], w), full[rows])
+    logits = torch.randn(40, 151936, generator=gen).cuda()
+    assert torch.equal(bi.log_softmax(logits[3:4]), bi.log_softmax(logits)[3:4])
+    norm_w = torch.randn(512, generator=gen).cuda().bfloat16()
+    assert torch.equal(bi.rms_norm(x[5:6], norm_w, 1e-6), bi.rms_norm(x, norm_w, 1e-6)[5:6])
