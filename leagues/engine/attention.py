@@ -47,6 +47,8 @@ class PagedAttention:
     """"auto", "triton" or "reference" for the decode kernel; "reference" also forces the prefill reference."""
     invariant_len: int = 0
     """Deterministic mode (set by the model): batch-invariant attention with keys padded to this length."""
+    invariant_tiles: tuple | None = None
+    """Deterministic mode on CUDA: the kernel's tiles of this step, built by the first layer."""
 
     def attend(self, layer_idx: int, q_THA: torch.Tensor, k_TGA: torch.Tensor, v_TGA: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache_2LNSGA[0, layer_idx], self.kv_cache_2LNSGA[1, layer_idx]
@@ -69,8 +71,18 @@ class PagedAttention:
         """Each sequence's queries over its cached keys with `batch_invariant.attention`: the same per-token
         arithmetic as the trainer's packed forward in deterministic mode."""
         if q_THA.is_cuda:
+            if self.invariant_tiles is None:
+                group = q_THA.shape[1] // k_cache.shape[2]
+                self.invariant_tiles = batch_invariant.attention_tiles(self.cu_seqlens_q_B1, q_THA.shape[0], group)
             return batch_invariant.paged_attention(
-                q_THA, k_cache, v_cache, self.cu_seqlens_q_B1, self.context_lens_B, self.block_tables_BM, scale
+                q_THA,
+                k_cache,
+                v_cache,
+                self.cu_seqlens_q_B1,
+                self.context_lens_B,
+                self.block_tables_BM,
+                scale,
+                self.invariant_tiles,
             )
         k_SGA, v_SGA, cu_k = gather_kv(k_cache, v_cache, self.block_tables_BM, self.context_lens_B)
         cu_q, cu_k = self.cu_seqlens_q_B1.tolist(), cu_k.tolist()

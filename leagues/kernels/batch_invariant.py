@@ -94,7 +94,10 @@ if triton is not None:
     ):  # fmt: skip
         """o[rows] = x[rows] @ w.T (dense), or x[rows of expert e] @ w[e].T (grouped: a table maps tiles to
         experts and row ranges). The K loop runs in fixed BLOCK_K steps from 0: each row's order is fixed."""
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        if GROUPED:  # N tiles vary fastest: programs in flight share one expert's rows and weights in L2
+            pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        else:
+            pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         if GROUPED:
             expert = tl.load(tile_expert_ptr + pid_m)
             if expert < 0:  # past the last tile of the last expert (the grid is an upper bound)
@@ -191,12 +194,12 @@ if triton is not None:
             ok_n = pos_n < num_k
             block_n = tl.load(table_ptr + b * stride_tb + pos_n // block_size, mask=ok_n, other=0).to(tl.int64)
             slot_n = block_n * block_size + pos_n % block_size
-            k_AN = tl.load(
-                k_ptr + slot_n[None, :] * stride_ks + g * stride_kg + offs_a[:, None],
-                mask=ok_n[None, :] & ok_a[:, None],
+            k_NA = tl.load(
+                k_ptr + slot_n[:, None] * stride_ks + g * stride_kg + offs_a[None, :],
+                mask=ok_n[:, None] & ok_a[None, :],
                 other=0.0,
             )
-            s_MN = tl.dot(q_MA, k_AN, input_precision=PRECISION) * qk_scale
+            s_MN = tl.dot(q_MA, tl.trans(k_NA), input_precision=PRECISION) * qk_scale
             s_MN = tl.where((pos_n[None, :] <= pos_m[:, None]) & ok_n[None, :], s_MN, float("-inf"))
             # key 0 is visible to every row, so m is finite from the first block on; a block with no visible
             # key for a row leaves its m, l and acc exactly unchanged (alpha = 1, p = 0)
@@ -261,7 +264,7 @@ def grouped_mm_triton(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Ten
     safe_T = expert_T.clamp(min=0).long()
     row0_T = (row0_T + starts_E[safe_T]).to(torch.int32)
     row_end_T = offs_E[safe_T].to(torch.int32)
-    grid = (max_tiles, triton.cdiv(n, MM_BLOCK_N))
+    grid = (triton.cdiv(n, MM_BLOCK_N), max_tiles)
     _matmul_nt_kernel[grid](
         x_NI, w_EOI, out_NO, expert_T, row0_T, row_end_T, num_rows, n, k,
         x_NI.stride(0), w_EOI.stride(0), w_EOI.stride(1), out_NO.stride(0),
@@ -291,6 +294,13 @@ def logsumexp_triton(x_RV: torch.Tensor) -> torch.Tensor:
     return out_R
 
 
+def attention_tiles(cu_q_B1: torch.Tensor, num_tokens: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention kernel's tiles (sequence, first row) for a batch of `num_tokens` queries: rows are
+    (query, head of the group); the tile count is an upper bound from shapes, so nothing syncs."""
+    max_tiles = triton.cdiv(num_tokens * group, ATT_BLOCK_M) + len(cu_q_B1) - 1
+    return _tile_table((cu_q_B1[1:] - cu_q_B1[:-1]).long() * group, ATT_BLOCK_M, max_tiles)
+
+
 def attention_triton(
     q_THA: torch.Tensor,
     k_SGA: torch.Tensor,
@@ -300,19 +310,20 @@ def attention_triton(
     table_BM: torch.Tensor,
     block_size: int,
     scale: float,
+    tiles: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries over keys addressed through a table (see the module notes): the
-    queries of sequence b (tokens cu_q[b]:cu_q[b+1]) are the last of its key_lens[b] keys. No host sync."""
+    queries of sequence b (tokens cu_q[b]:cu_q[b+1]) are the last of its key_lens[b] keys. No host sync.
+    `tiles`: `attention_tiles` of this batch, computed once for all layers."""
     num_tokens, num_heads, head_dim = q_THA.shape
-    num_seqs, num_kv_heads = len(key_lens_B), k_SGA.shape[1]
+    num_kv_heads = k_SGA.shape[1]
     group = num_heads // num_kv_heads
     q_THA = q_THA if q_THA.stride(-1) == 1 else q_THA.contiguous()
     o_THA = torch.empty_like(q_THA)
     if num_tokens == 0:
         return o_THA
-    max_tiles = triton.cdiv(num_tokens * group, ATT_BLOCK_M) + num_seqs
-    seq_T, row0_T = _tile_table((cu_q_B1[1:] - cu_q_B1[:-1]).long() * group, ATT_BLOCK_M, max_tiles)
-    _attention_kernel[(max_tiles, num_kv_heads)](
+    seq_T, row0_T = tiles if tiles is not None else attention_tiles(cu_q_B1, num_tokens, group)
+    _attention_kernel[(len(seq_T), num_kv_heads)](
         q_THA, k_SGA, v_SGA, o_THA, table_BM, cu_q_B1, key_lens_B, seq_T, row0_T,
         q_THA.stride(0), q_THA.stride(1), k_SGA.stride(0), k_SGA.stride(1), v_SGA.stride(0), v_SGA.stride(1),
         o_THA.stride(0), o_THA.stride(1), table_BM.stride(0), block_size, scale * LOG2E,
@@ -444,26 +455,35 @@ def attention(
     return attention_reference(q_QHA, k_KGA, v_KGA, pos_Q, pad_to, scale)
 
 
-def packed_attention(q_THA, k_TGA, v_TGA, cu_seqlens_B1: torch.Tensor, lengths: tuple[int, ...], reference):
-    """Causal attention over packed sequences on CUDA (the trainer's side): the keys are the packed keys
-    themselves, addressed through a table with S = 1. `reference(q, k, v)` gives the backward."""
-    max_len = max(lengths)
+def packed_tables(cu_seqlens_B1: torch.Tensor, lengths: tuple[int, ...], num_heads: int, num_kv_heads: int):
+    """What the trainer's attention needs of a packed batch, once for all layers: int32 cu_seqlens, key
+    lengths, a key table with S = 1 (key j of sequence b is packed row cu[b] + j) and the tiles."""
     cu = cu_seqlens_B1.to(torch.int32)
-    table_BM = (cu[:-1, None] + torch.arange(max_len, device=cu.device, dtype=torch.int32)[None, :]).contiguous()
-    lens_B = (cu[1:] - cu[:-1]).contiguous()
+    arange_M = torch.arange(max(lengths), device=cu.device, dtype=torch.int32)
+    table_BM = (cu[:-1, None] + arange_M[None, :]).contiguous()
+    return cu, (cu[1:] - cu[:-1]).contiguous(), table_BM, attention_tiles(cu, sum(lengths), num_heads // num_kv_heads)
+
+
+def packed_attention(q_THA, k_TGA, v_TGA, cu_seqlens_B1: torch.Tensor, lengths: tuple[int, ...], reference,
+                     tables=None):  # fmt: skip
+    """Causal attention over packed sequences on CUDA (the trainer's side): the keys are the packed keys
+    themselves. `reference(q, k, v)` gives the backward; `tables`: `packed_tables` of the batch."""
+    cu, lens_B, table_BM, tiles = tables or packed_tables(cu_seqlens_B1, lengths, q_THA.shape[1], k_TGA.shape[1])
     scale = q_THA.shape[-1] ** -0.5
 
     def fast(q, k, v):
-        return attention_triton(q, k, v, cu, lens_B, table_BM, 1, scale)
+        return attention_triton(q, k, v, cu, lens_B, table_BM, 1, scale, tiles)
 
     return _recompute(fast, reference, q_THA, k_TGA, v_TGA)
 
 
-def paged_attention(q_THA, k_cache_NSGA, v_cache_NSGA, cu_q_B1, context_lens_B, block_tables_BM, scale: float):
-    """Causal attention of a step's queries over a paged KV cache on CUDA (the engine's side)."""
+def paged_attention(q_THA, k_cache_NSGA, v_cache_NSGA, cu_q_B1, context_lens_B, block_tables_BM, scale: float,
+                    tiles=None):  # fmt: skip
+    """Causal attention of a step's queries over a paged KV cache on CUDA (the engine's side); `tiles`:
+    `attention_tiles` of the step, computed once for all layers."""
     block_size = k_cache_NSGA.shape[1]
     k_SGA, v_SGA = k_cache_NSGA.flatten(0, 1), v_cache_NSGA.flatten(0, 1)
     return attention_triton(
         q_THA, k_SGA, v_SGA, cu_q_B1.to(torch.int32), context_lens_B.to(torch.int32),
-        block_tables_BM.to(torch.int32), block_size, scale,
+        block_tables_BM.to(torch.int32), block_size, scale, tiles,
     )  # fmt: skip

@@ -71,6 +71,8 @@ class PackedSeqs:
     """"auto", "sdpa_loop" (reference) or "varlen"."""
     invariant_len: int = 0
     """Deterministic mode (set by the model): batch-invariant attention with keys padded to this length."""
+    invariant_tables: tuple | None = None
+    """Deterministic mode on CUDA: the kernel's tables of this batch, built by the first layer."""
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device: torch.device | str = "cpu", impl: str = "auto") -> "PackedSeqs":
@@ -103,8 +105,17 @@ class PackedSeqs:
     def _invariant(self, q_THA, k_TGA, v_TGA) -> torch.Tensor:
         if q_THA.is_cuda:  # the Triton kernel; its backward differentiates the ordinary path
             ordinary = PackedSeqs(self.cu_seqlens_B1, self.max_seqlen, self.lengths)
+            if self.invariant_tables is None:
+                heads = (q_THA.shape[1], k_TGA.shape[1])
+                self.invariant_tables = batch_invariant.packed_tables(self.cu_seqlens_B1, self.lengths, *heads)
             return batch_invariant.packed_attention(
-                q_THA, k_TGA, v_TGA, self.cu_seqlens_B1, self.lengths, lambda q, k, v: ordinary.attend(0, q, k, v)
+                q_THA,
+                k_TGA,
+                v_TGA,
+                self.cu_seqlens_B1,
+                self.lengths,
+                lambda q, k, v: ordinary.attend(0, q, k, v),
+                self.invariant_tables,
             )
         bounds, scale, parts = [0, *torch.tensor(self.lengths).cumsum(0).tolist()], q_THA.shape[-1] ** -0.5, []
         for s, e in zip(bounds, bounds[1:], strict=False):
