@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 from leagues.cli import UsageError
 from leagues.cli.generate import resolve_model_dir
+from leagues.engine.client import DEFAULT_MAX_REQUEST_BYTES
 from leagues.engine.engine import EngineConfig
-from leagues.engine.server import DEFAULT_MAX_REQUEST_BYTES
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

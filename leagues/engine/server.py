@@ -41,12 +41,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from leagues.engine.client import DEFAULT_MAX_REQUEST_BYTES
 from leagues.engine.engine import Engine
 from leagues.engine.metrics import ServerMetrics
 from leagues.engine.output import Output
 from leagues.types import SamplingParams
 
-DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
 OPEN_PATHS = frozenset({"/health"})
 ADMIN_PATHS = frozenset(
     {
