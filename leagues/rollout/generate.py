@@ -243,6 +243,7 @@ def rollout_metrics(seen: list[Sample], result: RolloutResult, cfg: RolloutConfi
         "rollout/reward_mean": statistics.fmean(rewards),
         "rollout/reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
         "rollout/pass_rate": sum(r >= cfg.pass_threshold for r in rewards) / max(len(ok), 1),
+        "rollout/prompt_len_mean": statistics.fmean(len(s.prompt_ids) for s in ok) if ok else 0.0,
         "rollout/response_len_mean": statistics.fmean(lengths),
         "rollout/response_len_max": float(max(lengths)),
         "rollout/truncated_frac": sum(s.status == SampleStatus.TRUNCATED for s in ok) / max(len(ok), 1),

@@ -1,0 +1,171 @@
+"""The scale run (issue: scale run): a Qwen3-30B-A3B-shaped MoE through the main job, colocated, with the trainer
+expert parallel over every GPU.
+
+The model is the Qwen3-30B-A3B architecture (hidden 2048, 32 query / 4 KV heads of 128, experts of FFN 768
+top-8, vocabulary 151,936) with random bf16 weights, written once as an HF checkpoint; `--layers` and
+`--experts` shrink it to what the lent GPUs hold (48 and 128 are the real model). The job is
+`leagues.loop.train`: GRPO on the built-in arithmetic task, `--prompts` × `--samples` per step, responses
+up to `--max-response-len` tokens; the engine sleeps while the trainer trains. `--steps` steps are timed;
+two warm-up steps before them (compilation, graph capture) and one after (it saves a checkpoint) are not.
+
+Reported (one JSON row in $OUT/scale.jsonl, rank 0):
+- step time and its breakdown (rollout, reward, train, sync, sleep/wake);
+- end-to-end tokens/s per GPU: prompt and response tokens of every sample, over the step time;
+- rollout tokens/s per GPU against a floor: each decode step reads every weight once (a batch of hundreds
+  of sequences touches every expert), so at the copy bandwidth measured in the same run a GPU cannot
+  exceed `sequences in flight x bandwidth / weight bytes` tokens/s;
+- trainer MFU: 6 x active parameters x tokens (plus causal attention) for the gradient pass and 2 x for the
+  logprob pass, over the train time and the card's dense bf16 peak;
+- weight-sync time, peak memory per GPU, and the mismatch metrics.
+
+    PYTHONPATH=. torchrun --standalone --nproc-per-node N benchmarks/scale.py [--layers 48] [--experts 128]
+    PYTHONPATH=. torchrun --standalone --nproc-per-node 2 benchmarks/scale.py --smoke   # CPU check
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+
+import torch
+import torch.distributed as dist
+
+from benchmarks.loop import copy_gb_per_s, summarize
+from benchmarks.train_step import BASE, SHAPES, make_checkpoint
+from leagues.cli.launch import init_distributed
+from leagues.config import from_dict
+from leagues.loop import TrainConfig, train
+from leagues.model.tokenizer import write_tiny_tokenizer
+
+QWEN3_30B_A3B = dict(
+    vocab_size=151936,
+    hidden_size=2048,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_experts=128,
+    num_experts_per_tok=8,
+    max_position_embeddings=4096,
+)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM
+
+
+def parameter_counts(hf: dict) -> tuple[int, int]:
+    """(total, active per token) parameters of a Qwen3-MoE config (norms left out: negligible)."""
+    dim, layers, vocab = hf["hidden_size"], hf["num_hidden_layers"], hf["vocab_size"]
+    q, kv = hf["num_attention_heads"] * hf["head_dim"], hf["num_key_value_heads"] * hf["head_dim"]
+    attention = dim * (q + 2 * kv) + q * dim
+    expert = 3 * dim * hf["moe_intermediate_size"]
+    router = dim * hf["num_experts"]
+    embeddings = 2 * vocab * dim  # untied input and output embeddings
+    total = layers * (attention + router + hf["num_experts"] * expert) + embeddings
+    active = layers * (attention + router + hf["num_experts_per_tok"] * expert) + embeddings
+    return total, active
+
+
+def train_flops(hf: dict, active: int, tokens: float, seq_len: float, num_seqs: float) -> float:
+    """FLOPs of one step's trainer work: a logprob pass (2x) and a gradient pass (6x) over every token,
+    plus causal attention (4 * seq^2/2 * heads * head_dim per layer forward, 3x that with backward)."""
+    heads_dim = hf["num_attention_heads"] * hf["head_dim"]
+    attention_fwd = hf["num_hidden_layers"] * num_seqs * 4 * seq_len * seq_len / 2 * heads_dim
+    return (2 + 6) * active * tokens + (1 + 3) * attention_fwd
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--max-response-len", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--microbatch-tokens", type=int, default=16384)
+    parser.add_argument("--kv-cache-fraction", type=float, default=0.8)
+    parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--path", default=None)
+    parser.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU: checks this script")
+    args = parser.parse_args()
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shape = SHAPES["smoke"] if args.smoke else QWEN3_30B_A3B | {"num_hidden_layers": args.layers}
+    shape = shape | ({} if args.smoke else {"num_experts": args.experts})
+    hf = BASE | shape | {"eos_token_id": 2, "pad_token_id": 0}
+    name = "smoke" if args.smoke else f"qwen3-30b-a3b-{args.layers}l-{args.experts}e"
+    path = args.path or os.path.join("runs", f"scale-model-{name}")
+    if rank == 0 and not os.path.isfile(os.path.join(path, "config.json")):
+        make_checkpoint(hf, path)  # the tiny tokenizer: ids past its vocabulary decode to nothing
+        write_tiny_tokenizer(path)
+    dist.barrier()
+    run_dir = os.path.join("runs", f"scale-run-{name}-{world}gpu")
+    if rank == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    dist.barrier()
+    overrides = {
+        "model": path,
+        "task": "arithmetic",
+        "steps": 2 + args.steps + 1,
+        "rollout": {
+            "batch_size": args.prompts,
+            "n_samples_per_prompt": args.samples,
+            "max_response_len": args.max_response_len,
+            "return_routes": True,
+        },
+        "trainer": {
+            "optim": {"lr": 1e-6},
+            "loss": {"eps_clip_high": 0.28, "off_policy": "token_tis"},
+            "parallel": {"ep": world, "activation_checkpointing": True},
+            "max_tokens_per_microbatch": args.microbatch_tokens,
+        },
+        "engine": {"kv_cache_fraction": args.kv_cache_fraction},
+        "deterministic": args.deterministic,
+        "run_dir": run_dir,
+        "obs": {"console": False, "tensorboard": False},
+        "report": False,
+    }
+    history = train(from_dict(TrainConfig, overrides))
+    cuda = torch.cuda.is_available()
+    peaks: list[float] = [0.0] * world
+    dist.all_gather_object(peaks, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+    if rank == 0:
+        shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # ~12 bytes a parameter
+        rows = history[2:-1]  # as `summarize`: not the warm-up steps, not the last (it saves a checkpoint)
+        mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in rows)  # noqa: E731
+        total, active = parameter_counts(hf)
+        samples, prompt_len = mean("rollout/num_generated"), mean("rollout/prompt_len_mean")
+        response_len = mean("rollout/response_len_mean")
+        tokens = samples * (prompt_len + response_len)
+        step_s, train_s = mean("time/step"), mean("time/train")
+        bandwidth = copy_gb_per_s() * 1e9 if cuda else 0.0
+        in_flight = samples / world
+        floor = in_flight * bandwidth / (2 * total) if cuda else 0.0
+        gpu = torch.cuda.get_device_name() if cuda else "cpu"
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), 0.0)
+        flops = train_flops(hf, active, tokens, prompt_len + response_len, samples)
+        row = summarize(history, args, world) | {
+            "model": name,
+            "params_total_b": round(total / 1e9, 2),
+            "params_active_b": round(active / 1e9, 2),
+            "samples_per_step": samples,
+            "prompt_len_mean": round(prompt_len, 1),
+            "response_len_mean": round(response_len, 1),
+            "e2e_tokens_per_s_per_gpu": round(tokens / step_s / world, 1),
+            "rollout_tokens_per_s_per_gpu": round(mean("rollout/tokens_per_s") / world, 1),
+            "rollout_floor_tokens_per_s_per_gpu": round(floor, 1),
+            "copy_gb_per_s": round(bandwidth / 1e9, 1),
+            "trainer_mfu": round(flops / train_s / world / (peak * 1e12), 4) if peak and train_s else None,
+            "peak_memory_gib": [round(p, 1) for p in peaks],
+            "deterministic": args.deterministic,
+        }
+        print(json.dumps(row), flush=True)
+        with open(os.path.join(os.environ.get("OUT", "/tmp"), "scale.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
