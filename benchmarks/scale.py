@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--microbatch-tokens", type=int, default=16384)
     parser.add_argument("--kv-cache-fraction", type=float, default=0.8)
     parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--offload-engine-weights", action="store_true", help="to host memory while training")
     parser.add_argument("--path", default=None)
     parser.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU: checks this script")
     args = parser.parse_args()
@@ -122,6 +123,7 @@ def main() -> None:
         },
         "engine": {"kv_cache_fraction": args.kv_cache_fraction},
         "deterministic": args.deterministic,
+        "engine_offload_weights": args.offload_engine_weights,
         "run_dir": run_dir,
         "obs": {"console": False, "tensorboard": False},
         "report": False,
@@ -159,6 +161,7 @@ def main() -> None:
             "trainer_mfu": round(flops / train_s / world / (peak * 1e12), 4) if peak and train_s else None,
             "peak_memory_gib": [round(p, 1) for p in peaks],
             "deterministic": args.deterministic,
+            "engine_offload_weights": args.offload_engine_weights,
         }
         print(json.dumps(row), flush=True)
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "scale.jsonl"), "a") as f:

@@ -188,3 +188,12 @@ def test_overrides_are_checked_together_so_their_order_does_not_matter():
         assert (cfg.trainer.optim.schedule, cfg.trainer.optim.total_steps) == ("cosine", 50)
     with pytest.raises(ValueError, match="total_steps"):
         apply_overrides(TrainConfig(), ["--trainer.optim.schedule", "cosine"])
+
+
+def test_engine_weight_offload_needs_engine_sleep():
+    from leagues.loop import TrainConfig
+
+    cfg = apply_overrides(TrainConfig(), ["--engine_offload_weights", "true"])
+    assert cfg.engine_offload_weights and cfg.engine_sleep
+    with pytest.raises(ValueError, match="engine_offload_weights"):
+        apply_overrides(TrainConfig(), ["--engine_offload_weights", "true", "--engine_sleep", "false"])

@@ -106,6 +106,9 @@ class TrainConfig:
     engine_sleep: bool = True
     """Colocated on GPUs: free the engine's KV cache while the trainer trains (off: keep it, when the model, its
     optimizer state and the cache fit together, saving the re-allocation every step)."""
+    engine_offload_weights: bool = False
+    """With engine_sleep: also move the engine's weights to host memory while the trainer trains (room for a
+    larger model or batch, at the cost of a host round trip of the weights every step)."""
     nproc: int = 1
     """Ranks to start on this node (torchrun underneath)."""
     report: bool = True
@@ -120,3 +123,5 @@ class TrainConfig:
             raise ValueError(f"weight_sync: expected auto, disk, distributed or none, got {self.weight_sync!r}")
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness: must be >= 0, got {self.max_staleness}")
+        if self.engine_offload_weights and not self.engine_sleep:
+            raise ValueError("engine_offload_weights: the weights move out only while the engine sleeps (engine_sleep)")

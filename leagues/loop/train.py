@@ -79,7 +79,7 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
     sleep = run.engine is not None and torch.cuda.is_available() and cfg.engine_sleep
     if sleep:
         with timer.section("sleep"):  # frees the KV cache for training; wake re-allocates it
-            run.engine.sleep()
+            run.engine.sleep(offload_weights=cfg.engine_offload_weights)
     start = time.perf_counter()
     with timer.section("train"):
         train_metrics = run.trainer.train_step(samples)
