@@ -96,7 +96,8 @@ def sync_weights(run: Run, version: int) -> dict[str, float]:
     """The trainer's new weights into the engine: in place, or through disk for external engines."""
     if run.engine is not None:
         start = time.perf_counter()
-        moved = push_in_place(run.trainer.state_dict_for_sync(), run.engine, version=version)
+        dtype = run.engine.model.embed.weight.dtype  # gathered in the engine's dtype when the trainer computes in it
+        moved = push_in_place(run.trainer.state_dict_for_sync(dtype=dtype), run.engine, version=version)
         seconds = time.perf_counter() - start
         return {"sync/gb": moved / 1e9, "sync/gb_per_s": moved / 1e9 / seconds if seconds else 0.0}
     if run.cfg.weight_sync == "distributed":

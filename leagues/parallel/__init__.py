@@ -8,6 +8,7 @@ Public API:
     apply_fsdp(model, mesh, cfg, device_type)      FSDP2 per expert module, per block, at the root
     parallelize(model, cfg, world_size, device_type) -> ParallelMesh   all of the above, in order
     full_state_dict(model) / full_state_dict_buckets(model)   full tensors back out, by our names
+    unit_buckets(model)                         the same in the compute dtype, one FSDP unit at a time
     set_last_microbatch(model, cfg, last)       gradient accumulation across micro-batches
     ExpertParallelExperts                          the experts module with dispatch() / combine()
 """
@@ -20,6 +21,7 @@ from leagues.parallel.fsdp import (
     full_state_dict_buckets,
     parallelize,
     set_last_microbatch,
+    unit_buckets,
 )
 from leagues.parallel.mesh import ParallelConfig, ParallelMesh, build_mesh
 
@@ -35,4 +37,5 @@ __all__ = [
     "full_state_dict_buckets",
     "parallelize",
     "set_last_microbatch",
+    "unit_buckets",
 ]

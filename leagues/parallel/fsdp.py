@@ -41,6 +41,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPO
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
+    FSDPModule,
     MixedPrecisionPolicy,
     fully_shard,
     register_fsdp_forward_method,
@@ -136,6 +137,35 @@ def full_state_dict_buckets(
         yield bucket
 
 
+def unit_buckets(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Full parameters in the compute dtype, one bucket per FSDP unit: FSDP2's own `unshard` (one all-gather
+    of the unit's flat shards, in `param_dtype`), read, then `reshard`. The bucket's tensors are the unit's
+    gathered storage (plus the expert-parallel all-gather), valid only until the next bucket is requested:
+    copy them before asking for more.
+
+    With bf16 compute these are exactly the weights the trainer's forward uses (the cast happens before the
+    gather) at half the bytes of `full_state_dict`'s float32 gathers, in a few large collectives instead of
+    one per tensor. Every rank must iterate in step. Call it outside forward/backward."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    owner = {}  # each parameter's innermost unit
+    for unit in units:
+        for param in unit.parameters():
+            owner[id(param)] = unit
+    for unit in reversed(units):  # the root last: its own parameters are the embeddings and the final norm
+        mine = [(name, module, param) for name, module, param in _parameters(model) if owner.get(id(param)) is unit]
+        if not mine:
+            continue
+        unit.unshard()
+        try:
+            bucket = []
+            for name, module, _ in mine:
+                tensor = getattr(module, name.rsplit(".", 1)[-1]).detach()  # the unsharded parameter now
+                bucket.append((name, _gather_experts(module, tensor)))
+            yield bucket
+        finally:
+            unit.reshard()
+
+
 def full_state_dict(model: nn.Module, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for every parameter; see `full_state_dict_buckets`."""
     for bucket in full_state_dict_buckets(model, bucket_bytes):
@@ -150,7 +180,11 @@ def _parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Parameter
 
 
 def _full_tensor(module: nn.Module, param: torch.Tensor) -> torch.Tensor:
-    tensor = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+    return _gather_experts(module, param.full_tensor() if isinstance(param, DTensor) else param.detach())
+
+
+def _gather_experts(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """An expert-parallel module's local experts, all-gathered over its expert group into [E, ...]."""
     if isinstance(module, ExpertParallelExperts):
         shards = [torch.empty_like(tensor) for _ in range(module.ep_size)]
         dist.all_gather(shards, tensor.contiguous(), group=module.ep_group)

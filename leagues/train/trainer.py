@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from leagues.model import ForwardBatch, Transformer, load_pretrained, resolve_model_path
-from leagues.parallel import ParallelConfig, full_state_dict, parallelize, set_last_microbatch
+from leagues.parallel import ParallelConfig, full_state_dict, parallelize, set_last_microbatch, unit_buckets
 from leagues.train.checkpoint import load_checkpoint, local_only, save_checkpoint
 from leagues.train.logprobs import token_logprobs
 from leagues.train.losses import LossConfig, LossInputs, Normalizer, policy_loss
@@ -327,15 +327,26 @@ class Trainer:
 
     # --- weights out, checkpoints -------------------------------------------------------------------
 
-    def state_dict_for_sync(self, bucket_bytes: int = 512 * 2**20) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Full (unsharded) weights in buckets of about `bucket_bytes`, under the model's parameter names."""
+    def state_dict_for_sync(
+        self, bucket_bytes: int = 512 * 2**20, dtype: torch.dtype | None = None
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Full (unsharded) weights in buckets of about `bucket_bytes`, under the model's parameter names.
+
+        `dtype`: the receiver's. When it is the sharded model's compute dtype, each FSDP unit is gathered whole
+        in that dtype (`unit_buckets`: the forward's very weights, half the bytes of float32, a few large
+        collectives); each bucket is then valid only until the next is requested, so the receiver copies it."""
+        biases = [(n, b.detach().clone()) for n, b in self._expert_biases()] if self.cfg.moe.bias_update_rate else []
+        if self.mesh is not None and dtype == self.cfg.parallel.resolved_param_dtype(self.device.type):
+            yield from unit_buckets(self.model)
+            if biases:  # the engine must pick experts with the same biases
+                yield biases
+            return
         named = (
             full_state_dict(self.model)
             if self.mesh is not None
             else ((n, p.detach()) for n, p in self.model.named_parameters())
         )
-        if self.cfg.moe.bias_update_rate > 0:  # the engine must pick experts with the same biases
-            named = itertools.chain(named, ((n, b.detach().clone()) for n, b in self._expert_biases()))
+        named = itertools.chain(named, biases)
         bucket, size = [], 0
         for name, tensor in named:
             bucket.append((name, tensor))

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from leagues.model import ForwardBatch, Transformer, config_from_hf
-from leagues.parallel import ParallelConfig, apply_ep, build_mesh, full_state_dict, parallelize
+from leagues.parallel import ParallelConfig, apply_ep, build_mesh, full_state_dict, parallelize, unit_buckets
 
 CONFIG = {
     "architectures": ["Qwen3MoeForCausalLM"],
@@ -155,6 +155,24 @@ def gather_full(rank: int) -> None:
     assert_same(got, want)
 
 
+def gather_by_unit(rank: int) -> None:
+    model = make_model()
+    parallelize(model, ParallelConfig(ep=WORLD, activation_checkpointing=True), WORLD, "cpu")
+    loss_of(model, *rank_data(rank)).backward()  # after a step's forward/backward, as in the loop
+    sgd_step(model)
+    want = dict(full_state_dict(model))
+    got, buckets = {}, 0
+    for bucket in unit_buckets(model):
+        got |= {name: t.clone() for name, t in bucket}  # copied before the next unit is gathered
+        buckets += 1
+    assert buckets == 1 + 2 * CONFIG["num_hidden_layers"]  # the root, each block and each block's experts
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name  # float32 on CPU: the very same values
+    # the units are sharded again: a second forward/backward still works
+    loss_of(model, *rank_data(rank)).backward()
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -177,6 +195,10 @@ def test_ep_forward_matches_single_process():
 
 def test_full_state_dict_matches_single_process():
     spawn(gather_full)
+
+
+def test_unit_buckets_equal_the_full_state_dict():
+    spawn(gather_by_unit)
 
 
 def test_config_errors_name_the_field():
