@@ -151,8 +151,12 @@ def unit_buckets(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
     for unit in units:
         for param in unit.parameters():
             owner[id(param)] = unit
+    by_unit: dict[int, list] = {id(unit): [] for unit in units}
+    for name, module, param in _parameters(model):
+        if id(param) in owner:
+            by_unit[id(owner[id(param)])].append((name, module, param))
     for unit in reversed(units):  # the root last: its own parameters are the embeddings and the final norm
-        mine = [(name, module, param) for name, module, param in _parameters(model) if owner.get(id(param)) is unit]
+        mine = by_unit[id(unit)]
         if not mine:
             continue
         unit.unshard()
