@@ -12,6 +12,13 @@ sleep, wake and aborts are queued commands run between steps, so they never race
 A request with `n` samples computes its prompt once and forks: the samples share the prompt's KV
 blocks, each with its own seed (`seed + index`; a request without a seed gets a random one).
 Outputs carry the weight version that produced them.
+
+Expert parallel (`Engine(..., ep_group=group)`): the engines of a group each keep 1/P of every MoE layer's
+experts (`leagues.parallel.apply_ep`) and their own requests; tokens visit the experts' ranks by all-to-all
+inside the forward. Every forward is therefore collective, so the group's engine threads step in lockstep:
+each loop turn, one small all-reduce (on `ep_control_group`, a CPU group) tells every engine whether any of
+them has work and whether all have closed; an engine with nothing of its own to run then runs a forward of
+no tokens, serving its experts to the others (also while asleep: its weights stay, only its cache goes).
 """
 
 import asyncio
@@ -25,6 +32,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from leagues.engine.block_manager import BlockManager
 from leagues.engine.output import Output, RequestState, make_outputs
@@ -34,6 +43,7 @@ from leagues.engine.scheduler import Scheduler
 from leagues.engine.sequence import Sequence
 from leagues.model import Transformer, load_pretrained, load_tokenizer, resolve_model_path
 from leagues.model.checkpoint import load_named_tensors
+from leagues.parallel import ExpertParallelExperts, apply_ep
 from leagues.types import FinishReason, SamplingParams
 
 TokenCallback = Callable[[int, int, float], None]
@@ -96,7 +106,12 @@ def _num_blocks(model: Transformer, cfg: EngineConfig) -> int:
 
 
 class Engine:
-    def __init__(self, model: str | Path | Transformer, tokenizer=None, **config) -> None:
+    def __init__(
+        self, model: str | Path | Transformer, tokenizer=None, ep_group=None, ep_control_group=None, **config
+    ) -> None:
+        """`ep_group`: the process group of this engine's expert-parallel peers (each holds 1/P of the experts;
+        every member must build its engine); `ep_control_group`: a CPU (gloo) group over the same ranks for
+        the lockstep handshake (default: `ep_group`, enough on the CPU)."""
         self.config = cfg = EngineConfig(**config)
         if isinstance(model, Transformer):
             self.model = model
@@ -108,6 +123,13 @@ class Engine:
             if tokenizer is None and (self.model_path / "tokenizer.json").is_file():
                 tokenizer = load_tokenizer(self.model_path)  # without one, prompts are token ids
         self.model.eval().set_moe_impl(cfg.moe_impl)
+        self._ep, self._expert_slices = None, {}
+        if ep_group is not None and dist.get_world_size(ep_group) > 1:
+            if cfg.deterministic:
+                raise ValueError("deterministic: an expert-parallel engine is not batch-invariant yet (no ep_group)")
+            self._ep = (ep_group, ep_control_group or ep_group)
+            self._split_experts(ep_group)
+            cfg = self.config = replace(cfg, cuda_graphs=False)  # the dispatch reads token counts on the host
         if cfg.deterministic:
             self.model.set_batch_invariant()  # the kernels sync nothing with the host: CUDA graphs still apply
         self.tokenizer = tokenizer
@@ -131,6 +153,18 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "cached_tokens": 0, "steps": 0}
+        if self._ep is not None:  # peers step in lockstep from now on, whether or not this engine has requests
+            self._start_thread()
+
+    def _split_experts(self, ep_group) -> None:
+        """Keep this rank's slice of every MoE layer's experts; remember the slices for weight loads."""
+        apply_ep(self.model, DeviceMesh.from_group(ep_group, self.model.embed.weight.device.type))
+        rank = dist.get_rank(ep_group)
+        for name, module in self.model.named_modules():
+            if isinstance(module, ExpertParallelExperts):
+                lo = rank * module.num_local
+                for param in ("w13", "w2"):
+                    self._expert_slices[f"{name}.{param}"] = (lo, lo + module.num_local, module.num_experts)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -216,10 +250,13 @@ class Engine:
         if self._closed:
             raise RuntimeError("engine is closed")
         self._inbox.put(message)
+        self._start_thread()
+        self._wake_event.set()
+
+    def _start_thread(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="leagues-engine", daemon=True)
             self._thread.start()
-        self._wake_event.set()
 
     def _call(self, fn, *args):
         future: Future = Future()
@@ -230,8 +267,12 @@ class Engine:
         device = next(self.model.parameters()).device
         if device.type == "cuda":  # the current device is per thread; kernels launch on it (rank r: cuda:r)
             torch.cuda.set_device(device)
-        while not self._closed:
+        while not self._closed or self._ep is not None:
             self._drain_inbox()
+            if self._ep is not None:
+                if not self._ep_turn():
+                    break
+                continue
             if self.asleep or not self.scheduler.has_work():
                 self._wake_event.wait(timeout=0.1)
                 self._wake_event.clear()
@@ -242,6 +283,25 @@ class Engine:
                 self._fail_all(err)
         self._drain_inbox()  # requests posted before close() fail below too
         self._fail_all(RuntimeError("engine is closed"))
+
+    def _ep_turn(self) -> bool:
+        """One lockstep turn of an expert-parallel engine; False once every peer has closed and none has work."""
+        mine = not self.asleep and self.scheduler.has_work()
+        flags = torch.tensor([int(mine), int(not self._closed)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._ep[1])
+        busy, open_peers = bool(flags[0]), bool(flags[1])
+        if not busy:
+            if not open_peers:
+                return False
+            self._wake_event.wait(timeout=0.005)
+            self._wake_event.clear()
+            return True
+        try:
+            if not (mine and self.step()):
+                self.runner.execute_empty()  # our peers' tokens still visit our experts
+        except Exception as err:  # fail every waiting caller rather than hang them
+            self._fail_all(err)
+        return True
 
     def _drain_inbox(self) -> None:
         while True:
@@ -327,10 +387,11 @@ class Engine:
 
     # --- one step -------------------------------------------------------------------------------
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """Schedule and run one batch; False when there was nothing to run."""
         batch = self.scheduler.schedule()
         if batch is None:
-            return
+            return False
         logits_RV = self.runner.execute(batch)
         sampling = [item.seq for item in batch.items if item.samples]
         for item in batch.items:
@@ -340,6 +401,7 @@ class Engine:
         result = sample(logits_RV.index_select(0, row_index), self._sampling_tensors(rows), self.config.deterministic)
         self._append_tokens(rows, result)
         self.stats["steps"] += 1
+        return True
 
     def _fork_samples(self, sampling: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
         """Sequences that sample, with forked siblings reading their parent's logits row."""
@@ -422,14 +484,27 @@ class Engine:
     # --- weights and memory ---------------------------------------------------------------------
 
     def _load_weights(self, named_tensors, version: int | None) -> int:
+        if self._expert_slices:
+            named_tensors = [self._local_experts(name, tensor) for name, tensor in named_tensors]
         count = load_named_tensors(self.model, named_tensors)
         self.blocks.reset_prefix_cache()  # cached keys and values came from the old weights
         self.weight_version = self.weight_version + 1 if version is None else version
         return count
 
+    def _local_experts(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """An expert-parallel engine takes full [E, ...] expert tensors (our names) and keeps its slice."""
+        if name in self._expert_slices:
+            lo, hi, total = self._expert_slices[name]
+            return name, tensor[lo:hi] if tensor.shape[0] == total else tensor
+        if ".experts." in name:
+            raise ValueError(f"weight {name!r}: an expert-parallel engine loads experts by our names (w13, w2)")
+        return name, tensor
+
     def _sleep(self, offload_weights: bool) -> None:
         if self.asleep:
             return
+        if offload_weights and self._ep is not None:
+            raise ValueError("an expert-parallel engine keeps its weights while asleep: its peers use its experts")
         for seq in list(self.scheduler.running):
             self.scheduler.preempt(seq)
         self.blocks.reset_prefix_cache()

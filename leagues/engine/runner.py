@@ -21,6 +21,15 @@ from leagues.engine.scheduler import ScheduledBatch
 from leagues.model import ForwardBatch, Transformer
 
 
+class _NoTokens:
+    """The attention backend of a forward of no tokens."""
+
+    invariant_len = 0
+
+    def attend(self, layer_idx: int, q_THA, k_TGA, v_TGA):
+        return q_THA
+
+
 @dataclass(slots=True)
 class StepInputs:
     input_ids_T: torch.Tensor
@@ -127,6 +136,13 @@ class ModelRunner:
             return self._replay(graph_size, inputs)[inputs.sample_rows_R].float()
         hidden_TD = self._forward(inputs)
         return self.model.logits(hidden_TD[inputs.sample_rows_R]).float()
+
+    @torch.inference_mode()
+    def execute_empty(self) -> None:
+        """A forward of no tokens: an expert-parallel engine with nothing of its own to run still takes part in
+        every MoE layer's exchange, so its peers' tokens reach its experts (no cache needed: no attention)."""
+        empty = torch.empty(0, dtype=torch.long, device=self.device)
+        self.model.run(ForwardBatch(input_ids_T=empty, positions_T=empty, attention=_NoTokens(), compute_logits=False))
 
     def routes_of(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """Recorded experts [num_tokens, L_moe, K] of a sequence's first `num_tokens` tokens (CPU)."""

@@ -107,7 +107,7 @@ class GroupedExperts(nn.Module):
         gate_NF, up_NF = grouped_mm(x_ND, self.w13, offs_E, self.impl).chunk(2, dim=-1)
         y_ND = grouped_mm(F.silu(gate_NF) * up_NF, self.w2, offs_E, self.impl)
         y_ND = y_ND * permute_rows(weights_TK.flatten()[:, None], order_N, inverse_N)
-        y_TKD = permute_rows(y_ND, inverse_N, order_N).view(num_tokens, top_k, -1)
+        y_TKD = permute_rows(y_ND, inverse_N, order_N).view(num_tokens, top_k, y_ND.shape[-1])
         return batch_invariant.sum_rows(y_TKD) if self.impl == "invariant" else y_TKD.sum(dim=1)
 
 

@@ -115,7 +115,7 @@ class ExpertParallelExperts(GroupedExperts):
         y_ND = exchange(y_RD, state.send_splits, state.recv_splits, self.ep_group)
         y_ND = permute_rows(y_ND, state.inverse_N, state.order_N)
         num_tokens, top_k = weights_TK.shape
-        return (y_ND.view(num_tokens, top_k, -1) * weights_TK[..., None]).sum(dim=1)
+        return (y_ND.view(num_tokens, top_k, y_ND.shape[-1]) * weights_TK[..., None]).sum(dim=1)
 
 
 def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
