@@ -18,6 +18,9 @@ Reported (one JSON row in $OUT/scale.jsonl, rank 0):
   logprob pass, over the train time and the card's dense bf16 peak;
 - weight-sync time, peak memory per GPU, and the mismatch metrics.
 
+The whole Qwen3-30B-A3B (61 GB of bf16 weights) leaves no room on an 80 GB card for a full engine beside the
+trainer: `--engine-ep` splits the experts over the engines (each holds 1/world of them, stepping in lockstep).
+
     PYTHONPATH=. torchrun --standalone --nproc-per-node N benchmarks/scale.py [--layers 48] [--experts 128]
     PYTHONPATH=. torchrun --standalone --nproc-per-node 2 benchmarks/scale.py --smoke   # CPU check
 """
@@ -87,6 +90,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-fraction", type=float, default=0.8)
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--offload-engine-weights", action="store_true", help="to host memory while training")
+    parser.add_argument("--engine-ep", action="store_true", help="the engines split the experts (lockstep)")
     parser.add_argument("--path", default=None)
     parser.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU: checks this script")
     args = parser.parse_args()
@@ -124,6 +128,7 @@ def main() -> None:
         "engine": {"kv_cache_fraction": args.kv_cache_fraction},
         "deterministic": args.deterministic,
         "engine_offload_weights": args.offload_engine_weights,
+        "engine_ep": args.engine_ep,
         "run_dir": run_dir,
         "obs": {"console": False, "tensorboard": False},
         "report": False,
@@ -162,6 +167,7 @@ def main() -> None:
             "peak_memory_gib": [round(p, 1) for p in peaks],
             "deterministic": args.deterministic,
             "engine_offload_weights": args.offload_engine_weights,
+            "engine_ep": args.engine_ep,
         }
         print(json.dumps(row), flush=True)
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "scale.jsonl"), "a") as f:

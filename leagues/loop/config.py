@@ -109,6 +109,9 @@ class TrainConfig:
     engine_offload_weights: bool = False
     """With engine_sleep: also move the engine's weights to host memory while the trainer trains (room for a
     larger model or batch, at the cost of a host round trip of the weights every step)."""
+    engine_ep: bool = False
+    """Colocated: the engines of all ranks split every MoE layer's experts between them (expert parallel) and
+    step in lockstep, so each holds 1/world of the experts: room for a model too large for one engine per GPU."""
     nproc: int = 1
     """Ranks to start on this node (torchrun underneath)."""
     report: bool = True
@@ -123,5 +126,9 @@ class TrainConfig:
             raise ValueError(f"weight_sync: expected auto, disk, distributed or none, got {self.weight_sync!r}")
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness: must be >= 0, got {self.max_staleness}")
+        if self.engine_ep and (self.placement != "colocated" or self.engine_urls):
+            raise ValueError("engine_ep: expert-parallel engines are built by colocated runs (no engine_urls)")
+        if self.engine_ep and self.engine_offload_weights:
+            raise ValueError("engine_offload_weights: expert-parallel engines keep their weights (peers use them)")
         if self.engine_offload_weights and not self.engine_sleep:
             raise ValueError("engine_offload_weights: the weights move out only while the engine sleeps (engine_sleep)")

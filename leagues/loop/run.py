@@ -109,6 +109,8 @@ class Run:
     rank: int = 0
     world: int = 1
     generate_fn: object = None
+    peer_group: object = None
+    """Expert-parallel engines: a CPU group the ranks wait on until every engine has finished its requests."""
     _sender: DistributedWeightSender | None = None
 
     @classmethod
@@ -165,10 +167,18 @@ class Run:
             world=world,
             generate_fn=load_generate_fn(cfg.rollout.generate_fn),
         )
+        if engine is not None and cfg.engine_ep and world > 1:
+            run.peer_group = dist.new_group(backend="gloo")
         run.start_step = run.resume() if cfg.resume else 0
         resume_step = run.start_step if cfg.resume else None
         run.sinks = build_sinks(cfg.obs, run_dir, cfg.steps, resume_step=resume_step, rank=rank)
         return run
+
+    def wait_for_peers(self) -> None:
+        """Expert-parallel engines serve each other's tokens until every rank's requests are done: wait for that
+        (on a CPU group) before this rank's main thread starts collectives of its own."""
+        if self.peer_group is not None:
+            dist.barrier(group=self.peer_group)
 
     @property
     def checkpoint_root(self) -> Path:
@@ -223,7 +233,11 @@ def _engine(cfg: TrainConfig, model_path: Path, tokenizer, is_engine: bool):
         return None, HTTPClient(list(cfg.engine_urls))
     if not is_engine:
         return None, None
-    engine = Engine(model_path, tokenizer, **asdict(cfg.engine))
+    groups = {}
+    if cfg.engine_ep and dist.is_initialized() and dist.get_world_size() > 1:  # every rank builds its engine
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        groups = dict(ep_group=dist.new_group(backend=backend), ep_control_group=dist.new_group(backend="gloo"))
+    engine = Engine(model_path, tokenizer, **groups, **asdict(cfg.engine))
     return engine, LocalClient(engine)
 
 

@@ -74,6 +74,7 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
             sections=lambda name: timer.section("rollout" if name == "generate" else name),
         )
     )
+    run.wait_for_peers()
     samples = trainable(result.samples)
     assign_advantages(samples, cfg)
     sleep = run.engine is not None and torch.cuda.is_available() and cfg.engine_sleep
@@ -182,6 +183,7 @@ def evaluate(run: Run) -> dict[str, float]:
         await run.scorer.score(samples)
 
     run.loop.run_until_complete(all_of_them())
+    run.wait_for_peers()
     threshold = run.cfg.rollout.pass_threshold
     totals = torch.tensor(
         [sum(s.reward >= threshold for s in samples), len(samples), sum(len(s.response_ids) for s in samples)],

@@ -91,6 +91,18 @@ def test_colocated_two_gloo_ranks(tmp_path):
 
 
 @pytest.mark.slow
+def test_colocated_expert_parallel_engines(tmp_path):
+    """Two ranks whose engines split the experts: lockstep rollouts and evals, new weights sliced per engine."""
+    args = ["--engine_ep", "true", "--moe.routing_replay", "rollout", "--eval.every", "3", "--eval.num_prompts", "32"]
+    leagues_cli("train", "--nproc", "2", *EASY, *args, "--run_dir", str(tmp_path / "run"))
+    rows = rl_rows(tmp_path / "run")
+    assert len(rows) == 6
+    assert all(row["train/moe/route_mismatch_frac"] == 0.0 for row in rows)
+    assert max(row["train/mismatch/abs_diff_max"] for row in rows) < 1e-4  # the engines have the new weights
+    assert_improves(rows)
+
+
+@pytest.mark.slow
 def test_disaggregated_one_trainer_one_engine(tmp_path):
     args = ["--placement", "disaggregated", "--trainer.loss.off_policy", "token_tis", "--moe.routing_replay", "rollout"]
     leagues_cli("train", "--nproc", "2", *EASY, *args, "--run_dir", str(tmp_path / "run"))
