@@ -122,7 +122,7 @@ def main() -> None:
         "trainer": {
             "optim": {"lr": 1e-6},
             "loss": {"eps_clip_high": 0.28, "off_policy": "token_tis"},
-            "parallel": {"ep": world, "activation_checkpointing": True},
+            "parallel": {"ep": world, "activation_checkpointing": True, "sharded_load": True},
             "max_tokens_per_microbatch": args.microbatch_tokens,
         },
         "engine": {"kv_cache_fraction": args.kv_cache_fraction},

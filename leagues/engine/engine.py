@@ -42,7 +42,7 @@ from leagues.engine.sampler import SamplingTensors, sample
 from leagues.engine.scheduler import Scheduler
 from leagues.engine.sequence import Sequence
 from leagues.model import Transformer, load_pretrained, load_tokenizer, resolve_model_path
-from leagues.model.checkpoint import load_named_tensors
+from leagues.model.checkpoint import load_named_tensors, read_config, read_parameters, reset_buffers
 from leagues.parallel import ExpertParallelExperts, apply_ep
 from leagues.types import FinishReason, SamplingParams
 
@@ -105,6 +105,19 @@ def _num_blocks(model: Transformer, cfg: EngineConfig) -> int:
     return cfg.kv_cache_bytes // block_bytes
 
 
+def _load_expert_parallel(path: Path, dtype: torch.dtype, device: torch.device, ep_group) -> Transformer:
+    """A model holding only this rank's experts, read from the checkpoint without the others ever loading."""
+    with torch.device("meta"):
+        model = Transformer(read_config(path))
+    apply_ep(model, DeviceMesh.from_group(ep_group, device.type))
+    per_rank = model.config.num_experts // dist.get_world_size(ep_group)
+    lo = dist.get_rank(ep_group) * per_rank
+    state = {n: t.to(device=device, dtype=dtype) for n, t in read_parameters(path, (lo, lo + per_rank))}
+    model.load_state_dict(state, assign=True, strict=True)
+    reset_buffers(model, device)
+    return model
+
+
 class Engine:
     def __init__(
         self, model: str | Path | Transformer, tokenizer=None, ep_group=None, ep_control_group=None, **config
@@ -119,7 +132,10 @@ class Engine:
         else:
             self.model_path = resolve_model_path(model)
             device, dtype = _resolve_device_dtype(cfg)
-            self.model = load_pretrained(self.model_path, dtype=dtype, device=device)
+            if ep_group is not None and dist.get_world_size(ep_group) > 1:
+                self.model = _load_expert_parallel(self.model_path, dtype, device, ep_group)
+            else:
+                self.model = load_pretrained(self.model_path, dtype=dtype, device=device)
             if tokenizer is None and (self.model_path / "tokenizer.json").is_file():
                 tokenizer = load_tokenizer(self.model_path)  # without one, prompts are token ids
         self.model.eval().set_moe_impl(cfg.moe_impl)

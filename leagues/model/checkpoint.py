@@ -110,10 +110,10 @@ def _assemble(reader: _Reader, names: list[list[str]], per_expert: bool, shape: 
     return torch.stack(parts) if per_expert else parts[0]
 
 
-def load_pretrained(
-    path: str | Path, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
-) -> Transformer:
-    """Load an HF checkpoint directory as a `Transformer` (dtype None keeps the checkpoint's)."""
+def read_parameters(path: str | Path, experts: tuple[int, int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter of the HF checkpoint at `path` under our name, assembled on the CPU in the checkpoint's
+    dtype, one at a time (a sharded trainer keeps only its pieces of each). `experts=(lo, hi)`: of the stacked
+    expert weights read only experts lo..hi-1 (an expert-parallel rank's)."""
     path = Path(path)
     cfg = read_config(path)
     with torch.device("meta"):
@@ -121,17 +121,34 @@ def load_pretrained(
     reader = _Reader(path)
     if cfg.tie_embeddings:
         reader.used.add("lm_head.weight")  # some tied checkpoints still carry the copy
-    state = {}
     for ours, param, spec, names in parameter_map(model):
-        tensor = _assemble(reader, names, spec.per_expert, param.shape, f"{path}: {ours}")
-        state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        shape = param.shape
+        if spec.per_expert and experts is not None:
+            reader.used.update(n for group in names[: experts[0]] + names[experts[1] :] for n in group)
+            names, shape = names[experts[0] : experts[1]], torch.Size([experts[1] - experts[0], *shape[1:]])
+        yield ours, _assemble(reader, names, spec.per_expert, shape, f"{path}: {ours}")
     if extra := reader.unused():
         raise ValueError(f"{path}: checkpoint tensors not used by family {cfg.family}: {extra[:8]}")
-    model.load_state_dict(state, assign=True, strict=True)
+
+
+def reset_buffers(model: Transformer, device: str | torch.device) -> None:
+    """Recompute the non-persistent buffers (rotary table, zero expert biases) of a model whose storage was
+    built on the meta device."""
     model.rope.reset(device)
-    for module in model.modules():  # non-persistent buffers built on the meta device
+    for module in model.modules():
         if isinstance(module, Router):
-            module.expert_bias = torch.zeros_like(module.expert_bias, device=device)
+            module.expert_bias = torch.zeros(module.expert_bias.shape, device=device)
+
+
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+) -> Transformer:
+    """Load an HF checkpoint directory as a `Transformer` (dtype None keeps the checkpoint's)."""
+    with torch.device("meta"):
+        model = Transformer(read_config(path))
+    state = {ours: t.to(device=device, dtype=dtype or t.dtype) for ours, t in read_parameters(path)}
+    model.load_state_dict(state, assign=True, strict=True)
+    reset_buffers(model, device)
     return model
 
 

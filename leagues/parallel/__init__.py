@@ -9,6 +9,7 @@ Public API:
     parallelize(model, cfg, world_size, device_type) -> ParallelMesh   all of the above, in order
     full_state_dict(model) / full_state_dict_buckets(model)   full tensors back out, by our names
     unit_buckets(model)                         the same in the compute dtype, one FSDP unit at a time
+    load_full_tensors(model, named)             the inverse: each rank keeps its pieces of full tensors
     set_last_microbatch(model, cfg, last)       gradient accumulation across micro-batches
     ExpertParallelExperts                          the experts module with dispatch() / combine()
 """
@@ -19,6 +20,7 @@ from leagues.parallel.fsdp import (
     apply_fsdp,
     full_state_dict,
     full_state_dict_buckets,
+    load_full_tensors,
     parallelize,
     set_last_microbatch,
     unit_buckets,
@@ -35,6 +37,7 @@ __all__ = [
     "build_mesh",
     "full_state_dict",
     "full_state_dict_buckets",
+    "load_full_tensors",
     "parallelize",
     "set_last_microbatch",
     "unit_buckets",

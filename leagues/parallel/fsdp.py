@@ -32,7 +32,7 @@ Decisions:
   what it needs), bucket by bucket so one bucket of full tensors is alive at a time.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -168,6 +168,33 @@ def unit_buckets(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
             yield bucket
         finally:
             unit.reshard()
+
+
+def load_full_tensors(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """The inverse of `full_state_dict`: copy this rank's pieces of full tensors (our names, any device) into the
+    parallelized model's parameters: an expert-parallel module's slice of the experts, then FSDP's dim-0 chunk.
+    Tensors may already hold only this rank's experts. Every rank calls it; no collectives. Returns the count."""
+    params = {name: (module, param) for name, module, param in _parameters(model)}
+    count = 0
+    for name, full in named_tensors:
+        if name not in params:
+            raise ValueError(f"weight {name!r} matches no parameter of the model")
+        module, param = params[name]
+        if isinstance(module, ExpertParallelExperts) and full.shape[0] == module.num_experts:
+            lo = dist.get_rank(module.ep_group) * module.num_local
+            full = full[lo : lo + module.num_local]
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if isinstance(param, DTensor):
+            chunks = torch.chunk(full, param.device_mesh.size(), dim=0)  # FSDP2's sharding of dim 0
+            rank = param.device_mesh.get_local_rank()
+            full = chunks[rank] if rank < len(chunks) else full[:0]
+        if tuple(local.shape) != tuple(full.shape):
+            got, want = tuple(full.shape), tuple(local.shape)
+            raise ValueError(f"weight {name!r}: this rank's piece has shape {got}, expected {want}")
+        with torch.no_grad():
+            local.copy_(full)
+        count += 1
+    return count
 
 
 def full_state_dict(model: nn.Module, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:

@@ -55,6 +55,11 @@ class ParallelConfig:
     benchmarks/RESULTS.md). "sharded": gather parameters and reduce-scatter gradients around every micro-batch
     (least memory, for models that only fit sharded)."""
 
+    sharded_load: bool = False
+    """Build the model on the meta device and let each rank read only its pieces of the checkpoint (its FSDP
+    shard, its experts) instead of loading the whole model on every rank first: for models that do not fit a
+    device whole (Qwen3-30B-A3B in float32 is 122 GB)."""
+
     def __post_init__(self) -> None:
         if self.grad_accumulation not in ("sharded", "unsharded"):
             raise ValueError(f"grad_accumulation must be sharded or unsharded, got {self.grad_accumulation!r}")

@@ -25,7 +25,15 @@ import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from leagues.model import ForwardBatch, Transformer, load_pretrained, resolve_model_path
-from leagues.parallel import ParallelConfig, full_state_dict, parallelize, set_last_microbatch, unit_buckets
+from leagues.model.checkpoint import read_config, read_parameters, reset_buffers
+from leagues.parallel import (
+    ParallelConfig,
+    full_state_dict,
+    load_full_tensors,
+    parallelize,
+    set_last_microbatch,
+    unit_buckets,
+)
 from leagues.train.checkpoint import load_checkpoint, local_only, save_checkpoint
 from leagues.train.logprobs import token_logprobs
 from leagues.train.losses import LossConfig, LossInputs, Normalizer, policy_loss
@@ -82,9 +90,14 @@ class Trainer:
         self.alone = alone or not dist.is_initialized()
         self.world = 1 if self.alone else dist.get_world_size()
         self.rank = 0 if self.alone else dist.get_rank()
+        sharded = not isinstance(model, Transformer) and not self.alone and cfg.parallel.sharded_load
         if not isinstance(model, Transformer):
             self.model_path = resolve_model_path(model)
-            model = load_pretrained(self.model_path, dtype=torch.float32, device=self.device)
+            if sharded:  # built on the meta device; each rank reads only its pieces once the model is sharded
+                with torch.device("meta"):
+                    model = Transformer(read_config(self.model_path))
+            else:
+                model = load_pretrained(self.model_path, dtype=torch.float32, device=self.device)
         self.model = model.train()
         if cfg.deterministic:
             self.model.set_batch_invariant()
@@ -93,10 +106,25 @@ class Trainer:
             self.model.compile_blocks()
         # FSDP2 whenever there is a process group (also of one rank: it brings bf16 compute, fp32 master).
         self.mesh = None if self.alone else parallelize(self.model, cfg.parallel, self.world, self.device.type)
+        if sharded:
+            self._load_shards()
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.step = 0
         self._load_counts: torch.Tensor | None = None
+
+    def _load_shards(self) -> None:
+        """Fill the sharded model from its checkpoint, one full tensor at a time: no rank ever holds the whole
+        model (with expert parallel, a rank reads only its own experts)."""
+        self.model.to_empty(device=self.device)
+        experts = None
+        if self.cfg.parallel.ep > 1:
+            per_rank = self.model.config.num_experts // self.cfg.parallel.ep
+            lo = self.mesh.ep.get_local_rank() * per_rank
+            experts = (lo, lo + per_rank)
+        tensors = ((name, t.float()) for name, t in read_parameters(self.model_path, experts))
+        load_full_tensors(self.model, tensors)
+        reset_buffers(self.model, self.device)
 
     def _load_ref(self) -> Transformer:
         ref = load_pretrained(

@@ -173,6 +173,21 @@ def gather_by_unit(rank: int) -> None:
     loss_of(model, *rank_data(rank)).backward()
 
 
+def trainer_from_checkpoint(rank: int, path: str, ep: int) -> None:
+    from leagues.model import load_pretrained
+    from leagues.train import Trainer, TrainerConfig
+
+    parallel = ParallelConfig(ep=ep, activation_checkpointing=True, sharded_load=True)
+    trainer = Trainer(path, TrainerConfig(parallel=parallel))
+    assert not any(p.is_meta for p in trainer.model.parameters())
+    want = {name: p.detach() for name, p in load_pretrained(path).named_parameters()}
+    got = dict(full_state_dict(trainer.model))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert torch.equal(trainer.model.rope.inv_freq, load_pretrained(path).rope.inv_freq)
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -199,6 +214,14 @@ def test_full_state_dict_matches_single_process():
 
 def test_unit_buckets_equal_the_full_state_dict():
     spawn(gather_by_unit)
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_a_sharded_trainer_reads_only_its_pieces_of_the_checkpoint(ep, tmp_path):
+    from leagues.model import save_pretrained
+
+    save_pretrained(make_model(), tmp_path / "model")
+    spawn(partial(trainer_from_checkpoint, path=str(tmp_path / "model"), ep=ep))
 
 
 def test_config_errors_name_the_field():
