@@ -42,6 +42,13 @@ def copy_gb_per_s() -> float:
     return 2 * x.nbytes * 10 / (time.perf_counter() - start) / 1e9
 
 
+def write_row(row: dict, filename: str) -> None:
+    """Print one result row and append it to $OUT/filename (/tmp without $OUT)."""
+    print(json.dumps(row), flush=True)
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), filename), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def summarize(history: list[dict], args, world: int) -> dict:
     rows = history[2:-1] or history  # not the warm-up steps, not the last (it saves a checkpoint)
     mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in rows)  # noqa: E731
@@ -129,9 +136,7 @@ def main():
             "model": args.path,
         }
         row["copy_gb_per_s"] = round(copy_gb_per_s(), 1) if torch.cuda.is_available() else None
-        print(json.dumps(row), flush=True)
-        with open(os.path.join(os.environ.get("OUT", "/tmp"), "loop.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        write_row(row, "loop.jsonl")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -26,7 +26,6 @@ trainer: `--engine-ep` splits the experts over the engines (each holds 1/world o
 """
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -34,7 +33,7 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from benchmarks.loop import copy_gb_per_s, summarize
+from benchmarks.loop import copy_gb_per_s, summarize, write_row
 from benchmarks.train_step import BASE, SHAPES, make_checkpoint
 from leagues.cli.launch import init_distributed
 from leagues.config import from_dict
@@ -78,7 +77,7 @@ def train_flops(hf: dict, active: int, tokens: float, seq_len: float, num_seqs: 
     return (2 + 6) * active * tokens + (1 + 3) * attention_fwd
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=48)
     parser.add_argument("--experts", type=int, default=128)
@@ -93,23 +92,12 @@ def main() -> None:
     parser.add_argument("--engine-ep", action="store_true", help="the engines split the experts (lockstep)")
     parser.add_argument("--path", default=None)
     parser.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU: checks this script")
-    args = parser.parse_args()
-    init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    shape = SHAPES["smoke"] if args.smoke else QWEN3_30B_A3B | {"num_hidden_layers": args.layers}
-    shape = shape | ({} if args.smoke else {"num_experts": args.experts})
-    hf = BASE | shape | {"eos_token_id": 2, "pad_token_id": 0}
-    name = "smoke" if args.smoke else f"qwen3-30b-a3b-{args.layers}l-{args.experts}e"
-    path = args.path or os.path.join("runs", f"scale-model-{name}")
-    if rank == 0 and not os.path.isfile(os.path.join(path, "config.json")):
-        make_checkpoint(hf, path)  # the tiny tokenizer: ids past its vocabulary decode to nothing
-        write_tiny_tokenizer(path)
-    dist.barrier()
-    run_dir = os.path.join("runs", f"scale-run-{name}-{world}gpu")
-    if rank == 0:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    dist.barrier()
-    overrides = {
+    return parser.parse_args()
+
+
+def job(args: argparse.Namespace, path: str, run_dir: str, world: int) -> dict:
+    """The run's configuration (overrides of `TrainConfig`)."""
+    return {
         "model": path,
         "task": "arithmetic",
         "steps": 2 + args.steps + 1,
@@ -133,45 +121,62 @@ def main() -> None:
         "obs": {"console": False, "tensorboard": False},
         "report": False,
     }
-    history = train(from_dict(TrainConfig, overrides))
+
+
+def figures(history: list[dict], hf: dict, world: int, peaks: list[float]) -> dict:
+    """The issue's figures from the run's metrics (the timed steps, as `summarize` picks them)."""
+    rows = history[2:-1]
+    mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in rows)  # noqa: E731
     cuda = torch.cuda.is_available()
+    total, active = parameter_counts(hf)
+    samples, prompt_len = mean("rollout/num_generated"), mean("rollout/prompt_len_mean")
+    response_len = mean("rollout/response_len_mean")
+    tokens = samples * (prompt_len + response_len)
+    step_s, train_s = mean("time/step"), mean("time/train")
+    bandwidth = copy_gb_per_s() * 1e9 if cuda else 0.0
+    floor = (samples / world) * bandwidth / (2 * total)  # sequences in flight per GPU, one weight read per step
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), 0.0)
+    flops = train_flops(hf, active, tokens, prompt_len + response_len, samples)
+    return {
+        "params_total_b": round(total / 1e9, 2),
+        "params_active_b": round(active / 1e9, 2),
+        "samples_per_step": samples,
+        "prompt_len_mean": round(prompt_len, 1),
+        "response_len_mean": round(response_len, 1),
+        "e2e_tokens_per_s_per_gpu": round(tokens / step_s / world, 1),
+        "rollout_tokens_per_s_per_gpu": round(mean("rollout/tokens_per_s") / world, 1),
+        "rollout_floor_tokens_per_s_per_gpu": round(floor, 1),
+        "copy_gb_per_s": round(bandwidth / 1e9, 1),
+        "trainer_mfu": round(flops / train_s / world / (peak * 1e12), 4) if peak and train_s else None,
+        "peak_memory_gib": [round(p, 1) for p in peaks],
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shape = SHAPES["smoke"] if args.smoke else QWEN3_30B_A3B | {"num_hidden_layers": args.layers}
+    shape = shape | ({} if args.smoke else {"num_experts": args.experts})
+    hf = BASE | shape | {"eos_token_id": 2, "pad_token_id": 0}
+    name = "smoke" if args.smoke else f"qwen3-30b-a3b-{args.layers}l-{args.experts}e"
+    path = args.path or os.path.join("runs", f"scale-model-{name}")
+    run_dir = os.path.join("runs", f"scale-run-{name}-{world}gpu")
+    if rank == 0:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            make_checkpoint(hf, path)  # the tiny tokenizer: ids past its vocabulary decode to nothing
+            write_tiny_tokenizer(path)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    dist.barrier()
+    history = train(from_dict(TrainConfig, job(args, path, run_dir, world)))
     peaks: list[float] = [0.0] * world
-    dist.all_gather_object(peaks, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+    dist.all_gather_object(peaks, torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
     if rank == 0:
         shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # ~12 bytes a parameter
-        rows = history[2:-1]  # as `summarize`: not the warm-up steps, not the last (it saves a checkpoint)
-        mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in rows)  # noqa: E731
-        total, active = parameter_counts(hf)
-        samples, prompt_len = mean("rollout/num_generated"), mean("rollout/prompt_len_mean")
-        response_len = mean("rollout/response_len_mean")
-        tokens = samples * (prompt_len + response_len)
-        step_s, train_s = mean("time/step"), mean("time/train")
-        bandwidth = copy_gb_per_s() * 1e9 if cuda else 0.0
-        in_flight = samples / world
-        floor = in_flight * bandwidth / (2 * total) if cuda else 0.0
-        gpu = torch.cuda.get_device_name() if cuda else "cpu"
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), 0.0)
-        flops = train_flops(hf, active, tokens, prompt_len + response_len, samples)
-        row = summarize(history, args, world) | {
-            "model": name,
-            "params_total_b": round(total / 1e9, 2),
-            "params_active_b": round(active / 1e9, 2),
-            "samples_per_step": samples,
-            "prompt_len_mean": round(prompt_len, 1),
-            "response_len_mean": round(response_len, 1),
-            "e2e_tokens_per_s_per_gpu": round(tokens / step_s / world, 1),
-            "rollout_tokens_per_s_per_gpu": round(mean("rollout/tokens_per_s") / world, 1),
-            "rollout_floor_tokens_per_s_per_gpu": round(floor, 1),
-            "copy_gb_per_s": round(bandwidth / 1e9, 1),
-            "trainer_mfu": round(flops / train_s / world / (peak * 1e12), 4) if peak and train_s else None,
-            "peak_memory_gib": [round(p, 1) for p in peaks],
-            "deterministic": args.deterministic,
-            "engine_offload_weights": args.offload_engine_weights,
-            "engine_ep": args.engine_ep,
-        }
-        print(json.dumps(row), flush=True)
-        with open(os.path.join(os.environ.get("OUT", "/tmp"), "scale.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        row = summarize(history, args, world) | {"model": name} | figures(history, hf, world, peaks)
+        flags = ("deterministic", "offload_engine_weights", "engine_ep")
+        write_row(row | {flag: getattr(args, flag) for flag in flags}, "scale.jsonl")
     dist.barrier()
     dist.destroy_process_group()
 
