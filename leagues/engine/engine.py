@@ -42,7 +42,13 @@ from leagues.engine.sampler import SamplingTensors, sample
 from leagues.engine.scheduler import Scheduler
 from leagues.engine.sequence import Sequence
 from leagues.model import Transformer, load_pretrained, load_tokenizer, resolve_model_path
-from leagues.model.checkpoint import load_named_tensors, read_config, read_parameters, reset_buffers
+from leagues.model.checkpoint import (
+    load_named_tensors,
+    read_config,
+    read_parameters,
+    reset_buffers,
+    weight_targets,
+)
 from leagues.parallel import ExpertParallelExperts, apply_ep
 from leagues.types import FinishReason, SamplingParams
 
@@ -139,7 +145,7 @@ class Engine:
             if tokenizer is None and (self.model_path / "tokenizer.json").is_file():
                 tokenizer = load_tokenizer(self.model_path)  # without one, prompts are token ids
         self.model.eval().set_moe_impl(cfg.moe_impl)
-        self._ep, self._expert_slices = None, {}
+        self._ep, self._expert_slices, self._weight_targets = None, {}, None
         if ep_group is not None and dist.get_world_size(ep_group) > 1:
             if cfg.deterministic:
                 raise ValueError("deterministic: an expert-parallel engine is not batch-invariant yet (no ep_group)")
@@ -502,7 +508,9 @@ class Engine:
     def _load_weights(self, named_tensors, version: int | None) -> int:
         if self._expert_slices:
             named_tensors = [self._local_experts(name, tensor) for name, tensor in named_tensors]
-        count = load_named_tensors(self.model, named_tensors)
+        if self._weight_targets is None:  # the parameters never change identity: walk the modules once
+            self._weight_targets = weight_targets(self.model)
+        count = load_named_tensors(self.model, named_tensors, self._weight_targets)
         self.blocks.reset_prefix_cache()  # cached keys and values came from the old weights
         self.weight_version = self.weight_version + 1 if version is None else version
         return count
