@@ -1,7 +1,8 @@
 """Expert-parallel engines (2 gloo ranks): each keeps half of every MoE layer's experts and its own requests;
-their outputs equal a whole engine's, also when one of them has nothing to run, and full expert weights
-loaded by name land as each engine's slice."""
+their outputs equal a whole engine's, also when one of them is asleep with nothing to run, and full expert
+weights loaded by name land as each engine's slice."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -43,9 +44,16 @@ def ep_engines(rank: int) -> None:
     try:
         assert eng.model.layers[0].moe.experts.w13.shape[0] == eng.model.config.num_experts // 2
         assert_same_outputs(eng.generate(PROMPTS[rank], PARAMS), want)  # different batches on each rank
-        if rank == 1:  # rank 0 has nothing to run: its engine serves its experts with empty forwards
+        if rank == 0:  # asleep (no cache) and with nothing to run, it still serves its experts to rank 1
+            with pytest.raises(ValueError, match="keeps its weights"):
+                eng.sleep(offload_weights=True)
+            eng.sleep()
+        dist.barrier()
+        if rank == 1:
             assert_same_outputs(eng.generate(PROMPTS[1][:1], PARAMS), want_alone)
         dist.barrier()
+        if rank == 0:
+            eng.wake()
         eng.load_weights(perturbed(path))  # full experts by our names: each engine keeps its half
         assert_same_outputs(eng.generate(PROMPTS[rank], PARAMS), want_new)
     finally:
