@@ -147,8 +147,6 @@ class Engine:
         self.model.eval().set_moe_impl(cfg.moe_impl)
         self._ep, self._expert_slices, self._weight_targets = None, {}, None
         if ep_group is not None and dist.get_world_size(ep_group) > 1:
-            if cfg.deterministic:
-                raise ValueError("deterministic: an expert-parallel engine is not batch-invariant yet (no ep_group)")
             self._ep = (ep_group, ep_control_group or ep_group)
             self._split_experts(ep_group)
             cfg = self.config = replace(cfg, cuda_graphs=False)  # the dispatch reads token counts on the host

@@ -15,10 +15,13 @@ PARAMS = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
 ENGINE = dict(device="cpu", num_blocks=64, block_size=4, max_num_batched_tokens=8)  # chunked prefill too
 
 
-def assert_same_outputs(got, want) -> None:
+def assert_same_outputs(got, want, exact: bool = False) -> None:
     for g, w in zip(got, want, strict=True):
         assert g.token_ids == w.token_ids
-        assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5)
+        if exact:
+            assert g.logprobs == w.logprobs
+        else:
+            assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5)
 
 
 def perturbed(path) -> list[tuple[str, torch.Tensor]]:
@@ -62,3 +65,23 @@ def ep_engines(rank: int) -> None:
 
 def test_expert_parallel_engines_match_a_whole_engine():
     spawn(ep_engines)
+
+
+def ep_engines_deterministic(rank: int) -> None:
+    if rank == 0:
+        resolve_model_path("tiny-moe")
+    dist.barrier()
+    path, group = resolve_model_path("tiny-moe"), dist.new_group(backend="gloo")
+    config = ENGINE | {"deterministic": True}
+    whole = Engine(path, **config)
+    want = whole.generate(PROMPTS[rank], PARAMS)
+    whole.close()
+    eng = Engine(path, ep_group=group, **config)
+    try:  # experts on two ranks, other batches: the same bits (rows are batch-invariant, the top-k sum ordered)
+        assert_same_outputs(eng.generate(PROMPTS[rank], PARAMS), want, exact=True)
+    finally:
+        eng.close()
+
+
+def test_deterministic_expert_parallel_engines_equal_a_whole_engine_bit_for_bit():
+    spawn(ep_engines_deterministic)

@@ -103,6 +103,16 @@ def test_colocated_expert_parallel_engines(tmp_path):
 
 
 @pytest.mark.slow
+def test_deterministic_with_expert_parallel_engines_and_trainer(tmp_path):
+    """Experts split over two ranks on both sides: rollout logprobs still equal the trainer's bit for bit."""
+    args = ["--deterministic", "true", "--engine_ep", "true", "--trainer.parallel.ep", "2", "--steps", "3"]
+    leagues_cli("train", "--nproc", "2", *EASY, *args, "--run_dir", str(tmp_path / "run"))
+    rows = rl_rows(tmp_path / "run")
+    assert len(rows) == 3
+    assert all(row["train/mismatch/abs_diff_max"] == 0.0 for row in rows)
+
+
+@pytest.mark.slow
 def test_disaggregated_one_trainer_one_engine(tmp_path):
     args = ["--placement", "disaggregated", "--trainer.loss.off_policy", "token_tis", "--moe.routing_replay", "rollout"]
     leagues_cli("train", "--nproc", "2", *EASY, *args, "--run_dir", str(tmp_path / "run"))
