@@ -55,6 +55,12 @@ def permute_rows(x_ND: torch.Tensor, perm_N: torch.Tensor, inverse_N: torch.Tens
     return _PermuteRows.apply(x_ND, perm_N, inverse_N)
 
 
+def sum_over_k(y_TKD: torch.Tensor, impl: str) -> torch.Tensor:
+    """Each token's weighted expert outputs summed; in index order for the "invariant" impl (deterministic mode:
+    a library reduction may change its tree with the number of rows)."""
+    return batch_invariant.sum_rows(y_TKD) if impl == "invariant" else y_TKD.sum(dim=1)
+
+
 class Router(nn.Module):
     def __init__(self, dim: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:
         super().__init__()
@@ -108,7 +114,7 @@ class GroupedExperts(nn.Module):
         y_ND = grouped_mm(F.silu(gate_NF) * up_NF, self.w2, offs_E, self.impl)
         y_ND = y_ND * permute_rows(weights_TK.flatten()[:, None], order_N, inverse_N)
         y_TKD = permute_rows(y_ND, inverse_N, order_N).view(num_tokens, top_k, y_ND.shape[-1])
-        return batch_invariant.sum_rows(y_TKD) if self.impl == "invariant" else y_TKD.sum(dim=1)
+        return sum_over_k(y_TKD, self.impl)
 
 
 class MoE(nn.Module):

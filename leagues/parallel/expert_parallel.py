@@ -36,8 +36,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
 # grouped_mm through the model: DESIGN.md lets `parallel` import `model` only (the kernel is the one moe.py runs).
-from leagues.kernels import batch_invariant
-from leagues.model.moe import GroupedExperts, grouped_mm, permute_rows
+from leagues.model.moe import GroupedExperts, grouped_mm, permute_rows, sum_over_k
 
 
 @dataclass(slots=True)
@@ -117,7 +116,7 @@ class ExpertParallelExperts(GroupedExperts):
         y_ND = permute_rows(y_ND, state.inverse_N, state.order_N)
         num_tokens, top_k = weights_TK.shape
         y_TKD = y_ND.view(num_tokens, top_k, y_ND.shape[-1]) * weights_TK[..., None]
-        return batch_invariant.sum_rows(y_TKD) if self.impl == "invariant" else y_TKD.sum(dim=1)
+        return sum_over_k(y_TKD, self.impl)
 
 
 def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
