@@ -81,10 +81,15 @@ def test_colocated_one_rank_learns_and_writes_everything(tmp_path):
     assert (run / "report" / "summary.md").is_file() and (run / "report" / "reward.png").is_file()
 
 
+def train_two_ranks(tmp_path: Path, *args: str) -> list[dict]:
+    """`leagues train --nproc 2` on the easy objective (plus `args`); the RL steps' metrics."""
+    leagues_cli("train", "--nproc", "2", *EASY, *args, "--run_dir", str(tmp_path / "run"))
+    return rl_rows(tmp_path / "run")
+
+
 @pytest.mark.slow
 def test_colocated_two_gloo_ranks(tmp_path):
-    leagues_cli("train", "--nproc", "2", *EASY, "--run_dir", str(tmp_path / "run"))
-    rows = rl_rows(tmp_path / "run")
+    rows = train_two_ranks(tmp_path)
     assert len(rows) == 6
     assert all(row["rollout/num_samples"] == 16 * 8 for row in rows)  # both ranks' groups counted
     assert_improves(rows)
@@ -94,8 +99,7 @@ def test_colocated_two_gloo_ranks(tmp_path):
 def test_colocated_expert_parallel_engines(tmp_path):
     """Two ranks whose engines split the experts: lockstep rollouts and evals, new weights sliced per engine."""
     args = ["--engine_ep", "true", "--moe.routing_replay", "rollout", "--eval.every", "3", "--eval.num_prompts", "32"]
-    leagues_cli("train", "--nproc", "2", *EASY, *args, "--run_dir", str(tmp_path / "run"))
-    rows = rl_rows(tmp_path / "run")
+    rows = train_two_ranks(tmp_path, *args)
     assert len(rows) == 6
     assert all(row["train/moe/route_mismatch_frac"] == 0.0 for row in rows)
     assert max(row["train/mismatch/abs_diff_max"] for row in rows) < 1e-4  # the engines have the new weights
@@ -106,8 +110,7 @@ def test_colocated_expert_parallel_engines(tmp_path):
 def test_deterministic_with_expert_parallel_engines_and_trainer(tmp_path):
     """Experts split over two ranks on both sides: rollout logprobs still equal the trainer's bit for bit."""
     args = ["--deterministic", "true", "--engine_ep", "true", "--trainer.parallel.ep", "2", "--steps", "3"]
-    leagues_cli("train", "--nproc", "2", *EASY, *args, "--run_dir", str(tmp_path / "run"))
-    rows = rl_rows(tmp_path / "run")
+    rows = train_two_ranks(tmp_path, *args)
     assert len(rows) == 3
     assert all(row["train/mismatch/abs_diff_max"] == 0.0 for row in rows)
 
@@ -115,8 +118,7 @@ def test_deterministic_with_expert_parallel_engines_and_trainer(tmp_path):
 @pytest.mark.slow
 def test_disaggregated_one_trainer_one_engine(tmp_path):
     args = ["--placement", "disaggregated", "--trainer.loss.off_policy", "token_tis", "--moe.routing_replay", "rollout"]
-    leagues_cli("train", "--nproc", "2", *EASY, *args, "--run_dir", str(tmp_path / "run"))
-    rows = rl_rows(tmp_path / "run")
+    rows = train_two_ranks(tmp_path, *args)
     assert len(rows) == 6
     assert max(row["train/staleness_max"] for row in rows) <= 1  # the staleness bound holds
     assert max(row["train/staleness_max"] for row in rows) == 1  # ... and generation overlapped training
