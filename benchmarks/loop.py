@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.train_step import BASE, SHAPES, make_checkpoint
-from leagues.cli.launch import init_distributed
+from leagues.cli.launch import init_distributed, shutdown_distributed
 from leagues.config import from_dict
 from leagues.loop import TrainConfig, train
 from leagues.model.tokenizer import TINY_VOCAB_SIZE, write_tiny_tokenizer
@@ -137,8 +137,7 @@ def main():
         }
         row["copy_gb_per_s"] = round(copy_gb_per_s(), 1) if torch.cuda.is_available() else None
         write_row(row, "loop.jsonl")
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from benchmarks.loop import copy_gb_per_s, summarize, write_row
 from benchmarks.train_step import BASE, SHAPES, make_checkpoint
-from leagues.cli.launch import init_distributed
+from leagues.cli.launch import init_distributed, shutdown_distributed
 from leagues.config import from_dict
 from leagues.loop import TrainConfig, train
 from leagues.model.tokenizer import write_tiny_tokenizer
@@ -177,8 +177,7 @@ def main() -> None:
         row = summarize(history, args, world) | {"model": name} | figures(history, hf, world, peaks)
         flags = ("deterministic", "offload_engine_weights", "engine_ep")
         write_row(row | {flag: getattr(args, flag) for flag in flags}, "scale.jsonl")
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

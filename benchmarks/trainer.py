@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.train_step import BASE, SHAPES, flops_per_token, make_checkpoint, matmul_peak_tflops
+from leagues.cli.launch import shutdown_distributed
 
 PROMPT, RESPONSE = 256, 768
 
@@ -159,7 +160,7 @@ def main():
             f.write(json.dumps(row) + "\n")
     if args.profile:
         profile_step(step, args, row)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def profile_step(step, args, row) -> None:

@@ -5,6 +5,7 @@ One SPMD program: with `--nproc N` on a single node the command re-runs itself t
 launcher (RANK set), `init_distributed` joins the group: NCCL on GPUs, gloo on CPUs.
 """
 
+import gc
 import os
 import subprocess
 import sys
@@ -51,6 +52,10 @@ def init_distributed() -> None:
 
 
 def shutdown_distributed() -> None:
+    """Leave the group. FSDP2 modules sit in reference cycles that still hold the gradient
+    reduce-scatter's gloo work; freed only at interpreter exit, after the group, they abort the
+    process under load ("terminate called without an active exception"), so collect them first."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
