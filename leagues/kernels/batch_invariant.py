@@ -30,6 +30,8 @@ N rows of experts (sorted), E experts, B sequences, T tokens, S key-table block 
 
 import torch
 
+from leagues.kernels.grouped_gemm import grouped_mm as ordinary_grouped_mm
+
 try:
     import triton
     import triton.language as tl
@@ -403,9 +405,7 @@ def linear(x: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Tensor | None
 def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """Each expert's sorted rows times its weight, row-invariant (see `grouped_gemm.grouped_mm_reference`)."""
     if _triton(x_NI):
-        from leagues.kernels.grouped_gemm import grouped_mm as ordinary
-
-        return _recompute(grouped_mm_triton, ordinary, x_NI, w_EOI, offs_E)
+        return _recompute(grouped_mm_triton, ordinary_grouped_mm, x_NI, w_EOI, offs_E)
     bounds = [0, *offs_E.tolist()]
     outs = [matmul_nt_reference(x_NI[bounds[e] : bounds[e + 1]], w_EOI[e]) for e in range(w_EOI.shape[0])]
     return torch.cat(outs, dim=0) if outs else x_NI.new_empty(0, w_EOI.shape[1])

@@ -30,10 +30,6 @@ def can_use_fast(x_NI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
 
 def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Dispatch: `impl` is "auto" (fast where it can run), "grouped" (force the fast kernel) or "reference"."""
-    if impl == "invariant":  # deterministic mode: rows do not depend on the batch (batch_invariant.py)
-        from leagues.kernels import batch_invariant
-
-        return batch_invariant.grouped_mm(x_NI, w_EOI, offs_E)
     if impl == "grouped" or (impl == "auto" and can_use_fast(x_NI, w_EOI)):
         return grouped_mm_fast(x_NI, w_EOI, offs_E)
     return grouped_mm_reference(x_NI, w_EOI, offs_E)

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leagues.kernels import batch_invariant
-from leagues.kernels.grouped_gemm import grouped_mm
+from leagues.kernels import batch_invariant, grouped_gemm
 from leagues.model.config import ModelConfig
 from leagues.model.layers import GatedMLP
 
@@ -53,6 +52,14 @@ class _PermuteRows(torch.autograd.Function):
 
 def permute_rows(x_ND: torch.Tensor, perm_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
     return _PermuteRows.apply(x_ND, perm_N, inverse_N)
+
+
+def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor, impl: str) -> torch.Tensor:
+    """The experts' grouped matmul; the "invariant" impl (deterministic mode) keeps each row's result
+    independent of the batch, the others dispatch in `grouped_gemm`."""
+    if impl == "invariant":
+        return batch_invariant.grouped_mm(x_NI, w_EOI, offs_E)
+    return grouped_gemm.grouped_mm(x_NI, w_EOI, offs_E, impl)
 
 
 def sum_over_k(y_TKD: torch.Tensor, impl: str) -> torch.Tensor:

@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
-# grouped_mm through the model: DESIGN.md lets `parallel` import `model` only (the kernel is the one moe.py runs).
+# The kernels through the model: DESIGN.md lets `parallel` import `model` only (the ones moe.py runs).
 from leagues.model.moe import GroupedExperts, grouped_mm, permute_rows, sum_over_k
 
 
