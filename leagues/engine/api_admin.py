@@ -37,8 +37,8 @@ from fastapi.responses import JSONResponse, Response
 from safetensors import safe_open
 
 from leagues.engine import remote_weights
+from leagues.engine.api_common import APIError, ServerState, error_response, state_of
 from leagues.engine.protocol import AbortRequest, MemoryRequest, UpdateWeightsFromDiskRequest
-from leagues.engine.server import APIError, ServerState, error_response, state_of
 from leagues.model.checkpoint import IGNORED, hf_name_index
 from leagues.types import SamplingParams
 

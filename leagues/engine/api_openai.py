@@ -23,9 +23,9 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from leagues.engine.api_common import APIError, Batch, ServerState, TextStream, error_body, finite, sse, state_of
 from leagues.engine.output import Output
 from leagues.engine.protocol import ChatCompletionRequest, CompletionRequest
-from leagues.engine.server import APIError, Batch, ServerState, TextStream, error_body, finite, sse, state_of
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

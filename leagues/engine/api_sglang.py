@@ -35,9 +35,9 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from leagues.engine.api_common import APIError, Batch, ServerState, TextStream, error_body, finite, sse, state_of
 from leagues.engine.output import Output
 from leagues.engine.protocol import GenerateRequest
-from leagues.engine.server import APIError, Batch, ServerState, TextStream, error_body, finite, sse, state_of
 from leagues.types import FinishReason
 
 router = APIRouter(tags=["sglang"])

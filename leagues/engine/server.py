@@ -6,7 +6,8 @@ Where it sits: the engine runs in the server process, on its own loop thread; ha
 `engine.submit` and await the futures, so every HTTP request joins the same continuous batch. The
 routes live in `api_sglang.py` (`/generate`), `api_openai.py` (`/v1/...`) and `api_admin.py` (health,
 info, cache, abort, weights, memory); bodies are parsed by the models of `protocol.py`. This file holds
-what they share: the app, its middleware, errors, and `Batch`, one HTTP request's engine requests.
+the app and its middleware; `api_common.py` what the routes share: errors, the server's state, and
+`Batch`, one HTTP request's engine requests.
 
 Decisions:
 - Errors use OpenAI's shape everywhere, `{"error": {"message", "type", "param", "code"}}` (SGLang's
@@ -28,24 +29,18 @@ Decisions:
 import asyncio
 import contextlib
 import hmac
-import itertools
 import json
-import time
-from collections.abc import AsyncIterator
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from leagues.engine import api_admin, api_openai, api_sglang
+from leagues.engine.api_common import APIError, ServerState, error_body, error_response
 from leagues.engine.client import DEFAULT_MAX_REQUEST_BYTES
 from leagues.engine.engine import Engine
 from leagues.engine.metrics import ServerMetrics
-from leagues.engine.output import Output
-from leagues.types import SamplingParams
 
 OPEN_PATHS = frozenset({"/health"})
 ADMIN_PATHS = frozenset(
@@ -58,153 +53,6 @@ ADMIN_PATHS = frozenset(
         "/resume_memory_occupation",
     }
 )
-
-
-class APIError(Exception):
-    """An error answered as `{"error": {...}}` with `status`."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-
-def error_body(message: str, kind: str, param: str | None = None, code: int | str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-    return JSONResponse(error_body(message, kind, param, status), status_code=status)
-
-
-@dataclass(slots=True)
-class ServerState:
-    """What the routes share: the engine, the metrics, and the requests in flight."""
-
-    engine: Engine
-    metrics: ServerMetrics
-    model_path: str
-    served_model_name: str
-    in_flight: set[str] = field(default_factory=set)
-    ids: itertools.count = field(default_factory=itertools.count)
-    started: float = field(default_factory=time.time)
-    weight_receiver: object | None = None
-    """`remote_weights.WeightReceiver`, made by the first weight-group route."""
-
-    def new_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self.ids)}-{int(self.started) % 100000}"
-
-
-def state_of(request: Request) -> ServerState:
-    return request.app.state.leagues
-
-
-# --- one HTTP request's engine requests -------------------------------------------------------------
-
-
-class _Tracker:
-    """The engine's `on_token` for one prompt: timestamps every token and, when streaming, queues it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue | None, base: int, n: int):
-        self.loop, self.queue, self.base = loop, queue, base
-        self.times: list[list[float]] = [[] for _ in range(n)]
-
-    def __call__(self, index: int, token_id: int, logprob: float) -> None:  # on the engine thread
-        self.times[index].append(time.monotonic())
-        if self.queue is not None:
-            event = ("token", self.base + index, token_id, logprob)
-            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-
-
-class Batch:
-    """The engine requests of one HTTP request: one per prompt, each with `params.n` samples.
-
-    Outputs are indexed prompt-major: output `i * n + j` is sample `j` of prompt `i`. `field` names the
-    request field that holds the prompts, for errors.
-    """
-
-    def __init__(
-        self, state: ServerState, prompts: list, params: SamplingParams, rids: list[str], stream: bool, field: str
-    ):
-        self.state, self.params, self.rids = state, params, rids
-        self.start = time.monotonic()
-        loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue | None = asyncio.Queue() if stream else None
-        self.trackers = [_Tracker(loop, self.queue, i * params.n, params.n) for i in range(len(prompts))]
-        self.futures: list[Future] = []
-        try:
-            for prompt, rid, tracker in zip(prompts, rids, self.trackers, strict=True):
-                self.futures.append(state.engine.submit(prompt, params, rid, tracker))
-                state.in_flight.add(rid)
-        except ValueError as err:  # the engine's checks of the prompt and the params: name the field
-            self.abort()
-            raise APIError(400, f"{field}: {err}", param=field) from None
-        except BaseException:
-            self.abort()
-            raise
-        self.waiters = [asyncio.wrap_future(f) for f in self.futures]
-        if self.queue is not None:
-            for i, waiter in enumerate(self.waiters):
-                waiter.add_done_callback(lambda w, i=i: self.queue.put_nowait(("done", i, w)))
-
-    def abort(self) -> None:
-        for rid, future in zip(self.rids, self.futures, strict=False):
-            if not future.done():
-                self.state.engine.abort(rid)
-        self._forget()
-
-    def _forget(self) -> None:
-        for rid in self.rids:
-            self.state.in_flight.discard(rid)
-
-    async def results(self) -> list[Output]:
-        """Every output, prompt-major; cancelling the caller aborts the engine requests."""
-        try:
-            per_prompt = await asyncio.gather(*self.waiters)
-        except BaseException:
-            self.abort()
-            raise
-        return self._finish(per_prompt)
-
-    def _finish(self, per_prompt: list[list[Output]]) -> list[Output]:
-        self._forget()
-        end = time.monotonic()
-        metrics = self.state.metrics
-        outputs = [o for outs in per_prompt for o in outs]
-        for tracker, outs in zip(self.trackers, per_prompt, strict=True):
-            metrics.prompt_tokens.inc(len(outs[0].prompt_token_ids))
-            for o in outs:
-                metrics.observe_sample(self.start, tracker.times[o.index], end)
-        for o in outputs:
-            metrics.generated_tokens.inc(len(o.token_ids))
-            metrics.finished.labels(finish_reason=str(o.finish_reason)).inc()
-        return outputs
-
-    async def events(self) -> AsyncIterator[tuple]:
-        """`("token", index, token_id, logprob)` as tokens come, `("done", prompt_index, outputs)` per prompt."""
-        assert self.queue is not None, "events() needs stream=True"
-        done: dict[int, list[Output]] = {}
-        try:
-            while len(done) < len(self.waiters):
-                event = await self.queue.get()
-                if event[0] == "done":
-                    done[event[1]] = event[2].result()  # raises the engine's error, if any
-                    event = ("done", event[1], done[event[1]])
-                yield event
-        except BaseException:
-            self.abort()
-            raise
-        self._finish([done[i] for i in range(len(self.waiters))])
-
-
-def sse(data) -> bytes:
-    """One server-sent event; `data` is JSON-encoded unless it is a string (`[DONE]`)."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
-
-
-def finite(x: float) -> float | None:
-    """JSON has no inf/nan: a non-finite logprob becomes null."""
-    return x if x == x and abs(x) != float("inf") else None
 
 
 # --- middleware ---------------------------------------------------------------------------------------
@@ -355,8 +203,6 @@ def create_app(
     served_model_name: str | None = None,
 ) -> FastAPI:
     """The server's FastAPI app around a running (or lazily started) engine."""
-    from leagues.engine import api_admin, api_openai, api_sglang
-
     path = str(engine.model_path) if engine.model_path is not None else ""
     metrics = ServerMetrics()
     app = FastAPI(title="leagues engine", version="0.1.0", lifespan=_lifespan)
@@ -380,39 +226,3 @@ async def _lifespan(app: FastAPI):
     engine = app.state.leagues.engine
     await asyncio.to_thread(engine.flush_cache)  # starts the engine's loop thread, so /health can see it
     yield
-
-
-class TextStream:
-    """The streamed text of one sample: grows token by token, never past what the final text may keep.
-
-    The engine cuts the final text before a matched stop string, and a token may end inside a UTF-8
-    character, so the last `max(len(stop))` characters (and a trailing U+FFFD) are held back until the
-    end; `finish` then sends what remains of the final text. Decoding the whole output on every token is
-    quadratic in its length, which is fine for the lengths RL rollouts stream.
-    """
-
-    def __init__(self, tokenizer, stop: list[str]) -> None:
-        self.tokenizer = tokenizer
-        self.holdback = max((len(s) for s in stop), default=0)
-        self.ids: list[int] = []
-        self.logprobs: list[float] = []
-        self.text = ""
-
-    def add(self, token_id: int, logprob: float) -> str:
-        """Append a token; returns the new text that is safe to show (maybe empty)."""
-        self.ids.append(token_id)
-        self.logprobs.append(logprob)
-        if self.tokenizer is None:
-            return ""
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        end = len(full) - self.holdback - (1 if full.endswith("\ufffd") else 0)
-        if end <= len(self.text):
-            return ""
-        delta = full[len(self.text) : end]
-        self.text += delta
-        return delta
-
-    def finish(self, final_text: str) -> str:
-        delta = final_text[len(self.text) :] if final_text.startswith(self.text) else ""
-        self.text = final_text
-        return delta
