@@ -5,6 +5,7 @@ One SPMD program: with `--nproc N` on a single node the command re-runs itself t
 launcher (RANK set), `init_distributed` joins the group: NCCL on GPUs, gloo on CPUs.
 """
 
+import contextlib
 import gc
 import os
 import subprocess
@@ -49,6 +50,18 @@ def init_distributed() -> None:
         dist.init_process_group(backend)
     elif torch.cuda.is_available():
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+
+
+@contextlib.contextmanager
+def distributed_session():
+    """The group around a rank's work: joined on entry, left cleanly when the work returns.
+
+    When the work raises, this rank leaves at once, without the closing barrier: its peers may be inside
+    a collective it will never join, and its exit is what lets the launcher stop them (a barrier here
+    would pair with their collective and hang the job)."""
+    init_distributed()
+    yield
+    shutdown_distributed()
 
 
 def shutdown_distributed() -> None:

@@ -4,7 +4,7 @@ import os
 import sys
 
 from leagues.cli import UsageError
-from leagues.cli.launch import init_distributed, relaunch, shutdown_distributed, under_launcher
+from leagues.cli.launch import distributed_session, relaunch, under_launcher
 from leagues.train.sft import SFTConfig, run_sft
 
 
@@ -13,14 +13,12 @@ def run_sft_verb(cfg: SFTConfig) -> int:
         return relaunch(sys.argv[1:], cfg.nproc)
     if not cfg.data:
         raise UsageError("data: give a JSONL file of prompt/response pairs (--data FILE)")
-    init_distributed()
     rank = int(os.environ.get("RANK", 0))
     try:
-        losses = run_sft(cfg)
+        with distributed_session():
+            losses = run_sft(cfg)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    finally:
-        shutdown_distributed()
     if losses and rank == 0:
         print(f"sft: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}", file=sys.stderr)
     return 0

@@ -180,3 +180,21 @@ def test_sft_with_two_ranks_via_nproc(tiny_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "leagues.cli", *argv], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("sft: 2 steps") == 1  # rank 0 reports, once
+
+
+def test_a_failing_rank_stops_the_job_instead_of_hanging_it(tmp_path):
+    # Rank 1 fails while rank 0 waits in a collective that rank 1 will never join: the failing rank must
+    # leave at once (no closing barrier), so the launcher stops rank 0 and the job ends with the error.
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from leagues.cli.launch import distributed_session\n"
+        "with distributed_session():\n"
+        "    if dist.get_rank() == 1:\n"
+        "        raise RuntimeError('rank 1 failed here')\n"
+        "    dist.all_reduce(torch.ones(1))\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "rank 1 failed here" in proc.stderr
