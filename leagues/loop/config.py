@@ -86,6 +86,9 @@ class TrainConfig:
     save_every: int = 0
     """Checkpoint every this many steps (and at the end); 0: only at the end."""
     keep_last: int = 2
+    checkpoints: bool = True
+    """Write checkpoints; off for throughput runs whose trainer state would not fit the disk (about 12 bytes
+    a parameter: 370 GB for a 30B model)."""
     resume: bool = False
     """Continue from the latest checkpoint in `run_dir`."""
     placement: str = "colocated"
