@@ -20,9 +20,14 @@ Reported (one JSON row in $OUT/scale.jsonl, rank 0):
 
 The whole Qwen3-30B-A3B (61 GB of bf16 weights) leaves no room on an 80 GB card for a full engine beside the
 trainer: `--engine-ep` splits the experts over the engines (each holds 1/world of them, stepping in lockstep).
+`--plan GPUS` prints what each GPU would hold for the given flags, without a run or a GPU; on 8 GPUs the
+trainer's resident state is 76.8 GB a GPU with unsharded gradient accumulation and 62.7 GB with
+`--grad-accumulation sharded` (1.6 GB with `--cpu-offload`, 61 GB a rank then in host memory), before
+activations, the engine's 10.3 GB of weights (`--engine-ep`) and its KV cache.
 
     PYTHONPATH=. torchrun --standalone --nproc-per-node N benchmarks/scale.py [--layers 48] [--experts 128]
     PYTHONPATH=. torchrun --standalone --nproc-per-node 2 benchmarks/scale.py --smoke   # CPU check
+    PYTHONPATH=. python benchmarks/scale.py --plan 8 --engine-ep --grad-accumulation sharded
 """
 
 import argparse
@@ -38,7 +43,9 @@ from benchmarks.train_step import BASE, SHAPES, make_checkpoint
 from leagues.cli.launch import init_distributed, shutdown_distributed
 from leagues.config import from_dict
 from leagues.loop import TrainConfig, train
+from leagues.model import config_from_hf
 from leagues.model.tokenizer import write_tiny_tokenizer
+from leagues.parallel import format_plan, trainer_memory
 
 QWEN3_30B_A3B = dict(
     vocab_size=151936,
@@ -91,7 +98,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--offload-engine-weights", action="store_true", help="to host memory while training")
     parser.add_argument("--engine-ep", action="store_true", help="the engines split the experts (lockstep)")
     parser.add_argument("--path", default=None)
+    parser.add_argument("--grad-accumulation", choices=("sharded", "unsharded"), default="unsharded")
+    parser.add_argument("--cpu-offload", action="store_true", help="the trainer's sharded state in host memory")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU: checks this script")
+    parser.add_argument("--plan", type=int, default=0, metavar="GPUS", help="print the memory plan for GPUS; no run")
     return parser.parse_args()
 
 
@@ -111,7 +121,13 @@ def job(args: argparse.Namespace, path: str, run_dir: str, world: int) -> dict:
         "trainer": {
             "optim": {"lr": 1e-6},
             "loss": {"eps_clip_high": 0.28, "off_policy": "token_tis"},
-            "parallel": {"ep": world, "activation_checkpointing": True, "sharded_load": True},
+            "parallel": {
+                "ep": world,
+                "activation_checkpointing": True,
+                "sharded_load": True,
+                "grad_accumulation": args.grad_accumulation,
+                "cpu_offload": args.cpu_offload,
+            },
             "max_tokens_per_microbatch": args.microbatch_tokens,
         },
         "engine": {"kv_cache_fraction": args.kv_cache_fraction},
@@ -154,13 +170,32 @@ def figures(history: list[dict], hf: dict, world: int, peaks: list[float]) -> di
     }
 
 
+def plan(args: argparse.Namespace, hf: dict, world: int) -> str:
+    """Per-GPU memory before activations: the trainer's resident state, the engine's weights, and the KV cache
+    that every sample of a step in flight at full length would need."""
+    cfg = from_dict(TrainConfig, job(args, "", "", world)).trainer.parallel
+    trainer = trainer_memory(config_from_hf(hf), cfg, world)
+    total, _ = parameter_counts(hf)
+    experts = hf["num_hidden_layers"] * hf["num_experts"] * 3 * hf["hidden_size"] * hf["moe_intermediate_size"]
+    engine = 2 * (total - experts + experts / (world if args.engine_ep else 1))
+    kv_token = hf["num_hidden_layers"] * 2 * hf["num_key_value_heads"] * hf["head_dim"] * 2
+    kv = args.prompts * args.samples / world * args.max_response_len * kv_token
+    return (
+        f"{world} GPUs, {total / 1e9:.2f}B parameters: trainer {format_plan(trainer)}; engine weights "
+        f"{engine / 1e9:.1f} GB; KV cache for every sample at full length {kv / 1e9:.1f} GB"
+    )
+
+
 def main() -> None:
     args = parse_args()
-    init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
     shape = SHAPES["smoke"] if args.smoke else QWEN3_30B_A3B | {"num_hidden_layers": args.layers}
     shape = shape | ({} if args.smoke else {"num_experts": args.experts})
     hf = BASE | shape | {"eos_token_id": 2, "pad_token_id": 0}
+    if args.plan:
+        print(plan(args, hf, args.plan))
+        return
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
     name = "smoke" if args.smoke else f"qwen3-30b-a3b-{args.layers}l-{args.experts}e"
     path = args.path or os.path.join("runs", f"scale-model-{name}")
     run_dir = os.path.join("runs", f"scale-run-{name}-{world}gpu")

@@ -30,8 +30,9 @@ from leagues.engine import Engine
 from leagues.engine.client import EngineClient, HTTPClient, LocalClient
 from leagues.loop.config import TrainConfig
 from leagues.loop.warm_start import warm_start
-from leagues.model import load_tokenizer, resolve_model_path
+from leagues.model import load_tokenizer, read_config, resolve_model_path
 from leagues.obs import Sink, StepTimer, build_sinks
+from leagues.parallel import format_plan, trainer_memory
 from leagues.rollout import PromptDataset, PromptIterator, RewardConfig, RewardScorer, load_prompts, make_task
 from leagues.rollout.generate import GenerateContext, load_generate_fn
 from leagues.rollout.tasks import task_dataset
@@ -50,6 +51,19 @@ def rank_world() -> tuple[int, int]:
 def log(*args) -> None:
     if rank_world()[0] == 0:
         print(*args, flush=True)
+
+
+def memory_note(cfg: TrainConfig, model_path: Path, world: int, total: int) -> str:
+    """The trainer's planned memory per GPU of `total` bytes, and what to change when it cannot fit (said before
+    anything is allocated, rather than as an out-of-memory error minutes later)."""
+    plan = trainer_memory(read_config(model_path), cfg.trainer.parallel, world)
+    note = f"trainer memory plan: {format_plan(plan)}"
+    if plan["device"] > total:
+        note += (
+            f". That is more than this GPU's {total / 1e9:.0f} GB: set trainer.parallel.grad_accumulation to "
+            "sharded, trainer.parallel.cpu_offload to true, or trainer.parallel.ep higher"
+        )
+    return note
 
 
 def resolve_run_dir(cfg: TrainConfig) -> Path:
@@ -138,6 +152,8 @@ class Run:
         if cfg.moe.routing_replay == "rollout":  # the engine records what the trainer replays
             cfg.rollout.return_routes = True
         alone = cfg.placement == "disaggregated"
+        if is_trainer and not alone and torch.cuda.is_available():
+            log(memory_note(cfg, model_path, world, torch.cuda.get_device_properties(0).total_memory))
         trainer = Trainer(model_path, cfg.trainer, alone=alone) if is_trainer else None
         engine, client = _engine(cfg, model_path, tokenizer, is_engine)
         params = SamplingParams(

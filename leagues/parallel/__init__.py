@@ -12,6 +12,7 @@ Public API:
     load_full_tensors(model, named)             the inverse: each rank keeps its pieces of full tensors
     set_last_microbatch(model, cfg, last)       gradient accumulation across micro-batches
     ExpertParallelExperts                          the experts module with dispatch() / combine()
+    trainer_memory(config, cfg, world) / format_plan(plan)   what a rank will hold, before building anything
 """
 
 from leagues.parallel.expert_parallel import ExpertParallelExperts, apply_ep
@@ -25,6 +26,7 @@ from leagues.parallel.fsdp import (
     set_last_microbatch,
     unit_buckets,
 )
+from leagues.parallel.memory import format_plan, trainer_memory
 from leagues.parallel.mesh import ParallelConfig, ParallelMesh, build_mesh
 
 __all__ = [
@@ -35,10 +37,12 @@ __all__ = [
     "apply_ep",
     "apply_fsdp",
     "build_mesh",
+    "format_plan",
     "full_state_dict",
     "full_state_dict_buckets",
     "load_full_tensors",
     "parallelize",
     "set_last_microbatch",
+    "trainer_memory",
     "unit_buckets",
 ]

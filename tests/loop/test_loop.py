@@ -257,3 +257,15 @@ def test_deterministic_run_has_exactly_zero_mismatch(tmp_path):
     history = train(config(tmp_path / "run", "--steps", "2", "--deterministic", "true", "--rollout.batch_size", "4"))
     for row in history:
         assert row["train/mismatch/abs_diff_max"] == 0.0 and row["train/mismatch/abs_diff_mean"] == 0.0
+
+
+def test_memory_note_says_what_to_change_when_the_trainer_cannot_fit():
+    from leagues.loop.run import memory_note
+    from leagues.model import resolve_model_path
+
+    tiny_dir = resolve_model_path("tiny-moe")
+    cfg = TrainConfig()
+    roomy = memory_note(cfg, tiny_dir, world=2, total=80 * 2**30)
+    assert roomy.startswith("trainer memory plan: ") and "grad_accumulation" not in roomy
+    tight = memory_note(cfg, tiny_dir, world=2, total=100_000)  # the tiny model's shards alone are ~0.5 MB
+    assert "more than this GPU's" in tight and "trainer.parallel.grad_accumulation" in tight

@@ -188,6 +188,24 @@ def trainer_from_checkpoint(rank: int, path: str, ep: int) -> None:
     assert torch.equal(trainer.model.rope.inv_freq, load_pretrained(path).rope.inv_freq)
 
 
+def memory_as_planned(rank: int, ep: int) -> None:
+    from leagues.parallel.memory import trainer_memory
+    from leagues.train.optim import OptimConfig, build_optimizer
+
+    model = make_model()
+    cfg = ParallelConfig(ep=ep, grad_accumulation="sharded")
+    plan = trainer_memory(model.config, cfg, WORLD)
+    parallelize(model, cfg, WORLD, "cpu")
+    local = lambda tensors: sum(t.to_local().numel() * t.element_size() for t in tensors)  # noqa: E731
+    assert local(model.parameters()) == plan["params"]
+    loss_of(model, *rank_data(rank)).backward()
+    assert local(p.grad for p in model.parameters()) == plan["grads"]
+    optimizer = build_optimizer(model.parameters(), OptimConfig())
+    optimizer.step()
+    moments = [state[k] for state in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert local(moments) == plan["optimizer"]
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -222,6 +240,33 @@ def test_a_sharded_trainer_reads_only_its_pieces_of_the_checkpoint(ep, tmp_path)
 
     save_pretrained(make_model(), tmp_path / "model")
     spawn(partial(trainer_from_checkpoint, path=str(tmp_path / "model"), ep=ep))
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_memory_plan_matches_what_each_rank_holds(ep):
+    """Master weights, sharded gradients and AdamW's moments, per rank, as `trainer_memory` plans them."""
+    spawn(partial(memory_as_planned, ep=ep))
+
+
+def test_memory_plan_of_the_30b_shape():
+    """The plan's arithmetic at full size: Qwen3-30B-A3B over 8 ranks holds 1/8 of 30.5B parameters,
+    16 bytes each with sharded gradients; unsharded accumulation adds a rank's gathered share."""
+    from leagues.parallel.memory import trainer_memory
+
+    hf = CONFIG | {"vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32}
+    hf |= {"num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8}
+    hf |= {"moe_intermediate_size": 768, "intermediate_size": 6144}
+    config = config_from_hf(hf)
+    sharded = trainer_memory(config, ParallelConfig(ep=8, grad_accumulation="sharded"), 8)
+    assert 30.4e9 < sharded["params"] / 4 * 8 < 30.6e9
+    assert sharded["params"] + sharded["grads"] + sharded["optimizer"] == 16 * sharded["params"] // 4
+    unsharded = trainer_memory(config, ParallelConfig(ep=8), 8)
+    dense = 2 * 151936 * 2048 + 48 * (2048 * (4096 * 2 + 512 * 2) + 128 * 2048)  # embeddings, attention, routers
+    experts_local = 48 * 16 * 3 * 2048 * 768  # 16 of 128 experts per rank
+    assert abs(unsharded["gathered"] / 2 - (dense + experts_local)) < 1e6  # norms: a few hundred thousand
+    offloaded = trainer_memory(config, ParallelConfig(ep=8, grad_accumulation="sharded", cpu_offload=True), 8)
+    assert offloaded["host"] == sharded["params"] + sharded["grads"] + sharded["optimizer"]
+    assert offloaded["device"] == sharded["gathered"]
 
 
 def test_config_errors_name_the_field():
