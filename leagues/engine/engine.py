@@ -19,6 +19,9 @@ inside the forward. Every forward is therefore collective, so the group's engine
 each loop turn, one small all-reduce (on `ep_control_group`, a CPU group) tells every engine whether any of
 them has work and whether all have closed; an engine with nothing of its own to run then runs a forward of
 no tokens, serving its experts to the others (also while asleep: its weights stay, only its cache goes).
+A step that raises leaves its peers inside an exchange this engine will never join, so the engine stops for
+good: its requests fail, new ones are refused, and `failure` holds the error for the caller to raise (the
+job then ends instead of hanging).
 """
 
 import asyncio
@@ -172,6 +175,8 @@ class Engine:
         self._wake_event = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.failure: Exception | None = None
+        """Expert parallel: the error of the step that stopped this engine (its peers cannot step without it)."""
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "cached_tokens": 0, "steps": 0}
         if self._ep is not None:  # peers step in lockstep from now on, whether or not this engine has requests
             self._start_thread()
@@ -267,6 +272,8 @@ class Engine:
     # --- the loop thread ------------------------------------------------------------------------
 
     def _post(self, message) -> None:
+        if self.failure is not None:
+            raise RuntimeError(f"expert-parallel engine stopped after a failed step: {self.failure}")
         if self._closed:
             raise RuntimeError("engine is closed")
         self._inbox.put(message)
@@ -302,7 +309,7 @@ class Engine:
             except Exception as err:  # fail every waiting caller rather than hang them
                 self._fail_all(err)
         self._drain_inbox()  # requests posted before close() fail below too
-        self._fail_all(RuntimeError("engine is closed"))
+        self._fail_all(self.failure or RuntimeError("engine is closed"))
 
     def _ep_turn(self) -> bool:
         """One lockstep turn of an expert-parallel engine; False once every peer has closed and none has work."""
@@ -319,8 +326,10 @@ class Engine:
         try:
             if not (mine and self.step()):
                 self.runner.execute_empty()  # our peers' tokens still visit our experts
-        except Exception as err:  # fail every waiting caller rather than hang them
+        except Exception as err:  # the lockstep is broken: stop, and fail every waiting caller
+            self.failure = err
             self._fail_all(err)
+            return False
         return True
 
     def _drain_inbox(self) -> None:

@@ -192,7 +192,11 @@ class Run:
 
     def wait_for_peers(self) -> None:
         """Expert-parallel engines serve each other's tokens until every rank's requests are done: wait for that
-        (on a CPU group) before this rank's main thread starts collectives of its own."""
+        (on a CPU group) before this rank's main thread starts collectives of its own. An engine stopped by a
+        failed step raises here instead: its peers wait inside an exchange it will never join, and this rank's
+        exit is what lets the launcher stop them."""
+        if self.engine is not None and self.engine.failure is not None:
+            raise RuntimeError(f"rank {self.rank}: the expert-parallel engine failed a step") from self.engine.failure
         if self.peer_group is not None:
             dist.barrier(group=self.peer_group)
 

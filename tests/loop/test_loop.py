@@ -107,6 +107,21 @@ def test_colocated_expert_parallel_engines(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_failed_expert_parallel_engine_step_ends_the_job(tmp_path):
+    """Rank 1's engine fails a step while rank 0's waits in the experts' exchange: the job ends with the
+    error (it hung before), instead of waiting out the collectives' timeout."""
+    script = Path(__file__).parent / "engine_fault_job.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    args = [*EASY, "--warm_start.steps", "0", "--engine_ep", "true", "--checkpoints", "false"]
+    proc = subprocess.run(
+        [*cmd, *args, "--run_dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode != 0
+    assert "fault in rank 1's engine step" in proc.stderr
+    assert "rank 1: the expert-parallel engine failed a step" in proc.stderr
+
+
+@pytest.mark.slow
 def test_deterministic_with_expert_parallel_engines_and_trainer(tmp_path):
     """Experts split over two ranks on both sides: rollout logprobs still equal the trainer's bit for bit.
     (Checkpoints are off: the run writes none.)"""
