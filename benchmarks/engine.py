@@ -3,16 +3,21 @@
 One GPU, bf16, a Qwen3-MoE model with random weights (the ANCHORS.md shape by default). Measured in
 one run, on the same checkpoint and prompts:
 - greedy parity: the engine's first 32 greedy tokens against HF `generate` for 16 prompts;
-- decode: B prompts of 64 tokens, 128 new tokens (eos ignored), at B = 1, 8, 64, 256; the decode
-  time is the 128-token run minus a 1-token run (the prefill), per step and per token;
+- decode: B prompts of 64 tokens, N new tokens (eos ignored, temperature 1 by default: the RL case), at
+  B = 1, 8, 64, 256 and N = 128, 1024; the decode step is (the N-token run - a 1-token run) / (N - 1);
+  HF `generate` runs the same prompts with the same N where asked (`--hf-batches`, `--hf-new-tokens`);
+- deterministic mode: the same decode rows with `deterministic=True` for the batches of `--det-batches`;
 - prefill: 64 prompts of 512 tokens, one new token, against HF's forward on the same batch.
+
+Rows carry the keys `shape`, `batch`, `new_tokens`, `temperature`, `step_ms`, `floor_ms`, `tokens_per_s`,
+`hf_tokens_per_s` (when HF ran), `deterministic`.
 
 Floor of a decode step at batch B: max(bytes / copy bandwidth, FLOPs / matmul peak), both measured
 here. Bytes = attention and LM-head weights + the experts the batch touches (expected distinct
 experts per layer E·(1-(1-K/E)^B)) + router + the KV cache read (B × context × 2 × L × G × A × 2).
 FLOPs = 2 × active matmul parameters × B.
 
-    PYTHONPATH=. python benchmarks/engine.py [--shape anchor] [--batches 1,8,64,256]
+    PYTHONPATH=. python benchmarks/engine.py [--shape anchor] [--batches 1,8,64,256] [--new-tokens 128,1024]
 """
 
 import argparse
@@ -74,8 +79,8 @@ def prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, vocab, (num, length), generator=gen).tolist()
 
 
-def engine_time(engine: Engine, batch: list[list[int]], new_tokens: int) -> float:
-    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+def engine_time(engine: Engine, batch: list[list[int]], new_tokens: int, temperature: float = 0.0) -> float:
+    params = SamplingParams(temperature=temperature, max_new_tokens=new_tokens, ignore_eos=True, seed=0)
     torch.cuda.synchronize()
     start = time.perf_counter()
     engine.generate(batch, params)
@@ -83,9 +88,10 @@ def engine_time(engine: Engine, batch: list[list[int]], new_tokens: int) -> floa
     return time.perf_counter() - start
 
 
-def hf_generate_time(model, batch: list[list[int]], new_tokens: int) -> float:
+def hf_generate_time(model, batch: list[list[int]], new_tokens: int, temperature: float) -> float:
     ids = torch.tensor(batch, device="cuda")
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
+    kwargs = dict(attention_mask=torch.ones_like(ids), pad_token_id=0) | sampling
     model.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, **kwargs | {"attention_mask": None})
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -133,11 +139,52 @@ def parity(engine: Engine, model, vocab: int, out: str) -> None:
     )
 
 
+def decode_rows(engine, model, hf, args, ceilings_, deterministic: bool, batches) -> None:
+    bandwidth, peak = ceilings_
+    hf_batches = {int(b) for b in args.hf_batches.split(",") if b}
+    hf_new = {int(n) for n in args.hf_new_tokens.split(",") if n}
+    for new_tokens in (int(n) for n in args.new_tokens.split(",")):
+        for batch_size in batches:
+            batch = prompts(batch_size, 64, hf["vocab_size"], seed=batch_size)
+            engine_time(engine, batch, 4, args.temperature)  # warm-up
+            prefill = engine_time(engine, batch, 1, args.temperature)
+            total = engine_time(engine, batch, new_tokens, args.temperature)
+            step = (total - prefill) / (new_tokens - 1)
+            floor = decode_floor(hf, batch_size, 64 + new_tokens // 2, bandwidth, peak)
+            row = dict(
+                what="decode",
+                shape=args.shape,
+                batch=batch_size,
+                new_tokens=new_tokens,
+                temperature=args.temperature,
+                deterministic=deterministic,
+                step_ms=round(step * 1e3, 3),
+                floor_ms=round(floor * 1e3, 3),
+                step_over_floor=round(step / floor, 2),
+                tokens_per_s=round(batch_size / step),
+                total_tokens_per_s=round(batch_size * new_tokens / total),
+            )
+            if not deterministic and batch_size in hf_batches and new_tokens in hf_new:
+                hf_s = hf_generate_time(model, batch, new_tokens, args.temperature)
+                row |= dict(
+                    hf_tokens_per_s=round(batch_size * new_tokens / hf_s, 1),
+                    speedup_vs_hf=round(hf_s / total, 2),
+                )
+            log(args.out, **row)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="anchor")
     parser.add_argument("--batches", default="1,8,64,256")
-    parser.add_argument("--hf-batches", default="1,8,64,256")
+    parser.add_argument("--new-tokens", default="128,1024")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--hf-batches", default="1,64")
+    parser.add_argument("--hf-new-tokens", default="128")
+    parser.add_argument("--det-batches", default="1,64")
+    parser.add_argument("--kv-fraction", type=float, default=0.3)
+    parser.add_argument("--compile-model", default="auto")
+    parser.add_argument("--no-parity", action="store_true")
     parser.add_argument("--out", default=os.path.join(OUT, "engine.jsonl"))
     args = parser.parse_args()
     import transformers
@@ -145,47 +192,32 @@ def main():
     hf = BASE | SHAPES[args.shape]
     path = tempfile.mkdtemp()
     make_checkpoint(hf, path)
-    bandwidth, peak = ceilings()
+    ceilings_ = ceilings()
     log(
         args.out,
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
         transformers=transformers.__version__,
         shape=args.shape,
-        copy_gbps=round(bandwidth / 1e9),
-        matmul_tflops=round(peak / 1e12),
+        copy_gbps=round(ceilings_[0] / 1e9),
+        matmul_tflops=round(ceilings_[1] / 1e12),
         date=time.strftime("%F"),
     )
+    options = dict(max_model_len=2048, kv_cache_fraction=args.kv_fraction, compile_model=args.compile_model)
     t0 = time.perf_counter()
-    engine = Engine(path, max_model_len=1024)
+    engine = Engine(path, **options)
     log(
-        args.out, what="engine_start_s", seconds=round(time.perf_counter() - t0, 1), num_blocks=engine.blocks.num_blocks
+        args.out,
+        what="engine_start_s",
+        shape=args.shape,
+        seconds=round(time.perf_counter() - t0, 1),
+        compiled=engine.runner.compiled,
+        num_blocks=engine.blocks.num_blocks,
     )
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-    parity(engine, model, hf["vocab_size"], args.out)
-    hf_batches = {int(b) for b in args.hf_batches.split(",") if b}
-    for batch_size in (int(b) for b in args.batches.split(",")):
-        batch = prompts(batch_size, 64, hf["vocab_size"], seed=batch_size)
-        engine_time(engine, batch, 4)  # warm-up
-        prefill = engine_time(engine, batch, 1)
-        total = engine_time(engine, batch, 128)
-        step = (total - prefill) / 127
-        floor = decode_floor(hf, batch_size, 64 + 64, bandwidth, peak)
-        row = dict(
-            what="decode",
-            batch=batch_size,
-            step_ms=round(step * 1e3, 3),
-            tokens_per_s=round(batch_size / step),
-            floor_ms=round(floor * 1e3, 3),
-            step_over_floor=round(step / floor, 2),
-        )
-        if batch_size in hf_batches:
-            hf_s = hf_generate_time(model, batch, 128)
-            row |= dict(
-                hf_tokens_per_s=round(batch_size * 128 / hf_s, 1),
-                speedup_vs_hf=round(total and (batch_size * 128 / total) / (batch_size * 128 / hf_s), 2),
-            )
-        log(args.out, **row)
+    if not args.no_parity:
+        parity(engine, model, hf["vocab_size"], args.out)
+    decode_rows(engine, model, hf, args, ceilings_, False, [int(b) for b in args.batches.split(",")])
     batch = prompts(64, 512, hf["vocab_size"], seed=3)
     engine_time(engine, batch, 1)
     prefill = engine_time(engine, batch, 1)
@@ -195,12 +227,28 @@ def main():
     log(
         args.out,
         what="prefill",
+        shape=args.shape,
         tokens=64 * 512,
         tokens_per_s=round(64 * 512 / prefill),
         hf_forward_tokens_per_s=round(64 * 512 / hf_prefill),
         ratio_vs_hf_forward=round(hf_prefill / prefill, 2),
     )
     engine.close()
+    del engine
+    torch.cuda.empty_cache()
+    det_batches = [int(b) for b in args.det_batches.split(",") if b]
+    if det_batches:
+        t0 = time.perf_counter()
+        engine = Engine(path, deterministic=True, **options)
+        log(
+            args.out,
+            what="engine_start_s",
+            shape=args.shape,
+            deterministic=True,
+            seconds=round(time.perf_counter() - t0, 1),
+        )
+        decode_rows(engine, model, hf, args, ceilings_, True, det_batches)
+        engine.close()
 
 
 if __name__ == "__main__":

@@ -10,10 +10,17 @@ their cache slots, then attends:
 - prefill steps elsewhere: the padded batched torch path over the paged cache (`impl="reference"`: the
   per-sequence reference).
 
+Compiled blocks (`leagues.engine.runner`) see attention only as one opaque operator,
+`leagues::paged_attend(q, k, v)`: the compiler never traces the cache, so it can neither copy nor re-layout
+it. The operator runs `attend` of the backend made active with `active_backend(...)` on the calling thread
+(a CUDA graph captures the kernels it launches, reading the backend's persistent buffers).
+
 Legend: T tokens in the step, B sequences, H query heads, G kv heads, A head dim, N blocks,
 S block size, M max blocks per sequence, L layers.
 """
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +65,8 @@ class PagedAttention:
             return self._invariant(q_THA, k_cache, v_cache, scale)
         if self.is_decode:
             return paged_decode(q_THA, k_cache, v_cache, self.block_tables_BM, self.context_lens_B, scale, self.impl)
-        if q_THA.is_cuda and varlen_attn is not None and self.impl != "reference":
+        flash_dtype = q_THA.dtype in (torch.float16, torch.bfloat16)  # FlashAttention has no float32 kernel
+        if q_THA.is_cuda and flash_dtype and varlen_attn is not None and self.impl != "reference":
             if self.fresh:
                 cu, n = self.cu_seqlens_q_B1, self.max_q
                 return varlen_causal(q_THA, k_TGA, v_TGA, cu, cu, n, n)
@@ -95,3 +103,46 @@ class PagedAttention:
                 batch_invariant.attention(q_THA[cu_q[b] : cu_q[b + 1]], k, v, pos_Q, self.invariant_len, scale)
             )
         return torch.cat(parts, dim=0)
+
+
+_active = threading.local()
+
+
+@contextmanager
+def active_backend(backend: PagedAttention):
+    """Within the block, `leagues::paged_attend` on this thread attends with `backend`, layer by layer: the
+    n-th call of the block is layer n (the compiled blocks share one graph, so no layer index is traced)."""
+    previous = getattr(_active, "state", None)
+    _active.state = [backend, 0]
+    try:
+        yield backend
+    finally:
+        _active.state = previous
+
+
+@torch.library.custom_op("leagues::paged_attend", mutates_args=())
+def paged_attend(q_THA: torch.Tensor, k_TGA: torch.Tensor, v_TGA: torch.Tensor) -> torch.Tensor:
+    """The active backend's `attend` (cache write and attention) of the next layer, as one operator the compiler
+    does not trace. Declared free of mutation on purpose: the cache is no argument, and nothing else in the
+    compiled graph reads it, so no ordering is lost."""
+    state = getattr(_active, "state", None)
+    if state is None:
+        raise RuntimeError("leagues::paged_attend called outside `active_backend(...)`")
+    backend, layer_idx = state
+    state[1] += 1
+    return backend.attend(layer_idx, q_THA, k_TGA, v_TGA)
+
+
+@paged_attend.register_fake
+def _(q_THA, k_TGA, v_TGA):
+    return torch.empty_like(q_THA)
+
+
+class OpaqueAttention:
+    """The attention backend of compiled blocks: each layer calls `leagues::paged_attend`, which attends with
+    the backend made active by `active_backend` (layers must run in order, once each, as a forward does)."""
+
+    invariant_len = 0
+
+    def attend(self, layer_idx: int, q_THA, k_TGA, v_TGA):
+        return torch.ops.leagues.paged_attend(q_THA, k_TGA, v_TGA)

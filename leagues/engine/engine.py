@@ -31,7 +31,7 @@ import random
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,9 +39,10 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from leagues.engine.block_manager import BlockManager
+from leagues.engine.config import EngineConfig, resolve_device_dtype
 from leagues.engine.output import Output, RequestState, make_outputs
-from leagues.engine.runner import ModelRunner
-from leagues.engine.sampler import SamplingTensors, sample
+from leagues.engine.runner import GraphSampling, ModelRunner
+from leagues.engine.sampler import SamplingTensors, int64_pattern, sample
 from leagues.engine.scheduler import Scheduler
 from leagues.engine.sequence import Sequence
 from leagues.model import Transformer, load_pretrained, load_tokenizer, resolve_model_path
@@ -57,49 +58,6 @@ from leagues.types import FinishReason, SamplingParams
 
 TokenCallback = Callable[[int, int, float], None]
 """on_token(sample_index, token_id, logprob): one sampled token of a request, called on the engine thread."""
-
-
-@dataclass(kw_only=True, slots=True)
-class EngineConfig:
-    device: str = "auto"
-    """"auto" is cuda when available, else cpu."""
-    dtype: str = "auto"
-    """"auto" is bfloat16 on cuda and float32 on cpu (only used when loading from a path)."""
-    block_size: int = 16
-    """Tokens per KV-cache block."""
-    num_blocks: int | None = None
-    """KV-cache blocks; default: sized from `kv_cache_fraction` (cuda) or `kv_cache_bytes` (cpu)."""
-    kv_cache_fraction: float = 0.8
-    """Fraction of free GPU memory (after the model loads) given to the KV cache."""
-    kv_cache_bytes: int = 256 * 2**20
-    """KV-cache size on the CPU."""
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    """Token budget of one prefill step (the chunk size of chunked prefill)."""
-    max_model_len: int | None = None
-    """Longest sequence (prompt + output); default: the model's max positions."""
-    enable_prefix_caching: bool = True
-    chunked_prefill: bool = True
-    cuda_graphs: bool = True
-    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-    capture_routes: bool = True
-    """Record every token's experts (MoE models) so requests can ask for them."""
-    attention_impl: str = "auto"
-    moe_impl: str = "auto"
-    seed: int = 0
-    """Seeds the random seeds of requests that bring none."""
-    deterministic: bool = False
-    """Batch-invariant kernels (`leagues.kernels.batch_invariant`): a request's tokens and logprobs are bitwise
-    the same whatever else shares the batch, and equal to the trainer's in deterministic mode."""
-
-
-def _resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(cfg.dtype)
-    return device, dtype or getattr(torch, cfg.dtype)
 
 
 def _num_blocks(model: Transformer, cfg: EngineConfig) -> int:
@@ -140,7 +98,7 @@ class Engine:
             self.model_path = None
         else:
             self.model_path = resolve_model_path(model)
-            device, dtype = _resolve_device_dtype(cfg)
+            device, dtype = resolve_device_dtype(cfg)
             if ep_group is not None and dist.get_world_size(ep_group) > 1:
                 self.model = _load_expert_parallel(self.model_path, dtype, device, ep_group)
             else:
@@ -162,9 +120,8 @@ class Engine:
         # a sequence must fit the cache alone, else preempting it can never make room for it (livelock)
         self.max_model_len = min(self.max_model_len, self.blocks.num_blocks * cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunked_prefill)
-        options = dict(capture_routes=cfg.capture_routes, attention_impl=cfg.attention_impl)
-        options |= dict(cuda_graphs=cfg.cuda_graphs, graph_batch_sizes=list(cfg.graph_batch_sizes))
-        self.runner = ModelRunner(self.model, self.blocks.num_blocks, cfg.block_size, self.max_model_len, **options)
+        self.model.fuse_qkv()
+        self.runner = ModelRunner(self.model, self.blocks.num_blocks, self.max_model_len, cfg)
         self.weight_version = 0
         self.asleep = False
         self.requests: dict[str, RequestState] = {}
@@ -421,13 +378,17 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return False
-        logits_RV = self.runner.execute(batch)
         sampling = [item.seq for item in batch.items if item.samples]
+        logits_RV, result = self.runner.execute(batch, self._graph_sampling(batch, sampling))
         for item in batch.items:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.blocks.register_computed(item.seq)
-        rows, row_index = self._fork_samples(sampling)
-        result = sample(logits_RV.index_select(0, row_index), self._sampling_tensors(rows), self.config.deterministic)
+        if result is None:
+            rows, row_index = self._fork_samples(sampling)
+            tensors = self._sampling_tensors(rows)
+            result = sample(logits_RV.index_select(0, row_index), tensors, self.config.deterministic)
+        else:
+            rows = sampling
         self._append_tokens(rows, result)
         self.stats["steps"] += 1
         return True
@@ -459,8 +420,21 @@ class Engine:
         return rows, torch.tensor(index, dtype=torch.int64, device=self.runner.device)
 
     def _sampling_tensors(self, rows: list[Sequence]) -> SamplingTensors:
-        seeds = [(s.seed + s.sample_index * 0x9E3779B97F4A7C15) % 2**62 for s in rows]
+        seeds = [_row_seed(s) for s in rows]
         return SamplingTensors.from_params([(s.params, s.num_output_tokens) for s in rows], self.runner.device, seeds)
+
+    def _graph_sampling(self, batch, sampling: list[Sequence]) -> GraphSampling | None:
+        """The rows' sampling inputs when a decode step's graph can sample them (no truncation, no top
+        logprobs, not deterministic mode); None leaves sampling to `sample` after the step."""
+        if not (batch.is_decode and self.runner.graphs) or self.config.deterministic:
+            return None
+        if any(s.params.top_logprobs or (s.params.temperature > 0 and _truncates(s.params)) for s in sampling):
+            return None
+        return GraphSampling(
+            temperature=[float(s.params.temperature) for s in sampling],
+            seeds=[int64_pattern(_row_seed(s)) for s in sampling],
+            steps=[s.num_output_tokens for s in sampling],
+        )
 
     def _append_tokens(self, rows: list[Sequence], result) -> None:
         token_ids = result.token_ids_B.tolist()
@@ -542,6 +516,7 @@ class Engine:
         self.runner.free_cache()
         if offload_weights:
             self._weights_device = self.runner.device
+            self.model.fuse_qkv(on=False)
             for param in self.model.parameters():
                 param.data = param.data.to("cpu")
         self.asleep = True
@@ -554,9 +529,19 @@ class Engine:
             for param in self.model.parameters():
                 param.data = param.data.to(device)
             self.model.rope.reset(device)
+            self.model.fuse_qkv()  # the per-parameter moves broke the fused q/k/v views
             self._weights_device = None
         self.runner.allocate_cache()
         self.asleep = False
+
+
+def _row_seed(seq: Sequence) -> int:
+    """The seed of one sample of a request: distinct per sample index."""
+    return (seq.seed + seq.sample_index * 0x9E3779B97F4A7C15) % 2**62
+
+
+def _truncates(params: SamplingParams) -> bool:
+    return params.top_k > 0 or params.top_p < 1 or params.min_p > 0
 
 
 def _eos_ids(model: Transformer, tokenizer) -> set[int]:

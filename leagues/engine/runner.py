@@ -6,7 +6,13 @@ beside it (`[N+1, S, L_moe, K]`, compact ints) so the experts of every computed 
 slot, survive prefix sharing and preemption, and can be returned with the output.
 
 Decode steps on CUDA replay a CUDA graph captured for the next batch size up (padding rows point at
-the scratch block); everything else runs eagerly.
+the scratch block); everything else runs without graphs. The model's blocks, rotary tables and final
+norm are compiled by default on CUDA (`EngineConfig.compile_model`: `torch.compile` fuses norms, rotary,
+router and MoE glue; attention is the opaque `leagues::paged_attend` operator, so the cache is never
+traced). A graph holds the whole decode step: the forward, the LM head, the routes' cache write and, for
+rows without truncation, the sampler (`sample_plain`). Its inputs live in
+one persistent buffer (`DecodeBuffers`): the host fills a pinned copy in place and one host-to-device copy
+a step moves it; the sampled tokens and logprobs come back in one small copy each.
 
 Legend: T tokens in the step, B sequences, M max blocks per sequence, V vocab, D model dim.
 """
@@ -16,8 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from leagues.engine.attention import PagedAttention
+from leagues.engine.attention import OpaqueAttention, PagedAttention, active_backend
+from leagues.engine.config import EngineConfig
+from leagues.engine.sampler import SampleOutput
 from leagues.engine.scheduler import ScheduledBatch
+from leagues.kernels.sampling import sample_plain
 from leagues.model import ForwardBatch, Transformer
 
 
@@ -31,6 +40,61 @@ class _NoTokens:
 
 
 @dataclass(slots=True)
+class GraphSampling:
+    """Per-row sampling inputs of a decode step the graph samples itself (rows without truncation)."""
+
+    temperature: list[float]
+    seeds: list[int]
+    """Signed int64 patterns (`sampler.int64_pattern`)."""
+    steps: list[int]
+
+
+_FIELDS = (
+    ("input_ids", torch.int64),
+    ("positions", torch.int64),
+    ("slots", torch.int64),
+    ("seeds", torch.int64),
+    ("steps", torch.int64),
+    ("temperature", torch.float32),
+    ("context_lens", torch.int32),
+)
+
+
+class DecodeBuffers:
+    """The persistent inputs of graph decode steps: typed views of one byte buffer, pinned on the host and
+    resident on the device, so a step is filled in place on the host and moved by one copy. The block
+    table comes last, so the copy stops after the rows the step uses."""
+
+    def __init__(self, max_rows: int, max_blocks: int, device: torch.device) -> None:
+        layout, offset = {}, 0
+        for name, dtype in _FIELDS:
+            layout[name] = (offset, dtype, (max_rows,))
+            offset += -(-max_rows * dtype.itemsize // 8) * 8
+        layout["block_tables"] = (offset, torch.int32, (max_rows, max_blocks))
+        self.table_offset, self.row_bytes = offset, max_blocks * 4
+        size = offset + max_rows * self.row_bytes
+        pinned = device.type == "cuda"
+        self.host_bytes = torch.zeros(size, dtype=torch.uint8, pin_memory=pinned)
+        self.device_bytes = torch.zeros(size, dtype=torch.uint8, device=device)
+        self.host = self._views(self.host_bytes, layout)
+        self.device = self._views(self.device_bytes, layout)
+        self.tokens_out = torch.zeros(max_rows, dtype=torch.int64, pin_memory=pinned)
+        self.logprobs_out = torch.zeros(max_rows, dtype=torch.float32, pin_memory=pinned)
+
+    @staticmethod
+    def _views(buffer: torch.Tensor, layout: dict) -> dict[str, torch.Tensor]:
+        views = {}
+        for name, (offset, dtype, shape) in layout.items():
+            num_bytes = dtype.itemsize * torch.Size(shape).numel()
+            views[name] = buffer[offset : offset + num_bytes].view(dtype).view(shape)
+        return views
+
+    def upload(self, num_rows: int) -> None:
+        end = self.table_offset + num_rows * self.row_bytes
+        self.device_bytes[:end].copy_(self.host_bytes[:end], non_blocking=True)
+
+
+@dataclass(slots=True)
 class StepInputs:
     input_ids_T: torch.Tensor
     positions_T: torch.Tensor
@@ -39,17 +103,30 @@ class StepInputs:
     """Flat index of the last token of every sequence that samples this step."""
 
 
+def _decode_compiled(cfg: EngineConfig, device: torch.device) -> bool:
+    if cfg.compile_model not in ("auto", "true", "false"):
+        raise ValueError(f"engine.compile_model: expected auto, true or false, got {cfg.compile_model!r}")
+    if cfg.compile_model == "auto":
+        return device.type == "cuda" and cfg.cuda_graphs and not cfg.deterministic
+    return cfg.compile_model == "true"
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int, **options) -> None:
+    def __init__(self, model: Transformer, num_blocks: int, max_model_len: int, cfg: EngineConfig) -> None:
         self.model = model
-        self.block_size = block_size
-        self.max_blocks = -(-max_model_len // block_size)
-        self.capture_routes = options.get("capture_routes", True) and model.config.num_moe_layers > 0
-        self.attention_impl = options.get("attention_impl", "auto")
-        self.use_graphs = options.get("cuda_graphs", True)
-        self.graph_batch_sizes = options.get("graph_batch_sizes", [1, 2, 4, 8, 16, 32, 64, 128, 256])
+        self.block_size = cfg.block_size
+        self.max_blocks = -(-max_model_len // cfg.block_size)
+        self.capture_routes = cfg.capture_routes and model.config.num_moe_layers > 0
+        self.attention_impl = cfg.attention_impl
+        self.use_graphs = cfg.cuda_graphs
+        self.graph_batch_sizes = sorted(cfg.graph_batch_sizes)
         self.num_blocks = num_blocks
+        self.compiled = _decode_compiled(cfg, self.device)
+        """Decode steps and the sampler run through `torch.compile`."""
+        if self.compiled:
+            _compile_modules(model)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        self.buffers: DecodeBuffers | None = None
         self.kv_cache = self.routes_cache = None
         self.allocate_cache()
 
@@ -111,31 +188,37 @@ class ModelRunner:
         )
         return StepInputs(tensor(ids), tensor(positions), attention, tensor(sample_rows))
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Hidden states [T, D]; routes of every token go to their cache slots."""
+    def _run(self, attention: PagedAttention, input_ids_T, positions_T):
+        """The model over the step's tokens: final hidden states [T, D]; routes go to their cache slots.
+        Compiled, the blocks attend through the opaque operator with `attention` active."""
         batch = ForwardBatch(
-            input_ids_T=inputs.input_ids_T,
-            positions_T=inputs.positions_T,
-            attention=inputs.attention,
+            input_ids_T=input_ids_T,
+            positions_T=positions_T,
+            attention=OpaqueAttention() if self.compiled else attention,
             capture_experts=self.capture_routes,
             compute_logits=False,
         )
-        out = self.model.run(batch)
+        with active_backend(attention):
+            _raise_recompile_limit()  # dynamo's settings are per thread: the engine's thread and the caller's
+            out = self.model.run(batch)
         if self.capture_routes:
             cfg = self.model.config
-            self.routes_cache.view(-1, cfg.num_moe_layers, cfg.top_k)[inputs.attention.slots_T] = out.routed_experts_TLK
+            self.routes_cache.view(-1, cfg.num_moe_layers, cfg.top_k)[attention.slots_T] = out.routed_experts_TLK
         return out.hidden_TD
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [R, V] (float32) of the sequences that sample this step, in batch order."""
+    def execute(
+        self, batch: ScheduledBatch, sampling: GraphSampling | None = None
+    ) -> tuple[torch.Tensor, SampleOutput | None]:
+        """Logits [R, V] (float32) of the sequences that sample this step, in batch order, and, for a graph
+        decode step given `sampling`, their sampled tokens and logprobs (on the host); else None."""
         self.copy_blocks(batch.copies)
-        inputs = self.prepare(batch)
         graph_size = self._graph_size(batch)
         if graph_size is not None:
-            return self._replay(graph_size, inputs)[inputs.sample_rows_R].float()
-        hidden_TD = self._forward(inputs)
-        return self.model.logits(hidden_TD[inputs.sample_rows_R]).float()
+            return self._replay(graph_size, batch, sampling)
+        inputs = self.prepare(batch)
+        hidden_TD = self._run(inputs.attention, inputs.input_ids_T, inputs.positions_T)
+        return self.model.logits(hidden_TD[inputs.sample_rows_R]).float(), None
 
     @torch.inference_mode()
     def execute_empty(self) -> None:
@@ -159,14 +242,13 @@ class ModelRunner:
             return None
         return next((size for size in sorted(self.graphs) if size >= len(batch.items)), None)
 
-    def _static_inputs(self, size: int) -> StepInputs:
-        scratch = self.num_blocks  # padded rows write into the scratch block
-        tensor = lambda fill, n, dtype=torch.int64: torch.full((n,), fill, dtype=dtype, device=self.device)  # noqa: E731
-        attention = PagedAttention(
+    def _static_attention(self, size: int) -> PagedAttention:
+        dev = self.buffers.device
+        return PagedAttention(
             kv_cache_2LNSGA=self.kv_cache,
-            slots_T=tensor(scratch * self.block_size, size),
-            block_tables_BM=torch.full((size, self.max_blocks), scratch, dtype=torch.int32, device=self.device),
-            context_lens_B=tensor(1, size, torch.int32),
+            slots_T=dev["slots"][:size],
+            block_tables_BM=dev["block_tables"][:size],
+            context_lens_B=dev["context_lens"][:size],
             cu_seqlens_q_B1=torch.arange(size + 1, dtype=torch.int32, device=self.device),
             max_q=1,
             max_k=self.max_blocks * self.block_size,
@@ -174,32 +256,89 @@ class ModelRunner:
             fresh=False,
             impl=self.attention_impl,
         )
-        return StepInputs(tensor(0, size), tensor(0, size), attention, torch.arange(size, device=self.device))
+
+    def _graph_step(self, size: int, attention: PagedAttention) -> dict:
+        """What a decode graph runs: the model, the LM head and the plain sampler over the static buffers."""
+        dev = self.buffers.device
+        hidden_BD = self._run(attention, dev["input_ids"][:size], dev["positions"][:size])
+        logits_BV = self.model.logits(hidden_BD)
+        args = (dev["temperature"][:size], dev["seeds"][:size], dev["steps"][:size])
+        token_ids_B, logprobs_B = sample_plain(logits_BV, *args)
+        return {"logits": logits_BV, "tokens": token_ids_B, "logprobs": logprobs_B}
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
         self.graphs.clear()
+        sizes = sorted(self.graph_batch_sizes, reverse=True)
+        if self.buffers is None:
+            self.buffers = DecodeBuffers(sizes[0], self.max_blocks, self.device)
+        self._fill_padding(0, sizes[0])
+        self.buffers.upload(sizes[0])
         pool = torch.cuda.graph_pool_handle()
-        for size in sorted(self.graph_batch_sizes, reverse=True):
-            static = self._static_inputs(size)
-            self.model.logits(self._forward(static))  # warm up kernels and autotuning outside capture
+        for size in sizes:
+            attention = self._static_attention(size)
+            self._graph_step(size, attention)  # compile, warm up kernels and autotuning outside capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits_BV = self.model.logits(self._forward(static))
-            self.graphs[size] = (graph, {"inputs": static, "logits": logits_BV})
+                outputs = self._graph_step(size, attention)
+            self.graphs[size] = (graph, outputs)
 
-    def _replay(self, size: int, inputs: StepInputs) -> torch.Tensor:
-        graph, state = self.graphs[size]
-        static: StepInputs = state["inputs"]
-        n = inputs.input_ids_T.shape[0]
-        static.input_ids_T[:n] = inputs.input_ids_T
-        static.positions_T[:n] = inputs.positions_T
-        static.attention.slots_T[:n] = inputs.attention.slots_T
-        static.attention.slots_T[n:] = self.num_blocks * self.block_size
-        static.attention.context_lens_B[:n] = inputs.attention.context_lens_B
-        static.attention.context_lens_B[n:] = 1
-        width = inputs.attention.block_tables_BM.shape[1]
-        static.attention.block_tables_BM[:n, :width] = inputs.attention.block_tables_BM
+    def _fill_padding(self, start: int, end: int) -> None:
+        """Rows start..end of the host buffer as padding: they write to and read from the scratch block."""
+        host = self.buffers.host
+        for name in ("input_ids", "positions", "seeds", "steps"):
+            host[name][start:end] = 0
+        host["temperature"][start:end] = 0.0
+        host["slots"][start:end] = self.num_blocks * self.block_size
+        host["context_lens"][start:end] = 1
+        host["block_tables"][start:end] = self.num_blocks
+
+    def _replay(
+        self, size: int, batch: ScheduledBatch, sampling: GraphSampling | None
+    ) -> tuple[torch.Tensor, SampleOutput | None]:
+        graph, outputs = self.graphs[size]
+        host, n, block = self.buffers.host, len(batch.items), self.block_size
+        seqs = [item.seq for item in batch.items]
+        last = [s.num_tokens - 1 for s in seqs]
+        host["input_ids"][:n] = torch.tensor([s.token_ids[-1] for s in seqs])
+        host["positions"][:n] = torch.tensor(last)
+        host["slots"][:n] = torch.tensor(
+            [s.block_table[p // block] * block + p % block for s, p in zip(seqs, last, strict=True)]
+        )
+        host["context_lens"][:n] = torch.tensor([p + 1 for p in last], dtype=torch.int32)
+        width = max(len(s.block_table) for s in seqs)
+        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        host["block_tables"][:n, :width] = torch.tensor(rows, dtype=torch.int32)
+        if sampling is not None:
+            host["temperature"][:n] = torch.tensor(sampling.temperature, dtype=torch.float32)
+            host["seeds"][:n] = torch.tensor(sampling.seeds, dtype=torch.int64)
+            host["steps"][:n] = torch.tensor(sampling.steps, dtype=torch.int64)
+        self._fill_padding(n, size)
+        self.buffers.upload(size)
         graph.replay()
-        return state["logits"][:n]
+        logits_RV = outputs["logits"][:n]
+        if sampling is None:
+            return logits_RV.float(), None
+        tokens, logprobs = self.buffers.tokens_out[:n], self.buffers.logprobs_out[:n]
+        tokens.copy_(outputs["tokens"][:n], non_blocking=True)
+        logprobs.copy_(outputs["logprobs"][:n], non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return logits_RV, SampleOutput(tokens, logprobs)
+
+
+def _compile_modules(model: Transformer) -> None:
+    """`torch.compile` the blocks, the rotary tables and the final norm in place, sizes dynamic. The blocks
+    share one graph (parameters are its inputs; attention is the opaque operator, which takes no layer
+    index), so compiling costs one trace for every size >= 2 and one for size 1, not one per layer."""
+    model.compile_blocks(dynamic=True)
+    model.rope.compile(dynamic=True)
+    model.norm.compile(dynamic=True)
+
+
+def _raise_recompile_limit() -> None:
+    """Every captured batch size must run compiled code, never fall back to eager at the recompile limit."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 256))

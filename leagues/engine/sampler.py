@@ -44,20 +44,32 @@ from dataclasses import dataclass
 import torch
 
 from leagues.kernels import batch_invariant
+from leagues.kernels.sampling import (
+    compute_logprobs,
+    effective_temperature,
+    gumbel_noise,
+    hash_uniform,
+    int64_pattern,
+    mix64,
+    sample_plain,
+    scale_logits,
+)
 from leagues.types import SamplingParams
 
-_MASK64 = (1 << 64) - 1
-
-
-def _i64(c: int) -> int:
-    """A 64-bit pattern as the signed int64 value torch stores."""
-    c &= _MASK64
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-_GOLDEN = _i64(0x9E3779B97F4A7C15)
-_MIX1 = _i64(0xBF58476D1CE4E5B9)
-_MIX2 = _i64(0x94D049BB133111EB)
+__all__ = [
+    "SampleOutput",
+    "SamplingTensors",
+    "compute_logprobs",
+    "effective_temperature",
+    "gumbel_noise",
+    "hash_uniform",
+    "int64_pattern",
+    "is_plain",
+    "mix64",
+    "sample",
+    "sample_plain",
+    "scale_logits",
+]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -99,7 +111,7 @@ class SamplingTensors:
             top_p_B=_to_device([float(p.top_p) for p in params], torch.float32, device),
             top_k_B=_to_device([int(p.top_k) for p in params], torch.int64, device),
             min_p_B=_to_device([float(p.min_p) for p in params], torch.float32, device),
-            seed_B=_to_device([_i64(s or 0) for s in seeds], torch.int64, device),
+            seed_B=_to_device([int64_pattern(s or 0) for s in seeds], torch.int64, device),
             step_B=_to_device([int(step) for _, step in rows], torch.int64, device),
             any_top_p=any(p.top_p < 1 for p in sampled),
             any_top_k=any(p.top_k > 0 for p in sampled),
@@ -125,47 +137,6 @@ class SampleOutput:
     """int64, by descending logprob; None when `max_top_logprobs` is 0."""
     top_logprobs_BK: torch.Tensor | None = None
     """float32, descending."""
-
-
-def effective_temperature(temperature_B: torch.Tensor) -> torch.Tensor:
-    """The temperature logprobs are taken at: 1 for greedy rows (temperature 0)."""
-    return torch.where(temperature_B > 0, temperature_B, torch.ones_like(temperature_B))
-
-
-def scale_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor) -> torch.Tensor:
-    """`logits.float() / T` per row, float32; the scores both sampling and logprobs start from."""
-    return logits_BV.float() / effective_temperature(temperature_B).float()[:, None]
-
-
-def compute_logprobs(logits_BV: torch.Tensor, temperature_B: torch.Tensor) -> torch.Tensor:
-    """The engine's logprob semantics: log_softmax(logits.float() / T), T := 1 where temperature is 0."""
-    return scale_logits(logits_BV, temperature_B).log_softmax(dim=-1)
-
-
-def _shr(x: torch.Tensor, shift: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's `>>` is arithmetic: mask off the copied sign bits)."""
-    return (x >> shift) & ((1 << (64 - shift)) - 1)
-
-
-def mix64(x: torch.Tensor) -> torch.Tensor:
-    """The splitmix64 output mixer on int64 tensors (multiplication wraps modulo 2**64)."""
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    return x ^ _shr(x, 31)
-
-
-def hash_uniform(seed_B: torch.Tensor, step_B: torch.Tensor, num_vocab: int) -> torch.Tensor:
-    """u[b, v] in the open interval (0, 1), a pure function of (seed_b, step_b, v); float32."""
-    key_B = mix64(seed_B ^ mix64(step_B + _GOLDEN))
-    offset_V = (torch.arange(num_vocab, device=seed_B.device, dtype=torch.int64) + 1) * _GOLDEN
-    bits_BV = mix64(key_B[:, None] + offset_V)
-    odd_BV = _shr(bits_BV, 41) * 2 + 1  # top 23 bits as an odd 24-bit integer: exact in float32
-    return odd_BV.float() * (2.0**-24)
-
-
-def gumbel_noise(seed_B: torch.Tensor, step_B: torch.Tensor, num_vocab: int) -> torch.Tensor:
-    """Standard Gumbel noise from `hash_uniform`; float32 [B, V]."""
-    return -torch.log(-torch.log(hash_uniform(seed_B, step_B, num_vocab)))
 
 
 def _top_k_top_p_keep(scores_BV: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
@@ -200,9 +171,18 @@ def _sample_scores(scores_BV: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return noisy_BV.argmax(dim=-1)
 
 
+def is_plain(t: SamplingTensors) -> bool:
+    """No truncation and no top logprobs: `sample_plain` gives `sample`'s answer."""
+    return not (t.any_top_k or t.any_top_p or t.any_min_p or t.max_top_logprobs)
+
+
 def sample(logits_BV: torch.Tensor, t: SamplingTensors, invariant: bool = False) -> SampleOutput:
     """Next token, its logprob, and optionally the top-K logprobs, for every row. `invariant`: the
-    log-softmax is batch-invariant (deterministic mode; the trainer computes the same)."""
+    log-softmax is batch-invariant (deterministic mode; the trainer computes the same). Batches without
+    truncation or top logprobs take `sample_plain` (one fused kernel on CUDA, the one the decode's CUDA
+    graphs run, so a sequence's tokens do not depend on which path sampled them)."""
+    if not invariant and is_plain(t):
+        return SampleOutput(*sample_plain(logits_BV, t.temperature_B, t.seed_B, t.step_B))
     scores_BV = scale_logits(logits_BV, t.temperature_B)
     logprobs_BV = batch_invariant.log_softmax(scores_BV) if invariant else scores_BV.log_softmax(dim=-1)
     token_ids_B = logits_BV.argmax(dim=-1)

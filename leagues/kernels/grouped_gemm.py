@@ -17,6 +17,14 @@ def grouped_mm_reference(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.
     return torch.cat(outs, dim=0) if outs else x_NI.new_empty(0, w_EOI.shape[1])
 
 
+def grouped_mm_gathered(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """The reference without host syncs, for traced code (`torch.compile` off CUDA/bf16): each row's expert
+    weight is gathered and applied as a batched matrix-vector product (N x O x I memory: small models only)."""
+    rows_N = torch.arange(x_NI.shape[0], device=x_NI.device, dtype=offs_E.dtype)
+    expert_N = torch.searchsorted(offs_E, rows_N, right=True).clamp(max=w_EOI.shape[0] - 1)
+    return torch.bmm(w_EOI[expert_N], x_NI[:, :, None])[:, :, 0]
+
+
 def grouped_mm_fast(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """`torch._grouped_mm` with the weight seen as [E, I, O] (a transposed view, no copy)."""
     return torch._grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offs_E)
@@ -32,4 +40,6 @@ def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor, im
     """Dispatch: `impl` is "auto" (fast where it can run), "grouped" (force the fast kernel) or "reference"."""
     if impl == "grouped" or (impl == "auto" and can_use_fast(x_NI, w_EOI)):
         return grouped_mm_fast(x_NI, w_EOI, offs_E)
+    if torch.compiler.is_compiling():
+        return grouped_mm_gathered(x_NI, w_EOI, offs_E)
     return grouped_mm_reference(x_NI, w_EOI, offs_E)

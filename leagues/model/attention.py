@@ -154,9 +154,39 @@ class Attention(nn.Module):
         if cfg.qk_norm != "none":
             norm_q, norm_k = (cfg.head_dim, cfg.head_dim) if cfg.qk_norm == "head" else (q_dim, kv_dim)
             self.q_norm, self.k_norm = RMSNorm(norm_q, cfg.norm_eps), RMSNorm(norm_k, cfg.norm_eps)
+        self.wqkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        """After `fuse_qkv`: one [(H + 2G) * A, D] weight (and bias) whose row blocks are wq, wk and wv."""
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Give q, k and v one weight so their projection is one GEMM (the engine's decode is launch-bound).
+
+        The three parameters become views of the fused tensor (`.data` rebinding keeps the `Parameter`
+        objects), so in-place weight loads by our or HF names update the fused weight and the parameter
+        names, shapes and state dict stay as they were. Anything that replaces a parameter's storage
+        (offloading to host memory) breaks the views: call this again afterwards.
+        """
+        linears = (self.wq, self.wk, self.wv)
+        weight = torch.cat([m.weight for m in linears])
+        bias = torch.cat([m.bias for m in linears]) if self.wq.bias is not None else None
+        start = 0
+        for m in linears:
+            rows = m.weight.shape[0]
+            m.weight.data = weight[start : start + rows]
+            if bias is not None:
+                m.bias.data = bias[start : start + rows]
+            start += rows
+        self.wqkv = (weight, bias)
+
+    def _project(self, x_TD: torch.Tensor):
+        if self.wqkv is None:
+            return self.wq(x_TD), self.wk(x_TD), self.wv(x_TD)
+        qkv = F.linear(x_TD, *self.wqkv)
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
 
     def _qkv(self, x_TD: torch.Tensor):
-        q, k, v = self.wq(x_TD), self.wk(x_TD), self.wv(x_TD)
+        q, k, v = self._project(x_TD)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:

@@ -139,6 +139,8 @@ class Transformer(nn.Module):
                 module.__class__ = InvariantLinear
             elif isinstance(module, (Router, RMSNorm)):
                 module.invariant = True
+            elif isinstance(module, Attention):
+                module.wqkv = None  # the three products go through the batch-invariant linear again
         self.set_moe_impl("invariant")
 
     def set_moe_impl(self, impl: str) -> None:
@@ -148,6 +150,15 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, GroupedExperts):
                 module.impl = impl
+
+    def fuse_qkv(self, on: bool = True) -> None:
+        """One q/k/v projection per layer (`Attention.fuse_qkv`); not with batch-invariant linears, which
+        keep the three products apart. `on=False` drops the fused weights (before parameters move)."""
+        for block in self.layers:
+            if not on:
+                block.attn.wqkv = None
+            elif type(block.attn.wq) is nn.Linear:
+                block.attn.fuse_qkv()
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """`torch.compile` each block in place (fuses norms, rotary and the MoE permutation glue).

@@ -18,12 +18,12 @@ calls = 0
 execute = ModelRunner.execute
 
 
-def failing_execute(self, batch):
+def failing_execute(self, batch, *args):
     global calls
     calls += 1
     if dist.get_rank() == FAILING_RANK and calls == 3:
         raise RuntimeError(f"fault in rank {FAILING_RANK}'s engine step")
-    return execute(self, batch)
+    return execute(self, batch, *args)
 
 
 ModelRunner.execute = failing_execute

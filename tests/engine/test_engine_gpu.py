@@ -1,0 +1,72 @@
+"""The engine's GPU paths (compiled decode replayed in CUDA graphs, the fused sampler in the graph, persistent
+input buffers, sleep and wake): outputs against a full forward and against the same engine without graphs.
+Run on a GPU machine with `pytest -m gpu`; skipped elsewhere."""
+
+import pytest
+import torch
+
+from leagues.engine import SamplingParams
+from leagues.kernels import sampling
+from leagues.model import load_pretrained
+
+from .reference import engine_of, make_prompts, reference_logprobs, reference_routes
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+VOCAB = 101
+
+
+def _sampled(engine, prompts, temperature=1.0):
+    params = SamplingParams(
+        temperature=temperature, max_new_tokens=24, ignore_eos=True, seed=7, n=2, return_routed_experts=True
+    )
+    return engine.generate(prompts, params)
+
+
+def test_graph_decode_matches_a_full_forward_and_survives_sleep(tiny_path):
+    model = load_pretrained(tiny_path, dtype=torch.float32, device="cuda")
+    prompts = make_prompts([3, 9, 17, 30, 5], VOCAB, seed=2)
+    with engine_of(tiny_path, dtype="float32", num_blocks=256, compile_model="true") as engine:
+        assert engine.runner.compiled and engine.runner.graphs
+        before = _sampled(engine, prompts)
+        engine.sleep()
+        engine.wake()
+        after = _sampled(engine, prompts)
+    assert [o.token_ids for o in after] == [o.token_ids for o in before]
+    for out in before:
+        want = reference_logprobs(model, out, 1.0).cpu()
+        torch.testing.assert_close(torch.tensor(out.logprobs), want, rtol=0, atol=1e-4)
+        assert torch.equal(out.routed_experts, reference_routes(model, out).cpu().to(out.routed_experts.dtype))
+
+
+def test_graphs_give_the_eager_engines_tokens_for_seeded_sampling(tiny_path):
+    prompts = make_prompts([4, 11, 23], VOCAB, seed=3)
+    runs = {}
+    for graphs, compiled in ((True, "true"), (False, "true"), (False, "false")):
+        with engine_of(tiny_path, dtype="float32", num_blocks=256, cuda_graphs=graphs, compile_model=compiled) as e:
+            runs[graphs, compiled] = _sampled(e, prompts)
+    want = [o.token_ids for o in runs[False, "false"]]
+    for outs in runs.values():
+        assert [o.token_ids for o in outs] == want
+
+
+def test_bf16_graph_decode_stays_close_to_a_full_forward(tiny_path):
+    model = load_pretrained(tiny_path, dtype=torch.bfloat16, device="cuda")
+    prompts = make_prompts([6, 13, 29], VOCAB, seed=4)
+    with engine_of(tiny_path, dtype="bfloat16", num_blocks=256) as engine:
+        assert engine.runner.compiled
+        outs = _sampled(engine, prompts)
+    for out in outs:
+        want = reference_logprobs(model, out, 1.0).cpu()
+        assert (torch.tensor(out.logprobs) - want).abs().max() < 0.1
+
+
+def test_fused_sampler_matches_the_reference_at_full_vocabulary():
+    gen = torch.Generator().manual_seed(0)
+    logits_BV = (torch.randn(256, 151936, generator=gen) * 4).cuda().bfloat16()
+    temperature_B = torch.tensor([0.0, 1.0, 0.6, 1.0] * 64).cuda()
+    seed_B = torch.randint(-(2**62), 2**62, (256,), generator=gen).cuda()
+    step_B = torch.randint(0, 4096, (256,), generator=gen).cuda()
+    want = sampling.sample_plain_reference(logits_BV, temperature_B, seed_B, step_B)
+    got = sampling.sample_plain_triton(logits_BV, temperature_B, seed_B, step_B)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-4)
