@@ -217,7 +217,7 @@ def main():
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     if not args.no_parity:
         parity(engine, model, hf["vocab_size"], args.out)
-    decode_rows(engine, model, hf, args, ceilings_, False, [int(b) for b in args.batches.split(",")])
+    decode_rows(engine, model, hf, args, ceilings_, False, [int(b) for b in args.batches.split(",") if b])
     batch = prompts(64, 512, hf["vocab_size"], seed=3)
     engine_time(engine, batch, 1)
     prefill = engine_time(engine, batch, 1)

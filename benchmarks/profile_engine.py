@@ -1,6 +1,9 @@
 """Where an engine decode step spends its time: host phases (synchronised timers) and top GPU kernels.
 
-PYTHONPATH=. python benchmarks/profile_engine.py [--batch 1,64]
+PYTHONPATH=. python benchmarks/profile_engine.py [--batch 1,64] [--eager] [--compile-model auto|true|false]
+
+`--eager` runs without CUDA graphs, so the profile lists the step's kernels one by one (and counts them);
+with `--compile-model true` they are the compiled step's kernels.
 """
 
 import argparse
@@ -50,13 +53,16 @@ def main():
     parser.add_argument("--batch", default="1,64")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs, so kernels show one by one")
     parser.add_argument("--sort", default="cpu_time_total")
+    parser.add_argument("--compile-model", default="auto")
+    parser.add_argument("--shape", default="anchor")
     args = parser.parse_args()
-    hf = BASE | SHAPES["anchor"]
+    hf = BASE | SHAPES[args.shape]
     path = tempfile.mkdtemp()
     make_checkpoint(hf, path)
-    engine = Engine(path, max_model_len=1024, kv_cache_fraction=0.5, cuda_graphs=not args.eager)
+    options = dict(cuda_graphs=not args.eager, compile_model=args.compile_model)
+    engine = Engine(path, max_model_len=1024, kv_cache_fraction=0.5, **options)
     engine.close()  # drive steps from this thread
-    params = SamplingParams(temperature=0, max_new_tokens=400, ignore_eos=True)
+    params = SamplingParams(temperature=1.0, max_new_tokens=400, ignore_eos=True, seed=0)
     for batch in (int(b) for b in args.batch.split(",")):
         for i in range(batch):
             engine._add_request(f"b{batch}-{i}", list(range(1, 65)), params, Future())
@@ -67,7 +73,10 @@ def main():
             for _ in range(20):
                 engine.step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by=args.sort, row_limit=22, max_name_column_width=60))
+        events = prof.key_averages()
+        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 20
+        print(f"batch {batch}: {kernels:.0f} GPU kernels and copies a step")
+        print(events.table(sort_by=args.sort, row_limit=22, max_name_column_width=60))
         for rid in list(engine.requests):
             engine._abort(rid)
 

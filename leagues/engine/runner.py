@@ -262,6 +262,8 @@ class ModelRunner:
         dev = self.buffers.device
         hidden_BD = self._run(attention, dev["input_ids"][:size], dev["positions"][:size])
         logits_BV = self.model.logits(hidden_BD)
+        if self.model.invariant_len:  # deterministic mode samples after the step, batch-invariantly
+            return {"logits": logits_BV}
         args = (dev["temperature"][:size], dev["seeds"][:size], dev["steps"][:size])
         token_ids_B, logprobs_B = sample_plain(logits_BV, *args)
         return {"logits": logits_BV, "tokens": token_ids_B, "logprobs": logprobs_B}
