@@ -284,7 +284,8 @@ class ModelRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 outputs = self._graph_step(size, attention)
-            self.graphs[size] = (graph, outputs)
+            # the graph reads what the backend holds (deterministic mode's tiles, cu_seqlens): keep it alive
+            self.graphs[size] = (graph, outputs | {"attention": attention})
 
     def _fill_padding(self, start: int, end: int) -> None:
         """Rows start..end of the host buffer as padding: they write to and read from the scratch block."""
