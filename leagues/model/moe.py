@@ -68,6 +68,31 @@ def sum_over_k(y_TKD: torch.Tensor, impl: str) -> torch.Tensor:
     return batch_invariant.sum_rows(y_TKD) if impl == "invariant" else y_TKD.sum(dim=1)
 
 
+_PAIRWISE_MAX_ROWS = 2048
+"""Up to this many (token, expert) pairs (decode-sized batches) the order is counted pairwise, not sorted."""
+
+
+def expert_order(ids_N: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stable sort of pairs by expert, as (order_N, inverse_N, offs_E int32 cumulative rows per expert),
+    without a host sync. Few pairs: each pair's rank among the earlier pairs of its expert is counted from
+    an [N, N] comparison, a couple of fused kernels where a GPU sort of int64 keys costs tens of
+    microseconds; the permutation is the stable sort's, bit for bit."""
+    num_rows = ids_N.shape[0]
+    arange_N = torch.arange(num_rows, device=ids_N.device)
+    if num_rows > _PAIRWISE_MAX_ROWS:
+        sorted_ids_N, order_N = torch.sort(ids_N, stable=True)
+        inverse_N = torch.empty_like(order_N).scatter_(0, order_N, arange_N)
+        # Cumulative rows per expert without a host sync (bincount on CUDA reads its max back).
+        bounds_E = torch.arange(1, num_experts + 1, device=ids_N.device, dtype=sorted_ids_N.dtype)
+        return order_N, inverse_N, torch.searchsorted(sorted_ids_N, bounds_E).to(torch.int32)
+    counts_E = F.one_hot(ids_N, num_experts).sum(0)
+    offs_E = counts_E.cumsum(0)
+    earlier_NN = (ids_N[:, None] == ids_N[None, :]) & (arange_N[None, :] < arange_N[:, None])
+    inverse_N = (offs_E - counts_E)[ids_N] + earlier_NN.sum(1)
+    order_N = torch.empty_like(inverse_N).scatter_(0, inverse_N, arange_N)
+    return order_N, inverse_N, offs_E.to(torch.int32)
+
+
 class Router(nn.Module):
     def __init__(self, dim: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:
         super().__init__()
@@ -111,11 +136,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         num_tokens, top_k = ids_TK.shape
-        sorted_ids_N, order_N = torch.sort(ids_TK.flatten(), stable=True)
-        inverse_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
-        # Cumulative rows per expert without a host sync (bincount on CUDA reads its max back).
-        bounds_E = torch.arange(1, self.w13.shape[0] + 1, device=ids_TK.device, dtype=sorted_ids_N.dtype)
-        offs_E = torch.searchsorted(sorted_ids_N, bounds_E).to(torch.int32)
+        order_N, inverse_N, offs_E = expert_order(ids_TK.flatten(), self.w13.shape[0])
         x_ND = permute_rows(x_TD[:, None].expand(-1, top_k, -1).flatten(0, 1), order_N, inverse_N)
         gate_NF, up_NF = grouped_mm(x_ND, self.w13, offs_E, self.impl).chunk(2, dim=-1)
         y_ND = grouped_mm(F.silu(gate_NF) * up_NF, self.w2, offs_E, self.impl)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from leagues.kernels.grouped_gemm import can_use_fast, grouped_mm, grouped_mm_fast, grouped_mm_reference
-from leagues.model import ForwardBatch, Transformer, config_from_hf, load_pretrained
+from leagues.model import ForwardBatch, Transformer, config_from_hf, load_pretrained, moe
 
 from .hf_cases import write_hf_checkpoint
 
@@ -268,3 +268,14 @@ def test_packed_attention_grouped_by_length_equals_per_sequence_reference():
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("num_rows", "num_experts"), [(0, 8), (1, 8), (37, 5), (512, 64), (2048, 64), (3000, 64)])
+def test_expert_order_is_the_stable_sort_by_expert(num_rows, num_experts):
+    """Counted pairwise (decode-sized) or sorted (larger), the order is a stable sort's, bit for bit."""
+    ids_N = torch.randint(0, num_experts, (num_rows,), generator=torch.Generator().manual_seed(num_rows))
+    sorted_ids_N, want_order_N = torch.sort(ids_N, stable=True)
+    order_N, inverse_N, offs_E = moe.expert_order(ids_N, num_experts)
+    assert torch.equal(order_N, want_order_N)
+    assert torch.equal(order_N[inverse_N], torch.arange(num_rows))
+    assert torch.equal(offs_E, torch.searchsorted(sorted_ids_N, torch.arange(1, num_experts + 1)).to(torch.int32))
