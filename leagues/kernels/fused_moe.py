@@ -1,0 +1,229 @@
+"""The MoE layer of a decode-sized batch in three kernels: route, gate/up with SiLU, down with the top-k sum.
+
+Where it sits: `leagues.model.moe.MoE` takes this path for small batches on CUDA when no gradient is
+needed (the engine's decode steps); prefill, training and large batches keep the grouped GEMMs
+(`leagues.kernels.grouped_gemm`), whose weight reads pay off once several rows share an expert.
+
+Decisions:
+- No sort, no permutation: each (token, expert) pair reads its expert's weights directly. With at most
+  about one pair per expert (`applies`: pairs <= experts) no weight is read twice as often as the grouped
+  GEMM would read it, and the layer is three launches instead of a dozen (the step is launch-bound there).
+- Route: one program a token computes the router's logits (rounded to the activations' dtype, as
+  `F.linear`'s output is), the float32 softmax, the top-k of probability + expert bias (ties to the lowest
+  id) and the renormalised weights of the chosen experts.
+- Gate/up: program (pair, block of F) accumulates both projections in float32 and stores silu(g) * u once.
+- Down: program (token, block of D) walks the token's k experts and adds weight * (h @ w2[e].T) in float32,
+  so the routing weight and the top-k sum live in the kernel's epilogue; one rounding at the end.
+- The two Triton entry points are `torch.library` operators, opaque to `torch.compile` (the compiled
+  blocks call them inside the decode CUDA graphs). The torch references beside them define the numbers.
+
+Legend: T tokens, D model dim, E experts, K top-k, F expert ffn dim, P = T*K pairs.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is Linux-only; the references need none
+    triton = None
+
+
+def applies(x_TD: torch.Tensor, num_experts: int, top_k: int) -> bool:
+    """The fused path serves this batch: CUDA, 16-bit, no gradient, at most one pair per expert."""
+    return (
+        triton is not None
+        and x_TD.is_cuda
+        and x_TD.dtype in (torch.bfloat16, torch.float16)
+        and not torch.is_grad_enabled()
+        and 0 < x_TD.shape[0] * top_k <= num_experts
+    )
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+
+def route_reference(x_TD, w_ED, bias_E, top_k: int, renormalize: bool):
+    """(weights_TK float32, ids_TK int64, logits_TE in x's dtype): the router of `leagues.model.moe`."""
+    logits_TE = torch.nn.functional.linear(x_TD, w_ED)
+    probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    ids_TK = torch.topk(probs_TE + bias_E, top_k, dim=-1).indices
+    weights_TK = probs_TE.gather(1, ids_TK)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+    return weights_TK, ids_TK, logits_TE
+
+
+def experts_reference(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF):
+    """sum_k weights[t, k] * w2[e] @ (silu(gate) * up)(w13[e] @ x[t]), float32 inside, x's dtype out."""
+    num_ffn = w2_EDF.shape[-1]
+    h_TKF = torch.einsum("tkfd,td->tkf", w13_EFD[ids_TK].float(), x_TD.float())
+    h_TKF = torch.nn.functional.silu(h_TKF[..., :num_ffn]) * h_TKF[..., num_ffn:]
+    h_TKF = h_TKF.to(x_TD.dtype).float()  # the kernel stores h in x's dtype
+    y_TKD = torch.einsum("tkdf,tkf->tkd", w2_EDF[ids_TK].float(), h_TKF)
+    return (y_TKD * weights_TK.float()[..., None]).sum(1).to(x_TD.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _route_kernel(
+        x_ptr, w_ptr, bias_ptr, logits_ptr, ids_ptr, weights_ptr, D, stride_x, stride_w,
+        E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+        RENORM: tl.constexpr,
+    ):  # fmt: skip
+        t = tl.program_id(0).to(tl.int64)
+        offs_e = tl.arange(0, E_PAD)
+        mask_e = offs_e < E
+        acc = tl.zeros([E_PAD], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            x = tl.load(x_ptr + t * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            w_mask = mask_e[:, None] & mask_d[None, :]
+            w = tl.load(w_ptr + offs_e[:, None] * stride_w + offs_d[None, :], mask=w_mask, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        logits = acc.to(logits_ptr.dtype.element_ty)
+        tl.store(logits_ptr + t * E + offs_e, logits, mask=mask_e)
+        scores = tl.where(mask_e, logits.to(tl.float32), float("-inf"))
+        probs = tl.exp(scores - tl.max(scores, axis=0))
+        probs = probs / tl.sum(probs, axis=0)
+        ranked = tl.where(mask_e, probs + tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0), float("-inf"))
+        offs_k = tl.arange(0, K_PAD)
+        ids = tl.zeros([K_PAD], dtype=tl.int64)
+        weights = tl.zeros([K_PAD], dtype=tl.float32)
+        for k in tl.static_range(K):
+            best = tl.max(ranked, axis=0)
+            idx = tl.min(tl.where(ranked == best, offs_e, E_PAD), axis=0)
+            chosen = offs_e == idx
+            ids = tl.where(offs_k == k, idx.to(tl.int64), ids)
+            weights = tl.where(offs_k == k, tl.sum(tl.where(chosen, probs, 0.0), axis=0), weights)
+            ranked = tl.where(chosen, float("-inf"), ranked)
+        if RENORM:
+            weights = weights / tl.sum(weights, axis=0)
+        tl.store(ids_ptr + t * K + offs_k, ids, mask=offs_k < K)
+        tl.store(weights_ptr + t * K + offs_k, weights, mask=offs_k < K)
+
+    @triton.jit
+    def _gate_up_kernel(
+        x_ptr, ids_ptr, w13_ptr, h_ptr, D, F, stride_x, stride_we, stride_wf, stride_h,
+        K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        pair = tl.program_id(0).to(tl.int64)
+        offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        mask_f = offs_f < F
+        w_base = w13_ptr + tl.load(ids_ptr + pair) * stride_we
+        x_row = x_ptr + (pair // K) * stride_x
+        gate = tl.zeros([BLOCK_F], dtype=tl.float32)
+        up = tl.zeros([BLOCK_F], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            x = tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            w_mask = mask_f[:, None] & mask_d[None, :]
+            w_gate = tl.load(w_base + offs_f[:, None] * stride_wf + offs_d[None, :], mask=w_mask, other=0.0)
+            w_up = tl.load(w_base + (F + offs_f)[:, None] * stride_wf + offs_d[None, :], mask=w_mask, other=0.0)
+            gate += tl.sum(w_gate.to(tl.float32) * x[None, :], axis=1)
+            up += tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
+        h = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(h_ptr + pair * stride_h + offs_f, h.to(h_ptr.dtype.element_ty), mask=mask_f)
+
+    @triton.jit
+    def _down_kernel(
+        h_ptr, ids_ptr, weights_ptr, w2_ptr, out_ptr, D, F, stride_h, stride_we, stride_wd, stride_o,
+        K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    ):  # fmt: skip
+        t = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        out = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(K):
+            pair = t * K + k
+            w_base = w2_ptr + tl.load(ids_ptr + pair) * stride_we
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for f0 in range(0, F, BLOCK_F):
+                offs_f = f0 + tl.arange(0, BLOCK_F)
+                mask_f = offs_f < F
+                h = tl.load(h_ptr + pair * stride_h + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+                w_mask = mask_d[:, None] & mask_f[None, :]
+                w = tl.load(w_base + offs_d[:, None] * stride_wd + offs_f[None, :], mask=w_mask, other=0.0)
+                acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
+            out += tl.load(weights_ptr + pair).to(tl.float32) * acc
+        tl.store(out_ptr + t * stride_o + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def route_triton(x_TD, w_ED, bias_E, top_k: int, renormalize: bool, block_d: int = 256):
+    """`route_reference` in one launch (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    num_tokens, dim = x_TD.shape
+    num_experts = w_ED.shape[0]
+    x_TD, w_ED = x_TD.contiguous(), w_ED.contiguous()
+    logits_TE = x_TD.new_empty(num_tokens, num_experts)
+    ids_TK = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x_TD.device)
+    weights_TK = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x_TD.device)
+    if num_tokens:
+        _route_kernel[(num_tokens,)](
+            x_TD, w_ED, bias_E.float().contiguous(), logits_TE, ids_TK, weights_TK, dim, x_TD.stride(0),
+            w_ED.stride(0), E=num_experts, E_PAD=triton.next_power_of_2(num_experts), K=top_k,
+            K_PAD=triton.next_power_of_2(top_k), BLOCK_D=min(block_d, triton.next_power_of_2(dim)),
+            RENORM=renormalize,
+        )  # fmt: skip
+    return weights_TK, ids_TK, logits_TE
+
+
+def experts_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, block_f: int = 16, block_d: int = 16):
+    """`experts_reference` in two launches; `block_f`/`block_d`: the rows of F and D each program owns."""
+    num_tokens, dim = x_TD.shape
+    top_k, num_ffn = ids_TK.shape[1], w2_EDF.shape[-1]
+    x_TD, ids_TK, weights_TK = x_TD.contiguous(), ids_TK.contiguous(), weights_TK.contiguous()
+    w13_EFD, w2_EDF = w13_EFD.contiguous(), w2_EDF.contiguous()
+    h_PF = x_TD.new_empty(num_tokens * top_k, num_ffn)
+    out_TD = x_TD.new_empty(num_tokens, dim)
+    if num_tokens == 0:
+        return out_TD
+    _gate_up_kernel[(num_tokens * top_k, triton.cdiv(num_ffn, block_f))](
+        x_TD, ids_TK, w13_EFD, h_PF, dim, num_ffn, x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1),
+        h_PF.stride(0), K=top_k, BLOCK_F=block_f, BLOCK_D=min(256, triton.next_power_of_2(dim)),
+    )  # fmt: skip
+    _down_kernel[(num_tokens, triton.cdiv(dim, block_d))](
+        h_PF, ids_TK, weights_TK, w2_EDF, out_TD, dim, num_ffn, h_PF.stride(0), w2_EDF.stride(0),
+        w2_EDF.stride(1), out_TD.stride(0), K=top_k, BLOCK_D=block_d,
+        BLOCK_F=min(256, triton.next_power_of_2(num_ffn)),
+    )  # fmt: skip
+    return out_TD
+
+
+# ---------------------------------------------------------------------------------------------- operators
+
+
+@torch.library.custom_op("leagues::moe_route", mutates_args=())
+def route(
+    x_TD: torch.Tensor, w_ED: torch.Tensor, bias_E: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights_TK float32, ids_TK int64, logits_TE): the Triton kernel on CUDA, the reference elsewhere."""
+    if x_TD.is_cuda and triton is not None:
+        return route_triton(x_TD, w_ED, bias_E, top_k, renormalize)
+    return route_reference(x_TD, w_ED, bias_E, top_k, renormalize)
+
+
+@route.register_fake
+def _(x_TD, w_ED, bias_E, top_k, renormalize):
+    num_tokens, num_experts = x_TD.shape[0], w_ED.shape[0]
+    weights_TK = x_TD.new_empty(num_tokens, top_k, dtype=torch.float32)
+    return weights_TK, x_TD.new_empty(num_tokens, top_k, dtype=torch.int64), x_TD.new_empty(num_tokens, num_experts)
+
+
+@torch.library.custom_op("leagues::moe_experts_small", mutates_args=())
+def experts(
+    x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor
+) -> torch.Tensor:
+    """The experts' output [T, D] of a decode-sized batch: the Triton kernels on CUDA, the reference elsewhere."""
+    if x_TD.is_cuda and triton is not None:
+        return experts_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF)
+    return experts_reference(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF)
+
+
+@experts.register_fake
+def _(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF):
+    return torch.empty_like(x_TD)

@@ -1,0 +1,55 @@
+"""The decode-sized MoE kernels (`leagues.kernels.fused_moe`) against their torch references (under Triton's
+interpreter without a GPU), and the references against the model's own MoE layer."""
+
+import os
+
+import pytest
+import torch
+
+from leagues.kernels import fused_moe
+from leagues.model.moe import GroupedExperts, Router
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(
+    fused_moe.triton is None or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs triton: a GPU or the interpreter",
+)
+
+
+def _layer(num_experts=8, dim=48, ffn=24, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    router = Router(dim, num_experts, top_k=3, norm_topk_prob=True)
+    experts = GroupedExperts(num_experts, dim, ffn)
+    with torch.no_grad():
+        for p in (router.weight, experts.w13, experts.w2):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        router.expert_bias.copy_(torch.randn(num_experts, generator=gen) * 0.01)
+    return router, experts, torch.randn(2, dim, generator=gen)
+
+
+def test_references_equal_the_models_moe_in_float32():
+    router, experts, x_TD = _layer()
+    with torch.no_grad():
+        routing = router(x_TD)
+        want = experts(x_TD, routing.weights_TK, routing.expert_ids_TK)
+        weights, ids, logits = fused_moe.route_reference(x_TD, router.weight, router.expert_bias, 3, True)
+        got = fused_moe.experts_reference(x_TD, weights, ids, experts.w13, experts.w2)
+    assert torch.equal(ids, routing.expert_ids_TK) and torch.equal(logits, routing.logits_TE)
+    torch.testing.assert_close(weights, routing.weights_TK)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_experts", [8, 6])  # 6: the expert axis is padded to a power of two
+def test_triton_kernels_match_the_references(num_experts):
+    router, experts, x_TD = _layer(num_experts=num_experts, seed=num_experts)
+    args = [t.detach().to(DEVICE) for t in (x_TD, router.weight, router.expert_bias)]
+    want = fused_moe.route_reference(*args, 3, True)
+    got = fused_moe.route_triton(*args, 3, True, block_d=16)  # 16: the model dim spans three tiles
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+    w13, w2 = experts.w13.detach().to(DEVICE), experts.w2.detach().to(DEVICE)
+    want_out = fused_moe.experts_reference(args[0], want[0], want[1], w13, w2)
+    got_out = fused_moe.experts_triton(args[0], want[0], want[1], w13, w2, block_f=8, block_d=16)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
