@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.train_step import BASE, SHAPES, make_checkpoint
 from leagues.engine import Engine, SamplingParams
+from leagues.engine.requests import Add
 
 
 def timed_steps(engine: Engine, num_steps: int) -> dict[str, float]:
@@ -65,7 +66,7 @@ def main():
     params = SamplingParams(temperature=1.0, max_new_tokens=400, ignore_eos=True, seed=0)
     for batch in (int(b) for b in args.batch.split(",")):
         for i in range(batch):
-            engine._add_request(f"b{batch}-{i}", list(range(1, 65)), params, Future())
+            engine.table.add(Add(f"b{batch}-{i}", list(range(1, 65)), params, Future()), engine.weight_version)
         for _ in range(5):
             engine.step()  # prefill and warm-up
         print(f"batch {batch} ms/step by phase:", timed_steps(engine, 50))
@@ -78,7 +79,7 @@ def main():
         print(f"batch {batch}: {kernels:.0f} GPU kernels and copies a step")
         print(events.table(sort_by=args.sort, row_limit=22, max_name_column_width=60))
         for rid in list(engine.requests):
-            engine._abort(rid)
+            engine.table.abort(rid)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def run_eval(cfg: EvalVerbConfig) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     prompts = list(held_out if held_out is not None else train_data)
-    engine = Engine(path, tokenizer, **{k: getattr(cfg.engine, k) for k in cfg.engine.__slots__})
+    engine = Engine(path, tokenizer, cfg.engine)
     params = SamplingParams(temperature=cfg.temperature, n=cfg.n, seed=cfg.seed, max_new_tokens=cfg.max_response_len)
     try:
         samples = asyncio.run(_generate(LocalClient(engine), prompts, params))

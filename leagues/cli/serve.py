@@ -17,7 +17,7 @@ import asyncio
 import os
 import socket
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from leagues.cli import UsageError
 from leagues.cli.generate import resolve_model_dir
@@ -69,7 +69,7 @@ def run_serve(cfg: ServeConfig) -> int:
     path = resolve_model_dir(cfg.model)
     sock = _bind(cfg.host, cfg.port)
     try:
-        engine = Engine(path, **asdict(cfg.engine))
+        engine = Engine(path, config=cfg.engine)
     except ValueError as e:
         raise UsageError(str(e)) from None
     app = create_app(

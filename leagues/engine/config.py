@@ -52,3 +52,17 @@ def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
         device = torch.device(cfg.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(cfg.dtype)
     return device, dtype or getattr(torch, cfg.dtype)
+
+
+def num_kv_blocks(model, cfg: EngineConfig) -> int:
+    """KV-cache blocks for `model` (a `Transformer`): `num_blocks`, else a fraction of free GPU memory, else
+    `kv_cache_bytes` on the CPU."""
+    if cfg.num_blocks is not None:
+        return cfg.num_blocks
+    m = model.config
+    param = model.embed.weight
+    block_bytes = 2 * m.num_layers * cfg.block_size * m.num_kv_heads * m.head_dim * param.element_size()
+    if param.is_cuda:
+        free, _ = torch.cuda.mem_get_info(param.device)
+        return int(free * cfg.kv_cache_fraction) // block_bytes
+    return cfg.kv_cache_bytes // block_bytes

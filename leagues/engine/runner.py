@@ -24,7 +24,7 @@ import torch
 
 from leagues.engine.attention import OpaqueAttention, PagedAttention, active_backend
 from leagues.engine.config import EngineConfig
-from leagues.engine.sampler import SampleOutput
+from leagues.engine.sampler import GraphSampling, SampleOutput
 from leagues.engine.scheduler import ScheduledBatch
 from leagues.kernels.sampling import sample_plain
 from leagues.model import ForwardBatch, Transformer
@@ -37,16 +37,6 @@ class _NoTokens:
 
     def attend(self, layer_idx: int, q_THA, k_TGA, v_TGA):
         return q_THA
-
-
-@dataclass(slots=True)
-class GraphSampling:
-    """Per-row sampling inputs of a decode step the graph samples itself (rows without truncation)."""
-
-    temperature: list[float]
-    seeds: list[int]
-    """Signed int64 patterns (`sampler.int64_pattern`)."""
-    steps: list[int]
 
 
 _FIELDS = (
@@ -149,6 +139,23 @@ class ModelRunner:
         self.kv_cache = self.routes_cache = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def offload_weights(self) -> None:
+        """Weights to host memory (the caller has freed the cache); `restore_weights` brings them back."""
+        self._weights_device = self.device
+        self.model.fuse_qkv(on=False)
+        for param in self.model.parameters():
+            param.data = param.data.to("cpu")
+
+    def restore_weights(self) -> None:
+        device = getattr(self, "_weights_device", None)
+        if device is None:
+            return
+        for param in self.model.parameters():
+            param.data = param.data.to(device)
+        self.model.rope.reset(device)
+        self.model.fuse_qkv()  # the per-parameter moves broke the fused q/k/v views
+        self._weights_device = None
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (keys, values, routes) before they are written."""

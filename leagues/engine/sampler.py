@@ -57,15 +57,18 @@ from leagues.kernels.sampling import (
 from leagues.types import SamplingParams
 
 __all__ = [
+    "GraphSampling",
     "SampleOutput",
     "SamplingTensors",
     "compute_logprobs",
     "effective_temperature",
+    "graph_sampling",
     "gumbel_noise",
     "hash_uniform",
     "int64_pattern",
     "is_plain",
     "mix64",
+    "row_seed",
     "sample",
     "sample_plain",
     "scale_logits",
@@ -125,6 +128,35 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     """Host list to device tensor; pinned on CUDA so the copy is asynchronous."""
     host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
+
+
+@dataclass(slots=True)
+class GraphSampling:
+    """Per-row sampling inputs of a decode step the graph samples itself (rows without truncation)."""
+
+    temperature: list[float]
+    seeds: list[int]
+    """Signed int64 patterns (`sampler.int64_pattern`)."""
+    steps: list[int]
+
+
+def row_seed(seed: int, sample_index: int) -> int:
+    """The seed of one sample of a request: distinct per sample index."""
+    return (seed + sample_index * 0x9E3779B97F4A7C15) % 2**62
+
+
+def graph_sampling(rows: list[tuple[SamplingParams, int, int]]) -> GraphSampling | None:
+    """Rows of (params, seed, step counter) as a decode graph's sampling inputs; None when a row truncates
+    or asks for top logprobs (then `sample` runs after the step)."""
+    for params, _, _ in rows:
+        truncates = params.top_k > 0 or params.top_p < 1 or params.min_p > 0
+        if params.top_logprobs or (params.temperature > 0 and truncates):
+            return None
+    return GraphSampling(
+        temperature=[float(p.temperature) for p, _, _ in rows],
+        seeds=[int64_pattern(seed) for _, seed, _ in rows],
+        steps=[step for _, _, step in rows],
+    )
 
 
 @dataclass(slots=True)

@@ -9,13 +9,49 @@ New requests therefore join between decode steps. When the cache has no block fo
 newest running sequence is preempted: its blocks are freed (its full blocks usually stay in the prefix
 cache) and it goes back to the front of `waiting` to be recomputed later, so a full cache slows the
 engine down instead of failing a request.
+
+After each step, `postprocess` appends the sampled tokens to their sequences and says which finished
+(eos or a stop token, a stop string, the token limit or the context limit: `StopRules`).
 """
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from leagues.engine.block_manager import BlockManager
 from leagues.engine.sequence import SeqStatus, Sequence
+from leagues.types import FinishReason
+
+
+@dataclass(slots=True)
+class StopRules:
+    eos_ids: set[int] = field(default_factory=set)
+    tokenizer: object = None
+    """Decodes outputs for stop strings; without one, stop strings are never matched."""
+    max_model_len: int = 1 << 62
+
+    @classmethod
+    def of(cls, hf_config: dict, tokenizer, max_model_len: int) -> "StopRules":
+        """The model's eos ids (its HF config's and its tokenizer's) with the engine's limits."""
+        ids = hf_config.get("eos_token_id")
+        eos = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        return cls(eos, tokenizer, max_model_len)
+
+    def reason(self, seq: Sequence) -> FinishReason | None:
+        """Why `seq` ends after its newest token, or None."""
+        token, params = seq.token_ids[-1], seq.params
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return FinishReason.STOP
+        if params.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            hits = [text.find(s) for s in params.stop if s and s in text]
+            if hits:
+                seq.stop_text_end = min(hits)
+                return FinishReason.STOP
+        if seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
 
 
 @dataclass(slots=True)
@@ -43,9 +79,15 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, chunked_prefill: bool = True
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        chunked_prefill: bool = True,
+        stop: StopRules | None = None,
     ) -> None:
         self.blocks = blocks
+        self.stop = stop or StopRules()
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
@@ -127,3 +169,26 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.free(seq)
         seq.status = SeqStatus.FINISHED
+
+    def computed(self, batch: ScheduledBatch) -> None:
+        """The step ran: its tokens are in the cache (full blocks join the prefix cache)."""
+        for item in batch.items:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.blocks.register_computed(item.seq)
+
+    def postprocess(
+        self, rows: list[Sequence], token_ids: list[int], logprobs: list[float], top=None, version: int = 0
+    ) -> list[tuple[Sequence, FinishReason]]:
+        """Append each row's sampled token (and its top logprobs, as many as the row asked for) under weight
+        `version`; the rows that finished, with why (the caller removes them)."""
+        finished = []
+        for i, seq in enumerate(rows):
+            seq.token_ids.append(token_ids[i])
+            seq.logprobs.append(logprobs[i])
+            if top is not None and seq.params.top_logprobs:
+                k = seq.params.top_logprobs
+                seq.top_logprobs.append(list(zip(top[i][0][:k], top[i][1][:k], strict=True)))
+            seq.weight_version = version
+            if (reason := self.stop.reason(seq)) is not None:
+                finished.append((seq, reason))
+        return finished

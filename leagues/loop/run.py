@@ -19,7 +19,7 @@ import asyncio
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -146,6 +146,8 @@ class Run:
         tokenizer = load_tokenizer(model_path)
         train_data, held_out, reward = datasets(cfg, tokenizer, context_limit(cfg, model_path))
         cfg.trainer.temperature = cfg.rollout.temperature
+        if cfg.trainer.loss.max_response_tokens is None:  # Dr.GRPO's divisor: the generation budget
+            cfg.trainer.loss.max_response_tokens = cfg.rollout.max_response_len
         cfg.trainer.moe = cfg.moe
         if cfg.deterministic:
             cfg.trainer.deterministic = cfg.engine.deterministic = True
@@ -257,7 +259,7 @@ def _engine(cfg: TrainConfig, model_path: Path, tokenizer, is_engine: bool):
     if cfg.engine_ep and dist.is_initialized() and dist.get_world_size() > 1:  # every rank builds its engine
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         groups = dict(ep_group=dist.new_group(backend=backend), ep_control_group=dist.new_group(backend="gloo"))
-    engine = Engine(model_path, tokenizer, **groups, **asdict(cfg.engine))
+    engine = Engine(model_path, tokenizer, cfg.engine, **groups)
     return engine, LocalClient(engine)
 
 

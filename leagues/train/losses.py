@@ -112,6 +112,9 @@ class LossConfig:
     """Dual-clip constant c > 1: for negative advantages the loss is capped at -A * c. None: off."""
     aggregation: str = "token_mean"
     """Key of AGGREGATIONS: token_mean, seq_mean_token_mean, seq_mean_token_sum, constant (Dr.GRPO)."""
+    max_response_tokens: int | None = None
+    """Dr.GRPO (aggregation `constant`): the divisor is num_seqs x this token budget. None: the RL loop uses
+    `rollout.max_response_len`; a Trainer built directly must be given it."""
     kl_coef: float = 0.0
     """Weight of KL(current || ref) in the loss; 0: no KL term (for KL as reward shaping use
     `kl_penalty_rewards` and keep this 0)."""
@@ -138,6 +141,8 @@ class LossConfig:
             lookup(registry, getattr(self, field), field)
         _check(self.eps_clip > 0 and (self.eps_clip_high is None or self.eps_clip_high > 0), "eps_clip must be > 0")
         _check(self.eps_clip_c is None or self.eps_clip_c > 1, f"eps_clip_c must be > 1, got {self.eps_clip_c}")
+        budget = self.max_response_tokens
+        _check(budget is None or budget >= 1, f"max_response_tokens must be >= 1, got {budget}")
         _check(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
         _check(self.tis_clip > 0, f"tis_clip must be > 0, got {self.tis_clip}")
         bounds = f"mis_lower={self.mis_lower}, mis_upper={self.mis_upper}"

@@ -9,11 +9,17 @@
 A step: gather every rank's samples and split them evenly by token count; pack each rank's share
 into micro-batches of at most `max_tokens_per_microbatch` tokens; compute one `Normalizer` over the
 whole global batch (so the loss does not depend on how it is split); forward, loss, backward per
-micro-batch; then one clipped, guarded optimizer step. The old-policy logprobs of the ratio are the
-current weights' own (detached): each batch gets one update, so the ratio is 1 at the start and the
-importance correction against the engine's logprobs is where off-policy-ness is handled.
+micro-batch; then one clipped, guarded optimizer step.
+
+Mini-batch updates (`num_minibatches`, `epochs`): each rank cuts its share into `num_minibatches` parts and
+every part is one update (its own global `Normalizer`, every rank taking part), `epochs` times over. The
+ratio's old policy is then fixed before the first update: one no-grad forward of the policy
+(`old_logprobs="recompute"`) or the engine's logprobs ("rollout"), so from the second update on the PPO clip
+acts. With a single update the recomputed old logprobs are the forward's own, detached (the same values,
+no second forward), and the ratio is 1.
 """
 
+import copy
 import itertools
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -66,12 +72,26 @@ class TrainerConfig:
     """Keep the frozen reference model on the CPU between uses (only loaded when the loss has KL)."""
     keep_last: int = 3
     """Checkpoints kept by `save`."""
+    num_minibatches: int = 1
+    """Optimizer updates per pass over a rollout batch: each rank's share is cut into this many mini-batches."""
+    epochs: int = 1
+    """Passes over each rollout batch (each pass makes `num_minibatches` updates)."""
+    old_logprobs: str = "recompute"
+    """The ratio's old policy: "recompute" (the policy's logprobs before the first update) or "rollout" (the
+    engine's logprobs of the samples)."""
     compile: bool = False
     """`torch.compile` each transformer block (fuses norms, rotary and the MoE glue)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     deterministic: bool = False
     """Batch-invariant kernels (`leagues.kernels.batch_invariant`): the training forward's logprobs equal the
     engine's bit for bit when the engine runs deterministic too (true on-policy)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_minibatches", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.old_logprobs not in ("recompute", "rollout"):
+            raise ValueError(f"trainer.old_logprobs: expected recompute or rollout, got {self.old_logprobs!r}")
 
 
 def _device() -> torch.device:
@@ -86,11 +106,14 @@ class Trainer:
         """`alone`: this rank trains by itself although the job has other ranks (disaggregated placement with
         one trainer rank): no FSDP, no collectives, checkpoints of one process."""
         self.cfg = cfg = cfg or TrainerConfig()
+        if cfg.loss.aggregation == "constant" and cfg.loss.max_response_tokens is None:
+            raise ValueError("trainer.loss.aggregation constant (Dr.GRPO) needs trainer.loss.max_response_tokens")
         self.device = _device()
         self.alone = alone or not dist.is_initialized()
         self.world = 1 if self.alone else dist.get_world_size()
         self.rank = 0 if self.alone else dist.get_rank()
         sharded = not isinstance(model, Transformer) and not self.alone and cfg.parallel.sharded_load
+        self.model_path = None
         if not isinstance(model, Transformer):
             self.model_path = resolve_model_path(model)
             if sharded:  # built on the meta device; each rank reads only its pieces once the model is sharded
@@ -127,9 +150,12 @@ class Trainer:
         reset_buffers(self.model, self.device)
 
     def _load_ref(self) -> Transformer:
-        ref = load_pretrained(
-            self.model_path, dtype=torch.float32, device="cpu" if self.cfg.ref_offload else self.device
-        )
+        """The frozen reference: the checkpoint again, or a copy of a model given as an object (before sharding)."""
+        device = "cpu" if self.cfg.ref_offload else self.device
+        if self.model_path is None:
+            ref = copy.deepcopy(self.model).to(device=device, dtype=torch.float32)
+        else:
+            ref = load_pretrained(self.model_path, dtype=torch.float32, device=device)
         return ref.eval().requires_grad_(False)
 
     # --- forward pieces -----------------------------------------------------------------------
@@ -197,8 +223,14 @@ class Trainer:
         """Response-token logprobs of each sample (CPU float32), under `model` (default: the policy)."""
         model = model or self.model
         out: list[torch.Tensor | None] = [None] * len(samples)
-        for mb in self._microbatches(samples):
+        mbs = self._microbatches(samples)
+        num_real = len(mbs)
+        if model is self.model:  # the sharded policy's forwards are collective: every rank runs as many
+            mbs += self._padding_microbatches(num_real)
+        for index, mb in enumerate(mbs):
             logprobs_T, _, _ = self._forward_logprobs(model, mb)
+            if index >= num_real:
+                continue
             for seq, i in enumerate(mb.sample_indices):  # response targets are each sequence's last positions
                 out[i] = logprobs_T[mb.seq_ids_T == seq][-len(samples[i].response_ids) :].float().cpu()
         return out
@@ -216,12 +248,18 @@ class Trainer:
 
     # --- the step ---------------------------------------------------------------------------------
 
-    def _rebalance(self, samples: list[Sample]) -> list[Sample]:
+    def _gather(self, samples: list[Sample]) -> list[Sample]:
+        """The global batch: every rank's samples, in rank order (the same list on every rank)."""
         if self.world == 1:
             return samples
         gathered: list[list[Sample]] = [None] * self.world  # type: ignore[list-item]
         dist.all_gather_object(gathered, samples)
-        everything = [s for part in gathered for s in part]
+        return [s for part in gathered for s in part]
+
+    def _share(self, everything: list[Sample]) -> list[Sample]:
+        """This rank's part of a global list of samples, balanced across ranks by token count."""
+        if self.world == 1:
+            return everything
         share = balance([input_length(s) for s in everything], self.world)[self.rank]
         return [everything[i] for i in share]
 
@@ -248,26 +286,50 @@ class Trainer:
         if self.world > 1:
             counts = counts.to(self.device)
             dist.all_reduce(counts)
+        num_seqs = max(float(counts[1]), 1.0)
+        budget = self.cfg.loss.max_response_tokens
         return Normalizer(
             num_tokens=max(float(counts[0]), 1.0),
-            num_seqs=max(float(counts[1]), 1.0),
+            num_seqs=num_seqs,
             seq_num_tokens_T=None,
-            constant=None,
+            constant=num_seqs * budget if self.cfg.loss.aggregation == "constant" else None,
         )
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
-        """One optimizer step on the global batch made of every rank's `samples`."""
-        local = self._rebalance(samples)
-        mbs = self._microbatches(local)
-        ref = self._ref_logprobs(local)
+        """`num_minibatches` x `epochs` optimizer updates on the global batch made of every rank's `samples`;
+        metrics are means over the updates (maxima for `*_max`; `tokens` counts the batch once)."""
+        cfg = self.cfg
+        everything = self._gather(samples)
+        # mini-batches are cut from the global batch, then balanced over ranks: the same updates on any world size
+        shares = [self._share(everything[i :: cfg.num_minibatches]) for i in range(cfg.num_minibatches)]
+        recompute = cfg.num_minibatches * cfg.epochs > 1 and cfg.old_logprobs == "recompute"
+        refs = [self._ref_logprobs(share) for share in shares]
+        olds = [self.compute_logprobs(share) if recompute else None for share in shares]  # before any update
+        updates = []
+        for _ in range(cfg.epochs):
+            for share, ref, old in zip(shares, refs, olds, strict=True):
+                updates.append(self._update(share, ref, old))
+        merged = {}
+        for key in dict.fromkeys(k for u in updates for k in u):
+            values = [u[key] for u in updates if key in u]
+            merged[key] = max(values) if key.endswith("_max") else sum(values) / len(values)
+        merged["tokens"] = sum(u["tokens"] for u in updates) / cfg.epochs
+        self.step += 1  # rollout batches trained on (the schedule counts optimizer updates)
+        return merged
+
+    def _update(self, samples: list[Sample], ref, old) -> dict[str, float]:
+        """One optimizer update on this rank's `samples` (every rank calls it together)."""
+        mbs = self._microbatches(samples)
         norm = self._normalizer(mbs)
-        mbs += self._padding_microbatches(len(mbs))
+        num_real = len(mbs)
+        mbs += self._padding_microbatches(num_real)
         totals: dict[str, float] = {}
         self._load_counts = None
         for i, mb in enumerate(mbs):
             if self.mesh is not None:
                 set_last_microbatch(self.model, self.cfg.parallel, last=i == len(mbs) - 1)
-            loss, metrics = self._microbatch_loss(mb, norm, ref, local)
+            real = i < num_real  # a padding pass has no sample of its own to look up
+            loss, metrics = self._microbatch_loss(mb, norm, ref if real else None, old if real else None, samples)
             loss.backward()  # a share of the global loss; FSDP sums the shares (grad_reduce "sum")
             weight = float(mb.mask_T.sum())
             for key, value in metrics.items():
@@ -279,7 +341,6 @@ class Trainer:
             totals["_tokens"] = totals.get("_tokens", 0.0) + weight
         step_metrics = optimizer_step(list(self.model.parameters()), self.optimizer, self.scheduler, self.cfg.optim)
         self.optimizer.zero_grad(set_to_none=True)  # the next step starts from clean gradients
-        self.step += 1
         return self._reduce_metrics(totals) | self._load_metrics() | {k: float(v) for k, v in step_metrics.items()}
 
     def _load_metrics(self) -> dict[str, float]:
@@ -304,32 +365,35 @@ class Trainer:
             if name.endswith("expert_bias")
         ]
 
-    def _microbatch_loss(self, mb: MicroBatch, norm: Normalizer, ref, samples: list[Sample]):
+    def _microbatch_loss(self, mb: MicroBatch, norm: Normalizer, ref, old, samples: list[Sample]):
         logprobs_T, entropy_T, out = self._forward_logprobs(self.model, mb, with_entropy=True, train=True)
+        if self.cfg.old_logprobs == "rollout":
+            old_T = mb.rollout_logprobs_T
+        else:
+            old_T = logprobs_T.detach() if old is None else self._token_aligned(mb, old, samples)
         moe_loss, moe_metrics = self._moe_terms(out, mb, norm)
         seq_tokens = torch.zeros(mb.num_seqs, device=self.device).index_add_(0, mb.seq_ids_T, mb.mask_T)
         norm.seq_num_tokens_T = seq_tokens[mb.seq_ids_T].clamp(min=1.0)
         inputs = LossInputs(
             logprobs_T=logprobs_T,
-            old_logprobs_T=logprobs_T.detach(),
+            old_logprobs_T=old_T,
             advantages_T=mb.advantages_T,
             mask_T=mb.mask_T,
             seq_ids_T=mb.seq_ids_T,
             num_seqs=mb.num_seqs,
             rollout_logprobs_T=mb.rollout_logprobs_T,
-            ref_logprobs_T=self._ref_tokens(mb, ref, samples),
+            ref_logprobs_T=None if ref is None else self._token_aligned(mb, ref, samples),
             entropy_T=entropy_T,
         )
         loss, metrics = policy_loss(inputs, self.cfg.loss, norm)
         return loss + moe_loss, metrics | moe_metrics
 
-    def _ref_tokens(self, mb: MicroBatch, ref, samples: list[Sample]) -> torch.Tensor | None:
-        if ref is None:
-            return None
+    def _token_aligned(self, mb: MicroBatch, per_sample: list[torch.Tensor], samples: list[Sample]) -> torch.Tensor:
+        """Per-sample response logprobs laid out on the micro-batch's packed target positions (0 elsewhere)."""
         parts = []
         for i in mb.sample_indices:
             pad = torch.zeros(len(samples[i].prompt_ids) - 1)
-            parts.append(torch.cat([pad, ref[i]]))
+            parts.append(torch.cat([pad, per_sample[i]]))
         return torch.cat(parts).to(self.device)
 
     def _reduce_metrics(self, totals: dict[str, float]) -> dict[str, float]:

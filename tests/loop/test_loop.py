@@ -81,6 +81,17 @@ def test_colocated_one_rank_learns_and_writes_everything(tmp_path):
     assert (run / "report" / "summary.md").is_file() and (run / "report" / "reward.png").is_file()
 
 
+def test_minibatch_updates_make_the_clip_act_in_a_run(tmp_path):
+    """`--trainer.num_minibatches 4`: four updates a step against the old policy fixed before the first, so
+    the ratio moves and the PPO clip acts (with one update a step the ratio is 1 and the clip never does)."""
+    extra = ["--steps", "2", "--trainer.num_minibatches", "4", "--trainer.optim.lr", "3e-2", "--checkpoints", "false"]
+    train(config(tmp_path / "run", *extra))
+    rows = rl_rows(tmp_path / "run")
+    assert len(rows) == 2
+    assert max(row["train/policy/clip_frac"] for row in rows) > 0
+    assert max(row["train/policy/ratio_max"] for row in rows) > 1.0
+
+
 def train_two_ranks(tmp_path: Path, *args: str) -> list[dict]:
     """`leagues train --nproc 2` on the easy objective (plus `args`); the RL steps' metrics."""
     leagues_cli("train", "--nproc", "2", *EASY, *args, "--run_dir", str(tmp_path / "run"))

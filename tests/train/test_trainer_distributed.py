@@ -35,7 +35,7 @@ CONFIG = {
 }
 
 
-def make_trainer(ep: int = 1) -> Trainer:
+def make_trainer(ep: int = 1, num_minibatches: int = 1) -> Trainer:
     model = Transformer(config_from_hf(CONFIG))
     model.init_weights(seed=0, std=0.2)
     model.set_moe_impl("reference")
@@ -44,6 +44,7 @@ def make_trainer(ep: int = 1) -> Trainer:
         optim=OptimConfig(lr=1e-2, grad_clip=0.05),
         parallel=ParallelConfig(ep=ep),
         max_tokens_per_microbatch=24,
+        num_minibatches=num_minibatches,
     )
     return Trainer(model, cfg)
 
@@ -52,18 +53,18 @@ def full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {name: t.clone() for bucket in trainer.state_dict_for_sync() for name, t in bucket}
 
 
-def _worker(rank: int, port: int, ep: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, ep: int, num_minibatches: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        trainer = make_trainer(ep)
+        trainer = make_trainer(ep, num_minibatches)
         samples = make_samples(12, seed=3)
         local = samples[rank::2]  # each rank brings its own half; the trainer rebalances by tokens
         metrics = trainer.train_step(local)
         params = full_params(trainer)
         if rank == 0:
-            torch.save({"params": params, "metrics": metrics}, os.path.join(out_dir, f"ep{ep}.pt"))
+            torch.save({"params": params, "metrics": metrics}, os.path.join(out_dir, "result.pt"))
         dist.barrier()  # neither rank tears the group down while the other still talks
     finally:
         dist.destroy_process_group()
@@ -76,12 +77,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("ep", [1, 2])
-def test_two_ranks_match_one_process(ep, tmp_path):
-    mp.spawn(_worker, args=(free_port(), ep, str(tmp_path)), nprocs=2, join=True)
-    got = torch.load(tmp_path / f"ep{ep}.pt")
-    single = make_trainer()
-    metrics = single.train_step(make_samples(12, seed=3))
+@pytest.mark.parametrize(("ep", "num_minibatches"), [(1, 1), (2, 1), (1, 3)])
+def test_two_ranks_match_one_process(ep, num_minibatches, tmp_path):
+    """Mini-batches are cut from the global batch in rank order, so one process given that order makes the
+    same updates."""
+    mp.spawn(_worker, args=(free_port(), ep, num_minibatches, str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / "result.pt")
+    single = make_trainer(num_minibatches=num_minibatches)
+    samples = make_samples(12, seed=3)
+    metrics = single.train_step(samples[0::2] + samples[1::2])
     want = full_params(single)
     assert set(got["params"]) == set(want)
     for name, tensor in want.items():
