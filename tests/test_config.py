@@ -197,3 +197,27 @@ def test_engine_weight_offload_needs_engine_sleep():
     assert cfg.engine_offload_weights and cfg.engine_sleep
     with pytest.raises(ValueError, match="engine_offload_weights"):
         apply_overrides(TrainConfig(), ["--engine_offload_weights", "true", "--engine_sleep", "false"])
+
+
+def test_each_run_setting_has_one_owner_and_the_written_config_round_trips(tmp_path):
+    """`TrainConfig.settle` hands top-level settings to the components; a conflicting component value is refused
+    naming both keys; the settled config written out and loaded back settles to the same config."""
+    from leagues.loop import TrainConfig
+
+    args = ["--rollout.temperature", "0.7", "--keep_last", "5", "--deterministic", "true"]
+    cfg = apply_overrides(TrainConfig(), [*args, "--rollout.max_response_len", "64"])
+    cfg.settle()
+    assert cfg.trainer.temperature == 0.7 and cfg.trainer.keep_last == 5
+    assert cfg.trainer.deterministic and cfg.engine.deterministic
+    assert cfg.trainer.loss.max_response_tokens == 64
+    dump_yaml(cfg, tmp_path / "config.yaml")
+    again = load_yaml(TrainConfig, tmp_path / "config.yaml")
+    again.settle()
+    assert to_dict(again) == to_dict(cfg)
+    for bad, match in (
+        (["--trainer.temperature", "0.5", "--rollout.temperature", "0.9"], "trainer.temperature: set by rollout"),
+        (["--trainer.keep_last", "7"], "trainer.keep_last: set by keep_last"),
+        (["--engine.deterministic", "true"], "set --deterministic"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            apply_overrides(TrainConfig(), bad).settle()

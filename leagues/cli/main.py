@@ -1,7 +1,7 @@
 """The `leagues` command: `leagues <verb> [--recipe NAME | --config run.yaml] [--dotted.key value ...]`.
 
 Where it sits: the top of the package; it may import everything. Each verb is a row in `VERBS`: its
-config class, the function that runs it, and, for verbs not built yet, the capability it awaits.
+config class and the function that runs it.
 
 Decisions:
 - A verb's config starts from its default recipe (if any) or the config class's defaults, from
@@ -43,10 +43,8 @@ from leagues.train.sft import SFTConfig
 @dataclass(frozen=True, slots=True)
 class Verb:
     summary: str
-    config_cls: type | None = None
-    run: Callable[[Any], int] | None = None
-    awaits: str = ""
-    """For verbs not built yet: the capability they wait for."""
+    config_cls: type
+    run: Callable[[Any], int]
     default_recipe: str | None = None
 
 
@@ -59,7 +57,6 @@ VERBS: dict[str, Verb] = {
     "eval": Verb(summary="accuracy of a model on a task or prompt file", config_cls=EvalVerbConfig, run=run_eval),
     "report": Verb(summary="plots and a summary of a run's metrics", config_cls=ReportConfig, run=run_report),
     "convert": Verb(summary="rewrite a checkpoint in HF format", config_cls=ConvertConfig, run=run_convert),
-    "bench": Verb(summary="benchmark the engine and trainer", awaits="the engine and trainer benchmarks"),
     "run": Verb(
         summary="the main job (`make run`): GRPO on the built-in arithmetic task with the tiny MoE",
         config_cls=TrainConfig,
@@ -93,8 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _description(name: str, verb: Verb) -> str:
-    if verb.run is None:
-        return f"{verb.summary}.\n\nNot built yet: `leagues {name}` awaits {verb.awaits}."
     default = f" Default recipe: {verb.default_recipe}." if verb.default_recipe else ""
     recipes = [n for n in sorted(RECIPES) if _fits(verb.config_cls, n)]
     return f"{verb.summary}.{default} Recipes: {', '.join(recipes) or 'none yet'}."
@@ -142,9 +137,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `leagues` console script; returns the exit status."""
     args, overrides = build_parser().parse_known_args(argv)
     verb = VERBS[args.verb]
-    if verb.run is None:
-        print(f"leagues {args.verb}: not built yet; it awaits {verb.awaits}", file=sys.stderr)
-        return 2
     try:  # every ValueError here is bad user input: a key, a value, a recipe or a config file
         cfg = resolve_config(args.verb, verb, args, overrides)
         if args.dump_config:

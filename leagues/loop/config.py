@@ -86,6 +86,7 @@ class TrainConfig:
     save_every: int = 0
     """Checkpoint every this many steps (and at the end); 0: only at the end."""
     keep_last: int = 2
+    """Checkpoints kept (the trainer's `keep_last` follows it)."""
     checkpoints: bool = True
     """Write checkpoints; off for throughput runs whose trainer state would not fit the disk (about 12 bytes
     a parameter: 370 GB for a 30B model)."""
@@ -135,3 +136,27 @@ class TrainConfig:
             raise ValueError("engine_offload_weights: expert-parallel engines keep their weights (peers use them)")
         if self.engine_offload_weights and not self.engine_sleep:
             raise ValueError("engine_offload_weights: the weights move out only while the engine sleeps (engine_sleep)")
+
+    def settle(self) -> None:
+        """Hand the settings this run owns to the components that use them, so each knob has one owner: the
+        trainer's temperature is the rollout's, its MoE settings the top-level `moe`, its `keep_last` the
+        top-level one, deterministic mode the top-level flag for engine and trainer alike, Dr.GRPO's budget the
+        rollout's `max_response_len` unless given. A component value set to something else is refused, naming
+        both keys; settling twice (a written config.yaml loaded back) changes nothing."""
+        trainer, defaults = self.trainer, TrainerConfig()
+        for name, owner, value, default in (
+            ("trainer.temperature", "rollout.temperature", self.rollout.temperature, defaults.temperature),
+            ("trainer.moe", "moe", self.moe, defaults.moe),
+            ("trainer.keep_last", "keep_last", self.keep_last, defaults.keep_last),
+        ):
+            current = getattr(trainer, name.split(".")[1])
+            if current not in (value, default):
+                raise ValueError(f"{name}: set by {owner} in an RL run ({current!r} against {value!r}); set --{owner}")
+        trainer.temperature, trainer.moe, trainer.keep_last = self.rollout.temperature, self.moe, self.keep_last
+        if (self.engine.deterministic or trainer.deterministic) and not self.deterministic:
+            raise ValueError("engine.deterministic / trainer.deterministic: set --deterministic, which sets both")
+        self.engine.deterministic = trainer.deterministic = self.deterministic
+        if trainer.loss.max_response_tokens is None:  # Dr.GRPO's divisor: the generation budget
+            trainer.loss.max_response_tokens = self.rollout.max_response_len
+        if self.moe.routing_replay == "rollout":  # the engine records what the trainer replays
+            self.rollout.return_routes = True

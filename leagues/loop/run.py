@@ -8,7 +8,7 @@ Decisions:
   (`prompts[rank::world]`), so the data position is one number for the whole job and resumes exactly.
   (With dynamic sampling on several ranks, ranks draw extra rounds independently and their positions
   drift apart; rank 0's position is the one checkpointed.)
-- The trainer computes logprobs at the rollout's temperature (set here, so the two can never disagree).
+- The trainer computes logprobs at the rollout's temperature (`TrainConfig.settle`, so the two never disagree).
 - The engine is built from the same checkpoint the trainer starts from, so step 0 needs no weight sync;
   after a resume the trainer's weights are pushed before the first rollout.
 - External engines (`engine_urls`) replace the in-process engine: rollout goes over HTTP, and weights reach
@@ -131,6 +131,7 @@ class Run:
     def build(cls, cfg: TrainConfig, is_trainer: bool = True, is_engine: bool = True) -> "Run":
         rank, world = rank_world()
         run_dir = resolve_run_dir(cfg)
+        cfg.settle()  # before the config is written: config.yaml is what runs
         run_dir.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             dump_yaml(cfg, run_dir / "config.yaml")
@@ -145,14 +146,6 @@ class Run:
             model_path = run_dir / "warm_start"
         tokenizer = load_tokenizer(model_path)
         train_data, held_out, reward = datasets(cfg, tokenizer, context_limit(cfg, model_path))
-        cfg.trainer.temperature = cfg.rollout.temperature
-        if cfg.trainer.loss.max_response_tokens is None:  # Dr.GRPO's divisor: the generation budget
-            cfg.trainer.loss.max_response_tokens = cfg.rollout.max_response_len
-        cfg.trainer.moe = cfg.moe
-        if cfg.deterministic:
-            cfg.trainer.deterministic = cfg.engine.deterministic = True
-        if cfg.moe.routing_replay == "rollout":  # the engine records what the trainer replays
-            cfg.rollout.return_routes = True
         alone = cfg.placement == "disaggregated"
         if is_trainer and not alone and torch.cuda.is_available():
             log(memory_note(cfg, model_path, world, torch.cuda.get_device_properties(0).total_memory))

@@ -32,14 +32,11 @@ def test_help_for_every_verb(verb, capsys):
     if VERBS[verb].config_cls is GenerateConfig:
         assert "--max_new_tokens int = 32" in out
         assert "Sampling temperature; 0 is greedy decoding." in out
-    if VERBS[verb].run is None:
-        assert "Not built yet" in out
 
 
-@pytest.mark.parametrize("verb", [name for name, verb in VERBS.items() if verb.run is None])
-def test_unbuilt_verbs_say_what_they_await(verb, capsys):
-    assert run_main([verb]) == 2
-    assert "not built yet; it awaits" in capsys.readouterr().err
+def test_every_verb_runs_something():
+    """No verb is listed that only says it is not built (`bench` was; the benchmarks live in `benchmarks/`)."""
+    assert "bench" not in VERBS and all(callable(verb.run) for verb in VERBS.values())
 
 
 def test_no_verb_is_a_usage_error():
