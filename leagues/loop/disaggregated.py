@@ -95,8 +95,11 @@ def trainer_loop(run: Run, sync: BroadcastSync, data_group, engines: list[int]) 
     for step in range(run.start_step, cfg.steps):
         with timer.section("wait_rollout"):
             messages = [recv_object(src=e, group=data_group) for e in engines]
+        for index, message in enumerate(messages):  # each engine numbers its groups from 0: keep them apart
+            for sample in message["samples"]:
+                sample.group_id = sample.group_id * len(messages) + index
         samples = trainable([s for m in messages for s in m["samples"]])
-        assign_advantages(samples, cfg)
+        assign_advantages(samples, cfg, gather=False)  # this rank alone holds the whole batch
         start = time.perf_counter()
         with timer.section("train"):
             train_metrics = run.trainer.train_step(samples)

@@ -121,12 +121,24 @@ def trainable(samples: list[Sample]) -> list[Sample]:
     return [s for s in samples if s.status != SampleStatus.FAILED and s.response_ids]
 
 
-def assign_advantages(samples: list[Sample], cfg: TrainConfig) -> None:
+def assign_advantages(samples: list[Sample], cfg: TrainConfig, gather: bool = True) -> None:
+    """Advantages over the global batch: with `gather`, every rank's rewards are gathered (groups numbered per
+    rank, so they stay apart), so batch statistics (REINFORCE++ whitening) are the global batch's, not each
+    rank's; every rank of the job calls it then."""
+    rows = [(s.reward, s.group_id) for s in samples]
+    rank, parts = 0, [rows]
+    if gather and dist.is_initialized() and dist.get_world_size() > 1:
+        rank, parts = dist.get_rank(), [None] * dist.get_world_size()
+        dist.all_gather_object(parts, rows)
     if not samples:
         return
-    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
-    groups = torch.tensor([s.group_id for s in samples])
-    for sample, adv in zip(samples, compute_advantages(rewards, groups, cfg.advantage).tolist(), strict=True):
+    rewards = torch.tensor([r for part in parts for r, _ in part], dtype=torch.float32)
+    groups = torch.tensor([(i, g) for i, part in enumerate(parts) for _, g in part]).unique(dim=0, return_inverse=True)[
+        1
+    ]
+    start = sum(len(part) for part in parts[:rank])
+    advantages = compute_advantages(rewards, groups, cfg.advantage)[start : start + len(samples)]
+    for sample, adv in zip(samples, advantages.tolist(), strict=True):
         sample.advantage = adv
 
 
