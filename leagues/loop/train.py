@@ -118,7 +118,9 @@ def sync_weights(run: Run, version: int) -> dict[str, float]:
 
 
 def trainable(samples: list[Sample]) -> list[Sample]:
-    return [s for s in samples if s.status != SampleStatus.FAILED and s.response_ids]
+    """Samples the trainer may learn from: not failed, not aborted (cut off by the engine, not the policy's
+    own ending: its advantage would score an answer it never finished), with a response."""
+    return [s for s in samples if s.status not in (SampleStatus.FAILED, SampleStatus.ABORTED) and s.response_ids]
 
 
 def assign_advantages(samples: list[Sample], cfg: TrainConfig, gather: bool = True) -> None:

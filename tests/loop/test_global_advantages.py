@@ -49,3 +49,16 @@ def test_two_ranks_equal_one_process_over_the_global_batch(name, tmp_path):
     torch.testing.assert_close(torch.tensor(got), torch.tensor([s.advantage for s in everything]))
     if name == "reinforce_pp":  # whitened over both ranks: rank 1's larger rewards are not its own mean 0
         assert abs(sum(got[12:])) > 1.0
+
+
+def test_failed_aborted_and_empty_samples_are_not_trained_on():
+    from leagues.loop.train import trainable
+    from leagues.types import SampleStatus
+
+    kept = Sample(prompt_ids=[1], response_ids=[2], status=SampleStatus.TRUNCATED)
+    left_out = [
+        Sample(prompt_ids=[1], response_ids=[2], status=SampleStatus.ABORTED),
+        Sample(prompt_ids=[1], response_ids=[2], status=SampleStatus.FAILED),
+        Sample(prompt_ids=[1], response_ids=[], status=SampleStatus.COMPLETED),
+    ]
+    assert trainable([kept, *left_out]) == [kept]
