@@ -186,8 +186,22 @@ def test_overrides_are_checked_together_so_their_order_does_not_matter():
     ):
         cfg = apply_overrides(TrainConfig(), args)
         assert (cfg.trainer.optim.schedule, cfg.trainer.optim.total_steps) == ("cosine", 50)
+    # without total_steps the run counts its own updates: steps x mini-batches x epochs
+    cfg = apply_overrides(TrainConfig(), ["--trainer.optim.schedule", "cosine", "--trainer.num_minibatches", "4"])
+    cfg.settle()
+    assert cfg.trainer.optim.total_steps == cfg.steps * 4
     with pytest.raises(ValueError, match="total_steps"):
-        apply_overrides(TrainConfig(), ["--trainer.optim.schedule", "cosine"])
+        apply_overrides(
+            TrainConfig(),
+            [
+                "--trainer.optim.schedule",
+                "cosine",
+                "--trainer.optim.total_steps",
+                "1",
+                "--trainer.optim.warmup_steps",
+                "5",
+            ],
+        )
 
 
 def test_engine_weight_offload_needs_engine_sleep():
@@ -221,3 +235,10 @@ def test_each_run_setting_has_one_owner_and_the_written_config_round_trips(tmp_p
     ):
         with pytest.raises(ValueError, match=match):
             apply_overrides(TrainConfig(), bad).settle()
+
+
+def test_options_a_placement_cannot_honour_are_refused():
+    from leagues.loop import TrainConfig
+
+    with pytest.raises(ValueError, match="eval.every"):
+        apply_overrides(TrainConfig(), ["--placement", "disaggregated", "--eval.every", "2"])

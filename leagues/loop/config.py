@@ -79,7 +79,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     obs: ObsConfig = field(default_factory=ObsConfig)
     steps: int = 10
-    """RL steps (one rollout batch, one optimizer step each)."""
+    """RL steps (one rollout batch each; `trainer.num_minibatches` x `trainer.epochs` optimizer updates each)."""
     seed: int = 0
     run_dir: str = ""
     """Where metrics, checkpoints, the resolved config and the report go; empty: runs/<time>."""
@@ -134,15 +134,18 @@ class TrainConfig:
             raise ValueError("engine_ep: expert-parallel engines are built by colocated runs (no engine_urls)")
         if self.engine_ep and self.engine_offload_weights:
             raise ValueError("engine_offload_weights: expert-parallel engines keep their weights (peers use them)")
+        if self.placement == "disaggregated" and self.eval.every:
+            raise ValueError("eval.every: held-out evaluation runs in colocated runs only (placement colocated)")
         if self.engine_offload_weights and not self.engine_sleep:
             raise ValueError("engine_offload_weights: the weights move out only while the engine sleeps (engine_sleep)")
 
     def settle(self) -> None:
         """Hand the settings this run owns to the components that use them, so each knob has one owner: the
         trainer's temperature is the rollout's, its MoE settings the top-level `moe`, its `keep_last` the
-        top-level one, deterministic mode the top-level flag for engine and trainer alike, Dr.GRPO's budget the
-        rollout's `max_response_len` unless given. A component value set to something else is refused, naming
-        both keys; settling twice (a written config.yaml loaded back) changes nothing."""
+        top-level one, deterministic mode the top-level flag for engine and trainer alike; unless given, the
+        schedule's `total_steps` is steps x updates per step and Dr.GRPO's budget `rollout.max_response_len`.
+        A component value set to something else is refused, naming both keys; settling twice (a written
+        config.yaml loaded back) changes nothing."""
         trainer, defaults = self.trainer, TrainerConfig()
         for name, owner, value, default in (
             ("trainer.temperature", "rollout.temperature", self.rollout.temperature, defaults.temperature),
@@ -156,6 +159,8 @@ class TrainConfig:
         if (self.engine.deterministic or trainer.deterministic) and not self.deterministic:
             raise ValueError("engine.deterministic / trainer.deterministic: set --deterministic, which sets both")
         self.engine.deterministic = trainer.deterministic = self.deterministic
+        if trainer.optim.total_steps == 0:  # the schedule counts optimizer updates
+            trainer.optim.total_steps = max(self.steps, 1) * trainer.num_minibatches * trainer.epochs
         if trainer.loss.max_response_tokens is None:  # Dr.GRPO's divisor: the generation budget
             trainer.loss.max_response_tokens = self.rollout.max_response_len
         if self.moe.routing_replay == "rollout":  # the engine records what the trainer replays

@@ -61,7 +61,8 @@ class OptimConfig:
     schedule: str = "constant"
     """Learning-rate schedule after warmup: "constant" or "cosine" (see SCHEDULES)."""
     total_steps: int = 0
-    """Steps at which the cosine schedule reaches `min_lr_ratio * lr` (required by "cosine")."""
+    """Optimizer updates at which the cosine schedule reaches `min_lr_ratio * lr`; 0: `leagues train` sets it to
+    steps x updates per step (a Trainer built directly needs it for "cosine")."""
     min_lr_ratio: float = 0.0
     """Final learning rate of the cosine schedule, as a fraction of `lr`."""
     grad_clip: float = 1.0
@@ -79,7 +80,7 @@ class OptimConfig:
                 raise ValueError(f"optim.{key}: must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
+        if self.schedule == "cosine" and 0 < self.total_steps <= self.warmup_steps:
             raise ValueError(
                 f"optim.total_steps: the cosine schedule needs total_steps > warmup_steps, "
                 f"got {self.total_steps} <= {self.warmup_steps}"
@@ -153,6 +154,8 @@ def build_optimizer(params: Iterable[torch.Tensor], cfg: OptimConfig) -> torch.o
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> LambdaLR:
     """The configured schedule as a `LambdaLR` (multiplier of each group's initial lr)."""
+    if cfg.schedule == "cosine" and cfg.total_steps == 0:
+        raise ValueError("optim.total_steps: the cosine schedule needs the number of optimizer updates")
     return LambdaLR(optimizer, functools.partial(SCHEDULES[cfg.schedule], cfg=cfg))
 
 

@@ -134,7 +134,7 @@ def test_skip_counter_survives_state_dict_round_trip():
     "kwargs, key",
     [
         ({"schedule": "linear"}, "optim.schedule"),
-        ({"schedule": "cosine", "total_steps": 0}, "optim.total_steps"),
+        ({"schedule": "cosine", "total_steps": 2, "warmup_steps": 3}, "optim.total_steps"),
         ({"lr": -1.0}, "optim.lr"),
         ({"min_lr_ratio": 2.0}, "optim.min_lr_ratio"),
         ({"fused": "yes"}, "optim.fused"),
@@ -143,3 +143,10 @@ def test_skip_counter_survives_state_dict_round_trip():
 def test_bad_config_raises_naming_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         OptimConfig(**kwargs)
+
+
+def test_cosine_without_total_steps_is_refused_when_the_schedule_is_built():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    cfg = OptimConfig(schedule="cosine")  # leagues train fills total_steps in; a direct build must not guess
+    with pytest.raises(ValueError, match="optim.total_steps"):
+        build_scheduler(build_optimizer(params, cfg), cfg)
