@@ -78,6 +78,13 @@ def test_print_and_dump_config_round_trip(tmp_path, capsys):
     assert yaml.safe_load(capsys.readouterr().out) == {**printed, "seed": 7}
 
 
+def test_print_config_of_a_train_run_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_main(["train", "--steps", "3", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["steps"] == 3
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_config_file_errors_name_file_and_line(tmp_path, capsys):
     bad = tmp_path / "run.yaml"
     bad.write_text("model: tiny-moe\nmax_new_tokens: 4\ntemprature: 0.5\n")
