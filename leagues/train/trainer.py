@@ -412,9 +412,9 @@ class Trainer:
             if self.world > 1 and keys:
                 dist.all_reduce(tensor, op=op)
             reduced.update(zip(keys, tensor.tolist(), strict=True))
-        tokens = max(reduced.pop("_tokens"), 1.0)
-        loss = reduced.pop("loss")
-        out = {k: (v if k in maxima else v / tokens) for k, v in reduced.items()}
+        tokens = reduced.pop("_tokens", 0.0)  # 0: a step with nothing to learn from (every sample failed)
+        loss = reduced.pop("loss", 0.0)
+        out = {k: (v if k in maxima else v / max(tokens, 1.0)) for k, v in reduced.items()}
         return out | {"loss": loss, "tokens": tokens}
 
     # --- weights out, checkpoints -------------------------------------------------------------------

@@ -123,3 +123,13 @@ def test_each_step_starts_from_clean_gradients():
     grads_second = grads_after_backward(trainer, second)
     for name, grad in grads_after_backward(fresh, second).items():
         assert torch.equal(grad, grads_second[name]), name
+
+
+def test_a_step_with_nothing_to_learn_from_leaves_the_weights():
+    """Every sample of a step failed (its reward raised, say): the step reports 0 tokens instead of crashing."""
+    trainer = Trainer("tiny-moe", TrainerConfig(optim=OptimConfig(lr=1e-2)))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    metrics = trainer.train_step([])
+    assert metrics["tokens"] == 0.0 and metrics["loss"] == 0.0
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param, before[name]), name
