@@ -29,14 +29,14 @@ from leagues.config import dump_yaml
 from leagues.engine import Engine
 from leagues.engine.client import EngineClient, HTTPClient, LocalClient
 from leagues.loop.config import TrainConfig
-from leagues.loop.warm_start import warm_start
+from leagues.loop.warm_start import warm_start, write_hf
 from leagues.model import load_tokenizer, read_config, resolve_model_path
 from leagues.obs import Sink, StepTimer, build_sinks
 from leagues.parallel import format_plan, trainer_memory
 from leagues.rollout import PromptDataset, PromptIterator, RewardConfig, RewardScorer, load_prompts, make_task
 from leagues.rollout.generate import GenerateContext, load_generate_fn
 from leagues.rollout.tasks import task_dataset
-from leagues.sync import DistributedWeightSender
+from leagues.sync import WEIGHT_SYNCS, DistributedWeightSender, WeightSync
 from leagues.train import Trainer
 from leagues.train.checkpoint import latest_checkpoint
 from leagues.types import SamplingParams
@@ -125,6 +125,8 @@ class Run:
     generate_fn: object = None
     peer_group: object = None
     """Expert-parallel engines: a CPU group the ranks wait on until every engine has finished its requests."""
+    weight_sync: WeightSync | None = None
+    """How the trainer's weights reach the engines each step (`leagues.sync.WEIGHT_SYNCS`), chosen at build."""
     _sender: DistributedWeightSender | None = None
 
     @classmethod
@@ -180,6 +182,7 @@ class Run:
         )
         if engine is not None and cfg.engine_ep and world > 1:
             run.peer_group = dist.new_group(backend="gloo")
+        run.weight_sync = WEIGHT_SYNCS[_sync_name(cfg, engine)].from_run(run)
         run.start_step = run.resume() if cfg.resume else 0
         resume_step = run.start_step if cfg.resume else None
         run.sinks = build_sinks(cfg.obs, run_dir, cfg.steps, resume_step=resume_step, rank=rank)
@@ -223,6 +226,10 @@ class Run:
             self._sender.init()
         return self._sender
 
+    def write_weights(self, trainer) -> Path:
+        """The trainer's weights as an HF checkpoint under the run directory (for engines that read the disk)."""
+        return write_hf(trainer, self.model_path, self.run_dir / "weights", self.tokenizer)
+
     def close(self) -> None:
         if self._sender is not None:
             self._sender.close()
@@ -254,6 +261,13 @@ def _engine(cfg: TrainConfig, model_path: Path, tokenizer, is_engine: bool):
         groups = dict(ep_group=dist.new_group(backend=backend), ep_control_group=dist.new_group(backend="gloo"))
     engine = Engine(model_path, tokenizer, cfg.engine, **groups)
     return engine, LocalClient(engine)
+
+
+def _sync_name(cfg: TrainConfig, engine) -> str:
+    """The weight transport: in place to this rank's engine, else `weight_sync` to the external engines."""
+    if engine is not None:
+        return "in_place"
+    return "disk" if cfg.weight_sync == "auto" else cfg.weight_sync
 
 
 def _read_extra(path: Path) -> dict:

@@ -29,9 +29,7 @@ import torch.distributed as dist
 
 from leagues.loop.config import TrainConfig
 from leagues.loop.run import Run, log
-from leagues.loop.warm_start import write_hf
 from leagues.rollout.generate import rollout
-from leagues.sync import push_in_place, update_from_disk
 from leagues.train import compute_advantages
 from leagues.types import Sample, SampleStatus, SamplingParams
 
@@ -94,27 +92,8 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
 
 
 def sync_weights(run: Run, version: int) -> dict[str, float]:
-    """The trainer's new weights into the engine: in place, or through disk for external engines."""
-    if run.engine is not None:
-        start = time.perf_counter()
-        dtype = run.engine.model.embed.weight.dtype  # gathered in the engine's dtype when the trainer computes in it
-        moved = push_in_place(run.trainer.state_dict_for_sync(dtype=dtype), run.engine, version=version)
-        seconds = time.perf_counter() - start
-        return {"sync/gb": moved / 1e9, "sync/gb_per_s": moved / 1e9 / seconds if seconds else 0.0}
-    if run.cfg.weight_sync == "distributed":
-        buckets = run.trainer.state_dict_for_sync()  # every trainer rank gathers; rank 0 sends
-        if run.rank == 0:
-            run.weight_sender().send(buckets, weight_version=version)
-        else:
-            for _ in buckets:
-                pass
-    elif run.cfg.weight_sync != "none":
-        path = write_hf(run.trainer, run.model_path, run.run_dir / "weights", run.tokenizer)
-        if run.rank == 0:
-            update_from_disk(run.cfg.engine_urls, path.resolve(), version)
-        if dist.is_initialized():
-            dist.barrier()
-    return {}
+    """The trainer's new weights into the engines, by the run's transport (`Run.weight_sync`)."""
+    return run.weight_sync.push(run.trainer, version)
 
 
 def trainable(samples: list[Sample]) -> list[Sample]:

@@ -1,5 +1,7 @@
 """Moving weights from the trainer to the engines.
 
+WEIGHT_SYNCS[name].from_run(run).push(trainer, version)            # an RL run's transport, chosen once
+
 push_in_place(trainer.state_dict_for_sync(), engine, version)      # colocated
 BroadcastSync(group, src).send(buckets, version) / .receive(engine)  # disaggregated, inside one job
 update_from_disk(engine_urls, checkpoint_dir, version)               # external engines, shared disk
@@ -13,5 +15,13 @@ sender.close()
 from leagues.sync.disk import update_from_disk
 from leagues.sync.distributed import DistributedWeightSender
 from leagues.sync.local import BroadcastSync, push_in_place
+from leagues.sync.transports import WEIGHT_SYNCS, WeightSync
 
-__all__ = ["BroadcastSync", "DistributedWeightSender", "push_in_place", "update_from_disk"]
+__all__ = [
+    "WEIGHT_SYNCS",
+    "BroadcastSync",
+    "DistributedWeightSender",
+    "WeightSync",
+    "push_in_place",
+    "update_from_disk",
+]

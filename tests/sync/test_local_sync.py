@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from leagues.engine import Engine, SamplingParams
 from leagues.model import resolve_model_path, write_tiny_moe
-from leagues.sync import BroadcastSync, push_in_place
+from leagues.sync import WEIGHT_SYNCS, BroadcastSync
 from leagues.train import LossConfig, OptimConfig, Trainer, TrainerConfig
 from leagues.types import Sample
 from tests.sync.test_distributed import free_port
@@ -34,8 +34,8 @@ def test_in_place_sync_engine_logprobs_equal_trainer_logprobs():
         assert version == 0
         batch = [Sample(prompt_ids=PROMPT, response_ids=tokens_before, advantage=-1.0) for _ in range(4)]
         trainer.train_step(batch)  # push the greedy answer's probability down: the weights change
-        moved = push_in_place(trainer.state_dict_for_sync(), engine, version=1)
-        assert moved > 0
+        metrics = WEIGHT_SYNCS["in_place"](engine).push(trainer, version=1)  # the RL loop's transport
+        assert metrics["sync/gb"] > 0
         tokens, logprobs, version = _engine_logprobs(engine)
         assert version == 1
         want = trainer.compute_logprobs([Sample(prompt_ids=PROMPT, response_ids=tokens)])[0]
@@ -82,3 +82,8 @@ def test_broadcast_sync_lands_the_sent_weights(tmp_path):
         reference.close()
     assert tokens == want_tokens
     torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(want_logprobs), rtol=0, atol=1e-6)
+
+
+def test_every_weight_sync_is_registered_and_frozen_engines_get_nothing():
+    assert set(WEIGHT_SYNCS) == {"in_place", "distributed", "disk", "none"}
+    assert WEIGHT_SYNCS["none"]().push(trainer=None, version=3) == {}

@@ -1,0 +1,108 @@
+"""How an RL run moves its trainer's weights to its engines each step: one `WeightSync`, chosen once by name.
+
+    sync = WEIGHT_SYNCS[name].from_run(run)    # in_place, distributed, disk or none
+    metrics = sync.push(trainer, version)       # every trainer rank calls it after each step
+
+Where it sits: the loop builds the transport when the run is built and calls `push` after every training
+step. `from_run` reads only what a run has (`engine`, `rank`, `cfg.engine_urls`, `weight_sender()`,
+`write_weights()`), so this package imports nothing of the loop. Disaggregated runs, whose engines receive
+inside the same job, use `BroadcastSync` (`leagues.sync.local`).
+
+- in_place: the colocated engine of this rank; buckets gathered in the engine's dtype, copied in place.
+- distributed: SGLang's weight-update group to external engines (rank 0 sends; the other trainer ranks still
+  gather, since the gathers are collective).
+- disk: an HF checkpoint written to a shared disk, then `update_weights_from_disk` on every engine.
+- none: frozen engines (evaluation of a fixed policy, or engines updated by other means).
+"""
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch.distributed as dist
+
+from leagues.sync.disk import update_from_disk
+from leagues.sync.local import push_in_place
+
+
+class WeightSync(Protocol):
+    def push(self, trainer, version: int) -> dict[str, float]:
+        """Send the trainer's current weights as `version`; returns metrics (`sync/...`)."""
+        ...
+
+
+WEIGHT_SYNCS: dict[str, Any] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    def add(cls: type) -> type:
+        WEIGHT_SYNCS[name] = cls
+        return cls
+
+    return add
+
+
+@register("in_place")
+class InPlaceSync:
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_run(cls, run) -> "InPlaceSync":
+        return cls(run.engine)
+
+    def push(self, trainer, version: int) -> dict[str, float]:
+        start = time.perf_counter()
+        dtype = self.engine.model.embed.weight.dtype  # gathered in the engine's dtype when the trainer computes in it
+        moved = push_in_place(trainer.state_dict_for_sync(dtype=dtype), self.engine, version=version)
+        seconds = time.perf_counter() - start
+        return {"sync/gb": moved / 1e9, "sync/gb_per_s": moved / 1e9 / seconds if seconds else 0.0}
+
+
+@register("distributed")
+class DistributedSync:
+    def __init__(self, sender: Callable[[], Any], rank: int) -> None:
+        self.sender, self.rank = sender, rank
+        """`sender()`: the `DistributedWeightSender`, made on first use (rank 0 only)."""
+
+    @classmethod
+    def from_run(cls, run) -> "DistributedSync":
+        return cls(run.weight_sender, run.rank)
+
+    def push(self, trainer, version: int) -> dict[str, float]:
+        buckets = trainer.state_dict_for_sync()  # every trainer rank gathers; rank 0 sends
+        if self.rank == 0:
+            self.sender().send(buckets, weight_version=version)
+        else:
+            for _ in buckets:
+                pass
+        return {}
+
+
+@register("disk")
+class DiskSync:
+    def __init__(self, write: Callable[[Any], Any], urls: list[str], rank: int) -> None:
+        self.write, self.urls, self.rank = write, urls, rank
+        """`write(trainer)`: the path of an HF checkpoint of the trainer's weights, on a disk the engines read."""
+
+    @classmethod
+    def from_run(cls, run) -> "DiskSync":
+        return cls(run.write_weights, list(run.cfg.engine_urls), run.rank)
+
+    def push(self, trainer, version: int) -> dict[str, float]:
+        path = self.write(trainer)
+        if self.rank == 0:
+            update_from_disk(self.urls, path.resolve(), version)
+        if dist.is_initialized():
+            dist.barrier()
+        return {}
+
+
+@register("none")
+class FrozenSync:
+    @classmethod
+    def from_run(cls, run) -> "FrozenSync":
+        return cls()
+
+    def push(self, trainer, version: int) -> dict[str, float]:
+        return {}
