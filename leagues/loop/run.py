@@ -131,27 +131,17 @@ class Run:
 
     @classmethod
     def build(cls, cfg: TrainConfig, is_trainer: bool = True, is_engine: bool = True) -> "Run":
+        """The run's parts, each from its own builder; user input (config, data, reward) is checked before any
+        model is built or trained."""
         rank, world = rank_world()
-        run_dir = resolve_run_dir(cfg)
-        cfg.settle()  # before the config is written: config.yaml is what runs
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            dump_yaml(cfg, run_dir / "config.yaml")
+        run_dir = _prepare_run_dir(cfg, rank)
         torch.manual_seed(cfg.seed)
-        model_path = resolve_model_path(cfg.model)
-        if cfg.warm_start.steps:
-            alone = cfg.placement == "disaggregated"
-            if is_trainer:
-                warm_start(cfg, model_path, run_dir, log=log, alone=alone)
-            if alone:
-                dist.barrier()  # engine ranks wait for the trainer's warm start
-            model_path = run_dir / "warm_start"
-        tokenizer = load_tokenizer(model_path)
-        train_data, held_out, reward = datasets(cfg, tokenizer, context_limit(cfg, model_path))
-        alone = cfg.placement == "disaggregated"
-        if is_trainer and not alone and torch.cuda.is_available():
-            log(memory_note(cfg, model_path, world, torch.cuda.get_device_properties(0).total_memory))
-        trainer = Trainer(model_path, cfg.trainer, alone=alone) if is_trainer else None
+        base = resolve_model_path(cfg.model)
+        tokenizer = load_tokenizer(base)  # a warm start keeps the base model's tokenizer
+        train_data, held_out, reward = datasets(cfg, tokenizer, context_limit(cfg, base))
+        scorer = RewardScorer(reward)  # a reward that cannot load fails here, not after the warm start
+        model_path = _warm_started(cfg, base, run_dir, is_trainer)
+        trainer = _trainer(cfg, model_path, world) if is_trainer else None
         engine, client = _engine(cfg, model_path, tokenizer, is_engine)
         params = SamplingParams(
             temperature=cfg.rollout.temperature,
@@ -168,7 +158,7 @@ class Run:
             tokenizer=tokenizer,
             prompts=PromptIterator(train_data, seed=cfg.data.seed + cfg.seed, shuffle=cfg.data.shuffle),
             held_out=held_out,
-            scorer=RewardScorer(reward),
+            scorer=scorer,
             trainer=trainer,
             engine=engine,
             client=client,
@@ -261,6 +251,35 @@ def _engine(cfg: TrainConfig, model_path: Path, tokenizer, is_engine: bool):
         groups = dict(ep_group=dist.new_group(backend=backend), ep_control_group=dist.new_group(backend="gloo"))
     engine = Engine(model_path, tokenizer, cfg.engine, **groups)
     return engine, LocalClient(engine)
+
+
+def _prepare_run_dir(cfg: TrainConfig, rank: int) -> Path:
+    """The run directory, with the settled config written to it (`config.yaml` is what runs)."""
+    run_dir = resolve_run_dir(cfg)
+    cfg.settle()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        dump_yaml(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def _warm_started(cfg: TrainConfig, base: Path, run_dir: Path, is_trainer: bool) -> Path:
+    """The model the RL steps start from: `base`, or the SFT warm start of it (made by the trainer ranks)."""
+    if not cfg.warm_start.steps:
+        return base
+    alone = cfg.placement == "disaggregated"
+    if is_trainer:
+        warm_start(cfg, base, run_dir, log=log, alone=alone)
+    if alone:
+        dist.barrier()  # engine ranks wait for the trainer's warm start
+    return run_dir / "warm_start"
+
+
+def _trainer(cfg: TrainConfig, model_path: Path, world: int) -> Trainer:
+    alone = cfg.placement == "disaggregated"
+    if not alone and torch.cuda.is_available():
+        log(memory_note(cfg, model_path, world, torch.cuda.get_device_properties(0).total_memory))
+    return Trainer(model_path, cfg.trainer, alone=alone)
 
 
 def _sync_name(cfg: TrainConfig, engine) -> str:

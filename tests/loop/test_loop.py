@@ -92,6 +92,13 @@ def test_minibatch_updates_make_the_clip_act_in_a_run(tmp_path):
     assert max(row["train/policy/ratio_max"] for row in rows) > 1.0
 
 
+def test_a_bad_reward_is_reported_before_the_warm_start(tmp_path):
+    cfg = config(tmp_path / "run", "--reward.name", f"{REWARDS}:no_such_reward")
+    with pytest.raises(ValueError, match="no_such_reward"):
+        train(cfg)
+    assert not (tmp_path / "run" / "warm_start").exists()
+
+
 def train_two_ranks(tmp_path: Path, *args: str) -> list[dict]:
     """`leagues train --nproc 2` on the easy objective (plus `args`); the RL steps' metrics."""
     leagues_cli("train", "--nproc", "2", *EASY, *args, "--run_dir", str(tmp_path / "run"))
