@@ -4,8 +4,8 @@
     GET  /health_generate             a 1-token generation (503 if it fails or takes over 20 s)
     GET  /get_model_info              model_path, is_generation, max_model_len, weight_version, ...
     GET  /get_server_info             weight_version (int), engine config, stats, served model
-    POST /flush_cache                 drop the prefix cache
-    POST /abort_request               {"rid": ...} or {"abort_all": true}
+    POST /flush_cache                 drop the prefix cache                                             [admin]
+    POST /abort_request               {"rid": ...} or {"abort_all": true} (abort_all: [admin])
     POST /update_weights_from_disk    {"model_path": dir, "weight_version"?}: safetensors in HF names   [admin]
     POST /release_memory_occupation   engine.sleep() (tags: kv_cache, weights)                          [admin]
     POST /resume_memory_occupation    engine.wake()                                                     [admin]
@@ -114,6 +114,8 @@ async def abort_request(req: AbortRequest, request: Request):
     state = state_of(request)
     if not req.rid and not req.abort_all:
         raise APIError(422, "rid: give a request id, or abort_all: true", param="rid")
+    if req.abort_all and not request.scope.get("leagues_admin", True):
+        raise APIError(403, "abort_all: needs the admin key", param="abort_all", kind="permission_error")
     rids = list(state.in_flight) if req.abort_all else [req.rid]
     for rid in rids:
         state.engine.abort(rid)

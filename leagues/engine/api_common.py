@@ -3,8 +3,8 @@ request's engine requests (see `server.py` for the decisions behind them)."""
 
 import asyncio
 import contextlib
-import itertools
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
@@ -44,13 +44,12 @@ class ServerState:
     model_path: str
     served_model_name: str
     in_flight: set[str] = field(default_factory=set)
-    ids: itertools.count = field(default_factory=itertools.count)
     started: float = field(default_factory=time.time)
     weight_receiver: object | None = None
     """`remote_weights.WeightReceiver`, made by the first weight-group route."""
 
     def new_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self.ids)}-{int(self.started) % 100000}"
+        return f"{prefix}-{secrets.token_hex(8)}"  # unguessable: a client can abort only the ids it was given
 
 
 def state_of(request: Request) -> ServerState:

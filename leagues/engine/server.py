@@ -15,9 +15,11 @@ Decisions:
   the field (dotted, `sampling_params.temperature`); engine `ValueError`s (prompt too long, token id out
   of the vocabulary, duplicate rid) are 400; 5xx is left for real server faults.
 - Security: with `api_key`, every route but `/health` needs `Authorization: Bearer <key>` (401); with
-  `admin_key`, the weight and memory routes need it (403 for any other key, the plain one included),
-  and the admin key also opens every other route. Keys are compared in constant time. Bodies are capped
-  at `max_request_bytes` (413), counted as they arrive, whatever Content-Length says. Nothing received
+  `admin_key`, the weight, memory and cache routes need it (403 for any other key, the plain one included),
+  as does `/abort_request` with `abort_all`, and the admin key also opens every other route. Request ids
+  the server makes are random, so no client can guess another's to abort it. Keys are compared in constant
+  time. Bodies are capped at `max_request_bytes` (413), counted as they arrive, whatever Content-Length
+  says. Nothing received
   is unpickled or executed: weights come from safetensors files or (elsewhere) NCCL.
 - Middleware is plain ASGI (not `BaseHTTPMiddleware`), so streamed responses are not buffered.
 - Streaming: the engine calls `on_token` on its thread for every sampled token; `Batch` hops each call
@@ -51,6 +53,7 @@ ADMIN_PATHS = frozenset(
         "/destroy_weights_update_group",
         "/release_memory_occupation",
         "/resume_memory_occupation",
+        "/flush_cache",
     }
 )
 
@@ -93,6 +96,7 @@ class AuthMiddleware:
             return await _send_error(send, 403, "this endpoint needs the admin key", "permission_error")
         if not plain_ok:
             return await self._unauthorized(send)
+        scope["leagues_admin"] = self.admin_key is None or admin_ok  # routes with admin-only options read it
         return await self.app(scope, receive, send)
 
     async def _unauthorized(self, send) -> None:

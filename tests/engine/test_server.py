@@ -267,6 +267,12 @@ def test_auth(secured):
         assert httpx.post(secured + path, json={}).status_code == 401
     assert httpx.post(secured + "/release_memory_occupation", headers=admin, timeout=30).json()["success"]
     assert httpx.post(secured + "/resume_memory_occupation", headers=admin, timeout=30).json()["success"]
+    # cache flushes and aborting everyone's requests are admin work; aborting one's own request is not
+    assert httpx.post(secured + "/flush_cache", headers=plain).status_code == 403
+    assert httpx.post(secured + "/flush_cache", headers=admin, timeout=30).json()["success"]
+    assert httpx.post(secured + "/abort_request", json={"abort_all": True}, headers=plain).status_code == 403
+    assert httpx.post(secured + "/abort_request", json={"abort_all": True}, headers=admin).status_code == 200
+    assert httpx.post(secured + "/abort_request", json={"rid": "mine"}, headers=plain).status_code == 200
     client = openai.OpenAI(base_url=secured + "/v1", api_key="wrong")
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
