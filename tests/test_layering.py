@@ -31,10 +31,13 @@ ALLOWED: dict[str, frozenset[str]] = {
     "train": frozenset({"model", "kernels", "parallel"}),
     "sync": frozenset({"model"}),
     "rollout": frozenset({"engine.client"}),  # the engine client protocol only, never the engine itself
+    "agent": frozenset({"rollout", "engine.client"}),
     # "Everything above" in the table: the loop composes all packages but is itself driven by cli/recipes.
-    "loop": frozenset({"model", "kernels", "parallel", "engine", "train", "sync", "rollout", "obs"}),
+    "loop": frozenset({"model", "kernels", "parallel", "engine", "train", "sync", "rollout", "agent", "obs"}),
     "obs": frozenset(),
-    "recipes": frozenset({"model", "kernels", "parallel", "engine", "train", "sync", "rollout", "loop", "obs"}),
+    "recipes": frozenset(
+        {"model", "kernels", "parallel", "engine", "train", "sync", "rollout", "agent", "loop", "obs"}
+    ),
     "cli": EVERYTHING,
 }
 # DESIGN.md says these import nothing; config (which itself imports nothing) is their only exception.
