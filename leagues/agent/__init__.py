@@ -4,5 +4,6 @@ from leagues.agent import Ledger, Termination
 """
 
 from leagues.agent.ledger import Ledger, LedgerError, Termination
+from leagues.agent.render import ChatRender
 
 __all__ = ["Ledger", "LedgerError", "Termination"]
