@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from leagues.loop.config import TrainConfig
 from leagues.loop.run import Run, log
-from leagues.loop.train import assign_advantages, finish, maybe_save, merge_parts, trainable
+from leagues.loop.train import assign_advantages, finish, maybe_save, merge_parts, report_failures, trainable
 from leagues.rollout.generate import rollout
 from leagues.sync import BroadcastSync
 
@@ -98,6 +98,7 @@ def trainer_loop(run: Run, sync: BroadcastSync, data_group, engines: list[int]) 
         for index, message in enumerate(messages):  # each engine numbers its groups from 0: keep them apart
             for sample in message["samples"]:
                 sample.group_id = sample.group_id * len(messages) + index
+        report_failures([s for m in messages for s in m["samples"]], step, run.rank)
         samples = trainable([s for m in messages for s in m["samples"]])
         assign_advantages(samples, cfg, gather=False)  # this rank alone holds the whole batch
         start = time.perf_counter()

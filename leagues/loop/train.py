@@ -73,6 +73,7 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
         )
     )
     run.wait_for_peers()
+    report_failures(result.samples, step, run.rank)
     samples = trainable(result.samples)
     assign_advantages(samples, cfg)
     sleep = run.engine is not None and torch.cuda.is_available() and cfg.engine_sleep
@@ -94,6 +95,18 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
 def sync_weights(run: Run, version: int) -> dict[str, float]:
     """The trainer's new weights into the engines, by the run's transport (`Run.weight_sync`)."""
     return run.weight_sync.push(run.trainer, version)
+
+
+def report_failures(samples: list[Sample], step: int, rank: int) -> None:
+    """Say on the console when samples failed (a reward that raised or timed out, a generation error), with the
+    first error: the run goes on, but a reward that fails every time should not look like a reward of 0."""
+    failed = [s for s in samples if s.status == SampleStatus.FAILED]
+    if failed:
+        first = failed[0].metadata.get("error", "no message")
+        print(
+            f"step {step + 1}: {len(failed)} of {len(samples)} samples failed on rank {rank}; first: {first}",
+            flush=True,
+        )
 
 
 def trainable(samples: list[Sample]) -> list[Sample]:

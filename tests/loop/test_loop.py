@@ -205,11 +205,13 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     assert [comparable(r) for r in resumed] == [comparable(r) for r in whole]
 
 
-def test_failing_reward_is_contained(tmp_path):
+def test_failing_reward_is_contained(tmp_path, capsys):
     history = train(config(tmp_path / "run", "--reward.name", f"{REWARDS}:flaky", "--steps", "2"))
     assert len(history) == 2
     assert sum(row["rollout/failed"] for row in history) > 0  # counted, not fatal
     assert all(math.isfinite(row["train/loss"]) for row in history)
+    out = capsys.readouterr().out  # and said, with the reward's own error
+    assert "samples failed on rank 0" in out and "this reward is broken for answers starting with 1" in out
 
 
 @pytest.mark.slow
