@@ -242,3 +242,5 @@ def test_options_a_placement_cannot_honour_are_refused():
 
     with pytest.raises(ValueError, match="eval.every"):
         apply_overrides(TrainConfig(), ["--placement", "disaggregated", "--eval.every", "2"])
+    with pytest.raises(ValueError, match="save_every: must be >= 0"):
+        apply_overrides(TrainConfig(), ["--save_every", "-1"])

@@ -124,6 +124,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement: expected one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every: must be >= 0 (0: only at the end), got {self.save_every}")
         if self.steps < 0:
             raise ValueError(f"steps: must be >= 0, got {self.steps}")
         if self.weight_sync not in ("auto", "disk", "distributed", "none"):

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leagues.model import load_tokenizer, save_pretrained
+from leagues.model import load_tokenizer, read_config, resolve_model_path, save_pretrained
 from leagues.train.losses import LossConfig
 from leagues.train.trainer import Trainer, TrainerConfig
 from leagues.types import Sample
@@ -37,6 +37,11 @@ class SFTConfig:
     """Ranks to start on this node (`torchrun` underneath); FSDP2 shards the model over them."""
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(loss=LossConfig(policy_loss="reinforce")))
 
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "nproc"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
 
 def read_pairs(path: str, prompt_key: str, response_key: str) -> list[tuple[str, str]]:
     """(prompt, response) pairs; a malformed line raises naming file, line and field."""
@@ -54,12 +59,18 @@ def read_pairs(path: str, prompt_key: str, response_key: str) -> list[tuple[str,
             if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key]:
                 raise ValueError(f"{path}:{lineno}: field {key!r} must be a non-empty string")
         pairs.append((row[prompt_key], row[response_key]))
+    if not pairs:
+        raise ValueError(f"{path}: no prompt/response pairs (the file is empty)")
     return pairs
 
 
-def make_samples(tokenizer, pairs: list[tuple[str, str]], chat: bool) -> list[Sample]:
+def make_samples(
+    tokenizer, pairs: list[tuple[str, str]], chat: bool, max_len: int | None = None, where=lambda i: f"pair {i + 1}"
+) -> list[Sample]:
+    """Token ids of each pair (the response ends with eos); a pair longer than `max_len` tokens (the model's
+    context) raises naming it (`where(index)`: its file and line, say)."""
     samples = []
-    for prompt, response in pairs:
+    for index, (prompt, response) in enumerate(pairs):
         if chat and getattr(tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": prompt}]
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -67,15 +78,27 @@ def make_samples(tokenizer, pairs: list[tuple[str, str]], chat: bool) -> list[Sa
         response_ids = tokenizer.encode(response, add_special_tokens=False)
         if tokenizer.eos_token_id is not None:
             response_ids.append(tokenizer.eos_token_id)
+        if max_len is not None and len(prompt_ids) + len(response_ids) > max_len:
+            raise ValueError(
+                f"{where(index)}: {len(prompt_ids) + len(response_ids)} tokens, over the model's context of {max_len}"
+            )
         samples.append(Sample(prompt_ids=prompt_ids, response_ids=response_ids, advantage=1.0))
     return samples
 
 
+def _pair_lines(path: str) -> list[int]:
+    """The line number of each pair of a JSONL file (`read_pairs` skips blank lines)."""
+    return [n for n, line in enumerate(Path(path).read_text().splitlines(), start=1) if line.strip()]
+
+
 def run_sft(cfg: SFTConfig, log=print) -> list[float]:
-    """Train; returns the loss of every step."""
-    trainer = Trainer(cfg.model, cfg.trainer)
-    tokenizer = load_tokenizer(trainer.model_path)
-    samples = make_samples(tokenizer, read_pairs(cfg.data, cfg.prompt_key, cfg.response_key), cfg.chat)
+    """Train; returns the loss of every step. The data is read and checked before the model is built."""
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    pairs, lines = read_pairs(cfg.data, cfg.prompt_key, cfg.response_key), _pair_lines(cfg.data)
+    where = lambda i: f"{cfg.data}:{lines[i]}"  # noqa: E731
+    samples = make_samples(tokenizer, pairs, cfg.chat, read_config(model_path).max_seq_len, where)
+    trainer = Trainer(model_path, cfg.trainer)
     rng = random.Random(cfg.seed)
     losses = []
     for epoch in range(cfg.epochs):

@@ -95,6 +95,19 @@ def test_sft_bad_line_names_file_line_field(tmp_path):
         run_sft(SFTConfig(data=str(data)), log=lambda _: None)
 
 
+def test_sft_input_errors_come_before_training_and_name_the_place(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="no prompt/response pairs"):
+        run_sft(SFTConfig(data=str(empty)), log=lambda _: None)
+    long = tmp_path / "long.jsonl"
+    long.write_text('{"prompt": "a", "response": "b"}\n\n' + json.dumps({"prompt": "x" * 5000, "response": "y"}) + "\n")
+    with pytest.raises(ValueError, match=r"long.jsonl:3: \d+ tokens, over the model's context of 2048"):
+        run_sft(SFTConfig(data=str(long)), log=lambda _: None)
+    with pytest.raises(ValueError, match="epochs: must be >= 1"):
+        SFTConfig(data=str(long), epochs=0)
+
+
 def test_trainer_save_load_and_convert_export(tmp_path):
     from leagues.cli.main import main
 
