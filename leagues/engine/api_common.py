@@ -74,6 +74,10 @@ class _Tracker:
                 self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
+MAX_SEQUENCES = 4096
+"""Sequences one HTTP request may start (prompts x n)."""
+
+
 class Batch:
     """The engine requests of one HTTP request: one per prompt, each with `params.n` samples.
 
@@ -84,6 +88,10 @@ class Batch:
     def __init__(
         self, state: ServerState, prompts: list, params: SamplingParams, rids: list[str], stream: bool, field: str
     ):
+        if len(prompts) * params.n > MAX_SEQUENCES:  # n alone is capped; a batch of prompts times n is too
+            raise APIError(
+                400, f"{field}: {len(prompts)} prompts x n {params.n} is over {MAX_SEQUENCES} sequences", param=field
+            )
         self.state, self.params, self.rids = state, params, rids
         self.start = time.monotonic()
         loop = asyncio.get_running_loop()

@@ -17,7 +17,8 @@ Decisions:
 - Security: with `api_key`, every route but `/health` needs `Authorization: Bearer <key>` (401); with
   `admin_key`, the weight, memory and cache routes need it (403 for any other key, the plain one included),
   as does `/abort_request` with `abort_all`, and the admin key also opens every other route. Request ids
-  the server makes are random, so no client can guess another's to abort it. Keys are compared in constant
+  the server makes are random, so no client can guess another's to abort it. One request starts at most
+  4,096 sequences (prompts x n). Keys are compared in constant
   time. Bodies are capped at `max_request_bytes` (413), counted as they arrive, whatever Content-Length
   says. Nothing received
   is unpickled or executed: weights come from safetensors files or (elsewhere) NCCL.

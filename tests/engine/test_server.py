@@ -252,6 +252,14 @@ def test_malformed_json_and_huge_body(open_url):
     assert r.status_code == 413
 
 
+def test_a_small_body_cannot_start_a_flood_of_sequences(open_url):
+    """n is capped, and so is prompts x n: 3,000 prompts x n 64 would be 192,000 sequences from a 32 KB body."""
+    body = {"input_ids": [[5, 6]] * 3000, "sampling_params": {"n": 64, "max_new_tokens": 1}}
+    r = httpx.post(open_url + "/generate", json=body, timeout=30)
+    assert r.status_code == 400 and "over 4096 sequences" in r.text
+    assert httpx.get(open_url + "/health").status_code == 200
+
+
 # --- auth and weights ------------------------------------------------------------------------------
 
 
