@@ -73,14 +73,18 @@ _PAIRWISE_MAX_ROWS = 2048
 """Up to this many (token, expert) pairs (decode-sized batches) the order is counted pairwise, not sorted."""
 
 
-def expert_order(ids_N: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def expert_order(
+    ids_N: torch.Tensor, num_experts: int, pairwise: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The stable sort of pairs by expert, as (order_N, inverse_N, offs_E int32 cumulative rows per expert),
-    without a host sync. Few pairs: each pair's rank among the earlier pairs of its expert is counted from
+    without a host sync. Few pairs on CUDA: each pair's rank among the earlier pairs of its expert is counted from
     an [N, N] comparison, a couple of fused kernels where a GPU sort of int64 keys costs tens of
-    microseconds; the permutation is the stable sort's, bit for bit."""
+    microseconds; the permutation is the stable sort's, bit for bit. `pairwise`: force one way (tests)."""
     num_rows = ids_N.shape[0]
     arange_N = torch.arange(num_rows, device=ids_N.device)
-    if num_rows > _PAIRWISE_MAX_ROWS:
+    if pairwise is None:  # on the CPU a sort is cheap and N x N is not
+        pairwise = ids_N.is_cuda and num_rows <= _PAIRWISE_MAX_ROWS
+    if not pairwise:
         sorted_ids_N, order_N = torch.sort(ids_N, stable=True)
         inverse_N = torch.empty_like(order_N).scatter_(0, order_N, arange_N)
         # Cumulative rows per expert without a host sync (bincount on CUDA reads its max back).

@@ -272,10 +272,12 @@ def test_packed_attention_grouped_by_length_equals_per_sequence_reference():
 
 @pytest.mark.parametrize(("num_rows", "num_experts"), [(0, 8), (1, 8), (37, 5), (512, 64), (2048, 64), (3000, 64)])
 def test_expert_order_is_the_stable_sort_by_expert(num_rows, num_experts):
-    """Counted pairwise (decode-sized) or sorted (larger), the order is a stable sort's, bit for bit."""
+    """Counted pairwise (decode-sized batches on CUDA) or sorted, the order is a stable sort's, bit for bit."""
     ids_N = torch.randint(0, num_experts, (num_rows,), generator=torch.Generator().manual_seed(num_rows))
     sorted_ids_N, want_order_N = torch.sort(ids_N, stable=True)
-    order_N, inverse_N, offs_E = moe.expert_order(ids_N, num_experts)
-    assert torch.equal(order_N, want_order_N)
-    assert torch.equal(order_N[inverse_N], torch.arange(num_rows))
-    assert torch.equal(offs_E, torch.searchsorted(sorted_ids_N, torch.arange(1, num_experts + 1)).to(torch.int32))
+    for pairwise in (True, False):
+        order_N, inverse_N, offs_E = moe.expert_order(ids_N, num_experts, pairwise)
+        assert torch.equal(order_N, want_order_N)
+        assert torch.equal(order_N[inverse_N], torch.arange(num_rows))
+        want_offs_E = torch.searchsorted(sorted_ids_N, torch.arange(1, num_experts + 1)).to(torch.int32)
+        assert torch.equal(offs_E, want_offs_E)
