@@ -1,5 +1,6 @@
-"""Shared test setup: a private LEAGUES_HOME so built-in models are made fresh per test session, and
-Triton kernels run in its interpreter when there is no GPU (it must be set before triton is imported)."""
+"""Shared test setup: a private LEAGUES_HOME so built-in models are made fresh per test session, Triton
+kernels in its interpreter when there is no GPU (set before triton is imported), and the tiny engine a test
+module shares (`engine`, `tiny_path`)."""
 
 import os
 import shutil
@@ -10,3 +11,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402  (the environment above must be set before anything imports triton)
+
+from leagues.engine import Engine  # noqa: E402
+from leagues.model import resolve_model_path  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_path():
+    return resolve_model_path("tiny-moe")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_path):
+    """The default engine (prefix caching and chunked prefill on, block size 16) with the tiny tokenizer."""
+    engine = Engine(tiny_path, num_blocks=256, block_size=16)
+    yield engine
+    engine.close()

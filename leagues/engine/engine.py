@@ -241,9 +241,9 @@ class Engine:
         if batch is None:
             return False
         sampling = [item.seq for item in batch.items if item.samples]
-        in_graph = batch.is_decode and self.runner.graphs and not self.config.deterministic
-        rows_params = [(s.params, row_seed(s.seed, s.sample_index), s.num_output_tokens) for s in sampling]
-        logits_RV, result = self.runner.execute(batch, graph_sampling(rows_params) if in_graph else None)
+        graph = batch.is_decode and bool(self.runner.graphs) and not self.config.deterministic
+        rows = [(s.params, row_seed(s.seed, s.sample_index), s.num_output_tokens) for s in sampling] if graph else []
+        logits_RV, result = self.runner.execute(batch, graph_sampling(rows) if graph else None)
         self.scheduler.computed(batch)
         rows = sampling
         if result is None:  # sample after the step: prefill (forks n samples), truncation, deterministic mode

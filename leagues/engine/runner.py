@@ -206,7 +206,8 @@ class ModelRunner:
             compute_logits=False,
         )
         with active_backend(attention):
-            _raise_recompile_limit()  # dynamo's settings are per thread: the engine's thread and the caller's
+            if self.compiled:
+                _raise_recompile_limit()  # dynamo's settings are per thread: the engine's thread and the caller's
             out = self.model.run(batch)
         if self.capture_routes:
             cfg = self.model.config

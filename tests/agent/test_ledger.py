@@ -6,16 +6,9 @@ import pytest
 import torch
 
 from leagues.agent.ledger import Ledger, LedgerError, Termination
-from leagues.engine import Engine, SamplingParams
+from leagues.engine import SamplingParams
 from leagues.model import ForwardBatch, load_pretrained, resolve_model_path
 from leagues.types import SampleStatus
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = Engine("tiny-moe", num_blocks=256)
-    yield engine
-    engine.close()
 
 
 def test_a_multi_turn_trajectory_becomes_one_token_exact_sample(engine):

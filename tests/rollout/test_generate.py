@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from leagues.engine import Engine, SamplingParams
+from leagues.engine import SamplingParams
 from leagues.engine.client import LocalClient
 from leagues.loop.train import trainable
 from leagues.rollout.data import Prompt
@@ -16,13 +16,6 @@ from leagues.rollout.rewards import RewardConfig, RewardScorer
 from leagues.types import SampleStatus
 
 REWARDS = Path(__file__).parent / "rewards_for_rollout.py"
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = Engine("tiny-moe", num_blocks=256)
-    yield engine
-    engine.close()
 
 
 def prompts(labels):
