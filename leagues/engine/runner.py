@@ -10,8 +10,8 @@ the scratch block); everything else runs without graphs. The model's blocks, rot
 norm are compiled by default on CUDA (`EngineConfig.compile_model`: `torch.compile` fuses norms, rotary,
 router and MoE glue; attention is the opaque `leagues::paged_attend` operator, so the cache is never
 traced). A graph holds the whole decode step: the forward, the LM head, the routes' cache write and, for
-rows without truncation, the sampler (`sample_plain`). Its inputs live in
-one persistent buffer (`DecodeBuffers`): the host fills a pinned copy in place and one host-to-device copy
+rows without truncation outside deterministic mode, the sampler (`sample_plain`). Its inputs live in one
+persistent buffer (`DecodeBuffers`): the host fills a pinned copy in place and one host-to-device copy
 a step moves it; the sampled tokens and logprobs come back in one small copy each.
 
 Legend: T tokens in the step, B sequences, M max blocks per sequence, V vocab, D model dim.

@@ -1,8 +1,9 @@
 """Sampler: the last-position logits of a batch of sequences in, one next token per sequence out.
 
-Runs once per decode step, after the model runner and before the scheduler appends the tokens. It is
-batched and vectorised on the logits' device, with fixed shapes, no per-row Python loop and no host
-sync, so it can later be captured in a CUDA graph (one graph per combination of the Python flags).
+Runs after the model runner and before the scheduler appends the tokens. Rows without truncation or top
+logprobs (the RL case) go through `sample_plain` (`leagues.kernels.sampling`: one Triton kernel on CUDA),
+which the decode CUDA graphs also run inside the step (`GraphSampling` carries their inputs); the rest
+here is batched and vectorised on the logits' device, with no per-row Python loop and no host sync.
 
 Decisions:
 - Per-row parameters travel as tensors (`SamplingTensors`), built once per step on the host. Python
