@@ -84,6 +84,10 @@ class Sample:
     """Index of the prompt group (the n samples of one prompt share it)."""
     status: SampleStatus = SampleStatus.PENDING
     weight_version: int = 0
+    """Weights version that sampled the response (a continued partial-rollout sample: the oldest of its tokens')."""
+    token_versions: list[int] | None = None
+    """Per response token, the weights version that sampled it (a partial rollout continues a sample under
+    newer weights); None means every token was sampled at `weight_version`."""
     metadata: dict = field(default_factory=dict)
 
     @property

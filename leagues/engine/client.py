@@ -15,10 +15,13 @@ Decisions:
   SGLang encodes them. Several URLs are used round-robin; a router URL is just one URL.
 - Transient HTTP failures (connection errors, 5xx, 429) are retried with backoff `retries` times; a 4xx is
   the request's fault and raises at once, with the server's message.
+- A request can be named (`request_id`, SGLang's `rid`) and aborted by that name (`abort`, SGLang's
+  `/abort_request`): partial rollout stops the requests it no longer waits for and gets their tokens so far.
 """
 
 import asyncio
 import base64
+import contextlib
 import itertools
 from typing import Protocol
 
@@ -34,8 +37,18 @@ name it without importing the web framework)."""
 
 
 class EngineClient(Protocol):
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[Output]:
-        """The `params.n` outputs of one prompt."""
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> list[Output]:
+        """The `params.n` outputs of one prompt; `request_id` names the request for `abort`."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """End a request early: its outputs come back with the tokens so far and finish reason abort."""
+        ...
+
+    async def weight_version(self) -> int | None:
+        """The version of the weights the engines serve now (the newest one, over several); None: unknown."""
         ...
 
 
@@ -45,8 +58,16 @@ class LocalClient:
     def __init__(self, engine) -> None:
         self.engine = engine
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[Output]:
-        return await self.engine.generate_async(prompt_ids, params)
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> list[Output]:
+        return await self.engine.generate_async(prompt_ids, params, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    async def weight_version(self) -> int | None:
+        return self.engine.weight_version
 
 
 class HTTPClient:
@@ -64,13 +85,15 @@ class HTTPClient:
         self._client = httpx.AsyncClient(timeout=timeout_s, headers=headers)
         self._httpx = httpx
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[Output]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> list[Output]:
         body = {
             "input_ids": prompt_ids,
             "sampling_params": _sampling_body(params),
             "return_logprob": True,
             "return_routed_experts": params.return_routed_experts,
-        }
+        } | ({"rid": request_id} if request_id is not None else {})
         data = await self._post("/generate", body)
         items = data if isinstance(data, list) else [data]
         return [_output(item, prompt_ids, i) for i, item in enumerate(items)]
@@ -91,6 +114,22 @@ class HTTPClient:
             if attempt < self.retries:
                 await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
         raise ConnectionError(f"generation failed after {self.retries + 1} attempts: {error}")
+
+    async def abort(self, request_id: str) -> None:
+        """`/abort_request` to every URL (the one serving the request aborts it, the others know no such id); best
+        effort: an engine that cannot be reached or has no such route lets the request run to its end."""
+        for url in self.urls:
+            with contextlib.suppress(self._httpx.HTTPError):
+                await self._client.post(url + "/abort_request", json={"rid": request_id})
+
+    async def weight_version(self) -> int | None:
+        """The newest `weight_version` of `/get_model_info` over the URLs that answer it."""
+        versions = []
+        for url in self.urls:
+            with contextlib.suppress(self._httpx.HTTPError, ValueError, TypeError, KeyError):
+                response = await self._client.get(url + "/get_model_info")
+                versions.append(int(response.json()["weight_version"]))
+        return max(versions, default=None)
 
     async def aclose(self) -> None:
         await self._client.aclose()

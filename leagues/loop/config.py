@@ -140,6 +140,13 @@ class TrainConfig:
             raise ValueError("eval.every: held-out evaluation runs in colocated runs only (placement colocated)")
         if self.engine_offload_weights and not self.engine_sleep:
             raise ValueError("engine_offload_weights: the weights move out only while the engine sleeps (engine_sleep)")
+        if self.rollout.partial and self.deterministic:
+            raise ValueError(
+                "rollout.partial: not with --deterministic (where a request is aborted depends on timing, so the run "
+                "would not repeat bit for bit)"
+            )
+        if self.rollout.partial and self.placement != "colocated":
+            raise ValueError("rollout.partial: colocated runs only (disaggregated runs bound staleness their own way)")
 
     def settle(self) -> None:
         """Hand the settings this run owns to the components that use them, so each knob has one owner: the

@@ -34,12 +34,15 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leagues.engine.client import EngineClient
 from leagues.rollout.data import Prompt
 from leagues.rollout.rewards import RewardScorer
 from leagues.types import FinishReason, Sample, SampleStatus, SamplingParams
+
+if TYPE_CHECKING:  # partial.py builds on this module
+    from leagues.rollout.partial import PartialRollout
 
 OVERLONG = ("none", "filter", "penalty")
 
@@ -73,6 +76,19 @@ class RolloutConfig:
     """A sample passes when its reward is at least this (the pass-rate metric)."""
     stop: list[str] = field(default_factory=list)
     """Stop strings of every response."""
+    partial: bool = False
+    """Partial rollout: the rollout stops once the batch's groups are complete, aborts the rest and carries
+    unfinished samples into the next step, continuing them under the new weights (their prompt is the prompt
+    plus the response so far, their budget what is left of `max_response_len`). Colocated runs only; not with
+    deterministic mode, dynamic sampling or a custom `generate_fn`."""
+    over_sample: float = 0.0
+    """Partial rollout: fraction of extra prompt groups in flight each step (ceil(groups x (1 + over_sample))
+    counting the carried ones), so the batch fills with the groups that finish first."""
+    partial_mask_old: bool = True
+    """Partial rollout: response tokens sampled under older weights than the step's get loss mask 0. False:
+    they are trained; with `trainer.old_logprobs rollout` the PPO ratio against their rollout logprobs (from
+    the older weights) weights and clips them; with `recompute` (default) the ratio is against the current
+    policy and only `trainer.loss.off_policy` (tis, mis, ...) corrects for the version gap."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -89,6 +105,19 @@ class RolloutConfig:
                 raise ValueError(f"RolloutConfig.{key}: invalid value {getattr(self, key)!r}")
         if self.overlong == "penalty" and self.overlong_buffer == 0:
             raise ValueError("RolloutConfig.overlong_buffer: the overlong penalty needs a buffer > 0 tokens")
+        self._check_partial()
+
+    def _check_partial(self) -> None:
+        if not self.over_sample >= 0:
+            raise ValueError(f"RolloutConfig.over_sample: must be >= 0, got {self.over_sample!r}")
+        if self.over_sample and not self.partial:
+            raise ValueError("RolloutConfig.over_sample: extra groups need partial rollout (--rollout.partial true)")
+        if self.partial and self.dynamic_sampling:
+            raise ValueError("RolloutConfig.partial: not with dynamic_sampling (use over_sample for extra groups)")
+        if self.partial and self.generate_fn:
+            raise ValueError(
+                "RolloutConfig.partial: not with a custom generate_fn (a continued sample is a single-turn request)"
+            )
 
 
 @dataclass(slots=True)
@@ -170,9 +199,15 @@ async def rollout(
     generate_fn: GenerateFn = single_turn,
     seed: int = 0,
     sections: Sections | None = None,
+    partial: "PartialRollout | None" = None,
 ) -> RolloutResult:
-    """Generate and score `num_groups` prompt groups (more rounds with dynamic sampling)."""
+    """Generate and score `num_groups` prompt groups (more rounds with dynamic sampling). With
+    `RolloutConfig.partial`, `partial` holds the samples carried between steps (`leagues.rollout.partial`)."""
     cfg, sections = ctx.config, sections or (lambda name: nullcontext())
+    if cfg.partial:
+        if partial is None:
+            raise ValueError("RolloutConfig.partial: pass the carried samples' state (rollout(..., partial=...))")
+        return await partial.rollout(next_prompts, num_groups, step, ctx, scorer, seed, sections)
     kept: list[list[Sample]] = []
     seen: list[Sample] = []
     result = RolloutResult(samples=[], metrics={})
@@ -186,7 +221,7 @@ async def rollout(
             result.generate_s += time.perf_counter() - start
         with sections("reward"):
             await scorer.score(samples)
-        _shape_overlong(samples, cfg)
+        shape_overlong(samples, cfg)
         seen += samples
         groups = _groups(samples)
         kept += [g for g in groups if not cfg.dynamic_sampling or _varies(g)]
@@ -224,7 +259,7 @@ def _varies(group: list[Sample]) -> bool:
     return len(rewards) > 1 and max(rewards) > min(rewards)
 
 
-def _shape_overlong(samples: list[Sample], cfg: RolloutConfig) -> None:
+def shape_overlong(samples: list[Sample], cfg: RolloutConfig) -> None:
     for s in samples:
         if s.status == SampleStatus.TRUNCATED and cfg.overlong == "filter":
             s.loss_mask = [0] * len(s.response_ids)
