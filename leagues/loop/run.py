@@ -19,7 +19,7 @@ import asyncio
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from leagues.obs import Sink, StepTimer, build_sinks
 from leagues.parallel import format_plan, trainer_memory
 from leagues.rollout import PromptDataset, PromptIterator, RewardConfig, RewardScorer, load_prompts, make_task
 from leagues.rollout.generate import GenerateContext, load_generate_fn
+from leagues.rollout.partial import PartialRollout
 from leagues.rollout.tasks import task_dataset
 from leagues.sync import WEIGHT_SYNCS, DistributedWeightSender, WeightSync
 from leagues.train import Trainer
@@ -127,6 +128,8 @@ class Run:
     """Expert-parallel engines: a CPU group the ranks wait on until every engine has finished its requests."""
     weight_sync: WeightSync | None = None
     """How the trainer's weights reach the engines each step (`leagues.sync.WEIGHT_SYNCS`), chosen at build."""
+    partial: PartialRollout = field(default_factory=PartialRollout)
+    """Partial rollout (`rollout.partial`): this rank's samples carried into the next step, saved with checkpoints."""
     _sender: DistributedWeightSender | None = None
 
     @classmethod
@@ -200,11 +203,15 @@ class Run:
             return 0
         extra = self.trainer.load(path) if self.trainer is not None else _read_extra(path)
         self.prompts.load_state_dict(extra["data"])
+        if self.cfg.rollout.partial and "partial" in extra:  # the samples carried past that step go on
+            self.partial.load_state_dict(extra["partial"])
         log(f"resume: continuing from {path} (step {extra['step']})")
         return int(extra["step"])
 
     def save(self, step: int) -> None:
         extra = {"data": self.prompts.state_dict(), "step": step}
+        if self.cfg.rollout.partial:  # each rank its own carried samples (the checkpoint keeps extra per rank)
+            extra["partial"] = self.partial.state_dict()
         self.trainer.save(self.checkpoint_root, extra=extra)
 
     def weight_sender(self) -> DistributedWeightSender:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from leagues.loop.config import TrainConfig
 from leagues.loop.run import Run, log
+from leagues.rollout import Prompt
 from leagues.rollout.generate import rollout
 from leagues.train import compute_advantages
 from leagues.types import Sample, SampleStatus, SamplingParams
@@ -62,7 +63,7 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
     cfg, timer = run.cfg, run.timer
     result = run.loop.run_until_complete(
         rollout(
-            next_prompts=lambda n: run.prompts.next_batch(n * run.world)[run.rank :: run.world],
+            next_prompts=lambda n: rank_prompts(run, n),
             num_groups=len(range(run.rank, cfg.rollout.batch_size, run.world)),
             step=step,
             ctx=run.ctx,
@@ -70,6 +71,7 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
             generate_fn=run.generate_fn,
             seed=cfg.seed,
             sections=lambda name: timer.section("rollout" if name == "generate" else name),
+            partial=run.partial,
         )
     )
     run.wait_for_peers()
@@ -90,6 +92,21 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
     with timer.section("sync"):
         sync_metrics = sync_weights(run, version=step + 1)
     return merge_rollout_metrics(result.metrics) | {f"train/{k}": v for k, v in train_metrics.items()} | sync_metrics
+
+
+def rank_prompts(run: Run, num: int) -> list[Prompt]:
+    """This rank's `num` prompts of the step. With partial rollout ranks carry different numbers of groups, so
+    they ask for different numbers (0 included): they agree on the counts, draw one batch and each takes its own
+    slice, so the data position stays one number for the whole job (and resumes exactly)."""
+    if not run.cfg.rollout.partial:
+        return run.prompts.next_batch(num * run.world)[run.rank :: run.world]
+    counts = [num]
+    if dist.is_initialized() and run.world > 1:
+        counts = [None] * run.world
+        dist.all_gather_object(counts, num)
+    batch = run.prompts.next_batch(sum(counts)) if sum(counts) else []
+    start = sum(counts[: run.rank])
+    return batch[start : start + num]
 
 
 def sync_weights(run: Run, version: int) -> dict[str, float]:
@@ -162,6 +179,10 @@ def merge_parts(parts: list[dict[str, float]]) -> dict[str, float]:
 
 
 SUMMED = {
+    "rollout/carried",
+    "rollout/aborted",
+    "rollout/new_groups",
+    "rollout/dropped_groups",
     "rollout/failed",
     "rollout/num_samples",
     "rollout/num_generated",

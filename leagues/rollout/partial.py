@@ -14,8 +14,10 @@ on its `Run` and saves it with each checkpoint, so a resumed run continues the s
 
 Decisions:
 - Whole groups are carried: an unfinished sample's finished siblings wait with it, since the group's
-  advantage needs all of them. Groups complete in the order they finish; carried groups that are already
-  complete (they finished while the aborts were on their way) come first next step.
+  advantage needs all of them. Groups complete in the order they finish. Groups that complete after the
+  batch is full (in the same engine step, or while the aborts are on their way) are carried too and come
+  first next step; with `partial_mask_old` such a group has nothing left to train on by then (every token
+  is older than the new weights) and is dropped instead, its slot going to a new group.
 - A continuation is one engine request: prompt ids + response so far, `max_new_tokens` the rest of
   `max_response_len`. Its tokens, logprobs and weight versions are appended to the sample's; routes are
   joined so that the tokens computed before keep the experts recorded then.
@@ -94,6 +96,13 @@ def mask_stale(samples: list[Sample], version: int) -> None:
             s.loss_mask = [m if v >= version else 0 for m, v in zip(mask, s.token_versions, strict=True)]
 
 
+def is_spent(group: list[Sample], version: int) -> bool:
+    """Whether a carried group is complete with every token older than `version`: with `partial_mask_old` it
+    has nothing left to train on (it finished after the batch was full, while the aborts were on their way)."""
+    finished = all(s.status in FINISHED for s in group)
+    return finished and not any(v >= version for s in group for v in s.token_versions or [])
+
+
 def groups_of(samples: list[Sample]) -> dict[int, list[Sample]]:
     groups: dict[int, list[Sample]] = {}
     for s in samples:
@@ -107,6 +116,8 @@ class StepStats:
     """Tokens the engine generated this step (aborted requests' included)."""
     aborted: int = 0
     """Requests this step aborted."""
+    dropped_groups: int = 0
+    """Carried groups dropped at the step's start: complete, and every token masked as older."""
 
 
 class PartialRollout:
@@ -133,13 +144,16 @@ class PartialRollout:
         """The step's `num_groups` complete groups, scored; the rest is carried. `next_prompts(n)` is called
         once, with n = 0 too (ranks that carry different numbers of groups agree on the data drawn)."""
         cfg, sections = ctx.config, sections or (lambda name: nullcontext())
-        carried, self.carried = self.carried, []
-        num_new = max(math.ceil(num_groups * (1 + cfg.over_sample)) - len(groups_of(carried)), 0)
-        first_group = max((s.group_id for s in carried), default=-1) + 1
-        samples = carried + make_samples(next_prompts(num_new), first_group, step, cfg, seed)
-        result, stats = RolloutResult(samples=[], metrics={}), StepStats()
         version = await ctx.client.weight_version()  # the step's weights (no request may run this step)
         self.version = max(self.version, version if version is not None else 0)
+        carried, self.carried = self.carried, []
+        groups = groups_of(carried)
+        spent = [g for g, members in groups.items() if cfg.partial_mask_old and is_spent(members, self.version)]
+        carried = [s for g, members in groups.items() if g not in spent for s in members]
+        num_new = max(math.ceil(num_groups * (1 + cfg.over_sample)) - len(groups) + len(spent), 0)
+        first_group = max(groups, default=-1) + 1
+        samples = carried + make_samples(next_prompts(num_new), first_group, step, cfg, seed)
+        result, stats = RolloutResult(samples=[], metrics={}), StepStats(dropped_groups=len(spent))
         with sections("generate"):
             start = time.perf_counter()
             result.samples = await self._generate(ctx, samples, num_groups, stats)
@@ -200,15 +214,17 @@ class PartialRollout:
 
     def metrics(self, result: RolloutResult, stats: StepStats, num_new: int) -> dict[str, float]:
         """`rollout/carried` (samples carried into the next step), `rollout/aborted` (requests aborted),
-        `rollout/new_groups` (groups drawn from the data), and the age of the batch's tokens sampled under older
-        weights, in versions behind the step's (steps, colocated): `carried_age_max`, `carried_age_mean`
-        (over those tokens; 0 when none) and `stale_token_frac` (their share of the batch's tokens)."""
+        `rollout/new_groups` (groups drawn from the data), `rollout/dropped_groups` (`is_spent`), and the age
+        of the batch's tokens sampled under older weights, in versions behind the step's (steps, colocated):
+        `carried_age_max`, `carried_age_mean` (over those tokens; 0 when none) and `stale_token_frac` (their
+        share of the batch's tokens)."""
         ages = [self.version - v for s in result.samples for v in s.token_versions or []]
         old = [a for a in ages if a > 0]
         return {
             "rollout/carried": float(len(self.carried)),
             "rollout/aborted": float(stats.aborted),
             "rollout/new_groups": float(num_new),
+            "rollout/dropped_groups": float(stats.dropped_groups),
             "rollout/carried_age_max": float(max(old, default=0)),
             "rollout/carried_age_mean": statistics.fmean(old) if old else 0.0,
             "rollout/stale_token_frac": len(old) / max(len(ages), 1),

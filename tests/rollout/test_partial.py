@@ -83,10 +83,14 @@ def test_carried_samples_continue_where_they_stopped_under_the_new_weights(engin
     carry.load_state_dict(roundtrip(carry.state_dict()))  # as a checkpoint keeps it: what continues is what it read
     new_weights(engine, tiny_path, first_version + 1)
     # every carried group must finish: ask for all of them and start no new one
-    num_carried_groups = len(by_group(carry.carried))
-    result = step(engine, carry, num_carried_groups, replace(cfg, over_sample=0.0), step_index=1)
+    # groups that completed after the batch was full have only old tokens: dropped when those are masked
+    spent = {g for g, members in by_group(old.values()).items() if all(s.status in FINISHED for s in members)}
+    spent = spent if mask_old else set()
+    num_groups = len(by_group(carry.carried)) - len(spent)
+    result = step(engine, carry, num_groups, replace(cfg, over_sample=0.0), step_index=1)
     assert not carry.carried and result.metrics["rollout/new_groups"] == 0
-    assert len(result.samples) == len(old)
+    assert result.metrics["rollout/dropped_groups"] == len(spent)
+    assert len(result.samples) == sum(g not in spent for g, _ in old)
     continued = 0
     for s in result.samples:
         prev = old[(s.group_id, s.metadata["seed"])]
