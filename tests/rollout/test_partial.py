@@ -8,6 +8,9 @@ import asyncio
 import copy
 import io
 import itertools
+import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import pytest
 import torch
 
 from leagues.engine import SamplingParams
-from leagues.engine.client import LocalClient
+from leagues.engine.client import HTTPClient, LocalClient
 from leagues.loop import TrainConfig
 from leagues.model import load_pretrained
 from leagues.rollout.data import Prompt
@@ -122,6 +125,34 @@ def roundtrip(state: dict) -> dict:
     torch.save(state, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+def test_over_http_requests_are_aborted_by_id(tmp_path):
+    """The same step against `leagues serve`: requests named by `rid`, aborted through `/abort_request`."""
+    cmd = [sys.executable, "-m", "leagues.cli", "serve", "--port", "0", "--engine.num_blocks", "256"]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = next(m.group(1) for line in server.stdout if (m := re.search(r"listening on (http://\S+)", line)))
+        cfg = RolloutConfig(n_samples_per_prompt=2, max_response_len=MAX_LEN, partial=True, over_sample=3.0)
+        carry = PartialRollout()
+
+        async def one_step():
+            client = HTTPClient([url])
+            ctx = GenerateContext(client, SamplingParams(temperature=1.0, max_new_tokens=MAX_LEN), None, cfg)
+            scorer = RewardScorer(RewardConfig(name=f"{REWARDS}:by_prompt"))
+            result = await rollout(prompts(), 1, 0, ctx, scorer, seed=3, partial=carry)
+            version = await client.weight_version()
+            await client.aclose()
+            return result, version
+
+        result, version = asyncio.run(one_step())
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert version == 0 and len(result.samples) == 2 and len(carry.carried) == 6
+    aborted = [s for s in carry.carried if s.status == SampleStatus.ABORTED]
+    assert aborted and result.metrics["rollout/aborted"] == len(aborted)
+    assert all(0 < len(s.response_ids) < MAX_LEN and len(s.rollout_logprobs) == len(s.response_ids) for s in aborted)
 
 
 def test_bad_option_combinations_are_refused():
