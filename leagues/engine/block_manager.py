@@ -25,8 +25,9 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        # only blocks in the prefix cache have entries: resetting costs what is cached, not the cache's size
+        self.block_hash: dict[int, int] = {}
+        self.block_tokens: dict[int, tuple[int, ...]] = {}
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
         self.pending_copies: list[tuple[int, int]] = []
@@ -42,9 +43,9 @@ class BlockManager:
 
     def _take_free(self) -> int:
         block_id, _ = self.free_blocks.popitem(last=False)
-        if (h := self.block_hash[block_id]) is not None and self.hash_to_block.get(h) == block_id:
+        if (h := self.block_hash.pop(block_id, None)) is not None and self.hash_to_block.get(h) == block_id:
             del self.hash_to_block[h]
-        self.block_hash[block_id] = self.block_tokens[block_id] = None
+        self.block_tokens.pop(block_id, None)
         self.ref_counts[block_id] = 1
         return block_id
 
@@ -64,7 +65,7 @@ class BlockManager:
             parent = hash((parent, tokens))
             self.num_prefix_queries += 1
             block_id = self.hash_to_block.get(parent)
-            if block_id is None or self.block_tokens[block_id] != tokens:
+            if block_id is None or self.block_tokens.get(block_id) != tokens:
                 break
             self.num_prefix_hits += 1
             self._ref(block_id)
@@ -124,5 +125,5 @@ class BlockManager:
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (after a weight update the cached keys and values are stale)."""
         self.hash_to_block.clear()
-        self.block_hash = [None] * self.num_blocks
-        self.block_tokens = [None] * self.num_blocks
+        self.block_hash.clear()
+        self.block_tokens.clear()

@@ -16,7 +16,8 @@ class EngineConfig:
     num_blocks: int | None = None
     """KV-cache blocks; default: sized from `kv_cache_fraction` (cuda) or `kv_cache_bytes` (cpu)."""
     kv_cache_fraction: float = 0.8
-    """Fraction of free GPU memory (after the model loads) given to the KV cache."""
+    """Fraction of free GPU memory (after the model loads) given to the KV cache, at most what `max_num_seqs`
+    sequences of `max_model_len` tokens can fill (more could never be used at once)."""
     kv_cache_bytes: int = 256 * 2**20
     """KV-cache size on the CPU."""
     max_num_seqs: int = 256
@@ -54,15 +55,28 @@ def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
     return device, dtype or getattr(torch, cfg.dtype)
 
 
+def kv_block_bytes(config, cfg: EngineConfig, itemsize: int) -> int:
+    """Device bytes of one KV-cache block (keys and values of every layer) of a model of `config` (a
+    `ModelConfig`) whose cache holds `itemsize`-byte elements."""
+    return 2 * config.num_layers * cfg.block_size * config.num_kv_heads * config.head_dim * itemsize
+
+
+def max_useful_blocks(config, cfg: EngineConfig) -> int:
+    """Blocks that `max_num_seqs` sequences of the longest length fill: a larger cache is never used at once."""
+    max_len = cfg.max_model_len or config.max_seq_len
+    return cfg.max_num_seqs * -(-max_len // cfg.block_size)
+
+
 def num_kv_blocks(model, cfg: EngineConfig) -> int:
     """KV-cache blocks for `model` (a `Transformer`): `num_blocks`, else a fraction of free GPU memory, else
-    `kv_cache_bytes` on the CPU."""
+    `kv_cache_bytes` on the CPU, at most `max_useful_blocks`."""
     if cfg.num_blocks is not None:
         return cfg.num_blocks
-    m = model.config
     param = model.embed.weight
-    block_bytes = 2 * m.num_layers * cfg.block_size * m.num_kv_heads * m.head_dim * param.element_size()
     if param.is_cuda:
         free, _ = torch.cuda.mem_get_info(param.device)
-        return int(free * cfg.kv_cache_fraction) // block_bytes
-    return cfg.kv_cache_bytes // block_bytes
+        budget = int(free * cfg.kv_cache_fraction)
+    else:
+        budget = cfg.kv_cache_bytes
+    block = kv_block_bytes(model.config, cfg, param.element_size())
+    return min(budget // block, max_useful_blocks(model.config, cfg))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from leagues.engine import memory
 from leagues.engine.attention import OpaqueAttention, PagedAttention, active_backend
 from leagues.engine.config import EngineConfig
 from leagues.engine.sampler import GraphSampling, SampleOutput
@@ -118,6 +119,8 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.buffers: DecodeBuffers | None = None
         self.kv_cache = self.routes_cache = None
+        self._memory: memory.MappedMemory | None = None
+        self._views: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.allocate_cache()
 
     @property
@@ -125,27 +128,62 @@ class ModelRunner:
         return self.model.embed.weight.device
 
     def allocate_cache(self) -> None:
+        """The KV and routes caches (zeroed), and the decode graphs. On CUDA the caches live in one mapped range
+        (`MappedMemory`): after `free_cache` they come back at the same addresses, so the graphs stay valid."""
         cfg = self.model.config
-        shape = (2, cfg.num_layers, self.num_blocks + 1, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.model.embed.weight.dtype, device=self.device)
-        if self.capture_routes:
-            routes_shape = (self.num_blocks + 1, self.block_size, cfg.num_moe_layers, cfg.top_k)
-            self.routes_cache = torch.zeros(routes_shape, dtype=cfg.expert_id_dtype(), device=self.device)
-        if self.use_graphs and self.device.type == "cuda":
+        kv_shape = (2, cfg.num_layers, self.num_blocks + 1, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        kv_dtype = self.model.embed.weight.dtype
+        routes_shape = (self.num_blocks + 1, self.block_size, cfg.num_moe_layers, cfg.top_k)
+        routes_dtype = cfg.expert_id_dtype()
+        if self._memory is None and memory.supported(self.device):
+            kv_bytes = -(-torch.Size(kv_shape).numel() * kv_dtype.itemsize // 256) * 256
+            routes_bytes = torch.Size(routes_shape).numel() * routes_dtype.itemsize if self.capture_routes else 0
+            self._memory = memory.MappedMemory(kv_bytes + routes_bytes, self.device)
+            self._views = (self._memory.view(kv_dtype, kv_shape), None)
+            if self.capture_routes:
+                self._views = (self._views[0], self._memory.view(routes_dtype, routes_shape, offset=kv_bytes))
+        if self._memory is not None:
+            if not self._memory.mapped:
+                torch.cuda.empty_cache()  # what others freed while the cache slept may still be held by torch
+            self._memory.remap()
+            self.kv_cache, self.routes_cache = self._views
+            self.kv_cache.zero_()  # new physical pages hold anything; padded reads must see finite values
+            if self.routes_cache is not None:
+                self.routes_cache.zero_()
+        else:
+            self.kv_cache = torch.zeros(kv_shape, dtype=kv_dtype, device=self.device)
+            if self.capture_routes:
+                self.routes_cache = torch.zeros(routes_shape, dtype=routes_dtype, device=self.device)
+        if self.use_graphs and self.device.type == "cuda" and not self.graphs:
             self.capture_graphs()
 
     def free_cache(self) -> None:
+        """Give the caches' memory back. Mapped: the physical pages only (graphs kept for `allocate_cache`);
+        otherwise the tensors and the graphs that point at them."""
+        self.kv_cache = self.routes_cache = None  # a stray read while asleep fails in Python, not on the device
+        if self._memory is not None:
+            self._memory.release()
+            return
         self.graphs.clear()
-        self.kv_cache = self.routes_cache = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    @property
+    def cache_bytes(self) -> int:
+        """Device bytes the KV and routes caches hold while allocated."""
+        if self._memory is not None:
+            return self._memory.num_bytes
+        return sum(t.numel() * t.element_size() for t in (self.kv_cache, self.routes_cache) if t is not None)
+
     def offload_weights(self) -> None:
-        """Weights to host memory (the caller has freed the cache); `restore_weights` brings them back."""
+        """Weights to host memory (the caller has freed the cache); `restore_weights` brings them back at new
+        addresses, so the decode graphs are captured again."""
+        self.graphs.clear()
         self._weights_device = self.device
         self.model.fuse_qkv(on=False)
         for param in self.model.parameters():
             param.data = param.data.to("cpu")
+        torch.cuda.empty_cache()  # the graphs' pool and the weights' old storage
 
     def restore_weights(self) -> None:
         device = getattr(self, "_weights_device", None)

@@ -107,9 +107,11 @@ class TrainConfig:
     """distributed: the address the engines reach this trainer's rank 0 at (the group's TCP store)."""
     weight_sync_port: int = 29650
     """distributed: the TCP store's port."""
-    engine_sleep: bool = True
-    """Colocated on GPUs: free the engine's KV cache while the trainer trains (off: keep it, when the model, its
-    optimizer state and the cache fit together, saving the re-allocation every step)."""
+    engine_sleep: bool | str = "auto"
+    """Colocated on GPUs: release the engine's KV cache while the trainer trains (true), keep it (false: the run
+    stops before its first step when the cache and training cannot fit together, naming the numbers), or
+    auto: keep it when a cache for the whole rollout fits beside training, else sleep. The cache's pages are
+    released and mapped back at the same addresses, so its CUDA graphs stay valid (`leagues.loop.memory`)."""
     engine_offload_weights: bool = False
     """With engine_sleep: also move the engine's weights to host memory while the trainer trains (room for a
     larger model or batch, at the cost of a host round trip of the weights every step)."""
@@ -138,7 +140,9 @@ class TrainConfig:
             raise ValueError("engine_offload_weights: expert-parallel engines keep their weights (peers use them)")
         if self.placement == "disaggregated" and self.eval.every:
             raise ValueError("eval.every: held-out evaluation runs in colocated runs only (placement colocated)")
-        if self.engine_offload_weights and not self.engine_sleep:
+        if self.engine_sleep not in (True, False, "auto"):
+            raise ValueError(f"engine_sleep: expected true, false or auto, got {self.engine_sleep!r}")
+        if self.engine_offload_weights and self.engine_sleep is False:
             raise ValueError("engine_offload_weights: the weights move out only while the engine sleeps (engine_sleep)")
         if self.rollout.partial and self.deterministic:
             raise ValueError(

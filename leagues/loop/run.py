@@ -28,11 +28,14 @@ import torch.distributed as dist
 from leagues.config import dump_yaml
 from leagues.engine import Engine
 from leagues.engine.client import EngineClient, HTTPClient, LocalClient
+from leagues.engine.config import kv_block_bytes, max_useful_blocks, resolve_device_dtype
 from leagues.loop.config import TrainConfig
+from leagues.loop.memory import EnginePlan, MemoryBudget, plan_engine_memory
 from leagues.loop.warm_start import warm_start, write_hf
-from leagues.model import load_tokenizer, read_config, resolve_model_path
+from leagues.model import Transformer, load_tokenizer, read_config, resolve_model_path
+from leagues.model.moe import GroupedExperts
 from leagues.obs import Sink, StepTimer, build_sinks
-from leagues.parallel import format_plan, trainer_memory
+from leagues.parallel import activation_bytes, format_plan, trainer_memory
 from leagues.rollout import PromptDataset, PromptIterator, RewardConfig, RewardScorer, load_prompts, make_task
 from leagues.rollout.generate import GenerateContext, load_generate_fn
 from leagues.rollout.partial import PartialRollout
@@ -126,6 +129,8 @@ class Run:
     generate_fn: object = None
     peer_group: object = None
     """Expert-parallel engines: a CPU group the ranks wait on until every engine has finished its requests."""
+    engine_sleeps: bool = False
+    """Colocated on GPUs: the engine frees its KV cache while the trainer trains (`leagues.loop.memory`)."""
     weight_sync: WeightSync | None = None
     """How the trainer's weights reach the engines each step (`leagues.sync.WEIGHT_SYNCS`), chosen at build."""
     partial: PartialRollout = field(default_factory=PartialRollout)
@@ -145,7 +150,8 @@ class Run:
         scorer = RewardScorer(reward)  # a reward that cannot load fails here, not after the warm start
         model_path = _warm_started(cfg, base, run_dir, is_trainer)
         trainer = _trainer(cfg, model_path, world) if is_trainer else None
-        engine, client = _engine(cfg, model_path, tokenizer, is_engine)
+        memory_plan = _memory_plan(cfg, model_path, train_data, world) if trainer is not None and is_engine else None
+        engine, client = _engine(cfg, model_path, tokenizer, is_engine, memory_plan)
         params = SamplingParams(
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
@@ -172,6 +178,7 @@ class Run:
             rank=rank,
             world=world,
             generate_fn=load_generate_fn(cfg.rollout.generate_fn),
+            engine_sleeps=engine is not None and memory_plan is not None and memory_plan.sleep,
         )
         if engine is not None and cfg.engine_ep and world > 1:
             run.peer_group = dist.new_group(backend="gloo")
@@ -247,17 +254,62 @@ def context_limit(cfg: TrainConfig, model_path: Path) -> int | None:
     return config.get("max_position_embeddings")
 
 
-def _engine(cfg: TrainConfig, model_path: Path, tokenizer, is_engine: bool):
+def _engine(cfg: TrainConfig, model_path: Path, tokenizer, is_engine: bool, plan: EnginePlan | None = None):
     if cfg.engine_urls:
         return None, HTTPClient(list(cfg.engine_urls))
     if not is_engine:
         return None, None
+    overrides = {}
+    if plan is not None:
+        config = read_config(model_path)
+        itemsize = resolve_device_dtype(cfg.engine)[1].itemsize
+        overrides["num_blocks"] = max(plan.kv_bytes // kv_block_bytes(config, cfg.engine, itemsize), 1)
     groups = {}
     if cfg.engine_ep and dist.is_initialized() and dist.get_world_size() > 1:  # every rank builds its engine
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         groups = dict(ep_group=dist.new_group(backend=backend), ep_control_group=dist.new_group(backend="gloo"))
-    engine = Engine(model_path, tokenizer, cfg.engine, **groups)
+    engine = Engine(model_path, tokenizer, cfg.engine, **groups, **overrides)
     return engine, LocalClient(engine)
+
+
+MARGIN_BYTES, MARGIN_SHARE = 2 * 2**30, 0.03
+"""Device memory a colocated run keeps free: 2 GiB and 3% of the card (graphs' buffers, workspaces)."""
+
+
+def _memory_plan(cfg: TrainConfig, model_path: Path, train_data: PromptDataset, world: int) -> EnginePlan | None:
+    """The engine's KV cache and sleep, planned after the trainer is loaded and before the engine is (colocated
+    runs with an in-process engine on a GPU; None elsewhere: a CPU engine keeps its cache and never sleeps)."""
+    if cfg.engine_urls or cfg.placement != "colocated" or not torch.cuda.is_available():
+        return None
+    config, engine = read_config(model_path), cfg.engine
+    itemsize = resolve_device_dtype(engine)[1].itemsize
+    block = kv_block_bytes(config, engine, itemsize)
+    with torch.device("meta"):
+        shapes = Transformer(config)
+    experts = sum(p.numel() for m in shapes.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
+    weights = sum(p.numel() for p in shapes.parameters()) - experts + experts // (world if cfg.engine_ep else 1)
+    free, total = torch.cuda.mem_get_info()
+    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # held by torch, unused
+    state = trainer_memory(config, cfg.trainer.parallel, world)["device"]
+    tokens = cfg.trainer.max_tokens_per_microbatch
+    max_len = engine.max_model_len or config.max_seq_len
+    sequence = -(-(max(len(p.prompt_ids) for p in train_data) + cfg.rollout.max_response_len) // engine.block_size)
+    samples = min(-(-cfg.rollout.batch_size // world) * cfg.rollout.n_samples_per_prompt, engine.max_num_seqs)
+    useful = max_useful_blocks(config, engine) * block
+    given = engine.num_blocks * block if engine.num_blocks is not None else None
+    budget = MemoryBudget(
+        free=free - weights * itemsize,
+        trainer_pending=max(state - torch.cuda.memory_allocated(), 0),
+        activations=activation_bytes(config, tokens, cfg.trainer.parallel, cfg.trainer.logprob_chunk_size),
+        margin=int(MARGIN_BYTES + MARGIN_SHARE * total),
+        need=given or samples * sequence * block,
+        minimum=given or -(-max_len // engine.block_size) * block,
+        cap=given or useful,
+        fraction=engine.kv_cache_fraction,
+    )
+    plan = plan_engine_memory(True if cfg.engine_offload_weights else cfg.engine_sleep, budget)
+    log(plan.note)
+    return plan
 
 
 def _prepare_run_dir(cfg: TrainConfig, rank: int) -> Path:

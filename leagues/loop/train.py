@@ -78,9 +78,9 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
     report_failures(result.samples, step, run.rank)
     samples = trainable(result.samples)
     assign_advantages(samples, cfg)
-    sleep = run.engine is not None and torch.cuda.is_available() and cfg.engine_sleep
+    sleep = run.engine_sleeps
     if sleep:
-        with timer.section("sleep"):  # frees the KV cache for training; wake re-allocates it
+        with timer.section("sleep"):  # releases the KV cache's pages for training; wake maps them back
             run.engine.sleep(offload_weights=cfg.engine_offload_weights)
     start = time.perf_counter()
     with timer.section("train"):

@@ -26,7 +26,7 @@ from leagues.parallel.fsdp import (
     set_last_microbatch,
     unit_buckets,
 )
-from leagues.parallel.memory import format_plan, trainer_memory
+from leagues.parallel.memory import activation_bytes, format_plan, trainer_memory
 from leagues.parallel.mesh import ParallelConfig, ParallelMesh, build_mesh
 
 __all__ = [
@@ -44,5 +44,6 @@ __all__ = [
     "parallelize",
     "set_last_microbatch",
     "trainer_memory",
+    "activation_bytes",
     "unit_buckets",
 ]

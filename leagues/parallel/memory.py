@@ -10,8 +10,8 @@ FSDP unit (a block: its dense part and its own experts) is gathered at a time, t
 with "unsharded" accumulation a rank keeps every dense parameter and its own experts gathered in the
 compute dtype through the step, with their full float32 gradients (reduced to shards unit by unit at the
 end, so the sharded gradients never add to them). `cpu_offload` moves the sharded parts
-to host memory. Activations, the logits and the engine's KV cache are left out: they follow the batch and
-`kv_cache_fraction`, and sit on top of this floor.
+to host memory. Activations and the logits follow the micro-batch: `activation_bytes` estimates them on top
+of this floor. The engine's KV cache is planned by the RL loop (`leagues.loop.memory`).
 """
 
 import math
@@ -81,3 +81,24 @@ def format_plan(plan: dict[str, int]) -> str:
         f"gradients {gb['grads']:.1f}, optimizer {gb['optimizer']:.1f}, gathered weights {gb['gathered']:.1f}"
     )
     return text + (f"; {gb['host']:.1f} GB in host memory (cpu_offload)" if plan["host"] else "")
+
+
+ACTIVATION_SAFETY = 1.5
+"""Factor over the counted activations: autograd's temporaries, kernels' workspaces, allocator fragmentation."""
+
+
+def activation_bytes(config: ModelConfig, tokens: int, cfg, logprob_chunk: int, compute_bytes: int = 2) -> int:
+    """Peak bytes of one training micro-batch of `tokens` tokens (an estimate, with `ACTIVATION_SAFETY`): what
+    autograd keeps per layer (norm inputs and outputs, q/k/v, attention output; for MoE layers the router's
+    float32 logits and, per routed copy, the permuted input, the gate/up output, its activation and the expert
+    output), every layer's or, with `activation_checkpointing`, only the blocks' inputs plus one layer's, and
+    one chunk of the LM head and log-softmax in float32 (logits, probabilities, their gradient)."""
+    d, heads, kv_heads, head_dim = config.dim, config.num_heads, config.num_kv_heads, config.head_dim
+    attention = 4 * d + 3 * heads * head_dim + 2 * kv_heads * head_dim
+    moe = config.top_k * (2 * d + 3 * config.expert_ffn_dim) + 2 * config.num_experts + 3 * config.shared_expert_ffn_dim
+    dense = 3 * config.ffn_dim + 2 * d
+    per_layer = [attention + (moe if i in config.moe_layers else dense) for i in range(config.num_layers)]
+    checkpointed = config.num_layers * d + max(per_layer, default=0)  # block inputs, one layer recomputed
+    kept = checkpointed if cfg.activation_checkpointing else sum(per_layer)
+    head = min(tokens, logprob_chunk) * config.vocab_size * 4 * 3
+    return int(ACTIVATION_SAFETY * (tokens * kept * compute_bytes + head))

@@ -96,3 +96,46 @@ def test_fused_moe_layer_matches_the_grouped_path_in_bf16():
     same = (fused_routing.expert_ids_TK == want_routing.expert_ids_TK).all(dim=1)
     scale = want_out.float().abs().max()
     assert ((fused_out - want_out).float()[same].abs().max() / scale) < 2e-2
+
+
+def test_mapped_memory_keeps_its_addresses_for_a_captured_graph():
+    from leagues.engine.memory import MappedMemory, supported
+
+    device = torch.device("cuda")
+    assert supported(device)
+    memory = MappedMemory(3 * 2**20 + 5, device)
+    assert memory.num_bytes % 2**20 == 0 and memory.num_bytes >= 3 * 2**20 + 5
+    x = memory.view(torch.float32, (1024, 64))
+    assert x.data_ptr() == memory.address and x.device.type == "cuda"
+    x.fill_(1.0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.add_(2.0)
+    graph.replay()
+    assert torch.all(x == 3.0)
+    free_before = torch.cuda.mem_get_info()[0]
+    memory.release()
+    assert not memory.mapped and torch.cuda.mem_get_info()[0] >= free_before + 2**20
+    memory.remap()
+    x.zero_()
+    graph.replay()  # the graph's pointer is the same address, now backed by new pages
+    torch.cuda.synchronize()
+    assert torch.all(x == 2.0)
+    memory.close()
+
+
+def test_sleep_and_wake_keep_the_graphs_and_free_the_cache(tiny_path):
+    prompts = make_prompts([3, 9, 17], VOCAB, seed=5)
+    with engine_of(tiny_path, dtype="bfloat16", num_blocks=4096, compile_model="true") as engine:
+        graphs = dict(engine.runner.graphs)
+        before = _sampled(engine, prompts)
+        free_awake = torch.cuda.mem_get_info()[0]
+        engine.sleep()
+        assert torch.cuda.mem_get_info()[0] >= free_awake + engine.runner.cache_bytes * 0.9
+        engine.wake()
+        assert engine.runner.graphs == graphs  # the same captured graphs: nothing re-captured
+        after = _sampled(engine, prompts)
+        engine.sleep(offload_weights=True)  # weights move: graphs are captured again at wake
+        engine.wake()
+        again = _sampled(engine, prompts)
+    assert [o.token_ids for o in after] == [o.token_ids for o in before] == [o.token_ids for o in again]
