@@ -24,23 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.train_step import SHAPES
+
 REWARD = """
 def reward(prompt, response, label, metadata):
     return float(len(response) % 3 == 0)
 """
 
-ANCHOR = dict(
-    hidden_size=1024,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    head_dim=64,
-    intermediate_size=2048,
-    moe_intermediate_size=256,
-    num_experts=64,
-    num_experts_per_tok=8,
-    max_position_embeddings=4096,
-)
+# the ANCHORS.md shape of train_step.py, with the character vocabulary of our tokenizer
+ANCHOR = {k: v for k, v in SHAPES["anchor"].items() if k != "vocab_size"} | {"max_position_embeddings": 4096}
 
 
 def out_path() -> Path:
