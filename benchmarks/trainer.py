@@ -6,9 +6,9 @@ Run one configuration per launch (the JSON row goes to $OUT/trainer.jsonl from r
     PYTHONPATH=. torchrun --standalone --nproc-per-node N benchmarks/trainer.py --impl leagues --ep N
     PYTHONPATH=. torchrun --standalone --nproc-per-node N benchmarks/trainer.py --impl transformers
 
-Synthetic GRPO batch: per rank `--samples` samples of 256 prompt + 768 response tokens with random
-advantages; micro-batches of `--microbatch-tokens` (4,096) packed tokens. A step is the trainer's
-whole `train_step` (forward, backward, AdamW). MFU counts matmul FLOPs as in `train_step.py` over a
+Synthetic GRPO batch: per rank `--samples` samples of `--prompt-len` (256) prompt + `--response-len` (768)
+response tokens with random advantages; micro-batches of `--microbatch-tokens` (4,096) packed tokens. A step is
+the trainer's whole `train_step` (forward, backward, AdamW). MFU counts matmul FLOPs as in `train_step.py` over a
 measured bf16 matmul peak. transformers: the same checkpoint in bf16 compute / fp32 master weights
 via FSDP2 per decoder layer, [4, 1024] batches, the same token-mean policy-gradient loss.
 """
@@ -25,21 +25,19 @@ import torch.distributed as dist
 from benchmarks.train_step import BASE, SHAPES, flops_per_token, make_checkpoint, matmul_peak_tflops
 from leagues.cli.launch import shutdown_distributed
 
-PROMPT, RESPONSE = 256, 768
 
-
-def synthetic_samples(num: int, vocab: int, seed: int):
+def synthetic_samples(num: int, vocab: int, seed: int, prompt: int, response: int):
     from leagues.types import Sample
 
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (num, PROMPT + RESPONSE), generator=gen)
+    ids = torch.randint(0, vocab, (num, prompt + response), generator=gen)
     adv = torch.randn(num, generator=gen)
     return [
         Sample(
-            prompt_ids=row[:PROMPT].tolist(),
-            response_ids=row[PROMPT:].tolist(),
+            prompt_ids=row[:prompt].tolist(),
+            response_ids=row[prompt:].tolist(),
             advantage=float(a),
-            rollout_logprobs=[-1.0] * RESPONSE,
+            rollout_logprobs=[-1.0] * response,
         )
         for row, a in zip(ids, adv, strict=True)
     ]
@@ -57,7 +55,7 @@ def leagues_step(args, path, rank, vocab):
         compile=args.compile,
     )
     trainer = Trainer(path, cfg)
-    samples = synthetic_samples(args.samples, vocab, seed=rank)
+    samples = synthetic_samples(args.samples, vocab, rank, args.prompt_len, args.response_len)
     return lambda: trainer.train_step(samples)
 
 
@@ -74,16 +72,16 @@ def transformers_step(args, path, rank, vocab):
     fully_shard(model, mp_policy=mp)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda)
     gen = torch.Generator().manual_seed(rank)
-    ids = torch.randint(0, vocab, (args.samples, PROMPT + RESPONSE), generator=gen).to(device)
+    ids = torch.randint(0, vocab, (args.samples, args.prompt_len + args.response_len), generator=gen).to(device)
     adv = torch.randn(args.samples, generator=gen).to(device)
-    per_mb = max(1, args.microbatch_tokens // (PROMPT + RESPONSE))
-    total = args.samples * (RESPONSE) * dist.get_world_size()
+    per_mb = max(1, args.microbatch_tokens // (args.prompt_len + args.response_len))
+    total = args.samples * args.response_len * dist.get_world_size()
 
     def step():
         for start in range(0, args.samples, per_mb):
             x = ids[start : start + per_mb]
             logits = model(input_ids=x[:, :-1]).logits.float()
-            logp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None])[..., 0][:, PROMPT - 1 :]
+            logp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None])[..., 0][:, args.prompt_len - 1 :]
             loss = -(logp * adv[start : start + per_mb, None]).sum() / total * dist.get_world_size()
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -99,6 +97,8 @@ def main():
     parser.add_argument("--shape", default="anchor")
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--response-len", type=int, default=768)
     parser.add_argument("--microbatch-tokens", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
@@ -135,9 +135,10 @@ def main():
         dist.barrier()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    tokens_per_gpu = args.samples * (PROMPT + RESPONSE - 1) / seconds
+    length = args.prompt_len + args.response_len
+    tokens_per_gpu = args.samples * (length - 1) / seconds
     peak = matmul_peak_tflops() if cuda else float("nan")
-    tflops = flops_per_token(hf, PROMPT + RESPONSE) * tokens_per_gpu / 1e12
+    tflops = flops_per_token(hf, length) * tokens_per_gpu / 1e12
     row = dict(
         impl=args.impl,
         shape=args.shape,
@@ -146,6 +147,8 @@ def main():
         compile=args.compile and args.impl == "leagues",
         grad_accumulation=args.grad_accumulation if args.impl == "leagues" else None,
         samples_per_gpu=args.samples,
+        prompt_len=args.prompt_len,
+        response_len=args.response_len,
         step_s=round(seconds, 3),
         tokens_per_s_per_gpu=round(tokens_per_gpu),
         tflops_per_gpu=round(tflops, 1),

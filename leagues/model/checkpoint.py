@@ -240,17 +240,21 @@ def weight_targets(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_named_tensors(model: Transformer, named_tensors, targets: dict[str, torch.Tensor] | None = None) -> int:
+def load_named_tensors(
+    model: Transformer, named_tensors, targets: dict[str, torch.Tensor] | None = None, flush_bytes: int = 256 << 20
+) -> int:
     """Copy tensors into the model in place, by our parameter names (or routers' `expert_bias` buffers) or by HF
     names; returns the count. `targets`: `weight_targets(model)`, kept by a caller that loads often (walking the
     modules costs about half a millisecond a call).
 
-    In place (`copy_` into the existing storage) so no second copy of the model is made and captured
-    CUDA graphs stay valid. A name that maps to nothing, or a shape that does not fit, raises.
+    In place, so no second copy of the model is made and captured CUDA graphs stay valid. A name that maps to
+    nothing, or a shape that does not fit, raises. Copies go by `_foreach_copy_` (casting to the model's dtype
+    as they go), one launch per `flush_bytes` of sources rather than one per tensor; a lazy stream (tensors read
+    from disk) is held at most that much at a time.
     """
     params = targets if targets is not None else weight_targets(model)
     hf_index = None
-    count = 0
+    dst, src, held, count = [], [], 0, 0
     for name, tensor in named_tensors:
         if name in params:
             target = params[name]
@@ -263,6 +267,13 @@ def load_named_tensors(model: Transformer, named_tensors, targets: dict[str, tor
             target = target.chunk(num_parts, dim=0)[part]
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
-        target.copy_(tensor)
+        dst.append(target)
+        src.append(tensor)
+        held += tensor.nbytes
         count += 1
+        if held >= flush_bytes:
+            torch._foreach_copy_(dst, src)
+            dst, src, held = [], [], 0
+    if dst:
+        torch._foreach_copy_(dst, src)
     return count

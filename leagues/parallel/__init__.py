@@ -9,6 +9,7 @@ Public API:
     parallelize(model, cfg, world_size, device_type) -> ParallelMesh   all of the above, in order
     full_state_dict(model) / full_state_dict_buckets(model)   full tensors back out, by our names
     unit_buckets(model)                         the same in the compute dtype, one FSDP unit at a time
+    whole_parameters(model)                     on one rank: the parameters themselves, no gather
     load_full_tensors(model, named)             the inverse: each rank keeps its pieces of full tensors
     set_last_microbatch(model, cfg, last)       gradient accumulation across micro-batches
     ExpertParallelExperts                          the experts module with dispatch() / combine()
@@ -25,6 +26,7 @@ from leagues.parallel.fsdp import (
     parallelize,
     set_last_microbatch,
     unit_buckets,
+    whole_parameters,
 )
 from leagues.parallel.memory import activation_bytes, format_plan, trainer_memory
 from leagues.parallel.mesh import ParallelConfig, ParallelMesh, build_mesh
@@ -46,4 +48,5 @@ __all__ = [
     "trainer_memory",
     "activation_bytes",
     "unit_buckets",
+    "whole_parameters",
 ]

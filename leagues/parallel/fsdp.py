@@ -170,6 +170,20 @@ def unit_buckets(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
             unit.reshard()
 
 
+def whole_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """On a mesh of one rank, each sharded parameter's local tensor is the whole parameter: (name, that tensor)
+    for every parameter, views in the master dtype, with no gather and no copy. A receiver that copies them into
+    the compute dtype rounds as FSDP's own cast before its gather does."""
+    pairs = []
+    for name, _, param in _parameters(model):
+        if isinstance(param, DTensor):
+            if param.device_mesh.size() != 1:
+                raise ValueError(f"whole_parameters: {name!r} is sharded over {param.device_mesh.size()} ranks")
+            param = param.to_local()
+        pairs.append((name, param.detach()))
+    return pairs
+
+
 def load_full_tensors(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
     """The inverse of `full_state_dict`: copy this rank's pieces of full tensors (our names, any device) into the
     parallelized model's parameters: an expert-parallel module's slice of the experts, then FSDP's dim-0 chunk.

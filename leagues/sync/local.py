@@ -10,7 +10,8 @@ model's parameter names, and stamp the new version on every later output.
 
 Decisions:
 - Colocated: each bucket is copied into the engine's parameters and dropped, so only one bucket of full
-  tensors exists beside the two resident models (trainer shards, engine weights) at any time.
+  tensors exists beside the two resident models (trainer shards, engine weights) at any time. A trainer of
+  one rank hands over one bucket of its parameters themselves: one engine call, a few `_foreach_copy_`.
 - Disaggregated: one broadcast group holds the sending trainer rank and every engine rank. Each bucket
   travels as a small header (names, shapes, dtypes; a pickled object broadcast) and then one flat tensor
   per dtype, so a bucket is a handful of collectives, not one per parameter; an empty header ends the
@@ -26,11 +27,14 @@ Bucket = Sequence[tuple[str, torch.Tensor]]
 
 
 def push_in_place(buckets: Iterable[Bucket], engine, version: int) -> int:
-    """Load every bucket into `engine` (same process); returns the bytes moved."""
+    """Load every bucket into `engine` (same process), one engine call a bucket; returns the bytes written
+    into the engine (in its dtype: a bucket of float32 masters cast on the way counts what lands)."""
+    itemsize = engine.model.embed.weight.element_size()
     moved = 0
     for bucket in buckets:
-        engine.load_weights(list(bucket), version=version)
-        moved += sum(t.numel() * t.element_size() for _, t in bucket)
+        bucket = list(bucket)
+        engine.load_weights(bucket, version=version)
+        moved += sum(t.numel() for _, t in bucket) * itemsize
     return moved
 
 

@@ -39,6 +39,7 @@ from leagues.parallel import (
     parallelize,
     set_last_microbatch,
     unit_buckets,
+    whole_parameters,
 )
 from leagues.train.checkpoint import load_checkpoint, local_only, save_checkpoint
 from leagues.train.logprobs import token_logprobs
@@ -79,8 +80,9 @@ class TrainerConfig:
     old_logprobs: str = "recompute"
     """The ratio's old policy: "recompute" (the policy's logprobs before the first update) or "rollout" (the
     engine's logprobs of the samples)."""
-    compile: bool = False
-    """`torch.compile` each transformer block (fuses norms, rotary and the MoE glue)."""
+    compile: bool | str = "auto"
+    """`torch.compile` each transformer block (fuses norms, rotary and the MoE glue) and the chunked LM-head
+    log-softmax: true, false, or "auto" (on GPUs, unless deterministic; the first steps pay the compile)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     deterministic: bool = False
     """Batch-invariant kernels (`leagues.kernels.batch_invariant`): the training forward's logprobs equal the
@@ -90,6 +92,8 @@ class TrainerConfig:
         for name in ("num_minibatches", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"trainer.compile: expected true, false or auto, got {self.compile!r}")
         if self.old_logprobs not in ("recompute", "rollout"):
             raise ValueError(f"trainer.old_logprobs: expected recompute or rollout, got {self.old_logprobs!r}")
 
@@ -125,7 +129,10 @@ class Trainer:
         if cfg.deterministic:
             self.model.set_batch_invariant()
         self.ref = self._load_ref() if cfg.loss.kl_coef > 0 else None
-        if cfg.compile:
+        self.compiled = cfg.compile is True or (
+            cfg.compile == "auto" and self.device.type == "cuda" and not cfg.deterministic
+        )
+        if self.compiled:
             self.model.compile_blocks()
         # FSDP2 whenever there is a process group (also of one rank: it brings bf16 compute, fp32 master).
         self.mesh = None if self.alone else parallelize(self.model, cfg.parallel, self.world, self.device.type)
@@ -189,7 +196,7 @@ class Trainer:
             self.cfg.logprob_chunk_size,
             with_entropy=with_entropy,
             entropy_grad=self.cfg.loss.entropy_coef != 0,
-            compiled=self.cfg.compile and not self.cfg.deterministic,
+            compiled=self.compiled and not self.cfg.deterministic,
             invariant=self.cfg.deterministic,
         )
         return logprobs_T, entropy_T, out
@@ -424,10 +431,15 @@ class Trainer:
     ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Full (unsharded) weights in buckets of about `bucket_bytes`, under the model's parameter names.
 
-        `dtype`: the receiver's. When it is the sharded model's compute dtype, each FSDP unit is gathered whole
-        in that dtype (`unit_buckets`: the forward's very weights, half the bytes of float32, a few large
-        collectives); each bucket is then valid only until the next is requested, so the receiver copies it."""
+        `dtype`: the receiver's, given by a receiver that copies each tensor in place (casting as it copies).
+        On one rank it then gets a single bucket of the parameters themselves (`whole_parameters`: no gather,
+        no copy; the cast copy rounds as FSDP's cast does). When it is the sharded model's compute dtype, each
+        FSDP unit is gathered whole in that dtype (`unit_buckets`: the forward's very weights, half the bytes of
+        float32, a few large collectives); each bucket is then valid only until the next is requested."""
         biases = [(n, b.detach().clone()) for n, b in self._expert_biases()] if self.cfg.moe.bias_update_rate else []
+        if self.mesh is not None and self.world == 1 and dtype is not None:
+            yield whole_parameters(self.model) + biases
+            return
         if self.mesh is not None and dtype == self.cfg.parallel.resolved_param_dtype(self.device.type):
             yield from unit_buckets(self.model)
             if biases:  # the engine must pick experts with the same biases

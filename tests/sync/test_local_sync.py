@@ -87,3 +87,51 @@ def test_broadcast_sync_lands_the_sent_weights(tmp_path):
 def test_every_weight_sync_is_registered_and_frozen_engines_get_nothing():
     assert set(WEIGHT_SYNCS) == {"in_place", "distributed", "disk", "none"}
     assert WEIGHT_SYNCS["none"]().push(trainer=None, version=3) == {}
+
+
+def _one_rank_sync(port: int, results) -> None:
+    """A trainer on a process group of one rank (as `leagues train` on one GPU), bf16 compute over float32
+    masters, and two bf16 engines: one filled by the run's transport (one bucket of the parameters
+    themselves, cast as copied), one per tensor from FSDP's own gathers in the compute dtype."""
+    from leagues.parallel import ParallelConfig, unit_buckets
+
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        path = resolve_model_path("tiny-moe")
+        cfg = TrainerConfig(optim=OptimConfig(lr=1e-2), parallel=ParallelConfig(param_dtype="bfloat16"))
+        trainer = Trainer(path, cfg)
+        trainer.train_step([Sample(prompt_ids=PROMPT, response_ids=[3, 4, 5], advantage=1.0) for _ in range(2)])
+        fast, slow = (Engine(path, num_blocks=64, device="cpu", dtype="bfloat16") for _ in range(2))
+        try:
+            buckets = list(trainer.state_dict_for_sync(dtype=torch.bfloat16))
+            metrics = WEIGHT_SYNCS["in_place"](fast).push(trainer, version=2)
+            for bucket in unit_buckets(trainer.model):
+                for name, tensor in bucket:
+                    slow.load_weights([(name, tensor.clone())], version=2)
+            want = dict(slow.model.named_parameters())
+            unequal = [n for n, p in fast.model.named_parameters() if not torch.equal(p, want[n])]
+            start = dict(Engine(path, num_blocks=8, device="cpu", dtype="bfloat16").model.named_parameters())
+            moved = [n for n, p in fast.model.named_parameters() if not torch.equal(p, start[n])]
+            numel = sum(p.numel() for p in fast.model.parameters())
+            summary = (len(buckets), str(buckets[0][0][1].dtype), metrics["sync/gb"], numel, len(want))
+            results.put(summary + (unequal, len(moved)))
+        finally:
+            fast.close()
+            slow.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_sync_hands_over_the_parameters_and_lands_what_fsdp_would_gather():
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_one_rank_sync, args=(free_port(), results))
+    proc.start()
+    num_buckets, dtype, gb, numel, num_params, unequal, moved = results.get(timeout=120)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    assert num_buckets == 1 and dtype == "torch.float32"  # the float32 masters themselves, no gather
+    assert abs(gb - numel * 2 / 1e9) < 1e-9  # what lands: bf16 bytes
+    assert unequal == []  # bit for bit what FSDP's cast and gather give
+    assert moved > num_params // 2  # the step changed the weights, so the comparison means something

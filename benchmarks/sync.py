@@ -1,0 +1,104 @@
+"""Colocated weight sync against a device copy of the same bytes, on one GPU.
+
+The trainer runs as `leagues train` runs it on one GPU (FSDP2 over a process group of one rank, float32
+masters, bf16 compute); the engine sits in the same process. Two transports are timed: `whole` (the run's
+default: one bucket of the parameters themselves, cast into the engine by `_foreach_copy_`) and `per_unit`
+(FSDP2 gathers each unit in bf16, then one engine call per unit: what multi-rank trainers do). After each,
+the engine's weights are compared bit for bit with the other transport's.
+
+One row per (shape, transport) to $OUT/sync.jsonl: `shape`, `transport`, `gb` (bytes landed in the engine),
+`sync_ms` (median), `gb_per_s`, `copy_gb_per_s` (a plain device copy of `gb` bytes, read and write counted
+as the copy's bytes), `frac_of_copy` (copy time / sync time), `bitwise_equal`.
+
+    PYTHONPATH=. python benchmarks/sync.py [--shapes anchor,wide] [--repeats 10]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from benchmarks.train_step import BASE, SHAPES, make_checkpoint
+from leagues.cli.launch import init_distributed, shutdown_distributed
+from leagues.engine import Engine
+from leagues.parallel import unit_buckets
+from leagues.sync import push_in_place
+from leagues.train import Trainer, TrainerConfig
+
+
+def timed_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_time_ms(nbytes: int, repeats: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return timed_ms(lambda: dst.copy_(src), repeats)
+
+
+def bench_shape(name: str, repeats: int, out: str) -> None:
+    path = tempfile.mkdtemp(prefix=f"bench-sync-{name}-")
+    make_checkpoint(BASE | SHAPES[name], path)
+    trainer = Trainer(path, TrainerConfig(compile=False))
+    engine = Engine(path, num_blocks=64, cuda_graphs=False, compile_model="false")
+    try:
+        dtype = engine.model.embed.weight.dtype
+        numel = sum(p.numel() for p in engine.model.parameters())
+        nbytes = numel * engine.model.embed.weight.element_size()
+        copy_ms = copy_time_ms(nbytes, repeats)
+        transports = {
+            "whole": lambda: push_in_place(trainer.state_dict_for_sync(dtype=dtype), engine, version=1),
+            "per_unit": lambda: push_in_place(unit_buckets(trainer.model), engine, version=1),
+        }
+        landed = {}
+        for transport, push in transports.items():
+            ms = timed_ms(push, repeats)
+            landed[transport] = [p.detach().clone() for p in engine.model.parameters()]
+            row = dict(
+                shape=name,
+                transport=transport,
+                gb=round(nbytes / 1e9, 3),
+                sync_ms=round(ms, 2),
+                gb_per_s=round(nbytes / 1e6 / ms, 1),
+                copy_gb_per_s=round(2 * nbytes / 1e6 / copy_ms, 1),
+                frac_of_copy=round(copy_ms / ms, 3),
+                card=torch.cuda.get_device_name(),
+            )
+            print(json.dumps(row), flush=True)
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        equal = all(torch.equal(a, b) for a, b in zip(landed["whole"], landed["per_unit"], strict=True))
+        print(json.dumps({"shape": name, "bitwise_equal": equal}), flush=True)
+        with open(out, "a") as f:
+            f.write(json.dumps({"shape": name, "bitwise_equal": equal}) + "\n")
+    finally:
+        engine.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="anchor,wide")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    init_distributed()
+    out = os.path.join(os.environ.get("OUT", "/tmp"), "sync.jsonl")
+    for name in args.shapes.split(","):
+        bench_shape(name, args.repeats, out)
+        torch.cuda.empty_cache()
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
