@@ -10,7 +10,9 @@ One row per (shape, transport) to $OUT/sync.jsonl: `shape`, `transport`, `gb` (b
 `sync_ms` (median), `gb_per_s`, `copy_gb_per_s` (a plain device copy of `gb` bytes, read and write counted
 as the copy's bytes), `frac_of_copy` (copy time / sync time), `bitwise_equal`.
 
-    PYTHONPATH=. python benchmarks/sync.py [--shapes anchor,wide] [--repeats 10]
+    PYTHONPATH=. python benchmarks/sync.py [--shapes anchor,wide] [--repeats 10] [--profile]
+
+`--profile`: one profiled `whole` sync a shape, its top ops by GPU time to $OUT/profile-sync-<shape>.txt.
 """
 
 import argparse
@@ -48,7 +50,18 @@ def copy_time_ms(nbytes: int, repeats: int) -> float:
     return timed_ms(lambda: dst.copy_(src), repeats)
 
 
-def bench_shape(name: str, repeats: int, out: str) -> None:
+def profile_once(name: str, push) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        push()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), f"profile-sync-{name}.txt"), "w") as f:
+        f.write(table)
+
+
+def bench_shape(name: str, repeats: int, out: str, profiled: bool = False) -> None:
     path = tempfile.mkdtemp(prefix=f"bench-sync-{name}-")
     make_checkpoint(BASE | SHAPES[name], path)
     trainer = Trainer(path, TrainerConfig(compile=False))
@@ -62,6 +75,8 @@ def bench_shape(name: str, repeats: int, out: str) -> None:
             "whole": lambda: push_in_place(trainer.state_dict_for_sync(dtype=dtype), engine, version=1),
             "per_unit": lambda: push_in_place(unit_buckets(trainer.model), engine, version=1),
         }
+        if profiled:
+            profile_once(name, transports["whole"])
         landed = {}
         for transport, push in transports.items():
             ms = timed_ms(push, repeats)
@@ -91,11 +106,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="anchor,wide")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     init_distributed()
     out = os.path.join(os.environ.get("OUT", "/tmp"), "sync.jsonl")
     for name in args.shapes.split(","):
-        bench_shape(name, args.repeats, out)
+        bench_shape(name, args.repeats, out, args.profile)
         torch.cuda.empty_cache()
     shutdown_distributed()
 

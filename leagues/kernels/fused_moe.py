@@ -1,8 +1,8 @@
-"""The MoE layer of a decode-sized batch in three kernels: route, gate/up with SiLU, down with the top-k sum.
+"""The MoE layer of a decode-sized batch in a handful of kernels: route, (align), gate/up with SiLU, down.
 
-Where it sits: `leagues.model.moe.MoE` takes this path for small batches on CUDA when no gradient is
-needed (the engine's decode steps); prefill, training and large batches keep the grouped GEMMs
-(`leagues.kernels.grouped_gemm`), whose weight reads pay off once several rows share an expert.
+Where it sits: `leagues.model.moe.MoE` takes this path on CUDA when no gradient is needed and the batch is
+decode-sized (the engine's decode steps, up to `MAX_TILED_PAIRS` (token, expert) pairs); prefill, training
+and large batches keep the grouped GEMMs (`leagues.kernels.grouped_gemm`).
 
 Decisions:
 - No sort, no permutation: each (token, expert) pair reads its expert's weights directly. With at most
@@ -14,7 +14,14 @@ Decisions:
 - Gate/up: program (pair, block of F) accumulates both projections in float32 and stores silu(g) * u once.
 - Down: program (token, block of D) walks the token's k experts and adds weight * (h @ w2[e].T) in float32,
   so the routing weight and the top-k sum live in the kernel's epilogue; one rounding at the end.
-- The two Triton entry points are `torch.library` operators, opaque to `torch.compile` (the compiled
+- Tiled (more pairs than experts, up to `MAX_TILED_PAIRS`): one program lays the pairs out by expert in
+  blocks of `BLOCK_M` rows (each block one expert's, padded with an out-of-range pair), then gate/up and down
+  are tensor-core GEMM tiles of a block x a slice of the output, reading each expert's weights once per
+  block instead of once per pair. A pair's slot within its expert's blocks comes from an atomic counter:
+  the order differs run to run, the numbers do not (each output row is its own dot products, whatever rows
+  share its tile). Down stores each pair's weighted float32 row; the top-k sum is the caller's (it fuses
+  with the residual add in a compiled block).
+- The Triton entry points are `torch.library` operators, opaque to `torch.compile` (the compiled
   blocks call them inside the decode CUDA graphs). The torch references beside them define the numbers.
 
 Legend: T tokens, D model dim, E experts, K top-k, F expert ffn dim, P = T*K pairs.
@@ -29,15 +36,21 @@ except ImportError:  # triton is Linux-only; the references need none
     triton = None
 
 
-def applies(x_TD: torch.Tensor, num_experts: int, top_k: int) -> bool:
-    """The fused path serves this batch: CUDA, 16-bit, no gradient, at most one pair per expert."""
-    return (
-        triton is not None
-        and x_TD.is_cuda
-        and x_TD.dtype in (torch.bfloat16, torch.float16)
-        and not torch.is_grad_enabled()
-        and 0 < x_TD.shape[0] * top_k <= num_experts
-    )
+MAX_TILED_PAIRS = 4096
+"""Up to this many (token, expert) pairs the tiled kernels serve the batch (one program aligns them)."""
+BLOCK_M = 16
+"""Rows of one expert block in the tiled kernels (the smallest tensor-core tile)."""
+
+
+def mode(x_TD: torch.Tensor, num_experts: int, top_k: int) -> str | None:
+    """Which fused path serves this batch: "small" (at most one pair per expert), "tiled" (up to
+    `MAX_TILED_PAIRS` pairs), or None (the grouped GEMMs). Only CUDA, 16-bit, without gradients."""
+    pairs = x_TD.shape[0] * top_k
+    if triton is None or not x_TD.is_cuda or x_TD.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if torch.is_grad_enabled() or pairs == 0 or pairs > MAX_TILED_PAIRS:
+        return None
+    return "small" if pairs <= num_experts else "tiled"
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -54,14 +67,19 @@ def route_reference(x_TD, w_ED, bias_E, top_k: int, renormalize: bool):
     return weights_TK, ids_TK, logits_TE
 
 
-def experts_reference(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF):
-    """sum_k weights[t, k] * w2[e] @ (silu(gate) * up)(w13[e] @ x[t]), float32 inside, x's dtype out."""
+def pairs_reference(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF):
+    """weights[t, k] * w2[e] @ (silu(gate) * up)(w13[e] @ x[t]) per pair [T, K, D], float32."""
     num_ffn = w2_EDF.shape[-1]
     h_TKF = torch.einsum("tkfd,td->tkf", w13_EFD[ids_TK].float(), x_TD.float())
     h_TKF = torch.nn.functional.silu(h_TKF[..., :num_ffn]) * h_TKF[..., num_ffn:]
-    h_TKF = h_TKF.to(x_TD.dtype).float()  # the kernel stores h in x's dtype
+    h_TKF = h_TKF.to(x_TD.dtype).float()  # the kernels store h in x's dtype
     y_TKD = torch.einsum("tkdf,tkf->tkd", w2_EDF[ids_TK].float(), h_TKF)
-    return (y_TKD * weights_TK.float()[..., None]).sum(1).to(x_TD.dtype)
+    return y_TKD * weights_TK.float()[..., None]
+
+
+def experts_reference(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF):
+    """sum_k of `pairs_reference`, float32 inside, x's dtype out."""
+    return pairs_reference(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF).sum(1).to(x_TD.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- triton kernels
@@ -153,6 +171,89 @@ if triton is not None:
             out += tl.load(weights_ptr + pair).to(tl.float32) * acc
         tl.store(out_ptr + t * stride_o + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
+    @triton.jit
+    def _align_kernel(
+        ids_ptr, sorted_ptr, block_expert_ptr, scratch_ptr, P, NUM_SLOTS, NUM_BLOCKS,
+        E: tl.constexpr, E_PAD: tl.constexpr, P_PAD: tl.constexpr, S_PAD: tl.constexpr, B_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        offs_p = tl.arange(0, P_PAD)
+        mask_p = offs_p < P
+        ids = tl.load(ids_ptr + offs_p, mask=mask_p, other=E).to(tl.int32)
+        offs_e = tl.arange(0, E_PAD)
+        counts = tl.histogram(ids, E_PAD)  # E_PAD > E: the padding lanes count into bin E, dropped below
+        counts = tl.where(offs_e < E, counts, 0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        ends = tl.cumsum(padded, axis=0)
+        tl.store(scratch_ptr + offs_e, ends - padded)  # each expert's first slot
+        tl.store(scratch_ptr + E_PAD + offs_e, tl.zeros([E_PAD], dtype=tl.int32))  # each expert's cursor
+        offs_s = tl.arange(0, S_PAD)
+        tl.store(sorted_ptr + offs_s, tl.full([S_PAD], 0, tl.int32) + P, mask=offs_s < NUM_SLOTS)
+        # block b holds expert e when starts[e] <= b * BLOCK_M < ends[e]; past the last expert's end: E (none)
+        offs_b = tl.arange(0, B_PAD)
+        expert = tl.sum((ends[None, :] <= (offs_b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + offs_b, tl.minimum(expert, E), mask=offs_b < NUM_BLOCKS)
+        tl.debug_barrier()
+        start = tl.load(scratch_ptr + ids, mask=mask_p, other=0)
+        rank = tl.atomic_add(scratch_ptr + E_PAD + ids, 1, mask=mask_p)
+        tl.debug_barrier()
+        tl.store(sorted_ptr + start + rank, offs_p, mask=mask_p)
+
+    @triton.jit
+    def _gate_up_tiled_kernel(
+        x_ptr, sorted_ptr, block_expert_ptr, w13_ptr, h_ptr, P, D, F, stride_x, stride_we, stride_wf, stride_h,
+        E: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        block = tl.program_id(0)
+        expert = tl.load(block_expert_ptr + block).to(tl.int64)
+        if expert < E:
+            rows = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            valid = rows < P
+            tokens = rows // K
+            offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < F
+            w_base = w13_ptr + expert * stride_we
+            gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < D
+                a = tl.load(x_ptr + tokens[:, None] * stride_x + offs_k[None, :], mask=valid[:, None] & mask_k[None, :],
+                            other=0.0)  # fmt: skip
+                w_mask = mask_k[:, None] & mask_n[None, :]
+                w_gate = tl.load(w_base + offs_n[None, :] * stride_wf + offs_k[:, None], mask=w_mask, other=0.0)
+                w_up = tl.load(w_base + (F + offs_n)[None, :] * stride_wf + offs_k[:, None], mask=w_mask, other=0.0)
+                gate = tl.dot(a, w_gate, gate)
+                up = tl.dot(a, w_up, up)
+            h = gate / (1.0 + tl.exp(-gate)) * up
+            out_mask = valid[:, None] & mask_n[None, :]
+            tl.store(h_ptr + rows[:, None] * stride_h + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _down_tiled_kernel(
+        h_ptr, sorted_ptr, block_expert_ptr, weights_ptr, w2_ptr, y_ptr, P, D, F, stride_h, stride_we, stride_wd,
+        stride_y, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        block = tl.program_id(0)
+        expert = tl.load(block_expert_ptr + block).to(tl.int64)
+        if expert < E:
+            rows = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            valid = rows < P
+            offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < D
+            w_base = w2_ptr + expert * stride_we
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, F, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < F
+                a = tl.load(h_ptr + rows[:, None] * stride_h + offs_k[None, :], mask=valid[:, None] & mask_k[None, :],
+                            other=0.0)  # fmt: skip
+                w = tl.load(w_base + offs_n[None, :] * stride_wd + offs_k[:, None],
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # fmt: skip
+                acc = tl.dot(a, w, acc)
+            acc = acc * tl.load(weights_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + rows[:, None] * stride_y + offs_n[None, :], acc, mask=valid[:, None] & mask_n[None, :])
+
 
 def route_triton(x_TD, w_ED, bias_E, top_k: int, renormalize: bool, block_d: int = 256):
     """`route_reference` in one launch (CUDA, or the CPU under TRITON_INTERPRET=1)."""
@@ -194,6 +295,53 @@ def experts_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, block_f: int = 16,
     return out_TD
 
 
+def align_triton(ids_TK: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
+    """(sorted_S int32, block_expert_B int32): the pairs laid out by expert in blocks of `block_m` slots
+    (empty slots hold the pair count P; blocks past the last expert's hold `num_experts`). S and B are fixed
+    by P and E alone (no host sync): S = B * block_m, B = cdiv(P, block_m) + E."""
+    num_pairs = ids_TK.numel()
+    num_blocks = triton.cdiv(num_pairs, block_m) + num_experts
+    num_slots = num_blocks * block_m
+    device = ids_TK.device
+    sorted_S = torch.empty(num_slots, dtype=torch.int32, device=device)
+    block_expert_B = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    e_pad = triton.next_power_of_2(num_experts + 1)
+    scratch = torch.empty(2 * e_pad, dtype=torch.int32, device=device)
+    _align_kernel[(1,)](
+        ids_TK.contiguous(), sorted_S, block_expert_B, scratch, num_pairs, num_slots, num_blocks,
+        E=num_experts, E_PAD=e_pad, P_PAD=triton.next_power_of_2(num_pairs),
+        S_PAD=triton.next_power_of_2(num_slots), B_PAD=triton.next_power_of_2(num_blocks), BLOCK_M=block_m,
+    )  # fmt: skip
+    return sorted_S, block_expert_B
+
+
+def pairs_tiled_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, block_n: int = 64, block_k: int = 64):
+    """`pairs_reference` as align + two tiled GEMM kernels (the caller sums over k: inside a compiled block
+    that sum fuses with the residual add)."""
+    num_tokens, dim = x_TD.shape
+    top_k, num_ffn, num_experts = ids_TK.shape[1], w2_EDF.shape[-1], w2_EDF.shape[0]
+    x_TD, weights_TK = x_TD.contiguous(), weights_TK.contiguous()
+    w13_EFD, w2_EDF = w13_EFD.contiguous(), w2_EDF.contiguous()
+    num_pairs = num_tokens * top_k
+    h_PF = x_TD.new_empty(num_pairs, num_ffn)
+    y_PD = torch.empty(num_pairs, dim, dtype=torch.float32, device=x_TD.device)
+    if num_tokens == 0:
+        return y_PD.view(0, top_k, dim)
+    sorted_S, block_expert_B = align_triton(ids_TK, num_experts)
+    num_blocks = block_expert_B.shape[0]
+    _gate_up_tiled_kernel[(num_blocks, triton.cdiv(num_ffn, block_n))](
+        x_TD, sorted_S, block_expert_B, w13_EFD, h_PF, num_pairs, dim, num_ffn, x_TD.stride(0), w13_EFD.stride(0),
+        w13_EFD.stride(1), h_PF.stride(0), E=num_experts, K=top_k, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )  # fmt: skip
+    _down_tiled_kernel[(num_blocks, triton.cdiv(dim, block_n))](
+        h_PF, sorted_S, block_expert_B, weights_TK, w2_EDF, y_PD, num_pairs, dim, num_ffn, h_PF.stride(0),
+        w2_EDF.stride(0), w2_EDF.stride(1), y_PD.stride(0), E=num_experts, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )  # fmt: skip
+    return y_PD.view(num_tokens, top_k, dim)
+
+
 # ---------------------------------------------------------------------------------------------- operators
 
 
@@ -227,3 +375,19 @@ def experts(
 @experts.register_fake
 def _(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF):
     return torch.empty_like(x_TD)
+
+
+@torch.library.custom_op("leagues::moe_pairs_tiled", mutates_args=())
+def pairs_tiled(
+    x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor
+) -> torch.Tensor:
+    """Each pair's weighted expert output [T, K, D] float32 for up to `MAX_TILED_PAIRS` pairs: the tiled Triton
+    kernels on CUDA, the reference elsewhere."""
+    if x_TD.is_cuda and triton is not None:
+        return pairs_tiled_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF)
+    return pairs_reference(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF)
+
+
+@pairs_tiled.register_fake
+def _(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF):
+    return x_TD.new_empty(*ids_TK.shape, x_TD.shape[1], dtype=torch.float32)

@@ -86,6 +86,9 @@ class PackedSeqs:
         device = self.cu_seqlens_B1.device
         return torch.cat([torch.arange(n, device=device) for n in self.lengths])
 
+    # Outside compiled blocks: the lengths are Python values, and a compiled graph guarding on them would
+    # recompile for every new packing (each RL step).
+    @torch.compiler.disable
     def attend(self, layer_idx: int, q_THA, k_TGA, v_TGA) -> torch.Tensor:
         if self.invariant_len:
             return self._invariant(q_THA, k_TGA, v_TGA)

@@ -5,8 +5,9 @@ Routing *replay* swaps only the choice of experts: given ids recorded elsewhere 
 rollout, or an earlier pass), the weights are still the router's probabilities at those ids, so the
 router keeps receiving gradients.
 
-Decode-sized inference batches on CUDA run `leagues.kernels.fused_moe` instead (route, gate/up, down: three
-kernels, no sort). Experts are stacked `[E, ...]` tensors. Token-expert pairs are sorted by expert and run through two
+Decode-sized inference batches on CUDA run `leagues.kernels.fused_moe` instead (route, gate/up, down, plus
+one alignment kernel when experts see several rows: no sort, no permutation). Experts are stacked `[E, ...]`
+tensors. Otherwise token-expert pairs are sorted by expert and run through two
 grouped matmuls (`leagues.kernels.grouped_gemm`: `torch._grouped_mm` on CUDA/bf16, a loop elsewhere).
 Tokens are repeated k times and permuted into expert order; results are scaled by their routing
 weight, permuted back and summed over k. Every move is a gather of a permutation (backward too), so
@@ -159,8 +160,9 @@ class MoE(nn.Module):
         self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
 
     def forward(self, x_TD: torch.Tensor, replay_ids_TK: torch.Tensor | None = None):
-        if replay_ids_TK is None and self._fused(x_TD):
-            routing, out_TD = self._forward_fused(x_TD)
+        fused = self._fused(x_TD) if replay_ids_TK is None else None
+        if fused is not None:
+            routing, out_TD = self._forward_fused(x_TD, fused)
         else:
             routing = self.router(x_TD, replay_ids_TK)
             out_TD = self.experts(x_TD, routing.weights_TK, routing.expert_ids_TK)
@@ -171,17 +173,22 @@ class MoE(nn.Module):
             out_TD = out_TD + shared_TD
         return out_TD, routing
 
-    def _fused(self, x_TD: torch.Tensor) -> bool:
-        """Decode-sized inference batches on CUDA take `fused_moe` (not in deterministic mode, nor with
-        another expert kernel forced, nor with experts split across ranks)."""
+    def _fused(self, x_TD: torch.Tensor) -> str | None:
+        """The `fused_moe` path ("small" or "tiled") for decode-sized inference batches on CUDA; None for the
+        grouped GEMMs (also in deterministic mode, with another expert kernel forced, or experts split across
+        ranks)."""
         ordinary = type(self.experts) is GroupedExperts and self.experts.impl == "auto" and not self.router.invariant
-        return ordinary and fused_moe.applies(x_TD, self.router.weight.shape[0], self.router.top_k)
+        return fused_moe.mode(x_TD, self.router.weight.shape[0], self.router.top_k) if ordinary else None
 
-    def _forward_fused(self, x_TD: torch.Tensor) -> tuple[Routing, torch.Tensor]:
+    def _forward_fused(self, x_TD: torch.Tensor, mode: str) -> tuple[Routing, torch.Tensor]:
         router = self.router
         weights_TK, ids_TK, logits_TE = fused_moe.route(
             x_TD, router.weight, router.expert_bias, router.top_k, router.norm_topk_prob
         )
         weights_TK = weights_TK.to(x_TD.dtype)
-        out_TD = fused_moe.experts(x_TD, weights_TK, ids_TK, self.experts.w13, self.experts.w2)
+        w13, w2 = self.experts.w13, self.experts.w2
+        if mode == "small":
+            out_TD = fused_moe.experts(x_TD, weights_TK, ids_TK, w13, w2)
+        else:
+            out_TD = fused_moe.pairs_tiled(x_TD, weights_TK, ids_TK, w13, w2).sum(1).to(x_TD.dtype)
         return Routing(weights_TK, ids_TK, logits_TE), out_TD

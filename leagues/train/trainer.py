@@ -133,7 +133,7 @@ class Trainer:
             cfg.compile == "auto" and self.device.type == "cuda" and not cfg.deterministic
         )
         if self.compiled:
-            self.model.compile_blocks()
+            self.model.compile_blocks(dynamic=True)  # RL packings differ every step
         # FSDP2 whenever there is a process group (also of one rank: it brings bf16 compute, fp32 master).
         self.mesh = None if self.alone else parallelize(self.model, cfg.parallel, self.world, self.device.type)
         if sharded:

@@ -72,8 +72,10 @@ def test_fused_sampler_matches_the_reference_at_full_vocabulary():
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-4)
 
 
-def test_fused_moe_layer_matches_the_grouped_path_in_bf16():
-    """The decode-sized path (route, gate/up, down kernels) against the grouped GEMMs on the same bf16 layer."""
+@pytest.mark.parametrize("num_tokens,mode", [(8, "small"), (128, "tiled"), (300, "tiled")])
+def test_fused_moe_layer_matches_the_grouped_path_in_bf16(num_tokens, mode):
+    """The decode-sized paths (route, (align,) gate/up, down kernels) against the grouped GEMMs on the same bf16
+    layer."""
     from leagues.model.config import ModelConfig
     from leagues.model.moe import MoE
 
@@ -86,9 +88,9 @@ def test_fused_moe_layer_matches_the_grouped_path_in_bf16():
     with torch.no_grad():
         for p in (layer.router.weight, layer.experts.w13, layer.experts.w2):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.03)
-    x_TD = torch.randn(8, 1024, generator=gen).cuda().bfloat16()
+    x_TD = torch.randn(num_tokens, 1024, generator=gen).cuda().bfloat16()
     with torch.inference_mode():
-        assert layer._fused(x_TD) and not layer._fused(torch.cat([x_TD, x_TD]))
+        assert layer._fused(x_TD) == mode
         fused_out, fused_routing = layer(x_TD)
         layer.experts.impl = "grouped"
         want_out, want_routing = layer(x_TD)

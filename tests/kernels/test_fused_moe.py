@@ -53,3 +53,47 @@ def test_triton_kernels_match_the_references(num_experts):
     want_out = fused_moe.experts_reference(args[0], want[0], want[1], w13, w2)
     got_out = fused_moe.experts_triton(args[0], want[0], want[1], w13, w2, block_f=8, block_d=16)
     torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_tokens,num_experts", [(11, 8), (40, 6), (3, 64)])
+def test_align_lays_every_pair_once_in_blocks_of_one_expert(num_tokens, num_experts):
+    gen = torch.Generator().manual_seed(num_tokens)
+    ids_TK = torch.stack([torch.randperm(num_experts, generator=gen)[:3] for _ in range(num_tokens)]).to(DEVICE)
+    sorted_S, block_expert_B = fused_moe.align_triton(ids_TK, num_experts)
+    num_pairs, block_m = ids_TK.numel(), fused_moe.BLOCK_M
+    slots = sorted_S.cpu().long().view(-1, block_m)
+    experts_B, flat = block_expert_B.cpu().long(), ids_TK.flatten().cpu()
+    taken = slots[slots < num_pairs]
+    assert sorted(taken.tolist()) == list(range(num_pairs))  # every pair exactly once
+    for block, rows in enumerate(slots):
+        rows = rows[rows < num_pairs]
+        if experts_B[block] == num_experts:
+            assert len(rows) == 0  # past the last expert's blocks
+        else:
+            assert torch.all(flat[rows] == experts_B[block])
+    counts = torch.bincount(flat, minlength=num_experts)
+    used = int((experts_B < num_experts).sum())
+    assert used == int(((counts + block_m - 1) // block_m).sum())  # no block more than each expert needs
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_tokens,num_experts", [(11, 8), (40, 6)])
+def test_tiled_kernels_match_the_reference(num_tokens, num_experts):
+    router, experts, _ = _layer(num_experts=num_experts, seed=num_tokens)
+    x_TD = torch.randn(num_tokens, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    weights, ids, _ = fused_moe.route_reference(x_TD, router.weight.to(DEVICE), router.expert_bias.to(DEVICE), 3, True)
+    w13, w2 = experts.w13.detach().to(DEVICE), experts.w2.detach().to(DEVICE)
+    want = fused_moe.pairs_reference(x_TD, weights, ids, w13, w2)
+    got = fused_moe.pairs_tiled_triton(x_TD, weights, ids, w13, w2, block_n=16, block_k=16)  # several tiles
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_layer_picks_the_path_by_pairs_per_expert():
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    assert fused_moe.mode(x, 64, 8) is None  # CPU: the grouped GEMMs
+    if fused_moe.triton is not None and torch.cuda.is_available():
+        with torch.no_grad():
+            assert fused_moe.mode(x.cuda(), 64, 8) == "small"
+            assert fused_moe.mode(x.cuda().repeat(32, 1), 64, 8) == "tiled"
+            assert fused_moe.mode(x.cuda().repeat(256, 1), 64, 8) is None

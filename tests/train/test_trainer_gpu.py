@@ -1,0 +1,29 @@
+"""The trainer on a GPU: compiled by default, one compile for every packing an RL run throws at it, and the
+compiled step's numbers are the eager step's."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from leagues.train.trainer import Trainer, TrainerConfig
+from tests.train.test_trainer import make_samples
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_gpu_trainer_compiles_once_for_every_packing():
+    trainer = Trainer("tiny-moe", TrainerConfig())
+    assert trainer.compiled  # "auto" on a GPU
+    trainer.train_step(make_samples(8, seed=0))
+    graphs = counters["stats"]["unique_graphs"]
+    for seed in (1, 2, 3):  # other lengths, other packings
+        trainer.train_step(make_samples(8 + seed, seed=seed))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_gpu_compiled_logprobs_equal_eager():
+    samples = make_samples(12, seed=5)
+    compiled = Trainer("tiny-moe", TrainerConfig(compile=True)).compute_logprobs(samples)
+    eager = Trainer("tiny-moe", TrainerConfig(compile=False)).compute_logprobs(samples)
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
