@@ -8,7 +8,10 @@ the engine's weights are compared bit for bit with the other transport's.
 
 One row per (shape, transport) to $OUT/sync.jsonl: `shape`, `transport`, `gb` (bytes landed in the engine),
 `sync_ms` (median), `gb_per_s`, `copy_gb_per_s` (a plain device copy of `gb` bytes, read and write counted
-as the copy's bytes), `frac_of_copy` (copy time / sync time), `bitwise_equal`.
+as the copy's bytes), `frac_of_copy` (copy time / sync time), `moved_gb` (bytes read and written by the
+copies into the engine: float32 masters read, the engine's dtype written), `moved_frac_of_copy` (moved bytes a
+second over the copy's), `bitwise_equal`. A float32-to-bf16 sync reads twice what it lands, so
+`frac_of_copy` is at most 2/3 for `whole` while `moved_frac_of_copy` can reach 1.
 
     PYTHONPATH=. python benchmarks/sync.py [--shapes anchor,wide] [--repeats 10] [--profile]
 
@@ -77,6 +80,8 @@ def bench_shape(name: str, repeats: int, out: str, profiled: bool = False) -> No
         }
         if profiled:
             profile_once(name, transports["whole"])
+        master_size = next(iter(trainer.model.parameters())).element_size()
+        read_size = {"whole": master_size, "per_unit": engine.model.embed.weight.element_size()}
         landed = {}
         for transport, push in transports.items():
             ms = timed_ms(push, repeats)
@@ -89,8 +94,10 @@ def bench_shape(name: str, repeats: int, out: str, profiled: bool = False) -> No
                 gb_per_s=round(nbytes / 1e6 / ms, 1),
                 copy_gb_per_s=round(2 * nbytes / 1e6 / copy_ms, 1),
                 frac_of_copy=round(copy_ms / ms, 3),
+                moved_gb=round(numel * (read_size[transport] + engine.model.embed.weight.element_size()) / 1e9, 3),
                 card=torch.cuda.get_device_name(),
             )
+            row["moved_frac_of_copy"] = round(row["moved_gb"] / ms * 1e3 / row["copy_gb_per_s"], 3)
             print(json.dumps(row), flush=True)
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -178,7 +178,9 @@ class MoE(nn.Module):
         grouped GEMMs (also in deterministic mode, with another expert kernel forced, or experts split across
         ranks)."""
         ordinary = type(self.experts) is GroupedExperts and self.experts.impl == "auto" and not self.router.invariant
-        return fused_moe.mode(x_TD, self.router.weight.shape[0], self.router.top_k) if ordinary else None
+        if not ordinary:
+            return None
+        return fused_moe.mode(x_TD, self.router.weight.shape[0], self.router.top_k, self.experts.w2.shape[-1])
 
     def _forward_fused(self, x_TD: torch.Tensor, mode: str) -> tuple[Routing, torch.Tensor]:
         router = self.router

@@ -40,7 +40,7 @@ def _chunk_fn(compiled: bool):
     if not compiled:
         return _chunk
     if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_chunk, dynamic=None)
+        _compiled_chunk = torch.compile(_chunk, dynamic=True)  # chunk sizes differ every step
     return _compiled_chunk
 
 

@@ -91,9 +91,12 @@ def test_tiled_kernels_match_the_reference(num_tokens, num_experts):
 
 def test_the_layer_picks_the_path_by_pairs_per_expert():
     x = torch.zeros(4, 8, dtype=torch.bfloat16)
-    assert fused_moe.mode(x, 64, 8) is None  # CPU: the grouped GEMMs
+    assert fused_moe.mode(x, 64, 8, 16) is None  # CPU: the grouped GEMMs
     if fused_moe.triton is not None and torch.cuda.is_available():
         with torch.no_grad():
-            assert fused_moe.mode(x.cuda(), 64, 8) == "small"
-            assert fused_moe.mode(x.cuda().repeat(32, 1), 64, 8) == "tiled"
-            assert fused_moe.mode(x.cuda().repeat(256, 1), 64, 8) is None
+            x = x.cuda()
+            assert fused_moe.mode(x, 64, 8, 16) == "small"
+            assert fused_moe.mode(x.repeat(32, 1), 64, 8, 16) == "tiled"  # 16 rows an expert
+            assert fused_moe.mode(x.repeat(64, 1), 64, 8, 16) == "tiled"  # 32
+            assert fused_moe.mode(x.repeat(64, 1), 64, 8, 2**17) is None  # 32 rows of big experts
+            assert fused_moe.mode(x.repeat(256, 1), 64, 8, 16) is None
