@@ -25,12 +25,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leagues.cli import UsageError
+from leagues.cli import LOOPBACK, UsageError
 from leagues.cli.generate import resolve_model_dir
 from leagues.engine.engine import EngineConfig
 from leagues.engine.protocol import ServerLimits
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(kw_only=True, slots=True)
