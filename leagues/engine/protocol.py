@@ -1,4 +1,5 @@
-"""Request bodies of the HTTP server (`server.py`), as pydantic models, and their mapping to `SamplingParams`.
+"""Request bodies of the HTTP server (`server.py`), as pydantic models, and their mapping to `SamplingParams`;
+`ServerLimits`, what one request may ask of the server beyond its body's schema.
 
 Where it sits: the server's route modules (`api_sglang.py`, `api_openai.py`, `api_admin.py`) parse every
 body with a model from here, so FastAPI checks types and ranges, publishes them in the OpenAPI schema,

@@ -284,7 +284,9 @@ def test_admin_routes_refuse_the_user_key(keyed, path, body):
 
 def test_weights_load_only_from_under_the_root(keyed, roots):
     root, inside, outside = roots
-    for path in (outside, root / ".." / outside.name, "/etc"):
+    escape = root / "link"
+    escape.symlink_to(outside, target_is_directory=True)
+    for path in (outside, root / ".." / outside.name, escape, "/etc"):
         r = httpx.post(keyed + "/update_weights_from_disk", json={"model_path": str(path)}, headers=ADMIN)
         assert r.status_code == 403 and "outside the server's weights root" in r.text, r.text
     r = httpx.post(keyed + "/update_weights_from_disk", json={"model_path": str(inside)}, headers=ADMIN, timeout=60)
@@ -316,3 +318,7 @@ def test_binding_beyond_loopback_needs_keys():
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 2 and "--api_key and --admin_key are not set" in out.stderr, out.stderr
     assert "--insecure" in out.stderr
+    cmd += ["--insecure", "--model", "/nonexistent-model"]  # past the exposure check, to the model's
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "/nonexistent-model" in out.stderr and "not loopback and" in out.stderr
+    assert "--insecure" not in out.stderr  # a warning only
