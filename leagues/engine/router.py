@@ -388,7 +388,7 @@ class Router:
             replica.state = ReplicaState.QUARANTINED
             replica.reason = reason if at_once else f"{replica.failures} consecutive failures; last: {reason}"
         elif replica.state is ReplicaState.QUARANTINED:
-            replica.reason = f"unreachable: {reason}"
+            replica.reason = reason if at_once else f"unreachable: {reason}"
 
     def unavailable_message(self) -> str:
         if not self.replicas:

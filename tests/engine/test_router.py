@@ -230,14 +230,17 @@ def test_a_sleeping_replica_gets_no_traffic(fleet):
             replica = router.replicas[sleeper.url]
             async with httpx.AsyncClient(base_url=sleeper.url, headers=AUTH, timeout=30) as engine:
                 assert (await engine.post("/release_memory_occupation")).status_code == 200
-                outs = await asyncio.gather(*(router.generate(request(i)) for i in range(40)))
-                assert all(len(o["output_ids"]) == 8 for o in outs)
-                await wait_until(lambda: replica.state == ReplicaState.QUARANTINED, what="quarantine")
-                assert "asleep" in replica.reason
-                before = replica.num_served
-                await asyncio.gather(*(router.generate(request(i)) for i in range(10)))
-                assert replica.num_served == before  # no traffic while asleep
-                assert (await engine.post("/resume_memory_occupation")).status_code == 200
+                try:
+                    outs = await asyncio.gather(*(router.generate(request(i)) for i in range(40)))
+                    assert all(len(o["output_ids"]) == 8 for o in outs)
+                    await wait_until(lambda: replica.state == ReplicaState.QUARANTINED, what="quarantine")
+                    await wait_until(lambda: replica.reason.startswith("not ready"), what="health check")
+                    assert "asleep" in replica.reason
+                    before = replica.num_served
+                    await asyncio.gather(*(router.generate(request(i)) for i in range(10)))
+                    assert replica.num_served == before  # no traffic while asleep
+                finally:
+                    assert (await engine.post("/resume_memory_occupation")).status_code == 200
             await wait_until(lambda: replica.state == ReplicaState.HEALTHY, what="rejoin after wake")
 
     asyncio.run(main())
