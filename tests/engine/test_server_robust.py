@@ -93,6 +93,14 @@ def _settles(url: str, timeout: float = 10) -> dict:
     raise AssertionError(f"requests still in the engine after {timeout} s: {info}")
 
 
+async def _running(c: httpx.AsyncClient, at_least: int, timeout: float = 30) -> None:
+    """Wait until the engine behind `c` runs `at_least` sequences (so what a test does next meets them)."""
+    deadline = time.monotonic() + timeout
+    while (await c.get("/get_server_info")).json()["num_running"] < at_least:
+        assert time.monotonic() < deadline, f"fewer than {at_least} sequences running after {timeout} s"
+        await asyncio.sleep(0.02)
+
+
 def _serves(url: str, headers=None) -> None:
     assert httpx.get(url + "/health", timeout=10).status_code == 200
     body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
@@ -108,7 +116,7 @@ def test_health_generate_timing_out_under_load_leaves_the_engine_serving(busy):
         async with httpx.AsyncClient(base_url=busy, timeout=120) as c:
             body = {"input_ids": [5, 6], "sampling_params": LONG | {"max_new_tokens": 600}}
             long = [asyncio.create_task(c.post("/generate", json=body)) for _ in range(2)]  # fill max_num_seqs
-            await asyncio.sleep(0.3)
+            await _running(c, 2)
             probes = await asyncio.gather(*(c.get("/health_generate") for _ in range(3)))
             return probes, await asyncio.gather(*long)
 
@@ -141,8 +149,11 @@ def test_a_client_that_leaves_has_its_requests_aborted(busy, path, body, stream)
                         if line.startswith("data: "):
                             break  # the first token arrived; hang up
                 return
-            with contextlib.suppress(httpx.ReadTimeout):
-                await c.post(path, json=body, timeout=httpx.Timeout(30, read=1.0))
+            task = asyncio.create_task(c.post(path, json=body))
+            await _running(c, 1)
+            task.cancel()  # and the client closes its connections on the way out
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     before = _settles(busy)["stats"]["generated_tokens"]
     asyncio.run(leave())
@@ -246,7 +257,7 @@ def test_a_sleeping_engine_is_not_ready_and_refuses_work(busy):
     async def run():
         async with httpx.AsyncClient(base_url=busy, timeout=60) as c:
             running = asyncio.create_task(c.post("/generate", json=body))
-            await asyncio.sleep(0.2)
+            await _running(c, 1)
             assert (await c.post("/release_memory_occupation")).status_code == 200
             answers = [await c.get("/health"), await c.get("/health_generate")]
             answers += [await c.post("/generate", json=body), await c.post("/v1/completions", json={"prompt": "a"})]
@@ -299,11 +310,11 @@ def test_weight_group_joins_are_bounded_and_one_at_a_time(keyed):
 
     async def run():
         async with httpx.AsyncClient(base_url=keyed, headers=ADMIN, timeout=60) as c:
-            first = asyncio.create_task(c.post("/init_weights_update_group", json=body))
+            joins = [asyncio.create_task(c.post("/init_weights_update_group", json=body)) for _ in range(2)]
             await asyncio.sleep(0.3)
-            second = await c.post("/init_weights_update_group", json=body)
-            flush = await c.post("/flush_cache")
-            return await first, second, flush
+            flush = await c.post("/flush_cache")  # while a join waits: worker threads are not all taken
+            done = await asyncio.gather(*joins)
+            return *sorted(done, key=lambda r: r.status_code), flush
 
     started = time.monotonic()
     first, second, flush = asyncio.run(run())
