@@ -1,15 +1,20 @@
 """`leagues serve`: one model behind SGLang's native API and OpenAI's API (see `leagues.engine.server`).
 
-    leagues serve --model DIR [--host 127.0.0.1] [--port 30000] [--api_key K] [--admin_key K] [--engine.FIELD V]
+    leagues serve --model DIR [--host 127.0.0.1] [--port 30000] [--api_key K] [--admin_key K] [--weights_root DIR]
+                  [--limits.FIELD V] [--engine.FIELD V]
 
 Decisions:
-- Binds loopback by default: exposing the server is a choice (`--host 0.0.0.0`), and doing so without an
-  API key prints a warning. Keys may also come from `LEAGUES_API_KEY` / `LEAGUES_ADMIN_KEY`, which keeps
-  them out of the process list (a key given as an option also lands in `--dump-config` files).
+- Binds loopback by default: exposing the server is a choice (`--host 0.0.0.0`), and it needs both keys
+  (`--api_key`, `--admin_key`) unless `--insecure` says the network is trusted; without `--weights_root`
+  it warns that `/update_weights_from_disk` may read any directory. Keys may also come from
+  `LEAGUES_API_KEY` / `LEAGUES_ADMIN_KEY`, which keeps them out of the process list (a key given as an
+  option also lands in `--dump-config` files).
 - The socket is bound before uvicorn starts, so `--port 0` picks a free port, and the line
   `leagues serve: listening on http://HOST:PORT` is printed (flushed) once the app has started and the
   engine loop runs: scripts and tests wait for that line.
-- Engine knobs are the `EngineConfig` fields, under `--engine.` (`--engine.num_blocks 512`).
+- Engine knobs are the `EngineConfig` fields, under `--engine.` (`--engine.num_blocks 512`); what one
+  request may ask (body bytes, sequences, tokens) and the server's own waits are `ServerLimits` fields,
+  under `--limits.`.
 - The default port is SGLang's (30000), so SGLang clients' defaults reach it.
 """
 
@@ -18,13 +23,12 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from leagues.cli import UsageError
+from leagues.cli import LOOPBACK, UsageError
 from leagues.cli.generate import resolve_model_dir
-from leagues.engine.client import DEFAULT_MAX_REQUEST_BYTES
 from leagues.engine.engine import EngineConfig
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+from leagues.engine.protocol import ServerLimits
 
 
 @dataclass(kw_only=True, slots=True)
@@ -40,20 +44,22 @@ class ServeConfig:
     api_key: str | None = None
     """Bearer key every route but /health requires (default: $LEAGUES_API_KEY, else none)."""
     admin_key: str | None = None
-    """Bearer key the weight and memory routes require (default: $LEAGUES_ADMIN_KEY, else none)."""
+    """Bearer key the routes that change weights, memory, the cache or other users' requests require
+    (default: $LEAGUES_ADMIN_KEY, else none: those routes take the API key)."""
+    insecure: bool = False
+    """Allow binding beyond loopback without both keys (a network where every peer is trusted)."""
+    weights_root: str | None = None
+    """Directory `/update_weights_from_disk` may load checkpoints from (anything under it; default: anywhere)."""
     served_model_name: str | None = None
     """Model name in the OpenAI API (default: the checkpoint directory's name)."""
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    """Largest request body accepted (larger ones get 413)."""
     log_level: str = "warning"
     """uvicorn's log level."""
+    limits: ServerLimits = field(default_factory=ServerLimits)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port: must be in 0..65535, got {self.port}")
-        if self.max_request_bytes < 1:
-            raise ValueError(f"max_request_bytes: must be positive, got {self.max_request_bytes}")
 
 
 def run_serve(cfg: ServeConfig) -> int:
@@ -64,8 +70,9 @@ def run_serve(cfg: ServeConfig) -> int:
 
     api_key = cfg.api_key or os.environ.get("LEAGUES_API_KEY") or None
     admin_key = cfg.admin_key or os.environ.get("LEAGUES_ADMIN_KEY") or None
-    if cfg.host not in LOOPBACK and api_key is None:
-        print(f"leagues serve: warning: {cfg.host} is not loopback and no API key is set", file=sys.stderr)
+    _check_exposure(cfg, api_key, admin_key)
+    if cfg.weights_root is not None and not Path(cfg.weights_root).is_dir():
+        raise UsageError(f"weights_root: {cfg.weights_root} is not a directory")
     path = resolve_model_dir(cfg.model)
     sock = _bind(cfg.host, cfg.port)
     try:
@@ -76,7 +83,8 @@ def run_serve(cfg: ServeConfig) -> int:
         engine,
         api_key=api_key,
         admin_key=admin_key,
-        max_request_bytes=cfg.max_request_bytes,
+        limits=cfg.limits,
+        weights_root=cfg.weights_root,
         served_model_name=cfg.served_model_name,
     )
     server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
@@ -86,6 +94,24 @@ def run_serve(cfg: ServeConfig) -> int:
     finally:
         engine.close()
     return 0
+
+
+def _check_exposure(cfg: ServeConfig, api_key: str | None, admin_key: str | None) -> None:
+    """Beyond loopback, both keys (or `--insecure`); say what stays open."""
+    if cfg.host in LOOPBACK:
+        return
+    missing = [name for name, key in (("--api_key", api_key), ("--admin_key", admin_key)) if key is None]
+    if missing and not cfg.insecure:
+        raise UsageError(
+            f"host {cfg.host} is not loopback and {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
+            " not set: anyone who reaches the port could generate, abort, or load weights; set the keys"
+            " (or $LEAGUES_API_KEY / $LEAGUES_ADMIN_KEY), or pass --insecure on a trusted network"
+        )
+    if missing:
+        print(f"leagues serve: warning: {cfg.host} is not loopback and {', '.join(missing)} unset", file=sys.stderr)
+    if cfg.weights_root is None:
+        warning = "no --weights_root: /update_weights_from_disk may read any directory"
+        print(f"leagues serve: warning: {warning}", file=sys.stderr)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -1,12 +1,15 @@
 """SGLang's native control routes: health, model and server info, cache, abort, weights, memory, metrics.
 
-    GET  /health                      200 while the engine's loop thread is alive (open without a key)
-    GET  /health_generate             a 1-token generation (503 if it fails or takes over 20 s)
+    GET  /health                      200 while the engine's loop thread runs and the engine is awake, else
+                                      503 (open without a key)
+    GET  /health_generate             a 1-token generation (503 asleep, or if it fails or takes over
+                                      `health_generate_timeout`, 20 s by default)
     GET  /get_model_info              model_path, is_generation, max_model_len, weight_version, ...
     GET  /get_server_info             weight_version (int), engine config, stats, served model
     POST /flush_cache                 drop the prefix cache                                             [admin]
     POST /abort_request               {"rid": ...} or {"abort_all": true} (abort_all: [admin])
-    POST /update_weights_from_disk    {"model_path": dir, "weight_version"?}: safetensors in HF names   [admin]
+    POST /update_weights_from_disk    {"model_path": dir, "weight_version"?}: safetensors in HF names,
+                                      under the server's `weights_root` if it has one                   [admin]
     POST /release_memory_occupation   engine.sleep() (tags: kv_cache, weights)                          [admin]
     POST /resume_memory_occupation    engine.wake()                                                     [admin]
     POST /init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group
@@ -20,6 +23,9 @@ Decisions:
   headers, reading no data) and that the checkpoint covers every parameter, before writing anything:
   a wrong directory fails with 400 and leaves the served weights untouched. The tensors are then read
   lazily, one at a time, on the engine thread.
+- `init_weights_update_group` joins one group at a time (409 while another join waits) and waits at most
+  `weight_group_timeout` (300 s by default) for it to form: a join holds a worker thread, and the
+  threads are few.
 - The distributed routes take a plain JSON object and leave parsing to `remote_weights.py` (its errors,
   `ValueError`s naming the field, are 400 with `{"success": false, "message"}`); the receiver of the
   weight groups is made on first use and kept in the server state.
@@ -43,26 +49,31 @@ from leagues.model.checkpoint import IGNORED, hf_name_index
 from leagues.types import SamplingParams
 
 router = APIRouter(tags=["admin"])
-HEALTH_TIMEOUT_S = 20.0
 
 
 @router.get("/health")
 async def health(request: Request):
-    if not state_of(request).engine.is_alive:
+    engine = state_of(request).engine
+    if not engine.is_alive:
         return error_response(503, "the engine loop is not running", "server_error")
+    if engine.asleep:
+        return error_response(503, "the engine is asleep (memory released): not ready", "server_error")
     return Response(status_code=200)
 
 
 @router.get("/health_generate")
 async def health_generate(request: Request):
     state = state_of(request)
+    if state.engine.asleep:
+        return error_response(503, "the engine is asleep (memory released): not ready", "server_error")
     params = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
-    rid = state.new_id("health")
+    rid, timeout = state.new_id("health"), state.limits.health_generate_timeout
     try:
-        await asyncio.wait_for(state.engine.generate_async([0], params, rid), HEALTH_TIMEOUT_S)
+        await asyncio.wait_for(state.engine.generate_async([0], params, rid), timeout)
     except (TimeoutError, RuntimeError) as err:
-        state.engine.abort(rid)
-        return error_response(503, f"generation failed: {err or 'timed out'}", "server_error")
+        return error_response(503, f"generation failed: {str(err) or f'no token within {timeout:g} s'}", "server_error")
+    finally:
+        state.engine.abort(rid)  # a no-op once it finished; else it would run on with nobody waiting
     return Response(status_code=200)
 
 
@@ -126,6 +137,10 @@ async def abort_request(req: AbortRequest, request: Request):
 async def update_weights_from_disk(req: UpdateWeightsFromDiskRequest, request: Request):
     state = state_of(request)
     engine = state.engine
+    root = state.weights_root
+    if root is not None and not Path(req.model_path).resolve().is_relative_to(root.resolve()):
+        message = f"model_path: {req.model_path} is outside the server's weights root {root}"
+        raise APIError(403, message, param="model_path", kind="permission_error")
     try:
         files = check_checkpoint(engine.model, Path(req.model_path))
     except (ValueError, OSError) as err:
@@ -197,7 +212,14 @@ async def resume_memory_occupation(request: Request, req: MemoryRequest | None =
 
 @router.post("/init_weights_update_group")
 async def init_weights_update_group(request: Request, req: dict = Body(...)):  # noqa: B008
-    return await _remote(request, remote_weights.init_weights_update_group, req)
+    state = state_of(request)
+    if state.joining:  # each join holds a worker thread until its group forms (or the timeout)
+        raise APIError(409, "group_name: another weight-group join is under way", param="group_name")
+    state.joining = True
+    try:
+        return await _remote(request, remote_weights.init_weights_update_group, req)
+    finally:
+        state.joining = False
 
 
 @router.post("/update_weights_from_distributed")
@@ -214,7 +236,7 @@ async def _remote(request: Request, fn, req: dict):
     """One of `remote_weights`' routes, off the event loop (joining a group and broadcasts block)."""
     state = state_of(request)
     if state.weight_receiver is None:
-        state.weight_receiver = remote_weights.WeightReceiver()
+        state.weight_receiver = remote_weights.WeightReceiver(state.limits.weight_group_timeout)
     try:
         return await asyncio.to_thread(fn, state.engine, state.weight_receiver, req)
     except ValueError as err:

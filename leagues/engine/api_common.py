@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -16,6 +17,8 @@ from fastapi.responses import JSONResponse
 from leagues.engine.engine import Engine
 from leagues.engine.metrics import ServerMetrics
 from leagues.engine.output import Output
+from leagues.engine.protocol import ServerLimits
+from leagues.engine.requests import prompt_ids
 from leagues.types import SamplingParams
 
 
@@ -45,8 +48,13 @@ class ServerState:
     served_model_name: str
     in_flight: set[str] = field(default_factory=set)
     started: float = field(default_factory=time.time)
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    weights_root: Path | None = None
+    """Directory `/update_weights_from_disk` may load from (anything under it); None: anywhere."""
     weight_receiver: object | None = None
     """`remote_weights.WeightReceiver`, made by the first weight-group route."""
+    joining: bool = False
+    """A weight-group join is under way (one at a time: each holds a worker thread until the group forms)."""
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{secrets.token_hex(8)}"  # unguessable: a client can abort only the ids it was given
@@ -74,8 +82,25 @@ class _Tracker:
                 self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
-MAX_SEQUENCES = 4096
-"""Sequences one HTTP request may start (prompts x n)."""
+def _admit(state: ServerState, prompts: list, params: SamplingParams, field: str) -> list[list[int]]:
+    """The prompts as token ids, once the engine is awake and the request is within the server's limits."""
+    engine, limits = state.engine, state.limits
+    if engine.asleep:  # its memory is released: a request would wait for a wake nobody may send
+        raise APIError(503, "the engine is asleep (memory released); retry once it resumes", kind="server_error")
+    num_seqs = len(prompts) * params.n  # n alone is capped; a batch of prompts times n is too
+    if num_seqs > limits.max_request_sequences:
+        limit = limits.max_request_sequences
+        raise APIError(400, f"{field}: {len(prompts)} prompts x n {params.n} is over {limit} sequences", param=field)
+    try:
+        ids = [prompt_ids(p, engine.tokenizer) for p in prompts]
+    except ValueError as err:
+        raise APIError(400, f"{field}: {err}", param=field) from None
+    tokens = params.n * sum(min(len(i) + params.max_new_tokens, engine.max_model_len) for i in ids)
+    if tokens > limits.max_request_tokens:
+        limit = limits.max_request_tokens
+        message = f"{field}: {num_seqs} sequences of up to {tokens} tokens in all, over the limit of {limit}"
+        raise APIError(400, message + " (send fewer prompts, a smaller n or fewer max tokens)", param=field)
+    return ids
 
 
 class Batch:
@@ -88,10 +113,7 @@ class Batch:
     def __init__(
         self, state: ServerState, prompts: list, params: SamplingParams, rids: list[str], stream: bool, field: str
     ):
-        if len(prompts) * params.n > MAX_SEQUENCES:  # n alone is capped; a batch of prompts times n is too
-            raise APIError(
-                400, f"{field}: {len(prompts)} prompts x n {params.n} is over {MAX_SEQUENCES} sequences", param=field
-            )
+        prompts = _admit(state, prompts, params, field)
         self.state, self.params, self.rids = state, params, rids
         self.start = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -115,7 +137,7 @@ class Batch:
 
     def abort(self) -> None:
         for rid, future in zip(self.rids, self.futures, strict=False):
-            if not future.done():
+            if not future.done() or future.cancelled():  # cancelling the awaiting handler cancels its futures
                 self.state.engine.abort(rid)
         self._forget()
 

@@ -31,10 +31,6 @@ import torch
 from leagues.engine.output import Output
 from leagues.types import FinishReason, SamplingParams
 
-DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
-"""The largest HTTP request body a server accepts by default (here, not in the server module, so the CLI can
-name it without importing the web framework)."""
-
 
 class EngineClient(Protocol):
     async def generate(

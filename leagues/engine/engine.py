@@ -131,7 +131,8 @@ class Engine:
         on_token: TokenCallback | None = None,
     ) -> Future:
         """Queue one request; the future resolves to its list of n outputs. `on_token(sample_index, token_id,
-        logprob)` runs on the engine thread for every sampled token (streaming): quick, and must not raise."""
+        logprob)` runs on the engine thread for every sampled token (streaming): keep it quick; one that raises
+        is dropped (the request goes on without it)."""
         ids = prompt_ids(prompt, self.tokenizer)
         check_prompt(ids, params, self.model.config.vocab_size, self.max_model_len, self.blocks, self.runner)
         future: Future = Future()
@@ -218,14 +219,15 @@ class Engine:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(message, Add):
-                self.table.add(message, self.weight_version)
-            elif isinstance(message, Abort):
-                self.table.abort(message.request_id)
-            else:
-                try:
+            try:
+                if isinstance(message, Add):
+                    self.table.add(message, self.weight_version)
+                elif isinstance(message, Abort):
+                    self.table.abort(message.request_id)
+                else:
                     resolve(message.future, message.fn(*message.args))
-                except Exception as err:
+            except Exception as err:  # one bad message fails its caller, never the loop thread
+                if not isinstance(message, Abort):
                     resolve(message.future, error=err)
 
     def fail_all(self, err: Exception) -> None:

@@ -1,4 +1,5 @@
-"""Request bodies of the HTTP server (`server.py`), as pydantic models, and their mapping to `SamplingParams`.
+"""Request bodies of the HTTP server (`server.py`), as pydantic models, and their mapping to `SamplingParams`;
+`ServerLimits`, what one request may ask of the server beyond its body's schema.
 
 Where it sits: the server's route modules (`api_sglang.py`, `api_openai.py`, `api_admin.py`) parse every
 body with a model from here, so FastAPI checks types and ranges, publishes them in the OpenAPI schema,
@@ -14,6 +15,7 @@ Decisions:
 - Field names follow SGLang's `io_struct.py`/`sampling_params.py` (native API) and OpenAI's API reference.
 """
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -21,6 +23,34 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from leagues.types import SamplingParams
 
 GREEDY_BELOW = 1e-5
+
+
+@dataclass(kw_only=True, slots=True)
+class ServerLimits:
+    """What one request may ask of the server, and how long the server waits on its own checks."""
+
+    max_request_bytes: int = 32 * 2**20
+    """Largest request body accepted (larger ones get 413, counted as they arrive)."""
+    max_request_sequences: int = 4096
+    """Sequences one request may start (prompts x n); more is 400."""
+    max_request_tokens: int = 2**22
+    """Tokens one request may ask the engine to hold: per sequence its prompt plus its max new tokens (at most
+    the context length), summed over prompts x n; more is 400."""
+    health_generate_timeout: float = 20.0
+    """Seconds `/health_generate` waits for its one token before answering 503."""
+    weight_group_timeout: float = 300.0
+    """Seconds `/init_weights_update_group` waits for the trainer's group to form, and a weight broadcast may
+    take; past it the join (or the update) fails."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_request_sequences", "max_request_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"limits.{name}: must be positive, got {getattr(self, name)}")
+        for name in ("health_generate_timeout", "weight_group_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"limits.{name}: must be positive seconds, got {getattr(self, name)}")
+
+
 MAX_N = 64
 MAX_TOP_LOGPROBS = 20
 MAX_TOKEN_ID = 2**31 - 1

@@ -132,8 +132,12 @@ class Requests:
         """Streaming: each row's new token to its request's `on_token`."""
         self.stats["generated_tokens"] += len(rows)
         for seq, token, logprob in zip(rows, token_ids, logprobs, strict=True):
-            if (on_token := self.states[seq.request_id].on_token) is not None:
-                on_token(seq.sample_index, token, logprob)
+            state = self.states[seq.request_id]
+            if state.on_token is not None:
+                try:
+                    state.on_token(seq.sample_index, token, logprob)
+                except Exception:  # a broken listener loses its stream; the batch and the request go on
+                    state.on_token = None
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason

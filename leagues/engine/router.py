@@ -24,7 +24,8 @@ Decisions:
 - Health: every `health_interval` s, `GET /health` then `GET /get_server_info` (for `weight_version`).
   A failure is a failed check or a failed request (connection error, timeout, 5xx); `max_failures`
   consecutive failures quarantine a replica, and a quarantined replica gets no traffic. A success
-  resets the count.
+  resets the count. A replica whose `/health` answers 503 says it is not ready (asleep, say):
+  quarantined at once.
 - Rejoin: a quarantined replica that answers its health checks again rejoins only when its weight
   version equals the fleet's: the version set by `set_weight_version` if any, else the highest version
   a healthy replica has reported (it never goes down by itself). So a replica restarted from an old
@@ -38,7 +39,13 @@ Decisions:
 - No healthy replica: 503 with a message naming every replica and why it is out. The router's own
   errors take the engine server's shape, `{"error": {"message", "type", "param", "code"}}`; a request
   that failed on every replica tried gets the last 5xx as-is, or 502 after transport errors.
-- Engines behind an API key: `api_key` is sent as a bearer token on every request and health check.
+- Engines behind an API key: `api_key` is sent as a bearer token on every request and health check, to
+  the engines the router was started with only: a URL added later (`POST /add_engine`) gets neither the
+  key nor, unless it is one of those, any secret (`add_engine(url, trusted=True)` is the in-process way to
+  trust a new one).
+- The HTTP front authenticates its clients: with `client_api_key`, every route but `/health` needs it
+  (401); `/add_engine` and `/remove_engine` need `admin_key` (403 with any other key, and always
+  refused on a router without one), since they choose where users' prompts go.
 - State lives on the `Router` and is only touched from its event loop, so it needs no locks; one
   `httpx.AsyncClient` (made on first use, closed by `close()`) serves every replica.
 - Replicas given to the constructor start healthy (traffic flows before the first check); replicas added
@@ -50,7 +57,9 @@ Decisions:
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import itertools
+import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,7 +103,18 @@ class RouterConfig:
     max_connections: int = 4096
     """Most open connections to all replicas together."""
     api_key: str = ""
-    """Key the router sends to the engines as `Authorization: Bearer <key>` (their `api_key`); empty: none."""
+    """Key the router sends to the engines it was started with as `Authorization: Bearer <key>` (their
+    `api_key`); engines added later get it only when added as trusted (never over HTTP). Empty: none
+    (`leagues router` then reads $LEAGUES_API_KEY)."""
+    client_api_key: str = ""
+    """Key `leagues router`'s clients must send (`Authorization: Bearer <key>`) on every route but /health
+    (401 otherwise); empty: none asked (`leagues router` then reads $LEAGUES_ROUTER_API_KEY)."""
+    admin_key: str = ""
+    """Key `/add_engine` and `/remove_engine` need (403 for any other key; without one they are refused); it
+    also opens every other route (`leagues router` reads $LEAGUES_ROUTER_ADMIN_KEY when it is empty)."""
+    insecure: bool = False
+    """Allow `leagues router` to bind beyond loopback without both client keys (a network where every peer
+    is trusted)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -134,6 +154,8 @@ class ReplicaState(StrEnum):
 class Replica:
     url: str
     state: ReplicaState = ReplicaState.HEALTHY
+    trusted: bool = True
+    """Gets the engines' API key (a replica the router was started with, or added as trusted)."""
     reason: str = ""
     """Why a quarantined replica is out (the last error, or its weight version against the fleet's)."""
     outstanding: int = 0
@@ -190,6 +212,14 @@ def error_body(status: int, message: str, kind: str = "service_unavailable") -> 
     return {"error": {"message": message, "type": kind, "param": None, "code": status}}
 
 
+def _message(response: httpx.Response) -> str:
+    """The error message of an engine's answer (its `{"error": {"message"}}`), else its text, shortened."""
+    body = _json(response)
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return str(message if message is not None else response.text)[:200]
+
+
 def _json(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -204,6 +234,8 @@ class Router:
         self.cfg = cfg or RouterConfig()
         urls = engine_urls(self.cfg.engines if urls is None else urls)
         self.replicas: dict[str, Replica] = {url: Replica(url) for url in urls}
+        self.configured = frozenset(urls)
+        """The URLs the router was started with: they (and replicas added as trusted) get the engines' key."""
         self.target_version: int | None = None
         self.max_seen_version: int | None = None
         self.affinity: OrderedDict[str, str] = OrderedDict()
@@ -240,8 +272,7 @@ class Router:
         if self._client is None:
             timeout = httpx.Timeout(self.cfg.request_timeout, connect=self.cfg.connect_timeout)
             limits = httpx.Limits(max_connections=self.cfg.max_connections, max_keepalive_connections=256)
-            headers = {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key else None
-            self._client = httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers)
+            self._client = httpx.AsyncClient(timeout=timeout, limits=limits)
         return self._client
 
     # --- the fleet ------------------------------------------------------------------------------
@@ -255,13 +286,19 @@ class Router:
         """The weights the fleet serves from now on (None: back to the highest version seen)."""
         self.target_version = version
 
-    def add_engine(self, url: str) -> Replica:
-        """A new replica; it starts quarantined and joins after a health check at the fleet's version."""
+    def add_engine(self, url: str, trusted: bool = False) -> Replica:
+        """A new replica; it starts quarantined and joins after a health check at the fleet's version. It gets
+        the engines' API key if it is one the router was started with, or `trusted`."""
         (url,) = engine_urls([url])
         if url in self.replicas:
             raise ValueError(f"engine {url} is already routed")
-        replica = self.replicas[url] = Replica(url, ReplicaState.QUARANTINED, reason="joining: not checked yet")
+        trusted = trusted or url in self.configured
+        replica = Replica(url, ReplicaState.QUARANTINED, trusted=trusted, reason="joining: not checked yet")
+        self.replicas[url] = replica
         return replica
+
+    def _headers(self, replica: Replica) -> dict[str, str] | None:
+        return {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key and replica.trusted else None
 
     def remove_engine(self, url: str) -> None:
         """Stop routing to `url`; its requests in flight finish (or fail and are retried elsewhere)."""
@@ -317,7 +354,7 @@ class Router:
     async def _attempt(self, replica: Replica, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         replica.outstanding += 1
         try:
-            response = await self.client.post(replica.url + path, json=body)
+            response = await self.client.post(replica.url + path, json=body, headers=self._headers(replica))
         except httpx.TransportError as err:
             self._record_failure(replica, f"{type(err).__name__}: {err}".rstrip(": "))
             raise _AttemptFailed(f"{replica.url}: {type(err).__name__}: {err}") from err
@@ -344,14 +381,14 @@ class Router:
         if replica.state is ReplicaState.HEALTHY and version is not None:
             self.max_seen_version = version if self.max_seen_version is None else max(self.max_seen_version, version)
 
-    def _record_failure(self, replica: Replica, reason: str) -> None:
+    def _record_failure(self, replica: Replica, reason: str, at_once: bool = False) -> None:
         replica.failures += 1
         replica.num_failed += 1
-        if replica.failures >= self.cfg.max_failures and replica.state is ReplicaState.HEALTHY:
+        if (at_once or replica.failures >= self.cfg.max_failures) and replica.state is ReplicaState.HEALTHY:
             replica.state = ReplicaState.QUARANTINED
-            replica.reason = f"{replica.failures} consecutive failures; last: {reason}"
+            replica.reason = reason if at_once else f"{replica.failures} consecutive failures; last: {reason}"
         elif replica.state is ReplicaState.QUARANTINED:
-            replica.reason = f"unreachable: {reason}"
+            replica.reason = reason if at_once else f"unreachable: {reason}"
 
     def unavailable_message(self) -> str:
         if not self.replicas:
@@ -412,7 +449,7 @@ class Router:
         results = await asyncio.gather(*(self._probe(r) for r in replicas))
         for replica, (version, error) in zip(replicas, results, strict=True):
             if error is not None:
-                self._record_failure(replica, error)
+                self._record_failure(replica, error, at_once=error.startswith("not ready"))
                 continue
             replica.failures = 0
             replica.weight_version = version
@@ -424,12 +461,14 @@ class Router:
 
     async def _probe(self, replica: Replica) -> tuple[int | None, str | None]:
         """(weight version, None) for a replica that answers, else (None, what went wrong)."""
-        timeout = httpx.Timeout(self.cfg.health_timeout)
+        timeout, headers = httpx.Timeout(self.cfg.health_timeout), self._headers(replica)
         try:
-            health = await self.client.get(replica.url + "/health", timeout=timeout)
+            health = await self.client.get(replica.url + "/health", timeout=timeout, headers=headers)
+            if health.status_code == 503:
+                return None, f"not ready: {_message(health)}"
             if health.status_code != 200:
                 return None, f"/health answered HTTP {health.status_code}"
-            info = await self.client.get(replica.url + "/get_server_info", timeout=timeout)
+            info = await self.client.get(replica.url + "/get_server_info", timeout=timeout, headers=headers)
         except httpx.TransportError as err:
             return None, f"{type(err).__name__}: {err}".rstrip(": ")
         if info.status_code != 200:
@@ -449,9 +488,46 @@ class Router:
 # --- the HTTP front -------------------------------------------------------------------------------
 
 
+FLEET_PATHS = frozenset({"/add_engine", "/remove_engine"})
+
+
+class _ClientAuth:
+    """ASGI: every route but /health needs the client key (401), the fleet routes the admin key (403)."""
+
+    def __init__(self, app, client_key: str, admin_key: str) -> None:
+        self.app, self.client_key, self.admin_key = app, client_key, admin_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        token = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"authorization"), None)
+        scheme, _, token = (token or "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        admin = bool(self.admin_key) and hmac.compare_digest(token.encode(), self.admin_key.encode())
+        client = admin or not self.client_key or hmac.compare_digest(token.encode(), self.client_key.encode())
+        if scope["path"] in FLEET_PATHS and not admin:
+            if not token and self.client_key:
+                return await _refuse(send, 401, "missing API key (Authorization: Bearer ...)")
+            why = "needs the admin key" if self.admin_key else "is refused: the router has no admin key"
+            return await _refuse(send, 403, f"changing the fleet {why}", "permission_error")
+        if not client:
+            return await _refuse(send, 401, "missing or wrong API key (Authorization: Bearer ...)")
+        return await self.app(scope, receive, send)
+
+
+async def _refuse(send, status: int, message: str, kind: str = "authentication_error") -> None:
+    body = json.dumps(error_body(status, message, kind)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def build_app(router: Router):
     """A FastAPI app serving `router`: SGLang's `/generate`, `/health`, `/get_server_info`, plus
-    `/add_engine` and `/remove_engine` (`{"url": ...}`). Health checks run while the app is up."""
+    `/add_engine` and `/remove_engine` (`{"url": ...}`), behind the config's client and admin keys.
+    Health checks run while the app is up."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
@@ -462,6 +538,7 @@ def build_app(router: Router):
         await router.close()
 
     app = FastAPI(title="leagues router", lifespan=lifespan)
+    app.add_middleware(_ClientAuth, client_key=router.cfg.client_api_key, admin_key=router.cfg.admin_key)
 
     async def body_of(request: Request) -> dict[str, Any] | JSONResponse:
         try:

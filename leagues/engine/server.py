@@ -15,18 +15,26 @@ Decisions:
   the field (dotted, `sampling_params.temperature`); engine `ValueError`s (prompt too long, token id out
   of the vocabulary, duplicate rid) are 400; 5xx is left for real server faults.
 - Security: with `api_key`, every route but `/health` needs `Authorization: Bearer <key>` (401); with
-  `admin_key`, the weight, memory and cache routes need it (403 for any other key, the plain one included),
-  as does `/abort_request` with `abort_all`, and the admin key also opens every other route. Request ids
-  the server makes are random, so no client can guess another's to abort it. One request starts at most
-  4,096 sequences (prompts x n). Keys are compared in constant
-  time. Bodies are capped at `max_request_bytes` (413), counted as they arrive, whatever Content-Length
-  says. Nothing received
-  is unpickled or executed: weights come from safetensors files or (elsewhere) NCCL.
+  `admin_key`, every route that changes weights, memory, the cache or other users' requests needs it
+  (403 for any other key, the plain one included): the weight and memory routes, `/flush_cache`, and
+  `/abort_request` with `abort_all`; the admin key also opens every other route. Request ids the server
+  makes are random, so no client can guess another's to abort it. Keys are compared in constant time.
+  `weights_root` confines `/update_weights_from_disk`. Nothing received is unpickled or executed:
+  weights come from safetensors files or (elsewhere) NCCL.
+- Limits (`protocol.ServerLimits`): bodies are capped at `max_request_bytes` (413), counted as they
+  arrive, whatever Content-Length says; one request starts at most `max_request_sequences` sequences
+  (prompts x n) and asks for at most `max_request_tokens` tokens (400 beyond).
+- No client can stop the engine's loop thread: futures a caller gave up on are settled quietly, a
+  stream listener that raises is dropped, and a message that fails fails only its sender.
+- A request whose client goes away is aborted in the engine, streaming or not: `BodyLimitMiddleware`
+  watches the connection while the handler runs and cancels it on disconnect (counted as status 499).
+- A sleeping engine is not ready: `/health` answers 503 (so routers stop sending it traffic) and
+  generation routes answer 503 at once rather than wait for a wake; requests already in flight pause
+  and resume with the engine.
 - Middleware is plain ASGI (not `BaseHTTPMiddleware`), so streamed responses are not buffered.
 - Streaming: the engine calls `on_token` on its thread for every sampled token; `Batch` hops each call
   onto the event loop with `call_soon_threadsafe` and an `asyncio.Queue`. The same callback timestamps
   tokens for the latency histograms, so metrics cost one callback per token, streamed or not.
-- A request whose client goes away (handler cancelled, stream closed) is aborted in the engine.
 """
 
 import asyncio
@@ -41,9 +49,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from leagues.engine import api_admin, api_openai, api_sglang
 from leagues.engine.api_common import APIError, ServerState, error_body, error_response
-from leagues.engine.client import DEFAULT_MAX_REQUEST_BYTES
 from leagues.engine.engine import Engine
 from leagues.engine.metrics import ServerMetrics
+from leagues.engine.protocol import ServerLimits
 
 OPEN_PATHS = frozenset({"/health"})
 ADMIN_PATHS = frozenset(
@@ -108,7 +116,9 @@ class AuthMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Reads the whole body up front, refusing it (413) as soon as it passes `max_bytes`."""
+    """Reads the whole body up front, refusing it (413) as soon as it passes `max_bytes`; then runs the app
+    while watching the connection: a client that goes away cancels its handler (which aborts its engine
+    requests), streaming or not, and the request is counted with status 499."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -120,6 +130,7 @@ class BodyLimitMiddleware:
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
+                scope["leagues_disconnected"] = True
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
@@ -127,16 +138,38 @@ class BodyLimitMiddleware:
             if size > self.max_bytes:
                 limit = f"request body is larger than {self.max_bytes} bytes"
                 return await _send_error(send, 413, limit, "invalid_request_error")
-        body, replayed = b"".join(chunks), False
+        await _run_watched(self.app, scope, b"".join(chunks), receive, send)
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        return await self.app(scope, replay, send)
+async def _run_watched(app, scope, body: bytes, receive, send) -> None:
+    """`app` with `body` replayed; it is cancelled if the client disconnects before it returns."""
+    gone, replayed = asyncio.Event(), False
+
+    async def replay():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()  # the app's own disconnect listeners (streaming responses) wake with ours
+        return {"type": "http.disconnect"}
+
+    handler = asyncio.ensure_future(app(scope, replay, send))
+
+    async def watch():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope["leagues_disconnected"] = True
+        gone.set()
+        handler.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await handler
+    except asyncio.CancelledError:
+        if not gone.is_set():
+            raise  # cancelled from outside (shutdown), not by the client leaving
+    finally:
+        watcher.cancel()
 
 
 class MetricsMiddleware:
@@ -158,6 +191,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
+            if scope.get("leagues_disconnected") and status[0] == 500:
+                status[0] = 499  # the client left before an answer (nginx's code)
             endpoint = scope["path"] if scope["path"] in self.paths else "other"
             self.metrics.observe_http(endpoint, status[0])
 
@@ -204,14 +239,19 @@ def create_app(
     *,
     api_key: str | None = None,
     admin_key: str | None = None,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    limits: ServerLimits | None = None,
+    weights_root: str | Path | None = None,
     served_model_name: str | None = None,
 ) -> FastAPI:
-    """The server's FastAPI app around a running (or lazily started) engine."""
+    """The server's FastAPI app around a running (or lazily started) engine; `weights_root`: the directory
+    `/update_weights_from_disk` may load from (None: anywhere)."""
     path = str(engine.model_path) if engine.model_path is not None else ""
     metrics = ServerMetrics()
+    limits = limits or ServerLimits()
     app = FastAPI(title="leagues engine", version="0.1.0", lifespan=_lifespan)
-    app.state.leagues = ServerState(engine, metrics, path, served_model_name or Path(path).name or "leagues")
+    name = served_model_name or Path(path).name or "leagues"
+    root = Path(weights_root) if weights_root is not None else None
+    app.state.leagues = ServerState(engine, metrics, path, name, limits=limits, weights_root=root)
     for module in (api_sglang, api_openai, api_admin):
         app.include_router(module.router)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
@@ -220,7 +260,7 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_middleware(AuthMiddleware, api_key=api_key, admin_key=admin_key)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_bytes)
     paths = {route.path for module in (api_sglang, api_openai, api_admin) for route in module.router.routes}
     app.add_middleware(MetricsMiddleware, metrics=metrics, paths=paths)
     return app

@@ -1,0 +1,335 @@
+"""`leagues serve` against clients that time out, disconnect, flood it or reach for admin work.
+
+Real server processes on loopback with the built-in tiny MoE: `busy` (no keys, few sequences at a time,
+short health timeout, small request limits) for cancellation, disconnects, sleep and limits; `keyed`
+(both keys, bound beyond loopback, a weights root, a short weight-group timeout) for the admin routes.
+Long requests are 1,000+ tokens, which take seconds on CPU, so a client can leave while they run.
+"""
+
+import asyncio
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from leagues.engine import Engine, SamplingParams
+from leagues.model import write_tiny_moe
+
+API_KEY, ADMIN_KEY = "user-key", "admin-key"
+PLAIN, ADMIN = {"Authorization": f"Bearer {API_KEY}"}, {"Authorization": f"Bearer {ADMIN_KEY}"}
+LONG = {"max_new_tokens": 1500, "ignore_eos": True, "temperature": 0}
+
+
+def _launch(*args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "leagues.cli", "serve", "--port", "0", "--engine.num_blocks", "1024", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+
+
+def _wait_url(proc: subprocess.Popen, timeout: float = 90) -> str:
+    deadline, lines = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if m := re.search(r"listening on (http://\S+)", line):
+            return m.group(1)
+    proc.kill()
+    raise RuntimeError("server did not start:\n" + "".join(lines))
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weights")
+    return root, write_tiny_moe(root / "second", seed=1), write_tiny_moe(tmp_path_factory.mktemp("outside"), seed=2)
+
+
+@pytest.fixture(scope="module")
+def servers(roots):
+    busy = ["--engine.max_num_seqs", "2", "--engine.max_model_len", "2048", "--limits.health_generate_timeout", "0.5"]
+    busy += ["--limits.max_request_tokens", "20000", "--limits.max_request_bytes", "100000"]
+    keyed = ["--host", "0.0.0.0", "--api_key", API_KEY, "--admin_key", ADMIN_KEY, "--weights_root", str(roots[0])]
+    keyed += ["--engine.max_model_len", "256", "--limits.weight_group_timeout", "2"]
+    procs = [_launch(*busy), _launch(*keyed)]
+    try:
+        yield [_wait_url(p) for p in procs]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def busy(servers):
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def keyed(servers):
+    return servers[1]
+
+
+def _info(url: str, headers=None) -> dict:
+    return httpx.get(url + "/get_server_info", headers=headers, timeout=10).json()
+
+
+def _settles(url: str, timeout: float = 10) -> dict:
+    """The server's info once nothing runs, waits or is in flight (fails the test if that never happens)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = _info(url)
+        if info["num_running"] == info["num_waiting"] == info["num_in_flight_requests"] == 0:
+            return info
+        time.sleep(0.1)
+    raise AssertionError(f"requests still in the engine after {timeout} s: {info}")
+
+
+async def _running(c: httpx.AsyncClient, at_least: int, timeout: float = 30) -> None:
+    """Wait until the engine behind `c` runs `at_least` sequences (so what a test does next meets them)."""
+    deadline = time.monotonic() + timeout
+    while (await c.get("/get_server_info")).json()["num_running"] < at_least:
+        assert time.monotonic() < deadline, f"fewer than {at_least} sequences running after {timeout} s"
+        await asyncio.sleep(0.02)
+
+
+def _serves(url: str, headers=None) -> None:
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
+    r = httpx.post(url + "/generate", json=body, headers=headers, timeout=30)
+    assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 3, r.text
+
+
+# --- an engine no client can break -------------------------------------------------------------------
+
+
+def test_health_generate_timing_out_under_load_leaves_the_engine_serving(busy):
+    async def run():
+        async with httpx.AsyncClient(base_url=busy, timeout=120) as c:
+            body = {"input_ids": [5, 6], "sampling_params": LONG | {"max_new_tokens": 600}}
+            long = [asyncio.create_task(c.post("/generate", json=body)) for _ in range(2)]  # fill max_num_seqs
+            await _running(c, 2)
+            probes = await asyncio.gather(*(c.get("/health_generate") for _ in range(3)))
+            return probes, await asyncio.gather(*long)
+
+    probes, long = asyncio.run(run())
+    assert all(p.status_code == 503 and "no token within 0.5 s" in p.text for p in probes), probes[0].text
+    assert all(r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 600 for r in long)
+    _settles(busy)
+    _serves(busy)
+    assert httpx.get(busy + "/health_generate", timeout=30).status_code == 200
+
+
+LEAVING = [
+    ("/generate", {"input_ids": [[5, 6], [7, 8]], "sampling_params": LONG}, False),
+    ("/generate", {"input_ids": [[5, 6], [7, 8]], "sampling_params": LONG}, True),
+    ("/v1/completions", {"prompt": ["ab", "cd"], "max_tokens": 1500, "ignore_eos": True}, False),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500}, True),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "stream"), LEAVING)
+def test_a_client_that_leaves_has_its_requests_aborted(busy, path, body, stream):
+    """Non-streaming clients that time out and streaming ones that close: their engine requests stop."""
+    body = body | {"stream": stream} | ({"ignore_eos": True} if path.endswith("chat/completions") else {})
+
+    async def leave():
+        async with httpx.AsyncClient(base_url=busy, timeout=30) as c:
+            if stream:
+                async with c.stream("POST", path, json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            break  # the first token arrived; hang up
+                return
+            task = asyncio.create_task(c.post(path, json=body))
+            await _running(c, 1)
+            task.cancel()  # and the client closes its connections on the way out
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    before = _settles(busy)["stats"]["generated_tokens"]
+    asyncio.run(leave())
+    generated = _settles(busy, timeout=5)["stats"]["generated_tokens"] - before
+    assert 0 < generated < 1500, generated  # stopped well before the 1,500 tokens each prompt asked for
+    assert 'status="499"' in httpx.get(busy + "/metrics").text
+    _serves(busy)
+
+
+def test_cancelling_at_every_stage_over_http(busy):
+    """Clients leave while their requests wait for a slot, during prefill, while decoding, and just as they
+    finish; the engine keeps serving and ends with nothing in flight."""
+    body = {"input_ids": [list(range(5, 600))], "sampling_params": LONG | {"max_new_tokens": 400}}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=busy, timeout=60) as c:
+
+            async def leave_after(delay: float):
+                with contextlib.suppress(httpx.TimeoutException):
+                    await c.post("/generate", json=body, timeout=httpx.Timeout(60, read=delay))
+
+            await asyncio.gather(*(leave_after(d) for d in (0.001, 0.01, 0.05, 0.2, 0.5, 1.0, 2.0)))
+            short = {"input_ids": [5], "sampling_params": {"max_new_tokens": 1}}
+            await asyncio.gather(*(leave_after(0.001) for _ in range(4)), c.post("/generate", json=short))
+
+    asyncio.run(run())
+    _settles(busy)
+    _serves(busy)
+
+
+class CancelAt:
+    """An `on_token` that cancels its request's future at token `k` (or raises at token `fail`)."""
+
+    def __init__(self, k: int | None = None, fail: int | None = None) -> None:
+        self.k, self.fail, self.seen, self.future = k, fail, 0, None
+
+    def __call__(self, index: int, token: int, logprob: float) -> None:
+        self.seen += 1
+        if self.seen == self.k:
+            self.future.cancel()
+        if self.seen == self.fail:
+            raise RuntimeError("a broken stream listener")
+
+
+def test_cancelling_engine_futures_at_every_stage(tiny_path):
+    """In process, without aborting: callers drop their futures while the engine sleeps, at the first token,
+    mid decode, before the loop has seen them and after the end; a stream listener raises. The loop thread
+    lives on, finishes every request, and the one with the broken listener completes."""
+    engine = Engine(tiny_path, num_blocks=256, max_model_len=512)
+    try:
+        params = SamplingParams(temperature=0, max_new_tokens=60, ignore_eos=True)
+        engine.sleep()  # requests wait, so every callback knows its future before tokens come
+        asleep = engine.submit([5, 6], params)
+        asleep.cancel()
+        listeners = [CancelAt(k=1), CancelAt(k=30), CancelAt(fail=3)]
+        for i, listener in enumerate(listeners):
+            listener.future = engine.submit([5, 6, 7, i], params, on_token=listener)
+        engine.wake()
+        unseen = engine.submit([5, 6, 8], params)
+        unseen.cancel()
+        (out,) = engine.generate([[9, 9]], SamplingParams(max_new_tokens=2))
+        finished = engine.submit([9, 9], SamplingParams(max_new_tokens=2))
+        finished.result(timeout=60)
+        finished.cancel()  # after the end: no effect
+        broken = listeners[2].future.result(timeout=60)
+        deadline = time.monotonic() + 60
+        while engine.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.requests and engine.is_alive
+        assert all(f.cancelled() for f in (asleep, unseen, listeners[0].future, listeners[1].future))
+        assert len(broken[0].token_ids) == 60 and listeners[2].seen == 3  # dropped listener, finished request
+        (out,) = engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_new_tokens=4))
+        assert len(out.token_ids) == 4
+    finally:
+        engine.close()
+
+
+def test_request_ids_are_random(busy):
+    body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 1}}
+    ids = [httpx.post(busy + "/generate", json=body, timeout=30).json()["meta_info"]["id"] for _ in range(3)]
+    assert len(set(ids)) == 3 and all(re.fullmatch(r"gen-[0-9a-f]{16}", i) for i in ids), ids
+
+
+def test_limits_are_4xx(busy):
+    flood = {"input_ids": [[5, 6]] * 3000, "sampling_params": {"n": 64, "max_new_tokens": 1}}
+    r = httpx.post(busy + "/generate", json=flood, timeout=30)
+    assert r.status_code == 400 and "over 4096 sequences" in r.text
+    many_tokens = {"input_ids": [[5, 6]] * 8, "sampling_params": {"n": 8, "max_new_tokens": 1000}}
+    r = httpx.post(busy + "/generate", json=many_tokens, timeout=30)
+    assert r.status_code == 400 and "over the limit of 20000" in r.json()["error"]["message"], r.text
+    r = httpx.post(busy + "/v1/completions", json={"prompt": "ab", "n": 32, "max_tokens": 1000}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    r = httpx.post(busy + "/generate", json={"text": "a" * 200_000}, timeout=30)
+    assert r.status_code == 413
+    _settles(busy)
+
+
+def test_a_sleeping_engine_is_not_ready_and_refuses_work(busy):
+    body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=busy, timeout=60) as c:
+            running = asyncio.create_task(c.post("/generate", json=body))
+            await _running(c, 1)
+            assert (await c.post("/release_memory_occupation")).status_code == 200
+            answers = [await c.get("/health"), await c.get("/health_generate")]
+            answers += [await c.post("/generate", json=body), await c.post("/v1/completions", json={"prompt": "a"})]
+            assert (await c.post("/resume_memory_occupation")).status_code == 200
+            return answers, await running
+
+    started = time.monotonic()
+    answers, running = asyncio.run(run())
+    assert [a.status_code for a in answers] == [503] * 4, [a.text for a in answers]
+    assert all("asleep" in a.text for a in answers) and time.monotonic() - started < 20
+    assert running.status_code == 200 and running.json()["meta_info"]["completion_tokens"] == 200  # paused, resumed
+    _serves(busy)
+
+
+# --- admin --------------------------------------------------------------------------------------------
+
+ADMIN_ROUTES = [
+    ("/flush_cache", {}),
+    ("/abort_request", {"abort_all": True}),
+    ("/update_weights_from_disk", {"model_path": "/tmp"}),
+    ("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1}),
+    ("/update_weights_from_distributed", {"names": []}),
+    ("/destroy_weights_update_group", {"group_name": "g"}),
+    ("/release_memory_occupation", {}),
+    ("/resume_memory_occupation", {}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), ADMIN_ROUTES)
+def test_admin_routes_refuse_the_user_key(keyed, path, body):
+    r = httpx.post(keyed + path, json=body, headers=PLAIN, timeout=10)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error", r.text
+    assert httpx.post(keyed + path, json=body, timeout=10).status_code == 401
+
+
+def test_weights_load_only_from_under_the_root(keyed, roots):
+    root, inside, outside = roots
+    escape = root / "link"
+    escape.symlink_to(outside, target_is_directory=True)
+    for path in (outside, root / ".." / outside.name, escape, "/etc"):
+        r = httpx.post(keyed + "/update_weights_from_disk", json={"model_path": str(path)}, headers=ADMIN)
+        assert r.status_code == 403 and "outside the server's weights root" in r.text, r.text
+    r = httpx.post(keyed + "/update_weights_from_disk", json={"model_path": str(inside)}, headers=ADMIN, timeout=60)
+    assert r.status_code == 200 and r.json()["success"], r.text
+    _serves(keyed, ADMIN)
+
+
+def test_weight_group_joins_are_bounded_and_one_at_a_time(keyed):
+    body = {"master_address": "127.0.0.1", "master_port": 9, "rank_offset": 1, "world_size": 2, "backend": "gloo"}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=keyed, headers=ADMIN, timeout=60) as c:
+            joins = [asyncio.create_task(c.post("/init_weights_update_group", json=body)) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            flush = await c.post("/flush_cache")  # while a join waits: worker threads are not all taken
+            done = await asyncio.gather(*joins)
+            return *sorted(done, key=lambda r: r.status_code), flush
+
+    started = time.monotonic()
+    first, second, flush = asyncio.run(run())
+    assert first.status_code == 200 and first.json()["success"] is False, first.text  # nobody to join
+    assert time.monotonic() - started < 20  # weight_group_timeout 2 s, not 30 minutes
+    assert second.status_code == 409 and flush.status_code == 200
+
+
+def test_binding_beyond_loopback_needs_keys():
+    cmd = [sys.executable, "-m", "leagues.cli", "serve", "--host", "0.0.0.0", "--port", "0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("LEAGUES_API_KEY", "LEAGUES_ADMIN_KEY")}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "--api_key and --admin_key are not set" in out.stderr, out.stderr
+    assert "--insecure" in out.stderr
+    cmd += ["--insecure", "--model", "/nonexistent-model"]  # past the exposure check, to the model's
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "/nonexistent-model" in out.stderr and "not loopback and" in out.stderr
+    assert "--insecure" not in out.stderr  # a warning only
