@@ -80,9 +80,10 @@ class TrainerConfig:
     old_logprobs: str = "recompute"
     """The ratio's old policy: "recompute" (the policy's logprobs before the first update) or "rollout" (the
     engine's logprobs of the samples)."""
-    compile: bool | str = "auto"
+    compile: bool = False
     """`torch.compile` each transformer block (fuses norms, rotary and the MoE glue) and the chunked LM-head
-    log-softmax: true, false, or "auto" (on GPUs, unless deterministic; the first steps pay the compile)."""
+    log-softmax, once for all shapes (attention runs between the compiled graphs). Off by default: on an H200
+    at RL shapes it is not yet faster than eager (benchmarks/RESULTS.md, issue 14)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     deterministic: bool = False
     """Batch-invariant kernels (`leagues.kernels.batch_invariant`): the training forward's logprobs equal the
@@ -92,8 +93,8 @@ class TrainerConfig:
         for name in ("num_minibatches", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.compile not in (True, False, "auto"):
-            raise ValueError(f"trainer.compile: expected true, false or auto, got {self.compile!r}")
+        if self.compile not in (True, False):
+            raise ValueError(f"trainer.compile: expected true or false, got {self.compile!r}")
         if self.old_logprobs not in ("recompute", "rollout"):
             raise ValueError(f"trainer.old_logprobs: expected recompute or rollout, got {self.old_logprobs!r}")
 
@@ -129,9 +130,7 @@ class Trainer:
         if cfg.deterministic:
             self.model.set_batch_invariant()
         self.ref = self._load_ref() if cfg.loss.kl_coef > 0 else None
-        self.compiled = cfg.compile is True or (
-            cfg.compile == "auto" and self.device.type == "cuda" and not cfg.deterministic
-        )
+        self.compiled = cfg.compile is True
         if self.compiled:
             self.model.compile_blocks(dynamic=True)  # RL packings differ every step
         # FSDP2 whenever there is a process group (also of one rank: it brings bf16 compute, fp32 master).

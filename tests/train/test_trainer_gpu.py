@@ -1,5 +1,5 @@
-"""The trainer on a GPU: compiled by default, one compile for every packing an RL run throws at it, and the
-compiled step's numbers are the eager step's."""
+"""The compiled trainer on a GPU: one compile for every packing an RL run throws at it, and the compiled step's
+numbers are the eager step's."""
 
 import pytest
 import torch
@@ -12,8 +12,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_gpu_trainer_compiles_once_for_every_packing():
-    trainer = Trainer("tiny-moe", TrainerConfig())
-    assert trainer.compiled  # "auto" on a GPU
+    trainer = Trainer("tiny-moe", TrainerConfig(compile=True))
+    assert trainer.compiled
     for seed in (0, 1):
         trainer.train_step(make_samples(8 + seed, seed=seed))
     graphs = counters["stats"]["unique_graphs"]
