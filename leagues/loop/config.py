@@ -149,6 +149,8 @@ class TrainConfig:
                 "rollout.partial: not with --deterministic (where a request is aborted depends on timing, so the run "
                 "would not repeat bit for bit)"
             )
+        if self.advantage.kl_in_reward and self.trainer.loss.kl_coef <= 0:
+            raise ValueError("advantage.kl_in_reward: needs trainer.loss.kl_coef > 0 (the penalty's weight)")
         if self.rollout.partial and self.placement != "colocated":
             raise ValueError("rollout.partial: colocated runs only (disaggregated runs bound staleness their own way)")
 

@@ -30,7 +30,15 @@ import torch.distributed as dist
 
 from leagues.loop.config import TrainConfig
 from leagues.loop.run import Run, log
-from leagues.loop.train import assign_advantages, finish, maybe_save, merge_parts, report_failures, trainable
+from leagues.loop.train import (
+    assign_advantages,
+    finish,
+    maybe_save,
+    merge_parts,
+    report_failures,
+    shape_rewards_by_kl,
+    trainable,
+)
 from leagues.rollout.generate import rollout
 from leagues.sync import BroadcastSync
 
@@ -100,10 +108,11 @@ def trainer_loop(run: Run, sync: BroadcastSync, data_group, engines: list[int]) 
                 sample.group_id = sample.group_id * len(messages) + index
         report_failures([s for m in messages for s in m["samples"]], step, run.rank)
         samples = trainable([s for m in messages for s in m["samples"]])
+        shaping = shape_rewards_by_kl(run.trainer, samples, cfg)
         assign_advantages(samples, cfg, gather=False)  # this rank alone holds the whole batch
         start = time.perf_counter()
         with timer.section("train"):
-            train_metrics = run.trainer.train_step(samples)
+            train_metrics = run.trainer.train_step(samples) | shaping
         train_metrics["tokens_per_s"] = train_metrics.get("tokens", 0.0) / (time.perf_counter() - start)
         with timer.section("sync"):
             sync.send(run.trainer.state_dict_for_sync(), version=step + 1)

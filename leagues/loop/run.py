@@ -338,7 +338,7 @@ def _trainer(cfg: TrainConfig, model_path: Path, world: int) -> Trainer:
     alone = cfg.placement == "disaggregated"
     if not alone and torch.cuda.is_available():
         log(memory_note(cfg, model_path, world, torch.cuda.get_device_properties(0).total_memory))
-    return Trainer(model_path, cfg.trainer, alone=alone)
+    return Trainer(model_path, cfg.trainer, alone=alone, kl_in_reward=cfg.advantage.kl_in_reward)
 
 
 def _sync_name(cfg: TrainConfig, engine) -> str:

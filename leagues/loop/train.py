@@ -77,6 +77,7 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
     run.wait_for_peers()
     report_failures(result.samples, step, run.rank)
     samples = trainable(result.samples)
+    shaping = shape_rewards_by_kl(run.trainer, samples, cfg)
     assign_advantages(samples, cfg)
     sleep = run.engine_sleeps
     if sleep:
@@ -91,6 +92,7 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
             run.engine.wake()
     with timer.section("sync"):
         sync_metrics = sync_weights(run, version=step + 1)
+    train_metrics |= shaping
     return merge_rollout_metrics(result.metrics) | {f"train/{k}": v for k, v in train_metrics.items()} | sync_metrics
 
 
@@ -130,6 +132,17 @@ def trainable(samples: list[Sample]) -> list[Sample]:
     """Samples the trainer may learn from: not failed, not aborted (cut off by the engine, not the policy's
     own ending: its advantage would score an answer it never finished), with a response."""
     return [s for s in samples if s.status not in (SampleStatus.FAILED, SampleStatus.ABORTED) and s.response_ids]
+
+
+def shape_rewards_by_kl(trainer, samples: list[Sample], cfg: TrainConfig) -> dict[str, float]:
+    """`advantage.kl_in_reward`: every sample's reward gets its KL penalty (`Trainer.kl_rewards`) before
+    advantages; returns the mean penalty over this rank's samples (every trainer rank calls it together)."""
+    if not cfg.advantage.kl_in_reward:
+        return {}
+    penalties = trainer.kl_rewards(samples)
+    for sample, penalty in zip(samples, penalties, strict=True):
+        sample.reward += penalty
+    return {"kl/reward_penalty_mean": sum(penalties) / max(len(penalties), 1)}
 
 
 def assign_advantages(samples: list[Sample], cfg: TrainConfig, gather: bool = True) -> None:

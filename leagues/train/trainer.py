@@ -3,6 +3,7 @@
     trainer = Trainer("tiny-moe", TrainerConfig())
     trainer.compute_logprobs(samples)        # per-sample response logprobs (no grad)
     metrics = trainer.train_step(samples)    # this rank's samples; rebalanced across ranks by tokens
+    penalties = trainer.kl_rewards(samples)  # KL to the reference as reward shaping (kl_in_reward)
     for bucket in trainer.state_dict_for_sync(): engine.load_weights(bucket)
     trainer.save(dir, extra={"data": ...}); trainer.load(dir)
 
@@ -23,7 +24,7 @@ import copy
 import itertools
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ from leagues.parallel import (
 )
 from leagues.train.checkpoint import load_checkpoint, local_only, save_checkpoint
 from leagues.train.logprobs import token_logprobs
-from leagues.train.losses import LossConfig, LossInputs, Normalizer, policy_loss
+from leagues.train.losses import LossConfig, LossInputs, Normalizer, kl_penalty_rewards, policy_loss
 from leagues.train.moe import (
     MoEConfig,
     expert_counts,
@@ -54,7 +55,14 @@ from leagues.train.moe import (
     update_expert_bias,
 )
 from leagues.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
-from leagues.train.packing import MicroBatch, balance, build_microbatch, input_length, split_by_tokens
+from leagues.train.packing import (
+    MicroBatch,
+    balance,
+    build_microbatch,
+    input_length,
+    response_mask,
+    split_by_tokens,
+)
 from leagues.types import Sample
 
 
@@ -106,10 +114,20 @@ def _device() -> torch.device:
 
 
 class Trainer:
-    def __init__(self, model: str | Path | Transformer, cfg: TrainerConfig | None = None, alone: bool = False) -> None:
+    def __init__(
+        self,
+        model: str | Path | Transformer,
+        cfg: TrainerConfig | None = None,
+        alone: bool = False,
+        kl_in_reward: bool = False,
+    ) -> None:
         """`alone`: this rank trains by itself although the job has other ranks (disaggregated placement with
-        one trainer rank): no FSDP, no collectives, checkpoints of one process."""
+        one trainer rank): no FSDP, no collectives, checkpoints of one process. `kl_in_reward`: the KL to the
+        reference (`loss.kl_coef`) shapes the rewards (`kl_rewards`) instead of being a loss term."""
         self.cfg = cfg = cfg or TrainerConfig()
+        self.kl_in_reward = kl_in_reward
+        # the loss's own terms: without the KL when it shapes the rewards instead
+        self.loss_cfg = replace(cfg.loss, kl_coef=0.0) if kl_in_reward else cfg.loss
         if cfg.loss.aggregation == "constant" and cfg.loss.max_response_tokens is None:
             raise ValueError("trainer.loss.aggregation constant (Dr.GRPO) needs trainer.loss.max_response_tokens")
         self.device = _device()
@@ -253,6 +271,22 @@ class Trainer:
             if self.cfg.ref_offload:
                 self.ref.to("cpu")
 
+    def kl_rewards(self, samples: list[Sample]) -> list[float]:
+        """KL as reward shaping: for each of this rank's samples, -kl_coef x the sum over its loss-mask response
+        tokens of the KL estimate (`loss.kl_estimator`) of the current policy against the reference. The loop
+        adds it to the rewards before advantages (every trainer rank calls it together: the policy's forward
+        is collective)."""
+        if self.ref is None:
+            raise ValueError("kl_rewards: trainer.loss.kl_coef is 0, so there is no reference to compare with")
+        loss = self.cfg.loss
+        policy, ref = self.compute_logprobs(samples), self._ref_logprobs(samples)
+        out = []
+        for sample, logprobs_T, ref_T in zip(samples, policy, ref, strict=True):
+            mask_T = torch.tensor(response_mask(sample), dtype=torch.float32)
+            shaped_T = kl_penalty_rewards(logprobs_T, ref_T, mask_T, kl_coef=loss.kl_coef, estimator=loss.kl_estimator)
+            out.append(float(shaped_T.sum()))
+        return out
+
     # --- the step ---------------------------------------------------------------------------------
 
     def _gather(self, samples: list[Sample]) -> list[Sample]:
@@ -310,7 +344,7 @@ class Trainer:
         # mini-batches are cut from the global batch, then balanced over ranks: the same updates on any world size
         shares = [self._share(everything[i :: cfg.num_minibatches]) for i in range(cfg.num_minibatches)]
         recompute = cfg.num_minibatches * cfg.epochs > 1 and cfg.old_logprobs == "recompute"
-        refs = [self._ref_logprobs(share) for share in shares]
+        refs = [None if self.kl_in_reward else self._ref_logprobs(share) for share in shares]
         olds = [self.compute_logprobs(share) if recompute else None for share in shares]  # before any update
         updates = []
         for _ in range(cfg.epochs):
@@ -392,7 +426,7 @@ class Trainer:
             ref_logprobs_T=None if ref is None else self._token_aligned(mb, ref, samples),
             entropy_T=entropy_T,
         )
-        loss, metrics = policy_loss(inputs, self.cfg.loss, norm)
+        loss, metrics = policy_loss(inputs, self.loss_cfg, norm)
         return loss + moe_loss, metrics | moe_metrics
 
     def _token_aligned(self, mb: MicroBatch, per_sample: list[torch.Tensor], samples: list[Sample]) -> torch.Tensor:

@@ -92,6 +92,26 @@ def test_minibatch_updates_make_the_clip_act_in_a_run(tmp_path):
     assert max(row["train/policy/ratio_max"] for row in rows) > 1.0
 
 
+@pytest.mark.parametrize("form", ["loss", "reward"])
+def test_kl_to_the_reference_as_a_loss_term_or_as_reward_shaping(form, tmp_path):
+    """`--trainer.loss.kl_coef` alone: a KL term in the loss; with `--advantage.kl_in_reward`: a penalty on
+    each sample's reward instead, and no KL term."""
+    extra = ["--steps", "2", "--checkpoints", "false", "--trainer.loss.kl_coef", "0.1"]
+    extra += ["--trainer.optim.lr", "3e-2", "--trainer.loss.kl_estimator", "k3"]
+    if form == "reward":
+        extra += ["--advantage.kl_in_reward", "true"]
+    train(config(tmp_path / "run", *extra))
+    rows = rl_rows(tmp_path / "run")
+    assert len(rows) == 2
+    shaped, term = "train/kl/reward_penalty_mean", "train/kl/mean"
+    assert all((shaped in row, term in row) == (form == "reward", form == "loss") for row in rows)
+    values = [row[shaped if form == "reward" else term] for row in rows]
+    assert values[0] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
+    assert abs(values[1]) > 1e-6  # step 2: it has moved (k3 >= 0: a penalty <= 0, a term >= 0)
+    with pytest.raises(ValueError, match="advantage.kl_in_reward: needs trainer.loss.kl_coef"):
+        config(tmp_path / "bad", "--advantage.kl_in_reward", "true")
+
+
 def test_a_bad_reward_is_reported_before_the_warm_start(tmp_path):
     cfg = config(tmp_path / "run", "--reward.name", f"{REWARDS}:no_such_reward")
     with pytest.raises(ValueError, match="no_such_reward"):
