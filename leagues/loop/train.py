@@ -249,8 +249,8 @@ def maybe_eval(run: Run, step: int) -> dict[str, float]:
 
 
 def maybe_save(run: Run, step: int) -> dict[str, float]:
-    every = run.cfg.save_every
-    if not run.cfg.checkpoints:
+    every = run.cfg.checkpoint.every
+    if not run.cfg.checkpoint.enabled:
         return {}
     if (every and (step + 1) % every == 0) or step + 1 == run.cfg.steps:
         with run.timer.section("save"):

@@ -73,14 +73,10 @@ class TrainerConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     max_tokens_per_microbatch: int = 8192
     """Token budget of one packed micro-batch."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollout; logprobs are computed under it, as the engine does."""
     logprob_chunk_size: int = 2048
     """Tokens per chunk of the LM head and log-softmax."""
     ref_offload: bool = True
     """Keep the frozen reference model on the CPU between uses (only loaded when the loss has KL)."""
-    keep_last: int = 3
-    """Checkpoints kept by `save`."""
     num_minibatches: int = 1
     """Optimizer updates per pass over a rollout batch: each rank's share is cut into this many mini-batches."""
     epochs: int = 1
@@ -92,9 +88,6 @@ class TrainerConfig:
     """`torch.compile` each transformer block (fuses norms, rotary and the MoE glue) and the chunked LM-head
     log-softmax: true, false, or "auto" (on GPUs, unless deterministic; the first steps pay the compile)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
-    deterministic: bool = False
-    """Batch-invariant kernels (`leagues.kernels.batch_invariant`): the training forward's logprobs equal the
-    engine's bit for bit when the engine runs deterministic too (true on-policy)."""
 
     def __post_init__(self) -> None:
         for name in ("num_minibatches", "epochs"):
@@ -120,12 +113,19 @@ class Trainer:
         cfg: TrainerConfig | None = None,
         alone: bool = False,
         kl_in_reward: bool = False,
+        temperature: float = 1.0,
+        deterministic: bool = False,
     ) -> None:
-        """`alone`: this rank trains by itself although the job has other ranks (disaggregated placement with
-        one trainer rank): no FSDP, no collectives, checkpoints of one process. `kl_in_reward`: the KL to the
-        reference (`loss.kl_coef`) shapes the rewards (`kl_rewards`) instead of being a loss term."""
+        """The run's settings that the trainer follows rather than owns:
+        - `alone`: this rank trains by itself although the job has other ranks (disaggregated placement with
+          one trainer rank): no FSDP, no collectives, checkpoints of one process.
+        - `kl_in_reward`: the KL to the reference (`loss.kl_coef`) shapes the rewards (`kl_rewards`) instead of
+          being a loss term.
+        - `temperature`: the rollout's sampling temperature; logprobs are computed under it, as the engine does.
+        - `deterministic`: batch-invariant kernels (`leagues.kernels.batch_invariant`): the training forward's
+          logprobs equal the engine's bit for bit when the engine runs deterministic too (true on-policy)."""
         self.cfg = cfg = cfg or TrainerConfig()
-        self.kl_in_reward = kl_in_reward
+        self.kl_in_reward, self.temperature, self.deterministic = kl_in_reward, temperature, deterministic
         # the loss's own terms: without the KL when it shapes the rewards instead
         self.loss_cfg = replace(cfg.loss, kl_coef=0.0) if kl_in_reward else cfg.loss
         if cfg.loss.aggregation == "constant" and cfg.loss.max_response_tokens is None:
@@ -144,11 +144,11 @@ class Trainer:
             else:
                 model = load_pretrained(self.model_path, dtype=torch.float32, device=self.device)
         self.model = model.train()
-        if cfg.deterministic:
+        if deterministic:
             self.model.set_batch_invariant()
         self.ref = self._load_ref() if cfg.loss.kl_coef > 0 else None
         self.compiled = cfg.compile is True or (
-            cfg.compile == "auto" and self.device.type == "cuda" and not cfg.deterministic
+            cfg.compile == "auto" and self.device.type == "cuda" and not deterministic
         )
         if self.compiled:
             self.model.compile_blocks()
@@ -210,12 +210,12 @@ class Trainer:
             out.hidden_TD,
             weight_VD,
             mb.targets_T,
-            self.cfg.temperature,
+            self.temperature,
             self.cfg.logprob_chunk_size,
             with_entropy=with_entropy,
             entropy_grad=self.cfg.loss.entropy_coef != 0,
-            compiled=self.compiled and not self.cfg.deterministic,
-            invariant=self.cfg.deterministic,
+            compiled=self.compiled and not self.deterministic,
+            invariant=self.deterministic,
         )
         return logprobs_T, entropy_T, out
 
@@ -495,14 +495,13 @@ class Trainer:
         if bucket:
             yield bucket
 
-    def save(self, root: str | Path, extra: dict | None = None) -> Path:
+    def save(self, root: str | Path, extra: dict | None = None, keep_last: int = 3) -> Path:
+        """A checkpoint of step `self.step` under `root`; `keep_last` > 0 deletes all but that many newest."""
         extra = {"trainer_step": self.step, **(extra or {})}
         if self.cfg.moe.bias_update_rate > 0:  # non-persistent buffers: not in the model's state dict
             extra["expert_bias"] = {n: b.tolist() for n, b in self._expert_biases()}
         with local_only() if self.alone else nullcontext():
-            return save_checkpoint(
-                root, self.step, self.model, self.optimizer, self.scheduler, extra, self.cfg.keep_last
-            )
+            return save_checkpoint(root, self.step, self.model, self.optimizer, self.scheduler, extra, keep_last)
 
     def load(self, path: str | Path) -> dict:
         with local_only() if self.alone else nullcontext():
