@@ -149,8 +149,6 @@ class TrainConfig:
             raise ValueError("engine_ep: expert-parallel engines are built by colocated runs (no engine_urls)")
         if self.engine_ep and self.engine_offload_weights:
             raise ValueError("engine_offload_weights: expert-parallel engines keep their weights (peers use them)")
-        if self.placement == "disaggregated" and self.eval.every:
-            raise ValueError("eval.every: held-out evaluation runs in colocated runs only (placement colocated)")
         if self.engine_offload_weights and self.engine_sleep is False:
             raise ValueError("engine_offload_weights: the weights move out only while the engine sleeps (engine_sleep)")
         if self.rollout.partial and self.deterministic:

@@ -204,9 +204,11 @@ SUMMED = {
 }
 
 
-def evaluate(run: Run) -> dict[str, float]:
-    """Greedy held-out accuracy (and mean response length) over every rank's share of the held-out prompts."""
-    prompts = [p for i, p in enumerate(run.held_out) if i % run.world == run.rank]
+def evaluate(run: Run, alone: bool = False) -> dict[str, float]:
+    """Greedy held-out accuracy (and mean response length) over every rank's share of the held-out prompts;
+    `alone`: this rank evaluates them all, with no collective (the evaluating engine rank of a disaggregated run)."""
+    rank, world = (0, 1) if alone else (run.rank, run.world)
+    prompts = [p for i, p in enumerate(run.held_out) if i % world == rank]
     params = SamplingParams(
         temperature=0.0, max_new_tokens=run.cfg.eval.max_response_len or run.ctx.params.max_new_tokens
     )
@@ -223,24 +225,30 @@ def evaluate(run: Run) -> dict[str, float]:
         await run.scorer.score(samples)
 
     run.loop.run_until_complete(all_of_them())
-    run.wait_for_peers()
+    if not alone:
+        run.wait_for_peers()
     threshold = run.cfg.rollout.pass_threshold
     totals = torch.tensor(
         [sum(s.reward >= threshold for s in samples), len(samples), sum(len(s.response_ids) for s in samples)],
         dtype=torch.float64,
     )
-    if dist.is_initialized():  # NCCL reduces on the GPU only
+    if dist.is_initialized() and not alone:  # NCCL reduces on the GPU only
         totals = totals.to("cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(totals)
     correct, count, length = totals.tolist()
     return {"eval/accuracy": correct / max(count, 1.0), "eval/response_len_mean": length / max(count, 1.0)}
 
 
-def maybe_eval(run: Run, step: int) -> dict[str, float]:
+def eval_due(run: Run, version: int) -> bool:
+    """Whether held-out accuracy is measured with the weights after `version` steps (0: the starting point)."""
     every = run.cfg.eval.every
     if not every or run.held_out is None:
-        return {}
-    if (step + 1) % every and step + 1 != run.cfg.steps:
+        return False
+    return version % every == 0 or version == run.cfg.steps
+
+
+def maybe_eval(run: Run, step: int) -> dict[str, float]:
+    if not eval_due(run, step + 1):
         return {}
     with run.timer.section("eval"):
         out = evaluate(run)

@@ -189,21 +189,21 @@ def test_deterministic_with_expert_parallel_engines_and_trainer(tmp_path):
 
 
 @pytest.mark.slow
-def test_disaggregated_one_trainer_one_engine(tmp_path):
-    args = [
-        "--placement",
-        "disaggregated",
-        "--trainer.loss.off_policy",
-        "token_tis",
-        "--trainer.moe.routing_replay",
-        "rollout",
-    ]
-    rows = train_two_ranks(tmp_path, *args)
+def test_disaggregated_one_trainer_two_engines_with_held_out_eval(tmp_path):
+    """Two engine ranks roll out (their groups kept apart, both counted) while the trainer trains; the first
+    engine rank measures held-out accuracy with the weights of steps 0, 3 and 6, logged under those steps."""
+    args = ["--placement", "disaggregated", "--num_engine_ranks", "2", "--trainer.loss.off_policy", "token_tis"]
+    args += ["--trainer.moe.routing_replay", "rollout", "--eval.every", "3", "--eval.num_prompts", "32"]
+    leagues_cli("train", "--nproc", "3", *EASY, *args, "--run_dir", str(tmp_path / "run"))
+    rows = rl_rows(tmp_path / "run")
     assert len(rows) == 6
+    assert all(row["rollout/num_samples"] == 16 * 8 for row in rows)  # both engines' groups
     assert max(row["train/staleness_max"] for row in rows) <= 1  # the staleness bound holds
     assert max(row["train/staleness_max"] for row in rows) == 1  # ... and generation overlapped training
     assert all(row["train/moe/route_mismatch_frac"] == 0.0 for row in rows)  # routes crossed ranks, replayed
     assert_improves(rows)
+    evals = {row["step"]: row["eval/accuracy"] for row in read_metrics(tmp_path / "run") if "eval/accuracy" in row}
+    assert sorted(evals) == [0, 3, 6]
 
 
 def comparable(row: dict) -> dict:
