@@ -76,7 +76,8 @@ class TrainerConfig:
     logprob_chunk_size: int = 2048
     """Tokens per chunk of the LM head and log-softmax."""
     ref_offload: bool = True
-    """Keep the frozen reference model on the CPU between uses (only loaded when the loss has KL)."""
+    """Keep the frozen reference model on the CPU between uses (only built when `loss.kl_coef` > 0). A reference
+    sharded like the policy (any run with a process group) keeps its shard on the device instead."""
     num_minibatches: int = 1
     """Optimizer updates per pass over a rollout batch: each rank's share is cut into this many mini-batches."""
     epochs: int = 1
@@ -146,7 +147,7 @@ class Trainer:
         self.model = model.train()
         if deterministic:
             self.model.set_batch_invariant()
-        self.ref = self._load_ref() if cfg.loss.kl_coef > 0 else None
+        self.ref = self._build_ref(sharded) if cfg.loss.kl_coef > 0 else None  # before a model object is sharded
         self.compiled = cfg.compile is True or (
             cfg.compile == "auto" and self.device.type == "cuda" and not deterministic
         )
@@ -155,33 +156,49 @@ class Trainer:
         # FSDP2 whenever there is a process group (also of one rank: it brings bf16 compute, fp32 master).
         self.mesh = None if self.alone else parallelize(self.model, cfg.parallel, self.world, self.device.type)
         if sharded:
-            self._load_shards()
+            self._load_shards(self.model)
+        if self.ref is not None and self.mesh is not None:  # the reference sharded like the policy (FSDP2, EP)
+            parallelize(self.ref, cfg.parallel, self.world, self.device.type, mesh=self.mesh)
+            if sharded:
+                self._load_shards(self.ref)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.step = 0
         self._load_counts: torch.Tensor | None = None
 
-    def _load_shards(self) -> None:
-        """Fill the sharded model from its checkpoint, one full tensor at a time: no rank ever holds the whole
-        model (with expert parallel, a rank reads only its own experts)."""
-        self.model.to_empty(device=self.device)
+    def _load_shards(self, model: Transformer) -> None:
+        """Fill a sharded model (the policy or the reference) from the checkpoint, one full tensor at a time: no
+        rank ever holds the whole model (with expert parallel, a rank reads only its own experts)."""
+        dtype = next(model.parameters()).dtype
+        model.to_empty(device=self.device)
         experts = None
         if self.cfg.parallel.ep > 1:
-            per_rank = self.model.config.num_experts // self.cfg.parallel.ep
+            per_rank = model.config.num_experts // self.cfg.parallel.ep
             lo = self.mesh.ep.get_local_rank() * per_rank
             experts = (lo, lo + per_rank)
-        tensors = ((name, t.float()) for name, t in read_parameters(self.model_path, experts))
-        load_full_tensors(self.model, tensors)
-        reset_buffers(self.model, self.device)
+        tensors = ((name, t.to(dtype)) for name, t in read_parameters(self.model_path, experts))
+        load_full_tensors(model, tensors)
+        reset_buffers(model, self.device)
 
-    def _load_ref(self) -> Transformer:
-        """The frozen reference: the checkpoint again, or a copy of a model given as an object (before sharding)."""
-        device = "cpu" if self.cfg.ref_offload else self.device
+    def _build_ref(self, sharded: bool) -> Transformer:
+        """The frozen reference: a copy of a model given as an object (taken before the policy is sharded or
+        trained), or the checkpoint again (built on the meta device when each rank reads only its pieces). With a
+        process group it is sharded like the policy after this, and kept in the compute dtype (no master copy to
+        keep: it never steps); alone, it is whole and, with `ref_offload`, waits on the CPU between uses."""
+        dtype = torch.float32 if self.alone else self.cfg.parallel.resolved_param_dtype(self.device.type)
         if self.model_path is None:
-            ref = copy.deepcopy(self.model).to(device=device, dtype=torch.float32)
+            ref = copy.deepcopy(self.model)
+        elif sharded:
+            with torch.device("meta"):
+                ref = Transformer(read_config(self.model_path))
         else:
-            ref = load_pretrained(self.model_path, dtype=torch.float32, device=device)
-        return ref.eval().requires_grad_(False)
+            ref = load_pretrained(self.model_path, dtype=torch.float32, device=self.device)
+        ref.eval().requires_grad_(False)
+        for param in ref.parameters():  # parameters only: buffers (rotary tables) stay as the policy's
+            param.data = param.data.to(dtype)
+        if self.deterministic:
+            ref.set_batch_invariant()
+        return ref.to("cpu") if self.alone and self.cfg.ref_offload else ref
 
     # --- forward pieces -----------------------------------------------------------------------
 
@@ -250,8 +267,7 @@ class Trainer:
         out: list[torch.Tensor | None] = [None] * len(samples)
         mbs = self._microbatches(samples)
         num_real = len(mbs)
-        if model is self.model:  # the sharded policy's forwards are collective: every rank runs as many
-            mbs += self._padding_microbatches(num_real)
+        mbs += self._padding_microbatches(num_real)  # sharded forwards are collective: every rank runs as many
         for index, mb in enumerate(mbs):
             logprobs_T, _, _ = self._forward_logprobs(model, mb)
             if index >= num_real:
@@ -263,12 +279,13 @@ class Trainer:
     def _ref_logprobs(self, samples: list[Sample]) -> list[torch.Tensor] | None:
         if self.ref is None:
             return None
-        if self.cfg.ref_offload:
+        offload = self.mesh is None and self.cfg.ref_offload  # a sharded reference keeps its shard in place
+        if offload:
             self.ref.to(self.device)
         try:
             return self.compute_logprobs(samples, self.ref)
         finally:
-            if self.cfg.ref_offload:
+            if offload:
                 self.ref.to("cpu")
 
     def kl_rewards(self, samples: list[Sample]) -> list[float]:
@@ -423,11 +440,18 @@ class Trainer:
             seq_ids_T=mb.seq_ids_T,
             num_seqs=mb.num_seqs,
             rollout_logprobs_T=mb.rollout_logprobs_T,
-            ref_logprobs_T=None if ref is None else self._token_aligned(mb, ref, samples),
+            ref_logprobs_T=self._ref_aligned(mb, ref, samples, logprobs_T),
             entropy_T=entropy_T,
         )
         loss, metrics = policy_loss(inputs, self.loss_cfg, norm)
         return loss + moe_loss, metrics | moe_metrics
+
+    def _ref_aligned(self, mb: MicroBatch, ref, samples: list[Sample], logprobs_T: torch.Tensor):
+        """The reference's logprobs on the micro-batch's positions; for a padding pass (no sample, no loss token)
+        zeros where the loss needs a KL term, which the loss then compares on no token."""
+        if ref is not None:
+            return self._token_aligned(mb, ref, samples)
+        return torch.zeros_like(logprobs_T.detach()) if self.loss_cfg.kl_coef > 0 else None
 
     def _token_aligned(self, mb: MicroBatch, per_sample: list[torch.Tensor], samples: list[Sample]) -> torch.Tensor:
         """Per-sample response logprobs laid out on the micro-batch's packed target positions (0 elsewhere)."""
