@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -82,10 +83,10 @@ class TrainerConfig:
     """Optimizer updates per pass over a rollout batch: each rank's share is cut into this many mini-batches."""
     epochs: int = 1
     """Passes over each rollout batch (each pass makes `num_minibatches` updates)."""
-    old_logprobs: str = "recompute"
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"
     """The ratio's old policy: "recompute" (the policy's logprobs before the first update) or "rollout" (the
     engine's logprobs of the samples)."""
-    compile: bool | str = "auto"
+    compile: bool | Literal["auto"] = "auto"
     """`torch.compile` each transformer block (fuses norms, rotary and the MoE glue) and the chunked LM-head
     log-softmax: true, false, or "auto" (on GPUs, unless deterministic; the first steps pay the compile)."""
     moe: MoEConfig = field(default_factory=MoEConfig)

@@ -54,7 +54,6 @@ def test_resolve_refuses_contradictions(args, message):
     ("args", "message"),
     [
         (["--advantage.kl_in_reward", "true"], "advantage.kl_in_reward: needs trainer.loss.kl_coef"),
-        (["--placement", "disaggregated", "--eval.every", "2"], "eval.every"),
         (["--checkpoint.every", "-1"], "checkpoint.every: must be >= 0"),
         (["--placement", "both"], "placement: expected one of 'colocated' | 'disaggregated'"),
         (["--weight_sync.transport", "nccl"], "weight_sync.transport: expected one of"),
