@@ -14,7 +14,8 @@ the lag; every sample carries the weight version it was generated with (`train/s
 Decisions:
 - Batches travel as pickled samples over a gloo group with non-blocking sends, so an engine never waits
   for the trainer to take a batch (a blocking send would deadlock against the weight broadcast).
-- Weights travel in one broadcast group (trainer + engines; NCCL on GPUs, gloo on CPUs) by `BroadcastSync`.
+- Weights travel in one broadcast group (trainer + engines; NCCL on GPUs, gloo on CPUs): the run's `broadcast`
+  weight sync (`leagues.sync.WEIGHT_SYNCS`). The trainer's part of a step is the colocated loop's (`learn`).
 - Every engine draws the same global batch of prompts and keeps its share, and sends its prompt position
   with each batch; the trainer checkpoints the position of the last batch it trained on, so a resumed run
   regenerates exactly the batches that were not trained on.
@@ -28,26 +29,14 @@ Decisions:
 """
 
 import pickle
-import time
 
 import torch
 import torch.distributed as dist
 
 from leagues.loop.config import TrainConfig
 from leagues.loop.run import Run, log
-from leagues.loop.train import (
-    assign_advantages,
-    eval_due,
-    evaluate,
-    finish,
-    maybe_save,
-    merge_parts,
-    report_failures,
-    shape_rewards_by_kl,
-    trainable,
-)
+from leagues.loop.train import eval_due, evaluate, finish, learn, maybe_save, merge_parts, report_failures, trainable
 from leagues.rollout.generate import rollout
-from leagues.sync import BroadcastSync
 from leagues.types import Sample
 
 
@@ -63,14 +52,12 @@ def train_disaggregated(cfg: TrainConfig) -> list[dict[str, float]]:
         raise ValueError("placement disaggregated: engine_urls (external engines) use the colocated loop's HTTP path")
     rank = dist.get_rank()
     engines = list(range(1, world))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = BroadcastSync(dist.new_group([0, *engines]), src=0, device=device)
     data_group = dist.new_group(backend="gloo")
-    run = Run.build(cfg, is_trainer=rank == 0, is_engine=rank != 0)
+    run = Run.build(cfg, is_trainer=rank == 0, is_engine=rank != 0)  # its weight sync: broadcast
     try:
         if rank == 0:
-            return trainer_loop(run, sync, data_group, engines)
-        engine_loop(run, sync, data_group)
+            return trainer_loop(run, data_group, engines)
+        engine_loop(run, data_group)
         return []
     finally:
         run.close()
@@ -92,18 +79,18 @@ class Evaluator:
         return done
 
 
-def engine_loop(run: Run, sync: BroadcastSync, data_group) -> None:
+def engine_loop(run: Run, data_group) -> None:
     cfg, index, num = run.cfg, run.rank - 1, run.world - 1
     version, pending = run.start_step, []
     evaluator = Evaluator(run, active=index == 0)
 
     def receive() -> int:
-        new = sync.receive(run.engine)
+        new = run.weight_sync.receive(run.engine)
         evaluator.at(new)
         return new
 
     if run.start_step:
-        version = sync.receive(run.engine)  # the resumed trainer's weights
+        version = run.weight_sync.receive(run.engine)  # the resumed trainer's weights
     else:
         evaluator.at(0)  # the starting point
     for step in range(run.start_step, cfg.steps):
@@ -131,27 +118,22 @@ def engine_loop(run: Run, sync: BroadcastSync, data_group) -> None:
             work.wait()
 
 
-def trainer_loop(run: Run, sync: BroadcastSync, data_group, engines: list[int]) -> list[dict[str, float]]:
+def trainer_loop(run: Run, data_group, engines: list[int]) -> list[dict[str, float]]:
     cfg, timer, history = run.cfg, run.timer, []
     if run.start_step:
-        sync.send(run.trainer.state_dict_for_sync(), version=run.start_step)
+        run.weight_sync.push(run.trainer, version=run.start_step)
     for step in range(run.start_step, cfg.steps):
         with timer.section("wait_rollout"):
             messages = [recv_object(src=e, group=data_group) for e in engines]
         everything = merge_batches([m["samples"] for m in messages])
         report_failures(everything, step, run.rank)
         samples = trainable(everything)
-        shaping = shape_rewards_by_kl(run.trainer, samples, cfg)
-        assign_advantages(samples, cfg, gather=False)  # this rank alone holds the whole batch
-        start = time.perf_counter()
-        with timer.section("train"):
-            train_metrics = run.trainer.train_step(samples) | shaping
-        train_metrics["tokens_per_s"] = train_metrics.get("tokens", 0.0) / (time.perf_counter() - start)
+        train_metrics = learn(run, samples, gather=False)  # this rank alone holds the whole batch
         with timer.section("sync"):
-            sync.send(run.trainer.state_dict_for_sync(), version=step + 1)
+            train_metrics |= run.weight_sync.push(run.trainer, version=step + 1)
         run.prompts.load_state_dict(messages[0]["data"])  # the position after the batch just trained on
         staleness = [step - s.weight_version for s in samples] or [0]
-        metrics = merge_parts([m["metrics"] for m in messages]) | {f"train/{k}": v for k, v in train_metrics.items()}
+        metrics = merge_parts([m["metrics"] for m in messages]) | train_metrics
         metrics["train/staleness_mean"] = sum(staleness) / len(staleness)
         metrics["train/staleness_max"] = float(max(staleness))
         metrics |= maybe_save(run, step) | timer.pop()

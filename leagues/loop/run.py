@@ -349,7 +349,10 @@ def _trainer(cfg: TrainConfig, model_path: Path, world: int) -> Trainer:
 
 
 def _sync_name(cfg: TrainConfig, engine) -> str:
-    """The weight transport: in place to this rank's engine, else `weight_sync` to the external engines."""
+    """The weight transport: broadcast inside a disaggregated job, in place to this rank's engine, else
+    `weight_sync.transport` to the external engines."""
+    if cfg.placement == "disaggregated":
+        return "broadcast"
     if engine is not None:
         return "in_place"
     transport = cfg.weight_sync.transport

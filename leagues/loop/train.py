@@ -77,23 +77,29 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
     run.wait_for_peers()
     report_failures(result.samples, step, run.rank)
     samples = trainable(result.samples)
-    shaping = shape_rewards_by_kl(run.trainer, samples, cfg)
-    assign_advantages(samples, cfg)
     sleep = run.engine_sleeps
     if sleep:
         with timer.section("sleep"):  # releases the KV cache's pages for training; wake maps them back
             run.engine.sleep(offload_weights=cfg.engine_offload_weights)
-    start = time.perf_counter()
-    with timer.section("train"):
-        train_metrics = run.trainer.train_step(samples)
-    train_metrics["tokens_per_s"] = train_metrics.get("tokens", 0.0) / (time.perf_counter() - start)
+    train_metrics = learn(run, samples)
     if sleep:
         with timer.section("sleep"):
             run.engine.wake()
     with timer.section("sync"):
         sync_metrics = sync_weights(run, version=step + 1)
-    train_metrics |= shaping
-    return merge_rollout_metrics(result.metrics) | {f"train/{k}": v for k, v in train_metrics.items()} | sync_metrics
+    return merge_rollout_metrics(result.metrics) | train_metrics | sync_metrics
+
+
+def learn(run: Run, samples: list[Sample], gather: bool = True) -> dict[str, float]:
+    """The trainer's part of a step in either placement: KL reward shaping (`advantage.kl_in_reward`), advantages
+    (over every rank's samples with `gather`), then the timed train step; its metrics under `train/`."""
+    shaping = shape_rewards_by_kl(run.trainer, samples, run.cfg)
+    assign_advantages(samples, run.cfg, gather=gather)
+    start = time.perf_counter()
+    with run.timer.section("train"):
+        metrics = run.trainer.train_step(samples)
+    metrics["tokens_per_s"] = metrics.get("tokens", 0.0) / (time.perf_counter() - start)
+    return {f"train/{k}": v for k, v in (metrics | shaping).items()}
 
 
 def rank_prompts(run: Run, num: int) -> list[Prompt]:

@@ -1,11 +1,11 @@
 """The trainer: one optimizer step on a global batch of samples, on one process or many (FSDP2 + EP).
 
-    trainer = Trainer("tiny-moe", TrainerConfig())
+    trainer = Trainer("tiny-moe", TrainerConfig(), temperature=1.0)  # the rollout's sampling temperature
     trainer.compute_logprobs(samples)        # per-sample response logprobs (no grad)
     metrics = trainer.train_step(samples)    # this rank's samples; rebalanced across ranks by tokens
     penalties = trainer.kl_rewards(samples)  # KL to the reference as reward shaping (kl_in_reward)
     for bucket in trainer.state_dict_for_sync(): engine.load_weights(bucket)
-    trainer.save(dir, extra={"data": ...}); trainer.load(dir)
+    trainer.save(dir, extra={"data": ...}, keep_last=3); trainer.load(dir)
 
 A step: gather every rank's samples and split them evenly by token count; pack each rank's share
 into micro-batches of at most `max_tokens_per_microbatch` tokens; compute one `Normalizer` over the
