@@ -113,12 +113,14 @@ def main():
             "max_response_len": args.max_response_len,
             "return_routes": True,
         },
-        "trainer": {"optim": {"lr": 1e-5}, "loss": {"eps_clip_high": 0.28, "off_policy": "token_tis"}},
+        "trainer": {
+            "optim": {"lr": 1e-5},
+            "loss": {"eps_clip_high": 0.28, "off_policy": "token_tis"},
+        },
         "engine_sleep": args.engine_sleep,
-        "moe": {"routing_replay": args.routing_replay},
         "deterministic": args.deterministic,
         "engine": {"cuda_graphs": args.engine_graphs, "kv_cache_fraction": args.kv_cache_fraction},
-        "checkpoints": False,  # weights and optimizer state, ~12 bytes a parameter: disks filled
+        "checkpoint": {"enabled": False},  # weights and optimizer state, ~12 bytes a parameter: disks filled
         "run_dir": args.run_dir or f"/tmp/leagues-bench-loop-{args.shape}-{world}gpu-{int(time.time())}",
         "obs": {"console": False, "tensorboard": False},
         "report": False,

@@ -111,7 +111,7 @@ def job(args: argparse.Namespace, path: str, run_dir: str, world: int) -> dict:
         "model": path,
         "task": "arithmetic",
         "steps": 2 + args.steps,
-        "checkpoints": False,
+        "checkpoint": {"enabled": False},
         "rollout": {
             "batch_size": args.prompts,
             "n_samples_per_prompt": args.samples,

@@ -85,7 +85,7 @@ def run_leagues(args, model: Path, work: Path, max_len: int, extra: list[str]) -
             "--rollout.batch_size", "16", "--rollout.n_samples_per_prompt", "8",
             "--rollout.max_response_len", str(max_len), "--steps", str(args.steps),
         ]  # fmt: skip
-    cmd += ["--checkpoints", "false", "--report", "false", "--run_dir", str(run_dir), *extra]
+    cmd += ["--checkpoint.enabled", "false", "--report", "false", "--run_dir", str(run_dir), *extra]
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "leagues.cli", "train", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - start

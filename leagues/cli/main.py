@@ -6,7 +6,8 @@ config class and the function that runs it.
 Decisions:
 - A verb's config starts from its default recipe (if any) or the config class's defaults, from
   `--recipe NAME`, or from `--config run.yaml` (a resolved config written by `--dump-config`); dotted
-  overrides are applied last, in order. `--print-config` prints the resolved YAML and stops.
+  overrides are applied in order, then the verb's `resolve` (values derived from other knobs). `--print-config`
+  prints the resolved YAML and stops, writing nothing.
 - Every argument argparse does not know is an override, so config fields need no argparse wiring;
   `--help` lists them, with their docs, from the config class.
 - Bad user input (unknown key, bad value, missing model) prints one `leagues: error: ...` line on
@@ -35,7 +36,7 @@ from leagues.cli.serve import ServeConfig, run_serve
 from leagues.cli.sft import run_sft_verb
 from leagues.cli.train import run_train_verb
 from leagues.config import apply_overrides, describe, dump_yaml, from_dict, load_yaml, to_dict
-from leagues.loop import TrainConfig
+from leagues.loop import TrainConfig, resolve
 from leagues.recipes import RECIPES, get_recipe
 from leagues.train.sft import SFTConfig
 
@@ -46,10 +47,15 @@ class Verb:
     config_cls: type
     run: Callable[[Any], int]
     default_recipe: str | None = None
+    resolve: Callable[[Any], Any] | None = None
+    """The verb's own settling of a config after every override (values derived from other knobs, checks across
+    components): what `--print-config` and `--dump-config` show is what runs."""
 
 
 VERBS: dict[str, Verb] = {
-    "train": Verb(summary="RL post-training (GRPO and friends)", config_cls=TrainConfig, run=run_train_verb),
+    "train": Verb(
+        summary="RL post-training (GRPO and friends)", config_cls=TrainConfig, run=run_train_verb, resolve=resolve
+    ),
     "sft": Verb(summary="supervised fine-tuning on prompt/response JSONL", config_cls=SFTConfig, run=run_sft_verb),
     "serve": Verb(summary="serve a model over HTTP (SGLang and OpenAI APIs)", config_cls=ServeConfig, run=run_serve),
     "generate": Verb(summary="print a continuation of a prompt", config_cls=GenerateConfig, run=run_generate),
@@ -62,6 +68,7 @@ VERBS: dict[str, Verb] = {
         config_cls=TrainConfig,
         run=run_train_verb,
         default_recipe="tiny-arithmetic",
+        resolve=resolve,
     ),
 }
 
@@ -120,7 +127,7 @@ def _fields_help(cls: type) -> str:
 
 
 def resolve_config(name: str, verb: Verb, args: argparse.Namespace, overrides: list[str]) -> Any:
-    """The verb's config: recipe, YAML file or defaults, then the dotted overrides."""
+    """The verb's config: recipe, YAML file or defaults, then the dotted overrides, then the verb's `resolve`."""
     if args.recipe and args.config:
         raise ValueError("use either --recipe or --config, not both")
     recipe = args.recipe or (None if args.config else verb.default_recipe)
@@ -130,7 +137,8 @@ def resolve_config(name: str, verb: Verb, args: argparse.Namespace, overrides: l
         cfg = load_yaml(verb.config_cls, args.config)
     else:
         cfg = verb.config_cls()
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    return verb.resolve(cfg) if verb.resolve is not None else cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:

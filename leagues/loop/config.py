@@ -7,13 +7,18 @@ config as `config.yaml`, which `--config` loads back.
 Decisions:
 - A run names either a built-in `task` (which brings its data, its held-out split and its reward) or a
   `data` file plus a `reward`. With a task, `reward` defaults to the task's own.
+- One owner per knob: a setting two components use lives once, with the component that decides it (the
+  sampling temperature with the rollout, MoE routing replay with the trainer, deterministic mode at the top
+  for engine and trainer alike); `resolve(cfg)` derives the rest (schedule length, Dr.GRPO's budget, route
+  recording) after every override and before `config.yaml` is written, and refuses contradictions.
 - The SFT warm start (`warm_start`) is part of the run, so `make run` is one command: it trains on the task's
   reference answers (or the data file's `response` column), writes an HF checkpoint into the run directory,
   and the RL phase starts from it; a resumed run finds it there and skips it.
 """
 
-from dataclasses import dataclass, field
-from typing import Any
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from leagues.engine import EngineConfig
 from leagues.obs import ObsConfig
@@ -21,9 +26,6 @@ from leagues.rollout import DataConfig, RewardConfig
 from leagues.rollout.generate import RolloutConfig
 from leagues.train import LossConfig, OptimConfig, TrainerConfig
 from leagues.train.advantages import AdvantageConfig
-from leagues.train.moe import MoEConfig
-
-PLACEMENTS = ("colocated", "disaggregated")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -52,6 +54,37 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    every: int = 0
+    """Checkpoint every this many steps (and at the end); 0: only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept: older ones are deleted as new ones are written; 0: all."""
+    enabled: bool = True
+    """Write checkpoints; off for throughput runs whose trainer state would not fit the disk (about 12 bytes
+    a parameter: 370 GB for a 30B model)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in `run_dir`."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every: must be >= 0 (0: only at the end), got {self.every}")
+        if self.keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last: must be >= 0 (0: all), got {self.keep_last}")
+
+
+@dataclass(kw_only=True, slots=True)
+class WeightSyncConfig:
+    transport: Literal["auto", "disk", "distributed", "none"] = "auto"
+    """External engines (`engine_urls`): disk (update_weights_from_disk, shared filesystem), distributed (SGLang's
+    NCCL/gloo weight-update group: NCCL on GPUs, gloo on CPUs) or none (frozen engines); auto: disk. In-process
+    engines are updated in place (colocated) or by broadcast (disaggregated) whatever this says."""
+    address: str = "127.0.0.1"
+    """distributed: the address the engines reach this trainer's rank 0 at (the group's TCP store)."""
+    port: int = 29650
+    """distributed: the TCP store's port."""
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     model: str = "tiny-moe"
     """Checkpoint directory or built-in model name."""
@@ -70,11 +103,9 @@ class TrainConfig:
         default_factory=lambda: TrainerConfig(loss=LossConfig(eps_clip_high=0.28), optim=OptimConfig(lr=1e-6))
     )
     engine: EngineConfig = field(default_factory=EngineConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    """MoE stability: rollout routing replay (`--moe.routing_replay rollout`), load balancing."""
     deterministic: bool = False
     """True on-policy: engine and trainer run batch-invariant kernels, so rollout logprobs equal the trainer's
-    bit for bit (mismatch exactly 0). CPU reference kernels for now: for small models."""
+    bit for bit (mismatch exactly 0). Sets `engine.deterministic` (which may not say otherwise)."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     obs: ObsConfig = field(default_factory=ObsConfig)
@@ -83,16 +114,8 @@ class TrainConfig:
     seed: int = 0
     run_dir: str = ""
     """Where metrics, checkpoints, the resolved config and the report go; empty: runs/<time>."""
-    save_every: int = 0
-    """Checkpoint every this many steps (and at the end); 0: only at the end."""
-    keep_last: int = 2
-    """Checkpoints kept (the trainer's `keep_last` follows it)."""
-    checkpoints: bool = True
-    """Write checkpoints; off for throughput runs whose trainer state would not fit the disk (about 12 bytes
-    a parameter: 370 GB for a 30B model)."""
-    resume: bool = False
-    """Continue from the latest checkpoint in `run_dir`."""
-    placement: str = "colocated"
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    placement: Literal["colocated", "disaggregated"] = "colocated"
     """colocated (every rank trains and rolls out) or disaggregated (engine ranks keep generating)."""
     num_engine_ranks: int = 1
     """Ranks that only generate, when disaggregated (the last ones)."""
@@ -100,14 +123,8 @@ class TrainConfig:
     """Disaggregated: a batch may be generated with weights at most this many steps old."""
     engine_urls: list[str] = field(default_factory=list)
     """External engines (leagues serve, a router, SGLang) to roll out over HTTP instead of an in-process engine."""
-    weight_sync: str = "auto"
-    """External engines: disk (update_weights_from_disk, shared filesystem), distributed (SGLang's NCCL/gloo
-    weight-update group: NCCL on GPUs, gloo on CPUs) or none (frozen engines); auto: disk."""
-    weight_sync_address: str = "127.0.0.1"
-    """distributed: the address the engines reach this trainer's rank 0 at (the group's TCP store)."""
-    weight_sync_port: int = 29650
-    """distributed: the TCP store's port."""
-    engine_sleep: bool | str = "auto"
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    engine_sleep: bool | Literal["auto"] = "auto"
     """Colocated on GPUs: release the engine's KV cache while the trainer trains (true), keep it (false: the run
     stops before its first step when the cache and training cannot fit together, naming the numbers), or
     auto: keep it when a cache for the whole rollout fits beside training, else sleep. The cache's pages are
@@ -124,24 +141,14 @@ class TrainConfig:
     """Write the PNG plots and summary (`leagues report`) at the end of the run."""
 
     def __post_init__(self) -> None:
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement: expected one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
-        if self.save_every < 0:
-            raise ValueError(f"save_every: must be >= 0 (0: only at the end), got {self.save_every}")
         if self.steps < 0:
             raise ValueError(f"steps: must be >= 0, got {self.steps}")
-        if self.weight_sync not in ("auto", "disk", "distributed", "none"):
-            raise ValueError(f"weight_sync: expected auto, disk, distributed or none, got {self.weight_sync!r}")
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness: must be >= 0, got {self.max_staleness}")
         if self.engine_ep and (self.placement != "colocated" or self.engine_urls):
             raise ValueError("engine_ep: expert-parallel engines are built by colocated runs (no engine_urls)")
         if self.engine_ep and self.engine_offload_weights:
             raise ValueError("engine_offload_weights: expert-parallel engines keep their weights (peers use them)")
-        if self.placement == "disaggregated" and self.eval.every:
-            raise ValueError("eval.every: held-out evaluation runs in colocated runs only (placement colocated)")
-        if self.engine_sleep not in (True, False, "auto"):
-            raise ValueError(f"engine_sleep: expected true, false or auto, got {self.engine_sleep!r}")
         if self.engine_offload_weights and self.engine_sleep is False:
             raise ValueError("engine_offload_weights: the weights move out only while the engine sleeps (engine_sleep)")
         if self.rollout.partial and self.deterministic:
@@ -149,32 +156,35 @@ class TrainConfig:
                 "rollout.partial: not with --deterministic (where a request is aborted depends on timing, so the run "
                 "would not repeat bit for bit)"
             )
+        if self.advantage.kl_in_reward and self.trainer.loss.kl_coef <= 0:
+            raise ValueError("advantage.kl_in_reward: needs trainer.loss.kl_coef > 0 (the penalty's weight)")
         if self.rollout.partial and self.placement != "colocated":
             raise ValueError("rollout.partial: colocated runs only (disaggregated runs bound staleness their own way)")
 
-    def settle(self) -> None:
-        """Hand the settings this run owns to the components that use them, so each knob has one owner: the
-        trainer's temperature is the rollout's, its MoE settings the top-level `moe`, its `keep_last` the
-        top-level one, deterministic mode the top-level flag for engine and trainer alike; unless given, the
-        schedule's `total_steps` is steps x updates per step and Dr.GRPO's budget `rollout.max_response_len`.
-        A component value set to something else is refused, naming both keys; settling twice (a written
-        config.yaml loaded back) changes nothing."""
-        trainer, defaults = self.trainer, TrainerConfig()
-        for name, owner, value, default in (
-            ("trainer.temperature", "rollout.temperature", self.rollout.temperature, defaults.temperature),
-            ("trainer.moe", "moe", self.moe, defaults.moe),
-            ("trainer.keep_last", "keep_last", self.keep_last, defaults.keep_last),
-        ):
-            current = getattr(trainer, name.split(".")[1])
-            if current not in (value, default):
-                raise ValueError(f"{name}: set by {owner} in an RL run ({current!r} against {value!r}); set --{owner}")
-        trainer.temperature, trainer.moe, trainer.keep_last = self.rollout.temperature, self.moe, self.keep_last
-        if (self.engine.deterministic or trainer.deterministic) and not self.deterministic:
-            raise ValueError("engine.deterministic / trainer.deterministic: set --deterministic, which sets both")
-        self.engine.deterministic = trainer.deterministic = self.deterministic
-        if trainer.optim.total_steps == 0:  # the schedule counts optimizer updates
-            trainer.optim.total_steps = max(self.steps, 1) * trainer.num_minibatches * trainer.epochs
-        if trainer.loss.max_response_tokens is None:  # Dr.GRPO's divisor: the generation budget
-            trainer.loss.max_response_tokens = self.rollout.max_response_len
-        if self.moe.routing_replay == "rollout":  # the engine records what the trainer replays
-            self.rollout.return_routes = True
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """The config that runs: a copy of `cfg` with the values other knobs decide filled in, applied after every
+    override and before `config.yaml` is written (so the file says what ran). `cfg` is left as it was; resolving
+    a resolved config changes nothing. A contradiction raises `ValueError` naming both keys.
+
+    - `trainer.optim.total_steps` 0: steps x `trainer.num_minibatches` x `trainer.epochs` (the schedule counts
+      optimizer updates).
+    - `trainer.loss.max_response_tokens` unset: `rollout.max_response_len` (Dr.GRPO's budget).
+    - `trainer.moe.routing_replay rollout`: the rollout records the routes it replays (`rollout.return_routes`).
+    - `deterministic`: the engine's too (`engine.deterministic` set alone would leave the trainer out).
+    """
+    out = copy.deepcopy(cfg)
+    trainer = out.trainer
+    if out.engine.deterministic and not out.deterministic:
+        raise ValueError(
+            "engine.deterministic: deterministic mode of an RL run is --deterministic (engine and trainer)"
+        )
+    out.engine.deterministic = out.deterministic
+    if trainer.optim.total_steps == 0:  # replace: the schedule's own checks see the derived length
+        updates = max(out.steps, 1) * trainer.num_minibatches * trainer.epochs
+        trainer.optim = replace(trainer.optim, total_steps=updates)
+    if trainer.loss.max_response_tokens is None:
+        trainer.loss.max_response_tokens = out.rollout.max_response_len
+    if trainer.moe.routing_replay == "rollout":
+        out.rollout.return_routes = True
+    return out

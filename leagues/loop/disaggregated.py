@@ -14,25 +14,30 @@ the lag; every sample carries the weight version it was generated with (`train/s
 Decisions:
 - Batches travel as pickled samples over a gloo group with non-blocking sends, so an engine never waits
   for the trainer to take a batch (a blocking send would deadlock against the weight broadcast).
-- Weights travel in one broadcast group (trainer + engines; NCCL on GPUs, gloo on CPUs) by `BroadcastSync`.
+- Weights travel in one broadcast group (trainer + engines; NCCL on GPUs, gloo on CPUs): the run's `broadcast`
+  weight sync (`leagues.sync.WEIGHT_SYNCS`). The trainer's part of a step is the colocated loop's (`learn`).
 - Every engine draws the same global batch of prompts and keeps its share, and sends its prompt position
   with each batch; the trainer checkpoints the position of the last batch it trained on, so a resumed run
   regenerates exactly the batches that were not trained on.
-- One trainer rank for now (the trainer is not sharded over a sub-group yet); held-out evaluation runs in
-  colocated runs only.
+- Each engine numbers its prompt groups from 0; the trainer renumbers them per engine (`merge_batches`), so
+  groups of different engines never merge in the advantages.
+- Held-out evaluation (`eval.every`) runs on the first engine rank, alone, with the weights of each evaluated
+  version as they arrive: it never holds the trainer up. Its results travel with that engine's next batch (and
+  a last message after the final weights); the trainer logs each under the step of the weights it measured,
+  after that step's own row (`leagues report` merges the rows of a step).
+- One trainer rank for now (the trainer is not sharded over a sub-group yet).
 """
 
 import pickle
-import time
 
 import torch
 import torch.distributed as dist
 
 from leagues.loop.config import TrainConfig
 from leagues.loop.run import Run, log
-from leagues.loop.train import assign_advantages, finish, maybe_save, merge_parts, report_failures, trainable
+from leagues.loop.train import eval_due, evaluate, finish, learn, maybe_save, merge_parts, report_failures, trainable
 from leagues.rollout.generate import rollout
-from leagues.sync import BroadcastSync
+from leagues.types import Sample
 
 
 def train_disaggregated(cfg: TrainConfig) -> list[dict[str, float]]:
@@ -47,27 +52,50 @@ def train_disaggregated(cfg: TrainConfig) -> list[dict[str, float]]:
         raise ValueError("placement disaggregated: engine_urls (external engines) use the colocated loop's HTTP path")
     rank = dist.get_rank()
     engines = list(range(1, world))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = BroadcastSync(dist.new_group([0, *engines]), src=0, device=device)
     data_group = dist.new_group(backend="gloo")
-    run = Run.build(cfg, is_trainer=rank == 0, is_engine=rank != 0)
+    run = Run.build(cfg, is_trainer=rank == 0, is_engine=rank != 0)  # its weight sync: broadcast
     try:
         if rank == 0:
-            return trainer_loop(run, sync, data_group, engines)
-        engine_loop(run, sync, data_group)
+            return trainer_loop(run, data_group, engines)
+        engine_loop(run, data_group)
         return []
     finally:
         run.close()
 
 
-def engine_loop(run: Run, sync: BroadcastSync, data_group) -> None:
+class Evaluator:
+    """Held-out accuracy on the evaluating engine rank, at each version `eval_due` names; results wait in
+    `done` until they travel to the trainer."""
+
+    def __init__(self, run: Run, active: bool) -> None:
+        self.run, self.active, self.done = run, active, []
+
+    def at(self, version: int) -> None:
+        if self.active and eval_due(self.run, version):
+            self.done.append((version, evaluate(self.run, alone=True)))
+
+    def take(self) -> list[tuple[int, dict[str, float]]]:
+        done, self.done = self.done, []
+        return done
+
+
+def engine_loop(run: Run, data_group) -> None:
     cfg, index, num = run.cfg, run.rank - 1, run.world - 1
     version, pending = run.start_step, []
+    evaluator = Evaluator(run, active=index == 0)
+
+    def receive() -> int:
+        new = run.weight_sync.receive(run.engine)
+        evaluator.at(new)
+        return new
+
     if run.start_step:
-        version = sync.receive(run.engine)  # the resumed trainer's weights
+        version = run.weight_sync.receive(run.engine)  # the resumed trainer's weights
+    else:
+        evaluator.at(0)  # the starting point
     for step in range(run.start_step, cfg.steps):
         while version < step - cfg.max_staleness:
-            version = sync.receive(run.engine)
+            version = receive()
         result = run.loop.run_until_complete(
             rollout(
                 next_prompts=lambda n: run.prompts.next_batch(n * num)[index::num],
@@ -80,44 +108,59 @@ def engine_loop(run: Run, sync: BroadcastSync, data_group) -> None:
             )
         )
         message = {"samples": result.samples, "metrics": result.metrics, "data": run.prompts.state_dict()}
-        pending.append(send_object(message, dst=0, group=data_group))
+        pending.append(send_object(message | {"eval": evaluator.take()}, dst=0, group=data_group))
     while version < cfg.steps:  # take every broadcast the trainer makes, so the collectives match
-        version = sync.receive(run.engine)
+        version = receive()
+    if evaluator.active and cfg.eval.every and run.held_out is not None:  # what the last weights scored
+        pending.append(send_object({"eval": evaluator.take()}, dst=0, group=data_group))
     for works, _buffers in pending:
         for work in works:
             work.wait()
 
 
-def trainer_loop(run: Run, sync: BroadcastSync, data_group, engines: list[int]) -> list[dict[str, float]]:
+def trainer_loop(run: Run, data_group, engines: list[int]) -> list[dict[str, float]]:
     cfg, timer, history = run.cfg, run.timer, []
     if run.start_step:
-        sync.send(run.trainer.state_dict_for_sync(), version=run.start_step)
+        run.weight_sync.push(run.trainer, version=run.start_step)
     for step in range(run.start_step, cfg.steps):
         with timer.section("wait_rollout"):
             messages = [recv_object(src=e, group=data_group) for e in engines]
-        for index, message in enumerate(messages):  # each engine numbers its groups from 0: keep them apart
-            for sample in message["samples"]:
-                sample.group_id = sample.group_id * len(messages) + index
-        report_failures([s for m in messages for s in m["samples"]], step, run.rank)
-        samples = trainable([s for m in messages for s in m["samples"]])
-        assign_advantages(samples, cfg, gather=False)  # this rank alone holds the whole batch
-        start = time.perf_counter()
-        with timer.section("train"):
-            train_metrics = run.trainer.train_step(samples)
-        train_metrics["tokens_per_s"] = train_metrics.get("tokens", 0.0) / (time.perf_counter() - start)
+        everything = merge_batches([m["samples"] for m in messages])
+        report_failures(everything, step, run.rank)
+        samples = trainable(everything)
+        train_metrics = learn(run, samples, gather=False)  # this rank alone holds the whole batch
         with timer.section("sync"):
-            sync.send(run.trainer.state_dict_for_sync(), version=step + 1)
+            train_metrics |= run.weight_sync.push(run.trainer, version=step + 1)
         run.prompts.load_state_dict(messages[0]["data"])  # the position after the batch just trained on
         staleness = [step - s.weight_version for s in samples] or [0]
-        metrics = merge_parts([m["metrics"] for m in messages]) | {f"train/{k}": v for k, v in train_metrics.items()}
+        metrics = merge_parts([m["metrics"] for m in messages]) | train_metrics
         metrics["train/staleness_mean"] = sum(staleness) / len(staleness)
         metrics["train/staleness_max"] = float(max(staleness))
         metrics |= maybe_save(run, step) | timer.pop()
         run.sinks.log(step + 1, metrics)
         history.append(metrics)
+        log_evals(run, messages[0]["eval"])
+    if cfg.eval.every and run.held_out is not None:
+        log_evals(run, recv_object(src=engines[0], group=data_group)["eval"])
     log(f"disaggregated: {cfg.steps - run.start_step} steps trained")
     finish(run)
     return history
+
+
+def merge_batches(batches: list[list[Sample]]) -> list[Sample]:
+    """One engine's samples after another's, their group ids made unique: every engine numbers its groups from 0,
+    so engine e of n maps its group g to g x n + e (advantages then see each true group alone)."""
+    for index, batch in enumerate(batches):
+        for sample in batch:
+            sample.group_id = sample.group_id * len(batches) + index
+    return [s for batch in batches for s in batch]
+
+
+def log_evals(run: Run, evals: list[tuple[int, dict[str, float]]]) -> None:
+    """Held-out results from the evaluating engine, each under the step of the weights it measured."""
+    for version, metrics in evals:
+        log(f"step {version}: held-out accuracy {metrics['eval/accuracy']:.3f}")
+        run.sinks.log(version, metrics)
 
 
 def send_object(obj, dst: int, group) -> tuple[list, tuple]:

@@ -8,7 +8,7 @@ Decisions:
   (`prompts[rank::world]`), so the data position is one number for the whole job and resumes exactly.
   (With dynamic sampling on several ranks, ranks draw extra rounds independently and their positions
   drift apart; rank 0's position is the one checkpointed.)
-- The trainer computes logprobs at the rollout's temperature (`TrainConfig.settle`, so the two never disagree).
+- The trainer computes logprobs at the rollout's temperature (`rollout.temperature` is the one knob of both).
 - The engine is built from the same checkpoint the trainer starts from, so step 0 needs no weight sync;
   after a resume the trainer's weights are pushed before the first rollout.
 - External engines (`engine_urls`) replace the in-process engine: rollout goes over HTTP, and weights reach
@@ -29,7 +29,7 @@ from leagues.config import dump_yaml
 from leagues.engine import Engine
 from leagues.engine.client import EngineClient, HTTPClient, LocalClient
 from leagues.engine.config import kv_block_bytes, max_useful_blocks, resolve_device_dtype
-from leagues.loop.config import TrainConfig
+from leagues.loop.config import TrainConfig, resolve
 from leagues.loop.memory import EnginePlan, MemoryBudget, plan_engine_memory
 from leagues.loop.warm_start import warm_start, write_hf
 from leagues.model import Transformer, load_tokenizer, read_config, resolve_model_path
@@ -141,6 +141,7 @@ class Run:
     def build(cls, cfg: TrainConfig, is_trainer: bool = True, is_engine: bool = True) -> "Run":
         """The run's parts, each from its own builder; user input (config, data, reward) is checked before any
         model is built or trained."""
+        cfg = resolve(cfg)  # settled already by `leagues.loop.train`; resolving again changes nothing
         rank, world = rank_world()
         run_dir = _prepare_run_dir(cfg, rank)
         torch.manual_seed(cfg.seed)
@@ -183,8 +184,8 @@ class Run:
         if engine is not None and cfg.engine_ep and world > 1:
             run.peer_group = dist.new_group(backend="gloo")
         run.weight_sync = WEIGHT_SYNCS[_sync_name(cfg, engine)].from_run(run)
-        run.start_step = run.resume() if cfg.resume else 0
-        resume_step = run.start_step if cfg.resume else None
+        run.start_step = run.resume() if cfg.checkpoint.resume else 0
+        resume_step = run.start_step if cfg.checkpoint.resume else None
         run.sinks = build_sinks(cfg.obs, run_dir, cfg.steps, resume_step=resume_step, rank=rank)
         return run
 
@@ -219,13 +220,13 @@ class Run:
         extra = {"data": self.prompts.state_dict(), "step": step}
         if self.cfg.rollout.partial:  # each rank its own carried samples (the checkpoint keeps extra per rank)
             extra["partial"] = self.partial.state_dict()
-        self.trainer.save(self.checkpoint_root, extra=extra)
+        self.trainer.save(self.checkpoint_root, extra=extra, keep_last=self.cfg.checkpoint.keep_last)
 
     def weight_sender(self) -> DistributedWeightSender:
         """The SGLang weight-update group to the external engines, made on first use (rank 0 only)."""
         if self._sender is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            address, port = self.cfg.weight_sync_address, self.cfg.weight_sync_port
+            address, port = self.cfg.weight_sync.address, self.cfg.weight_sync.port
             self._sender = DistributedWeightSender(list(self.cfg.engine_urls), address, port, backend=backend)
             self._sender.init()
         return self._sender
@@ -313,9 +314,8 @@ def _memory_plan(cfg: TrainConfig, model_path: Path, train_data: PromptDataset, 
 
 
 def _prepare_run_dir(cfg: TrainConfig, rank: int) -> Path:
-    """The run directory, with the settled config written to it (`config.yaml` is what runs)."""
+    """The run directory, with the resolved config (`leagues.loop.config.resolve`, what runs) written to it."""
     run_dir = resolve_run_dir(cfg)
-    cfg.settle()
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         dump_yaml(cfg, run_dir / "config.yaml")
@@ -338,14 +338,25 @@ def _trainer(cfg: TrainConfig, model_path: Path, world: int) -> Trainer:
     alone = cfg.placement == "disaggregated"
     if not alone and torch.cuda.is_available():
         log(memory_note(cfg, model_path, world, torch.cuda.get_device_properties(0).total_memory))
-    return Trainer(model_path, cfg.trainer, alone=alone)
+    return Trainer(
+        model_path,
+        cfg.trainer,
+        alone=alone,
+        kl_in_reward=cfg.advantage.kl_in_reward,
+        temperature=cfg.rollout.temperature,
+        deterministic=cfg.deterministic,
+    )
 
 
 def _sync_name(cfg: TrainConfig, engine) -> str:
-    """The weight transport: in place to this rank's engine, else `weight_sync` to the external engines."""
+    """The weight transport: broadcast inside a disaggregated job, in place to this rank's engine, else
+    `weight_sync.transport` to the external engines."""
+    if cfg.placement == "disaggregated":
+        return "broadcast"
     if engine is not None:
         return "in_place"
-    return "disk" if cfg.weight_sync == "auto" else cfg.weight_sync
+    transport = cfg.weight_sync.transport
+    return "disk" if transport == "auto" else transport
 
 
 def _read_extra(path: Path) -> dict:

@@ -77,21 +77,29 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
     run.wait_for_peers()
     report_failures(result.samples, step, run.rank)
     samples = trainable(result.samples)
-    assign_advantages(samples, cfg)
     sleep = run.engine_sleeps
     if sleep:
         with timer.section("sleep"):  # releases the KV cache's pages for training; wake maps them back
             run.engine.sleep(offload_weights=cfg.engine_offload_weights)
-    start = time.perf_counter()
-    with timer.section("train"):
-        train_metrics = run.trainer.train_step(samples)
-    train_metrics["tokens_per_s"] = train_metrics.get("tokens", 0.0) / (time.perf_counter() - start)
+    train_metrics = learn(run, samples)
     if sleep:
         with timer.section("sleep"):
             run.engine.wake()
     with timer.section("sync"):
         sync_metrics = sync_weights(run, version=step + 1)
-    return merge_rollout_metrics(result.metrics) | {f"train/{k}": v for k, v in train_metrics.items()} | sync_metrics
+    return merge_rollout_metrics(result.metrics) | train_metrics | sync_metrics
+
+
+def learn(run: Run, samples: list[Sample], gather: bool = True) -> dict[str, float]:
+    """The trainer's part of a step in either placement: KL reward shaping (`advantage.kl_in_reward`), advantages
+    (over every rank's samples with `gather`), then the timed train step; its metrics under `train/`."""
+    shaping = shape_rewards_by_kl(run.trainer, samples, run.cfg)
+    assign_advantages(samples, run.cfg, gather=gather)
+    start = time.perf_counter()
+    with run.timer.section("train"):
+        metrics = run.trainer.train_step(samples)
+    metrics["tokens_per_s"] = metrics.get("tokens", 0.0) / (time.perf_counter() - start)
+    return {f"train/{k}": v for k, v in (metrics | shaping).items()}
 
 
 def rank_prompts(run: Run, num: int) -> list[Prompt]:
@@ -130,6 +138,17 @@ def trainable(samples: list[Sample]) -> list[Sample]:
     """Samples the trainer may learn from: not failed, not aborted (cut off by the engine, not the policy's
     own ending: its advantage would score an answer it never finished), with a response."""
     return [s for s in samples if s.status not in (SampleStatus.FAILED, SampleStatus.ABORTED) and s.response_ids]
+
+
+def shape_rewards_by_kl(trainer, samples: list[Sample], cfg: TrainConfig) -> dict[str, float]:
+    """`advantage.kl_in_reward`: every sample's reward gets its KL penalty (`Trainer.kl_rewards`) before
+    advantages; returns the mean penalty over this rank's samples (every trainer rank calls it together)."""
+    if not cfg.advantage.kl_in_reward:
+        return {}
+    penalties = trainer.kl_rewards(samples)
+    for sample, penalty in zip(samples, penalties, strict=True):
+        sample.reward += penalty
+    return {"kl/reward_penalty_mean": sum(penalties) / max(len(penalties), 1)}
 
 
 def assign_advantages(samples: list[Sample], cfg: TrainConfig, gather: bool = True) -> None:
@@ -191,9 +210,11 @@ SUMMED = {
 }
 
 
-def evaluate(run: Run) -> dict[str, float]:
-    """Greedy held-out accuracy (and mean response length) over every rank's share of the held-out prompts."""
-    prompts = [p for i, p in enumerate(run.held_out) if i % run.world == run.rank]
+def evaluate(run: Run, alone: bool = False) -> dict[str, float]:
+    """Greedy held-out accuracy (and mean response length) over every rank's share of the held-out prompts;
+    `alone`: this rank evaluates them all, with no collective (the evaluating engine rank of a disaggregated run)."""
+    rank, world = (0, 1) if alone else (run.rank, run.world)
+    prompts = [p for i, p in enumerate(run.held_out) if i % world == rank]
     params = SamplingParams(
         temperature=0.0, max_new_tokens=run.cfg.eval.max_response_len or run.ctx.params.max_new_tokens
     )
@@ -210,24 +231,30 @@ def evaluate(run: Run) -> dict[str, float]:
         await run.scorer.score(samples)
 
     run.loop.run_until_complete(all_of_them())
-    run.wait_for_peers()
+    if not alone:
+        run.wait_for_peers()
     threshold = run.cfg.rollout.pass_threshold
     totals = torch.tensor(
         [sum(s.reward >= threshold for s in samples), len(samples), sum(len(s.response_ids) for s in samples)],
         dtype=torch.float64,
     )
-    if dist.is_initialized():  # NCCL reduces on the GPU only
+    if dist.is_initialized() and not alone:  # NCCL reduces on the GPU only
         totals = totals.to("cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(totals)
     correct, count, length = totals.tolist()
     return {"eval/accuracy": correct / max(count, 1.0), "eval/response_len_mean": length / max(count, 1.0)}
 
 
-def maybe_eval(run: Run, step: int) -> dict[str, float]:
+def eval_due(run: Run, version: int) -> bool:
+    """Whether held-out accuracy is measured with the weights after `version` steps (0: the starting point)."""
     every = run.cfg.eval.every
     if not every or run.held_out is None:
-        return {}
-    if (step + 1) % every and step + 1 != run.cfg.steps:
+        return False
+    return version % every == 0 or version == run.cfg.steps
+
+
+def maybe_eval(run: Run, step: int) -> dict[str, float]:
+    if not eval_due(run, step + 1):
         return {}
     with run.timer.section("eval"):
         out = evaluate(run)
@@ -236,8 +263,8 @@ def maybe_eval(run: Run, step: int) -> dict[str, float]:
 
 
 def maybe_save(run: Run, step: int) -> dict[str, float]:
-    every = run.cfg.save_every
-    if not run.cfg.checkpoints:
+    every = run.cfg.checkpoint.every
+    if not run.cfg.checkpoint.enabled:
         return {}
     if (every and (step + 1) % every == 0) or step + 1 == run.cfg.steps:
         with run.timer.section("save"):

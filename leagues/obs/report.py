@@ -45,7 +45,8 @@ SKIP_REASONS = {
 
 
 def read_metrics(path: str | Path) -> list[Row]:
-    """The rows of a metrics JSONL file, sorted by step, one per step (the last written wins)."""
+    """The rows of a metrics JSONL file, sorted by step, one per step: rows of one step merge, the last written
+    value of a key winning (a disaggregated run logs a step's held-out accuracy after the step's own row)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}")
@@ -54,7 +55,7 @@ def read_metrics(path: str | Path) -> list[Row]:
         for lineno, line in enumerate(f, start=1):
             if line.strip():
                 row = parse_row(line, f"{path}:{lineno}")
-                by_step[row["step"]] = row
+                by_step[row["step"]] = by_step.get(row["step"], {}) | row
     if not by_step:
         raise ValueError(f"{path}: no metrics rows")
     return [by_step[s] for s in sorted(by_step)]

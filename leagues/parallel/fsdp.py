@@ -55,9 +55,12 @@ FORWARD_METHODS = ("run", "logits")
 """Methods of the root model that the trainer calls directly and that must gather the root's parameters."""
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, world_size: int, device_type: str) -> ParallelMesh:
-    """Apply expert parallel, activation checkpointing and FSDP2 to `model` in place; every rank calls it."""
-    mesh = build_mesh(cfg, world_size, device_type)
+def parallelize(
+    model: nn.Module, cfg: ParallelConfig, world_size: int, device_type: str, mesh: ParallelMesh | None = None
+) -> ParallelMesh:
+    """Apply expert parallel, activation checkpointing and FSDP2 to `model` in place; every rank calls it.
+    `mesh`: one built before (a second model sharded like the first, e.g. the frozen reference)."""
+    mesh = mesh or build_mesh(cfg, world_size, device_type)
     if cfg.ep > 1:
         apply_ep(model, mesh.ep)
     if cfg.activation_checkpointing:

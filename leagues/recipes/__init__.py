@@ -26,19 +26,18 @@ def tiny_arithmetic() -> RunConfig:
     """The main job (`make run`): the built-in tiny MoE, a short SFT warm start on 1-2 digit sums and
     differences (about 27% held-out greedy accuracy), then 500 GRPO steps with a cosine learning rate and
     held-out accuracy every 50 steps. About 4 minutes on a 2-core CPU."""
-    steps = 500
     return {
         "model": "tiny-moe",
         "task": "arithmetic",
         "warm_start": {"steps": 1000, "batch_size": 64, "lr": 3e-3},
-        "steps": steps,
+        "steps": 500,
         "rollout": {"batch_size": 64, "n_samples_per_prompt": 8, "max_response_len": 8, "temperature": 1.0},
         "trainer": {
-            "optim": {"lr": 1e-3, "schedule": "cosine", "total_steps": steps, "min_lr_ratio": 0.1},
+            "optim": {"lr": 1e-3, "schedule": "cosine", "min_lr_ratio": 0.1},
             "loss": {"eps_clip_high": 0.28},
         },
         "eval": {"every": 50, "num_prompts": 1024},
-        "save_every": 100,
+        "checkpoint": {"every": 100},
         "obs": {"tensorboard": True},
     }
 

@@ -32,7 +32,7 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 _FORMATS = ("auto", "jsonl", "parquet")
 _SUFFIX_FORMATS = {
@@ -52,7 +52,7 @@ class DataConfig:
 
     path: str = ""
     """JSONL or Parquet file of prompt rows."""
-    format: str = "auto"
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
     """jsonl | parquet | auto (by suffix: .jsonl/.ndjson/.jsonlines, .parquet/.pq)."""
     prompt_key: str = "prompt"
     """Column of the prompt: a non-empty string or a list of {"role", "content"} messages."""

@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from leagues.engine.client import EngineClient
 from leagues.rollout.data import Prompt
@@ -61,7 +61,7 @@ class RolloutConfig:
     """DAPO: drop groups whose rewards all equal and draw more prompts until the batch is full."""
     max_rounds: int = 4
     """Draws of prompts per step at most when dynamic sampling."""
-    overlong: str = "none"
+    overlong: Literal["none", "filter", "penalty"] = "none"
     """Truncated responses: none (trained as they are), filter (kept out of the loss), penalty (DAPO soft
     overlong punishment over the last `overlong_buffer` tokens of the length budget)."""
     overlong_buffer: int = 0

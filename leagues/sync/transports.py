@@ -1,14 +1,17 @@
 """How an RL run moves its trainer's weights to its engines each step: one `WeightSync`, chosen once by name.
 
-    sync = WEIGHT_SYNCS[name].from_run(run)    # in_place, distributed, disk or none
+    sync = WEIGHT_SYNCS[name].from_run(run)    # in_place, broadcast, distributed, disk or none
     metrics = sync.push(trainer, version)       # every trainer rank calls it after each step
+    version = sync.receive(engine)              # broadcast: what an engine rank of the same job calls
 
-Where it sits: the loop builds the transport when the run is built and calls `push` after every training
-step. `from_run` reads only what a run has (`engine`, `rank`, `cfg.engine_urls`, `weight_sender()`,
-`write_weights()`), so this package imports nothing of the loop. Disaggregated runs, whose engines receive
-inside the same job, use `BroadcastSync` (`leagues.sync.local`).
+Where it sits: the loop builds the transport when the run is built (every rank of the job, in the same order,
+since some make process groups) and calls `push` after every training step. `from_run` reads only what a run
+has (`engine`, `rank`, `world`, `cfg.engine_urls`, `weight_sender()`, `write_weights()`), so this package
+imports nothing of the loop.
 
 - in_place: the colocated engine of this rank; buckets gathered in the engine's dtype, copied in place.
+- broadcast: disaggregated runs, rank 0 training and the other ranks' engines receiving inside the same job
+  (`BroadcastSync`: bucketed, NCCL on GPUs, gloo on CPUs).
 - distributed: SGLang's weight-update group to external engines (rank 0 sends; the other trainer ranks still
   gather, since the gathers are collective).
 - disk: an HF checkpoint written to a shared disk, then `update_weights_from_disk` on every engine.
@@ -19,10 +22,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import torch
 import torch.distributed as dist
 
 from leagues.sync.disk import update_from_disk
-from leagues.sync.local import push_in_place
+from leagues.sync.local import BroadcastSync, push_in_place
 
 
 class WeightSync(Protocol):
@@ -57,6 +61,27 @@ class InPlaceSync:
         moved = push_in_place(trainer.state_dict_for_sync(dtype=dtype), self.engine, version=version)
         seconds = time.perf_counter() - start
         return {"sync/gb": moved / 1e9, "sync/gb_per_s": moved / 1e9 / seconds if seconds else 0.0}
+
+
+@register("broadcast")
+class BroadcastPush:
+    def __init__(self, sync: BroadcastSync) -> None:
+        self.sync = sync
+
+    @classmethod
+    def from_run(cls, run) -> "BroadcastPush":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(BroadcastSync(dist.new_group(list(range(run.world))), src=0, device=device))
+
+    def push(self, trainer, version: int) -> dict[str, float]:
+        start = time.perf_counter()
+        moved = self.sync.send(trainer.state_dict_for_sync(), version=version)
+        seconds = time.perf_counter() - start
+        return {"sync/gb": moved / 1e9, "sync/gb_per_s": moved / 1e9 / seconds if seconds else 0.0}
+
+    def receive(self, engine) -> int:
+        """On an engine rank: take one whole transfer into `engine`; returns its version."""
+        return self.sync.receive(engine)
 
 
 @register("distributed")

@@ -45,6 +45,10 @@ class AdvantageConfig:
     """Divide by the std (group std for grpo, batch std for reinforce_pp*); drgrpo and rloo never do."""
     eps: float = 1e-6
     """Added to the std before dividing."""
+    kl_in_reward: bool = False
+    """KL to the reference as reward shaping instead of a loss term: before advantages, each sample's reward
+    gets -trainer.loss.kl_coef x the sum over its response tokens of the KL estimate (trainer.loss.kl_estimator)
+    of the policy against the reference (needs kl_coef > 0; the loss then has no KL term)."""
 
     def __post_init__(self) -> None:
         _estimator(self.name)

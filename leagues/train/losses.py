@@ -116,8 +116,8 @@ class LossConfig:
     """Dr.GRPO (aggregation `constant`): the divisor is num_seqs x this token budget. None: the RL loop uses
     `rollout.max_response_len`; a Trainer built directly must be given it."""
     kl_coef: float = 0.0
-    """Weight of KL(current || ref) in the loss; 0: no KL term (for KL as reward shaping use
-    `kl_penalty_rewards` and keep this 0)."""
+    """Weight of KL(current || ref): a loss term, or with the RL loop's `advantage.kl_in_reward` a penalty on
+    each sample's reward instead (`Trainer.kl_rewards`); 0: no reference and no KL."""
     kl_estimator: str = "low_var_kl"
     """Key of KL_ESTIMATORS: k1, k2, k3, low_var_kl."""
     entropy_coef: float = 0.0

@@ -23,6 +23,7 @@ Legend: T tokens, L MoE layers, K top-k, E experts.
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -31,7 +32,7 @@ ROUTING_REPLAY = ("none", "rollout", "train")
 
 @dataclass(kw_only=True, slots=True)
 class MoEConfig:
-    routing_replay: str = "none"
+    routing_replay: Literal["none", "rollout", "train"] = "none"
     """none: the trainer routes by itself; rollout: replay the engine's routes (R3) in every training forward
     (samples must carry them: the loop then asks the engine to record them); train: route each micro-batch
     once in a no-grad pass and replay those routes in the gradient pass, so the forward, its

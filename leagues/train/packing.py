@@ -72,7 +72,8 @@ def balance(lengths: list[int], num_ranks: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
-def _response_mask(sample: Sample) -> list[float]:
+def response_mask(sample: Sample) -> list[float]:
+    """The sample's loss mask over its response tokens (all ones when it has none)."""
     if sample.loss_mask is None:
         return [1.0] * len(sample.response_ids)
     if len(sample.loss_mask) != len(sample.response_ids):
@@ -89,7 +90,7 @@ def _sample_rows(sample: Sample) -> dict[str, list]:
     return {
         "input_ids": tokens[:-1],
         "targets": tokens[1:],
-        "mask": prompt_pad + _response_mask(sample),
+        "mask": prompt_pad + response_mask(sample),
         "advantages": [sample.advantage] * (len(tokens) - 1),
         "rollout": prompt_pad + list(rollout),
     }

@@ -1,10 +1,11 @@
 """The trainer: one optimizer step on a global batch of samples, on one process or many (FSDP2 + EP).
 
-    trainer = Trainer("tiny-moe", TrainerConfig())
+    trainer = Trainer("tiny-moe", TrainerConfig(), temperature=1.0)  # the rollout's sampling temperature
     trainer.compute_logprobs(samples)        # per-sample response logprobs (no grad)
     metrics = trainer.train_step(samples)    # this rank's samples; rebalanced across ranks by tokens
+    penalties = trainer.kl_rewards(samples)  # KL to the reference as reward shaping (kl_in_reward)
     for bucket in trainer.state_dict_for_sync(): engine.load_weights(bucket)
-    trainer.save(dir, extra={"data": ...}); trainer.load(dir)
+    trainer.save(dir, extra={"data": ...}, keep_last=3); trainer.load(dir)
 
 A step: gather every rank's samples and split them evenly by token count; pack each rank's share
 into micro-batches of at most `max_tokens_per_microbatch` tokens; compute one `Normalizer` over the
@@ -23,8 +24,9 @@ import copy
 import itertools
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -43,7 +45,7 @@ from leagues.parallel import (
 )
 from leagues.train.checkpoint import load_checkpoint, local_only, save_checkpoint
 from leagues.train.logprobs import token_logprobs
-from leagues.train.losses import LossConfig, LossInputs, Normalizer, policy_loss
+from leagues.train.losses import LossConfig, LossInputs, Normalizer, kl_penalty_rewards, policy_loss
 from leagues.train.moe import (
     MoEConfig,
     expert_counts,
@@ -54,7 +56,14 @@ from leagues.train.moe import (
     update_expert_bias,
 )
 from leagues.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
-from leagues.train.packing import MicroBatch, balance, build_microbatch, input_length, split_by_tokens
+from leagues.train.packing import (
+    MicroBatch,
+    balance,
+    build_microbatch,
+    input_length,
+    response_mask,
+    split_by_tokens,
+)
 from leagues.types import Sample
 
 
@@ -65,19 +74,16 @@ class TrainerConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     max_tokens_per_microbatch: int = 8192
     """Token budget of one packed micro-batch."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollout; logprobs are computed under it, as the engine does."""
     logprob_chunk_size: int = 2048
     """Tokens per chunk of the LM head and log-softmax."""
     ref_offload: bool = True
-    """Keep the frozen reference model on the CPU between uses (only loaded when the loss has KL)."""
-    keep_last: int = 3
-    """Checkpoints kept by `save`."""
+    """Keep the frozen reference model on the CPU between uses (only built when `loss.kl_coef` > 0). A reference
+    sharded like the policy (any run with a process group) keeps its shard on the device instead."""
     num_minibatches: int = 1
     """Optimizer updates per pass over a rollout batch: each rank's share is cut into this many mini-batches."""
     epochs: int = 1
     """Passes over each rollout batch (each pass makes `num_minibatches` updates)."""
-    old_logprobs: str = "recompute"
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"
     """The ratio's old policy: "recompute" (the policy's logprobs before the first update) or "rollout" (the
     engine's logprobs of the samples)."""
     compile: bool = False
@@ -85,9 +91,6 @@ class TrainerConfig:
     log-softmax, once for all shapes (attention runs between the compiled graphs). Off by default: on an H200
     at RL shapes it is not yet faster than eager (benchmarks/RESULTS.md, issue 14)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
-    deterministic: bool = False
-    """Batch-invariant kernels (`leagues.kernels.batch_invariant`): the training forward's logprobs equal the
-    engine's bit for bit when the engine runs deterministic too (true on-policy)."""
 
     def __post_init__(self) -> None:
         for name in ("num_minibatches", "epochs"):
@@ -107,10 +110,27 @@ def _device() -> torch.device:
 
 
 class Trainer:
-    def __init__(self, model: str | Path | Transformer, cfg: TrainerConfig | None = None, alone: bool = False) -> None:
-        """`alone`: this rank trains by itself although the job has other ranks (disaggregated placement with
-        one trainer rank): no FSDP, no collectives, checkpoints of one process."""
+    def __init__(
+        self,
+        model: str | Path | Transformer,
+        cfg: TrainerConfig | None = None,
+        alone: bool = False,
+        kl_in_reward: bool = False,
+        temperature: float = 1.0,
+        deterministic: bool = False,
+    ) -> None:
+        """The run's settings that the trainer follows rather than owns:
+        - `alone`: this rank trains by itself although the job has other ranks (disaggregated placement with
+          one trainer rank): no FSDP, no collectives, checkpoints of one process.
+        - `kl_in_reward`: the KL to the reference (`loss.kl_coef`) shapes the rewards (`kl_rewards`) instead of
+          being a loss term.
+        - `temperature`: the rollout's sampling temperature; logprobs are computed under it, as the engine does.
+        - `deterministic`: batch-invariant kernels (`leagues.kernels.batch_invariant`): the training forward's
+          logprobs equal the engine's bit for bit when the engine runs deterministic too (true on-policy)."""
         self.cfg = cfg = cfg or TrainerConfig()
+        self.kl_in_reward, self.temperature, self.deterministic = kl_in_reward, temperature, deterministic
+        # the loss's own terms: without the KL when it shapes the rewards instead
+        self.loss_cfg = replace(cfg.loss, kl_coef=0.0) if kl_in_reward else cfg.loss
         if cfg.loss.aggregation == "constant" and cfg.loss.max_response_tokens is None:
             raise ValueError("trainer.loss.aggregation constant (Dr.GRPO) needs trainer.loss.max_response_tokens")
         self.device = _device()
@@ -127,42 +147,58 @@ class Trainer:
             else:
                 model = load_pretrained(self.model_path, dtype=torch.float32, device=self.device)
         self.model = model.train()
-        if cfg.deterministic:
+        if deterministic:
             self.model.set_batch_invariant()
-        self.ref = self._load_ref() if cfg.loss.kl_coef > 0 else None
+        self.ref = self._build_ref(sharded) if cfg.loss.kl_coef > 0 else None  # before a model object is sharded
         self.compiled = cfg.compile is True
         if self.compiled:
             self.model.compile_blocks(dynamic=True)  # RL packings differ every step
         # FSDP2 whenever there is a process group (also of one rank: it brings bf16 compute, fp32 master).
         self.mesh = None if self.alone else parallelize(self.model, cfg.parallel, self.world, self.device.type)
         if sharded:
-            self._load_shards()
+            self._load_shards(self.model)
+        if self.ref is not None and self.mesh is not None:  # the reference sharded like the policy (FSDP2, EP)
+            parallelize(self.ref, cfg.parallel, self.world, self.device.type, mesh=self.mesh)
+            if sharded:
+                self._load_shards(self.ref)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.step = 0
         self._load_counts: torch.Tensor | None = None
 
-    def _load_shards(self) -> None:
-        """Fill the sharded model from its checkpoint, one full tensor at a time: no rank ever holds the whole
-        model (with expert parallel, a rank reads only its own experts)."""
-        self.model.to_empty(device=self.device)
+    def _load_shards(self, model: Transformer) -> None:
+        """Fill a sharded model (the policy or the reference) from the checkpoint, one full tensor at a time: no
+        rank ever holds the whole model (with expert parallel, a rank reads only its own experts)."""
+        dtype = next(model.parameters()).dtype
+        model.to_empty(device=self.device)
         experts = None
         if self.cfg.parallel.ep > 1:
-            per_rank = self.model.config.num_experts // self.cfg.parallel.ep
+            per_rank = model.config.num_experts // self.cfg.parallel.ep
             lo = self.mesh.ep.get_local_rank() * per_rank
             experts = (lo, lo + per_rank)
-        tensors = ((name, t.float()) for name, t in read_parameters(self.model_path, experts))
-        load_full_tensors(self.model, tensors)
-        reset_buffers(self.model, self.device)
+        tensors = ((name, t.to(dtype)) for name, t in read_parameters(self.model_path, experts))
+        load_full_tensors(model, tensors)
+        reset_buffers(model, self.device)
 
-    def _load_ref(self) -> Transformer:
-        """The frozen reference: the checkpoint again, or a copy of a model given as an object (before sharding)."""
-        device = "cpu" if self.cfg.ref_offload else self.device
+    def _build_ref(self, sharded: bool) -> Transformer:
+        """The frozen reference: a copy of a model given as an object (taken before the policy is sharded or
+        trained), or the checkpoint again (built on the meta device when each rank reads only its pieces). With a
+        process group it is sharded like the policy after this, and kept in the compute dtype (no master copy to
+        keep: it never steps); alone, it is whole and, with `ref_offload`, waits on the CPU between uses."""
+        dtype = torch.float32 if self.alone else self.cfg.parallel.resolved_param_dtype(self.device.type)
         if self.model_path is None:
-            ref = copy.deepcopy(self.model).to(device=device, dtype=torch.float32)
+            ref = copy.deepcopy(self.model)
+        elif sharded:
+            with torch.device("meta"):
+                ref = Transformer(read_config(self.model_path))
         else:
-            ref = load_pretrained(self.model_path, dtype=torch.float32, device=device)
-        return ref.eval().requires_grad_(False)
+            ref = load_pretrained(self.model_path, dtype=torch.float32, device=self.device)
+        ref.eval().requires_grad_(False)
+        for param in ref.parameters():  # parameters only: buffers (rotary tables) stay as the policy's
+            param.data = param.data.to(dtype)
+        if self.deterministic:
+            ref.set_batch_invariant()
+        return ref.to("cpu") if self.alone and self.cfg.ref_offload else ref
 
     # --- forward pieces -----------------------------------------------------------------------
 
@@ -191,12 +227,12 @@ class Trainer:
             out.hidden_TD,
             weight_VD,
             mb.targets_T,
-            self.cfg.temperature,
+            self.temperature,
             self.cfg.logprob_chunk_size,
             with_entropy=with_entropy,
             entropy_grad=self.cfg.loss.entropy_coef != 0,
-            compiled=self.compiled and not self.cfg.deterministic,
-            invariant=self.cfg.deterministic,
+            compiled=self.compiled and not self.deterministic,
+            invariant=self.deterministic,
         )
         return logprobs_T, entropy_T, out
 
@@ -231,8 +267,7 @@ class Trainer:
         out: list[torch.Tensor | None] = [None] * len(samples)
         mbs = self._microbatches(samples)
         num_real = len(mbs)
-        if model is self.model:  # the sharded policy's forwards are collective: every rank runs as many
-            mbs += self._padding_microbatches(num_real)
+        mbs += self._padding_microbatches(num_real)  # sharded forwards are collective: every rank runs as many
         for index, mb in enumerate(mbs):
             logprobs_T, _, _ = self._forward_logprobs(model, mb)
             if index >= num_real:
@@ -244,13 +279,30 @@ class Trainer:
     def _ref_logprobs(self, samples: list[Sample]) -> list[torch.Tensor] | None:
         if self.ref is None:
             return None
-        if self.cfg.ref_offload:
+        offload = self.mesh is None and self.cfg.ref_offload  # a sharded reference keeps its shard in place
+        if offload:
             self.ref.to(self.device)
         try:
             return self.compute_logprobs(samples, self.ref)
         finally:
-            if self.cfg.ref_offload:
+            if offload:
                 self.ref.to("cpu")
+
+    def kl_rewards(self, samples: list[Sample]) -> list[float]:
+        """KL as reward shaping: for each of this rank's samples, -kl_coef x the sum over its loss-mask response
+        tokens of the KL estimate (`loss.kl_estimator`) of the current policy against the reference. The loop
+        adds it to the rewards before advantages (every trainer rank calls it together: the policy's forward
+        is collective)."""
+        if self.ref is None:
+            raise ValueError("kl_rewards: trainer.loss.kl_coef is 0, so there is no reference to compare with")
+        loss = self.cfg.loss
+        policy, ref = self.compute_logprobs(samples), self._ref_logprobs(samples)
+        out = []
+        for sample, logprobs_T, ref_T in zip(samples, policy, ref, strict=True):
+            mask_T = torch.tensor(response_mask(sample), dtype=torch.float32)
+            shaped_T = kl_penalty_rewards(logprobs_T, ref_T, mask_T, kl_coef=loss.kl_coef, estimator=loss.kl_estimator)
+            out.append(float(shaped_T.sum()))
+        return out
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -309,7 +361,7 @@ class Trainer:
         # mini-batches are cut from the global batch, then balanced over ranks: the same updates on any world size
         shares = [self._share(everything[i :: cfg.num_minibatches]) for i in range(cfg.num_minibatches)]
         recompute = cfg.num_minibatches * cfg.epochs > 1 and cfg.old_logprobs == "recompute"
-        refs = [self._ref_logprobs(share) for share in shares]
+        refs = [None if self.kl_in_reward else self._ref_logprobs(share) for share in shares]
         olds = [self.compute_logprobs(share) if recompute else None for share in shares]  # before any update
         updates = []
         for _ in range(cfg.epochs):
@@ -388,11 +440,18 @@ class Trainer:
             seq_ids_T=mb.seq_ids_T,
             num_seqs=mb.num_seqs,
             rollout_logprobs_T=mb.rollout_logprobs_T,
-            ref_logprobs_T=None if ref is None else self._token_aligned(mb, ref, samples),
+            ref_logprobs_T=self._ref_aligned(mb, ref, samples, logprobs_T),
             entropy_T=entropy_T,
         )
-        loss, metrics = policy_loss(inputs, self.cfg.loss, norm)
+        loss, metrics = policy_loss(inputs, self.loss_cfg, norm)
         return loss + moe_loss, metrics | moe_metrics
+
+    def _ref_aligned(self, mb: MicroBatch, ref, samples: list[Sample], logprobs_T: torch.Tensor):
+        """The reference's logprobs on the micro-batch's positions; for a padding pass (no sample, no loss token)
+        zeros where the loss needs a KL term, which the loss then compares on no token."""
+        if ref is not None:
+            return self._token_aligned(mb, ref, samples)
+        return torch.zeros_like(logprobs_T.detach()) if self.loss_cfg.kl_coef > 0 else None
 
     def _token_aligned(self, mb: MicroBatch, per_sample: list[torch.Tensor], samples: list[Sample]) -> torch.Tensor:
         """Per-sample response logprobs laid out on the micro-batch's packed target positions (0 elsewhere)."""
@@ -460,14 +519,13 @@ class Trainer:
         if bucket:
             yield bucket
 
-    def save(self, root: str | Path, extra: dict | None = None) -> Path:
+    def save(self, root: str | Path, extra: dict | None = None, keep_last: int = 3) -> Path:
+        """A checkpoint of step `self.step` under `root`; `keep_last` > 0 deletes all but that many newest."""
         extra = {"trainer_step": self.step, **(extra or {})}
         if self.cfg.moe.bias_update_rate > 0:  # non-persistent buffers: not in the model's state dict
             extra["expert_bias"] = {n: b.tolist() for n, b in self._expert_biases()}
         with local_only() if self.alone else nullcontext():
-            return save_checkpoint(
-                root, self.step, self.model, self.optimizer, self.scheduler, extra, self.cfg.keep_last
-            )
+            return save_checkpoint(root, self.step, self.model, self.optimizer, self.scheduler, extra, keep_last)
 
     def load(self, path: str | Path) -> dict:
         with local_only() if self.alone else nullcontext():

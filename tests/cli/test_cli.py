@@ -80,9 +80,12 @@ def test_print_and_dump_config_round_trip(tmp_path, capsys):
 
 def test_print_config_of_a_train_run_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert run_main(["train", "--steps", "3", "--print-config"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["steps"] == 3
+    assert run_main(["train", "--steps", "3", "--trainer.num_minibatches", "2", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["steps"] == 3 and printed["trainer"]["optim"]["total_steps"] == 6  # resolved: what would run
     assert list(tmp_path.iterdir()) == []
+    assert run_main(["train", "--engine.deterministic", "true", "--print-config"]) == 2  # refused by resolve
+    assert "engine.deterministic" in capsys.readouterr().err
 
 
 def test_config_file_errors_name_file_and_line(tmp_path, capsys):

@@ -62,3 +62,25 @@ def test_failed_aborted_and_empty_samples_are_not_trained_on():
         Sample(prompt_ids=[1], response_ids=[], status=SampleStatus.COMPLETED),
     ]
     assert trainable([kept, *left_out]) == [kept]
+
+
+def test_disaggregated_engines_groups_stay_apart():
+    """Two engines each number their groups 0, 1: merged, the ids are unique and every advantage is the one of its
+    true group (computed over that engine's group alone)."""
+    from leagues.loop.disaggregated import merge_batches
+    from leagues.train.advantages import compute_advantages
+
+    batches = [rank_samples(0)[:8], rank_samples(1)[:8]]  # groups 0 and 1 of 4 samples on each engine
+    want = []
+    for batch in batches:
+        rewards = torch.tensor([s.reward for s in batch])
+        groups = torch.tensor([s.group_id for s in batch])
+        want += compute_advantages(rewards, groups, AdvantageConfig(name="grpo")).tolist()
+    merged = merge_batches(batches)
+    assert len({s.group_id for s in merged}) == 4
+    assign_advantages(merged, TrainConfig(advantage=AdvantageConfig(name="grpo")), gather=False)
+    torch.testing.assert_close(torch.tensor([s.advantage for s in merged]), torch.tensor(want))
+    # with the engines' own ids, engine 1's group 0 would share engine 0's group 0 statistics
+    unmerged = rank_samples(0)[:8] + rank_samples(1)[:8]
+    assign_advantages(unmerged, TrainConfig(advantage=AdvantageConfig(name="grpo")), gather=False)
+    assert not torch.allclose(torch.tensor([s.advantage for s in unmerged]), torch.tensor(want))

@@ -84,12 +84,41 @@ def test_colocated_one_rank_learns_and_writes_everything(tmp_path):
 def test_minibatch_updates_make_the_clip_act_in_a_run(tmp_path):
     """`--trainer.num_minibatches 4`: four updates a step against the old policy fixed before the first, so
     the ratio moves and the PPO clip acts (with one update a step the ratio is 1 and the clip never does)."""
-    extra = ["--steps", "2", "--trainer.num_minibatches", "4", "--trainer.optim.lr", "3e-2", "--checkpoints", "false"]
+    extra = [
+        "--steps",
+        "2",
+        "--trainer.num_minibatches",
+        "4",
+        "--trainer.optim.lr",
+        "3e-2",
+        "--checkpoint.enabled",
+        "false",
+    ]
     train(config(tmp_path / "run", *extra))
     rows = rl_rows(tmp_path / "run")
     assert len(rows) == 2
     assert max(row["train/policy/clip_frac"] for row in rows) > 0
     assert max(row["train/policy/ratio_max"] for row in rows) > 1.0
+
+
+@pytest.mark.parametrize("form", ["loss", "reward"])
+def test_kl_to_the_reference_as_a_loss_term_or_as_reward_shaping(form, tmp_path):
+    """`--trainer.loss.kl_coef` alone: a KL term in the loss; with `--advantage.kl_in_reward`: a penalty on
+    each sample's reward instead, and no KL term."""
+    extra = ["--steps", "2", "--checkpoint.enabled", "false", "--trainer.loss.kl_coef", "0.1"]
+    extra += ["--trainer.optim.lr", "3e-2", "--trainer.loss.kl_estimator", "k3"]
+    if form == "reward":
+        extra += ["--advantage.kl_in_reward", "true"]
+    train(config(tmp_path / "run", *extra))
+    rows = rl_rows(tmp_path / "run")
+    assert len(rows) == 2
+    shaped, term = "train/kl/reward_penalty_mean", "train/kl/mean"
+    assert all((shaped in row, term in row) == (form == "reward", form == "loss") for row in rows)
+    values = [row[shaped if form == "reward" else term] for row in rows]
+    assert values[0] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
+    assert abs(values[1]) > 1e-6  # step 2: it has moved (k3 >= 0: a penalty <= 0, a term >= 0)
+    with pytest.raises(ValueError, match="advantage.kl_in_reward: needs trainer.loss.kl_coef"):
+        config(tmp_path / "bad", "--advantage.kl_in_reward", "true")
 
 
 def test_a_bad_reward_is_reported_before_the_warm_start(tmp_path):
@@ -116,7 +145,16 @@ def test_colocated_two_gloo_ranks(tmp_path):
 @pytest.mark.slow
 def test_colocated_expert_parallel_engines(tmp_path):
     """Two ranks whose engines split the experts: lockstep rollouts and evals, new weights sliced per engine."""
-    args = ["--engine_ep", "true", "--moe.routing_replay", "rollout", "--eval.every", "3", "--eval.num_prompts", "32"]
+    args = [
+        "--engine_ep",
+        "true",
+        "--trainer.moe.routing_replay",
+        "rollout",
+        "--eval.every",
+        "3",
+        "--eval.num_prompts",
+        "32",
+    ]
     rows = train_two_ranks(tmp_path, *args)
     assert len(rows) == 6
     assert all(row["train/moe/route_mismatch_frac"] == 0.0 for row in rows)
@@ -130,7 +168,7 @@ def test_a_failed_expert_parallel_engine_step_ends_the_job(tmp_path):
     error (it hung before), instead of waiting out the collectives' timeout."""
     script = Path(__file__).parent / "engine_fault_job.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
-    args = [*EASY, "--warm_start.steps", "0", "--engine_ep", "true", "--checkpoints", "false"]
+    args = [*EASY, "--warm_start.steps", "0", "--engine_ep", "true", "--checkpoint.enabled", "false"]
     proc = subprocess.run(
         [*cmd, *args, "--run_dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=180
     )
@@ -144,21 +182,28 @@ def test_deterministic_with_expert_parallel_engines_and_trainer(tmp_path):
     """Experts split over two ranks on both sides: rollout logprobs still equal the trainer's bit for bit.
     (Checkpoints are off: the run writes none.)"""
     args = ["--deterministic", "true", "--engine_ep", "true", "--trainer.parallel.ep", "2", "--steps", "3"]
-    rows = train_two_ranks(tmp_path, *args, "--checkpoints", "false")
+    rows = train_two_ranks(tmp_path, *args, "--checkpoint.enabled", "false")
     assert len(rows) == 3
     assert all(row["train/mismatch/abs_diff_max"] == 0.0 for row in rows)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow
-def test_disaggregated_one_trainer_one_engine(tmp_path):
-    args = ["--placement", "disaggregated", "--trainer.loss.off_policy", "token_tis", "--moe.routing_replay", "rollout"]
-    rows = train_two_ranks(tmp_path, *args)
+def test_disaggregated_one_trainer_two_engines_with_held_out_eval(tmp_path):
+    """Two engine ranks roll out (their groups kept apart, both counted) while the trainer trains; the first
+    engine rank measures held-out accuracy with the weights of steps 0, 3 and 6, logged under those steps."""
+    args = ["--placement", "disaggregated", "--num_engine_ranks", "2", "--trainer.loss.off_policy", "token_tis"]
+    args += ["--trainer.moe.routing_replay", "rollout", "--eval.every", "3", "--eval.num_prompts", "32"]
+    leagues_cli("train", "--nproc", "3", *EASY, *args, "--run_dir", str(tmp_path / "run"))
+    rows = rl_rows(tmp_path / "run")
     assert len(rows) == 6
+    assert all(row["rollout/num_samples"] == 16 * 8 for row in rows)  # both engines' groups
     assert max(row["train/staleness_max"] for row in rows) <= 1  # the staleness bound holds
     assert max(row["train/staleness_max"] for row in rows) == 1  # ... and generation overlapped training
     assert all(row["train/moe/route_mismatch_frac"] == 0.0 for row in rows)  # routes crossed ranks, replayed
     assert_improves(rows)
+    evals = {row["step"]: row["eval/accuracy"] for row in read_metrics(tmp_path / "run") if "eval/accuracy" in row}
+    assert sorted(evals) == [0, 3, 6]
 
 
 def comparable(row: dict) -> dict:
@@ -188,7 +233,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
         *EASY,
         "--reward.name", f"{REWARDS}:kill_on_call",
         "--steps", "4",
-        "--save_every", "2",
+        "--checkpoint.every", "2",
         "--rollout.batch_size", "4",
         "--rollout.n_samples_per_prompt", "4",
     ]  # fmt: skip
@@ -199,7 +244,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (tmp_path / "cut" / "checkpoints" / "step-00000002").is_dir()
     assert not (tmp_path / "cut" / "checkpoints" / "step-00000004").exists()
-    leagues_cli("train", *args, "--run_dir", str(tmp_path / "cut"), "--resume", "true")
+    leagues_cli("train", *args, "--run_dir", str(tmp_path / "cut"), "--checkpoint.resume", "true")
     whole, resumed = rl_rows(tmp_path / "whole"), rl_rows(tmp_path / "cut")
     assert [row["step"] for row in resumed] == [1, 2, 3, 4]
     assert [comparable(r) for r in resumed] == [comparable(r) for r in whole]
@@ -223,7 +268,14 @@ def test_external_engine_over_http(tmp_path, weight_sync):
     server = _launch()
     try:
         url = _wait_url(server)
-        sync = ["--weight_sync", weight_sync, "--weight_sync_port", str(free_port()), "--moe.routing_replay", "rollout"]
+        sync = [
+            "--weight_sync.transport",
+            weight_sync,
+            "--weight_sync.port",
+            str(free_port()),
+            "--trainer.moe.routing_replay",
+            "rollout",
+        ]
         history = train(config(tmp_path / "run", "--steps", "2", "--engine_urls", f"[{url}]", *sync))
         assert len(history) == 2 and all(row["rollout/num_samples"] == 16 * 8 for row in history)
         assert all(row["train/moe/route_mismatch_frac"] == 0.0 for row in history)  # routes came over HTTP

@@ -14,7 +14,7 @@ REWARDS = Path(__file__).parent / "rewards_partial.py"
 ARGS = [
     "--task", "arithmetic",
     "--reward.name", f"{REWARDS}:record",
-    "--save_every", "1",
+    "--checkpoint.every", "1",
     "--rollout.batch_size", "2",
     "--rollout.n_samples_per_prompt", "2",
     "--rollout.max_response_len", "96",
@@ -42,7 +42,7 @@ def test_carried_samples_survive_a_resume(tmp_path, monkeypatch):
     assert any(row["status"] == "aborted" for row in saved.values())
 
     monkeypatch.setenv("LEAGUES_TEST_RECORD", str(tmp_path / "after.jsonl"))
-    resumed = [*ARGS, "--run_dir", str(run_dir), "--steps", "3", "--resume", "true"]
+    resumed = [*ARGS, "--run_dir", str(run_dir), "--steps", "3", "--checkpoint.resume", "true"]
     (after,) = train(apply_overrides(TrainConfig(), resumed))
     trained = {
         row["seed"]: row["response"] for row in map(json.loads, (tmp_path / "after.jsonl").read_text().splitlines())

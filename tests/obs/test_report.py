@@ -93,10 +93,10 @@ def test_bad_line_names_file_and_line(tmp_path):
         write_report(tmp_path)
 
 
-def test_duplicate_steps_keep_the_last_row(tmp_path):
-    rows = [{"step": 1, "x": 1.0}, {"step": 2, "x": 2.0}, {"step": 2, "x": 20.0}]
+def test_rows_of_one_step_merge_and_the_last_value_wins(tmp_path):
+    rows = [{"step": 1, "x": 1.0}, {"step": 2, "x": 2.0}, {"step": 2, "x": 20.0}, {"step": 1, "eval/accuracy": 0.5}]
     run = write_run(tmp_path / "run", rows)
-    assert read_metrics(run / "metrics.jsonl") == [{"step": 1, "x": 1.0}, {"step": 2, "x": 20.0}]
+    assert read_metrics(run / "metrics.jsonl") == [{"step": 1, "x": 1.0, "eval/accuracy": 0.5}, {"step": 2, "x": 20.0}]
 
 
 def test_run_report(tmp_path, capsys):

@@ -175,16 +175,17 @@ def gather_by_unit(rank: int) -> None:
 
 def trainer_from_checkpoint(rank: int, path: str, ep: int) -> None:
     from leagues.model import load_pretrained
-    from leagues.train import Trainer, TrainerConfig
+    from leagues.train import LossConfig, Trainer, TrainerConfig
 
     parallel = ParallelConfig(ep=ep, activation_checkpointing=True, sharded_load=True)
-    trainer = Trainer(path, TrainerConfig(parallel=parallel))
-    assert not any(p.is_meta for p in trainer.model.parameters())
+    trainer = Trainer(path, TrainerConfig(parallel=parallel, loss=LossConfig(kl_coef=0.1)))
     want = {name: p.detach() for name, p in load_pretrained(path).named_parameters()}
-    got = dict(full_state_dict(trainer.model))
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
+    for model in (trainer.model, trainer.ref):  # the KL reference is read in pieces and sharded like the policy
+        assert not any(p.is_meta for p in model.parameters())
+        got = dict(full_state_dict(model))
+        assert sorted(got) == sorted(want)
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
     assert torch.equal(trainer.model.rope.inv_freq, load_pretrained(path).rope.inv_freq)
 
 

@@ -85,7 +85,7 @@ def test_broadcast_sync_lands_the_sent_weights(tmp_path):
 
 
 def test_every_weight_sync_is_registered_and_frozen_engines_get_nothing():
-    assert set(WEIGHT_SYNCS) == {"in_place", "distributed", "disk", "none"}
+    assert set(WEIGHT_SYNCS) == {"in_place", "broadcast", "distributed", "disk", "none"}
     assert WEIGHT_SYNCS["none"]().push(trainer=None, version=3) == {}
 
 

@@ -30,7 +30,7 @@ def test_engine_logprobs_equal_the_trainers_bit_for_bit():
         outs = sample(PROMPTS, eng)
     finally:
         eng.close()
-    trainer = Trainer(resolve_model_path("tiny-moe"), TrainerConfig(deterministic=True))
+    trainer = Trainer(resolve_model_path("tiny-moe"), TrainerConfig(), deterministic=True)
     samples = [Sample(prompt_ids=p, response_ids=o.token_ids) for p, o in zip(PROMPTS, outs, strict=True)]
     for got, out in zip(trainer.compute_logprobs(samples), outs, strict=True):
         assert torch.equal(torch.tensor(out.logprobs, dtype=torch.float32), got)
@@ -61,7 +61,7 @@ def test_gpu_bf16_engine_logprobs_equal_the_trainers_bit_for_bit(graphs):
         eng.close()
     assert alone.logprobs == outs[0].logprobs
     model = load_pretrained(path, dtype=torch.bfloat16, device="cuda")
-    trainer = Trainer(model, TrainerConfig(deterministic=True))
+    trainer = Trainer(model, TrainerConfig(), deterministic=True)
     samples = [Sample(prompt_ids=p, response_ids=o.token_ids) for p, o in zip(PROMPTS, outs, strict=True)]
     for got, out in zip(trainer.compute_logprobs(samples), outs, strict=True):
         assert torch.equal(torch.tensor(out.logprobs, dtype=torch.float32), got)

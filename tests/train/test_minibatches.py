@@ -34,11 +34,12 @@ def test_minibatch_updates_make_the_clip_act():
 @pytest.mark.parametrize("old_logprobs", ["recompute", "rollout"])
 def test_policy_losses_differ_once_the_ratio_moves(old_logprobs):
     weights = {}
-    for policy_loss in ("ppo", "cispo"):
+    for policy_loss in ("ppo", "gspo", "cispo"):
         t = trainer(num_minibatches=2, epochs=2, old_logprobs=old_logprobs, loss=LossConfig(policy_loss=policy_loss))
         t.train_step(make_samples(12))
         weights[policy_loss] = torch.cat([p.detach().flatten() for p in t.model.parameters()])
-    assert not torch.equal(weights["ppo"], weights["cispo"])
+    for a, b in (("ppo", "gspo"), ("ppo", "cispo"), ("gspo", "cispo")):
+        assert not torch.allclose(weights[a], weights[b], rtol=0, atol=1e-6), (a, b)
 
 
 def test_epochs_pass_over_the_batch_again_and_count_its_tokens_once():

@@ -89,3 +89,23 @@ def test_train_mode_replays_the_routes_of_a_no_grad_pass():
     assert logprobs_T.requires_grad
     metrics = t.train_step(samples)
     assert metrics["moe/route_mismatch_frac"] < 0.01  # the rollout's routes (same weights) were not replayed
+
+
+def test_minibatch_updates_replay_the_rollout_routes_in_every_pass():
+    """Three mini-batches x two epochs: the policy moves between updates, so without replay its routes drift from
+    the engine's within the step; with replay every pass routes as the engine did."""
+    path = resolve_model_path("tiny-moe")
+    samples = rollout_samples(path)
+    metrics = {}
+    for replay in ("none", "rollout"):
+        cfg = TrainerConfig(
+            loss=LossConfig(policy_loss="ppo"),
+            optim=OptimConfig(lr=0.5),
+            moe=MoEConfig(routing_replay=replay),
+            num_minibatches=3,
+            epochs=2,
+        )
+        metrics[replay] = Trainer(path, cfg).train_step(samples)
+    assert metrics["none"]["moe/route_mismatch_frac"] > 0.0
+    assert metrics["rollout"]["moe/route_mismatch_frac"] == 0.0
+    assert metrics["rollout"]["policy/ratio_max"] > 1.0  # the updates did move the policy

@@ -67,7 +67,7 @@ def test_gradients_do_not_depend_on_microbatch_split(aggregation):
 
 def test_compute_logprobs_match_a_full_forward():
     samples = make_samples(5)
-    trainer = Trainer("tiny-moe", TrainerConfig(temperature=0.7))
+    trainer = Trainer("tiny-moe", TrainerConfig(), temperature=0.7)
     got = trainer.compute_logprobs(samples)
     for s, lp in zip(samples, got, strict=True):
         ids = torch.tensor([s.prompt_ids + s.response_ids])

@@ -35,12 +35,12 @@ CONFIG = {
 }
 
 
-def make_trainer(ep: int = 1, num_minibatches: int = 1) -> Trainer:
+def make_trainer(ep: int = 1, num_minibatches: int = 1, kl_coef: float = 0.0) -> Trainer:
     model = Transformer(config_from_hf(CONFIG))
     model.init_weights(seed=0, std=0.2)
     model.set_moe_impl("reference")
     cfg = TrainerConfig(
-        loss=LossConfig(off_policy="token_tis"),
+        loss=LossConfig(off_policy="token_tis", kl_coef=kl_coef, kl_estimator="k3"),
         optim=OptimConfig(lr=1e-2, grad_clip=0.05),
         parallel=ParallelConfig(ep=ep),
         max_tokens_per_microbatch=24,
@@ -53,12 +53,12 @@ def full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {name: t.clone() for bucket in trainer.state_dict_for_sync() for name, t in bucket}
 
 
-def _worker(rank: int, port: int, ep: int, num_minibatches: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, ep: int, num_minibatches: int, kl_coef: float, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        trainer = make_trainer(ep, num_minibatches)
+        trainer = make_trainer(ep, num_minibatches, kl_coef)
         samples = make_samples(12, seed=3)
         local = samples[rank::2]  # each rank brings its own half; the trainer rebalances by tokens
         metrics = trainer.train_step(local)
@@ -77,13 +77,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize(("ep", "num_minibatches"), [(1, 1), (2, 1), (1, 3)])
-def test_two_ranks_match_one_process(ep, num_minibatches, tmp_path):
+@pytest.mark.parametrize(("ep", "num_minibatches", "kl_coef"), [(1, 1, 0.0), (2, 1, 0.0), (1, 3, 0.0), (2, 2, 0.5)])
+def test_two_ranks_match_one_process(ep, num_minibatches, kl_coef, tmp_path):
     """Mini-batches are cut from the global batch in rank order, so one process given that order makes the
-    same updates."""
-    mp.spawn(_worker, args=(free_port(), ep, num_minibatches, str(tmp_path)), nprocs=2, join=True)
+    same updates; with a KL term, the reference's logprobs are the same on any split too."""
+    mp.spawn(_worker, args=(free_port(), ep, num_minibatches, kl_coef, str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "result.pt")
-    single = make_trainer(num_minibatches=num_minibatches)
+    single = make_trainer(num_minibatches=num_minibatches, kl_coef=kl_coef)
     samples = make_samples(12, seed=3)
     metrics = single.train_step(samples[0::2] + samples[1::2])
     want = full_params(single)
@@ -91,6 +91,8 @@ def test_two_ranks_match_one_process(ep, num_minibatches, tmp_path):
     for name, tensor in want.items():
         torch.testing.assert_close(got["params"][name], tensor, rtol=0, atol=1e-5, msg=name)
     assert abs(got["metrics"]["loss"] - metrics["loss"]) < 1e-5
+    if kl_coef:  # the second mini-batch's update starts away from the reference
+        assert got["metrics"]["kl/mean"] > 0 and abs(got["metrics"]["kl/mean"] - metrics["kl/mean"]) < 1e-6
 
 
 def _resume_worker(rank: int, port: int, out_dir: str) -> None:
