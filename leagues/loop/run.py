@@ -42,7 +42,7 @@ from leagues.rollout.partial import PartialRollout
 from leagues.rollout.tasks import task_dataset
 from leagues.sync import WEIGHT_SYNCS, DistributedWeightSender, WeightSync
 from leagues.train import Trainer
-from leagues.train.checkpoint import latest_checkpoint
+from leagues.train.checkpoint import load_latest
 from leagues.types import SamplingParams
 
 
@@ -203,12 +203,13 @@ class Run:
         return self.run_dir / "checkpoints"
 
     def resume(self) -> int:
-        """Load the latest checkpoint (if any); returns the step to continue from."""
-        path = latest_checkpoint(self.checkpoint_root)
-        if path is None:
+        """Load the latest checkpoint that loads (a damaged newest one is skipped with a warning); returns the
+        step to continue from."""
+        found = load_latest(self.checkpoint_root, self.trainer.load if self.trainer is not None else _read_extra)
+        if found is None:
             log(f"resume: no checkpoint under {self.checkpoint_root}, starting at step 0")
             return 0
-        extra = self.trainer.load(path) if self.trainer is not None else _read_extra(path)
+        path, extra = found
         self.prompts.load_state_dict(extra["data"])
         if self.cfg.rollout.partial and "partial" in extra:  # the samples carried past that step go on
             self.partial.load_state_dict(extra["partial"])
