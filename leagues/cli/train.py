@@ -5,6 +5,7 @@ import sys
 from leagues.cli import UsageError
 from leagues.cli.launch import distributed_session, relaunch, under_launcher
 from leagues.loop import TrainConfig, train
+from leagues.rollout import RewardError
 
 
 def run_train_verb(cfg: TrainConfig) -> int:
@@ -13,6 +14,6 @@ def run_train_verb(cfg: TrainConfig) -> int:
     try:
         with distributed_session():
             train(cfg)
-    except ValueError as e:
+    except (ValueError, RewardError) as e:  # bad input, or a reward that fails on every sample
         raise UsageError(str(e)) from None
     return 0

@@ -142,12 +142,15 @@ class Run:
         """The run's parts, each from its own builder; user input (config, data, reward) is checked before any
         model is built or trained."""
         rank, world = rank_world()
-        run_dir = _prepare_run_dir(cfg, rank)
+        run_dir = resolve_run_dir(cfg)
+        cfg.settle()
         torch.manual_seed(cfg.seed)
         base = resolve_model_path(cfg.model)
         tokenizer = load_tokenizer(base)  # a warm start keeps the base model's tokenizer
         train_data, held_out, reward = datasets(cfg, tokenizer, context_limit(cfg, base))
         scorer = RewardScorer(reward)  # a reward that cannot load fails here, not after the warm start
+        generate_fn = load_generate_fn(cfg.rollout.generate_fn)
+        _write_run_dir(cfg, run_dir, rank)  # only once the inputs are known to be good
         model_path = _warm_started(cfg, base, run_dir, is_trainer)
         trainer = _trainer(cfg, model_path, world) if is_trainer else None
         memory_plan = _memory_plan(cfg, model_path, train_data, world) if trainer is not None and is_engine else None
@@ -177,7 +180,7 @@ class Run:
             loop=asyncio.new_event_loop(),
             rank=rank,
             world=world,
-            generate_fn=load_generate_fn(cfg.rollout.generate_fn),
+            generate_fn=generate_fn,
             engine_sleeps=engine is not None and memory_plan is not None and memory_plan.sleep,
         )
         if engine is not None and cfg.engine_ep and world > 1:
@@ -313,14 +316,11 @@ def _memory_plan(cfg: TrainConfig, model_path: Path, train_data: PromptDataset, 
     return plan
 
 
-def _prepare_run_dir(cfg: TrainConfig, rank: int) -> Path:
+def _write_run_dir(cfg: TrainConfig, run_dir: Path, rank: int) -> None:
     """The run directory, with the settled config written to it (`config.yaml` is what runs)."""
-    run_dir = resolve_run_dir(cfg)
-    cfg.settle()
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         dump_yaml(cfg, run_dir / "config.yaml")
-    return run_dir
 
 
 def _warm_started(cfg: TrainConfig, base: Path, run_dir: Path, is_trainer: bool) -> Path:

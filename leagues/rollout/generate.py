@@ -220,7 +220,7 @@ async def rollout(
             await asyncio.gather(*(_generate_one(generate_fn, ctx, s) for s in samples))
             result.generate_s += time.perf_counter() - start
         with sections("reward"):
-            await scorer.score(samples)
+            (await scorer.score(samples)).raise_if_none_scored(scorer.cfg.name)
         shape_overlong(samples, cfg)
         seen += samples
         groups = _groups(samples)

@@ -28,3 +28,12 @@ def kill_on_call(prompt: str, response: str, label, metadata: dict) -> float:
         if path.stat().st_size >= int(at):
             os.kill(os.getpid(), signal.SIGKILL)
     return starts_with_one(prompt, response, label, metadata)
+
+
+def by_name(response, label) -> float:
+    """Bound by parameter name (no prompt, no metadata)."""
+    return 1.0 if response.strip() == str(label) else 0.0
+
+
+def always_fails(response) -> float:
+    raise RuntimeError(f"this reward cannot score {response!r}")
