@@ -1,16 +1,18 @@
-"""`leagues train`: the RL job (see `leagues.loop`), on one process or `--nproc N` ranks of this node."""
+"""`leagues train`: the RL job (see `leagues.loop`), on one process, `--nproc N` ranks of this node, or several
+nodes (`--nnodes`, `--node_rank`, `--rdzv_endpoint`; see `launch.py`)."""
 
 import sys
 
 from leagues.cli import UsageError
-from leagues.cli.launch import distributed_session, relaunch, under_launcher
+from leagues.cli.launch import distributed_session, launch_of, relaunch
 from leagues.loop import TrainConfig, train
 from leagues.rollout import RewardError
 
 
 def run_train_verb(cfg: TrainConfig) -> int:
-    if cfg.nproc > 1 and not under_launcher():
-        return relaunch(sys.argv[1:], cfg.nproc)
+    launch = launch_of(cfg)
+    if launch.needed:
+        return relaunch(sys.argv[1:], launch)
     try:
         with distributed_session():
             train(cfg)
