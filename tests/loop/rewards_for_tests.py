@@ -37,3 +37,14 @@ def by_name(response, label) -> float:
 
 def always_fails(response) -> float:
     raise RuntimeError(f"this reward cannot score {response!r}")
+
+
+def scrape_exporter(response, label) -> float:
+    """`by_name`, and on every call a scrape of the run's Prometheus exporter (LEAGUES_TEST_SCRAPE_URL) written to
+    LEAGUES_TEST_SCRAPE_OUT: what a Prometheus server would see in the middle of the run."""
+    import httpx
+
+    url, out = os.environ.get("LEAGUES_TEST_SCRAPE_URL"), os.environ.get("LEAGUES_TEST_SCRAPE_OUT")
+    if url and out:
+        Path(out).write_text(httpx.get(url, timeout=5).text)
+    return by_name(response, label)
