@@ -128,6 +128,9 @@ class TrainConfig:
     """This node's place, 0..nnodes-1 (ranks are numbered node by node)."""
     rdzv_endpoint: str = ""
     """HOST:PORT of node 0 that every node reaches (needed with nnodes > 1)."""
+    auto_resume: int = 0
+    """Restart a failed job (a crash, a killed process) from its last checkpoint, at most this many times; bad
+    input (exit status 2) is not retried. 0: off. Checkpoint often (`save_every`) to lose little."""
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:

@@ -212,6 +212,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_over_loopback(tiny_dir, tmp_path):
     """Two launchers, one rank each, meet at node 0's rendezvous endpoint: one job of two ranks (gloo)."""
     data = tmp_path / "sft.jsonl"

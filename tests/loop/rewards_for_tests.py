@@ -48,3 +48,16 @@ def scrape_exporter(response, label) -> float:
     if url and out:
         Path(out).write_text(httpx.get(url, timeout=5).text)
     return by_name(response, label)
+
+
+def kill_once(response, label) -> float:
+    """`by_name`, but SIGKILLs its own process on exactly the Nth call counted in LEAGUES_TEST_COUNTER (across
+    restarts) when LEAGUES_TEST_KILL_AT=N: one crash at a known point of a run, and none after it resumes."""
+    at, counter = os.environ.get("LEAGUES_TEST_KILL_AT"), os.environ.get("LEAGUES_TEST_COUNTER")
+    if at and counter:
+        path = Path(counter)
+        with path.open("a") as f:
+            f.write("x")
+        if path.stat().st_size == int(at):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return by_name(response, label)

@@ -4,6 +4,8 @@ finishes every step (a real run of the tiny MoE, through the command line)."""
 import json
 import os
 
+import pytest
+
 from tests.loop.test_loop import leagues_cli
 
 ARGS = [
@@ -18,6 +20,7 @@ ARGS = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resume_skips_a_corrupted_newest_checkpoint_with_a_warning(tmp_path):
     run = tmp_path / "run"
     leagues_cli("train", *ARGS, "--steps", "2", "--run_dir", str(run))
