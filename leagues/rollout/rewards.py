@@ -23,10 +23,11 @@ Decisions:
   `metadata["error"]` = "reward: <type>: <message>", and is counted in `RewardStats`. `strict=True` turns
   the first failure (lowest sample index) into a `RewardError` after the batch is done. Samples already
   FAILED (by generation) are skipped and keep their error.
-- Everything runs concurrently on one event loop, at most `max_concurrency` calls at a time. Sync functions
-  run on the scorer's own thread pool, not the loop's default one: a timed-out thread cannot be killed, and
-  `asyncio.run` would otherwise wait for it at exit, defeating the timeout. The abandoned thread runs to its
-  end in the background and holds a pool slot meanwhile.
+- Everything runs concurrently on one event loop, at most `max_concurrency` calls at a time. A sync function
+  runs on a daemon thread of its own: a timed-out thread cannot be killed, and a pool's (or the loop's default
+  executor's) worker threads are joined at interpreter exit, so one reward that never returns would keep the
+  process alive after the run. The abandoned thread runs on in the background until it returns or the
+  process exits.
 - The reward function is resolved once, when the scorer is built: a bad name, module, file or attribute,
   or a signature it cannot be called with, raises `ValueError` naming the spec (and the function's file and
   line) before any rollout.
@@ -52,8 +53,8 @@ import json
 import math
 import numbers
 import sys
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -85,7 +86,7 @@ class RewardConfig:
     timeout_s: float = 30.0
     """Time limit of one reward call (one sample, or one group), retries included; over it the sample fails."""
     max_concurrency: int = 64
-    """Reward calls in flight at once (also the size of the thread pool for sync functions)."""
+    """Reward calls in flight at once."""
     strict: bool = False
     """Raise RewardError on the first failed sample instead of marking it FAILED with reward 0."""
     remote_retries: int = 2
@@ -321,7 +322,6 @@ class RewardScorer:
         self.fn = build_reward_fn(cfg)
         remote = isinstance(self.fn, RemoteReward)
         self.inputs = INPUTS[:4] if remote else reward_parameters(self.fn, cfg.group, cfg.name)
-        self._executor = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="leagues-reward")
 
     async def score(self, samples: list[Sample]) -> RewardStats:
         """Set `reward` on every sample not already FAILED; failures are marked on the samples and counted."""
@@ -347,8 +347,8 @@ class RewardScorer:
         return asyncio.run(self.score(samples))
 
     def close(self) -> None:
-        """Release the thread pool (threads of timed-out calls finish on their own)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Nothing to release: threads of timed-out calls are daemons and finish (or die with the process) on their
+        own; kept so a scorer can be used as a context manager."""
 
     def __enter__(self) -> "RewardScorer":
         return self
@@ -394,7 +394,7 @@ class RewardScorer:
             call = functools.partial(fn, **{name: by_name[name] for name in self.inputs})
         if _is_async(fn):
             return await call()
-        result = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        result = await _on_daemon_thread(call)
         return await result if inspect.isawaitable(result) else result
 
 
@@ -422,6 +422,27 @@ def _reward_inputs(sample: Sample) -> tuple[str, str, Any, dict, Sample]:
     if missing:
         raise KeyError(f"sample metadata lacks {missing} (set by the generate function)")
     return meta["prompt_text"], meta["response_text"], meta.get("label"), meta, sample
+
+
+async def _on_daemon_thread(call: Callable[[], Any]) -> Any:
+    """`call()` on a new daemon thread, awaited; a caller that stops waiting (a timeout) abandons the thread."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():  # cancelled by a timeout meanwhile
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def run() -> None:
+        try:
+            ok, value = True, call()
+        except BaseException as e:  # handed to the awaiting coroutine, as an executor would
+            ok, value = False, e
+        with contextlib.suppress(RuntimeError):  # the loop closed while this call ran on
+            loop.call_soon_threadsafe(settle, ok, value)
+
+    threading.Thread(target=run, daemon=True, name="leagues-reward").start()
+    return await future
 
 
 def _raised_at(error: BaseException) -> str:

@@ -303,3 +303,18 @@ def test_a_reward_failing_on_every_sample_is_an_error_with_its_exception(tmp_pat
     ):
         stats.raise_if_none_scored("x")
     score_sync([sample("a", "b"), sample("ok", "ok")], RewardConfig(name="exact")).raise_if_none_scored("exact")
+
+
+def test_a_reward_that_never_returns_does_not_keep_the_process_alive(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_module(tmp_path, "never", "import time\n\ndef fn(response):\n    time.sleep(3600)\n")
+    script = (
+        "from leagues.rollout.rewards import RewardConfig, score_sync\n"
+        "from leagues.types import Sample\n"
+        "s = [Sample(prompt_ids=[1], metadata={'prompt_text': 'a', 'response_text': 'b'})]\n"
+        f"print(score_sync(s, RewardConfig(name={str(path) + ':fn'!r}, timeout_s=0.3)).timed_out)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr
