@@ -146,3 +146,23 @@ def test_non_finite_weights_are_refused_at_load_and_never_saved(tmp_path, monkey
     fresh, opt, sched = parts()
     with pytest.raises(CheckpointError, match=r"\d+ loaded model weights are NaN or inf"):
         load_checkpoint(path, fresh, opt, sched)
+
+
+def test_a_non_finite_loss_skips_the_update_is_counted_and_the_checkpoint_stays_finite(tmp_path):
+    from leagues.train.trainer import Trainer, TrainerConfig
+    from leagues.types import Sample
+
+    trainer = Trainer("tiny-moe", TrainerConfig(optim=OptimConfig(lr=1e-2)))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    poisoned = [
+        Sample(prompt_ids=[5, 6, 7], response_ids=[8, 9], advantage=adv, rollout_logprobs=[-1.0, -1.0], group_id=0)
+        for adv in (1.0, float("nan"))
+    ]
+    metrics = trainer.train_step(poisoned)
+    assert metrics["skipped"] == 1.0 and metrics["skipped_total"] == 1.0
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param, before[name]), name
+    path = trainer.save(tmp_path)
+    assert verify(path) is None
+    fresh = Trainer("tiny-moe", TrainerConfig(optim=OptimConfig(lr=1e-2)))
+    assert fresh.load(path) == {} and fresh.step == 1
