@@ -2,10 +2,13 @@
 
 Greedy by default (temperature 0, one sample); with `n` > 1 and a temperature it reports the mean reward
 over samples (pass@1) and pass@n. Prints one JSON line; `--out FILE` also writes every response as JSONL.
+Data and reward are checked before the model loads; samples whose reward failed are counted on stderr, and a
+reward that fails on every sample is an error (exit 2), not an accuracy of 0.
 """
 
 import asyncio
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from leagues.engine.client import LocalClient
 from leagues.loop.config import EvalConfig, TrainConfig
 from leagues.loop.run import datasets
 from leagues.model import load_tokenizer, resolve_model_path
-from leagues.rollout import DataConfig, RewardConfig, RewardScorer
+from leagues.rollout import DataConfig, RewardConfig, RewardError, RewardScorer
 from leagues.types import Sample, SamplingParams
 
 
@@ -48,6 +51,7 @@ def run_eval(cfg: EvalVerbConfig) -> int:
     )  # fmt: skip
     try:
         train_data, held_out, reward = datasets(as_run, tokenizer)
+        scorer = RewardScorer(reward)  # a reward that cannot load or be called fails before the model loads
     except ValueError as e:
         raise UsageError(str(e)) from None
     prompts = list(held_out if held_out is not None else train_data)
@@ -57,8 +61,15 @@ def run_eval(cfg: EvalVerbConfig) -> int:
         samples = asyncio.run(_generate(LocalClient(engine), prompts, params))
     finally:
         engine.close()
-    with RewardScorer(reward) as scorer:
-        scorer.score_sync(samples)
+    with scorer:
+        stats = scorer.score_sync(samples)
+    try:
+        stats.raise_if_none_scored(reward.name)
+    except RewardError as e:
+        raise UsageError(str(e)) from None
+    if stats.failed:
+        print(f"eval: the reward failed on {stats.failed} of {len(samples)} samples; first: {stats.first_error}",
+              file=sys.stderr)  # fmt: skip
     passed = [s.reward >= 1.0 for s in samples]
     by_group = [any(passed[g * cfg.n : (g + 1) * cfg.n]) for g in range(len(prompts))]
     result = {"prompts": len(prompts), "accuracy": sum(passed) / max(len(passed), 1)}

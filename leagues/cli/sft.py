@@ -4,13 +4,14 @@ import os
 import sys
 
 from leagues.cli import UsageError
-from leagues.cli.launch import distributed_session, relaunch, under_launcher
+from leagues.cli.launch import distributed_session, launch_of, relaunch
 from leagues.train.sft import SFTConfig, run_sft
 
 
 def run_sft_verb(cfg: SFTConfig) -> int:
-    if cfg.nproc > 1 and not under_launcher():
-        return relaunch(sys.argv[1:], cfg.nproc)
+    launch = launch_of(cfg)
+    if launch.needed:
+        return relaunch(sys.argv[1:], launch)
     if not cfg.data:
         raise UsageError("data: give a JSONL file of prompt/response pairs (--data FILE)")
     rank = int(os.environ.get("RANK", 0))

@@ -13,8 +13,9 @@ Decisions:
 - HTTP speaks SGLang's native `/generate` with `input_ids` (tokenisation stays on the rollout side, so the
   trainer sees the exact ids that were sampled) and `return_logprob`; routed experts come back base64 as
   SGLang encodes them. Several URLs are used round-robin; a router URL is just one URL.
-- Transient HTTP failures (connection errors, 5xx, 429) are retried with backoff `retries` times; a 4xx is
-  the request's fault and raises at once, with the server's message.
+- Transient HTTP failures (connection errors, 5xx, 429) are retried with backoff `retries` times, each retry
+  on the next URL and counted in `num_retried`; a 4xx is the request's fault and raises at once, with the
+  server's message.
 - A request can be named (`request_id`, SGLang's `rid`) and aborted by that name (`abort`, SGLang's
   `/abort_request`): partial rollout stops the requests it no longer waits for and gets their tokens so far.
 """
@@ -77,6 +78,8 @@ class HTTPClient:
         self.urls = [u.rstrip("/") for u in urls]
         self._next = itertools.cycle(range(len(self.urls)))
         self.retries = retries
+        self.num_retried = 0
+        """Requests sent again after a transient failure, since the client was made (the loop reports the step's)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(timeout=timeout_s, headers=headers)
         self._httpx = httpx
@@ -108,6 +111,7 @@ class HTTPClient:
                 if response.status_code < 500 and response.status_code != 429:
                     raise ValueError(error)
             if attempt < self.retries:
+                self.num_retried += 1
                 await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
         raise ConnectionError(f"generation failed after {self.retries + 1} attempts: {error}")
 

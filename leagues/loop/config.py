@@ -139,6 +139,15 @@ class TrainConfig:
     """Ranks to start on this node (torchrun underneath)."""
     report: bool = True
     """Write the PNG plots and summary (`leagues report`) at the end of the run."""
+    nnodes: int = 1
+    """Nodes of the job (torchrun's static rendezvous): run the same command on each, with its own node_rank."""
+    node_rank: int = 0
+    """This node's place, 0..nnodes-1 (ranks are numbered node by node)."""
+    rdzv_endpoint: str = ""
+    """HOST:PORT of node 0 that every node reaches (needed with nnodes > 1)."""
+    auto_resume: int = 0
+    """Restart a failed job (a crash, a killed process) from its last checkpoint, at most this many times; bad
+    input (exit status 2) is not retried. 0: off. Checkpoint often (`checkpoint.every`) to lose little."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:

@@ -42,7 +42,7 @@ from leagues.rollout.partial import PartialRollout
 from leagues.rollout.tasks import task_dataset
 from leagues.sync import WEIGHT_SYNCS, DistributedWeightSender, WeightSync
 from leagues.train import Trainer
-from leagues.train.checkpoint import latest_checkpoint
+from leagues.train.checkpoint import load_latest
 from leagues.types import SamplingParams
 
 
@@ -143,12 +143,14 @@ class Run:
         model is built or trained."""
         cfg = resolve(cfg)  # settled already by `leagues.loop.train`; resolving again changes nothing
         rank, world = rank_world()
-        run_dir = _prepare_run_dir(cfg, rank)
+        run_dir = resolve_run_dir(cfg)
         torch.manual_seed(cfg.seed)
         base = resolve_model_path(cfg.model)
         tokenizer = load_tokenizer(base)  # a warm start keeps the base model's tokenizer
         train_data, held_out, reward = datasets(cfg, tokenizer, context_limit(cfg, base))
         scorer = RewardScorer(reward)  # a reward that cannot load fails here, not after the warm start
+        generate_fn = load_generate_fn(cfg.rollout.generate_fn)
+        _write_run_dir(cfg, run_dir, rank)  # only once the inputs are known to be good
         model_path = _warm_started(cfg, base, run_dir, is_trainer)
         trainer = _trainer(cfg, model_path, world) if is_trainer else None
         memory_plan = _memory_plan(cfg, model_path, train_data, world) if trainer is not None and is_engine else None
@@ -178,7 +180,7 @@ class Run:
             loop=asyncio.new_event_loop(),
             rank=rank,
             world=world,
-            generate_fn=load_generate_fn(cfg.rollout.generate_fn),
+            generate_fn=generate_fn,
             engine_sleeps=engine is not None and memory_plan is not None and memory_plan.sleep,
         )
         if engine is not None and cfg.engine_ep and world > 1:
@@ -204,12 +206,13 @@ class Run:
         return self.run_dir / "checkpoints"
 
     def resume(self) -> int:
-        """Load the latest checkpoint (if any); returns the step to continue from."""
-        path = latest_checkpoint(self.checkpoint_root)
-        if path is None:
+        """Load the latest checkpoint that loads (a damaged newest one is skipped with a warning); returns the
+        step to continue from."""
+        found = load_latest(self.checkpoint_root, self.trainer.load if self.trainer is not None else _read_extra)
+        if found is None:
             log(f"resume: no checkpoint under {self.checkpoint_root}, starting at step 0")
             return 0
-        extra = self.trainer.load(path) if self.trainer is not None else _read_extra(path)
+        path, extra = found
         self.prompts.load_state_dict(extra["data"])
         if self.cfg.rollout.partial and "partial" in extra:  # the samples carried past that step go on
             self.partial.load_state_dict(extra["partial"])
@@ -313,13 +316,11 @@ def _memory_plan(cfg: TrainConfig, model_path: Path, train_data: PromptDataset, 
     return plan
 
 
-def _prepare_run_dir(cfg: TrainConfig, rank: int) -> Path:
+def _write_run_dir(cfg: TrainConfig, run_dir: Path, rank: int) -> None:
     """The run directory, with the resolved config (`leagues.loop.config.resolve`, what runs) written to it."""
-    run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         dump_yaml(cfg, run_dir / "config.yaml")
-    return run_dir
 
 
 def _warm_started(cfg: TrainConfig, base: Path, run_dir: Path, is_trainer: bool) -> Path:

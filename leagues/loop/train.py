@@ -119,7 +119,7 @@ def rank_prompts(run: Run, num: int) -> list[Prompt]:
 
 def sync_weights(run: Run, version: int) -> dict[str, float]:
     """The trainer's new weights into the engines, by the run's transport (`Run.weight_sync`)."""
-    return run.weight_sync.push(run.trainer, version)
+    return run.weight_sync.push(run.trainer, version) | {"sync/weight_version": float(version)}
 
 
 def report_failures(samples: list[Sample], step: int, rank: int) -> None:
@@ -203,6 +203,7 @@ SUMMED = {
     "rollout/new_groups",
     "rollout/dropped_groups",
     "rollout/failed",
+    "rollout/retried",
     "rollout/num_samples",
     "rollout/num_generated",
     "rollout/tokens_per_s",

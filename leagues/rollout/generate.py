@@ -204,10 +204,13 @@ async def rollout(
     """Generate and score `num_groups` prompt groups (more rounds with dynamic sampling). With
     `RolloutConfig.partial`, `partial` holds the samples carried between steps (`leagues.rollout.partial`)."""
     cfg, sections = ctx.config, sections or (lambda name: nullcontext())
+    retried = getattr(ctx.client, "num_retried", 0)
     if cfg.partial:
         if partial is None:
             raise ValueError("RolloutConfig.partial: pass the carried samples' state (rollout(..., partial=...))")
-        return await partial.rollout(next_prompts, num_groups, step, ctx, scorer, seed, sections)
+        result = await partial.rollout(next_prompts, num_groups, step, ctx, scorer, seed, sections)
+        result.metrics["rollout/retried"] = float(getattr(ctx.client, "num_retried", 0) - retried)
+        return result
     kept: list[list[Sample]] = []
     seen: list[Sample] = []
     result = RolloutResult(samples=[], metrics={})
@@ -220,7 +223,7 @@ async def rollout(
             await asyncio.gather(*(_generate_one(generate_fn, ctx, s) for s in samples))
             result.generate_s += time.perf_counter() - start
         with sections("reward"):
-            await scorer.score(samples)
+            (await scorer.score(samples)).raise_if_none_scored(scorer.cfg.name)
         shape_overlong(samples, cfg)
         seen += samples
         groups = _groups(samples)
@@ -231,6 +234,7 @@ async def rollout(
     result.samples = [s for group in kept[: max(num_groups, 0)] for s in group]
     result.generated_tokens = sum(len(s.response_ids) for s in seen)
     result.metrics = rollout_metrics(seen, result, cfg, rounds)
+    result.metrics["rollout/retried"] = float(getattr(ctx.client, "num_retried", 0) - retried)  # engine requests
     return result
 
 

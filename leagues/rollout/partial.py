@@ -159,7 +159,7 @@ class PartialRollout:
             result.samples = await self._generate(ctx, samples, num_groups, stats)
             result.generate_s = time.perf_counter() - start
         with sections("reward"):
-            await scorer.score(result.samples)
+            (await scorer.score(result.samples)).raise_if_none_scored(scorer.cfg.name)
         shape_overlong(result.samples, cfg)
         if cfg.partial_mask_old:
             mask_stale(result.samples, self.version)

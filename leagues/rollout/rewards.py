@@ -10,8 +10,12 @@ inputs in `metadata["prompt_text"]`, `["response_text"]` and `["label"]`, and ge
 
 A per-sample reward is `fn(prompt, response, label, metadata) -> float`; a group reward (`group=True`) is
 `fn(prompts, responses, labels, metadatas) -> list[float]`, called once per prompt group (`sample.group_id`),
-e.g. for rewards relative to the other answers. Either may be `async def`. `reward_kwargs` are passed to
-user functions as keyword arguments, and configure the built-ins that take any (`format`: `pattern`, `match`).
+e.g. for rewards relative to the other answers. Either may be `async def`. Arguments are bound by parameter
+name: a function may take any of `prompt`, `response`, `label`, `metadata`, `sample` (the `Sample` itself), in
+any order (`def r(response, label)`); a group function the plural names (`prompts`, ..., `samples`). A function
+whose parameters have other names gets the four inputs by position, as before, when it takes exactly four.
+`reward_kwargs` are passed to user functions as keyword arguments, and configure the built-ins that take any
+(`format`: `pattern`, `match`).
 
 Decisions:
 - Failures are contained: an exception, a timeout (`timeout_s` per call), or a return that is not a finite
@@ -19,12 +23,17 @@ Decisions:
   `metadata["error"]` = "reward: <type>: <message>", and is counted in `RewardStats`. `strict=True` turns
   the first failure (lowest sample index) into a `RewardError` after the batch is done. Samples already
   FAILED (by generation) are skipped and keep their error.
-- Everything runs concurrently on one event loop, at most `max_concurrency` calls at a time. Sync functions
-  run on the scorer's own thread pool, not the loop's default one: a timed-out thread cannot be killed, and
-  `asyncio.run` would otherwise wait for it at exit, defeating the timeout. The abandoned thread runs to its
-  end in the background and holds a pool slot meanwhile.
-- The reward function is resolved once, when the scorer is built: a bad name, module, file or attribute
-  raises `ValueError` naming the spec before any rollout. A `.py` file is imported under a name derived
+- Everything runs concurrently on one event loop, at most `max_concurrency` calls at a time. A sync function
+  runs on a daemon thread of its own: a timed-out thread cannot be killed, and a pool's (or the loop's default
+  executor's) worker threads are joined at interpreter exit, so one reward that never returns would keep the
+  process alive after the run. The abandoned thread runs on in the background until it returns or the
+  process exits.
+- The reward function is resolved once, when the scorer is built: a bad name, module, file or attribute,
+  or a signature it cannot be called with, raises `ValueError` naming the spec (and the function's file and
+  line) before any rollout.
+- A batch in which the reward failed on every sample is a broken reward, not a reward of 0:
+  `RewardStats.raise_if_none_scored` raises `RewardError` with the first failure, and the rollout and
+  `leagues eval` call it after scoring. A `.py` file is imported under a name derived
   from its absolute path and cached in `sys.modules`, so it is executed once per process.
 - Remote reward model: POST of `{"prompt", "response", "label", "metadata"}` as JSON (values JSON cannot
   encode are sent as their `str`), answer a number or `{"reward": number}`. Connection errors and 5xx are
@@ -44,8 +53,8 @@ import json
 import math
 import numbers
 import sys
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -77,7 +86,7 @@ class RewardConfig:
     timeout_s: float = 30.0
     """Time limit of one reward call (one sample, or one group), retries included; over it the sample fails."""
     max_concurrency: int = 64
-    """Reward calls in flight at once (also the size of the thread pool for sync functions)."""
+    """Reward calls in flight at once."""
     strict: bool = False
     """Raise RewardError on the first failed sample instead of marking it FAILED with reward 0."""
     remote_retries: int = 2
@@ -119,6 +128,16 @@ class RewardStats:
     """Of the failed samples, those whose reward call ran over `timeout_s`."""
     skipped: int = 0
     """Samples already FAILED before scoring, left as they were."""
+    first_error: str = field(default="", compare=False)
+    """The first failure (lowest sample index): "sample I: <type>: <message> (at FILE:LINE)"."""
+
+    def raise_if_none_scored(self, name: str) -> None:
+        """Raise `RewardError` when the reward failed on every sample it was given."""
+        if self.failed and not self.scored:
+            raise RewardError(
+                f"reward {name!r} failed on all {self.failed} samples of a batch (a reward that always fails is "
+                f"broken, not a reward of 0); first: {self.first_error}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,6 +177,43 @@ def build_reward_fn(cfg: RewardConfig) -> RewardFn:
         return REWARDS[cfg.name](cfg)
     fn = load_user_reward(cfg.name)
     return functools.partial(fn, **cfg.reward_kwargs) if cfg.reward_kwargs else fn
+
+
+INPUTS = ("prompt", "response", "label", "metadata", "sample")
+GROUP_INPUTS = tuple(name + "s" for name in INPUTS)
+
+
+def reward_parameters(fn: RewardFn, group: bool, spec: str) -> tuple[str, ...] | None:
+    """The input names `fn` takes by name, in its order; None: the four inputs by position (parameters of
+    other names, exactly four of them). Raises `ValueError` naming the function's place otherwise."""
+    names = GROUP_INPUTS if group else INPUTS
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: trust the documented convention
+        return None
+    plain = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    required = [p for p in plain if p.default is p.empty]
+    if any(p.kind == p.VAR_POSITIONAL for p in params) and len(required) <= 4:
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params) and not plain:
+        return names
+    if all(p.name in names for p in required) and any(p.name in names for p in plain):
+        return tuple(p.name for p in plain if p.name in names)
+    positional = [p for p in required if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) == 4 and len(required) == 4:
+        return None
+    unknown = next((p.name for p in required if p.name not in names), None)
+    raise ValueError(
+        f"reward {spec!r} ({_place(fn)}): parameter {unknown!r} is none of {', '.join(names)}; name the "
+        f"parameters after the inputs you want, e.g. def reward({names[1]}, {names[2]})"
+    )
+
+
+def _place(fn: Any) -> str:
+    target = getattr(fn, "func", fn)  # through functools.partial
+    call = type(target).__dict__.get("__call__")  # a callable object's method
+    code = getattr(target, "__code__", None) or getattr(call, "__code__", None)
+    return f"{code.co_filename}:{code.co_firstlineno}" if code is not None else type(target).__name__
 
 
 def load_user_reward(spec: str) -> RewardFn:
@@ -255,6 +311,7 @@ class _Failure:
     index: int
     message: str
     timed_out: bool = False
+    where: str = ""
 
 
 class RewardScorer:
@@ -263,7 +320,8 @@ class RewardScorer:
     def __init__(self, cfg: RewardConfig) -> None:
         self.cfg = cfg
         self.fn = build_reward_fn(cfg)
-        self._executor = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="leagues-reward")
+        remote = isinstance(self.fn, RemoteReward)
+        self.inputs = INPUTS[:4] if remote else reward_parameters(self.fn, cfg.group, cfg.name)
 
     async def score(self, samples: list[Sample]) -> RewardStats:
         """Set `reward` on every sample not already FAILED; failures are marked on the samples and counted."""
@@ -277,6 +335,8 @@ class RewardScorer:
         failures = sorted((f for unit_failures in per_unit for f in unit_failures), key=lambda f: f.index)
         stats.failed, stats.timed_out = len(failures), sum(f.timed_out for f in failures)
         stats.scored = len(todo) - stats.failed
+        if failures:
+            stats.first_error = f"sample {failures[0].index}: {failures[0].message}{failures[0].where}"
         if failures and self.cfg.strict:
             first = failures[0]
             raise RewardError(f"reward {self.cfg.name!r} failed for sample {first.index}: {first.message}")
@@ -287,8 +347,8 @@ class RewardScorer:
         return asyncio.run(self.score(samples))
 
     def close(self) -> None:
-        """Release the thread pool (threads of timed-out calls finish on their own)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Nothing to release: threads of timed-out calls are daemons and finish (or die with the process) on their
+        own; kept so a scorer can be used as a context manager."""
 
     def __enter__(self) -> "RewardScorer":
         return self
@@ -305,7 +365,8 @@ class RewardScorer:
                 message = f"TimeoutError: reward took longer than timeout_s={self.cfg.timeout_s}"
                 return [_fail(i, s, message, timed_out=True) for i, s in unit]
             except Exception as e:
-                return [_fail(i, s, f"{type(e).__name__}: {e}") for i, s in unit]
+                where = _raised_at(e)
+                return [_fail(i, s, f"{type(e).__name__}: {e}", where=where) for i, s in unit]
         failures = []
         for (i, sample), value in zip(unit, values, strict=True):
             try:
@@ -319,15 +380,21 @@ class RewardScorer:
         columns = [list(column) for column in zip(*(_reward_inputs(s) for s in samples), strict=True)]
         if not self.cfg.group:
             return [await self._run(fn, [c[0] for c in columns])]
-        values = await self._run(fn, columns)
+        values = await self._run(fn, columns, GROUP_INPUTS)
         if not isinstance(values, list | tuple) or len(values) != len(samples):
             raise TypeError(f"group reward must return a list of {len(samples)} numbers, got {str(values)[:100]}")
         return list(values)
 
-    async def _run(self, fn: RewardFn, args: list[Any]) -> Any:
+    async def _run(self, fn: RewardFn, args: list[Any], names: tuple[str, ...] = INPUTS) -> Any:
+        """`fn` on the inputs `args` (in `INPUTS` order), by name or, for `inputs` None, the first four by position."""
+        if self.inputs is None:
+            call = functools.partial(fn, *args[:4])
+        else:
+            by_name = dict(zip(names, args, strict=True))
+            call = functools.partial(fn, **{name: by_name[name] for name in self.inputs})
         if _is_async(fn):
-            return await fn(*args)
-        result = await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+            return await call()
+        result = await _on_daemon_thread(call)
         return await result if inspect.isawaitable(result) else result
 
 
@@ -349,12 +416,43 @@ def _group_units(todo: list[tuple[int, Sample]]) -> list[list[tuple[int, Sample]
     return list(groups.values())
 
 
-def _reward_inputs(sample: Sample) -> tuple[str, str, Any, dict]:
+def _reward_inputs(sample: Sample) -> tuple[str, str, Any, dict, Sample]:
     meta = sample.metadata
     missing = [key for key in ("prompt_text", "response_text") if key not in meta]
     if missing:
         raise KeyError(f"sample metadata lacks {missing} (set by the generate function)")
-    return meta["prompt_text"], meta["response_text"], meta.get("label"), meta
+    return meta["prompt_text"], meta["response_text"], meta.get("label"), meta, sample
+
+
+async def _on_daemon_thread(call: Callable[[], Any]) -> Any:
+    """`call()` on a new daemon thread, awaited; a caller that stops waiting (a timeout) abandons the thread."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():  # cancelled by a timeout meanwhile
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def run() -> None:
+        try:
+            ok, value = True, call()
+        except BaseException as e:  # handed to the awaiting coroutine, as an executor would
+            ok, value = False, e
+        with contextlib.suppress(RuntimeError):  # the loop closed while this call ran on
+            loop.call_soon_threadsafe(settle, ok, value)
+
+    threading.Thread(target=run, daemon=True, name="leagues-reward").start()
+    return await future
+
+
+def _raised_at(error: BaseException) -> str:
+    """' (at FILE:LINE)' of the innermost frame that raised `error`, or ''."""
+    tb = error.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" (at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"
 
 
 def _is_async(fn: RewardFn) -> bool:
@@ -370,7 +468,7 @@ def _check_reward(value: Any) -> float:
     return value
 
 
-def _fail(index: int, sample: Sample, message: str, timed_out: bool = False) -> _Failure:
+def _fail(index: int, sample: Sample, message: str, timed_out: bool = False, where: str = "") -> _Failure:
     sample.status, sample.reward = SampleStatus.FAILED, 0.0
     sample.metadata["error"] = f"reward: {message}"
-    return _Failure(index, message, timed_out)
+    return _Failure(index, message, timed_out, where)

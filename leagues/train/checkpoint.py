@@ -5,11 +5,13 @@ The trainer saves here every few steps and `loop` resumes from `latest_checkpoin
     save_checkpoint(root, step, model, optimizer, scheduler, extra, keep_last) -> root/step-00000042
     latest_checkpoint(root)                                                    -> newest complete one, or None
     load_checkpoint(path, model, optimizer, scheduler)                         -> extra
+    load_latest(root, load)                  -> (path, load(path)) of the newest one that loads, or None
     export_hf(path, model, out_dir)                                            -> HF safetensors directory
 
 A checkpoint directory holds:
     .metadata, *.distcp   model and optimizer state, written by `dcp.save` (every rank its shards)
     rank-{r}.pt           per-rank state that is no tensor shard: scheduler, python/torch/CUDA RNG, `extra`
+    manifest.json         size and SHA-256 of each file above (`checkpoint_integrity.py`)
     meta.json             step and world size; written last, it marks the directory complete
 
 Decisions:
@@ -27,6 +29,10 @@ Decisions:
 - `rank-{r}.pt` is read with `weights_only=True`, so `extra` must be plain data (dicts, lists,
   tuples, str, int, float, bool, None, tensors); `save_checkpoint` checks that up front rather than
   failing on resume.
+- Integrity (`checkpoint_integrity.py`): a load verifies the files against the manifest, reads `.metadata`
+  without unpickling anything but DCP's own classes, and refuses non-finite weights, raising `CheckpointError`;
+  `load_latest` then warns and tries the checkpoint before, so a truncated or corrupted newest checkpoint costs
+  the steps since the previous one, not the run. A save of non-finite weights raises before writing anything.
 - Without an initialised process group every collective is skipped (single process, tests, export).
   With one, `root` must be a filesystem every rank sees.
 """
@@ -38,7 +44,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -50,10 +56,19 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
 from leagues.model import save_pretrained
+from leagues.train.checkpoint_integrity import (
+    CheckpointError,
+    SafeFileSystemReader,
+    count_non_finite,
+    digests,
+    hashed_files,
+    verify,
+    write_manifest,
+)
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
 META = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: with manifest.json
 
 
 _WRAPPER = "_checkpoint_wrapped_module."  # activation checkpointing's prefix, absent from state-dict names
@@ -95,10 +110,21 @@ def _barrier() -> None:
 
 
 def _dcp_io(fn, state: dict, path: Path, no_dist: bool) -> None:
-    """`dcp.save` or `dcp.load`, without DCP's warning about single-process use (intended here)."""
+    """`dcp.save` or `dcp.load` (which reads `.metadata` safely), without DCP's warning about single-process
+    use (intended here). A load that fails on the files' content raises `CheckpointError`."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        fn(state, checkpoint_id=path, no_dist=no_dist)
+        if fn is dcp.save:
+            fn(state, checkpoint_id=path, no_dist=no_dist)
+            return
+        reader = SafeFileSystemReader(str(path))
+        reader.read_metadata()  # a crafted or damaged `.metadata` fails here, in our words, not inside DCP
+        try:
+            fn(state, storage_reader=reader, no_dist=no_dist)
+        except CheckpointError:
+            raise
+        except Exception as e:  # DCP wraps a damaged file's error in its own types
+            raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:300]})") from e
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,6 +147,9 @@ def save_checkpoint(
     if step < 0 or keep_last < 0:
         raise ValueError(f"save_checkpoint: step and keep_last must be >= 0, got {step} and {keep_last}")
     _check_plain(extra, "extra")
+    bad = count_non_finite(model, _distributed())
+    if bad:
+        raise CheckpointError(f"save_checkpoint: step {step}: {bad} model weights are NaN or inf; not saved")
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
@@ -132,12 +161,25 @@ def save_checkpoint(
     _dcp_io(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp, no_dist=not _distributed())
     torch.save(_local_state(scheduler, extra), tmp / f"rank-{_rank()}.pt")
     _barrier()
+    files = _hash_shares(tmp)
     if _rank() == 0:
+        write_manifest(tmp, files)
         _commit(tmp, final, step)
         if keep_last:
             _prune(Path(root), keep_last, step)
     _barrier()
     return final
+
+
+def _hash_shares(directory: Path) -> dict:
+    """Every file's digest: each rank hashes its share of the files, rank 0 gets them all."""
+    names = hashed_files(directory)
+    mine = digests(directory, names[_rank() :: _world_size()])
+    if not _distributed():
+        return mine
+    parts = [None] * _world_size()
+    dist.all_gather_object(parts, mine)
+    return {name: digest for part in parts for name, digest in part.items()}
 
 
 def tagged_names(model: nn.Module) -> dict[str, str]:
@@ -254,9 +296,34 @@ def _complete_steps(root: Path) -> list[int]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under `root`, or None."""
+    """The complete checkpoint with the highest step under `root`, or None (its files are not verified here:
+    `load_checkpoint` does, and `load_latest` falls back when they are damaged)."""
     steps = _complete_steps(Path(root))
     return step_dir(root, max(steps)) if steps else None
+
+
+def load_latest(root: str | Path, load: Callable[[Path], Any]) -> tuple[Path, Any] | None:
+    """`(path, load(path))` for the newest complete checkpoint under `root` that `load` accepts; one that
+    raises `CheckpointError` (damaged, unsafe, non-finite) is skipped with a warning. None: none at all.
+    Raises `CheckpointError` when checkpoints exist but none loads."""
+    steps = sorted(_complete_steps(Path(root)), reverse=True)
+    for step in steps:
+        path = step_dir(root, step)
+        try:
+            return path, load(path)
+        except CheckpointError as e:
+            warnings.warn(f"checkpoint {path} is unusable, trying the one before: {e}", stacklevel=2)
+    if steps:
+        raise CheckpointError(f"{root}: none of the checkpoints (steps {steps}) can be loaded; see the warnings")
+    return None
+
+
+def _verified(path: Path) -> None:
+    if not is_complete(path):
+        raise ValueError(f"{path} is not a complete checkpoint (no {META}, .metadata or rank files)")
+    problem = verify(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
 
 
 def load_checkpoint(
@@ -268,15 +335,17 @@ def load_checkpoint(
     pass (a fresh optimizer's state is initialised from zero gradients).
     """
     path = Path(path)
-    if not is_complete(path):
-        raise ValueError(f"{path} is not a complete checkpoint (no {META}, .metadata or rank files)")
+    _verified(path)
     renames = tagged_names(model)
     model_sd, optim_sd = _rename(*get_state_dict(model, optimizer), renames)
     state = {"model": model_sd, "optim": optim_sd}
     _dcp_io(dcp.load, state, path, no_dist=not _distributed())
     model_sd, optim_sd = _rename(state["model"], state["optim"], {v: k for k, v in renames.items()})
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    local = torch.load(_rank_file(path), weights_only=True)
+    bad = count_non_finite(model, _distributed())
+    if bad:
+        raise CheckpointError(f"{path}: {bad} loaded model weights are NaN or inf")
+    local = _read_local(_rank_file(path))
     if scheduler is not None:
         if local["scheduler"] is None:
             raise ValueError(f"{path} holds no scheduler state, but a scheduler was given")
@@ -288,9 +357,15 @@ def load_checkpoint(
 def read_extra(path: str | Path) -> dict | None:
     """The caller-provided `extra` of a checkpoint (rank 0's), without loading any tensors into a model."""
     path = Path(path)
-    if not is_complete(path):
-        raise ValueError(f"{path} is not a complete checkpoint (no {META}, .metadata or rank files)")
-    return torch.load(path / "rank-0.pt", weights_only=True)["extra"]
+    _verified(path)
+    return _read_local(path / "rank-0.pt")["extra"]
+
+
+def _read_local(file: Path) -> dict:
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as e:  # a damaged file of a checkpoint without a manifest
+        raise CheckpointError(f"{file}: cannot be read ({type(e).__name__}: {str(e)[:300]})") from e
 
 
 def _rank_file(path: Path) -> Path:
@@ -329,10 +404,9 @@ def export_hf(
     for checkpoints saved on any number of ranks, sharded or not.
     """
     checkpoint_path = Path(checkpoint_path)
-    if not is_complete(checkpoint_path):
-        raise ValueError(f"{checkpoint_path} is not a complete checkpoint")
+    _verified(checkpoint_path)
     full = get_model_state_dict(model)
-    saved = dcp.FileSystemReader(str(checkpoint_path)).read_metadata().state_dict_metadata
+    saved = SafeFileSystemReader(str(checkpoint_path)).read_metadata().state_dict_metadata
     slices = {k: _slice_keys(saved, f"model.{k}") for k in full if f"model.{k}" not in saved}
     state = {"model": {k: v for k, v in full.items() if k not in slices}}
     for key, parts in slices.items():  # expert-parallel slices: load each, then concatenate
@@ -343,5 +417,7 @@ def export_hf(
     for key, parts in slices.items():
         state["model"][key] = torch.cat([state["model"].pop(p[len("model.") :]) for p in parts])
     model.load_state_dict(state["model"], strict=True)
+    if count_non_finite(model, distributed=False):
+        raise CheckpointError(f"{checkpoint_path}: its model weights hold NaN or inf; not exported")
     save_pretrained(model, out_dir, dtype=dtype)
     return Path(out_dir)

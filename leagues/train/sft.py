@@ -36,6 +36,12 @@ class SFTConfig:
     nproc: int = 1
     """Ranks to start on this node (`torchrun` underneath); FSDP2 shards the model over them."""
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(loss=LossConfig(policy_loss="reinforce")))
+    nnodes: int = 1
+    """Nodes of the job (torchrun's static rendezvous): run the same command on each, with its own node_rank."""
+    node_rank: int = 0
+    """This node's place, 0..nnodes-1 (ranks are numbered node by node)."""
+    rdzv_endpoint: str = ""
+    """HOST:PORT of node 0 that every node reaches (needed with nnodes > 1)."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "nproc"):

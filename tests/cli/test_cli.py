@@ -205,3 +205,48 @@ def test_a_failing_rank_stops_the_job_instead_of_hanging_it(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "rank 1 failed here" in proc.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_over_loopback(tiny_dir, tmp_path):
+    """Two launchers, one rank each, meet at node 0's rendezvous endpoint: one job of two ranks (gloo)."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "response": str(2 * a)}) + "\n" for a in range(8)))
+    endpoint = f"127.0.0.1:{free_port()}"
+    argv = ["sft", "--model", str(tiny_dir), "--data", str(data), "--batch-size", "4", "--nnodes", "2"]
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "leagues.cli", *argv, "--node-rank", str(rank), "--rdzv_endpoint", endpoint],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outs, strict=True):
+        assert node.returncode == 0, err[-2000:]
+    # 8 pairs in batches of 4 over a world of 2: rank 0 of the job (node 0) reports 2 steps, node 1 nothing
+    assert outs[0][1].count("sft: 2 steps") == 1 and "sft:" not in outs[1][1]
+    assert "epoch 0 step 2" in outs[0][0] and "epoch 0 step" not in outs[1][0]
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["--nnodes", "2"], "rdzv_endpoint: nnodes 2 needs HOST:PORT"),
+        (["--nnodes", "2", "--node_rank", "2", "--rdzv_endpoint", "h:1"], "node_rank: must be in 0..1"),
+        (["--nnodes", "0"], "must be >= 1"),
+    ],
+)
+def test_bad_multi_node_options_are_named(args, error, capsys):
+    assert run_main(["train", "--task", "arithmetic", *args]) == 2
+    assert error in capsys.readouterr().err

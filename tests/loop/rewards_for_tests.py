@@ -28,3 +28,36 @@ def kill_on_call(prompt: str, response: str, label, metadata: dict) -> float:
         if path.stat().st_size >= int(at):
             os.kill(os.getpid(), signal.SIGKILL)
     return starts_with_one(prompt, response, label, metadata)
+
+
+def by_name(response, label) -> float:
+    """Bound by parameter name (no prompt, no metadata)."""
+    return 1.0 if response.strip() == str(label) else 0.0
+
+
+def always_fails(response) -> float:
+    raise RuntimeError(f"this reward cannot score {response!r}")
+
+
+def scrape_exporter(response, label) -> float:
+    """`by_name`, and on every call a scrape of the run's Prometheus exporter (LEAGUES_TEST_SCRAPE_URL) written to
+    LEAGUES_TEST_SCRAPE_OUT: what a Prometheus server would see in the middle of the run."""
+    import httpx
+
+    url, out = os.environ.get("LEAGUES_TEST_SCRAPE_URL"), os.environ.get("LEAGUES_TEST_SCRAPE_OUT")
+    if url and out:
+        Path(out).write_text(httpx.get(url, timeout=5).text)
+    return by_name(response, label)
+
+
+def kill_once(response, label) -> float:
+    """`by_name`, but SIGKILLs its own process on exactly the Nth call counted in LEAGUES_TEST_COUNTER (across
+    restarts) when LEAGUES_TEST_KILL_AT=N: one crash at a known point of a run, and none after it resumes."""
+    at, counter = os.environ.get("LEAGUES_TEST_KILL_AT"), os.environ.get("LEAGUES_TEST_COUNTER")
+    if at and counter:
+        path = Path(counter)
+        with path.open("a") as f:
+            f.write("x")
+        if path.stat().st_size == int(at):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return by_name(response, label)

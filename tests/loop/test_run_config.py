@@ -144,6 +144,10 @@ def recording_reads(classes):
 # Leaves a one-process colocated CPU run cannot reach, each with where it is read (and tested) instead.
 READ_ELSEWHERE = {
     "nproc": "cli/train.py: the launcher (tests/cli: --nproc 2)",
+    "nnodes": "cli/launch.py: the launcher (tests/cli: two nodes over loopback)",
+    "node_rank": "cli/launch.py: the launcher (tests/cli: two nodes over loopback)",
+    "rdzv_endpoint": "cli/launch.py: the launcher (tests/cli: two nodes over loopback)",
+    "auto_resume": "cli/train.py: the supervisor (tests/loop: auto resume)",
     "num_engine_ranks": "loop/disaggregated.py (tests/loop: disaggregated)",
     "max_staleness": "loop/disaggregated.py (tests/loop: disaggregated)",
     "weight_sync.transport": "loop/run.py with engine_urls (tests/loop: external engine)",

@@ -9,6 +9,7 @@ import copy
 import io
 import itertools
 import re
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -128,7 +129,9 @@ def roundtrip(state: dict) -> dict:
 
 
 def test_over_http_requests_are_aborted_by_id(tmp_path):
-    """The same step against `leagues serve`: requests named by `rid`, aborted through `/abort_request`."""
+    """The same step against `leagues serve`: requests named by `rid`, aborted through `/abort_request`. A second
+    URL where nothing listens makes every other request fail first: each is retried on the live engine, counted
+    in `rollout/retried`, and no sample is lost."""
     cmd = [sys.executable, "-m", "leagues.cli", "serve", "--port", "0", "--engine.num_blocks", "256"]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -137,7 +140,10 @@ def test_over_http_requests_are_aborted_by_id(tmp_path):
         carry = PartialRollout()
 
         async def one_step():
-            client = HTTPClient([url])
+            with socket.socket() as s:  # a port nothing listens on
+                s.bind(("127.0.0.1", 0))
+                dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+            client = HTTPClient([dead, url])
             ctx = GenerateContext(client, SamplingParams(temperature=1.0, max_new_tokens=MAX_LEN), None, cfg)
             scorer = RewardScorer(RewardConfig(name=f"{REWARDS}:by_prompt"))
             result = await rollout(prompts(), 1, 0, ctx, scorer, seed=3, partial=carry)
@@ -150,6 +156,7 @@ def test_over_http_requests_are_aborted_by_id(tmp_path):
         server.terminate()
         server.wait(timeout=10)
     assert version == 0 and len(result.samples) == 2 and len(carry.carried) == 6
+    assert result.metrics["rollout/retried"] > 0
     aborted = [s for s in carry.carried if s.status == SampleStatus.ABORTED]
     assert aborted and result.metrics["rollout/aborted"] == len(aborted)
     assert all(0 < len(s.response_ids) < MAX_LEN and len(s.rollout_logprobs) == len(s.response_ids) for s in aborted)

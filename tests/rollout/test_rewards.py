@@ -252,3 +252,69 @@ def test_remote_reward_connection_refused():
     cfg = RewardConfig(name="remote", url=f"http://127.0.0.1:{free_port()}/score", remote_retries=1)
     assert score_sync(samples, cfg).failed == 1
     assert samples[0].metadata["error"].startswith("reward: ConnectError")
+
+
+def test_rewards_are_bound_by_parameter_name(tmp_path):
+    path = write_module(
+        tmp_path,
+        "by_name",
+        """
+        def two(response, label):
+            return float(response == label)
+
+        async def reordered(label, sample, response, prompt):
+            return float(response == label) + len(sample.prompt_ids) + len(prompt)
+
+        def legacy(p, r, l, m):
+            return float(r == l)
+
+        def group(labels, responses):
+            return [float(r == l) for r, l in zip(responses, labels)]
+
+        def scaled(response, scale):
+            return scale * len(response)
+        """,
+    )
+    for fn, expected in (("two", [1.0, 0.0]), ("reordered", [3.0, 2.0]), ("legacy", [1.0, 0.0])):
+        samples = [sample("7", "7", prompt="q"), sample("8", "7", prompt="q")]
+        assert score_sync(samples, RewardConfig(name=f"{path}:{fn}")).scored == 2, fn
+        assert [s.reward for s in samples] == expected, fn
+    samples = [sample("7", "7", group_id=0), sample("8", "7", group_id=0)]
+    score_sync(samples, RewardConfig(name=f"{path}:group", group=True))
+    assert [s.reward for s in samples] == [1.0, 0.0]
+    samples = [sample("abc")]
+    score_sync(samples, RewardConfig(name=f"{path}:scaled", reward_kwargs={"scale": 2}))
+    assert samples[0].reward == 6.0
+
+
+def test_a_reward_with_unknown_parameters_is_refused_naming_its_place(tmp_path):
+    path = write_module(tmp_path, "unknown_param", "\n\ndef fn(answer, label):\n    return 1.0\n")
+    with pytest.raises(ValueError, match=rf"unknown_param.py:fn' \({path}:3\): parameter 'answer' is none of"):
+        RewardScorer(RewardConfig(name=f"{path}:fn"))
+
+
+def test_a_reward_failing_on_every_sample_is_an_error_with_its_exception(tmp_path):
+    path = write_module(tmp_path, "always", "def fn(response):\n    raise RuntimeError('broken ' + response)\n")
+    samples = [sample("a"), sample("b")]
+    stats = score_sync(samples, RewardConfig(name=f"{path}:fn"))
+    assert (stats.scored, stats.failed) == (0, 2)
+    with pytest.raises(
+        RewardError, match=rf"failed on all 2 samples.*sample 0: RuntimeError: broken a \(at {path}:2\)"
+    ):
+        stats.raise_if_none_scored("x")
+    score_sync([sample("a", "b"), sample("ok", "ok")], RewardConfig(name="exact")).raise_if_none_scored("exact")
+
+
+def test_a_reward_that_never_returns_does_not_keep_the_process_alive(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_module(tmp_path, "never", "import time\n\ndef fn(response):\n    time.sleep(3600)\n")
+    script = (
+        "from leagues.rollout.rewards import RewardConfig, score_sync\n"
+        "from leagues.types import Sample\n"
+        "s = [Sample(prompt_ids=[1], metadata={'prompt_text': 'a', 'response_text': 'b'})]\n"
+        f"print(score_sync(s, RewardConfig(name={str(path) + ':fn'!r}, timeout_s=0.3)).timed_out)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr
