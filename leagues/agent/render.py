@@ -47,6 +47,8 @@ class ChatRender:
         if not self.stop:
             raise LedgerError("chat render: the tokenizer names no eos token; pass stop_token")
         check_append_only(self._text)
+        self.stop_ids = self._ids(self.stop)
+        """The stop token's ids (one id for a special token)."""
 
     def _text(self, messages: list[dict], generation_prompt: bool, tools=None) -> str:
         return self.tokenizer.apply_chat_template(

@@ -15,6 +15,7 @@ Decisions:
 from dataclasses import dataclass, field
 from typing import Any
 
+from leagues.agent.multi_turn import AgentConfig
 from leagues.engine import EngineConfig
 from leagues.obs import ObsConfig
 from leagues.rollout import DataConfig, RewardConfig
@@ -62,8 +63,13 @@ class TrainConfig:
     task_rows: int = 8000
     """Training prompts drawn from the task."""
     data: DataConfig = field(default_factory=DataConfig)
+    env: str = ""
+    """'module:Factory' of a multi-turn environment (`leagues.agent.Env`), made once per sample and run by the
+    built-in multi-turn generate function (limits in `agent`); empty: the task's env (lookup), else single turn."""
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    """Multi-turn episodes (with an env): turns, total tokens, tool time and parallelism, tool-call parser."""
     reward: RewardConfig | None = None
-    """The reward; None: the task's (a data file needs one)."""
+    """The reward; None: the task's, or with an env the env's own (`env`) (a data file without an env needs one)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     trainer: TrainerConfig = field(
@@ -149,6 +155,10 @@ class TrainConfig:
                 "rollout.partial: not with --deterministic (where a request is aborted depends on timing, so the run "
                 "would not repeat bit for bit)"
             )
+        if self.env and self.rollout.generate_fn:
+            raise ValueError("env: an env runs with the built-in multi-turn generate function, not rollout.generate_fn")
+        if self.env and self.rollout.partial:
+            raise ValueError("rollout.partial: not with an env (a continued sample is a single-turn request)")
         if self.rollout.partial and self.placement != "colocated":
             raise ValueError("rollout.partial: colocated runs only (disaggregated runs bound staleness their own way)")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from leagues.agent.multi_turn import env_generate
 from leagues.config import dump_yaml
 from leagues.engine import Engine
 from leagues.engine.client import EngineClient, HTTPClient, LocalClient
@@ -70,6 +71,15 @@ def memory_note(cfg: TrainConfig, model_path: Path, world: int, total: int) -> s
     return note
 
 
+def generate_fn(cfg: TrainConfig):
+    """The run's generate function: multi-turn episodes of the env (`env`, or the task's), the user's
+    `rollout.generate_fn`, or single turn."""
+    env = cfg.env or (make_task(cfg.task, cfg.task_params).env if cfg.task else "")
+    if env and cfg.rollout.generate_fn:
+        raise ValueError(f"rollout.generate_fn: task {cfg.task} runs its env {env}; drop the generate_fn")
+    return env_generate(env, cfg.agent) if env else load_generate_fn(cfg.rollout.generate_fn)
+
+
 def resolve_run_dir(cfg: TrainConfig) -> Path:
     """`cfg.run_dir`, or runs/<time> agreed by every rank."""
     name = [cfg.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))]
@@ -93,7 +103,8 @@ def datasets(
         return train, held_out, cfg.reward or task.reward
     if not cfg.data.path:
         raise ValueError("data.path: give a prompt file (--data.path FILE) or a built-in task (--task arithmetic)")
-    if cfg.reward is None:
+    reward = cfg.reward or (RewardConfig(name="env") if cfg.env else None)
+    if reward is None:
         raise ValueError("reward.name: a run on a data file needs a reward (--reward.name math, or module:function)")
     data = cfg.data
     if data.max_prompt_tokens is None and max_len is not None:  # room for the response, checked at load
@@ -104,7 +115,7 @@ def datasets(
             )
         data = replace(data, max_prompt_tokens=max_len - cfg.rollout.max_response_len)
     held_out = load_prompts(replace(data, path=cfg.eval.data), tokenizer) if cfg.eval.data else None
-    return load_prompts(data, tokenizer), held_out, cfg.reward
+    return load_prompts(data, tokenizer), held_out, reward
 
 
 @dataclass
@@ -177,7 +188,7 @@ class Run:
             loop=asyncio.new_event_loop(),
             rank=rank,
             world=world,
-            generate_fn=load_generate_fn(cfg.rollout.generate_fn),
+            generate_fn=generate_fn(cfg),
             engine_sleeps=engine is not None and memory_plan is not None and memory_plan.sleep,
         )
         if engine is not None and cfg.engine_ep and world > 1:
