@@ -34,6 +34,7 @@ import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 from leagues.agent.env import Env, StepResult, ToolEnv, ToolLimits, assistant_message
 from leagues.agent.ledger import Ledger, Termination
@@ -45,11 +46,17 @@ from leagues.types import FinishReason, Sample
 
 @dataclass(kw_only=True, slots=True)
 class AgentConfig:
+    SHORTHAND: ClassVar[str] = "run"
+    """`--agent module:run` sets `agent.run`."""
+
+    run: str = ""
+    """'module:function' of the user's agent, `async def run(base_url, prompt, sampling, metadata) -> reward |
+    None`, which talks OpenAI's chat API to a session per sample (`leagues.agent.agents`); empty: none."""
     max_turns: int = 8
-    """Model turns per episode at most (termination max_turns)."""
+    """Model turns per episode at most (termination max_turns; env episodes)."""
     max_tokens: int = 2048
     """Tokens of a whole trajectory at most, prompt and observations included; a turn samples at most what is
-    left (and at most `rollout.max_response_len`)."""
+    left (and at most `rollout.max_response_len`) (env episodes)."""
     tool_timeout_s: float = 30.0
     """Wall-clock time of one tool call (ToolEnv); past it the model reads a timeout error."""
     max_parallel_tools: int = 8

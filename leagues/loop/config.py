@@ -67,7 +67,8 @@ class TrainConfig:
     """'module:Factory' of a multi-turn environment (`leagues.agent.Env`), made once per sample and run by the
     built-in multi-turn generate function (limits in `agent`); empty: the task's env (lookup), else single turn."""
     agent: AgentConfig = field(default_factory=AgentConfig)
-    """Multi-turn episodes (with an env): turns, total tokens, tool time and parallelism, tool-call parser."""
+    """Multi-turn: the user's agent (`--agent module:run`, through sessions), and the limits of env episodes
+    (turns, total tokens, tool time and parallelism, tool-call parser)."""
     reward: RewardConfig | None = None
     """The reward; None: the task's, or with an env the env's own (`env`) (a data file without an env needs one)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -155,10 +156,8 @@ class TrainConfig:
                 "rollout.partial: not with --deterministic (where a request is aborted depends on timing, so the run "
                 "would not repeat bit for bit)"
             )
-        if self.env and self.rollout.generate_fn:
-            raise ValueError("env: an env runs with the built-in multi-turn generate function, not rollout.generate_fn")
-        if self.env and self.rollout.partial:
-            raise ValueError("rollout.partial: not with an env (a continued sample is a single-turn request)")
+        if (self.env or self.agent.run) and self.rollout.partial:
+            raise ValueError("rollout.partial: not with an env or agent (a continued sample is a single-turn request)")
         if self.rollout.partial and self.placement != "colocated":
             raise ValueError("rollout.partial: colocated runs only (disaggregated runs bound staleness their own way)")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from leagues.agent.agents import agent_generate
 from leagues.agent.multi_turn import env_generate
 from leagues.config import dump_yaml
 from leagues.engine import Engine
@@ -72,11 +73,15 @@ def memory_note(cfg: TrainConfig, model_path: Path, world: int, total: int) -> s
 
 
 def generate_fn(cfg: TrainConfig):
-    """The run's generate function: multi-turn episodes of the env (`env`, or the task's), the user's
-    `rollout.generate_fn`, or single turn."""
+    """The run's generate function: multi-turn episodes of the env (`env`, or the task's), the user's agent
+    through sessions (`agent.run`), the user's `rollout.generate_fn`, or single turn."""
     env = cfg.env or (make_task(cfg.task, cfg.task_params).env if cfg.task else "")
-    if env and cfg.rollout.generate_fn:
-        raise ValueError(f"rollout.generate_fn: task {cfg.task} runs its env {env}; drop the generate_fn")
+    chosen = [name for name, value in (("env", env), ("agent", cfg.agent.run), ("rollout.generate_fn",
+              cfg.rollout.generate_fn)) if value]  # fmt: skip
+    if len(chosen) > 1:
+        raise ValueError(f"{chosen[1]}: one way of generating per run, got {' and '.join(chosen)} (env {env!r})")
+    if cfg.agent.run:
+        return agent_generate(cfg.agent.run)
     return env_generate(env, cfg.agent) if env else load_generate_fn(cfg.rollout.generate_fn)
 
 
@@ -103,7 +108,7 @@ def datasets(
         return train, held_out, cfg.reward or task.reward
     if not cfg.data.path:
         raise ValueError("data.path: give a prompt file (--data.path FILE) or a built-in task (--task arithmetic)")
-    reward = cfg.reward or (RewardConfig(name="env") if cfg.env else None)
+    reward = cfg.reward or (RewardConfig(name="env") if cfg.env or cfg.agent.run else None)
     if reward is None:
         raise ValueError("reward.name: a run on a data file needs a reward (--reward.name math, or module:function)")
     data = cfg.data
@@ -159,6 +164,7 @@ class Run:
         tokenizer = load_tokenizer(base)  # a warm start keeps the base model's tokenizer
         train_data, held_out, reward = datasets(cfg, tokenizer, context_limit(cfg, base))
         scorer = RewardScorer(reward)  # a reward that cannot load fails here, not after the warm start
+        generate = generate_fn(cfg)  # so does an env or agent that cannot load
         model_path = _warm_started(cfg, base, run_dir, is_trainer)
         trainer = _trainer(cfg, model_path, world) if is_trainer else None
         memory_plan = _memory_plan(cfg, model_path, train_data, world) if trainer is not None and is_engine else None
@@ -188,7 +194,7 @@ class Run:
             loop=asyncio.new_event_loop(),
             rank=rank,
             world=world,
-            generate_fn=generate_fn(cfg),
+            generate_fn=generate,
             engine_sleeps=engine is not None and memory_plan is not None and memory_plan.sleep,
         )
         if engine is not None and cfg.engine_ep and world > 1:
@@ -254,6 +260,8 @@ class Run:
             self.engine.close()
         if isinstance(self.client, HTTPClient):
             self.loop.run_until_complete(self.client.aclose())
+        if (aclose := getattr(self.generate_fn, "aclose", None)) is not None:  # an agent run's session server
+            self.loop.run_until_complete(aclose())
         self.loop.close()
 
 

@@ -32,4 +32,6 @@ def test_train_with_a_users_env_from_the_command_line(tmp_path, capsys):
     assert main([*args, "--env", "tests.agent.envs_for_tests:Nope", "--run_dir", str(tmp_path / "bad")]) == 2
     assert "env 'tests.agent.envs_for_tests:Nope': cannot load it" in capsys.readouterr().err
     bad = [*args, "--rollout.generate_fn", "x:y", "--run_dir", str(tmp_path / "bad2")]
-    assert main(bad) == 2 and "not rollout.generate_fn" in capsys.readouterr().err
+    assert (
+        main(bad) == 2 and "one way of generating per run, got env and rollout.generate_fn" in capsys.readouterr().err
+    )

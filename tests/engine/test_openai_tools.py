@@ -1,6 +1,7 @@
 """Tool calling in `/v1/chat/completions` against a real `leagues serve` on loopback, with the official `openai`
 client: `tools` reach the chat template, the model's `<tool_call>` block comes back as `tool_calls` (streamed
-too), a history with `tool_calls` and `tool_call_id` is accepted, and what cannot be honoured is refused.
+too), a history with `tool_calls` and `tool_call_id` is accepted, and what cannot be honoured is refused; an
+agent session on the same server records the call token for token.
 
 The served model is the tiny MoE with its output layer solved (least squares on the final hidden states) so
 that greedy decoding of one conversation writes one tool call: a real checkpoint that calls a tool, made in
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import openai
 import pytest
 import torch
@@ -128,3 +130,22 @@ def test_what_cannot_be_honoured_is_refused_naming_the_field(client):
     bad = USER + [{"role": "assistant", "tool_calls": [call]}]
     with pytest.raises(openai.BadRequestError, match="tool call c: arguments are not JSON"):
         client.chat.completions.create(model="m", messages=bad, tools=[ADD])
+
+
+def test_a_session_on_leagues_serve_records_the_calls_token_exact(server):
+    url, tok = server
+    sid = httpx.post(url + "/sessions", json={"seed": 3}).json()["id"]
+    agent = openai.OpenAI(base_url=f"{url}/sessions/{sid}/v1", api_key="unused")
+    first = agent.chat.completions.create(model="m", messages=USER, tools=[ADD], temperature=0, max_tokens=100)
+    (call,) = first.choices[0].message.tool_calls
+    assert call.id == "call_0_0" and json.loads(call.function.arguments) == {"a": 2, "b": 3}
+    history = [*USER, first.choices[0].message.model_dump(exclude_none=True)]
+    history.append({"role": "tool", "tool_call_id": call.id, "content": "5"})
+    agent.chat.completions.create(model="m", messages=history, tools=[ADD], temperature=0, max_tokens=3)
+    sample = httpx.post(f"{url}/sessions/{sid}/close", json={"reward": 1.0}).json()["sample"]
+    called = tok.encode(CALL, add_special_tokens=False) + [tok.eos_token_id]
+    assert sample["response_ids"][: len(called)] == called and sample["loss_mask"][: len(called)] == [1] * len(called)
+    assert sample["loss_mask"][-3:] == [1, 1, 1] and sample["metadata"]["env_reward"] == 1.0
+    assert sample["metadata"]["termination"] == "length"  # the second turn hit its 3 tokens
+    with pytest.raises(openai.NotFoundError):  # closed
+        agent.chat.completions.create(model="m", messages=USER)
