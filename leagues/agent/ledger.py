@@ -123,15 +123,19 @@ class Ledger:
         """The first trajectory token without a route row yet: where the next request's delta starts."""
         return sum(len(rows) for rows in self.route_rows)
 
-    def add_routes(self, routes, start: int = 0) -> None:
-        """A request's routed experts, rows `start` onwards of its input and output but the last token (an engine
-        returning whole records: `start` 0). Only the rows from `routes_start` on are kept; earlier ones were
-        recorded by the request that computed them first."""
+    def add_routes(self, routes, start: int | None = None) -> None:
+        """A request's routed experts, rows `start` onwards of its input and output but the last token. Without
+        `start`, the rows end at the trajectory's last routed token (call it right after `append_sampled`): a
+        whole record (an engine without deltas) or a delta (`SamplingParams.routed_experts_start`) alike. Only
+        the rows from `routes_start` on are kept; earlier ones were recorded by the request that computed them
+        first."""
         have = self.routes_start
+        if start is None:
+            start = self.num_tokens - 1 - len(routes)
         if start > have:
             raise LedgerError(f"ledger: routes from token {start} leave a gap (rows up to {have} are recorded)")
         end = start + len(routes)
-        if end > self.num_tokens - 1:
+        if start < 0 or end > self.num_tokens - 1:
             raise LedgerError(f"ledger: routes cover {end} tokens, the trajectory has {self.num_tokens - 1} to route")
         if end > have:
             self.route_rows.append(routes[have - start :])

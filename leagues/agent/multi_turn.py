@@ -20,8 +20,10 @@ Decisions:
   context (mask 0), so the chat template's turn structure stays intact.
 - Determinism: turn t of a sample samples with a seed derived from the sample's seed and t, and tool-call
   ids are `call_<turn>_<index>`, so a rerun repeats the trajectory whatever else shares the engine's batch.
-- Routes: each request's routed experts are kept from the first token no earlier request computed
-  (`Ledger.add_routes`), so the sample's routes cover every token of every turn.
+- Routes: each request asks for the routed experts from the first token without a row
+  (`routed_experts_start`; an engine that returns whole records works too) and the ledger keeps them
+  (`Ledger.add_routes`), so the sample's routes cover every token of every turn and a turn moves only its
+  new rows.
 - Ends (`Termination`): the env says done (done); a turn hits its token limit, mid tool call or not (length);
   the observations would leave no room under `max_tokens` (context); `max_turns` turns (max_turns); the env
   raises (tool_error, the error in `metadata["error"]`); the engine aborts (abort).
@@ -153,13 +155,14 @@ async def _turn(ctx, env, render, cfg, episode: _Episode, seed: int, turn: int) 
     request = list(ledger.token_ids)
     ledger.check_request(request)
     budget = min(ctx.params.max_new_tokens, cfg.max_tokens - ledger.num_tokens)
-    params = replace(ctx.params, n=1, seed=turn_seed(seed, turn), max_new_tokens=budget, ignore_eos=False)
+    params = replace(ctx.params, n=1, seed=turn_seed(seed, turn), max_new_tokens=budget, ignore_eos=False,
+                     routed_experts_start=ledger.routes_start)  # fmt: skip
     out = (await ctx.client.generate(request, params))[0]
     ledger.append_sampled(out.token_ids, out.logprobs, out.weight_version)
-    if out.routed_experts is not None:
-        ledger.add_routes(out.routed_experts)
     if out.finish_reason == FinishReason.ABORT:
         return Termination.ABORT
+    if out.routed_experts is not None:
+        ledger.add_routes(out.routed_experts)
     if out.finish_reason == FinishReason.LENGTH:
         episode.messages.append({"role": "assistant", "content": out.text})
         return Termination.LENGTH

@@ -169,7 +169,8 @@ class SessionStore:
         ledger.check_request(request)
         defaults = session.params or self.params
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or defaults.max_new_tokens
-        params = replace(defaults, n=1, seed=turn_seed(session.seed, session.turn), ignore_eos=False)
+        params = replace(defaults, n=1, seed=turn_seed(session.seed, session.turn), ignore_eos=False,
+                         routed_experts_start=ledger.routes_start)  # fmt: skip
         try:
             if self.client_sampling:
                 params = replace(params, max_new_tokens=int(limit),
@@ -181,7 +182,7 @@ class SessionStore:
             raise SessionError(f"sampling: {e}") from None
         out = (await self.client.generate(request, params))[0]
         ledger.append_sampled(out.token_ids, out.logprobs, out.weight_version)
-        if out.routed_experts is not None:
+        if out.routed_experts is not None and out.finish_reason != FinishReason.ABORT:
             ledger.add_routes(out.routed_experts)
         session.turn += 1
         if out.finish_reason == FinishReason.LENGTH:

@@ -81,7 +81,9 @@ class SGLSamplingParams(Strict):
     presence_penalty: Neutral = 0.0
     repetition_penalty: Annotated[float, Field(ge=1, le=1, description="not supported: must be 1")] = 1.0
 
-    def to_params(self, *, top_logprobs: int, return_routed_experts: bool) -> SamplingParams:
+    def to_params(
+        self, *, top_logprobs: int, return_routed_experts: bool, routed_experts_start: int = 0
+    ) -> SamplingParams:
         return SamplingParams(
             temperature=_temperature(self.temperature),
             top_p=self.top_p,
@@ -95,6 +97,7 @@ class SGLSamplingParams(Strict):
             n=self.n,
             top_logprobs=top_logprobs,
             return_routed_experts=return_routed_experts,
+            routed_experts_start=routed_experts_start,
         )
 
 
@@ -118,6 +121,8 @@ class GenerateRequest(Strict):
     rid: str | list[str] | None = None
     return_routed_experts: bool = False
     """Our extension (as in recent SGLang): `meta_info.routed_experts`, see `api_sglang.py`."""
+    routed_experts_start: Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)] = 0
+    """Our extension: the routed experts from this token on (multi-turn clients fetch each turn's new rows)."""
 
     @field_validator("logprob_start_len")
     @classmethod

@@ -57,7 +57,7 @@ def test_terminations_map_to_statuses_and_routes_must_cover_the_trajectory():
     assert ledger.to_sample(Termination.ABORT).status == SampleStatus.ABORTED
     assert ledger.to_sample("done").weight_version == 4
     ledger.append_context([8])
-    ledger.add_routes(torch.zeros(1, 2, 2))
+    ledger.add_routes(torch.zeros(1, 2, 2), start=0)
     with pytest.raises(LedgerError, match="routes cover 1 tokens"):
         ledger.to_sample(Termination.DONE)
     with pytest.raises(LedgerError, match="leave a gap"):
@@ -65,4 +65,6 @@ def test_terminations_map_to_statuses_and_routes_must_cover_the_trajectory():
     ledger.add_routes(torch.ones(2, 2, 2), start=1)  # a delta from the first token without a row
     assert ledger.to_sample(Termination.DONE).routed_experts.sum() == 8
     with pytest.raises(LedgerError, match="routes cover 4 tokens"):
-        ledger.add_routes(torch.ones(4, 2, 2))
+        ledger.add_routes(torch.ones(4, 2, 2), start=0)
+    with pytest.raises(LedgerError, match="routes cover"):
+        ledger.add_routes(torch.ones(4, 2, 2))  # ending at the last routed token, it would start before token 0

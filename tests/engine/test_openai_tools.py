@@ -1,26 +1,30 @@
 """Tool calling in `/v1/chat/completions` against a real `leagues serve` on loopback, with the official `openai`
 client: `tools` reach the chat template, the model's `<tool_call>` block comes back as `tool_calls` (streamed
 too), a history with `tool_calls` and `tool_call_id` is accepted, and what cannot be honoured is refused; an
-agent session on the same server records the call token for token.
+agent session on the same server records the call token for token; route rows come from a given token on.
 
 The served model is the tiny MoE with its output layer solved (least squares on the final hidden states) so
 that greedy decoding of one conversation writes one tool call: a real checkpoint that calls a tool, made in
 a fraction of a second.
 """
 
+import asyncio
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import httpx
 import openai
 import pytest
 import torch
 
+from leagues.engine.client import HTTPClient
 from leagues.model import ForwardBatch, load_pretrained, load_tokenizer, resolve_model_path, save_pretrained
+from leagues.types import SamplingParams
 
 CALL = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
 USER = [{"role": "user", "content": "2+3?"}]
@@ -149,3 +153,19 @@ def test_a_session_on_leagues_serve_records_the_calls_token_exact(server):
     assert sample["metadata"]["termination"] == "length"  # the second turn hit its 3 tokens
     with pytest.raises(openai.NotFoundError):  # closed
         agent.chat.completions.create(model="m", messages=USER)
+
+
+def test_route_rows_from_a_given_token_over_http(server):
+    """`routed_experts_start`: a multi-turn client fetches only the rows of a turn's new tokens."""
+
+    async def both():
+        client = HTTPClient([server[0]])
+        params = SamplingParams(temperature=0, max_new_tokens=6, return_routed_experts=True)
+        (whole,) = await client.generate(list(range(5, 25)), params)
+        (delta,) = await client.generate(list(range(5, 25)), replace(params, routed_experts_start=17))
+        await client.aclose()
+        return whole, delta
+
+    whole, delta = asyncio.run(both())
+    assert whole.routed_experts.shape[0] == 20 + 6 - 1 and delta.token_ids == whole.token_ids
+    assert torch.equal(delta.routed_experts, whole.routed_experts[17:])
