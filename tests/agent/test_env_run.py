@@ -35,3 +35,19 @@ def test_train_with_a_users_env_from_the_command_line(tmp_path, capsys):
     assert (
         main(bad) == 2 and "one way of generating per run, got env and rollout.generate_fn" in capsys.readouterr().err
     )
+
+
+def test_a_deterministic_multi_turn_run_has_zero_mismatch(tmp_path):
+    """Every token of every turn: the trainer's logprobs equal the engine's bit for bit, with routing replay."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(4)))
+    stops = "[" + ",".join("abcdefghijklmnopqrstuvwxyz") + "]"
+    args = ["train", "--data", str(data), "--env", "tests.agent.envs_for_tests:Counter", "--steps", "1"]
+    args += ["--rollout.batch_size", "2", "--rollout.n_samples_per_prompt", "2", "--rollout.max_response_len", "8"]
+    args += ["--rollout.stop", stops, "--agent.max_turns", "2", "--deterministic", "true"]
+    args += ["--moe.routing_replay", "rollout", "--obs.tensorboard", "false", "--report", "false"]
+    assert main([*args, "--checkpoints", "false", "--run_dir", str(tmp_path / "run")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "train/mismatch/abs_diff_max" in r]
+    assert len(rows) == 1 and all(r["train/mismatch/abs_diff_max"] == 0.0 for r in rows)
+    assert all(r["rollout/response_len_mean"] > 16 for r in rows)  # several turns and their bridges
