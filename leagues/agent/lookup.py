@@ -1,7 +1,7 @@
 """The environment of the built-in `lookup` task (`leagues.rollout.tasks.LookupTask`): the episode's table is
 reachable only through a `lookup(key)` tool, and the model's final answer is scored against the value.
 
-    user:       table 0042: value of c?
+    user:       table QXBZ: value of c?
     assistant:  <tool_call>{"name": "lookup", "arguments": {"key": "c"}}</tool_call>
     tool:       17
     assistant:  17                                                    reward 1 (the exact value)

@@ -8,7 +8,7 @@ that scores answers to them.
 
     TASKS   arithmetic   "17+25="                  -> "42"          reward exact
             countdown    "use 3 7 25 to make 46:"  -> "25+(3*7)"    reward countdown
-            lookup       "table 0042: value of c?" -> lookup(c) -> "17"   reward env (multi-turn, a tool)
+            lookup       "table QXBZ: value of c?" -> lookup(c) -> "17"   reward env (multi-turn, a tool)
 
 Decisions:
 - The split of a problem is decided by a hash of the task name and the prompt text (the `test_fraction`
@@ -246,7 +246,9 @@ class LookupTask(Task):
         keys = [chr(ord("a") + i) for i in range(cfg.num_keys)]
         table = {k: str(rng.randrange(10**cfg.value_digits)).zfill(cfg.value_digits) for k in keys}
         key = rng.choice(keys)
-        prompt = f"table {rng.randrange(10_000):04d}: value of {key}?"
+        # the table's name tells episodes apart; capitals and no digits, so nothing in it looks like a key or value
+        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(4))
+        prompt = f"table {name}: value of {key}?"
         call = json.dumps({"name": "lookup", "arguments": {"key": key}})
         messages = [
             {"role": "user", "content": prompt},
