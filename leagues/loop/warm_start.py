@@ -83,8 +83,10 @@ def warm_start(cfg: TrainConfig, model_path: Path, run_dir: Path, log=print, alo
     tokenizer = load_tokenizer(model_path)
     pairs, chat = warm_start_pairs(cfg, tokenizer)
     samples = make_samples(tokenizer, pairs, chat)
+    # a demonstration's turns weigh alike (sequence mean): a one-token answer is not drowned by a long call
+    turns = bool(cfg.task) and bool(make_task(cfg.task, cfg.task_params).env)
     sft = TrainerConfig(
-        loss=LossConfig(policy_loss="reinforce"),
+        loss=LossConfig(policy_loss="reinforce", aggregation="seq_mean_token_mean" if turns else "token_mean"),
         optim=OptimConfig(lr=cfg.warm_start.lr, warmup_steps=0),
         parallel=cfg.trainer.parallel,
         max_tokens_per_microbatch=cfg.trainer.max_tokens_per_microbatch,
