@@ -44,16 +44,16 @@ def tiny_arithmetic() -> RunConfig:
 
 
 def tiny_lookup() -> RunConfig:
-    """Multi-turn with a tool on the CPU: the tiny MoE, a short SFT warm start on the call format (one
-    demonstration per episode: call `lookup(key)`, then answer with the value), then GRPO on episodes of the
-    `lookup` task (a random table per episode, reachable only through the tool; 1-digit values, so the
-    no-tool control, `--task_params '{tools: false}'`, scores about 10%)."""
+    """Multi-turn with a tool on the CPU: the tiny MoE, an SFT warm start of 500 steps on demonstrations (one
+    per episode: call `lookup(key)`, then answer with the value the tool gave), then 40 GRPO steps on
+    episodes of the `lookup` task (a random table per episode, reachable only through the tool; 1-digit
+    values, so the no-tool control, `--task_params '{value_digits: 1, tools: false}'`, scores about 10%)."""
     steps = 40
     return {
         "model": "tiny-moe",
         "task": "lookup",
         "task_params": {"value_digits": 1},
-        "warm_start": {"steps": 200, "batch_size": 32, "lr": 3e-3},
+        "warm_start": {"steps": 500, "batch_size": 32, "lr": 3e-3},
         "steps": steps,
         "rollout": {"batch_size": 8, "n_samples_per_prompt": 8, "max_response_len": 80, "temperature": 1.0},
         "agent": {"max_turns": 2, "max_tokens": 512},
