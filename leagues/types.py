@@ -39,6 +39,9 @@ class SamplingParams:
     """Also return the top-k logprobs (same distribution as `logprobs`) of every generated token."""
     return_routed_experts: bool = False
     """Return the experts each token was routed to, per MoE layer."""
+    routed_experts_start: int = 0
+    """With `return_routed_experts`: the first token whose row is returned (a multi-turn client holding the rows
+    of earlier turns asks only for the new ones)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -48,6 +51,7 @@ class SamplingParams:
             "max_new_tokens": self.max_new_tokens >= 0,
             "n": self.n >= 1,
             "top_logprobs": self.top_logprobs >= 0,
+            "routed_experts_start": self.routed_experts_start >= 0,
         }
         for name, ok in checks.items():
             if not ok:

@@ -27,7 +27,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "model": frozenset({"kernels"}),
     "kernels": frozenset(),
     "parallel": frozenset({"model"}),
-    "engine": frozenset({"model", "kernels", "parallel"}),
+    # The HTTP front (api_openai, DESIGN.md's serve/) parses tool calls with agent's parsers (pure text, and
+    # `agent.tool_calls` imports nothing of leagues), the rest of agent stays out of the engine.
+    "engine": frozenset({"model", "kernels", "parallel", "agent.tool_calls"}),
     "train": frozenset({"model", "kernels", "parallel"}),
     "sync": frozenset({"model"}),
     "rollout": frozenset({"engine.client"}),  # the engine client protocol only, never the engine itself

@@ -4,7 +4,7 @@
     ledger.check_request(input_ids)                   # before every engine call: its input is the ledger, exactly
     ledger.append_sampled(ids, logprobs, version)     # the engine's output of one turn, as it sampled it
     ledger.append_context(ids)                        # observations, tool results, template bridges
-    ledger.set_routes(routes)                         # the latest request's routed experts (whole sequence)
+    ledger.add_routes(routes, start)                  # a request's routed experts from row `start` on (a delta)
     sample = ledger.to_sample(Termination.DONE)       # what rollout hands on: one `Sample`
 
 Where it sits: a multi-turn generate function keeps one ledger per sample; the ledger turns into the `Sample`
@@ -17,9 +17,11 @@ Decisions:
 - `check_request` compares the next request's input ids with the ledger's tokens and raises naming the first
   position that differs: re-tokenizing text between turns, a template that is not append-only, or a
   dropped separator shows up at the turn that caused it, not as a silent logprob mismatch in training.
-- Routes: the engine returns the experts of every token it computed for a request (its whole input plus
-  the output, minus the last token), prefix-cached tokens included, so the latest request's record covers
-  every earlier turn too; the ledger keeps that one and checks its length when the sample is made.
+- Routes are kept per turn as deltas: each request's record adds the rows from the first token no earlier
+  request computed (`routes_start`) to its end, so every token's row is the one recorded when the engine
+  first computed it (a context token's by the request after it arrived, a sampled token's by the request
+  that sampled it), and routing replay covers every token of every turn. A record that starts elsewhere or
+  leaves a gap is refused; the rows must cover the trajectory when the sample is made.
 - A sample's end is recorded (`Termination`): done, max_turns, length, context, tool_error, abort; an
   aborted trajectory becomes an ABORTED sample (left out of the loss), a length or context end TRUNCATED.
 
@@ -28,6 +30,8 @@ Legend: T tokens of the trajectory, L MoE layers, K top-k.
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+import torch
 
 from leagues.types import Sample, SampleStatus
 
@@ -66,8 +70,8 @@ class Ledger:
     """The turn (0-based: the number of sampled appends before it) each token was added in."""
     versions: list[int] = field(default_factory=list)
     """The weight version that sampled each token; -1 for context."""
-    routes: object | None = None
-    """[T - 1, L, K] experts of the latest request (set by `set_routes`)."""
+    route_rows: list = field(default_factory=list)
+    """[n, L, K] experts per request, rows of consecutive trajectory tokens from row 0 on (`add_routes`)."""
     num_turns: int = 0
 
     def __post_init__(self) -> None:
@@ -114,17 +118,43 @@ class Ledger:
         """Tokens the model did not sample (observations, tool results, template bridges): never trained on."""
         self._add(list(token_ids), mask=0, logprobs=[0.0] * len(token_ids), version=-1)
 
-    def set_routes(self, routes) -> None:
-        """The routed experts of the latest request: rows for every token of its input and output but the last."""
-        self.routes = routes
+    @property
+    def routes_start(self) -> int:
+        """The first trajectory token without a route row yet: where the next request's delta starts."""
+        return sum(len(rows) for rows in self.route_rows)
+
+    def add_routes(self, routes, start: int | None = None) -> None:
+        """A request's routed experts, rows `start` onwards of its input and output but the last token. Without
+        `start`, the rows end at the trajectory's last routed token (call it right after `append_sampled`): a
+        whole record (an engine without deltas) or a delta (`SamplingParams.routed_experts_start`) alike. Only
+        the rows from `routes_start` on are kept; earlier ones were recorded by the request that computed them
+        first."""
+        have = self.routes_start
+        if start is None:
+            start = self.num_tokens - 1 - len(routes)
+        if start > have:
+            raise LedgerError(f"ledger: routes from token {start} leave a gap (rows up to {have} are recorded)")
+        end = start + len(routes)
+        if start < 0 or end > self.num_tokens - 1:
+            raise LedgerError(f"ledger: routes cover {end} tokens, the trajectory has {self.num_tokens - 1} to route")
+        if end > have:
+            self.route_rows.append(routes[have - start :])
+
+    @property
+    def routes(self):
+        """[T - 1, L, K] experts of every routed token so far (None when no request returned routes)."""
+        if not self.route_rows:
+            return None
+        return torch.cat(self.route_rows) if len(self.route_rows) > 1 else self.route_rows[0]
 
     def to_sample(self, termination: Termination, **fields) -> Sample:
         """The trajectory as one `Sample`: the prompt, then everything after it as the response, with the loss
         mask, logprobs, routes and per-token turns and versions (metadata); `fields` go to the `Sample`."""
         termination = Termination(termination)
-        if self.routes is not None and len(self.routes) != self.num_tokens - 1:
+        routes = self.routes if termination != Termination.ABORT else None  # an aborted request routed part of it
+        if routes is not None and len(routes) != self.num_tokens - 1:
             raise LedgerError(
-                f"ledger: routes cover {len(self.routes)} tokens, the trajectory has {self.num_tokens - 1} to route"
+                f"ledger: routes cover {len(routes)} tokens, the trajectory has {self.num_tokens - 1} to route"
             )
         start = len(self.prompt_ids)
         sampled = [v for v, m in zip(self.versions, self.loss_mask, strict=True) if m]
@@ -139,7 +169,7 @@ class Ledger:
             response_ids=self.token_ids[start:],
             loss_mask=self.loss_mask[start:],
             rollout_logprobs=self.logprobs[start:],
-            routed_experts=self.routes,
+            routed_experts=routes,
             status=_STATUS[termination],
             weight_version=min(sampled) if sampled else 0,
             metadata=metadata,

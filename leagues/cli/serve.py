@@ -16,6 +16,8 @@ Decisions:
   request may ask (body bytes, sequences, tokens) and the server's own waits are `ServerLimits` fields,
   under `--limits.`.
 - The default port is SGLang's (30000), so SGLang clients' defaults reach it.
+- Agent sessions (`POST /sessions`, `/sessions/{id}/v1/chat/completions`, `/sessions/{id}/close`,
+  `leagues.agent.sessions`) are mounted beside the APIs when the chat template is append-only.
 """
 
 import asyncio
@@ -87,6 +89,7 @@ def run_serve(cfg: ServeConfig) -> int:
         weights_root=cfg.weights_root,
         served_model_name=cfg.served_model_name,
     )
+    _mount_sessions(app, engine)
     server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
     host, port = sock.getsockname()[:2]
     try:
@@ -112,6 +115,22 @@ def _check_exposure(cfg: ServeConfig, api_key: str | None, admin_key: str | None
     if cfg.weights_root is None:
         warning = "no --weights_root: /update_weights_from_disk may read any directory"
         print(f"leagues serve: warning: {warning}", file=sys.stderr)
+
+
+def _mount_sessions(app, engine) -> None:
+    """Agent sessions (`/sessions`, `leagues.agent.sessions`) when the model's chat template can be bridged."""
+    from leagues.agent.ledger import LedgerError
+    from leagues.agent.sessions import SessionStore, session_router
+    from leagues.engine.client import LocalClient
+
+    if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
+        return
+    try:
+        store = SessionStore(LocalClient(engine), engine.tokenizer)
+    except LedgerError as e:  # a template that is not append-only cannot record sessions
+        print(f"leagues serve: no agent sessions: {e}", file=sys.stderr)
+        return
+    app.include_router(session_router(store))
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -22,7 +22,8 @@ Decisions:
   `return_text_in_logprobs`, as in SGLang. Prompt logprobs (`input_token_logprobs`) are not computed.
 - `routed_experts` is SGLang's encoding: base64 of the int32 (little-endian) array [T, L, K], flattened,
   where T = prompt + completion tokens - 1 (every token the model computed), L the MoE layers, K top-k.
-  Decode: `np.frombuffer(base64.b64decode(s), np.int32).reshape(shape)`. `routed_experts_shape` is ours.
+  Decode: `np.frombuffer(base64.b64decode(s), np.int32).reshape(shape)`. `routed_experts_shape` is ours, and so
+  is `routed_experts_start` (the rows from that token on: a multi-turn client fetches each turn's new rows).
 - `weight_version` is an int (SGLang's is a string): the router compares them.
 - Streaming sends, per output, chunks with the cumulative `text` and `output_ids` so far (SGLang's
   default, non-incremental mode) and `"index"`, then the complete final object, then `data: [DONE]`.
@@ -49,7 +50,9 @@ async def generate(req: GenerateRequest, request: Request):
     prompts, is_batch = _prompts(req)
     field = "text" if req.text is not None else "input_ids"
     params = req.sampling_params.to_params(
-        top_logprobs=req.top_logprobs_num, return_routed_experts=req.return_routed_experts
+        top_logprobs=req.top_logprobs_num,
+        return_routed_experts=req.return_routed_experts,
+        routed_experts_start=req.routed_experts_start,
     )
     batch = Batch(state, prompts, params, _rids(state, req.rid, len(prompts), is_batch), stream=req.stream, field=field)
     if req.stream:

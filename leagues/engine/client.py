@@ -93,6 +93,8 @@ class HTTPClient:
             "return_logprob": True,
             "return_routed_experts": params.return_routed_experts,
         } | ({"rid": request_id} if request_id is not None else {})
+        if params.routed_experts_start:
+            body["routed_experts_start"] = params.routed_experts_start
         data = await self._post("/generate", body)
         items = data if isinstance(data, list) else [data]
         return [_output(item, prompt_ids, i) for i, item in enumerate(items)]

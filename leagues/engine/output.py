@@ -25,7 +25,8 @@ class Output:
     """Decoded output without special tokens, cut before a matched stop string."""
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     routed_experts: torch.Tensor | None = None
-    """[prompt + output tokens - 1, MoE layers, top-k] experts of every token the model computed."""
+    """[prompt + output tokens - 1 - start, MoE layers, top-k] experts of every token the model computed, from
+    `SamplingParams.routed_experts_start` on."""
     weight_version: int = 0
     """Weights version that sampled the last token."""
     first_weight_version: int = 0

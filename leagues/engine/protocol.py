@@ -15,6 +15,7 @@ Decisions:
 - Field names follow SGLang's `io_struct.py`/`sampling_params.py` (native API) and OpenAI's API reference.
 """
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -110,7 +111,9 @@ class SGLSamplingParams(Strict):
     presence_penalty: Neutral = 0.0
     repetition_penalty: Annotated[float, Field(ge=1, le=1, description="not supported: must be 1")] = 1.0
 
-    def to_params(self, *, top_logprobs: int, return_routed_experts: bool) -> SamplingParams:
+    def to_params(
+        self, *, top_logprobs: int, return_routed_experts: bool, routed_experts_start: int = 0
+    ) -> SamplingParams:
         return SamplingParams(
             temperature=_temperature(self.temperature),
             top_p=self.top_p,
@@ -124,6 +127,7 @@ class SGLSamplingParams(Strict):
             n=self.n,
             top_logprobs=top_logprobs,
             return_routed_experts=return_routed_experts,
+            routed_experts_start=routed_experts_start,
         )
 
 
@@ -147,6 +151,8 @@ class GenerateRequest(Strict):
     rid: str | list[str] | None = None
     return_routed_experts: bool = False
     """Our extension (as in recent SGLang): `meta_info.routed_experts`, see `api_sglang.py`."""
+    routed_experts_start: Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)] = 0
+    """Our extension: the routed experts from this token on (multi-turn clients fetch each turn's new rows)."""
 
     @field_validator("logprob_start_len")
     @classmethod
@@ -250,17 +256,75 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: Annotated[str, Field(min_length=1)]
+    arguments: str
+    """The arguments as a JSON object in a string (OpenAI's encoding)."""
+
+
+class ToolCallMessage(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    """A tool message: the id of the call it answers."""
+    tool_calls: list[ToolCallMessage] | None = None
+    """An assistant message: the calls it made."""
+    reasoning_content: str | None = None
+    """An assistant message's reasoning, for templates that render it."""
 
     def as_template_input(self) -> dict:
+        """The message as chat templates read it: text content, and tool calls with their arguments decoded
+        (templates write them back as JSON)."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        return {"role": self.role, "content": content or ""}
+        message = {"role": self.role, "content": content or ""}
+        for key in ("name", "tool_call_id", "reasoning_content"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": _arguments(c)}}
+                for c in self.tool_calls
+            ]
+        return message
+
+
+def _arguments(call: ToolCallMessage) -> dict:
+    try:
+        arguments = json.loads(call.function.arguments or "{}")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"tool call {call.id}: arguments are not JSON ({err.msg})") from None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"tool call {call.id}: arguments must be a JSON object")
+    return arguments
+
+
+class FunctionSpec(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: str | None = None
+    parameters: dict | None = None
+    """A JSON schema of the arguments (passed to the chat template as given)."""
+    strict: bool | None = None
+    """Accepted; decoding is not constrained to the schema."""
+
+
+class ToolSpec(Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: dict
+    """`{"name": ...}` of the function to call."""
 
 
 class ChatCompletionRequest(OpenAISampling):
@@ -271,6 +335,14 @@ class ChatCompletionRequest(OpenAISampling):
     logprobs: bool = False
     top_logprobs: NumTop | None = None
     """Needs `logprobs: true`."""
+    tools: list[ToolSpec] | None = None
+    """Functions the model may call: rendered by the chat template, calls parsed from the output."""
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """auto (default with tools): calls are parsed into `tool_calls`; none: the output stays text. Forcing a
+    call ("required" or a named function) would need constrained decoding, which leagues does not do: such a
+    request is refused (400)."""
+    parallel_tool_calls: bool = True
+    """Accepted; every call the model writes is returned."""
 
     def max_new_tokens(self, default: int) -> int:
         for value in (self.max_completion_tokens, self.max_tokens):

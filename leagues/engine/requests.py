@@ -143,7 +143,8 @@ class Requests:
         seq.finish_reason = reason
         state = self.states[seq.request_id]
         if seq.params.return_routed_experts and seq.num_computed_tokens > 0:
-            state.routes[seq.sample_index] = self.routes_of(seq.block_table, seq.num_computed_tokens)
+            routes = self.routes_of(seq.block_table, seq.num_computed_tokens)
+            state.routes[seq.sample_index] = routes[seq.params.routed_experts_start :]
         self.stats["cached_tokens"] += seq.num_cached_prompt_tokens
         self.scheduler.remove(seq)
         if all(s.finish_reason is not None for s in state.seqs):

@@ -20,6 +20,7 @@ import copy
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from leagues.agent.multi_turn import AgentConfig
 from leagues.engine import EngineConfig
 from leagues.obs import ObsConfig
 from leagues.rollout import DataConfig, RewardConfig
@@ -95,8 +96,14 @@ class TrainConfig:
     task_rows: int = 8000
     """Training prompts drawn from the task."""
     data: DataConfig = field(default_factory=DataConfig)
+    env: str = ""
+    """'module:Factory' of a multi-turn environment (`leagues.agent.Env`), made once per sample and run by the
+    built-in multi-turn generate function (limits in `agent`); empty: the task's env (lookup), else single turn."""
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    """Multi-turn: the user's agent (`--agent module:run`, through sessions), and the limits of env episodes
+    (turns, total tokens, tool time and parallelism, tool-call parser)."""
     reward: RewardConfig | None = None
-    """The reward; None: the task's (a data file needs one)."""
+    """The reward; None: the task's, or with an env the env's own (`env`) (a data file without an env needs one)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     trainer: TrainerConfig = field(
@@ -167,6 +174,8 @@ class TrainConfig:
             )
         if self.advantage.kl_in_reward and self.trainer.loss.kl_coef <= 0:
             raise ValueError("advantage.kl_in_reward: needs trainer.loss.kl_coef > 0 (the penalty's weight)")
+        if (self.env or self.agent.run) and self.rollout.partial:
+            raise ValueError("rollout.partial: not with an env or agent (a continued sample is a single-turn request)")
         if self.rollout.partial and self.placement != "colocated":
             raise ValueError("rollout.partial: colocated runs only (disaggregated runs bound staleness their own way)")
 

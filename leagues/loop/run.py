@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from leagues.agent.agents import agent_generate
+from leagues.agent.multi_turn import env_generate
 from leagues.config import dump_yaml
 from leagues.engine import Engine
 from leagues.engine.client import EngineClient, HTTPClient, LocalClient
@@ -70,6 +72,19 @@ def memory_note(cfg: TrainConfig, model_path: Path, world: int, total: int) -> s
     return note
 
 
+def generate_fn(cfg: TrainConfig):
+    """The run's generate function: multi-turn episodes of the env (`env`, or the task's), the user's agent
+    through sessions (`agent.run`), the user's `rollout.generate_fn`, or single turn."""
+    env = cfg.env or (make_task(cfg.task, cfg.task_params).env if cfg.task else "")
+    chosen = [name for name, value in (("env", env), ("agent", cfg.agent.run), ("rollout.generate_fn",
+              cfg.rollout.generate_fn)) if value]  # fmt: skip
+    if len(chosen) > 1:
+        raise ValueError(f"{chosen[1]}: one way of generating per run, got {' and '.join(chosen)} (env {env!r})")
+    if cfg.agent.run:
+        return agent_generate(cfg.agent.run)
+    return env_generate(env, cfg.agent) if env else load_generate_fn(cfg.rollout.generate_fn)
+
+
 def resolve_run_dir(cfg: TrainConfig) -> Path:
     """`cfg.run_dir`, or runs/<time> agreed by every rank."""
     name = [cfg.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))]
@@ -93,7 +108,8 @@ def datasets(
         return train, held_out, cfg.reward or task.reward
     if not cfg.data.path:
         raise ValueError("data.path: give a prompt file (--data.path FILE) or a built-in task (--task arithmetic)")
-    if cfg.reward is None:
+    reward = cfg.reward or (RewardConfig(name="env") if cfg.env or cfg.agent.run else None)
+    if reward is None:
         raise ValueError("reward.name: a run on a data file needs a reward (--reward.name math, or module:function)")
     data = cfg.data
     if data.max_prompt_tokens is None and max_len is not None:  # room for the response, checked at load
@@ -104,7 +120,7 @@ def datasets(
             )
         data = replace(data, max_prompt_tokens=max_len - cfg.rollout.max_response_len)
     held_out = load_prompts(replace(data, path=cfg.eval.data), tokenizer) if cfg.eval.data else None
-    return load_prompts(data, tokenizer), held_out, cfg.reward
+    return load_prompts(data, tokenizer), held_out, reward
 
 
 @dataclass
@@ -149,7 +165,7 @@ class Run:
         tokenizer = load_tokenizer(base)  # a warm start keeps the base model's tokenizer
         train_data, held_out, reward = datasets(cfg, tokenizer, context_limit(cfg, base))
         scorer = RewardScorer(reward)  # a reward that cannot load fails here, not after the warm start
-        generate_fn = load_generate_fn(cfg.rollout.generate_fn)
+        generate = generate_fn(cfg)  # so does a generate function, env or agent that cannot load
         _write_run_dir(cfg, run_dir, rank)  # only once the inputs are known to be good
         model_path = _warm_started(cfg, base, run_dir, is_trainer)
         trainer = _trainer(cfg, model_path, world) if is_trainer else None
@@ -180,7 +196,7 @@ class Run:
             loop=asyncio.new_event_loop(),
             rank=rank,
             world=world,
-            generate_fn=generate_fn,
+            generate_fn=generate,
             engine_sleeps=engine is not None and memory_plan is not None and memory_plan.sleep,
         )
         if engine is not None and cfg.engine_ep and world > 1:
@@ -247,6 +263,8 @@ class Run:
             self.engine.close()
         if isinstance(self.client, HTTPClient):
             self.loop.run_until_complete(self.client.aclose())
+        if (aclose := getattr(self.generate_fn, "aclose", None)) is not None:  # an agent run's session server
+            self.loop.run_until_complete(aclose())
         self.loop.close()
 
 

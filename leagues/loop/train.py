@@ -23,6 +23,7 @@ Decisions:
 
 import asyncio
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -223,12 +224,10 @@ def evaluate(run: Run, alone: bool = False) -> dict[str, float]:
     for s, p in zip(samples, prompts, strict=True):
         s.metadata = {"prompt_text": p.text, "label": p.label} | p.metadata
 
-    async def one(sample: Sample) -> None:
-        out = (await run.client.generate(sample.prompt_ids, params))[0]
-        sample.response_ids, sample.metadata["response_text"] = list(out.token_ids), out.text
+    ctx = replace(run.ctx, params=params)  # the run's generate function (multi-turn episodes too), greedy
 
     async def all_of_them() -> None:
-        await asyncio.gather(*(one(s) for s in samples))
+        await asyncio.gather(*(run.generate_fn(ctx, s) for s in samples))
         await run.scorer.score(samples)
 
     run.loop.run_until_complete(all_of_them())

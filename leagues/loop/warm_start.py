@@ -1,7 +1,8 @@
 """SFT warm start of an RL run, and writing the trainer's current weights as an HF checkpoint.
 
-Where it sits: before the first RL step. The run's task gives reference answers (`Task.make_rows`), or the
-data file has a response column; the same `Trainer` (REINFORCE loss with advantage 1: the mean NLL of the
+Where it sits: before the first RL step. The run's task gives reference answers (`Task.make_rows`; a
+multi-turn task's demonstration conversations give one pair per assistant turn), or the data file has a
+response column; the same `Trainer` (REINFORCE loss with advantage 1: the mean NLL of the
 responses) takes `steps` optimizer steps on them, and the result is written to `RUN_DIR/warm_start/` as an
 ordinary HF checkpoint with its tokenizer, from which the RL trainer, the reference model and the engines
 all load. A resumed run finds the checkpoint and skips the warm start.
@@ -50,13 +51,26 @@ def write_hf(trainer: Trainer, base_model: Path, out: Path, tokenizer) -> Path:
     return out
 
 
-def warm_start_pairs(cfg: TrainConfig) -> tuple[list[tuple[str, str]], bool]:
-    """(prompt, response) pairs for the warm start, and whether to apply the chat template."""
+def warm_start_pairs(cfg: TrainConfig, tokenizer=None) -> tuple[list[tuple[str, str]], bool]:
+    """(prompt, response) pairs for the warm start, and whether to apply the chat template. A task row with a
+    demonstration conversation (`messages`, multi-turn tasks) gives one pair per assistant turn: the chat
+    template's rendering of the turns before it, and the turn's text."""
     if cfg.task:
         rows = make_task(cfg.task, cfg.task_params).make_rows(cfg.warm_start.num_rows, cfg.seed, "train", at_most=True)
+        if rows and "messages" in rows[0]:
+            return [pair for row in rows for pair in conversation_pairs(row["messages"], tokenizer)], False
         return [(row["prompt"], row["response"]) for row in rows], False
     pairs = read_pairs(cfg.data.path, cfg.data.prompt_key, cfg.warm_start.response_key)
     return pairs, cfg.data.chat_template
+
+
+def conversation_pairs(messages: list[dict], tokenizer) -> list[tuple[str, str]]:
+    """One (rendered context, text) pair per assistant message of a conversation."""
+    return [
+        (tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True), m["content"])
+        for i, m in enumerate(messages)
+        if m["role"] == "assistant"
+    ]
 
 
 def warm_start(cfg: TrainConfig, model_path: Path, run_dir: Path, log=print, alone: bool = False) -> Path:
@@ -67,10 +81,12 @@ def warm_start(cfg: TrainConfig, model_path: Path, run_dir: Path, log=print, alo
         log(f"warm start: found {out}, skipping")
         return out
     tokenizer = load_tokenizer(model_path)
-    pairs, chat = warm_start_pairs(cfg)
+    pairs, chat = warm_start_pairs(cfg, tokenizer)
     samples = make_samples(tokenizer, pairs, chat)
+    # a demonstration's turns weigh alike (sequence mean): a one-token answer is not drowned by a long call
+    turns = bool(cfg.task) and bool(make_task(cfg.task, cfg.task_params).env)
     sft = TrainerConfig(
-        loss=LossConfig(policy_loss="reinforce"),
+        loss=LossConfig(policy_loss="reinforce", aggregation="seq_mean_token_mean" if turns else "token_mean"),
         optim=OptimConfig(lr=cfg.warm_start.lr, warmup_steps=0),
         parallel=cfg.trainer.parallel,
         max_tokens_per_microbatch=cfg.trainer.max_tokens_per_microbatch,

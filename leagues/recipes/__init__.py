@@ -42,9 +42,30 @@ def tiny_arithmetic() -> RunConfig:
     }
 
 
+def tiny_lookup() -> RunConfig:
+    """Multi-turn with a tool on the CPU: the tiny MoE, an SFT warm start of 500 steps on demonstrations (one
+    per episode: call `lookup(key)`, then answer with the value the tool gave), then 40 GRPO steps on
+    episodes of the `lookup` task (a random table per episode, reachable only through the tool; 1-digit
+    values, so the no-tool control, `--task_params '{value_digits: 1, tools: false}'`, scores about 10%)."""
+    return {
+        "model": "tiny-moe",
+        "task": "lookup",
+        "task_params": {"value_digits": 1},
+        "warm_start": {"steps": 500, "batch_size": 32, "lr": 3e-3},
+        "steps": 40,
+        "rollout": {"batch_size": 8, "n_samples_per_prompt": 8, "max_response_len": 80, "temperature": 1.0},
+        "agent": {"max_turns": 2, "max_tokens": 512},
+        "trainer": {"optim": {"lr": 2e-4, "schedule": "cosine", "min_lr_ratio": 0.1}},
+        "eval": {"every": 10, "num_prompts": 64},
+        "checkpoint": {"enabled": False},
+        "obs": {"tensorboard": False},
+    }
+
+
 RECIPES: dict[str, Callable[[], RunConfig]] = {
     "tiny-generate": tiny_generate,
     "tiny-arithmetic": tiny_arithmetic,
+    "tiny-lookup": tiny_lookup,
 }
 
 

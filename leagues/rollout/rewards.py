@@ -5,7 +5,7 @@ Where it sits: after generation, before advantages. The loop builds one `RewardS
 calls `await scorer.score(samples)` (or `scorer.score_sync(samples)`) each step; every sample carries its
 inputs in `metadata["prompt_text"]`, `["response_text"]` and `["label"]`, and gets `sample.reward` set.
 
-    REWARDS    exact, math, countdown, format (verifiers.py), remote      RewardConfig -> reward function
+    REWARDS    exact, math, countdown, format (verifiers.py), remote, env   RewardConfig -> reward function
     user       "pkg.module:function" or "path/to/file.py:function"
 
 A per-sample reward is `fn(prompt, response, label, metadata) -> float`; a group reward (`group=True`) is
@@ -75,8 +75,8 @@ class RewardConfig:
     """`--reward NAME` sets `reward.name`."""
 
     name: str = "exact"
-    """A key of REWARDS (exact, math, countdown, format, remote), 'pkg.module:function' (importable from sys.path) or
-    'path/to/file.py:function' (relative to the working directory)."""
+    """A key of REWARDS (exact, math, countdown, format, remote, env: a multi-turn env's own), 'pkg.module:function'
+    (importable from sys.path) or 'path/to/file.py:function' (relative to the working directory)."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the reward: `pattern` and `match` for format; passed on to user functions."""
     group: bool = False
@@ -162,7 +162,15 @@ def _build_format(cfg: RewardConfig) -> RewardFn:
     return make_format_reward(**cfg.reward_kwargs)
 
 
+def env_reward(prompt: str, response: str, label: Any, metadata: dict) -> float:
+    """The reward a multi-turn environment gave its episode (`metadata["env_reward"]`; none given: 0)."""
+    if "env_reward" not in metadata:
+        raise ValueError("reward 'env': the sample has no environment reward (run with --env or an env task)")
+    return float(metadata["env_reward"] or 0.0)
+
+
 REWARDS: dict[str, Callable[[RewardConfig], RewardFn]] = {
+    "env": _no_kwargs(env_reward),
     "exact": _no_kwargs(exact_reward),
     "math": _no_kwargs(math_reward),
     "countdown": _no_kwargs(countdown_reward),

@@ -8,6 +8,7 @@ that scores answers to them.
 
     TASKS   arithmetic   "17+25="                  -> "42"          reward exact
             countdown    "use 3 7 25 to make 46:"  -> "25+(3*7)"    reward countdown
+            lookup       "table QXBZ: value of c?" -> lookup(c) -> "17"   reward env (multi-turn, a tool)
 
 Decisions:
 - The split of a problem is decided by a hash of the task name and the prompt text (the `test_fraction`
@@ -54,6 +55,8 @@ class Task:
     name: ClassVar[str]
     config_cls: ClassVar[type[TaskConfig]]
     reward_name: ClassVar[str]
+    env: ClassVar[str] = ""
+    """'module:Factory' of the multi-turn environment the task's episodes run in; empty: single turn."""
 
     def __init__(self, config: TaskConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()
@@ -210,9 +213,57 @@ def _wrap(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# lookup (multi-turn, with a tool)
+
+
+@dataclass(kw_only=True, slots=True)
+class LookupConfig(TaskConfig):
+    num_keys: int = 4
+    """Keys per table (the letters a, b, c, ...)."""
+    value_digits: int = 2
+    """Digits of a value: a guess is right with probability 10^-value_digits."""
+    tools: bool = True
+    """Give the model the `lookup` tool; false is the no-tool control (the value cannot be known)."""
+
+
+class LookupTask(Task):
+    """Each episode has its own random key→value table, reachable only through a `lookup(key)` tool; the
+    model is asked for one key's value and the reward is 1 for the exact value. Rows carry the table and key
+    (`label`) and a demonstration (`messages`: the call, the tool's answer, the value) for the warm start."""
+
+    name = "lookup"
+    config_cls = LookupConfig
+    reward_name = "env"
+    env = "leagues.agent.lookup:LookupEnv"
+
+    def check_config(self) -> None:
+        cfg = self.config
+        if not 1 <= cfg.num_keys <= 26 or not 1 <= cfg.value_digits <= 6:
+            raise ValueError(f"lookup: need 1 <= num_keys <= 26 and 1 <= value_digits <= 6, got {cfg}")
+
+    def sample_row(self, rng: random.Random) -> dict[str, Any]:
+        cfg = self.config
+        keys = [chr(ord("a") + i) for i in range(cfg.num_keys)]
+        table = {k: str(rng.randrange(10**cfg.value_digits)).zfill(cfg.value_digits) for k in keys}
+        key = rng.choice(keys)
+        # the table's name tells episodes apart; capitals and no digits, so nothing in it looks like a key or value
+        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(4))
+        prompt = f"table {name}: value of {key}?"
+        call = json.dumps({"name": "lookup", "arguments": {"key": key}})
+        messages = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
+            {"role": "tool", "content": table[key]},
+            {"role": "assistant", "content": table[key]},
+        ]
+        label = {"table": table, "key": key, "tools": cfg.tools}
+        return {"prompt": prompt, "label": label, "response": table[key], "messages": messages}
+
+
+# ---------------------------------------------------------------------------------------------------
 # registry and helpers
 
-TASKS: dict[str, Task] = {task.name: task for task in (ArithmeticTask(), CountdownTask())}
+TASKS: dict[str, Task] = {task.name: task for task in (ArithmeticTask(), CountdownTask(), LookupTask())}
 """Every built-in task with its default parameters; `make_task` builds one with others."""
 
 

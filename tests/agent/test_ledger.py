@@ -20,7 +20,7 @@ def test_a_multi_turn_trajectory_becomes_one_token_exact_sample(engine):
         ledger.check_request(request)
         out = engine.generate([request], params)[0]
         ledger.append_sampled(out.token_ids, out.logprobs, out.weight_version)
-        ledger.set_routes(out.routed_experts)
+        ledger.add_routes(out.routed_experts)  # whole records: only the new rows are kept
         if turn < 2:
             ledger.append_context(observations[turn])
     sample = ledger.to_sample(Termination.MAX_TURNS, reward=1.0)
@@ -56,6 +56,15 @@ def test_terminations_map_to_statuses_and_routes_must_cover_the_trajectory():
     ledger.append_sampled([7], [-0.1], weight_version=4)
     assert ledger.to_sample(Termination.ABORT).status == SampleStatus.ABORTED
     assert ledger.to_sample("done").weight_version == 4
-    ledger.set_routes(torch.zeros(1, 2, 2))
+    ledger.append_context([8])
+    ledger.add_routes(torch.zeros(1, 2, 2), start=0)
     with pytest.raises(LedgerError, match="routes cover 1 tokens"):
         ledger.to_sample(Termination.DONE)
+    with pytest.raises(LedgerError, match="leave a gap"):
+        ledger.add_routes(torch.zeros(1, 2, 2), start=2)
+    ledger.add_routes(torch.ones(2, 2, 2), start=1)  # a delta from the first token without a row
+    assert ledger.to_sample(Termination.DONE).routed_experts.sum() == 8
+    with pytest.raises(LedgerError, match="routes cover 4 tokens"):
+        ledger.add_routes(torch.ones(4, 2, 2), start=0)
+    with pytest.raises(LedgerError, match="routes cover"):
+        ledger.add_routes(torch.ones(4, 2, 2))  # ending at the last routed token, it would start before token 0

@@ -62,7 +62,7 @@ def test_bad_value_and_bad_recipe_exit_2(capsys):
     assert run_main(["generate", "--temperature", "-1"]) == 2
     assert "temperature: must be >= 0" in capsys.readouterr().err
     assert run_main(["generate", "--recipe", "nope"]) == 2
-    assert "unknown recipe 'nope' (known: tiny-arithmetic, tiny-generate)" in capsys.readouterr().err
+    assert "unknown recipe 'nope' (known: tiny-arithmetic, tiny-generate, tiny-lookup)" in capsys.readouterr().err
     assert run_main(["convert", "--recipe", "tiny-generate"]) == 2
     assert "recipe 'tiny-generate' for `leagues convert`: unknown config key 'prompt'" in capsys.readouterr().err
 
@@ -100,6 +100,10 @@ def test_recipes_registry():
     assert from_dict(GenerateConfig, get_recipe("tiny-generate")).model == "tiny-moe"
     with pytest.raises(ValueError, match="known: tiny-arithmetic, tiny-generate"):
         get_recipe("nope")
+    from leagues.loop import TrainConfig
+
+    lookup = from_dict(TrainConfig, get_recipe("tiny-lookup"))
+    assert lookup.task == "lookup" and lookup.agent.max_turns == 2 and lookup.warm_start.steps == 500
 
 
 # ---------------------------------------------------------------------------------------------------
