@@ -63,7 +63,16 @@ def test_train_with_a_users_agent_from_the_command_line(tmp_path):
     args = ["train", "--data", str(data), "--agent", "tests.agent.agents_for_tests:three_turns", "--steps", "1"]
     args += ["--rollout.batch_size", "2", "--rollout.n_samples_per_prompt", "2", "--rollout.max_response_len", "4"]
     stops = "[" + ",".join("abcdefghijklmnopqrstuvwxyz") + "]"  # the random model's turns end early
-    args += ["--rollout.stop", stops, "--obs.tensorboard", "false", "--report", "false", "--checkpoint.enabled", "false"]
+    args += [
+        "--rollout.stop",
+        stops,
+        "--obs.tensorboard",
+        "false",
+        "--report",
+        "false",
+        "--checkpoint.enabled",
+        "false",
+    ]
     assert main([*args, "--run_dir", str(tmp_path / "run")]) == 0
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["rollout/failed"] == 0 and row["rollout/reward_mean"] == 0.5
