@@ -30,8 +30,8 @@ ENGINE_ARGS = ["--engine.num_blocks", "1024", "--engine.max_model_len", "96"]
 PROMPT_IDS = [5, 17, 33, 42, 8, 64, 71]
 
 
-def _launch(*args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "leagues.cli", "serve", "--port", "0", *ENGINE_ARGS, *args]
+def _launch(*args: str, engine_args: list[str] = ENGINE_ARGS) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "leagues.cli", "serve", "--port", "0", *engine_args, *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
 
 
@@ -48,11 +48,12 @@ def _wait_url(proc: subprocess.Popen, timeout: float = 60) -> str:
     raise RuntimeError("server did not start:\n" + "".join(lines))
 
 
-@pytest.fixture(scope="module")
-def servers():
-    procs = [_launch(), _launch("--api_key", API_KEY, "--admin_key", ADMIN_KEY)]
+@contextlib.contextmanager
+def serving(*arg_lists: list[str], engine_args: list[str] = ENGINE_ARGS, timeout: float = 60):
+    """`leagues serve` processes on loopback, one per argument list; yields their URLs, stops them after."""
+    procs = [_launch(*args, engine_args=engine_args) for args in arg_lists]
     try:
-        yield [_wait_url(p) for p in procs]
+        yield [_wait_url(p, timeout) for p in procs]
     finally:
         for p in procs:
             p.terminate()
@@ -61,6 +62,12 @@ def servers():
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+@pytest.fixture(scope="module")
+def servers():
+    with serving([], ["--api_key", API_KEY, "--admin_key", ADMIN_KEY]) as urls:
+        yield urls
 
 
 @pytest.fixture(scope="module")

@@ -19,28 +19,11 @@ import pytest
 
 from leagues.engine import Engine, SamplingParams
 from leagues.model import write_tiny_moe
+from tests.engine.test_server import serving
 
 API_KEY, ADMIN_KEY = "user-key", "admin-key"
 PLAIN, ADMIN = {"Authorization": f"Bearer {API_KEY}"}, {"Authorization": f"Bearer {ADMIN_KEY}"}
 LONG = {"max_new_tokens": 1500, "ignore_eos": True, "temperature": 0}
-
-
-def _launch(*args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "leagues.cli", "serve", "--port", "0", "--engine.num_blocks", "1024", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-
-
-def _wait_url(proc: subprocess.Popen, timeout: float = 90) -> str:
-    deadline, lines = time.monotonic() + timeout, []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line)
-        if m := re.search(r"listening on (http://\S+)", line):
-            return m.group(1)
-    proc.kill()
-    raise RuntimeError("server did not start:\n" + "".join(lines))
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +38,8 @@ def servers(roots):
     busy += ["--limits.max_request_tokens", "20000", "--limits.max_request_bytes", "100000"]
     keyed = ["--host", "0.0.0.0", "--api_key", API_KEY, "--admin_key", ADMIN_KEY, "--weights_root", str(roots[0])]
     keyed += ["--engine.max_model_len", "256", "--limits.weight_group_timeout", "2"]
-    procs = [_launch(*busy), _launch(*keyed)]
-    try:
-        yield [_wait_url(p) for p in procs]
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    with serving(busy, keyed, engine_args=["--engine.num_blocks", "1024"], timeout=90) as urls:
+        yield urls
 
 
 @pytest.fixture(scope="module")
