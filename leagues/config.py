@@ -9,6 +9,7 @@ dataclasses; this module is the only machinery they need:
     dump_yaml / load_yaml       the resolved config of a run, written atomically and read back
     apply_overrides(cfg, args)  `--train.lr 1e-6`, `--train.lr=1e-6`, `--flag`, `--no-flag`
     describe(cls)               dotted key, type, default and field doc of every knob, for `--help`
+    load_named(spec, what, form) the Python object a 'module:name' value names (rewards, envs, agents...)
 
 Decisions:
 - Strict: an unknown key or a value of the wrong type raises `ValueError` naming the full dotted key
@@ -35,6 +36,7 @@ import dataclasses
 import difflib
 import enum
 import functools
+import importlib
 import inspect
 import os
 import tempfile
@@ -521,3 +523,15 @@ def _replace_at(cfg: Any, path: KeyPath, value: Any) -> Any:
     new = copy.copy(cfg)
     object.__setattr__(new, name, value)
     return new
+
+
+def load_named(spec: str, what: str, form: str = "module:name"):
+    """The object that a config value of the form 'module:name' names; a `ValueError` naming `what`, the value
+    and the expected `form` when it is malformed or cannot be imported."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{what} {spec!r}: expected '{form}'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{what} {spec!r}: cannot load it: {e}") from None

@@ -20,22 +20,16 @@ Decisions:
 """
 
 import asyncio
-import importlib
 import socket
 
 from leagues.agent.sessions import SessionStore, session_router
+from leagues.config import load_named
 from leagues.rollout.generate import GenerateContext, GenerateFn
 from leagues.types import Sample
 
 
 def load_agent(spec: str):
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"agent {spec!r}: expected 'module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"agent {spec!r}: cannot load it: {e}") from None
+    fn = load_named(spec, "agent", "module:function")
     if not asyncio.iscoroutinefunction(fn):
         raise ValueError(f"agent {spec!r}: must be an `async def run(base_url, prompt, sampling, metadata)`")
     return fn

@@ -32,7 +32,6 @@ Decisions:
   conversation is `metadata["messages"]`, the env's info `metadata["env_info"]`, for reward functions.
 """
 
-import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -42,6 +41,7 @@ from leagues.agent.env import Env, StepResult, ToolEnv, ToolLimits, assistant_me
 from leagues.agent.ledger import Ledger, Termination
 from leagues.agent.render import ChatRender
 from leagues.agent.tool_calls import TOOL_CALL_PARSERS, parse_tool_calls
+from leagues.config import load_named
 from leagues.rollout.generate import GenerateContext, GenerateFn
 from leagues.types import FinishReason, Sample
 
@@ -81,15 +81,9 @@ class AgentConfig:
 
 def load_env_factory(spec: str) -> Callable[[], Env]:
     """The env class or factory named by 'module:Name' (called with no arguments, once per episode)."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"env {spec!r}: expected 'module:Factory'")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"env {spec!r}: cannot load it: {e}") from None
+    factory = load_named(spec, "env", "module:Factory")
     if not callable(factory):
-        raise ValueError(f"env {spec!r}: {attr} is not a class or function")
+        raise ValueError(f"env {spec!r}: not a class or function")
     return factory
 
 

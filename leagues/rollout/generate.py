@@ -27,7 +27,6 @@ Legend: G groups (prompts) of K samples.
 """
 
 import asyncio
-import importlib
 import math
 import statistics
 import time
@@ -36,6 +35,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from leagues.config import load_named
 from leagues.engine.client import EngineClient
 from leagues.rollout.data import Prompt
 from leagues.rollout.rewards import RewardScorer
@@ -153,11 +153,7 @@ def load_generate_fn(spec: str) -> GenerateFn:
     """The generate function named by `spec` ('module:function'), or the single-turn default."""
     if not spec:
         return single_turn
-    module_name, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"RolloutConfig.generate_fn: cannot load {spec!r}: {e}") from None
+    fn = load_named(spec, "rollout.generate_fn", "module:function")
     if not asyncio.iscoroutinefunction(fn):
         raise ValueError(f"RolloutConfig.generate_fn: {spec!r} must be an `async def generate(ctx, sample)`")
     return fn

@@ -50,7 +50,7 @@ CASES = {  # name: (arguments, the error's text); {name} is an input file of `fi
     "reward parameter": (f"{TRAIN} --data {{ok}} --reward.name {{reward_args}}:fn", "{reward_args}:4): parameter"),
     "reward syntax": (f"{TRAIN} --data {{ok}} --reward.name {{reward_syntax}}:fn", "reward_syntax.py, line 2"),
     "reward name": (f"{TRAIN} --data {{ok}} --reward.name nosuch", "RewardConfig.name: unknown reward 'nosuch'"),
-    "generate function": (f"{TRAIN} --task arithmetic --rollout.generate_fn no.mod:gen", "cannot load 'no.mod:gen'"),
+    "generate function": (f"{TRAIN} --task arithmetic --rollout.generate_fn no.mod:gen", "no.mod:gen': cannot load"),
     "data json": (f"{TRAIN} --data {{bad_json}} --reward.name exact", "{bad_json}:2: invalid JSON"),
     "data field": (f"{TRAIN} --data {{no_prompt}} --reward.name exact", "{no_prompt}:3: field 'prompt': missing"),
     "data prompt length": (f"{TRAIN} --data {{long}} --reward.name exact", "{long}:1: prompt has 6019 tokens"),
