@@ -131,8 +131,7 @@ class Engine:
         on_token: TokenCallback | None = None,
     ) -> Future:
         """Queue one request; the future resolves to its list of n outputs. `on_token(sample_index, token_id,
-        logprob)` runs on the engine thread for every sampled token (streaming): keep it quick; one that raises
-        is dropped (the request goes on without it)."""
+        logprob)` runs on the engine thread for every sampled token (streaming): quick; one that raises is dropped."""
         ids = prompt_ids(prompt, self.tokenizer)
         check_prompt(ids, params, self.model.config.vocab_size, self.max_model_len, self.blocks, self.runner)
         future: Future = Future()
@@ -232,8 +231,6 @@ class Engine:
 
     def fail_all(self, err: Exception) -> None:
         self.table.fail_all(err)
-
-    # --- requests -------------------------------------------------------------------------------
 
     # --- one step -------------------------------------------------------------------------------
 
