@@ -140,8 +140,15 @@ def parity(engine: Engine, model, vocab: int, out: str) -> None:
 
 
 def decode_rows(engine, model, hf, args, ceilings_, deterministic: bool, batches) -> None:
+    overlaps = {"on": [True], "off": [False], "both": [True, False]}[args.overlap]
+    for overlap in overlaps if not deterministic else [False]:
+        engine.config.overlap_scheduling = overlap  # read at every launch
+        _decode_rows(engine, model, hf, args, ceilings_, deterministic, batches, overlap)
+
+
+def _decode_rows(engine, model, hf, args, ceilings_, deterministic: bool, batches, overlap: bool) -> None:
     bandwidth, peak = ceilings_
-    hf_batches = {int(b) for b in args.hf_batches.split(",") if b}
+    hf_batches = {int(b) for b in args.hf_batches.split(",") if b} if overlap or deterministic else set()
     hf_new = {int(n) for n in args.hf_new_tokens.split(",") if n}
     for new_tokens in (int(n) for n in args.new_tokens.split(",")):
         for batch_size in batches:
@@ -158,6 +165,7 @@ def decode_rows(engine, model, hf, args, ceilings_, deterministic: bool, batches
                 new_tokens=new_tokens,
                 temperature=args.temperature,
                 deterministic=deterministic,
+                overlap=overlap,
                 step_ms=round(step * 1e3, 3),
                 floor_ms=round(floor * 1e3, 3),
                 step_over_floor=round(step / floor, 2),
@@ -185,6 +193,7 @@ def main():
     parser.add_argument("--kv-fraction", type=float, default=0.3)
     parser.add_argument("--compile-model", default="auto")
     parser.add_argument("--no-parity", action="store_true")
+    parser.add_argument("--overlap", default="on", choices=["on", "off", "both"], help="overlap scheduling")
     parser.add_argument("--out", default=os.path.join(OUT, "engine.jsonl"))
     args = parser.parse_args()
     import transformers

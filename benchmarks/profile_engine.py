@@ -21,9 +21,10 @@ from leagues.engine.requests import Add
 
 
 def timed_steps(engine: Engine, num_steps: int) -> dict[str, float]:
-    """Run `num_steps` steps in this thread, timing each phase with a device sync around it."""
+    """Run `num_steps` steps in this thread as the engine does (`step_unsynced`), then `num_steps` more timing
+    each phase with a device sync around it (which undoes overlap scheduling)."""
     totals = defaultdict(float)
-    original = {name: getattr(engine.runner, name) for name in ("prepare", "_replay", "execute")}
+    original = {name: getattr(engine.runner, name) for name in ("prepare", "execute", "launch", "land")}
 
     def wrap(name, fn):
         def inner(*args, **kwargs):
@@ -36,6 +37,12 @@ def timed_steps(engine: Engine, num_steps: int) -> dict[str, float]:
 
         return inner
 
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        engine.step()
+    torch.cuda.synchronize()
+    totals["step_unsynced"] = time.perf_counter() - start
     for name, fn in original.items():
         setattr(engine.runner, name, wrap(name, fn))
     torch.cuda.synchronize()
@@ -78,6 +85,8 @@ def main():
         kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 20
         print(f"batch {batch}: {kernels:.0f} GPU kernels and copies a step")
         print(events.table(sort_by=args.sort, row_limit=22, max_name_column_width=60))
+        if engine.stepper.inflight is not None:
+            engine.stepper.land()
         for rid in list(engine.requests):
             engine.table.abort(rid)
 

@@ -7,7 +7,8 @@
 
 One background thread owns all engine state and runs the step loop in nano-vllm's shape: the scheduler
 picks the batch, the runner computes and samples it, the scheduler post-processes its tokens (append, stop
-rules), and `requests.Requests` forks, streams and finishes requests. Callers send typed messages (`Add`,
+rules), and `requests.Requests` forks, streams and finishes requests (`leagues.engine.step`, which also
+launches a decode step before the one in flight lands: overlap scheduling). Callers send typed messages (`Add`,
 `Abort`, `Call`) and wait on futures, so weight loads, sleep, wake and aborts run between steps and never
 race one. Outputs carry the weight version that produced them.
 
@@ -33,9 +34,8 @@ from leagues.engine.expert_parallel import Lockstep, is_split, load_expert_paral
 from leagues.engine.output import Output
 from leagues.engine.requests import Abort, Add, Call, Requests, TokenCallback, check_prompt, prompt_ids, resolve
 from leagues.engine.runner import ModelRunner
-from leagues.engine.sampler import SamplingTensors, graph_sampling, row_seed, sample
 from leagues.engine.scheduler import Scheduler, StopRules
-from leagues.engine.sequence import Sequence
+from leagues.engine.step import Stepper
 from leagues.model import Transformer, load_pretrained, load_tokenizer, resolve_model_path
 from leagues.model.checkpoint import load_named_tensors, weight_targets
 from leagues.types import SamplingParams
@@ -69,7 +69,8 @@ class Engine:
         self.model.eval().set_moe_impl(cfg.moe_impl)
         self._lockstep = Lockstep(self.model, ep_group, ep_control_group) if is_split(ep_group) else None
         if self._lockstep is not None:
-            cfg = replace(cfg, cuda_graphs=False)  # the dispatch reads token counts on the host
+            # the dispatch reads token counts on the host, and every step must run a forward in lockstep
+            cfg = replace(cfg, cuda_graphs=False, overlap_scheduling=False)
         if cfg.deterministic:
             self.model.set_batch_invariant()  # the kernels sync nothing with the host: CUDA graphs still apply
         self.config, self.tokenizer, self._weight_targets = cfg, tokenizer, None
@@ -86,6 +87,7 @@ class Engine:
         self.requests, self.stats = self.table.states, self.table.stats
         self._request_ids = itertools.count()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.stepper = Stepper(self.scheduler, self.runner, self.table, cfg, self._inbox, lambda: self.weight_version)
         self._wake_event = threading.Event()
         self._thread: threading.Thread | None = None
         self.failure: Exception | None = None
@@ -213,6 +215,8 @@ class Engine:
         self.fail_all(self.failure or RuntimeError("engine is closed"))
 
     def _drain_inbox(self) -> None:
+        if self.stepper.inflight is not None and not self._inbox.empty():
+            self.stepper.land()  # messages see sequences without placeholders
         while True:
             try:
                 message = self._inbox.get_nowait()
@@ -230,41 +234,14 @@ class Engine:
                     resolve(message.future, error=err)
 
     def fail_all(self, err: Exception) -> None:
+        self.stepper.inflight = None
         self.table.fail_all(err)
 
     # --- one step -------------------------------------------------------------------------------
 
     def step(self) -> bool:
-        """Schedule, run and post-process one batch; False when there was nothing to run."""
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return False
-        sampling = [item.seq for item in batch.items if item.samples]
-        graph = batch.is_decode and bool(self.runner.graphs) and not self.config.deterministic
-        rows = [(s.params, row_seed(s.seed, s.sample_index), s.num_output_tokens) for s in sampling] if graph else []
-        logits_RV, result = self.runner.execute(batch, graph_sampling(rows) if graph else None)
-        self.scheduler.computed(batch)
-        rows = sampling
-        if result is None:  # sample after the step: prefill (forks n samples), truncation, deterministic mode
-            rows, index = self.table.fork(sampling)
-            seeds = [row_seed(s.seed, s.sample_index) for s in rows]
-            tensors = SamplingTensors.from_params(
-                [(s.params, s.num_output_tokens) for s in rows], logits_RV.device, seeds
-            )
-            result = sample(logits_RV[index], tensors, self.config.deterministic)
-        self._postprocess(rows, result)
-        self.stats["steps"] += 1
-        return True
-
-    def _postprocess(self, rows: list[Sequence], result) -> None:
-        token_ids, logprobs = result.token_ids_B.tolist(), result.logprobs_B.tolist()
-        top = None
-        if result.top_ids_BK is not None:
-            top = list(zip(result.top_ids_BK.tolist(), result.top_logprobs_BK.tolist(), strict=True))
-        finished = self.scheduler.postprocess(rows, token_ids, logprobs, top, self.weight_version)
-        self.table.emit(rows, token_ids, logprobs)
-        for seq, reason in finished:
-            self.table.finish(seq, reason)
+        """Schedule, run and post-process one batch (`leagues.engine.step`); False when there was nothing to run."""
+        return self.stepper.step()
 
     # --- weights and memory ---------------------------------------------------------------------
 

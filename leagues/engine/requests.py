@@ -81,7 +81,7 @@ class Requests:
     def __init__(self, scheduler: Scheduler, blocks: BlockManager, tokenizer, routes_of, seed: int) -> None:
         self.scheduler, self.blocks, self.tokenizer, self.routes_of = scheduler, blocks, tokenizer, routes_of
         self.states: dict[str, RequestState] = {}
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "cached_tokens": 0, "steps": 0}
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "cached_tokens": 0, "steps": 0, "overlapped_steps": 0}
         self._rng = random.Random(seed)
         self._ids = itertools.count()
 

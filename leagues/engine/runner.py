@@ -11,8 +11,10 @@ norm are compiled by default on CUDA (`EngineConfig.compile_model`: `torch.compi
 router and MoE glue; attention is the opaque `leagues::paged_attend` operator, so the cache is never
 traced). A graph holds the whole decode step: the forward, the LM head, the routes' cache write and, for
 rows without truncation outside deterministic mode, the sampler (`sample_plain`). Its inputs live in one
-persistent buffer (`DecodeBuffers`): the host fills a pinned copy in place and one host-to-device copy
-a step moves it; the sampled tokens and logprobs come back in one small copy each.
+persistent buffer (`DecodeBuffers`): the host fills one of two pinned copies in place and one host-to-device
+copy a step moves it; the sampled tokens and logprobs come back in one small copy each. Such steps are
+*launched* (`launch`, then `land` waits for their tokens), with or without a graph, so the engine can start
+the next step first: a row's input token may be taken on the device from the previous step's samples.
 
 Legend: T tokens in the step, B sequences, M max blocks per sequence, V vocab, D model dim.
 """
@@ -25,7 +27,7 @@ import torch
 from leagues.engine import memory
 from leagues.engine.attention import OpaqueAttention, PagedAttention, active_backend
 from leagues.engine.config import EngineConfig
-from leagues.engine.sampler import GraphSampling, SampleOutput
+from leagues.engine.sampler import GraphSampling
 from leagues.engine.scheduler import ScheduledBatch
 from leagues.kernels.sampling import sample_plain
 from leagues.model import ForwardBatch, Transformer
@@ -42,6 +44,7 @@ class _NoTokens:
 
 _FIELDS = (
     ("input_ids", torch.int64),
+    ("prev_rows", torch.int64),
     ("positions", torch.int64),
     ("slots", torch.int64),
     ("seeds", torch.int64),
@@ -52,9 +55,11 @@ _FIELDS = (
 
 
 class DecodeBuffers:
-    """The persistent inputs of graph decode steps: typed views of one byte buffer, pinned on the host and
-    resident on the device, so a step is filled in place on the host and moved by one copy. The block
-    table comes last, so the copy stops after the rows the step uses."""
+    """The persistent inputs and outputs of decode steps that sample in the step: typed views of one byte
+    buffer resident on the device, filled from one of two pinned host copies (a step fills one while the copy
+    of the step before may still be queued) by one copy a step. The block table comes last, so the copy stops
+    after the rows the step uses. `sampled` keeps the last step's tokens on the device: a row whose
+    `prev_rows` is r >= 0 takes its input token from row r of the step before (overlap scheduling)."""
 
     def __init__(self, max_rows: int, max_blocks: int, device: torch.device) -> None:
         layout, offset = {}, 0
@@ -62,15 +67,27 @@ class DecodeBuffers:
             layout[name] = (offset, dtype, (max_rows,))
             offset += -(-max_rows * dtype.itemsize // 8) * 8
         layout["block_tables"] = (offset, torch.int32, (max_rows, max_blocks))
-        self.table_offset, self.row_bytes = offset, max_blocks * 4
+        self.max_rows, self.table_offset, self.row_bytes = max_rows, offset, max_blocks * 4
         size = offset + max_rows * self.row_bytes
         pinned = device.type == "cuda"
-        self.host_bytes = torch.zeros(size, dtype=torch.uint8, pin_memory=pinned)
+        self.host_bytes = [torch.zeros(size, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
         self.device_bytes = torch.zeros(size, dtype=torch.uint8, device=device)
-        self.host = self._views(self.host_bytes, layout)
+        self.hosts = [self._views(b, layout) for b in self.host_bytes]
         self.device = self._views(self.device_bytes, layout)
-        self.tokens_out = torch.zeros(max_rows, dtype=torch.int64, pin_memory=pinned)
-        self.logprobs_out = torch.zeros(max_rows, dtype=torch.float32, pin_memory=pinned)
+        self.sampled = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.tokens_out = [torch.zeros(max_rows, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
+        self.logprobs_out = [torch.zeros(max_rows, dtype=torch.float32, pin_memory=pinned) for _ in range(2)]
+        self.events = [torch.cuda.Event() for _ in range(2)] if pinned else [None, None]
+        self.turn = 0
+
+    @property
+    def host(self) -> dict[str, torch.Tensor]:
+        return self.hosts[self.turn]
+
+    def flip(self) -> dict[str, torch.Tensor]:
+        """The other host copy, for the next step (the one before last has landed: its copy is done)."""
+        self.turn ^= 1
+        return self.host
 
     @staticmethod
     def _views(buffer: torch.Tensor, layout: dict) -> dict[str, torch.Tensor]:
@@ -82,7 +99,16 @@ class DecodeBuffers:
 
     def upload(self, num_rows: int) -> None:
         end = self.table_offset + num_rows * self.row_bytes
-        self.device_bytes[:end].copy_(self.host_bytes[:end], non_blocking=True)
+        self.device_bytes[:end].copy_(self.host_bytes[self.turn][:end], non_blocking=True)
+
+
+@dataclass(slots=True)
+class Launched:
+    """A decode step on its way: its tokens and logprobs land in the `turn` output copies after `event`."""
+
+    num_rows: int
+    turn: int
+    event: torch.cuda.Event | None
 
 
 @dataclass(slots=True)
@@ -117,7 +143,8 @@ class ModelRunner:
         if self.compiled:
             _compile_modules(model)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
-        self.buffers: DecodeBuffers | None = None
+        rows = max(cfg.max_num_seqs, *self.graph_batch_sizes) if self.use_graphs else cfg.max_num_seqs
+        self.buffers = DecodeBuffers(rows, self.max_blocks, self.device)
         self.kv_cache = self.routes_cache = None
         self._memory: memory.MappedMemory | None = None
         self._views: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -253,18 +280,53 @@ class ModelRunner:
         return out.hidden_TD
 
     @torch.inference_mode()
-    def execute(
-        self, batch: ScheduledBatch, sampling: GraphSampling | None = None
-    ) -> tuple[torch.Tensor, SampleOutput | None]:
-        """Logits [R, V] (float32) of the sequences that sample this step, in batch order, and, for a graph
-        decode step given `sampling`, their sampled tokens and logprobs (on the host); else None."""
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits [R, V] (float32) of the sequences that sample this step, in batch order."""
         self.copy_blocks(batch.copies)
         graph_size = self._graph_size(batch)
         if graph_size is not None:
-            return self._replay(graph_size, batch, sampling)
+            graph, outputs = self.graphs[graph_size]
+            self._fill([item.seq for item in batch.items], None, None, graph_size)
+            graph.replay()
+            return outputs["logits"][: len(batch.items)].float()
         inputs = self.prepare(batch)
         hidden_TD = self._run(inputs.attention, inputs.input_ids_T, inputs.positions_T)
-        return self.model.logits(hidden_TD[inputs.sample_rows_R]).float(), None
+        return self.model.logits(hidden_TD[inputs.sample_rows_R]).float()
+
+    @property
+    def max_launch_rows(self) -> int:
+        """The largest decode step `launch` takes."""
+        return self.buffers.max_rows
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, sampling: GraphSampling, prev_rows: list[int]) -> Launched:
+        """Start a decode step that samples in the step (a CUDA graph's replay, else the same step run eagerly)
+        and queue the copy of its tokens and logprobs to the host, without waiting for either: `land` waits.
+        `prev_rows[i] >= 0`: row i's input token is row `prev_rows[i]` of the previous launch's samples, still
+        on the device (its host token is a placeholder)."""
+        self.copy_blocks(batch.copies)
+        seqs = [item.seq for item in batch.items]
+        num_rows, graph_size = len(seqs), self._graph_size(batch)
+        self._fill(seqs, sampling, prev_rows, graph_size or num_rows)
+        if graph_size is not None:
+            graph, outputs = self.graphs[graph_size]
+            graph.replay()
+        else:
+            outputs = self._graph_step(num_rows, self._eager_attention(seqs))
+        turn = self.buffers.turn
+        self.buffers.tokens_out[turn][:num_rows].copy_(outputs["tokens"][:num_rows], non_blocking=True)
+        self.buffers.logprobs_out[turn][:num_rows].copy_(outputs["logprobs"][:num_rows], non_blocking=True)
+        event = self.buffers.events[turn]
+        if event is not None:
+            event.record()
+        return Launched(num_rows, turn, event)
+
+    def land(self, launched: Launched) -> tuple[list[int], list[float]]:
+        """Wait for a launched step; its sampled tokens and logprobs."""
+        if launched.event is not None:
+            launched.event.synchronize()
+        n, turn = launched.num_rows, launched.turn
+        return self.buffers.tokens_out[turn][:n].tolist(), self.buffers.logprobs_out[turn][:n].tolist()
 
     @torch.inference_mode()
     def execute_empty(self) -> None:
@@ -303,23 +365,42 @@ class ModelRunner:
             impl=self.attention_impl,
         )
 
+    def _eager_attention(self, seqs) -> PagedAttention:
+        """The backend of a launched step run without a graph: the buffers' rows, as wide as the batch needs."""
+        dev, n = self.buffers.device, len(seqs)
+        width = max(len(s.block_table) for s in seqs)
+        return PagedAttention(
+            kv_cache_2LNSGA=self.kv_cache,
+            slots_T=dev["slots"][:n],
+            block_tables_BM=dev["block_tables"][:n, :width],
+            context_lens_B=dev["context_lens"][:n],
+            cu_seqlens_q_B1=torch.arange(n + 1, dtype=torch.int32, device=self.device),
+            max_q=1,
+            max_k=max(s.num_tokens for s in seqs),
+            is_decode=True,
+            fresh=False,
+            impl=self.attention_impl,
+        )
+
     def _graph_step(self, size: int, attention: PagedAttention) -> dict:
-        """What a decode graph runs: the model, the LM head and the plain sampler over the static buffers."""
-        dev = self.buffers.device
-        hidden_BD = self._run(attention, dev["input_ids"][:size], dev["positions"][:size])
+        """What a decode graph runs: the model, the LM head and the plain sampler over the static buffers.
+        Input tokens of rows continuing the previous step come from its samples, still on the device."""
+        dev, sampled = self.buffers.device, self.buffers.sampled
+        prev_R = dev["prev_rows"][:size]
+        input_ids_B = torch.where(prev_R >= 0, sampled[prev_R.clamp(min=0)], dev["input_ids"][:size])
+        hidden_BD = self._run(attention, input_ids_B, dev["positions"][:size])
         logits_BV = self.model.logits(hidden_BD)
         if self.model.invariant_len:  # deterministic mode samples after the step, batch-invariantly
             return {"logits": logits_BV}
         args = (dev["temperature"][:size], dev["seeds"][:size], dev["steps"][:size])
         token_ids_B, logprobs_B = sample_plain(logits_BV, *args)
+        sampled[:size].copy_(token_ids_B)
         return {"logits": logits_BV, "tokens": token_ids_B, "logprobs": logprobs_B}
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
         self.graphs.clear()
         sizes = sorted(self.graph_batch_sizes, reverse=True)
-        if self.buffers is None:
-            self.buffers = DecodeBuffers(sizes[0], self.max_blocks, self.device)
         self._fill_padding(0, sizes[0])
         self.buffers.upload(sizes[0])
         pool = torch.cuda.graph_pool_handle()
@@ -338,19 +419,18 @@ class ModelRunner:
         host = self.buffers.host
         for name in ("input_ids", "positions", "seeds", "steps"):
             host[name][start:end] = 0
+        host["prev_rows"][start:end] = -1
         host["temperature"][start:end] = 0.0
         host["slots"][start:end] = self.num_blocks * self.block_size
         host["context_lens"][start:end] = 1
         host["block_tables"][start:end] = self.num_blocks
 
-    def _replay(
-        self, size: int, batch: ScheduledBatch, sampling: GraphSampling | None
-    ) -> tuple[torch.Tensor, SampleOutput | None]:
-        graph, outputs = self.graphs[size]
-        host, n, block = self.buffers.host, len(batch.items), self.block_size
-        seqs = [item.seq for item in batch.items]
+    def _fill(self, seqs, sampling: GraphSampling | None, prev_rows: list[int] | None, size: int) -> None:
+        """The next host copy of the decode buffers for `seqs` (padded to `size` rows), moved by one copy."""
+        host, n, block = self.buffers.flip(), len(seqs), self.block_size
         last = [s.num_tokens - 1 for s in seqs]
-        host["input_ids"][:n] = torch.tensor([s.token_ids[-1] for s in seqs])
+        host["input_ids"][:n] = torch.tensor([max(s.token_ids[-1], 0) for s in seqs])
+        host["prev_rows"][:n] = torch.tensor(prev_rows) if prev_rows is not None else -1
         host["positions"][:n] = torch.tensor(last)
         host["slots"][:n] = torch.tensor(
             [s.block_table[p // block] * block + p % block for s, p in zip(seqs, last, strict=True)]
@@ -365,15 +445,6 @@ class ModelRunner:
             host["steps"][:n] = torch.tensor(sampling.steps, dtype=torch.int64)
         self._fill_padding(n, size)
         self.buffers.upload(size)
-        graph.replay()
-        logits_RV = outputs["logits"][:n]
-        if sampling is None:
-            return logits_RV.float(), None
-        tokens, logprobs = self.buffers.tokens_out[:n], self.buffers.logprobs_out[:n]
-        tokens.copy_(outputs["tokens"][:n], non_blocking=True)
-        logprobs.copy_(outputs["logprobs"][:n], non_blocking=True)
-        torch.cuda.current_stream().synchronize()
-        return logits_RV, SampleOutput(tokens, logprobs)
 
 
 def _compile_modules(model: Transformer) -> None:

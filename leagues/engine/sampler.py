@@ -71,6 +71,7 @@ __all__ = [
     "mix64",
     "row_seed",
     "sample",
+    "samples_in_step",
     "sample_plain",
     "scale_logits",
 ]
@@ -146,13 +147,17 @@ def row_seed(seed: int, sample_index: int) -> int:
     return (seed + sample_index * 0x9E3779B97F4A7C15) % 2**62
 
 
+def samples_in_step(params: SamplingParams) -> bool:
+    """The step itself can sample this row (`sample_plain`): no truncation and no top logprobs."""
+    truncates = params.top_k > 0 or params.top_p < 1 or params.min_p > 0
+    return not (params.top_logprobs or (params.temperature > 0 and truncates))
+
+
 def graph_sampling(rows: list[tuple[SamplingParams, int, int]]) -> GraphSampling | None:
-    """Rows of (params, seed, step counter) as a decode graph's sampling inputs; None when a row truncates
+    """Rows of (params, seed, step counter) as a decode step's sampling inputs; None when a row truncates
     or asks for top logprobs (then `sample` runs after the step)."""
-    for params, _, _ in rows:
-        truncates = params.top_k > 0 or params.top_p < 1 or params.min_p > 0
-        if params.top_logprobs or (params.temperature > 0 and truncates):
-            return None
+    if not all(samples_in_step(params) for params, _, _ in rows):
+        return None
     return GraphSampling(
         temperature=[float(p.temperature) for p, _, _ in rows],
         seeds=[int64_pattern(seed) for _, seed, _ in rows],

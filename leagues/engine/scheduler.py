@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from leagues.engine.block_manager import BlockManager
-from leagues.engine.sequence import SeqStatus, Sequence
+from leagues.engine.sequence import PENDING, SeqStatus, Sequence
 from leagues.types import FinishReason
 
 
@@ -37,6 +37,12 @@ class StopRules:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         return cls(eos, tokenizer, max_model_len)
+
+    def ends_in_flight(self, seq: Sequence) -> bool:
+        """The token a step in flight samples for `seq` (a placeholder yet) is its last, whatever it is."""
+        if seq.token_ids[-1] != PENDING:
+            return False
+        return seq.num_output_tokens >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len
 
     def reason(self, seq: Sequence) -> FinishReason | None:
         """Why `seq` ends after its newest token, or None."""
@@ -142,8 +148,8 @@ class Scheduler:
     def _schedule_decode(self) -> list[ScheduledSeq]:
         items: list[ScheduledSeq] = []
         for seq in list(self.running)[: self.max_num_seqs]:
-            if seq.status != SeqStatus.RUNNING:
-                continue  # preempted by an earlier sequence of this step
+            if seq.status != SeqStatus.RUNNING or self.stop.ends_in_flight(seq):
+                continue  # preempted by an earlier sequence of this step, or its last token is in flight
             while not self.blocks.allocate_slots(seq, 1):
                 victim = self.running[-1]
                 self.preempt(victim)

@@ -11,6 +11,9 @@ from enum import StrEnum
 
 from leagues.types import FinishReason, SamplingParams
 
+PENDING = -1
+"""The placeholder of a token sampled by a step in flight (overlap scheduling): replaced when the step lands."""
+
 
 class SeqStatus(StrEnum):
     WAITING = "waiting"

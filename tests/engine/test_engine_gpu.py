@@ -141,3 +141,25 @@ def test_sleep_and_wake_keep_the_graphs_and_free_the_cache(tiny_path):
         engine.wake()
         again = _sampled(engine, prompts)
     assert [o.token_ids for o in after] == [o.token_ids for o in before] == [o.token_ids for o in again]
+
+
+def test_overlapped_graph_steps_give_the_waiting_engines_outputs(tiny_path):
+    """Graph steps launched before the previous step lands (input tokens taken on the device from its samples)
+    against the same engine waiting for every step; stop tokens end sequences while a step is in flight."""
+    prompts = make_prompts([3, 9, 17, 30, 5, 12], VOCAB, seed=6)
+    params = [
+        SamplingParams(temperature=1.0, max_new_tokens=n, seed=i, n=2, stop_token_ids=list(range(10, 25)),
+                       return_routed_experts=True)
+        for i, n in enumerate([12, 40, 7, 30, 1, 25])
+    ]  # fmt: skip
+    runs = {}
+    for overlap in (False, True):
+        with engine_of(tiny_path, dtype="float32", num_blocks=256, overlap_scheduling=overlap) as engine:
+            assert engine.runner.graphs
+            runs[overlap] = engine.generate(prompts, params), engine.stats["overlapped_steps"]
+    (waiting, none), (overlapped, count) = runs[False], runs[True]
+    assert none == 0 and count > 10
+    assert [(o.token_ids, o.finish_reason) for o in overlapped] == [(o.token_ids, o.finish_reason) for o in waiting]
+    for got, want in zip(overlapped, waiting, strict=True):
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), rtol=0, atol=1e-4)
+        assert torch.equal(got.routed_experts, want.routed_experts)

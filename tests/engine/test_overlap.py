@@ -1,0 +1,94 @@
+"""Overlap scheduling (`EngineConfig.overlap_scheduling`): a decode step is launched before the previous one's
+tokens reach the host, its input tokens taken on the device from the previous step's samples. Outputs must
+be exactly those of the engine that waits for every step: tokens, logprobs, routes and finish reasons, with
+eos stops in flight (discarded rows), preemption, aborts, mixed sampling parameters and compiled steps."""
+
+import threading
+
+import pytest
+import torch
+
+from leagues.engine import SamplingParams
+
+from .reference import engine_of, make_prompts
+
+VOCAB = 101
+
+
+def _outputs(engine, prompts, params):
+    outs = engine.generate(prompts, params)
+    return [
+        (o.token_ids, o.logprobs, o.finish_reason, o.routed_experts.tolist() if o.routed_experts is not None else None)
+        for o in outs
+    ]
+
+
+def assert_same(got, want):
+    """Tokens, finish reasons and routes exactly; logprobs to float32 rounding (rows of finished sequences
+    still in flight change the step's batch size, and with it the matmuls' rounding)."""
+    assert [(t, r, e) for t, _, r, e in got] == [(t, r, e) for t, _, r, e in want]
+    for (_, got_lp, _, _), (_, want_lp, _, _) in zip(got, want, strict=True):
+        torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), rtol=0, atol=1e-5)
+
+
+def _run_both(tiny_path, prompts, params, **config):
+    runs = {}
+    for overlap in (False, True):
+        with engine_of(tiny_path, overlap_scheduling=overlap, **config) as engine:
+            runs[overlap] = _outputs(engine, prompts, params), engine.stats["overlapped_steps"]
+    return runs
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(num_blocks=128), dict(block_size=4, num_blocks=24), dict(num_blocks=128, compile_model="true")],
+    ids=["default", "preempting", "compiled"],
+)
+def test_overlap_gives_the_outputs_of_waiting_for_every_step(tiny_path, config):
+    prompts = make_prompts([3, 9, 17, 30, 5], VOCAB, seed=11)
+    # stop tokens end sequences in flight, so launched rows of finished sequences are discarded
+    stop = list(range(10, 25))
+    params = [
+        SamplingParams(temperature=1.0, max_new_tokens=n, seed=i, n=2, return_routed_experts=True, stop_token_ids=stop)
+        for i, n in enumerate([12, 20, 7, 16, 1])
+    ]
+    runs = _run_both(tiny_path, prompts, params, **config)
+    (waiting, none_overlapped), (overlapped, num_overlapped) = runs[False], runs[True]
+    assert_same(overlapped, waiting)
+    assert none_overlapped == 0 and num_overlapped > 5
+    assert any(reason == "stop" for _, _, reason, _ in waiting)  # a stop happened in flight
+
+
+def test_rows_that_truncate_make_the_engine_wait(tiny_path):
+    """A top-p row is sampled after its step: the engine lands the step in flight before running it."""
+    prompts = make_prompts([4, 6, 8], VOCAB, seed=12)
+    params = [SamplingParams(temperature=1.0, max_new_tokens=10, seed=i, ignore_eos=True) for i in range(3)]
+    params[1] = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=5, seed=7, ignore_eos=True)
+    runs = _run_both(tiny_path, prompts, params, num_blocks=64)
+    assert_same(runs[True][0], runs[False][0])
+    assert runs[True][1] > 0
+
+
+def test_abort_while_a_step_is_in_flight(tiny_path):
+    """An abort lands the step in flight first: the aborted request ends with real tokens only, the others
+    finish unchanged."""
+    prompts = make_prompts([5, 7], VOCAB, seed=13)
+    params = SamplingParams(temperature=1.0, max_new_tokens=40, seed=3, ignore_eos=True)
+    with engine_of(tiny_path, num_blocks=64, overlap_scheduling=False) as engine:
+        expected = engine.generate(prompts[1:], params)[0].token_ids
+    with engine_of(tiny_path, num_blocks=64) as engine:
+        started = threading.Event()
+
+        def on_token(index, token, logprob):
+            if token >= 0 and not started.is_set():
+                started.set()
+
+        victim = engine.submit(prompts[0], params, request_id="victim", on_token=on_token)
+        other = engine.submit(prompts[1], params)
+        assert started.wait(timeout=30)
+        engine.abort("victim")
+        aborted = victim.result(timeout=30)[0]
+        assert aborted.finish_reason == "abort"
+        assert all(0 <= t < VOCAB for t in aborted.token_ids) and len(aborted.logprobs) == len(aborted.token_ids)
+        assert other.result(timeout=30)[0].token_ids == expected
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks  # nothing leaked
