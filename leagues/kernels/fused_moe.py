@@ -40,6 +40,13 @@ MAX_TILED_PAIRS = 4096
 """Up to this many (token, expert) pairs the tiled kernels serve the batch (one program aligns them)."""
 BLOCK_M = 16
 """Rows of one expert block in the tiled kernels (the smallest tensor-core tile)."""
+SMALL_TILES = dict(block_f=4, block_d=4, inner_d=1024, inner_f=512, warps=(2, 2))
+"""The small path's launches: rows of F (gate/up) and of D (down) a program owns, the reduction tile of each,
+and (gate/up, down) warps a program. Measured best at 1-8 tokens for 1024 x 256 and 2048 x 768 experts on an
+H200 (`benchmarks/moe_small_tune.py`): at decode sizes these launches wait on memory latency, so many small
+programs, each with a whole row of its reduction in flight, beat fewer larger ones."""
+ROUTE_TILES = dict(block_d=128, num_warps=16)
+"""The route launch: the model-dim tile of its GEMV and warps a program (measured best at 1-8 tokens, both shapes)."""
 
 
 def mode(x_TD: torch.Tensor, num_experts: int, top_k: int, ffn_dim: int) -> str | None:
@@ -93,7 +100,7 @@ if triton is not None:
     @triton.jit
     def _route_kernel(
         x_ptr, w_ptr, bias_ptr, logits_ptr, ids_ptr, weights_ptr, D, stride_x, stride_w,
-        E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+        E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr,
         RENORM: tl.constexpr,
     ):  # fmt: skip
         t = tl.program_id(0).to(tl.int64)
@@ -113,20 +120,17 @@ if triton is not None:
         probs = tl.exp(scores - tl.max(scores, axis=0))
         probs = probs / tl.sum(probs, axis=0)
         ranked = tl.where(mask_e, probs + tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0), float("-inf"))
-        offs_k = tl.arange(0, K_PAD)
-        ids = tl.zeros([K_PAD], dtype=tl.int64)
-        weights = tl.zeros([K_PAD], dtype=tl.float32)
-        for k in tl.static_range(K):
-            best = tl.max(ranked, axis=0)
-            idx = tl.min(tl.where(ranked == best, offs_e, E_PAD), axis=0)
-            chosen = offs_e == idx
-            ids = tl.where(offs_k == k, idx.to(tl.int64), ids)
-            weights = tl.where(offs_k == k, tl.sum(tl.where(chosen, probs, 0.0), axis=0), weights)
-            ranked = tl.where(chosen, float("-inf"), ranked)
+        # top-k as ranks, in one pass: expert e's rank counts the experts ahead of it (higher, or equal with a
+        # lower id), instead of k rounds of max-then-argmin reductions
+        other, mine = ranked[None, :], ranked[:, None]
+        ahead = (other > mine) | ((other == mine) & (offs_e[None, :] < offs_e[:, None]))
+        rank = tl.sum(ahead.to(tl.int32), axis=1)
+        chosen = mask_e & (rank < K)
+        weights = tl.where(chosen, probs, 0.0)
         if RENORM:
             weights = weights / tl.sum(weights, axis=0)
-        tl.store(ids_ptr + t * K + offs_k, ids, mask=offs_k < K)
-        tl.store(weights_ptr + t * K + offs_k, weights, mask=offs_k < K)
+        tl.store(ids_ptr + t * K + rank, offs_e.to(tl.int64), mask=chosen)
+        tl.store(weights_ptr + t * K + rank, weights, mask=chosen)
 
     @triton.jit
     def _gate_up_kernel(
@@ -259,8 +263,10 @@ if triton is not None:
             tl.store(y_ptr + rows[:, None] * stride_y + offs_n[None, :], acc, mask=valid[:, None] & mask_n[None, :])
 
 
-def route_triton(x_TD, w_ED, bias_E, top_k: int, renormalize: bool, block_d: int = 256):
-    """`route_reference` in one launch (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+def route_triton(x_TD, w_ED, bias_E, top_k: int, renormalize: bool, **tiles):
+    """`route_reference` in one launch (CUDA, or the CPU under TRITON_INTERPRET=1); `tiles` overrides
+    `ROUTE_TILES`."""
+    tiles = ROUTE_TILES | tiles
     num_tokens, dim = x_TD.shape
     num_experts = w_ED.shape[0]
     x_TD, w_ED = x_TD.contiguous(), w_ED.contiguous()
@@ -271,14 +277,14 @@ def route_triton(x_TD, w_ED, bias_E, top_k: int, renormalize: bool, block_d: int
         _route_kernel[(num_tokens,)](
             x_TD, w_ED, bias_E.float().contiguous(), logits_TE, ids_TK, weights_TK, dim, x_TD.stride(0),
             w_ED.stride(0), E=num_experts, E_PAD=triton.next_power_of_2(num_experts), K=top_k,
-            K_PAD=triton.next_power_of_2(top_k), BLOCK_D=min(block_d, triton.next_power_of_2(dim)),
-            RENORM=renormalize,
+            BLOCK_D=min(tiles["block_d"], triton.next_power_of_2(dim)),
+            RENORM=renormalize, num_warps=tiles["num_warps"],
         )  # fmt: skip
     return weights_TK, ids_TK, logits_TE
 
 
-def experts_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, block_f: int = 16, block_d: int = 16):
-    """`experts_reference` in two launches; `block_f`/`block_d`: the rows of F and D each program owns."""
+def experts_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
+    """`experts_reference` in two launches; `tiles` overrides `SMALL_TILES`."""
     num_tokens, dim = x_TD.shape
     top_k, num_ffn = ids_TK.shape[1], w2_EDF.shape[-1]
     x_TD, ids_TK, weights_TK = x_TD.contiguous(), ids_TK.contiguous(), weights_TK.contiguous()
@@ -287,14 +293,19 @@ def experts_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, block_f: int = 16,
     out_TD = x_TD.new_empty(num_tokens, dim)
     if num_tokens == 0:
         return out_TD
+    tiles = SMALL_TILES | tiles
+    block_f, block_d, inner_d, inner_f, warps = (
+        tiles[k] for k in ("block_f", "block_d", "inner_d", "inner_f", "warps")
+    )
     _gate_up_kernel[(num_tokens * top_k, triton.cdiv(num_ffn, block_f))](
         x_TD, ids_TK, w13_EFD, h_PF, dim, num_ffn, x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1),
-        h_PF.stride(0), K=top_k, BLOCK_F=block_f, BLOCK_D=min(256, triton.next_power_of_2(dim)),
+        h_PF.stride(0), K=top_k, BLOCK_F=block_f, BLOCK_D=min(inner_d, triton.next_power_of_2(dim)),
+        num_warps=warps[0],
     )  # fmt: skip
     _down_kernel[(num_tokens, triton.cdiv(dim, block_d))](
         h_PF, ids_TK, weights_TK, w2_EDF, out_TD, dim, num_ffn, h_PF.stride(0), w2_EDF.stride(0),
         w2_EDF.stride(1), out_TD.stride(0), K=top_k, BLOCK_D=block_d,
-        BLOCK_F=min(256, triton.next_power_of_2(num_ffn)),
+        BLOCK_F=min(inner_f, triton.next_power_of_2(num_ffn)), num_warps=warps[1],
     )  # fmt: skip
     return out_TD
 

@@ -1,0 +1,125 @@
+"""Tile sizes of the small fused MoE kernels (`leagues.kernels.fused_moe`: route, gate/up, down) at decode
+batches of at most one (token, expert) pair per expert, each configuration replayed in a CUDA graph on one GPU.
+
+One row per (shape, kernel, tokens, config) to $OUT/moe_small_tune.jsonl: `shape`, `kernel`, `tokens`,
+`config`, `us` (median replay of one launch), `bytes_per_us` (weight bytes the launch reads / time), and one
+`best` row per (shape, kernel, tokens) with the default configuration's time beside it.
+
+    PYTHONPATH=. python benchmarks/moe_small_tune.py [--shapes anchor,wide] [--tokens 1,2,4,8]
+"""
+
+import argparse
+import itertools
+import json
+import os
+from functools import partial
+
+import torch
+
+from benchmarks.moe_layer import replay_us
+from benchmarks.train_step import BASE, SHAPES
+from leagues.kernels import fused_moe
+
+OUT = os.environ.get("OUT", "/tmp")
+
+# at most 128 float32 accumulator elements a thread (more spills)
+GATE_UP = [
+    dict(block_f=bf, inner_d=bd, warps=(w, 4))
+    for bf, bd, w in itertools.product((4, 8, 16, 32), (256, 512, 1024), (2, 4, 8))
+    if 2 * bf * bd <= 128 * 32 * w
+]
+DOWN = [
+    dict(block_d=bd, inner_f=bf, warps=(4, w))
+    for bd, bf, w in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8))
+    if bd * bf <= 128 * 32 * w
+]
+
+
+def route_configs(num_experts: int) -> list[dict]:
+    e_pad = 1 << (num_experts - 1).bit_length()
+    grid = itertools.product((64, 128, 256, 512, 1024), (2, 4, 8, 16))
+    return [dict(block_d=bd, num_warps=w) for bd, w in grid if e_pad * bd <= 128 * 32 * w]
+
+
+def log(path, **row):
+    print(json.dumps(row), flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="anchor,wide")
+    parser.add_argument("--tokens", default="1,2,4,8")
+    parser.add_argument("--kernels", default="route,gate_up,down")
+    parser.add_argument("--out", default=os.path.join(OUT, "moe_small_tune.jsonl"))
+    args = parser.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for shape in args.shapes.split(","):
+        hf = BASE | SHAPES[shape]
+        d, f, e, k = hf["hidden_size"], hf["moe_intermediate_size"], hf["num_experts"], hf["num_experts_per_tok"]
+        bf16 = dict(dtype=torch.bfloat16, device="cuda")
+        w13 = torch.randn(e, 2 * f, d, generator=gen, **bf16) * d**-0.5
+        w2 = torch.randn(e, d, f, generator=gen, **bf16) * f**-0.5
+        router = torch.randn(e, d, generator=gen, **bf16) * d**-0.5
+        bias = torch.zeros(e, device="cuda")
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            tune(args.out, shape, tokens, gen, w13, w2, router, bias, k, args.kernels.split(","))
+
+
+def tune(out, shape, tokens, gen, w13, w2, router, bias, k, names) -> None:
+    """Every configuration of the three kernels at `tokens` tokens; the best of each beside the default."""
+    (e, two_f, d), f = w13.shape, w2.shape[-1]
+    x = torch.randn(tokens, d, generator=gen, dtype=w13.dtype, device="cuda")
+    weights, ids, _ = fused_moe.route_triton(x, router, bias, k, True)
+    h = torch.randn(tokens * k, f, generator=gen, dtype=w13.dtype, device="cuda")
+    kernels = {
+        "route": (route_configs(e), partial(_route, x, router, bias, k), e * d * 2),
+        "gate_up": (GATE_UP, partial(_gate_up, x, ids, w13, f), tokens * k * two_f * d * 2),
+        "down": ([c for c in DOWN if c["inner_f"] <= max(f, 128)], partial(_down, h, ids, weights, w2, d),
+                 tokens * k * f * d * 2),
+    }  # fmt: skip
+    for kernel, (configs, fn, num_bytes) in ((n, kernels[n]) for n in names):
+        times = []
+        for config in configs:
+            us = replay_us(partial(fn, config), repeats=100)
+            times.append((us, config))
+            log(out, shape=shape, kernel=kernel, tokens=tokens, config=config, us=round(us, 2),
+                bytes_per_us=round(num_bytes / us))  # fmt: skip
+        default = replay_us(partial(fn, {}), repeats=100)
+        us, config = min(times, key=lambda t: t[0])
+        log(out, best=True, shape=shape, kernel=kernel, tokens=tokens, config=config, us=round(us, 2),
+            default_us=round(default, 2))  # fmt: skip
+
+
+def _route(x, router, bias, k, c):
+    return fused_moe.route_triton(x, router, bias, k, True, **c)
+
+
+def _gate_up(x, ids, w13, f, c):
+    """The gate/up launch alone, as `experts_triton` makes it."""
+    h = x.new_empty(ids.numel(), f)
+    c = fused_moe.SMALL_TILES | c
+    block_f = c["block_f"]
+    fused_moe._gate_up_kernel[(ids.numel(), -(-f // block_f))](
+        x, ids, w13, h, x.shape[1], f, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), K=ids.shape[1],
+        BLOCK_F=block_f, BLOCK_D=min(c["inner_d"], x.shape[1]), num_warps=c["warps"][0],
+    )  # fmt: skip
+    return h
+
+
+def _down(h, ids, weights, w2, d, c):
+    """The down launch alone, as `experts_triton` makes it."""
+    tokens, k = ids.shape
+    out = h.new_empty(tokens, d)
+    c = fused_moe.SMALL_TILES | c
+    block_d = c["block_d"]
+    fused_moe._down_kernel[(tokens, -(-d // block_d))](
+        h, ids, weights, w2, out, d, h.shape[1], h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), K=k,
+        BLOCK_D=block_d, BLOCK_F=min(c["inner_f"], 1 << (h.shape[1] - 1).bit_length()), num_warps=c["warps"][1],
+    )  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    main()
