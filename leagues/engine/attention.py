@@ -52,6 +52,8 @@ class PagedAttention:
     """No sequence has a cached prefix: every query chunk starts at position 0."""
     impl: str = "auto"
     """"auto", "triton" or "reference" for the decode kernel; "reference" also forces the prefill reference."""
+    split_tokens: int | None = None
+    """Decode on CUDA: split-K with this many keys a split (`paged_attention.decode_split_tokens`); None: one pass."""
     invariant_len: int = 0
     """Deterministic mode (set by the model): batch-invariant attention with keys padded to this length."""
     invariant_tiles: tuple | None = None
@@ -64,7 +66,10 @@ class PagedAttention:
         if self.invariant_len:
             return self._invariant(q_THA, k_cache, v_cache, scale)
         if self.is_decode:
-            return paged_decode(q_THA, k_cache, v_cache, self.block_tables_BM, self.context_lens_B, scale, self.impl)
+            options = {} if self.split_tokens is None else {"split_tokens": self.split_tokens}
+            return paged_decode(
+                q_THA, k_cache, v_cache, self.block_tables_BM, self.context_lens_B, scale, self.impl, **options
+            )
         flash_dtype = q_THA.dtype in (torch.float16, torch.bfloat16)  # FlashAttention has no float32 kernel
         if q_THA.is_cuda and flash_dtype and varlen_attn is not None and self.impl != "reference":
             if self.fresh:

@@ -6,7 +6,9 @@ beside it (`[N+1, S, L_moe, K]`, compact ints) so the experts of every computed 
 slot, survive prefix sharing and preemption, and can be returned with the output.
 
 Decode steps on CUDA replay a CUDA graph captured for the next batch size up (padding rows point at
-the scratch block); everything else runs without graphs. The model's blocks, rotary tables and final
+the scratch block); everything else runs without graphs. Sizes whose attention grid (a program per sequence
+and KV head) leaves SMs idle get a second graph with split-K attention, replayed when the batch's longest
+context spans more than two splits: the RL long tail of few sequences with long contexts. The model's blocks, rotary tables and final
 norm are compiled by default on CUDA (`EngineConfig.compile_model`: `torch.compile` fuses norms, rotary,
 router and MoE glue; attention is the opaque `leagues::paged_attend` operator, so the cache is never
 traced). A graph holds the whole decode step: the forward, the LM head, the routes' cache write and, for
@@ -29,6 +31,7 @@ from leagues.engine.attention import OpaqueAttention, PagedAttention, active_bac
 from leagues.engine.config import EngineConfig
 from leagues.engine.sampler import GraphSampling
 from leagues.engine.scheduler import ScheduledBatch
+from leagues.kernels.paged_attention import decode_split_tokens
 from leagues.kernels.sampling import sample_plain
 from leagues.model import ForwardBatch, Transformer
 
@@ -143,6 +146,11 @@ class ModelRunner:
         if self.compiled:
             _compile_modules(model)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        self.long_graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        """Decode graphs with split-K attention, for the sizes whose one-pass grid leaves SMs idle; replayed when
+        the batch's longest context spans more than two splits (the RL long tail: few sequences, long contexts)."""
+        cuda = self.device.type == "cuda"
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
         rows = max(cfg.max_num_seqs, *self.graph_batch_sizes) if self.use_graphs else cfg.max_num_seqs
         self.buffers = DecodeBuffers(rows, self.max_blocks, self.device)
         self.kv_cache = self.routes_cache = None
@@ -191,7 +199,7 @@ class ModelRunner:
         if self._memory is not None:
             self._memory.release()
             return
-        self.graphs.clear()
+        self._drop_graphs()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -205,7 +213,7 @@ class ModelRunner:
     def offload_weights(self) -> None:
         """Weights to host memory (the caller has freed the cache); `restore_weights` brings them back at new
         addresses, so the decode graphs are captured again."""
-        self.graphs.clear()
+        self._drop_graphs()
         self._weights_device = self.device
         self.model.fuse_qkv(on=False)
         for param in self.model.parameters():
@@ -285,8 +293,9 @@ class ModelRunner:
         self.copy_blocks(batch.copies)
         graph_size = self._graph_size(batch)
         if graph_size is not None:
-            graph, outputs = self.graphs[graph_size]
-            self._fill([item.seq for item in batch.items], None, None, graph_size)
+            seqs = [item.seq for item in batch.items]
+            graph, outputs = self._graph_for(seqs, graph_size)
+            self._fill(seqs, None, None, graph_size)
             graph.replay()
             return outputs["logits"][: len(batch.items)].float()
         inputs = self.prepare(batch)
@@ -309,7 +318,7 @@ class ModelRunner:
         num_rows, graph_size = len(seqs), self._graph_size(batch)
         self._fill(seqs, sampling, prev_rows, graph_size or num_rows)
         if graph_size is not None:
-            graph, outputs = self.graphs[graph_size]
+            graph, outputs = self._graph_for(seqs, graph_size)
             graph.replay()
         else:
             outputs = self._graph_step(num_rows, self._eager_attention(seqs))
@@ -350,7 +359,25 @@ class ModelRunner:
             return None
         return next((size for size in sorted(self.graphs) if size >= len(batch.items)), None)
 
-    def _static_attention(self, size: int) -> PagedAttention:
+    def _graph_for(self, seqs, size: int) -> tuple[torch.cuda.CUDAGraph, dict]:
+        """The graph of `size` rows for `seqs`: split-K when one exists and the longest context spans > 2 splits."""
+        long = self.long_graphs.get(size)
+        if long is not None and max(s.num_tokens for s in seqs) > 2 * long[1]["attention"].split_tokens:
+            return long
+        return self.graphs[size]
+
+    def _split_tokens(self, num_rows: int, max_tokens: int) -> int | None:
+        """Split-K's split size for a decode of `num_rows` rows over at most `max_tokens` keys (None: one pass).
+        Deterministic mode keeps its own batch-invariant attention."""
+        if self.device.type != "cuda" or self.model.invariant_len:
+            return None
+        return decode_split_tokens(num_rows, self.model.config.num_kv_heads, max_tokens, self.num_sms)
+
+    def _drop_graphs(self) -> None:
+        self.graphs.clear()
+        self.long_graphs.clear()
+
+    def _static_attention(self, size: int, split_tokens: int | None = None) -> PagedAttention:
         dev = self.buffers.device
         return PagedAttention(
             kv_cache_2LNSGA=self.kv_cache,
@@ -363,12 +390,14 @@ class ModelRunner:
             is_decode=True,
             fresh=False,
             impl=self.attention_impl,
+            split_tokens=split_tokens,
         )
 
     def _eager_attention(self, seqs) -> PagedAttention:
         """The backend of a launched step run without a graph: the buffers' rows, as wide as the batch needs."""
         dev, n = self.buffers.device, len(seqs)
-        width = max(len(s.block_table) for s in seqs)
+        width, longest = max(len(s.block_table) for s in seqs), max(s.num_tokens for s in seqs)
+        split = self._split_tokens(n, width * self.block_size)
         return PagedAttention(
             kv_cache_2LNSGA=self.kv_cache,
             slots_T=dev["slots"][:n],
@@ -376,10 +405,11 @@ class ModelRunner:
             context_lens_B=dev["context_lens"][:n],
             cu_seqlens_q_B1=torch.arange(n + 1, dtype=torch.int32, device=self.device),
             max_q=1,
-            max_k=max(s.num_tokens for s in seqs),
+            max_k=longest,
             is_decode=True,
             fresh=False,
             impl=self.attention_impl,
+            split_tokens=split if split is not None and longest > 2 * split else None,
         )
 
     def _graph_step(self, size: int, attention: PagedAttention) -> dict:
@@ -399,20 +429,25 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
-        self.graphs.clear()
+        self._drop_graphs()
         sizes = sorted(self.graph_batch_sizes, reverse=True)
         self._fill_padding(0, sizes[0])
         self.buffers.upload(sizes[0])
         pool = torch.cuda.graph_pool_handle()
         for size in sizes:
-            attention = self._static_attention(size)
-            self._graph_step(size, attention)  # compile, warm up kernels and autotuning outside capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                outputs = self._graph_step(size, attention)
-            # the graph reads what the backend holds (deterministic mode's tiles, cu_seqlens): keep it alive
-            self.graphs[size] = (graph, outputs | {"attention": attention})
+            self.graphs[size] = self._capture(size, self._static_attention(size), pool)
+            split = self._split_tokens(size, self.max_blocks * self.block_size)
+            if split is not None:
+                self.long_graphs[size] = self._capture(size, self._static_attention(size, split), pool)
+
+    def _capture(self, size: int, attention: PagedAttention, pool) -> tuple[torch.cuda.CUDAGraph, dict]:
+        self._graph_step(size, attention)  # compile, warm up kernels and autotuning outside capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = self._graph_step(size, attention)
+        # the graph reads what the backend holds (deterministic mode's tiles, cu_seqlens): keep it alive
+        return graph, outputs | {"attention": attention}
 
     def _fill_padding(self, start: int, end: int) -> None:
         """Rows start..end of the host buffer as padding: they write to and read from the scratch block."""

@@ -310,6 +310,20 @@ def _check_decode_args(q_BHA, k_cache_NSGA, v_cache_NSGA, block_n: int, split_to
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
+def decode_split_tokens(
+    num_seqs: int, num_kv_heads: int, max_tokens: int, num_sms: int, block_n: int = 64
+) -> int | None:
+    """Split-K's split size for a decode of `num_seqs` sequences over at most `max_tokens` keys each: when the
+    one-pass grid (a program per sequence and KV head) fills fewer than `num_sms` SMs, enough splits to fill
+    them, each a multiple of `block_n`; None when one pass fills the card or the keys fit in one split."""
+    programs = num_seqs * num_kv_heads
+    if programs >= num_sms:
+        return None
+    splits = -(-num_sms // programs)
+    split = -(-max_tokens // (splits * block_n)) * block_n
+    return split if split < max_tokens else None
+
+
 def paged_decode(
     q_BHA: torch.Tensor,
     k_cache_NSGA: torch.Tensor,

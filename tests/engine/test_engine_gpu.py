@@ -163,3 +163,22 @@ def test_overlapped_graph_steps_give_the_waiting_engines_outputs(tiny_path):
     for got, want in zip(overlapped, waiting, strict=True):
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), rtol=0, atol=1e-4)
         assert torch.equal(got.routed_experts, want.routed_experts)
+
+
+def test_split_k_graphs_serve_long_contexts_and_match_a_full_forward(tiny_path):
+    """Few sequences with long contexts replay the split-K graphs (the one-pass grid would leave SMs idle):
+    logprobs equal a float32 full forward, tokens equal an engine without graphs."""
+    model = load_pretrained(tiny_path, dtype=torch.float32)
+    prompts = make_prompts([700, 950], VOCAB, seed=8)
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, ignore_eos=True, seed=5, return_routed_experts=True)
+    runs = {}
+    for graphs in (True, False):
+        with engine_of(tiny_path, dtype="float32", num_blocks=256, cuda_graphs=graphs, compile_model="true") as engine:
+            if graphs:
+                split = engine.runner.long_graphs[2][1]["attention"].split_tokens
+                assert 2 * split < 700  # so the long graph is the one replayed
+            runs[graphs] = engine.generate(prompts, params)
+    assert [o.token_ids for o in runs[True]] == [o.token_ids for o in runs[False]]
+    for out in runs[True]:
+        want = reference_logprobs(model, out, 1.0)
+        torch.testing.assert_close(torch.tensor(out.logprobs), want, rtol=0, atol=1e-4)

@@ -263,3 +263,13 @@ def test_padded_batched_path_equals_reference_for_prefill_chunks():
     args = (case.k_cache_NSGA, case.v_cache_NSGA, case.block_tables_BM, cu_q, case.context_lens_B, 0.25)
     want = pa.paged_prefill_reference(q_THA, *args)
     torch.testing.assert_close(pa.paged_attention_padded(q_THA, *args), want, atol=1e-6, rtol=1e-6)
+
+
+def test_split_size_fills_the_sms_only_when_one_pass_leaves_them_idle():
+    from leagues.kernels.paged_attention import decode_split_tokens
+
+    assert decode_split_tokens(64, 4, 2048, 132) is None  # 256 programs fill 132 SMs
+    assert decode_split_tokens(1, 4, 64, 132) is None  # the keys fit one split
+    split = decode_split_tokens(1, 4, 2048, 132)
+    assert split % 64 == 0 and 4 * -(-2048 // split) >= 132  # enough splits to fill the SMs
+    assert decode_split_tokens(8, 4, 2048, 132) == 448  # 32 programs: 5 splits of 7 tiles
