@@ -142,7 +142,7 @@ def parity(engine: Engine, model, vocab: int, out: str) -> None:
 def decode_rows(engine, model, hf, args, ceilings_, deterministic: bool, batches) -> None:
     overlaps = {"on": [True], "off": [False], "both": [True, False]}[args.overlap]
     for overlap in overlaps if not deterministic else [False]:
-        engine.config.overlap_scheduling = overlap  # read at every launch
+        engine.stepper.overlap = overlap  # read at every launch
         _decode_rows(engine, model, hf, args, ceilings_, deterministic, batches, overlap)
 
 

@@ -29,11 +29,12 @@ class EngineConfig:
     chunked_prefill: bool = True
     cuda_graphs: bool = True
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-    overlap_scheduling: bool = True
-    """Decode steps that sample in the step (no truncation, no top logprobs, outside deterministic mode) are
-    launched before the previous step's tokens reach the host: their input tokens are taken on the device from
-    the previous step's samples, so the host's scheduling and post-processing run while the GPU computes. A
-    sequence that stops on eos costs one discarded row. Off: every step waits for its tokens."""
+    overlap_scheduling: str = "auto"
+    """"auto", "true" or "false": decode steps that sample in the step (no truncation, no top logprobs, outside
+    deterministic mode) are launched before the previous step's tokens reach the host: their input tokens are
+    taken on the device from the previous step's samples, so the host's scheduling and post-processing run while
+    the GPU computes. A sequence that stops on eos costs one discarded row. "auto" is on on CUDA (on the CPU a
+    step runs when it is launched: there is nothing to overlap); "false": every step waits for its tokens."""
     capture_routes: bool = True
     """Record every token's experts (MoE models) so requests can ask for them."""
     attention_impl: str = "auto"

@@ -70,7 +70,7 @@ class Engine:
         self._lockstep = Lockstep(self.model, ep_group, ep_control_group) if is_split(ep_group) else None
         if self._lockstep is not None:
             # the dispatch reads token counts on the host, and every step must run a forward in lockstep
-            cfg = replace(cfg, cuda_graphs=False, overlap_scheduling=False)
+            cfg = replace(cfg, cuda_graphs=False, overlap_scheduling="false")
         if cfg.deterministic:
             self.model.set_batch_invariant()  # the kernels sync nothing with the host: CUDA graphs still apply
         self.config, self.tokenizer, self._weight_targets = cfg, tokenizer, None

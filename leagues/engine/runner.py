@@ -5,13 +5,13 @@ block is a scratch target for padded rows of captured graphs) and, for MoE model
 beside it (`[N+1, S, L_moe, K]`, compact ints) so the experts of every computed token are kept per
 slot, survive prefix sharing and preemption, and can be returned with the output.
 
-Decode steps on CUDA replay a CUDA graph captured for the next batch size up (padding rows point at
-the scratch block); everything else runs without graphs. Sizes whose attention grid (a program per sequence
-and KV head) leaves SMs idle get a second graph with split-K attention, replayed when the batch's longest
-context spans more than two splits: the RL long tail of few sequences with long contexts. The model's blocks, rotary tables and final
-norm are compiled by default on CUDA (`EngineConfig.compile_model`: `torch.compile` fuses norms, rotary,
-router and MoE glue; attention is the opaque `leagues::paged_attend` operator, so the cache is never
-traced). A graph holds the whole decode step: the forward, the LM head, the routes' cache write and, for
+Decode steps on CUDA replay a CUDA graph captured for the next batch size up (padding rows point at the
+scratch block); everything else runs without graphs. Sizes whose attention grid (a program per sequence and KV
+head) leaves SMs idle get a second graph with split-K attention, replayed when the batch's longest context
+spans more than two splits: the RL long tail of few sequences with long contexts. The model's blocks, rotary
+tables and final norm are compiled by default on CUDA (`EngineConfig.compile_model`: `torch.compile` fuses
+norms, rotary, router and MoE glue; attention is the opaque `leagues::paged_attend` operator, so the cache is
+never traced). A graph holds the whole decode step: the forward, the LM head, the routes' cache write and, for
 rows without truncation outside deterministic mode, the sampler (`sample_plain`). Its inputs live in one
 persistent buffer (`DecodeBuffers`): the host fills one of two pinned copies in place and one host-to-device
 copy a step moves it; the sampled tokens and logprobs come back in one small copy each. Such steps are

@@ -30,6 +30,12 @@ from leagues.engine.scheduler import ScheduledBatch, Scheduler
 from leagues.engine.sequence import PENDING, SeqStatus, Sequence
 
 
+def _overlap(setting: str, device) -> bool:
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"engine.overlap_scheduling: expected auto, true or false, got {setting!r}")
+    return device.type == "cuda" if setting == "auto" else setting == "true"
+
+
 class Stepper:
     def __init__(
         self,
@@ -47,6 +53,8 @@ class Stepper:
         self.blocks, self.stats = scheduler.blocks, table.stats
         self.inflight: tuple[Launched, list[Sequence]] | None = None
         """The launched decode step whose tokens have not landed, and its rows' sequences."""
+        self.overlap = _overlap(config.overlap_scheduling, runner.device)
+        """Launch the next decode step before the one in flight lands (`EngineConfig.overlap_scheduling`)."""
 
     def step(self) -> bool:
         """One step (or the landing of the step in flight); False when there was nothing to run."""
@@ -106,7 +114,7 @@ class Stepper:
         for item in alive:
             item.seq.token_ids.append(PENDING)
         self.inflight = (launched, seqs)
-        if not self.config.overlap_scheduling:
+        if not self.overlap:
             self.land()
 
     def land(self) -> bool:

@@ -154,9 +154,9 @@ def test_overlapped_graph_steps_give_the_waiting_engines_outputs(tiny_path):
     ]  # fmt: skip
     runs = {}
     for overlap in (False, True):
-        with engine_of(tiny_path, dtype="float32", num_blocks=256, overlap_scheduling=overlap) as engine:
-            assert engine.runner.graphs
-            runs[overlap] = engine.generate(prompts, params), engine.stats["overlapped_steps"]
+        with engine_of(tiny_path, dtype="float32", num_blocks=256, overlap_scheduling=str(overlap).lower()) as e:
+            assert e.runner.graphs
+            runs[overlap] = e.generate(prompts, params), e.stats["overlapped_steps"]
     (waiting, none), (overlapped, count) = runs[False], runs[True]
     assert none == 0 and count > 10
     assert [(o.token_ids, o.finish_reason) for o in overlapped] == [(o.token_ids, o.finish_reason) for o in waiting]

@@ -34,7 +34,7 @@ def assert_same(got, want):
 def _run_both(tiny_path, prompts, params, **config):
     runs = {}
     for overlap in (False, True):
-        with engine_of(tiny_path, overlap_scheduling=overlap, **config) as engine:
+        with engine_of(tiny_path, overlap_scheduling=str(overlap).lower(), **config) as engine:
             runs[overlap] = _outputs(engine, prompts, params), engine.stats["overlapped_steps"]
     return runs
 
@@ -74,9 +74,9 @@ def test_abort_while_a_step_is_in_flight(tiny_path):
     finish unchanged."""
     prompts = make_prompts([5, 7], VOCAB, seed=13)
     params = SamplingParams(temperature=1.0, max_new_tokens=40, seed=3, ignore_eos=True)
-    with engine_of(tiny_path, num_blocks=64, overlap_scheduling=False) as engine:
+    with engine_of(tiny_path, num_blocks=64, overlap_scheduling="false") as engine:
         expected = engine.generate(prompts[1:], params)[0].token_ids
-    with engine_of(tiny_path, num_blocks=64) as engine:
+    with engine_of(tiny_path, num_blocks=64, overlap_scheduling="true") as engine:
         started = threading.Event()
 
         def on_token(index, token, logprob):
