@@ -33,16 +33,13 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from leagues.config import load_named
 from leagues.engine.client import EngineClient
 from leagues.rollout.data import Prompt
 from leagues.rollout.rewards import RewardScorer
 from leagues.types import FinishReason, Sample, SampleStatus, SamplingParams
-
-if TYPE_CHECKING:  # partial.py builds on this module
-    from leagues.rollout.partial import PartialRollout
 
 OVERLONG = ("none", "filter", "penalty")
 
@@ -186,6 +183,13 @@ class RolloutResult:
 Sections = Callable[[str], AbstractContextManager]
 
 
+class CarriedRollout(Protocol):
+    """A step's rollout with samples carried between steps (`leagues.rollout.partial.PartialRollout`, which
+    builds on this module)."""
+
+    async def rollout(self, next_prompts, num_groups, step, ctx, scorer, seed, sections) -> "RolloutResult": ...
+
+
 async def rollout(
     next_prompts: Callable[[int], list[Prompt]],
     num_groups: int,
@@ -195,7 +199,7 @@ async def rollout(
     generate_fn: GenerateFn = single_turn,
     seed: int = 0,
     sections: Sections | None = None,
-    partial: "PartialRollout | None" = None,
+    partial: CarriedRollout | None = None,
 ) -> RolloutResult:
     """Generate and score `num_groups` prompt groups (more rounds with dynamic sampling). With
     `RolloutConfig.partial`, `partial` holds the samples carried between steps (`leagues.rollout.partial`)."""
