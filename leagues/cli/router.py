@@ -1,7 +1,7 @@
 """`leagues router --engines URL[,URL ...] [--host H] [--port N]`: engine replicas behind one HTTP front.
 
 The policies (least outstanding, affinity, health, quarantine, retries, version-gated rejoin) live in
-`leagues.engine.router`; this file checks the URLs and runs the app under uvicorn until interrupted.
+`leagues.serve.router`; this file checks the URLs and runs the app under uvicorn until interrupted.
 
 Decisions:
 - `--engines` takes one value (dotted overrides take one value per key): comma- or space-separated
@@ -19,7 +19,7 @@ import os
 import sys
 
 from leagues.cli import LOOPBACK, UsageError
-from leagues.engine.router import Router, RouterConfig, build_app, engine_urls
+from leagues.serve.router import Router, RouterConfig, build_app, engine_urls
 
 
 def run_router(cfg: RouterConfig) -> int:

@@ -42,6 +42,7 @@ from leagues.rollout import PromptDataset, PromptIterator, RewardConfig, RewardS
 from leagues.rollout.generate import GenerateContext, load_generate_fn
 from leagues.rollout.partial import PartialRollout
 from leagues.rollout.tasks import task_dataset
+from leagues.serve.sessions import LoopbackSessions
 from leagues.sync import WEIGHT_SYNCS, DistributedWeightSender, WeightSync
 from leagues.train import Trainer
 from leagues.train.checkpoint import load_latest
@@ -81,7 +82,7 @@ def generate_fn(cfg: TrainConfig):
     if len(chosen) > 1:
         raise ValueError(f"{chosen[1]}: one way of generating per run, got {' and '.join(chosen)} (env {env!r})")
     if cfg.agent.run:
-        return agent_generate(cfg.agent.run)
+        return agent_generate(cfg.agent.run, LoopbackSessions())
     return env_generate(env, cfg.agent) if env else load_generate_fn(cfg.rollout.generate_fn)
 
 

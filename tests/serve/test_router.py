@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from leagues.engine.router import ReplicaState, Router, RouterConfig, RouterError, engine_urls
+from leagues.serve.router import ReplicaState, Router, RouterConfig, RouterError, engine_urls
 
 HEALTH_INTERVAL = 0.2
 API_KEY = "router-test-key"
