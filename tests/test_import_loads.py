@@ -30,6 +30,7 @@ print(json.dumps({{"units": units, "web": sorted(m for m in {web!r} if m in sys.
 MODULES = {f"leagues.{unit}": () for unit in ALLOWED if unit != "__init__"} | {
     "leagues": (),
     "leagues.engine.client": (),
+    "leagues.serve.fleet": (),  # the RL loop holds a fleet: no web framework for it
     "leagues.cli.main": ("pydantic",),
 }
 
