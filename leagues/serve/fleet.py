@@ -45,6 +45,12 @@ Decisions:
   `httpx.AsyncClient` (made on first use, closed by `close()`) serves every replica.
 - Replicas given to the constructor start healthy (traffic flows before the first check); replicas added
   later (`add_engine`) start quarantined and join through a health check, version gate included.
+- Weight updates (`update_weights`, the RL loop's, between rollouts): after a fresh round of health checks,
+  the weights go to every healthy replica and to every quarantined one that answers its checks (a restarted
+  engine: it gets the current weights before it serves, then rejoins at once, at the fleet's version). A
+  replica whose update fails is quarantined and the others go on; only a fleet where none took the weights
+  fails. The fleet then serves that version, so a replica that missed it stays out until it is updated.
+  The load itself is the caller's (`load(url)`, blocking, run in threads: `leagues.sync.disk`).
 - Not done: streaming (`"stream": true` is refused with 400).
 """
 
@@ -53,7 +59,7 @@ import contextlib
 import hashlib
 import itertools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -140,6 +146,8 @@ class Replica:
     """Consecutive failed health checks and requests."""
     weight_version: int | None = None
     """Last weight version the replica reported (health check or response); None until it does."""
+    alive: bool = True
+    """Its last health check answered (a quarantined replica that is alive gets weight updates, to rejoin)."""
     num_served: int = 0
     num_failed: int = 0
 
@@ -277,7 +285,9 @@ class Fleet:
         if url in self.replicas:
             raise ValueError(f"engine {url} is already routed")
         trusted = trusted or url in self.configured
-        replica = Replica(url, ReplicaState.QUARANTINED, trusted=trusted, reason="joining: not checked yet")
+        replica = Replica(
+            url, ReplicaState.QUARANTINED, trusted=trusted, reason="joining: not checked yet", alive=False
+        )
         self.replicas[url] = replica
         return replica
 
@@ -393,6 +403,35 @@ class Fleet:
         out = "; ".join(f"{r.url} ({r.reason or r.state})" for r in self.replicas.values())
         return f"no healthy engine replica; fleet weight version {self.weight_version}; replicas: {out}"
 
+    # --- weights --------------------------------------------------------------------------------
+
+    async def update_weights(self, load: Callable[[str], None], version: int) -> dict[str, float]:
+        """The weights of `version` to every replica that is to serve them, by `load(url)` (blocking: run in
+        threads, all at once): the healthy ones, and the quarantined ones that answer their health checks,
+        which then rejoin. A replica whose load raises is quarantined. From now on the fleet serves `version`.
+        Raises `FleetError` (503) when no replica took the weights; else returns metrics (`fleet/...`)."""
+        await self.check_health()  # who answers now, at which weights
+        targets = [r for r in self.replicas.values() if r.state is ReplicaState.HEALTHY or r.alive]
+        results = await asyncio.gather(*(asyncio.to_thread(load, r.url) for r in targets), return_exceptions=True)
+        self.set_weight_version(version)
+        for replica, result in zip(targets, results, strict=True):
+            if isinstance(result, BaseException):
+                replica.alive = False
+                self._record_failure(replica, f"weight update to version {version} failed: {result}", at_once=True)
+                continue
+            replica.weight_version, replica.failures = version, 0
+            if replica.state is ReplicaState.QUARANTINED:
+                self._maybe_rejoin(replica)
+        updated = sum(not isinstance(r, BaseException) for r in results)
+        if not updated:
+            message = f"no engine took weight version {version}: {self.unavailable_message()}"
+            raise FleetError(503, error_body(503, message))
+        return {
+            "fleet/updated": float(updated),
+            "fleet/healthy": float(len(self.healthy())),
+            "fleet/replicas": float(len(self.replicas)),
+        }
+
     # --- balancing and affinity -----------------------------------------------------------------
 
     def affinity_key(self, payload: dict[str, Any]) -> str | None:
@@ -445,6 +484,7 @@ class Fleet:
         replicas = list(self.replicas.values())
         results = await asyncio.gather(*(self._probe(r) for r in replicas))
         for replica, (version, error) in zip(replicas, results, strict=True):
+            replica.alive = error is None
             if error is not None:
                 self._record_failure(replica, error, at_once=error.startswith("not ready"))
                 continue

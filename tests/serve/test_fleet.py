@@ -1,5 +1,6 @@
 """The fleet against real engine server processes on the loopback: balancing, affinity, retries when a
-replica dies mid-burst, quarantine, version-gated rejoin, and 503s.
+replica dies mid-burst, quarantine, version-gated rejoin, weight updates, 503s, and the fleet as an engine
+client (`FleetClient`).
 
 Replicas are `leagues serve` processes on the tiny MoE, behind an API key (the fleet sends it); the fleet
 runs in-process. Everything talks HTTP to separate processes, so killing a replica is a real SIGKILL.
@@ -12,6 +13,8 @@ import httpx
 import pytest
 
 from leagues.serve.fleet import Fleet, FleetConfig, FleetError, ReplicaState, engine_urls
+from leagues.serve.fleet_client import FleetClient
+from leagues.types import SamplingParams
 from tests.serve.engines import API_KEY, AUTH, EngineProcess, free_port, request
 
 HEALTH_INTERVAL = 0.2
@@ -75,6 +78,48 @@ def test_rejoin_waits_for_the_fleet_version():
     assert a.state == ReplicaState.HEALTHY and fleet.weight_version == 2
 
 
+def test_weight_updates_skip_the_dead_and_catch_restarted_engines_up():
+    """The weights go to healthy replicas and to quarantined ones that answer (which then rejoin at once); a
+    replica that fails its update is quarantined; a fleet where none took them raises."""
+    fleet = Fleet(["a:1", "b:2", "c:3"], FleetConfig(max_failures=1))
+    a, b, c = fleet.replicas.values()
+    checks = {a.url: (0, None), b.url: (None, "ConnectError"), c.url: (0, None)}
+
+    async def probe(replica):
+        return checks[replica.url]
+
+    fleet._probe = probe
+    loaded = []
+
+    def load(url: str) -> None:
+        if url == c.url:
+            raise RuntimeError("weight update refused")
+        loaded.append(url)
+
+    metrics = asyncio.run(fleet.update_weights(load, 1))
+    assert loaded == [a.url] and fleet.weight_version == 1  # b is down (skipped), c refused
+    assert b.state == c.state == ReplicaState.QUARANTINED and "refused" in c.reason
+    assert metrics == {"fleet/updated": 1.0, "fleet/healthy": 1.0, "fleet/replicas": 3.0}
+    checks[b.url] = (0, None)  # b restarts, at the weights it started with
+    asyncio.run(fleet.check_health())
+    assert b.state == ReplicaState.QUARANTINED and "weight version 0; the fleet is at 1" in b.reason
+    checks[c.url] = (None, "ConnectError")
+    loaded.clear()
+    assert asyncio.run(fleet.update_weights(load, 2))["fleet/updated"] == 2.0
+    assert sorted(loaded) == [a.url, b.url] and b.state == ReplicaState.HEALTHY and b.weight_version == 2
+    checks[a.url] = checks[b.url] = (None, "ConnectError")
+    with pytest.raises(FleetError, match="no engine took weight version 3"):
+        asyncio.run(fleet.update_weights(load, 3))
+
+
+def test_fleet_client_without_a_healthy_engine_fails_its_samples():
+    client = FleetClient(Fleet([f"http://127.0.0.1:{free_port()}"], FleetConfig(max_failures=1, connect_timeout=1)))
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    with pytest.raises(ConnectionError, match="HTTP 503: no healthy engine replica"):
+        asyncio.run(client.generate([5, 17, 33], params))
+    assert client.num_retried == 0
+
+
 # --- against engine processes ------------------------------------------------------------------
 
 
@@ -110,6 +155,22 @@ def test_least_outstanding_spreads_and_affinity_sticks(replicas):
             for i in range(6):  # prompts sharing their first 8 tokens follow each other
                 await fleet.generate({**request(300 + i, 4), "input_ids": prefix + [5 + i] * (i + 1)})
             assert sorted(s - b for s, b in zip(served(fleet), before, strict=True)) == [0, 6]
+
+    asyncio.run(main())
+
+
+def test_fleet_client_speaks_the_engine_client_protocol(replicas):
+    async def main():
+        client = FleetClient(Fleet([e.url for e in replicas], FleetConfig(api_key=API_KEY)))
+        params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True, n=2)
+        outs = await client.generate([5, 17, 33, 42], params)
+        assert [len(o.token_ids) for o in outs] == [6, 6] and outs[0].token_ids == outs[1].token_ids
+        assert len(outs[0].logprobs) == 6 and outs[0].weight_version == 0
+        with pytest.raises(ValueError, match="HTTP 400"):  # the request's fault: raised, never retried
+            await client.generate([10**6], params)
+        assert client.num_retried == 0 and await client.weight_version() == 0
+        await client.abort("no-such-request")  # best effort, on every healthy engine
+        await client.aclose()
 
     asyncio.run(main())
 
