@@ -27,18 +27,17 @@ ALLOWED: dict[str, frozenset[str]] = {
     "model": frozenset({"kernels"}),
     "kernels": frozenset(),
     "parallel": frozenset({"model"}),
-    # The HTTP front (api_openai, DESIGN.md's serve/) parses tool calls with agent's parsers (pure text, and
-    # `agent.tool_calls` imports nothing of leagues), the rest of agent stays out of the engine.
-    "engine": frozenset({"model", "kernels", "parallel", "agent.tool_calls"}),
+    "engine": frozenset({"model", "kernels", "parallel"}),  # never `serve`: the core knows no HTTP front
     "train": frozenset({"model", "kernels", "parallel"}),
     "sync": frozenset({"model"}),
     "rollout": frozenset({"engine.client"}),  # the engine client protocol only, never the engine itself
     "agent": frozenset({"rollout", "engine.client"}),
+    "serve": frozenset({"engine", "agent"}),  # the HTTP front over the engine core; agent sessions
     # "Everything above" in the table: the loop composes all packages but is itself driven by cli/recipes.
-    "loop": frozenset({"model", "kernels", "parallel", "engine", "train", "sync", "rollout", "agent", "obs"}),
+    "loop": frozenset({"model", "kernels", "parallel", "engine", "serve", "train", "sync", "rollout", "agent", "obs"}),
     "obs": frozenset(),
     "recipes": frozenset(
-        {"model", "kernels", "parallel", "engine", "train", "sync", "rollout", "agent", "loop", "obs"}
+        {"model", "kernels", "parallel", "engine", "serve", "train", "sync", "rollout", "agent", "loop", "obs"}
     ),
     "cli": EVERYTHING,
 }

@@ -4,9 +4,9 @@ environments with tools (the `Env` protocol, `ToolEnv`, tools from functions, th
 
     from leagues.agent import ChatRender, Env, Ledger, StepResult, Termination, ToolEnv, parse_tool_calls, tool
 
-The multi-turn generate function (`leagues.agent.multi_turn`), sessions (`.sessions`) and `--agent` runs
-(`.agents`) build on the rollout package and are imported from their modules, so that importing this package
-stays light (the engine's HTTP front imports the tool-call parsers).
+The multi-turn generate function (`leagues.agent.multi_turn`) and `--agent` runs (`.agents`, over the HTTP
+front's sessions, `leagues.serve.sessions`) build on the rollout package and are imported from their modules,
+so that importing this package stays light (the HTTP front imports the tool-call parsers).
 """
 
 from leagues.agent.env import Env, StepResult, Tool, ToolEnv, ToolLimits, tool

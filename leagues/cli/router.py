@@ -1,7 +1,8 @@
 """`leagues router --engines URL[,URL ...] [--host H] [--port N]`: engine replicas behind one HTTP front.
 
-The policies (least outstanding, affinity, health, quarantine, retries, version-gated rejoin) live in
-`leagues.engine.router`; this file checks the URLs and runs the app under uvicorn until interrupted.
+The policies (least outstanding, affinity, health, quarantine, retries, version-gated rejoin) are the
+fleet's (`leagues.serve.fleet`, tuned with `--fleet.*`) and the HTTP layer is `leagues.serve.router`; this
+file checks the URLs and runs the app under uvicorn until interrupted.
 
 Decisions:
 - `--engines` takes one value (dotted overrides take one value per key): comma- or space-separated
@@ -19,7 +20,8 @@ import os
 import sys
 
 from leagues.cli import LOOPBACK, UsageError
-from leagues.engine.router import Router, RouterConfig, build_app, engine_urls
+from leagues.serve.fleet import Fleet, engine_urls
+from leagues.serve.router import RouterConfig, build_app
 
 
 def run_router(cfg: RouterConfig) -> int:
@@ -32,7 +34,7 @@ def run_router(cfg: RouterConfig) -> int:
         raise UsageError(str(err)) from None
     if not urls:
         raise UsageError("router needs engines: --engines http://host:port[,http://host:port ...]")
-    cfg.api_key = cfg.api_key or os.environ.get("LEAGUES_API_KEY", "")
+    cfg.fleet.api_key = cfg.fleet.api_key or os.environ.get("LEAGUES_API_KEY", "")
     cfg.client_api_key = cfg.client_api_key or os.environ.get("LEAGUES_ROUTER_API_KEY", "")
     cfg.admin_key = cfg.admin_key or os.environ.get("LEAGUES_ROUTER_ADMIN_KEY", "")
     missing = [f"--{n}" for n in ("client_api_key", "admin_key") if not getattr(cfg, n)]
@@ -42,7 +44,7 @@ def run_router(cfg: RouterConfig) -> int:
             " could send prompts through the engines' key, or point the router elsewhere; set them, or pass"
             " --insecure on a trusted network"
         )
-    app = build_app(Router(urls, cfg))
+    app = build_app(Fleet(urls, cfg.fleet), cfg)
     print(f"leagues router: http://{cfg.host}:{cfg.port} -> {', '.join(urls)}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
     return 0

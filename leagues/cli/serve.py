@@ -1,4 +1,4 @@
-"""`leagues serve`: one model behind SGLang's native API and OpenAI's API (see `leagues.engine.server`).
+"""`leagues serve`: one model behind SGLang's native API and OpenAI's API (see `leagues.serve.server`).
 
     leagues serve --model DIR [--host 127.0.0.1] [--port 30000] [--api_key K] [--admin_key K] [--weights_root DIR]
                   [--limits.FIELD V] [--engine.FIELD V]
@@ -17,7 +17,7 @@ Decisions:
   under `--limits.`.
 - The default port is SGLang's (30000), so SGLang clients' defaults reach it.
 - Agent sessions (`POST /sessions`, `/sessions/{id}/v1/chat/completions`, `/sessions/{id}/close`,
-  `leagues.agent.sessions`) are mounted beside the APIs when the chat template is append-only.
+  `leagues.serve.sessions`) are mounted beside the APIs when the chat template is append-only.
 """
 
 import asyncio
@@ -30,7 +30,7 @@ from pathlib import Path
 from leagues.cli import LOOPBACK, UsageError
 from leagues.cli.generate import resolve_model_dir
 from leagues.engine.engine import EngineConfig
-from leagues.engine.protocol import ServerLimits
+from leagues.serve.protocol import ServerLimits
 
 
 @dataclass(kw_only=True, slots=True)
@@ -68,7 +68,7 @@ def run_serve(cfg: ServeConfig) -> int:
     import uvicorn
 
     from leagues.engine import Engine
-    from leagues.engine.server import create_app
+    from leagues.serve.server import create_app
 
     api_key = cfg.api_key or os.environ.get("LEAGUES_API_KEY") or None
     admin_key = cfg.admin_key or os.environ.get("LEAGUES_ADMIN_KEY") or None
@@ -118,10 +118,10 @@ def _check_exposure(cfg: ServeConfig, api_key: str | None, admin_key: str | None
 
 
 def _mount_sessions(app, engine) -> None:
-    """Agent sessions (`/sessions`, `leagues.agent.sessions`) when the model's chat template can be bridged."""
+    """Agent sessions (`/sessions`, `leagues.serve.sessions`) when the model's chat template can be bridged."""
     from leagues.agent.ledger import LedgerError
-    from leagues.agent.sessions import SessionStore, session_router
     from leagues.engine.client import LocalClient
+    from leagues.serve.sessions import SessionStore, session_router
 
     if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
         return

@@ -2,17 +2,20 @@
 
     client = LocalClient(engine)                        # the engine in this process
     client = HTTPClient(["http://host:30000"])          # `leagues serve`, a `leagues router`, or SGLang
+    client = FleetClient(Fleet(urls))                   # the RL loop's external engines (`leagues.serve`)
     outputs = await client.generate(prompt_ids, params) # params.n outputs of one prompt
 
 Where it sits: `leagues.rollout` reaches engines only through this module (DESIGN.md's layering), so the
 same generate functions run against the built-in engine, a fleet behind the router, or an external SGLang
-server. Both clients return the engine's `Output` records (tokens, logprobs, finish reason, weight version,
+server. Every client returns the engine's `Output` records (tokens, logprobs, finish reason, weight version,
 routed experts), so a sample carries the same fields whichever way it was generated.
 
 Decisions:
 - HTTP speaks SGLang's native `/generate` with `input_ids` (tokenisation stays on the rollout side, so the
   trainer sees the exact ids that were sampled) and `return_logprob`; routed experts come back base64 as
-  SGLang encodes them. Several URLs are used round-robin; a router URL is just one URL.
+  SGLang encodes them. Several URLs are used round-robin; a router URL is just one URL. Health checks,
+  quarantine and rejoin at the current weights are the fleet's (`leagues.serve.fleet_client`), which builds
+  its bodies and reads its answers with `generate_body` and `outputs_of` here.
 - Transient HTTP failures (connection errors, 5xx, 429) are retried with backoff `retries` times, each retry
   on the next URL and counted in `num_retried`; a 4xx is the request's fault and raises at once, with the
   server's message.
@@ -87,17 +90,7 @@ class HTTPClient:
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> list[Output]:
-        body = {
-            "input_ids": prompt_ids,
-            "sampling_params": _sampling_body(params),
-            "return_logprob": True,
-            "return_routed_experts": params.return_routed_experts,
-        } | ({"rid": request_id} if request_id is not None else {})
-        if params.routed_experts_start:
-            body["routed_experts_start"] = params.routed_experts_start
-        data = await self._post("/generate", body)
-        items = data if isinstance(data, list) else [data]
-        return [_output(item, prompt_ids, i) for i, item in enumerate(items)]
+        return outputs_of(await self._post("/generate", generate_body(prompt_ids, params, request_id)), prompt_ids)
 
     async def _post(self, path: str, body: dict):
         for attempt in range(self.retries + 1):
@@ -135,6 +128,25 @@ class HTTPClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def generate_body(prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> dict:
+    """The SGLang `/generate` body of one prompt (`params.n` samples), with logprobs and, if asked, routes."""
+    body = {
+        "input_ids": prompt_ids,
+        "sampling_params": _sampling_body(params),
+        "return_logprob": True,
+        "return_routed_experts": params.return_routed_experts,
+    } | ({"rid": request_id} if request_id is not None else {})
+    if params.routed_experts_start:
+        body["routed_experts_start"] = params.routed_experts_start
+    return body
+
+
+def outputs_of(data: dict | list, prompt_ids: list[int]) -> list[Output]:
+    """The `Output`s of a `/generate` answer (one object, or a list of them for n > 1)."""
+    items = data if isinstance(data, list) else [data]
+    return [_output(item, prompt_ids, i) for i, item in enumerate(items)]
 
 
 def _sampling_body(params: SamplingParams) -> dict:

@@ -7,10 +7,11 @@
         "shapes": [[64, 32], ...], "group_name": "weights", "weight_version": "3"})
     -> {"success": True, "message": "..."}
 
-Where it sits: `server.py` routes `POST /init_weights_update_group` and `POST /update_weights_from_distributed`
-to the two functions at the bottom; the trainer's side is `leagues/sync/distributed.py` (rank 0, the master of
-the TCP store). For every bucket the trainer posts its names, dtypes and shapes and broadcasts the tensors in
-the same order at the same time; the request returns once this engine has them all.
+Where it sits: the HTTP front (`leagues.serve.api_admin`) routes `POST /init_weights_update_group` and
+`POST /update_weights_from_distributed` to the two functions at the bottom; the trainer's side is
+`leagues/sync/distributed.py` (rank 0, the master of the TCP store). For every bucket the trainer posts its
+names, dtypes and shapes and broadcasts the tensors in the same order at the same time; the request returns
+once this engine has them all.
 
 Decisions:
 - A weight group lives beside the default process group, never as it (the server process has none): a

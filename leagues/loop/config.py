@@ -25,6 +25,7 @@ from leagues.engine import EngineConfig
 from leagues.obs import ObsConfig
 from leagues.rollout import DataConfig, RewardConfig
 from leagues.rollout.generate import RolloutConfig
+from leagues.serve.fleet import FleetConfig
 from leagues.train import LossConfig, OptimConfig, TrainerConfig
 from leagues.train.advantages import AdvantageConfig
 
@@ -129,7 +130,11 @@ class TrainConfig:
     max_staleness: int = 1
     """Disaggregated: a batch may be generated with weights at most this many steps old."""
     engine_urls: list[str] = field(default_factory=list)
-    """External engines (leagues serve, a router, SGLang) to roll out over HTTP instead of an in-process engine."""
+    """External engines (leagues serve, a router, SGLang) to roll out over HTTP instead of an in-process engine,
+    as a fleet (`fleet`): requests go to healthy engines and are retried on another when one fails, weight
+    updates skip quarantined engines, and a restarted engine rejoins only once it has the current weights."""
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    """External engines (`engine_urls`): health checks, quarantine, retries, balancing (`leagues.serve.fleet`)."""
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     engine_sleep: bool | Literal["auto"] = "auto"
     """Colocated on GPUs: release the engine's KV cache while the trainer trains (true), keep it (false: the run

@@ -11,8 +11,10 @@ Decisions:
 - The trainer computes logprobs at the rollout's temperature (`rollout.temperature` is the one knob of both).
 - The engine is built from the same checkpoint the trainer starts from, so step 0 needs no weight sync;
   after a resume the trainer's weights are pushed before the first rollout.
-- External engines (`engine_urls`) replace the in-process engine: rollout goes over HTTP, and weights reach
-  them through `update_weights_from_disk` (a checkpoint in the run directory) after each step.
+- External engines (`engine_urls`) replace the in-process engine: rollout goes over HTTP through a fleet
+  (`leagues.serve.fleet`: healthy engines only, failed requests retried on another), and weights reach them
+  through `update_weights_from_disk` (a checkpoint in the run directory) after each step, on the engines the
+  fleet says should serve (`update_engines`: quarantined ones skipped, restarted ones caught up).
 """
 
 import asyncio
@@ -29,7 +31,7 @@ from leagues.agent.agents import agent_generate
 from leagues.agent.multi_turn import env_generate
 from leagues.config import dump_yaml
 from leagues.engine import Engine
-from leagues.engine.client import EngineClient, HTTPClient, LocalClient
+from leagues.engine.client import EngineClient, LocalClient
 from leagues.engine.config import kv_block_bytes, max_useful_blocks, resolve_device_dtype
 from leagues.loop.config import TrainConfig, resolve
 from leagues.loop.memory import EnginePlan, MemoryBudget, plan_engine_memory
@@ -42,6 +44,9 @@ from leagues.rollout import PromptDataset, PromptIterator, RewardConfig, RewardS
 from leagues.rollout.generate import GenerateContext, load_generate_fn
 from leagues.rollout.partial import PartialRollout
 from leagues.rollout.tasks import task_dataset
+from leagues.serve.fleet import Fleet
+from leagues.serve.fleet_client import FleetClient
+from leagues.serve.sessions import LoopbackSessions
 from leagues.sync import WEIGHT_SYNCS, DistributedWeightSender, WeightSync
 from leagues.train import Trainer
 from leagues.train.checkpoint import load_latest
@@ -81,7 +86,7 @@ def generate_fn(cfg: TrainConfig):
     if len(chosen) > 1:
         raise ValueError(f"{chosen[1]}: one way of generating per run, got {' and '.join(chosen)} (env {env!r})")
     if cfg.agent.run:
-        return agent_generate(cfg.agent.run)
+        return agent_generate(cfg.agent.run, LoopbackSessions())
     return env_generate(env, cfg.agent) if env else load_generate_fn(cfg.rollout.generate_fn)
 
 
@@ -151,6 +156,8 @@ class Run:
     """How the trainer's weights reach the engines each step (`leagues.sync.WEIGHT_SYNCS`), chosen at build."""
     partial: PartialRollout = field(default_factory=PartialRollout)
     """Partial rollout (`rollout.partial`): this rank's samples carried into the next step, saved with checkpoints."""
+    fleet: Fleet | None = None
+    """External engines (`engine_urls`): the fleet the rollout client and the weight updates go through."""
     _sender: DistributedWeightSender | None = None
 
     @classmethod
@@ -190,6 +197,7 @@ class Run:
             trainer=trainer,
             engine=engine,
             client=client,
+            fleet=client.fleet if isinstance(client, FleetClient) else None,
             ctx=GenerateContext(client=client, params=params, tokenizer=tokenizer, config=cfg.rollout),
             sinks=None,  # type: ignore[arg-type]
             timer=StepTimer(sync=torch.cuda.synchronize if torch.cuda.is_available() else None),
@@ -250,6 +258,11 @@ class Run:
             self._sender.init()
         return self._sender
 
+    def update_engines(self, load, version: int) -> dict[str, float]:
+        """`load(url)` on every external engine that is to serve `version` (`Fleet.update_weights`, on the run's
+        event loop, the fleet's); the fleet's metrics."""
+        return self.loop.run_until_complete(self.fleet.update_weights(load, version))
+
     def write_weights(self, trainer) -> Path:
         """The trainer's weights as an HF checkpoint under the run directory (for engines that read the disk)."""
         return write_hf(trainer, self.model_path, self.run_dir / "weights", self.tokenizer)
@@ -261,8 +274,8 @@ class Run:
         self.scorer.close()
         if self.engine is not None:
             self.engine.close()
-        if isinstance(self.client, HTTPClient):
-            self.loop.run_until_complete(self.client.aclose())
+        if self.fleet is not None:
+            self.loop.run_until_complete(self.fleet.close())
         if (aclose := getattr(self.generate_fn, "aclose", None)) is not None:  # an agent run's session server
             self.loop.run_until_complete(aclose())
         self.loop.close()
@@ -278,7 +291,7 @@ def context_limit(cfg: TrainConfig, model_path: Path) -> int | None:
 
 def _engine(cfg: TrainConfig, model_path: Path, tokenizer, is_engine: bool, plan: EnginePlan | None = None):
     if cfg.engine_urls:
-        return None, HTTPClient(list(cfg.engine_urls))
+        return None, FleetClient(Fleet(cfg.engine_urls, cfg.fleet))
     if not is_engine:
         return None, None
     overrides = {}

@@ -6,26 +6,28 @@
 
 Where it sits: the loop builds the transport when the run is built (every rank of the job, in the same order,
 since some make process groups) and calls `push` after every training step. `from_run` reads only what a run
-has (`engine`, `rank`, `world`, `cfg.engine_urls`, `weight_sender()`, `write_weights()`), so this package
-imports nothing of the loop.
+has (`engine`, `rank`, `world`, `weight_sender()`, `write_weights()`, `update_engines()`), so this package
+imports nothing of the loop (nor of the fleet that `update_engines` goes through).
 
 - in_place: the colocated engine of this rank; buckets gathered in the engine's dtype, copied in place.
 - broadcast: disaggregated runs, rank 0 training and the other ranks' engines receiving inside the same job
   (`BroadcastSync`: bucketed, NCCL on GPUs, gloo on CPUs).
 - distributed: SGLang's weight-update group to external engines (rank 0 sends; the other trainer ranks still
   gather, since the gathers are collective).
-- disk: an HF checkpoint written to a shared disk, then `update_weights_from_disk` on every engine.
+- disk: an HF checkpoint written to a shared disk, then `update_weights_from_disk` on every engine the run's
+  fleet says should serve (quarantined ones are skipped, restarted ones catch up; `leagues.serve.fleet`).
 - none: frozen engines (evaluation of a fixed policy, or engines updated by other means).
 """
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from leagues.sync.disk import update_from_disk
+from leagues.sync.disk import load_from_disk
 from leagues.sync.local import BroadcastSync, push_in_place
 
 
@@ -106,21 +108,24 @@ class DistributedSync:
 
 @register("disk")
 class DiskSync:
-    def __init__(self, write: Callable[[Any], Any], urls: list[str], rank: int) -> None:
-        self.write, self.urls, self.rank = write, urls, rank
-        """`write(trainer)`: the path of an HF checkpoint of the trainer's weights, on a disk the engines read."""
+    def __init__(self, write: Callable[[Any], Any], update: Callable[..., dict[str, float]], rank: int) -> None:
+        self.write, self.update, self.rank = write, update, rank
+        """`write(trainer)`: the path of an HF checkpoint of the trainer's weights, on a disk the engines read.
+        `update(load, version)`: calls `load(url)` for every engine that is to serve `version` (the run's fleet);
+        its metrics."""
 
     @classmethod
     def from_run(cls, run) -> "DiskSync":
-        return cls(run.write_weights, list(run.cfg.engine_urls), run.rank)
+        return cls(run.write_weights, run.update_engines, run.rank)
 
     def push(self, trainer, version: int) -> dict[str, float]:
         path = self.write(trainer)
+        metrics = {}
         if self.rank == 0:
-            update_from_disk(self.urls, path.resolve(), version)
+            metrics = self.update(partial(load_from_disk, path=path.resolve(), version=version), version)
         if dist.is_initialized():
             dist.barrier()
-        return {}
+        return metrics
 
 
 @register("none")

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 from pathlib import Path
 
 
@@ -61,3 +62,19 @@ def kill_once(response, label) -> float:
         if path.stat().st_size == int(at):
             os.kill(os.getpid(), signal.SIGKILL)
     return by_name(response, label)
+
+
+def gated(prompt: str, response: str, label, metadata: dict) -> float:
+    """`starts_with_one`, but from the Nth call on (LEAGUES_TEST_GATE_AT=N, calls counted in LEAGUES_TEST_COUNTER)
+    it waits until the file LEAGUES_TEST_GATE exists (90 s at most): a test holds a run at a known point."""
+    at, counter, gate = (
+        os.environ.get(k) for k in ("LEAGUES_TEST_GATE_AT", "LEAGUES_TEST_COUNTER", "LEAGUES_TEST_GATE")
+    )
+    if at and counter and gate:
+        path = Path(counter)
+        with path.open("a") as f:
+            f.write("x")
+        deadline = time.monotonic() + 90
+        while path.stat().st_size >= int(at) and not Path(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return starts_with_one(prompt, response, label, metadata)

@@ -262,7 +262,7 @@ def test_failing_reward_is_contained(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("weight_sync", ["disk", "distributed"])
 def test_external_engine_over_http(tmp_path, weight_sync):
-    from tests.engine.test_server import _launch, _wait_url
+    from tests.serve.test_server import _launch, _wait_url
     from tests.sync.test_distributed import free_port
 
     server = _launch()

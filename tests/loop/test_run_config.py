@@ -13,6 +13,7 @@ import pytest
 
 from leagues.config import apply_overrides, dump_yaml, load_yaml, to_dict
 from leagues.loop import TrainConfig, resolve, train
+from leagues.serve.fleet import FleetConfig
 
 REWARDS = Path(__file__).parent / "rewards_for_tests.py"
 
@@ -181,6 +182,9 @@ READ_ELSEWHERE = {
     "trainer.loss.mis_upper": "train/losses.py, off_policy token_mis / seq_mis (tests/train: losses)",
     "rollout.over_sample": "rollout/partial.py, with rollout.partial (tests/loop: partial)",
     "rollout.partial_mask_old": "rollout/partial.py, with rollout.partial (tests/loop: partial)",
+} | {
+    f"fleet.{f.name}": "serve/fleet.py with engine_urls (tests/loop: engine fleet)"
+    for f in dataclasses.fields(FleetConfig)
 }
 
 

@@ -8,7 +8,7 @@ import httpx
 
 from leagues.engine import Engine
 from leagues.model import write_tiny_moe
-from tests.engine.test_server import _launch, _wait_url
+from tests.serve.test_server import _launch, _wait_url
 
 from .test_distributed import GREEDY, PROMPTS, VERSION, _next, _trainer, free_port
 

@@ -19,7 +19,7 @@ import pytest
 
 from leagues.engine import Engine, SamplingParams
 from leagues.model import write_tiny_moe
-from tests.engine.test_server import serving
+from tests.serve.test_server import serving
 
 API_KEY, ADMIN_KEY = "user-key", "admin-key"
 PLAIN, ADMIN = {"Authorization": f"Bearer {API_KEY}"}, {"Authorization": f"Bearer {ADMIN_KEY}"}

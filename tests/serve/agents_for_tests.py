@@ -1,4 +1,4 @@
-"""Agents a test runs through sessions (`--agent tests.agent.agents_for_tests:three_turns`), with the official
+"""Agents a test runs through sessions (`--agent tests.serve.agents_for_tests:three_turns`), with the official
 `openai` client."""
 
 import openai

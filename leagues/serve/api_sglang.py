@@ -36,9 +36,9 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from leagues.engine.api_common import APIError, Batch, ServerState, TextStream, error_body, finite, sse, state_of
 from leagues.engine.output import Output
-from leagues.engine.protocol import GenerateRequest
+from leagues.serve.api_common import APIError, Batch, ServerState, TextStream, error_body, finite, sse, state_of
+from leagues.serve.protocol import GenerateRequest
 from leagues.types import FinishReason
 
 router = APIRouter(tags=["sglang"])

@@ -14,6 +14,7 @@ from leagues.engine import Engine, EngineConfig
 from leagues.engine.client import LocalClient
 from leagues.model import load_tokenizer, resolve_model_path
 from leagues.rollout.generate import GenerateContext, RolloutConfig
+from leagues.serve.sessions import LoopbackSessions
 from leagues.types import Sample, SampleStatus, SamplingParams
 from tests.agent.test_multi_turn import real_run
 
@@ -29,7 +30,7 @@ def deterministic(tiny_path):
 def agent_run(engine, tokenizer, spec, seeds):
     params = SamplingParams(max_new_tokens=16, stop_token_ids=list(range(50, 101)), return_routed_experts=True)
     ctx = GenerateContext(LocalClient(engine), params, tokenizer, RolloutConfig())
-    generate = agent_generate(spec)
+    generate = agent_generate(spec, LoopbackSessions())
     samples = [Sample(prompt_ids=[1], metadata={"seed": s}) for s in seeds]
 
     async def go():
@@ -42,7 +43,7 @@ def test_an_openai_agent_through_a_session_equals_the_env_loop(deterministic):
     tokenizer = load_tokenizer(resolve_model_path("tiny-moe"))
     seeds = [11, 12]
     through_env = real_run(deterministic, tokenizer, seeds)
-    through_sessions = agent_run(deterministic, tokenizer, "tests.agent.agents_for_tests:three_turns", seeds)
+    through_sessions = agent_run(deterministic, tokenizer, "tests.serve.agents_for_tests:three_turns", seeds)
     for a, b in zip(through_env, through_sessions, strict=True):
         assert isinstance(b, Sample), b
         assert a.prompt_ids == b.prompt_ids and a.response_ids == b.response_ids
@@ -53,14 +54,14 @@ def test_an_openai_agent_through_a_session_equals_the_env_loop(deterministic):
 
 def test_a_rewritten_history_is_refused_naming_the_message(engine):
     tokenizer = load_tokenizer(resolve_model_path("tiny-moe"))
-    (error,) = agent_run(engine, tokenizer, "tests.agent.agents_for_tests:rewrites_history", [1])
+    (error,) = agent_run(engine, tokenizer, "tests.serve.agents_for_tests:rewrites_history", [1])
     assert "messages[1]: differs from the session's conversation" in str(error)
 
 
 def test_train_with_a_users_agent_from_the_command_line(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(4)))
-    args = ["train", "--data", str(data), "--agent", "tests.agent.agents_for_tests:three_turns", "--steps", "1"]
+    args = ["train", "--data", str(data), "--agent", "tests.serve.agents_for_tests:three_turns", "--steps", "1"]
     args += ["--rollout.batch_size", "2", "--rollout.n_samples_per_prompt", "2", "--rollout.max_response_len", "4"]
     stops = "[" + ",".join("abcdefghijklmnopqrstuvwxyz") + "]"  # the random model's turns end early
     args += [

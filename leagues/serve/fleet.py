@@ -1,18 +1,17 @@
-"""The router: one front for several engine replicas (`leagues serve` or SGLang servers) over HTTP.
+"""The fleet: engine replicas (`leagues serve` or SGLang servers) behind one `forward`, kept healthy.
 
-    router = Router(["http://127.0.0.1:30000", "http://127.0.0.1:30001"], RouterConfig())
-    router.start()                          # periodic health checks (needs a running event loop)
-    out = await router.generate({"input_ids": [...], "sampling_params": {...}, "session_id": "ep-7"})
-    router.set_weight_version(3)            # the RL loop says which weights the fleet serves
-    await router.close()
+    fleet = Fleet(["http://127.0.0.1:30000", "http://127.0.0.1:30001"], FleetConfig())
+    fleet.start()                           # periodic health checks (needs a running event loop)
+    out = await fleet.generate({"input_ids": [...], "sampling_params": {...}, "session_id": "ep-7"})
+    fleet.set_weight_version(3)             # the RL loop says which weights the fleet serves
+    await fleet.close()
 
-Where it sits: between rollout clients (the RL loop holds a `Router` in-process; other clients reach
-`leagues router` over HTTP) and the engine servers, which speak SGLang's native API (`POST /generate`,
-`GET /health`, `GET /get_server_info`). `build_app` wraps a `Router` in the same API, plus a fleet view
-in `/get_server_info` and `POST /add_engine` / `/remove_engine`.
+Where it sits: between rollout clients and the engine servers, which speak SGLang's native API (`POST
+/generate`, `GET /health`, `GET /get_server_info`). `leagues router` is a thin HTTP layer over one
+(`leagues.serve.router`); the RL loop holds one in-process for its external engines (`FleetClient`).
 
 Decisions:
-- Balancing: least outstanding requests (requests this router has in flight on a replica); ties go
+- Balancing: least outstanding requests (requests this fleet has in flight on a replica); ties go
   round-robin, so a sequential client still spreads its requests.
 - Affinity: a request's key is its `session_id` (our extension field, removed before forwarding), else
   the part of its `rid` before the first `/` (`"episode-7/turn-2"` -> `episode-7`), else a hash of its
@@ -36,52 +35,44 @@ Decisions:
   times, on another healthy replica (one not tried yet if any). A 4xx is the request's fault: returned
   as-is, never retried. Retries resend the request whole (generation restarts; seeded requests
   give the same tokens on the same weights).
-- No healthy replica: 503 with a message naming every replica and why it is out. The router's own
+- No healthy replica: 503 with a message naming every replica and why it is out. The fleet's own
   errors take the engine server's shape, `{"error": {"message", "type", "param", "code"}}`; a request
   that failed on every replica tried gets the last 5xx as-is, or 502 after transport errors.
 - Engines behind an API key: `api_key` is sent as a bearer token on every request and health check, to
-  the engines the router was started with only: a URL added later (`POST /add_engine`) gets neither the
-  key nor, unless it is one of those, any secret (`add_engine(url, trusted=True)` is the in-process way to
-  trust a new one).
-- The HTTP front authenticates its clients: with `client_api_key`, every route but `/health` needs it
-  (401); `/add_engine` and `/remove_engine` need `admin_key` (403 with any other key, and always
-  refused on a router without one), since they choose where users' prompts go.
-- State lives on the `Router` and is only touched from its event loop, so it needs no locks; one
+  the engines the fleet was started with only: a URL added later gets neither the key nor, unless it is
+  one of those, any secret (`add_engine(url, trusted=True)` trusts a new one).
+- State lives on the `Fleet` and is only touched from its event loop, so it needs no locks; one
   `httpx.AsyncClient` (made on first use, closed by `close()`) serves every replica.
 - Replicas given to the constructor start healthy (traffic flows before the first check); replicas added
   later (`add_engine`) start quarantined and join through a health check, version gate included.
-- Not done: streaming (`"stream": true` is refused with 400), broadcasting weight updates to replicas
-  (the RL loop updates each engine, then calls `set_weight_version`).
+- Weight updates (`update_weights`, the RL loop's, between rollouts): after a fresh round of health checks,
+  the weights go to every healthy replica and to every quarantined one that answers its checks (a restarted
+  engine: it gets the current weights before it serves, then rejoins at once, at the fleet's version). A
+  replica whose update fails is quarantined and the others go on; only a fleet where none took the weights
+  fails. The fleet then serves that version, so a replica that missed it stays out until it is updated.
+  The load itself is the caller's (`load(url)`, blocking, run in threads: `leagues.sync.disk`).
+- Not done: streaming (`"stream": true` is refused with 400).
 """
 
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import itertools
-import json
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
-NO_STREAMING = "the router does not stream; send the request without `stream`"
+NO_STREAMING = "the fleet does not stream; send the request without `stream`"
 
 
 @dataclass(kw_only=True, slots=True)
-class RouterConfig:
-    """Engine replicas behind one front: balancing, affinity, health checks, retries, and the server address."""
+class FleetConfig:
+    """Engine replicas behind one front: balancing, affinity, health checks and retries."""
 
-    engines: list[str] | str = field(default_factory=list)
-    """URLs of the engine servers (`leagues router` only; `Router` takes its URLs as an argument): a YAML
-    list, or one string of comma- or space-separated URLs (`--engines http://a:30000,http://b:30000`)."""
-    host: str = "127.0.0.1"
-    """Address `leagues router` listens on."""
-    port: int = 30010
-    """Port `leagues router` listens on."""
     health_interval: float = 2.0
     """Seconds between two health checks of every replica."""
     health_timeout: float = 5.0
@@ -103,18 +94,9 @@ class RouterConfig:
     max_connections: int = 4096
     """Most open connections to all replicas together."""
     api_key: str = ""
-    """Key the router sends to the engines it was started with as `Authorization: Bearer <key>` (their
-    `api_key`); engines added later get it only when added as trusted (never over HTTP). Empty: none
-    (`leagues router` then reads $LEAGUES_API_KEY)."""
-    client_api_key: str = ""
-    """Key `leagues router`'s clients must send (`Authorization: Bearer <key>`) on every route but /health
-    (401 otherwise); empty: none asked (`leagues router` then reads $LEAGUES_ROUTER_API_KEY)."""
-    admin_key: str = ""
-    """Key `/add_engine` and `/remove_engine` need (403 for any other key; without one they are refused); it
-    also opens every other route (`leagues router` reads $LEAGUES_ROUTER_ADMIN_KEY when it is empty)."""
-    insecure: bool = False
-    """Allow `leagues router` to bind beyond loopback without both client keys (a network where every peer
-    is trusted)."""
+    """Key sent to the engines the fleet was started with as `Authorization: Bearer <key>` (their `api_key`);
+    engines added later get it only when added as trusted (never over HTTP). Empty: none (`leagues router`
+    then reads $LEAGUES_API_KEY)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -131,7 +113,7 @@ class RouterConfig:
         }
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"router.{name}: invalid value {getattr(self, name)!r}")
+                raise ValueError(f"fleet.{name}: invalid value {getattr(self, name)!r}")
 
 
 def engine_urls(engines: Sequence[str] | str) -> list[str]:
@@ -155,15 +137,17 @@ class Replica:
     url: str
     state: ReplicaState = ReplicaState.HEALTHY
     trusted: bool = True
-    """Gets the engines' API key (a replica the router was started with, or added as trusted)."""
+    """Gets the engines' API key (a replica the fleet was started with, or added as trusted)."""
     reason: str = ""
     """Why a quarantined replica is out (the last error, or its weight version against the fleet's)."""
     outstanding: int = 0
-    """Requests this router has in flight on the replica."""
+    """Requests this fleet has in flight on the replica."""
     failures: int = 0
     """Consecutive failed health checks and requests."""
     weight_version: int | None = None
     """Last weight version the replica reported (health check or response); None until it does."""
+    alive: bool = True
+    """Its last health check answered (a quarantined replica that is alive gets weight updates, to rejoin)."""
     num_served: int = 0
     num_failed: int = 0
 
@@ -180,13 +164,21 @@ class Replica:
         }
 
 
-class RouterError(Exception):
-    """A request the router could not serve: `status` is the HTTP status, `body` the JSON it answers."""
+class FleetError(Exception):
+    """A request the fleet could not serve: `status` is the HTTP status, `body` the JSON it answers."""
 
     def __init__(self, status: int, body: Any) -> None:
         super().__init__(f"{status}: {body}")
         self.status = status
         self.body = body
+
+
+class Answer(NamedTuple):
+    """What `Fleet.forward` got: the HTTP status and JSON body, and how many replicas it tried."""
+
+    status: int
+    body: Any
+    attempts: int
 
 
 class _AttemptFailed(Exception):
@@ -208,7 +200,7 @@ def _as_version(value: Any) -> int | None:
 
 
 def error_body(status: int, message: str, kind: str = "service_unavailable") -> dict[str, Any]:
-    """The router's own errors, in the engine server's (OpenAI's) shape."""
+    """The fleet's own errors, in the engine server's (OpenAI's) shape."""
     return {"error": {"message": message, "type": kind, "param": None, "code": status}}
 
 
@@ -227,15 +219,15 @@ def _json(response: httpx.Response) -> Any:
         return error_body(response.status_code, response.text, "upstream_error")
 
 
-class Router:
-    """Engine replicas behind one `generate`; see the module docstring for the policies."""
+class Fleet:
+    """Engine replicas behind one `forward`; see the module docstring for the policies."""
 
-    def __init__(self, urls: Sequence[str] | str | None = None, cfg: RouterConfig | None = None) -> None:
-        self.cfg = cfg or RouterConfig()
-        urls = engine_urls(self.cfg.engines if urls is None else urls)
+    def __init__(self, urls: Sequence[str] | str, cfg: FleetConfig | None = None) -> None:
+        self.cfg = cfg or FleetConfig()
+        urls = engine_urls(urls)
         self.replicas: dict[str, Replica] = {url: Replica(url) for url in urls}
         self.configured = frozenset(urls)
-        """The URLs the router was started with: they (and replicas added as trusted) get the engines' key."""
+        """The URLs the fleet was started with: they (and replicas added as trusted) get the engines' key."""
         self.target_version: int | None = None
         self.max_seen_version: int | None = None
         self.affinity: OrderedDict[str, str] = OrderedDict()
@@ -246,9 +238,9 @@ class Router:
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the periodic health checks (call from inside the event loop that will use the router)."""
+        """Start the periodic health checks (call from inside the event loop that will use the fleet)."""
         if self._health_task is None or self._health_task.done():
-            self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="router-health")
+            self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="fleet-health")
 
     async def close(self) -> None:
         if self._health_task is not None:
@@ -260,7 +252,7 @@ class Router:
             await self._client.aclose()
             self._client = None
 
-    async def __aenter__(self) -> "Router":
+    async def __aenter__(self) -> "Fleet":
         self.start()
         return self
 
@@ -275,7 +267,7 @@ class Router:
             self._client = httpx.AsyncClient(timeout=timeout, limits=limits)
         return self._client
 
-    # --- the fleet ------------------------------------------------------------------------------
+    # --- the replicas ---------------------------------------------------------------------------
 
     @property
     def weight_version(self) -> int | None:
@@ -288,16 +280,19 @@ class Router:
 
     def add_engine(self, url: str, trusted: bool = False) -> Replica:
         """A new replica; it starts quarantined and joins after a health check at the fleet's version. It gets
-        the engines' API key if it is one the router was started with, or `trusted`."""
+        the engines' API key if it is one the fleet was started with, or `trusted`."""
         (url,) = engine_urls([url])
         if url in self.replicas:
             raise ValueError(f"engine {url} is already routed")
         trusted = trusted or url in self.configured
-        replica = Replica(url, ReplicaState.QUARANTINED, trusted=trusted, reason="joining: not checked yet")
+        replica = Replica(
+            url, ReplicaState.QUARANTINED, trusted=trusted, reason="joining: not checked yet", alive=False
+        )
         self.replicas[url] = replica
         return replica
 
-    def _headers(self, replica: Replica) -> dict[str, str] | None:
+    def headers(self, replica: Replica) -> dict[str, str] | None:
+        """What every request to `replica` carries: the engines' key, if it is trusted with it."""
         return {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key and replica.trusted else None
 
     def remove_engine(self, url: str) -> None:
@@ -310,7 +305,7 @@ class Router:
         return [r for r in self.replicas.values() if r.state is ReplicaState.HEALTHY]
 
     def info(self) -> dict[str, Any]:
-        """The fleet view served at `/get_server_info`."""
+        """The fleet view (`leagues router` serves it at `/get_server_info`)."""
         return {
             "router": True,
             "weight_version": self.weight_version,
@@ -323,38 +318,39 @@ class Router:
     # --- requests -------------------------------------------------------------------------------
 
     async def generate(self, payload: dict[str, Any]) -> Any:
-        """`POST /generate` on a replica chosen by the policies; the replica's JSON, or `RouterError`."""
-        status, body = await self.forward("/generate", payload)
-        if status >= 400:
-            raise RouterError(status, body)
-        return body
+        """`POST /generate` on a replica chosen by the policies; the replica's JSON, or `FleetError`."""
+        answer = await self.forward("/generate", payload)
+        if answer.status >= 400:
+            raise FleetError(answer.status, answer.body)
+        return answer.body
 
-    async def forward(self, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
-        """POST `payload` to `path` of a chosen replica, retrying elsewhere; (status, JSON body), never raises
-        for a replica's answer or failure."""
+    async def forward(self, path: str, payload: dict[str, Any]) -> Answer:
+        """POST `payload` to `path` of a chosen replica, retrying elsewhere; never raises for a replica's answer
+        or failure."""
         if payload.get("stream"):
-            return 400, error_body(400, NO_STREAMING, "invalid_request")
+            return Answer(400, error_body(400, NO_STREAMING, "invalid_request"), 0)
         key = self.affinity_key(payload)
         body = {k: v for k, v in payload.items() if k != "session_id"}
-        tried: set[str] = set()
+        tried: list[str] = []
         failure: _AttemptFailed | None = None
         for _ in range(1 + self.cfg.max_retries):
-            replica = self.choose(key, exclude=tried)
+            replica = self.choose(key, exclude=set(tried))
             if replica is None:
                 break
-            tried.add(replica.url)
+            tried.append(replica.url)
             try:
-                return await self._attempt(replica, path, body)
+                return Answer(*await self._attempt(replica, path, body), len(tried))
             except _AttemptFailed as err:
                 failure = err
         if failure is None or not self.healthy():
-            return 503, error_body(503, self.unavailable_message())
-        return failure.response or (502, error_body(502, f"{len(tried)} replicas tried, all failed; last: {failure}"))
+            return Answer(503, error_body(503, self.unavailable_message()), len(tried))
+        last = (502, error_body(502, f"{len(tried)} replicas tried, all failed; last: {failure}"))
+        return Answer(*(failure.response or last), len(tried))
 
     async def _attempt(self, replica: Replica, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         replica.outstanding += 1
         try:
-            response = await self.client.post(replica.url + path, json=body, headers=self._headers(replica))
+            response = await self.client.post(replica.url + path, json=body, headers=self.headers(replica))
         except httpx.TransportError as err:
             self._record_failure(replica, f"{type(err).__name__}: {err}".rstrip(": "))
             raise _AttemptFailed(f"{replica.url}: {type(err).__name__}: {err}") from err
@@ -369,8 +365,19 @@ class Router:
         self._note_version(replica, result[1])
         return result
 
+    async def post_all(self, path: str, payload: dict[str, Any]) -> None:
+        """POST `payload` to `path` of every healthy replica, best effort (an abort by request id: the replica
+        serving it aborts it, the others know no such id)."""
+
+        async def one(replica: Replica) -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                await self.client.post(replica.url + path, json=payload, headers=self.headers(replica))
+
+        await asyncio.gather(*(one(r) for r in self.healthy()))
+
     def _note_version(self, replica: Replica, body: Any) -> None:
-        meta = body.get("meta_info") if isinstance(body, dict) else None
+        items = body if isinstance(body, list) else [body]  # a request with n > 1 answers a list
+        meta = items[0].get("meta_info") if items and isinstance(items[0], dict) else None
         version = _as_version(meta.get("weight_version")) if isinstance(meta, dict) else None
         if version is not None:
             replica.weight_version = version
@@ -392,9 +399,38 @@ class Router:
 
     def unavailable_message(self) -> str:
         if not self.replicas:
-            return "no healthy engine replica: the router has no replicas (add one with POST /add_engine)"
+            return "no healthy engine replica: the fleet has no replicas (add one with POST /add_engine)"
         out = "; ".join(f"{r.url} ({r.reason or r.state})" for r in self.replicas.values())
         return f"no healthy engine replica; fleet weight version {self.weight_version}; replicas: {out}"
+
+    # --- weights --------------------------------------------------------------------------------
+
+    async def update_weights(self, load: Callable[[str], None], version: int) -> dict[str, float]:
+        """The weights of `version` to every replica that is to serve them, by `load(url)` (blocking: run in
+        threads, all at once): the healthy ones, and the quarantined ones that answer their health checks,
+        which then rejoin. A replica whose load raises is quarantined. From now on the fleet serves `version`.
+        Raises `FleetError` (503) when no replica took the weights; else returns metrics (`fleet/...`)."""
+        await self.check_health()  # who answers now, at which weights
+        targets = [r for r in self.replicas.values() if r.state is ReplicaState.HEALTHY or r.alive]
+        results = await asyncio.gather(*(asyncio.to_thread(load, r.url) for r in targets), return_exceptions=True)
+        self.set_weight_version(version)
+        for replica, result in zip(targets, results, strict=True):
+            if isinstance(result, BaseException):
+                replica.alive = False
+                self._record_failure(replica, f"weight update to version {version} failed: {result}", at_once=True)
+                continue
+            replica.weight_version, replica.failures = version, 0
+            if replica.state is ReplicaState.QUARANTINED:
+                self._maybe_rejoin(replica)
+        updated = sum(not isinstance(r, BaseException) for r in results)
+        if not updated:
+            message = f"no engine took weight version {version}: {self.unavailable_message()}"
+            raise FleetError(503, error_body(503, message))
+        return {
+            "fleet/updated": float(updated),
+            "fleet/healthy": float(len(self.healthy())),
+            "fleet/replicas": float(len(self.replicas)),
+        }
 
     # --- balancing and affinity -----------------------------------------------------------------
 
@@ -448,6 +484,7 @@ class Router:
         replicas = list(self.replicas.values())
         results = await asyncio.gather(*(self._probe(r) for r in replicas))
         for replica, (version, error) in zip(replicas, results, strict=True):
+            replica.alive = error is None
             if error is not None:
                 self._record_failure(replica, error, at_once=error.startswith("not ready"))
                 continue
@@ -461,7 +498,7 @@ class Router:
 
     async def _probe(self, replica: Replica) -> tuple[int | None, str | None]:
         """(weight version, None) for a replica that answers, else (None, what went wrong)."""
-        timeout, headers = httpx.Timeout(self.cfg.health_timeout), self._headers(replica)
+        timeout, headers = httpx.Timeout(self.cfg.health_timeout), self.headers(replica)
         try:
             health = await self.client.get(replica.url + "/health", timeout=timeout, headers=headers)
             if health.status_code == 503:
@@ -483,115 +520,3 @@ class Router:
             return
         replica.state, replica.reason = ReplicaState.HEALTHY, ""
         self._saw_version(replica)
-
-
-# --- the HTTP front -------------------------------------------------------------------------------
-
-
-FLEET_PATHS = frozenset({"/add_engine", "/remove_engine"})
-
-
-class _ClientAuth:
-    """ASGI: every route but /health needs the client key (401), the fleet routes the admin key (403)."""
-
-    def __init__(self, app, client_key: str, admin_key: str) -> None:
-        self.app, self.client_key, self.admin_key = app, client_key, admin_key
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
-            return await self.app(scope, receive, send)
-        token = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"authorization"), None)
-        scheme, _, token = (token or "").partition(" ")
-        token = token.strip() if scheme.lower() == "bearer" else ""
-        admin = bool(self.admin_key) and hmac.compare_digest(token.encode(), self.admin_key.encode())
-        client = admin or not self.client_key or hmac.compare_digest(token.encode(), self.client_key.encode())
-        if scope["path"] in FLEET_PATHS and not admin:
-            if not token and self.client_key:
-                return await _refuse(send, 401, "missing API key (Authorization: Bearer ...)")
-            why = "needs the admin key" if self.admin_key else "is refused: the router has no admin key"
-            return await _refuse(send, 403, f"changing the fleet {why}", "permission_error")
-        if not client:
-            return await _refuse(send, 401, "missing or wrong API key (Authorization: Bearer ...)")
-        return await self.app(scope, receive, send)
-
-
-async def _refuse(send, status: int, message: str, kind: str = "authentication_error") -> None:
-    body = json.dumps(error_body(status, message, kind)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-def build_app(router: Router):
-    """A FastAPI app serving `router`: SGLang's `/generate`, `/health`, `/get_server_info`, plus
-    `/add_engine` and `/remove_engine` (`{"url": ...}`), behind the config's client and admin keys.
-    Health checks run while the app is up."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        router.start()
-        yield
-        await router.close()
-
-    app = FastAPI(title="leagues router", lifespan=lifespan)
-    app.add_middleware(_ClientAuth, client_key=router.cfg.client_api_key, admin_key=router.cfg.admin_key)
-
-    async def body_of(request: Request) -> dict[str, Any] | JSONResponse:
-        try:
-            payload = await request.json()
-        except ValueError:
-            return JSONResponse(error_body(400, "the request body is not JSON", "invalid_request"), status_code=400)
-        if not isinstance(payload, dict):
-            message = "the request body must be a JSON object"
-            return JSONResponse(error_body(400, message, "invalid_request"), status_code=400)
-        return payload
-
-    @app.post("/generate")
-    async def generate(request: Request):
-        payload = await body_of(request)
-        if isinstance(payload, JSONResponse):
-            return payload
-        status, body = await router.forward("/generate", payload)
-        return JSONResponse(body, status_code=status)
-
-    @app.get("/health")
-    async def health():
-        if router.healthy():
-            return JSONResponse({"status": "ok", "num_healthy": len(router.healthy())})
-        return JSONResponse(error_body(503, router.unavailable_message()), status_code=503)
-
-    @app.get("/get_server_info")
-    async def server_info():
-        return router.info()
-
-    @app.post("/add_engine")
-    async def add_engine(request: Request):
-        return await _change_fleet(router, await body_of(request), add=True)
-
-    @app.post("/remove_engine")
-    async def remove_engine(request: Request):
-        return await _change_fleet(router, await body_of(request), add=False)
-
-    return app
-
-
-async def _change_fleet(router: Router, payload: Any, add: bool):
-    from fastapi.responses import JSONResponse
-
-    if not isinstance(payload, dict):
-        return payload  # the JSONResponse of a bad body
-    if not isinstance(payload.get("url"), str):
-        return JSONResponse(error_body(400, 'expected {"url": "http://host:port"}', "invalid_request"), status_code=400)
-    try:
-        if add:
-            router.add_engine(payload["url"])
-            await router.check_health()  # join now if it can, rather than at the next round
-        else:
-            router.remove_engine(payload["url"])
-    except ValueError as err:
-        return JSONResponse(error_body(400, str(err), "invalid_request"), status_code=400)
-    return router.info()

@@ -1,8 +1,9 @@
-"""The HTTP server of the rollout engine: SGLang's native API, OpenAI's API and Prometheus metrics.
+"""The HTTP server in front of the rollout engine: SGLang's native API, OpenAI's API and Prometheus metrics.
 
     app = create_app(engine, api_key="k", admin_key="a")   # a FastAPI app; `leagues serve` runs it with uvicorn
 
-Where it sits: the engine runs in the server process, on its own loop thread; handlers call
+Where it sits: the HTTP front (`leagues.serve`), apart from the engine core (`leagues.engine`), which never
+imports it. The engine runs in the server process, on its own loop thread; handlers call
 `engine.submit` and await the futures, so every HTTP request joins the same continuous batch. The
 routes live in `api_sglang.py` (`/generate`), `api_openai.py` (`/v1/...`) and `api_admin.py` (health,
 info, cache, abort, weights, memory); bodies are parsed by the models of `protocol.py`. This file holds
@@ -47,11 +48,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from leagues.engine import api_admin, api_openai, api_sglang
-from leagues.engine.api_common import APIError, ServerState, error_body, error_response
 from leagues.engine.engine import Engine
-from leagues.engine.metrics import ServerMetrics
-from leagues.engine.protocol import ServerLimits
+from leagues.serve import api_admin, api_openai, api_sglang
+from leagues.serve.api_common import APIError, ServerState, error_body, error_response
+from leagues.serve.metrics import ServerMetrics
+from leagues.serve.protocol import ServerLimits
 
 OPEN_PATHS = frozenset({"/health"})
 ADMIN_PATHS = frozenset(

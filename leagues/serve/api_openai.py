@@ -31,9 +31,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from leagues.agent.tool_calls import parse_tool_calls
-from leagues.engine.api_common import APIError, Batch, ServerState, TextStream, error_body, finite, sse, state_of
 from leagues.engine.output import Output
-from leagues.engine.protocol import ChatCompletionRequest, CompletionRequest
+from leagues.serve.api_common import APIError, Batch, ServerState, TextStream, error_body, finite, sse, state_of
+from leagues.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 TOOL_CALL_PARSER, TOOL_CALL_START = "hermes", "<tool_call>"
 """The model's tool-call format: Qwen / Hermes blocks (`leagues.agent.tool_calls`)."""

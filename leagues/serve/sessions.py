@@ -4,10 +4,10 @@
     POST /sessions/{id}/v1/chat/completions      OpenAI chat body (tools too) -> OpenAI chat answer
     POST /sessions/{id}/close                    {"reward": 1.0}              -> {"sample": {...}}
 
-Where it sits: `leagues train --agent module:run` serves these routes on loopback beside the rollout and hands
-each sample's session URL to the user's agent (`leagues.agent.agents`); `leagues serve` mounts them too, so
-any OpenAI-speaking agent can be recorded against a served model. A session reaches the engine only through
-an `EngineClient`.
+Where it sits: the HTTP front. `leagues train --agent module:run` serves these routes on loopback beside the
+rollout (`LoopbackSessions`) and hands each sample's session URL to the user's agent (`leagues.agent.agents`);
+`leagues serve` mounts them too, so any OpenAI-speaking agent can be recorded against a served model. A session
+reaches the engine only through an `EngineClient`.
 
 Decisions:
 - The first request's messages (and tools) are rendered once into the ledger's prompt; every later request
@@ -23,12 +23,17 @@ Decisions:
   through an `Env` give the same sample.
 - A turn that stops on its token limit ends the session's sampling (a later request is refused, 400);
   `close` gives the trajectory as a `Sample` with its termination.
-- The routes here parse plain JSON (not the server's pydantic models, which belong to the engine's HTTP
-  front); unknown fields are ignored.
+- The routes here parse plain JSON (not the server's pydantic models, which are the OpenAI routes' own);
+  unknown fields are ignored.
+- An agent run's session server (`LoopbackSessions`) is a uvicorn server on 127.0.0.1 and a free port, run as
+  a task on the rollout's own event loop (started with the first sample), so sessions reach the engine through
+  the run's client on the loop that client belongs to.
 """
 
+import asyncio
 import json
 import secrets
+import socket
 from dataclasses import dataclass, field, replace
 
 from leagues.agent.env import assistant_message
@@ -301,3 +306,48 @@ def sample_json(sample: Sample) -> dict:
         "routed_experts": None if routes is None else routes.tolist(),
         "metadata": {k: v for k, v in sample.metadata.items() if k != "env_info"},
     }
+
+
+class LoopbackSessions:
+    """The session server of one agent run (`leagues.agent.agents.SessionServer`): on 127.0.0.1 and a free port,
+    started on the running loop with the first session."""
+
+    def __init__(self) -> None:
+        self.url, self.store, self._server, self._task = "", None, None, None
+
+    async def open(self, client: EngineClient, tokenizer, params: SamplingParams, seed: int) -> tuple[str, str]:
+        store = await self._start(client, tokenizer, params)
+        session = store.create(seed, params)
+        return session.id, f"{self.url}/sessions/{session.id}/v1"
+
+    def close(self, session_id: str, reward: float | None) -> Sample:
+        return self.store.close(session_id, reward)
+
+    def discard(self, session_id: str) -> None:
+        self.store.sessions.pop(session_id, None)
+
+    async def _start(self, client: EngineClient, tokenizer, params: SamplingParams) -> SessionStore:
+        if self.store is not None:
+            return self.store
+        import uvicorn
+        from fastapi import FastAPI
+
+        self.store = SessionStore(client, tokenizer, params, client_sampling=False)
+        app = FastAPI()
+        app.include_router(session_router(self.store))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:  # noqa: ASYNC110 (uvicorn offers no event to wait on)
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+            await asyncio.sleep(0.01)
+        return self.store
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            await self._task
+            self._server, self.store = None, None

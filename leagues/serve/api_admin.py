@@ -19,10 +19,9 @@
 Decisions:
 - Blocking engine calls (`load_weights`, `sleep`, `flush_cache`) run in a worker thread, so the event
   loop keeps serving while the engine thread does them between steps.
-- `update_weights_from_disk` checks every tensor name and shape against the model (from the safetensors
-  headers, reading no data) and that the checkpoint covers every parameter, before writing anything:
-  a wrong directory fails with 400 and leaves the served weights untouched. The tensors are then read
-  lazily, one at a time, on the engine thread.
+- `update_weights_from_disk` checks the checkpoint against the model before writing anything
+  (`leagues.engine.disk_weights`): a wrong directory fails with 400 and leaves the served weights untouched.
+  The tensors are then read lazily, one at a time, on the engine thread.
 - `init_weights_update_group` joins one group at a time (409 while another join waits) and waits at most
   `weight_group_timeout` (300 s by default) for it to form: a join holds a worker thread, and the
   threads are few.
@@ -34,18 +33,16 @@ Decisions:
 """
 
 import asyncio
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
-from safetensors import safe_open
 
 from leagues.engine import remote_weights
-from leagues.engine.api_common import APIError, ServerState, error_response, state_of
-from leagues.engine.protocol import AbortRequest, MemoryRequest, UpdateWeightsFromDiskRequest
-from leagues.model.checkpoint import IGNORED, hf_name_index
+from leagues.engine.disk_weights import check_checkpoint, disk_tensors
+from leagues.serve.api_common import APIError, ServerState, error_response, state_of
+from leagues.serve.protocol import AbortRequest, MemoryRequest, UpdateWeightsFromDiskRequest
 from leagues.types import SamplingParams
 
 router = APIRouter(tags=["admin"])
@@ -152,49 +149,6 @@ async def update_weights_from_disk(req: UpdateWeightsFromDiskRequest, request: R
     state.model_path = req.model_path
     message = f"loaded {count} tensors from {req.model_path}; weight version {engine.weight_version}"
     return {"success": True, "message": message, "weight_version": engine.weight_version, "num_paused_requests": 0}
-
-
-def check_checkpoint(model, path: Path) -> list[tuple[Path, list[str]]]:
-    """The safetensors files of `path` and the tensors to load from each, once every tensor fits a parameter
-    and every parameter is covered (tensors a checkpoint may carry but the model does not use are skipped)."""
-    if not path.is_dir():
-        raise ValueError(f"model_path: {path} is not a directory")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"model_path: no .safetensors files in {path}")
-    index, params, seen, plan = hf_name_index(model), dict(model.named_parameters()), set(), []
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            names = [n for n in f.keys() if not _unused(model, n)]  # noqa: SIM118 (safe_open has no __iter__)
-            plan.append((file, names))
-            for name in names:
-                expected = _expected_shape(index, params, name)
-                shape = tuple(f.get_slice(name).get_shape())
-                if expected is None or shape != expected:
-                    raise ValueError(f"model_path: tensor {name} {shape} in {file.name} fits no parameter")
-                seen.add(name)
-    if missing := sorted(set(index) - seen):
-        raise ValueError(f"model_path: {len(missing)} tensors missing, e.g. {missing[:4]}")
-    return plan
-
-
-def _unused(model, name: str) -> bool:
-    return bool(IGNORED.match(name)) or (model.config.tie_embeddings and name == "lm_head.weight")
-
-
-def _expected_shape(index: dict, params: dict, name: str) -> tuple | None:
-    if name in index:
-        ours, expert, part, num_parts = index[name]
-        target = params[ours] if expert is None else params[ours][expert]
-        return tuple(target.chunk(num_parts, dim=0)[part].shape)
-    return None
-
-
-def disk_tensors(plan: list[tuple[Path, list[str]]]) -> Iterator:
-    for file, names in plan:
-        with safe_open(file, framework="pt") as f:
-            for name in names:
-                yield name, f.get_tensor(name)
 
 
 @router.post("/release_memory_occupation")

@@ -15,10 +15,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from leagues.engine.engine import Engine
-from leagues.engine.metrics import ServerMetrics
 from leagues.engine.output import Output
-from leagues.engine.protocol import ServerLimits
 from leagues.engine.requests import prompt_ids
+from leagues.serve.metrics import ServerMetrics
+from leagues.serve.protocol import ServerLimits
 from leagues.types import SamplingParams
 
 

@@ -1,0 +1,31 @@
+"""Fixtures of the fleet and router tests: the tiny MoE at two weight versions, and two engine processes."""
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.serve.engines import EngineProcess, free_port
+
+
+@pytest.fixture(scope="module")
+def checkpoints():
+    """The tiny MoE (weights v0) and a second tiny checkpoint (other weights, served as version 1)."""
+    from leagues.model import resolve_model_path, write_tiny_moe
+
+    with tempfile.TemporaryDirectory(prefix="fleet-test-") as tmp:
+        yield resolve_model_path("tiny-moe"), write_tiny_moe(Path(tmp) / "tiny-seed1", seed=1), Path(tmp)
+
+
+@pytest.fixture(scope="module")
+def replicas(checkpoints):
+    """Two engine processes on the tiny MoE behind an API key, started together; killed at the end of the module."""
+    tiny, _, tmp = checkpoints
+    engines = [EngineProcess(tiny, free_port(), tmp).start() for _ in range(2)]
+    try:
+        for engine in engines:
+            engine.wait_ready()
+        yield engines
+    finally:
+        for engine in engines:
+            engine.stop()
