@@ -61,3 +61,8 @@ def kill_once(response, label) -> float:
         if path.stat().st_size == int(at):
             os.kill(os.getpid(), signal.SIGKILL)
     return by_name(response, label)
+
+
+def odd_first_char(response) -> float:
+    """A signal for any policy, an untrained one too: about half of all answers start with a character of odd code."""
+    return float(bool(response) and ord(response[0]) % 2 == 1)
