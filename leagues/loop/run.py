@@ -11,6 +11,9 @@ Decisions:
 - The trainer computes logprobs at the rollout's temperature (`rollout.temperature` is the one knob of both).
 - The engine is built from the same checkpoint the trainer starts from, so step 0 needs no weight sync;
   after a resume the trainer's weights are pushed before the first rollout.
+- Disaggregated runs name their trainer ranks (`Run.build(cfg, trainer_ranks)`): every rank builds the trainer
+  ranks' mesh first (process groups are made by the whole job), the trainer ranks warm start and train on it, and
+  the other ranks build only an engine.
 - External engines (`engine_urls`) replace the in-process engine: rollout goes over HTTP, and weights reach
   them through `update_weights_from_disk` (a checkpoint in the run directory) after each step.
 """
