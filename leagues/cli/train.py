@@ -13,6 +13,7 @@ import sys
 from leagues.cli import UsageError
 from leagues.cli.launch import distributed_session, launch_of, relaunch, under_launcher
 from leagues.loop import TrainConfig, train
+from leagues.loop.disaggregated import num_trainer_ranks
 from leagues.loop.run import resolve_run_dir
 from leagues.rollout import RewardError
 
@@ -26,6 +27,11 @@ def run_train_verb(cfg: TrainConfig) -> int:
         return supervise(sys.argv[1:], cfg.auto_resume, str(resolve_run_dir(cfg)))
     launch = launch_of(cfg)
     if launch.needed:
+        if cfg.placement == "disaggregated":  # a split that cannot run is said once, before any rank starts
+            try:
+                num_trainer_ranks(cfg, launch.nproc * launch.nnodes)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         return relaunch(sys.argv[1:], launch)
     try:
         with distributed_session():

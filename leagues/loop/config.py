@@ -126,7 +126,8 @@ class TrainConfig:
     placement: Literal["colocated", "disaggregated"] = "colocated"
     """colocated (every rank trains and rolls out) or disaggregated (engine ranks keep generating)."""
     num_engine_ranks: int = 1
-    """Ranks that only generate, when disaggregated (the last ones)."""
+    """Disaggregated: ranks that only generate (the last ones); the others train together (FSDP2 over them alone,
+    with `trainer.parallel.ep` dividing their number). The job's size (`nproc` x `nnodes`) sets the rest."""
     max_staleness: int = 1
     """Disaggregated: a batch may be generated with weights at most this many steps old."""
     engine_urls: list[str] = field(default_factory=list)
@@ -164,6 +165,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"steps: must be >= 0, got {self.steps}")
+        if self.num_engine_ranks < 1:
+            raise ValueError(f"num_engine_ranks: must be >= 1, got {self.num_engine_ranks}")
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness: must be >= 0, got {self.max_staleness}")
         if self.engine_ep and (self.placement != "colocated" or self.engine_urls):

@@ -11,6 +11,9 @@ Decisions:
 - The trainer computes logprobs at the rollout's temperature (`rollout.temperature` is the one knob of both).
 - The engine is built from the same checkpoint the trainer starts from, so step 0 needs no weight sync;
   after a resume the trainer's weights are pushed before the first rollout.
+- Disaggregated runs name their trainer ranks (`Run.build(cfg, trainer_ranks)`): every rank builds the trainer
+  ranks' mesh first (process groups are made by the whole job), the trainer ranks warm start and train on it, and
+  the other ranks build only an engine.
 - External engines (`engine_urls`) replace the in-process engine: rollout goes over HTTP through a fleet
   (`leagues.serve.fleet`: healthy engines only, failed requests retried on another), and weights reach them
   through `update_weights_from_disk` (a checkpoint in the run directory) after each step, on the engines the
@@ -39,7 +42,7 @@ from leagues.loop.warm_start import warm_start, write_hf
 from leagues.model import Transformer, load_tokenizer, read_config, resolve_model_path
 from leagues.model.moe import GroupedExperts
 from leagues.obs import Sink, StepTimer, build_sinks
-from leagues.parallel import activation_bytes, format_plan, trainer_memory
+from leagues.parallel import ParallelMesh, activation_bytes, build_mesh, format_plan, trainer_memory
 from leagues.rollout import PromptDataset, PromptIterator, RewardConfig, RewardScorer, load_prompts, make_task
 from leagues.rollout.generate import GenerateContext, load_generate_fn
 from leagues.rollout.partial import PartialRollout
@@ -154,6 +157,8 @@ class Run:
     """Colocated on GPUs: the engine frees its KV cache while the trainer trains (`leagues.loop.memory`)."""
     weight_sync: WeightSync | None = None
     """How the trainer's weights reach the engines each step (`leagues.sync.WEIGHT_SYNCS`), chosen at build."""
+    trainer_ranks: list[int] = field(default_factory=lambda: [0])
+    """The ranks that train: every rank (colocated), or the first ones of a disaggregated job."""
     partial: PartialRollout = field(default_factory=PartialRollout)
     """Partial rollout (`rollout.partial`): this rank's samples carried into the next step, saved with checkpoints."""
     fleet: Fleet | None = None
@@ -161,11 +166,16 @@ class Run:
     _sender: DistributedWeightSender | None = None
 
     @classmethod
-    def build(cls, cfg: TrainConfig, is_trainer: bool = True, is_engine: bool = True) -> "Run":
+    def build(cls, cfg: TrainConfig, trainer_ranks: list[int] | None = None) -> "Run":
         """The run's parts, each from its own builder; user input (config, data, reward) is checked before any
-        model is built or trained."""
+        model is built or trained. `trainer_ranks`: these ranks train (on a mesh of their own) and the others
+        roll out (disaggregated); None: every rank does both (colocated)."""
         cfg = resolve(cfg)  # settled already by `leagues.loop.train`; resolving again changes nothing
         rank, world = rank_world()
+        together = trainer_ranks is None  # colocated: every rank trains and rolls out
+        trainer_ranks = list(range(world)) if together else trainer_ranks
+        is_trainer, is_engine = rank in trainer_ranks, together or rank not in trainer_ranks
+        mesh = None if together else _trainer_mesh(cfg, trainer_ranks)  # every rank of the job builds it
         run_dir = resolve_run_dir(cfg)
         torch.manual_seed(cfg.seed)
         base = resolve_model_path(cfg.model)
@@ -174,8 +184,8 @@ class Run:
         scorer = RewardScorer(reward)  # a reward that cannot load fails here, not after the warm start
         generate = generate_fn(cfg)  # so does a generate function, env or agent that cannot load
         _write_run_dir(cfg, run_dir, rank)  # only once the inputs are known to be good
-        model_path = _warm_started(cfg, base, run_dir, is_trainer)
-        trainer = _trainer(cfg, model_path, world) if is_trainer else None
+        model_path = _warm_started(cfg, base, run_dir, is_trainer, mesh)
+        trainer = _trainer(cfg, model_path, len(trainer_ranks), mesh) if is_trainer else None
         memory_plan = _memory_plan(cfg, model_path, train_data, world) if trainer is not None and is_engine else None
         engine, client = _engine(cfg, model_path, tokenizer, is_engine, memory_plan)
         params = SamplingParams(
@@ -206,6 +216,7 @@ class Run:
             world=world,
             generate_fn=generate,
             engine_sleeps=engine is not None and memory_plan is not None and memory_plan.sleep,
+            trainer_ranks=trainer_ranks,
         )
         if engine is not None and cfg.engine_ep and world > 1:
             run.peer_group = dist.new_group(backend="gloo")
@@ -354,26 +365,32 @@ def _write_run_dir(cfg: TrainConfig, run_dir: Path, rank: int) -> None:
         dump_yaml(cfg, run_dir / "config.yaml")
 
 
-def _warm_started(cfg: TrainConfig, base: Path, run_dir: Path, is_trainer: bool) -> Path:
-    """The model the RL steps start from: `base`, or the SFT warm start of it (made by the trainer ranks)."""
+def _trainer_mesh(cfg: TrainConfig, trainer_ranks: list[int]) -> ParallelMesh | None:
+    """The trainer ranks' own mesh, when they are some of the job's ranks: built by every rank of the job (it
+    makes process groups), None on the others."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return build_mesh(cfg.trainer.parallel, len(trainer_ranks), device_type, ranks=trainer_ranks)
+
+
+def _warm_started(cfg: TrainConfig, base: Path, run_dir: Path, is_trainer: bool, mesh: ParallelMesh | None) -> Path:
+    """The model the RL steps start from: `base`, or the SFT warm start of it (made by the trainer ranks, on
+    `mesh` when they are some of the job's ranks)."""
     if not cfg.warm_start.steps:
         return base
-    alone = cfg.placement == "disaggregated"
     if is_trainer:
-        warm_start(cfg, base, run_dir, log=log, alone=alone)
-    if alone:
-        dist.barrier()  # engine ranks wait for the trainer's warm start
+        warm_start(cfg, base, run_dir, log=log, mesh=mesh)
+    if cfg.placement == "disaggregated":
+        dist.barrier()  # engine ranks wait for the trainers' warm start
     return run_dir / "warm_start"
 
 
-def _trainer(cfg: TrainConfig, model_path: Path, world: int) -> Trainer:
-    alone = cfg.placement == "disaggregated"
-    if not alone and torch.cuda.is_available():
-        log(memory_note(cfg, model_path, world, torch.cuda.get_device_properties(0).total_memory))
+def _trainer(cfg: TrainConfig, model_path: Path, num_trainers: int, mesh: ParallelMesh | None) -> Trainer:
+    if torch.cuda.is_available():
+        log(memory_note(cfg, model_path, num_trainers, torch.cuda.get_device_properties(0).total_memory))
     return Trainer(
         model_path,
         cfg.trainer,
-        alone=alone,
+        mesh=mesh,
         kl_in_reward=cfg.advantage.kl_in_reward,
         temperature=cfg.rollout.temperature,
         deterministic=cfg.deterministic,

@@ -91,11 +91,12 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
     return merge_rollout_metrics(result.metrics) | train_metrics | sync_metrics
 
 
-def learn(run: Run, samples: list[Sample], gather: bool = True) -> dict[str, float]:
-    """The trainer's part of a step in either placement: KL reward shaping (`advantage.kl_in_reward`), advantages
-    (over every rank's samples with `gather`), then the timed train step; its metrics under `train/`."""
+def learn(run: Run, samples: list[Sample]) -> dict[str, float]:
+    """The trainer's part of a step in either placement, on every trainer rank with its share of the batch (whole
+    groups): KL reward shaping (`advantage.kl_in_reward`), advantages (over every trainer rank's samples), then
+    the timed train step; its metrics under `train/`."""
     shaping = shape_rewards_by_kl(run.trainer, samples, run.cfg)
-    assign_advantages(samples, run.cfg, gather=gather)
+    assign_advantages(samples, run.cfg, group=run.trainer.group)
     start = time.perf_counter()
     with run.timer.section("train"):
         metrics = run.trainer.train_step(samples)
@@ -152,15 +153,15 @@ def shape_rewards_by_kl(trainer, samples: list[Sample], cfg: TrainConfig) -> dic
     return {"kl/reward_penalty_mean": sum(penalties) / max(len(penalties), 1)}
 
 
-def assign_advantages(samples: list[Sample], cfg: TrainConfig, gather: bool = True) -> None:
-    """Advantages over the global batch: with `gather`, every rank's rewards are gathered (groups numbered per
-    rank, so they stay apart), so batch statistics (REINFORCE++ whitening) are the global batch's, not each
-    rank's; every rank of the job calls it then."""
+def assign_advantages(samples: list[Sample], cfg: TrainConfig, group: dist.ProcessGroup | None = None) -> None:
+    """Advantages over the global batch: the rewards of every rank of `group` (the trainer's ranks; None, as in
+    torch: every rank of the job) are gathered (groups numbered per rank, so they stay apart), so batch statistics
+    (REINFORCE++ whitening) are the global batch's, not each rank's; every rank of `group` calls it then."""
     rows = [(s.reward, s.group_id) for s in samples]
     rank, parts = 0, [rows]
-    if gather and dist.is_initialized() and dist.get_world_size() > 1:
-        rank, parts = dist.get_rank(), [None] * dist.get_world_size()
-        dist.all_gather_object(parts, rows)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        rank, parts = dist.get_rank(group), [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, rows, group=group)
     if not samples:
         return
     rewards = torch.tensor([r for part in parts for r, _ in part], dtype=torch.float32)

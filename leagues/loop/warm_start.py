@@ -10,8 +10,8 @@ all load. A resumed run finds the checkpoint and skips the warm start.
 Decisions:
 - A separate `Trainer` (own optimizer and learning rate), discarded afterwards: the RL phase starts with
   fresh optimizer state, as it would from any SFT checkpoint.
-- Every rank takes part in gathering the weights (FSDP gathers are collectives); rank 0 writes them into a
-  temporary directory that is renamed into place, so a crash never leaves a half-written checkpoint.
+- Every trainer rank takes part in gathering the weights (FSDP gathers are collectives); its rank 0 writes them
+  into a temporary directory that is renamed into place, so a crash never leaves a half-written checkpoint.
 """
 
 import os
@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from leagues.loop.config import TrainConfig
 from leagues.model import load_pretrained, load_tokenizer, save_pretrained
+from leagues.parallel import ParallelMesh
 from leagues.rollout import make_task
 from leagues.train import LossConfig, OptimConfig, Trainer, TrainerConfig
 from leagues.train.sft import make_samples, read_pairs
@@ -47,7 +48,7 @@ def write_hf(trainer: Trainer, base_model: Path, out: Path, tokenizer) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     if not trainer.alone:
-        dist.barrier()
+        dist.barrier(group=trainer.group)
     return out
 
 
@@ -73,9 +74,9 @@ def conversation_pairs(messages: list[dict], tokenizer) -> list[tuple[str, str]]
     ]
 
 
-def warm_start(cfg: TrainConfig, model_path: Path, run_dir: Path, log=print, alone: bool = False) -> Path:
-    """Run the SFT warm start (unless its checkpoint exists) and return the checkpoint directory; `alone`:
-    this rank trains by itself (see `Trainer`)."""
+def warm_start(cfg: TrainConfig, model_path: Path, run_dir: Path, log=print, mesh: ParallelMesh | None = None) -> Path:
+    """Run the SFT warm start (unless its checkpoint exists) and return the checkpoint directory; `mesh`: the
+    trainer ranks, when they are some of the job's (see `Trainer`)."""
     out = run_dir / "warm_start"
     if (out / "config.json").is_file():
         log(f"warm start: found {out}, skipping")
@@ -91,7 +92,7 @@ def warm_start(cfg: TrainConfig, model_path: Path, run_dir: Path, log=print, alo
         parallel=cfg.trainer.parallel,
         max_tokens_per_microbatch=cfg.trainer.max_tokens_per_microbatch,
     )
-    trainer = Trainer(model_path, sft, alone=alone)
+    trainer = Trainer(model_path, sft, mesh=mesh)
     rng = random.Random(cfg.seed)
     batch = cfg.warm_start.batch_size
     for step in range(cfg.warm_start.steps):

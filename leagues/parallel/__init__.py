@@ -2,7 +2,7 @@
 
 Public API:
     ParallelConfig, ParallelMesh
-    build_mesh(cfg, world_size, device_type) -> ParallelMesh
+    build_mesh(cfg, world_size, device_type, ranks=None) -> ParallelMesh   (None on a rank outside `ranks`)
     apply_ep(model, ep_mesh)                       experts split over the `ep` axis, all-to-all dispatch
     apply_activation_checkpointing(model)
     apply_fsdp(model, mesh, cfg, device_type)      FSDP2 per expert module, per block, at the root

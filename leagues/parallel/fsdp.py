@@ -58,8 +58,9 @@ FORWARD_METHODS = ("run", "logits")
 def parallelize(
     model: nn.Module, cfg: ParallelConfig, world_size: int, device_type: str, mesh: ParallelMesh | None = None
 ) -> ParallelMesh:
-    """Apply expert parallel, activation checkpointing and FSDP2 to `model` in place; every rank calls it.
-    `mesh`: one built before (a second model sharded like the first, e.g. the frozen reference)."""
+    """Apply expert parallel, activation checkpointing and FSDP2 to `model` in place; every rank of the mesh calls
+    it. `mesh`: one built before (a second model sharded like the first, e.g. the frozen reference; a mesh over
+    some of the job's ranks); None: a new one over every rank of the job."""
     mesh = mesh or build_mesh(cfg, world_size, device_type)
     if cfg.ep > 1:
         apply_ep(model, mesh.ep)

@@ -1,6 +1,7 @@
 """Parallel configuration and the device mesh every parallelism in `leagues.parallel` is applied over.
 
-World = all ranks, and data parallelism spans all of them: every rank gets its own tokens. Expert
+World = the ranks that train (every rank of the job, or the trainer ranks of a disaggregated job), and data
+parallelism spans all of them: every rank gets its own tokens. Expert
 parallelism splits the experts of each MoE layer over groups of `ep` consecutive ranks, so the world
 is laid out as a 2-D mesh `(dp_shard, ep) = (world / ep, ep)`, row-major: rank r sits in expert group
 r // ep and holds expert shard r % ep.
@@ -13,13 +14,18 @@ Meshes handed out (`ParallelMesh`):
 Decisions:
 - One `init_device_mesh` call makes every process group; `dp` is the flattened view of both axes
   (`DeviceMesh._flatten`), so no group is built by hand and DTensors of both meshes share a root mesh.
+- A mesh over some of the job's ranks (a disaggregated job's trainer ranks) is the same mesh over those ranks:
+  every rank of the job builds it, since making a process group is collective over the whole job, and the
+  ranks outside it get None. Built once, before any trainer, and handed to each (warm start, RL trainer).
 - Validation errors name the config field (`ep`), as every config in leagues does.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -101,10 +107,20 @@ class ParallelMesh:
         return self.dp.size()
 
 
-def build_mesh(cfg: ParallelConfig, world_size: int, device_type: str) -> ParallelMesh:
-    """The meshes for `world_size` ranks; every rank must call it (it creates process groups)."""
+def build_mesh(
+    cfg: ParallelConfig, world_size: int, device_type: str, ranks: Sequence[int] | None = None
+) -> ParallelMesh | None:
+    """The meshes for `world_size` ranks: the job's first ones, or `ranks` (that many of the job's ranks). Every
+    rank of the job must call it (it creates process groups); a rank outside `ranks` gets None."""
     if world_size % cfg.ep:
         raise ValueError(f"ep ({cfg.ep}) must divide the world size ({world_size})")
-    world = init_device_mesh(device_type, (world_size // cfg.ep, cfg.ep), mesh_dim_names=("dp_shard", "ep"))
+    shape, names = (world_size // cfg.ep, cfg.ep), ("dp_shard", "ep")
+    if ranks is None:
+        world = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    else:
+        assert len(ranks) == world_size, (ranks, world_size)
+        world = DeviceMesh(device_type, torch.tensor(list(ranks), dtype=torch.int).view(shape), mesh_dim_names=names)
     dp = world["dp_shard", "ep"]._flatten("dp")
+    if ranks is not None and dist.get_rank() not in ranks:
+        return None
     return ParallelMesh(world=world, dp=dp, ep=world["ep"], dp_ep=world["dp_shard"])

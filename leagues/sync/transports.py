@@ -6,12 +6,14 @@
 
 Where it sits: the loop builds the transport when the run is built (every rank of the job, in the same order,
 since some make process groups) and calls `push` after every training step. `from_run` reads only what a run
-has (`engine`, `rank`, `world`, `weight_sender()`, `write_weights()`, `update_engines()`), so this package
-imports nothing of the loop (nor of the fleet that `update_engines` goes through).
+has (`engine`, `rank`, `world`, `trainer_ranks` for the broadcast, `weight_sender()`, `write_weights()`,
+`update_engines()`), so this package imports nothing of the loop (nor of the fleet that `update_engines` goes
+through).
 
 - in_place: the colocated engine of this rank; buckets gathered in the engine's dtype, copied in place.
-- broadcast: disaggregated runs, rank 0 training and the other ranks' engines receiving inside the same job
-  (`BroadcastSync`: bucketed, NCCL on GPUs, gloo on CPUs).
+- broadcast: disaggregated runs, the trainer ranks training and the other ranks' engines receiving inside the same
+  job (`BroadcastSync`: bucketed, NCCL on GPUs, gloo on CPUs). Every trainer rank gathers the full weights (the
+  gathers are collective), the first one broadcasts them to a group of itself and the engine ranks.
 - distributed: SGLang's weight-update group to external engines (rank 0 sends; the other trainer ranks still
   gather, since the gathers are collective).
 - disk: an HF checkpoint written to a shared disk, then `update_weights_from_disk` on every engine the run's
@@ -67,17 +69,25 @@ class InPlaceSync:
 
 @register("broadcast")
 class BroadcastPush:
-    def __init__(self, sync: BroadcastSync) -> None:
-        self.sync = sync
+    def __init__(self, sync: BroadcastSync, sends: bool = True) -> None:
+        self.sync, self.sends = sync, sends
+        """`sends`: this trainer rank broadcasts (the first one); the others only take part in the gathers."""
 
     @classmethod
     def from_run(cls, run) -> "BroadcastPush":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(BroadcastSync(dist.new_group(list(range(run.world))), src=0, device=device))
+        src = run.trainer_ranks[0]
+        members = [src] + [r for r in range(run.world) if r not in run.trainer_ranks]
+        return cls(BroadcastSync(dist.new_group(members), src=src, device=device), sends=run.rank == src)
 
     def push(self, trainer, version: int) -> dict[str, float]:
+        buckets = trainer.state_dict_for_sync()
+        if not self.sends:
+            for _ in buckets:  # the other trainer ranks' part of each gather
+                pass
+            return {}
         start = time.perf_counter()
-        moved = self.sync.send(trainer.state_dict_for_sync(), version=version)
+        moved = self.sync.send(buckets, version=version)
         seconds = time.perf_counter() - start
         return {"sync/gb": moved / 1e9, "sync/gb_per_s": moved / 1e9 / seconds if seconds else 0.0}
 

@@ -34,7 +34,8 @@ Decisions:
   `load_latest` then warns and tries the checkpoint before, so a truncated or corrupted newest checkpoint costs
   the steps since the previous one, not the run. A save of non-finite weights raises before writing anything.
 - Without an initialised process group every collective is skipped (single process, tests, export).
-  With one, `root` must be a filesystem every rank sees.
+  With one, `root` must be a filesystem every rank sees. A trainer on some of the job's ranks saves and loads
+  inside `on_group(its group)`: only those ranks take part, and files and `meta.json` count ranks in the group.
 """
 
 import contextvars
@@ -78,35 +79,35 @@ def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-_LOCAL_ONLY = contextvars.ContextVar("leagues_checkpoint_local_only", default=False)
+_GROUP = contextvars.ContextVar("leagues_checkpoint_group", default=None)
 
 
 @contextmanager
-def local_only() -> Iterator[None]:
-    """Save and load as one process although a process group exists (a trainer that is alone in its job's
-    trainer group, beside engine ranks that take no part in checkpoints)."""
-    token = _LOCAL_ONLY.set(True)
+def on_group(group: dist.ProcessGroup | None) -> Iterator[None]:
+    """Save and load over the ranks of `group` instead of every rank of the job (a disaggregated job's trainer
+    ranks, beside engine ranks that take no part in checkpoints). Ranks are numbered within the group."""
+    token = _GROUP.set(group)
     try:
         yield
     finally:
-        _LOCAL_ONLY.reset(token)
+        _GROUP.reset(token)
 
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and not _LOCAL_ONLY.get()
+    return dist.is_available() and dist.is_initialized()
 
 
 def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
+    return dist.get_rank(_GROUP.get()) if _distributed() else 0
 
 
 def _world_size() -> int:
-    return dist.get_world_size() if _distributed() else 1
+    return dist.get_world_size(_GROUP.get()) if _distributed() else 1
 
 
 def _barrier() -> None:
     if _distributed():
-        dist.barrier()
+        dist.barrier(group=_GROUP.get())
 
 
 def _dcp_io(fn, state: dict, path: Path, no_dist: bool) -> None:
@@ -115,12 +116,12 @@ def _dcp_io(fn, state: dict, path: Path, no_dist: bool) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         if fn is dcp.save:
-            fn(state, checkpoint_id=path, no_dist=no_dist)
+            fn(state, checkpoint_id=path, no_dist=no_dist, process_group=_GROUP.get())
             return
         reader = SafeFileSystemReader(str(path))
         reader.read_metadata()  # a crafted or damaged `.metadata` fails here, in our words, not inside DCP
         try:
-            fn(state, storage_reader=reader, no_dist=no_dist)
+            fn(state, storage_reader=reader, no_dist=no_dist, process_group=_GROUP.get())
         except CheckpointError:
             raise
         except Exception as e:  # DCP wraps a damaged file's error in its own types
@@ -147,7 +148,7 @@ def save_checkpoint(
     if step < 0 or keep_last < 0:
         raise ValueError(f"save_checkpoint: step and keep_last must be >= 0, got {step} and {keep_last}")
     _check_plain(extra, "extra")
-    bad = count_non_finite(model, _distributed())
+    bad = count_non_finite(model, _distributed(), _GROUP.get())
     if bad:
         raise CheckpointError(f"save_checkpoint: step {step}: {bad} model weights are NaN or inf; not saved")
     final = step_dir(root, step)
@@ -178,7 +179,7 @@ def _hash_shares(directory: Path) -> dict:
     if not _distributed():
         return mine
     parts = [None] * _world_size()
-    dist.all_gather_object(parts, mine)
+    dist.all_gather_object(parts, mine, group=_GROUP.get())
     return {name: digest for part in parts for name, digest in part.items()}
 
 
@@ -342,7 +343,7 @@ def load_checkpoint(
     _dcp_io(dcp.load, state, path, no_dist=not _distributed())
     model_sd, optim_sd = _rename(state["model"], state["optim"], {v: k for k, v in renames.items()})
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    bad = count_non_finite(model, _distributed())
+    bad = count_non_finite(model, _distributed(), _GROUP.get())
     if bad:
         raise CheckpointError(f"{path}: {bad} loaded model weights are NaN or inf")
     local = _read_local(_rank_file(path))

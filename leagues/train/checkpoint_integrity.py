@@ -147,8 +147,9 @@ class SafeFileSystemReader(FileSystemReader):
 # finite weights
 
 
-def count_non_finite(model: torch.nn.Module, distributed: bool) -> int:
-    """Non-finite parameter entries of `model` (this rank's shards; summed over ranks when `distributed`)."""
+def count_non_finite(model: torch.nn.Module, distributed: bool, group: dist.ProcessGroup | None = None) -> int:
+    """Non-finite parameter entries of `model` (this rank's shards; summed over the ranks of `group`, None: every
+    rank of the job, when `distributed`)."""
     bad = 0
     for p in model.parameters():
         local = p.to_local() if hasattr(p, "to_local") else p
@@ -156,6 +157,6 @@ def count_non_finite(model: torch.nn.Module, distributed: bool) -> int:
     if distributed:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         total = torch.tensor([bad], dtype=torch.long, device=device)
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=group)
         bad = int(total)
     return bad

@@ -163,12 +163,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> Lambd
 # the step
 
 
-def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+def grad_norm(params: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Global L2 norm of the gradients of `params` (a plain tensor).
 
     Sharded gradients (FSDP2 DTensors, possibly on different meshes: experts under expert parallel
     live on their own) hold disjoint pieces, so the squared norm is the sum over every rank of the
-    squares of its local shards: one all-reduce over the whole group, whatever the meshes.
+    squares of its local shards: one all-reduce over the whole group (`group`: the ranks that train;
+    None: every rank of the job), whatever the meshes.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -178,7 +179,7 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     squares = torch.stack([t.detach().float().pow(2).sum() for t in local]).sum()
     if dist.is_initialized():
-        dist.all_reduce(squares)
+        dist.all_reduce(squares, group=group)
     return squares.sqrt()
 
 
@@ -191,14 +192,19 @@ def clip_grads(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) 
 
 
 def optimizer_step(
-    params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: LambdaLR | None, cfg: OptimConfig
+    params: Iterable[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR | None,
+    cfg: OptimConfig,
+    group: dist.ProcessGroup | None = None,
 ) -> dict[str, float]:
-    """Clip, step and advance the schedule, or skip everything when the gradient norm is not finite.
+    """Clip, step and advance the schedule, or skip everything when the gradient norm is not finite (the norm
+    over `group`, as `grad_norm`).
 
     Returns the pre-clip `grad_norm`, the `lr` this step used, `skipped` (0 or 1) and `skipped_total`.
     """
     params = [p for p in params if p.grad is not None]
-    norm = grad_norm(params)
+    norm = grad_norm(params, group)
     lr = float(optimizer.param_groups[0]["lr"])
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)

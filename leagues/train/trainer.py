@@ -23,7 +23,6 @@ no second forward), and the ratio is 1.
 import copy
 import itertools
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -36,6 +35,7 @@ from leagues.model import ForwardBatch, Transformer, load_pretrained, resolve_mo
 from leagues.model.checkpoint import read_config, read_parameters, reset_buffers
 from leagues.parallel import (
     ParallelConfig,
+    ParallelMesh,
     full_state_dict,
     load_full_tensors,
     parallelize,
@@ -43,7 +43,7 @@ from leagues.parallel import (
     unit_buckets,
     whole_parameters,
 )
-from leagues.train.checkpoint import load_checkpoint, local_only, save_checkpoint
+from leagues.train.checkpoint import load_checkpoint, on_group, save_checkpoint
 from leagues.train.logprobs import token_logprobs
 from leagues.train.losses import LossConfig, LossInputs, Normalizer, kl_penalty_rewards, policy_loss
 from leagues.train.moe import (
@@ -102,6 +102,10 @@ class TrainerConfig:
             raise ValueError(f"trainer.old_logprobs: expected recompute or rollout, got {self.old_logprobs!r}")
 
 
+def _world_rank() -> tuple[int, int]:
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
 def _device() -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
@@ -114,14 +118,15 @@ class Trainer:
         self,
         model: str | Path | Transformer,
         cfg: TrainerConfig | None = None,
-        alone: bool = False,
+        mesh: ParallelMesh | None = None,
         kl_in_reward: bool = False,
         temperature: float = 1.0,
         deterministic: bool = False,
     ) -> None:
         """The run's settings that the trainer follows rather than owns:
-        - `alone`: this rank trains by itself although the job has other ranks (disaggregated placement with
-          one trainer rank): no FSDP, no collectives, checkpoints of one process.
+        - `mesh`: the ranks that train, when they are some of the job's (a disaggregated job's trainer ranks,
+          `leagues.parallel.build_mesh(..., ranks=...)`): FSDP2, batch balancing, metrics and checkpoints run over
+          them alone. None: every rank of the job, or this process alone when there is no process group.
         - `kl_in_reward`: the KL to the reference (`loss.kl_coef`) shapes the rewards (`kl_rewards`) instead of
           being a loss term.
         - `temperature`: the rollout's sampling temperature; logprobs are computed under it, as the engine does.
@@ -134,9 +139,8 @@ class Trainer:
         if cfg.loss.aggregation == "constant" and cfg.loss.max_response_tokens is None:
             raise ValueError("trainer.loss.aggregation constant (Dr.GRPO) needs trainer.loss.max_response_tokens")
         self.device = _device()
-        self.alone = alone or not dist.is_initialized()
-        self.world = 1 if self.alone else dist.get_world_size()
-        self.rank = 0 if self.alone else dist.get_rank()
+        self.alone = mesh is None and not dist.is_initialized()  # no process group: no FSDP, no collectives
+        self.world, self.rank = (mesh.dp.size(), mesh.dp.get_local_rank()) if mesh is not None else _world_rank()
         sharded = not isinstance(model, Transformer) and not self.alone and cfg.parallel.sharded_load
         self.model_path = None
         if not isinstance(model, Transformer):
@@ -154,7 +158,9 @@ class Trainer:
         if self.compiled:
             self.model.compile_blocks(dynamic=True)  # RL packings differ every step
         # FSDP2 whenever there is a process group (also of one rank: it brings bf16 compute, fp32 master).
-        self.mesh = None if self.alone else parallelize(self.model, cfg.parallel, self.world, self.device.type)
+        self.mesh = None if self.alone else parallelize(self.model, cfg.parallel, self.world, self.device.type, mesh)
+        self.group = None if self.mesh is None else self.mesh.dp.get_group()
+        """The trainer's ranks (every collective of a step runs over them); None without a process group."""
         if sharded:
             self._load_shards(self.model)
         if self.ref is not None and self.mesh is not None:  # the reference sharded like the policy (FSDP2, EP)
@@ -311,7 +317,7 @@ class Trainer:
         if self.world == 1:
             return samples
         gathered: list[list[Sample]] = [None] * self.world  # type: ignore[list-item]
-        dist.all_gather_object(gathered, samples)
+        dist.all_gather_object(gathered, samples, group=self.group)
         return [s for part in gathered for s in part]
 
     def _share(self, everything: list[Sample]) -> list[Sample]:
@@ -330,7 +336,7 @@ class Trainer:
         if self.world == 1:
             return []
         most = torch.tensor([count], device=self.device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.group)
         dummy = Sample(prompt_ids=[0], response_ids=[0], loss_mask=[0], rollout_logprobs=[0.0])
         if self.cfg.moe.routing_replay == "rollout":  # a route for its one token, so replay has one to use
             config = self.model.config
@@ -343,7 +349,7 @@ class Trainer:
         )
         if self.world > 1:
             counts = counts.to(self.device)
-            dist.all_reduce(counts)
+            dist.all_reduce(counts, group=self.group)
         num_seqs = max(float(counts[1]), 1.0)
         budget = self.cfg.loss.max_response_tokens
         return Normalizer(
@@ -397,7 +403,8 @@ class Trainer:
                     totals[key] = totals.get(key, 0.0) + float(value) * weight
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
             totals["_tokens"] = totals.get("_tokens", 0.0) + weight
-        step_metrics = optimizer_step(list(self.model.parameters()), self.optimizer, self.scheduler, self.cfg.optim)
+        params = list(self.model.parameters())
+        step_metrics = optimizer_step(params, self.optimizer, self.scheduler, self.cfg.optim, self.group)
         self.optimizer.zero_grad(set_to_none=True)  # the next step starts from clean gradients
         return self._reduce_metrics(totals) | self._load_metrics() | {k: float(v) for k, v in step_metrics.items()}
 
@@ -410,7 +417,7 @@ class Trainer:
         if counts is None:
             counts = torch.zeros(config.num_moe_layers, config.num_experts, dtype=torch.long, device=self.device)
         if self.world > 1:
-            dist.all_reduce(counts)
+            dist.all_reduce(counts, group=self.group)
         if self.cfg.moe.bias_update_rate > 0:  # every rank has the global counts: biases stay identical
             update_expert_bias([b for _, b in self._expert_biases()], counts, self.cfg.moe.bias_update_rate)
         return load_metrics(counts.cpu())
@@ -465,7 +472,7 @@ class Trainer:
         """Token-weighted means over the global batch; `*_max` keys are maxima; loss and tokens are sums."""
         if self.world > 1:  # every rank reduces the same keys, even one whose passes lacked some metric
             names: list[list[str]] = [None] * self.world  # type: ignore[list-item]
-            dist.all_gather_object(names, sorted(totals))
+            dist.all_gather_object(names, sorted(totals), group=self.group)
             for key in set().union(*names) - totals.keys():
                 totals[key] = float("-inf") if key.endswith("_max") else 0.0
         maxima = {k: v for k, v in totals.items() if k.endswith("_max")}
@@ -475,7 +482,7 @@ class Trainer:
             keys = sorted(values)
             tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
             if self.world > 1 and keys:
-                dist.all_reduce(tensor, op=op)
+                dist.all_reduce(tensor, op=op, group=self.group)
             reduced.update(zip(keys, tensor.tolist(), strict=True))
         tokens = reduced.pop("_tokens", 0.0)  # 0: a step with nothing to learn from (every sample failed)
         loss = reduced.pop("loss", 0.0)
@@ -524,11 +531,11 @@ class Trainer:
         extra = {"trainer_step": self.step, **(extra or {})}
         if self.cfg.moe.bias_update_rate > 0:  # non-persistent buffers: not in the model's state dict
             extra["expert_bias"] = {n: b.tolist() for n, b in self._expert_biases()}
-        with local_only() if self.alone else nullcontext():
+        with on_group(self.group):
             return save_checkpoint(root, self.step, self.model, self.optimizer, self.scheduler, extra, keep_last)
 
     def load(self, path: str | Path) -> dict:
-        with local_only() if self.alone else nullcontext():
+        with on_group(self.group):
             extra = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step = extra.pop("trainer_step", self.step)
         saved = extra.pop("expert_bias", {})

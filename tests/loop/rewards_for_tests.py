@@ -78,3 +78,8 @@ def gated(prompt: str, response: str, label, metadata: dict) -> float:
         while path.stat().st_size >= int(at) and not Path(gate).exists() and time.monotonic() < deadline:
             time.sleep(0.05)
     return starts_with_one(prompt, response, label, metadata)
+
+
+def odd_first_char(response) -> float:
+    """A signal for any policy, an untrained one too: about half of all answers start with a character of odd code."""
+    return float(bool(response) and ord(response[0]) % 2 == 1)

@@ -78,9 +78,9 @@ def test_disaggregated_engines_groups_stay_apart():
         want += compute_advantages(rewards, groups, AdvantageConfig(name="grpo")).tolist()
     merged = merge_batches(batches)
     assert len({s.group_id for s in merged}) == 4
-    assign_advantages(merged, TrainConfig(advantage=AdvantageConfig(name="grpo")), gather=False)
+    assign_advantages(merged, TrainConfig(advantage=AdvantageConfig(name="grpo")))
     torch.testing.assert_close(torch.tensor([s.advantage for s in merged]), torch.tensor(want))
     # with the engines' own ids, engine 1's group 0 would share engine 0's group 0 statistics
     unmerged = rank_samples(0)[:8] + rank_samples(1)[:8]
-    assign_advantages(unmerged, TrainConfig(advantage=AdvantageConfig(name="grpo")), gather=False)
+    assign_advantages(unmerged, TrainConfig(advantage=AdvantageConfig(name="grpo")))
     assert not torch.allclose(torch.tensor([s.advantage for s in unmerged]), torch.tensor(want))

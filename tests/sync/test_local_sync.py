@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 from leagues.engine import Engine, SamplingParams
 from leagues.model import resolve_model_path, write_tiny_moe
+from leagues.parallel import ParallelConfig, build_mesh
 from leagues.sync import WEIGHT_SYNCS, BroadcastSync
 from leagues.train import LossConfig, OptimConfig, Trainer, TrainerConfig
 from leagues.types import Sample
@@ -49,8 +50,9 @@ def _broadcast_rank(rank: int, port: int, second: str, results) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         sync = BroadcastSync(dist.new_group([0, 1]), src=0)
+        mesh = build_mesh(ParallelConfig(), 1, "cpu", ranks=[0])  # the trainer's own: every rank makes its groups
         if rank == 0:
-            trainer = Trainer(second, TrainerConfig(), alone=True)
+            trainer = Trainer(second, TrainerConfig(), mesh=mesh)
             sync.send(trainer.state_dict_for_sync(bucket_bytes=64 * 1024), version=3)  # several buckets
         else:
             engine = Engine(resolve_model_path("tiny-moe"), num_blocks=64, device="cpu", dtype="float32")
@@ -93,7 +95,7 @@ def _one_rank_sync(port: int, results) -> None:
     """A trainer on a process group of one rank (as `leagues train` on one GPU), bf16 compute over float32
     masters, and two bf16 engines: one filled by the run's transport (one bucket of the parameters
     themselves, cast as copied), one per tensor from FSDP's own gathers in the compute dtype."""
-    from leagues.parallel import ParallelConfig, unit_buckets
+    from leagues.parallel import unit_buckets
 
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     dist.init_process_group("gloo", rank=0, world_size=1)

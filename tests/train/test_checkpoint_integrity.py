@@ -139,7 +139,7 @@ def test_non_finite_weights_are_refused_at_load_and_never_saved(tmp_path, monkey
         save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
     assert not list(tmp_path.iterdir())
     # one written anyway (by an older version that did not check), manifest and all: refused at load
-    monkeypatch.setattr(checkpoint, "count_non_finite", lambda model, distributed: 0)
+    monkeypatch.setattr(checkpoint, "count_non_finite", lambda model, distributed, group=None: 0)
     path = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, extra={"step": 1})
     monkeypatch.undo()
     assert verify(path) is None
