@@ -364,6 +364,7 @@ def _trainer(cfg: TrainConfig, model_path: Path, world: int) -> Trainer:
         kl_in_reward=cfg.advantage.kl_in_reward,
         temperature=cfg.rollout.temperature,
         deterministic=cfg.deterministic,
+        critic=cfg.critic if cfg.advantage.needs_critic else None,
     )
 
 
