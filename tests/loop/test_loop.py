@@ -101,6 +101,20 @@ def test_minibatch_updates_make_the_clip_act_in_a_run(tmp_path):
     assert max(row["train/policy/ratio_max"] for row in rows) > 1.0
 
 
+def test_ppo_with_a_critic_from_the_command_line(tmp_path):
+    """`leagues train --advantage.estimator gae`: the critic values every response token (`time/values`), trains
+    alone for `critic.warmup_steps`, then beside the policy; its metrics are logged every step."""
+    extra = ["--advantage.estimator", "gae", "--critic.optim.lr", "3e-3", "--critic.warmup_steps", "1"]
+    leagues_cli("train", *EASY, "--steps", "3", "--run_dir", str(tmp_path / "run"), "--report", "false", *extra)
+    rows = rl_rows(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for key in ("train/critic/value_loss", "train/critic/explained_variance", "train/critic/value_mean", "time/values"):
+        assert all(math.isfinite(row[key]) for row in rows), key
+    assert "train/grad_norm" not in rows[0] and all("train/grad_norm" in row for row in rows[1:])  # the warm-up
+    assert rows[0]["train/critic/value_mean"] == 0.0 and rows[-1]["train/critic/value_mean"] != 0.0
+    assert (tmp_path / "run" / "checkpoints" / "step-00000003").is_dir()
+
+
 @pytest.mark.parametrize("form", ["loss", "reward"])
 def test_kl_to_the_reference_as_a_loss_term_or_as_reward_shaping(form, tmp_path):
     """`--trainer.loss.kl_coef` alone: a KL term in the loss; with `--advantage.kl_in_reward`: a penalty on
