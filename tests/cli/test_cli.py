@@ -98,12 +98,18 @@ def test_config_file_errors_name_file_and_line(tmp_path, capsys):
 def test_recipes_registry():
     assert set(RECIPES) >= {"tiny-generate"}
     assert from_dict(GenerateConfig, get_recipe("tiny-generate")).model == "tiny-moe"
-    with pytest.raises(ValueError, match="known: tiny-arithmetic, tiny-generate"):
+    with pytest.raises(ValueError, match="known: tiny-arithmetic, tiny-arithmetic-ppo, tiny-generate"):
         get_recipe("nope")
     from leagues.loop import TrainConfig
 
     lookup = from_dict(TrainConfig, get_recipe("tiny-lookup"))
     assert lookup.task == "lookup" and lookup.agent.max_turns == 2 and lookup.warm_start.steps == 500
+    ppo, grpo = (
+        from_dict(TrainConfig, get_recipe("tiny-arithmetic-ppo")),
+        from_dict(TrainConfig, get_recipe("tiny-arithmetic")),
+    )
+    assert ppo.advantage.needs_critic and ppo.critic.warmup_steps == 10
+    assert (ppo.trainer, ppo.warm_start, ppo.steps) == (grpo.trainer, grpo.warm_start, grpo.steps)  # only PPO differs
 
 
 # ---------------------------------------------------------------------------------------------------
