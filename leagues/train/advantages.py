@@ -108,12 +108,13 @@ def compute_advantages(inputs: AdvantageInputs, cfg: AdvantageConfig) -> tuple[T
         raise ValueError(f"rewards and group ids must be 1-D of one length, got {rewards_N.shape}, {group_ids_N.shape}")
     if rewards_N.numel() and int(group_ids_N.min()) < 0:
         raise ValueError("group ids must be >= 0")
+    as_float = lambda t: None if t is None else t.float()  # noqa: E731
     inputs = AdvantageInputs(
         rewards_N=rewards_N.float(),
         group_ids_N=group_ids_N.long(),
-        values_NR=None if inputs.values_NR is None else inputs.values_NR.float(),
-        mask_NR=None if inputs.mask_NR is None else inputs.mask_NR.float(),
-        last_values_N=None if inputs.last_values_N is None else inputs.last_values_N.float(),
+        values_NR=as_float(inputs.values_NR),
+        mask_NR=as_float(inputs.mask_NR),
+        last_values_N=as_float(inputs.last_values_N),
     )
     if not cfg.needs_critic:
         return _estimator(cfg.estimator)(inputs, cfg), None
