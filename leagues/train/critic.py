@@ -10,7 +10,7 @@ Sits beside the policy inside the `Trainer` (`Trainer(..., critic=CriticConfig()
 Decisions:
 - The value model is the policy's family with the LM head replaced by a scalar head (`ValueModel`), started
   from the policy's checkpoint (after any warm start) or from `critic.model`; the head starts at zero, so the
-  first values are 0 and the first advantages are the rewards'. It is sharded and stepped like the policy
+  first values are 0 and the first advantages are GAE of the rewards alone. It is sharded and stepped like the policy
   (FSDP2 on the same mesh, expert parallel when on; the same micro-batches, padding passes and mini-batches)
   with its own AdamW and schedule, and checkpointed with it (`Part` of the trainer's checkpoint).
 - Values are read at the positions whose logits score each response token: V_t is the value of the state
@@ -22,6 +22,8 @@ Decisions:
   advance), so the first advantages the policy learns from come from a critic that has seen some returns.
 - Explained variance, 1 - Var(R - V) / Var(R) over the global batch's loss tokens, is computed from token
   means the trainer reduces like every other metric (`explained_variance`).
+- A colocated GPU run plans the engine's KV cache around both models' training state (`leagues.loop.run`); the
+  memory note it logs before building anything still shows the policy's plan alone.
 
 Legend: T tokens of a micro-batch (packed, flat), D model dim.
 """

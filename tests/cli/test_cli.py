@@ -62,7 +62,10 @@ def test_bad_value_and_bad_recipe_exit_2(capsys):
     assert run_main(["generate", "--temperature", "-1"]) == 2
     assert "temperature: must be >= 0" in capsys.readouterr().err
     assert run_main(["generate", "--recipe", "nope"]) == 2
-    assert "unknown recipe 'nope' (known: tiny-arithmetic, tiny-generate, tiny-lookup)" in capsys.readouterr().err
+    assert (
+        "unknown recipe 'nope' (known: tiny-arithmetic, tiny-arithmetic-ppo, tiny-generate, tiny-lookup)"
+        in capsys.readouterr().err
+    )
     assert run_main(["convert", "--recipe", "tiny-generate"]) == 2
     assert "recipe 'tiny-generate' for `leagues convert`: unknown config key 'prompt'" in capsys.readouterr().err
 
