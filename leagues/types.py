@@ -84,6 +84,12 @@ class Sample:
     reward: float = 0.0
     advantage: float = 0.0
     """Per-sample advantage, broadcast to every trained token."""
+    token_advantages: list[float] | None = None
+    """Per response token, the advantage of a token-level estimator (GAE); None: `advantage` on every token."""
+    values: list[float] | None = None
+    """Per response token, the critic's value of the state before it, computed once per rollout batch."""
+    returns: list[float] | None = None
+    """Per response token, the critic's regression target (GAE's advantage + value)."""
     group_id: int = 0
     """Index of the prompt group (the n samples of one prompt share it)."""
     status: SampleStatus = SampleStatus.PENDING

@@ -26,7 +26,7 @@ from leagues.obs import ObsConfig
 from leagues.rollout import DataConfig, RewardConfig
 from leagues.rollout.generate import RolloutConfig
 from leagues.serve.fleet import FleetConfig
-from leagues.train import LossConfig, OptimConfig, TrainerConfig
+from leagues.train import CriticConfig, LossConfig, OptimConfig, TrainerConfig
 from leagues.train.advantages import AdvantageConfig
 
 
@@ -110,6 +110,8 @@ class TrainConfig:
     trainer: TrainerConfig = field(
         default_factory=lambda: TrainerConfig(loss=LossConfig(eps_clip_high=0.28), optim=OptimConfig(lr=1e-6))
     )
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    """PPO's value model, trained beside the policy when `advantage.estimator` is gae (unused otherwise)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     deterministic: bool = False
     """True on-policy: engine and trainer run batch-invariant kernels, so rollout logprobs equal the trainer's
@@ -180,6 +182,10 @@ class TrainConfig:
                 "rollout.partial: not with --deterministic (where a request is aborted depends on timing, so the run "
                 "would not repeat bit for bit)"
             )
+        if not self.advantage.needs_critic and self.critic != CriticConfig():
+            raise ValueError(
+                f"critic: set, but advantage.estimator {self.advantage.estimator} trains no critic (gae does)"
+            )
         if self.advantage.kl_in_reward and self.trainer.loss.kl_coef <= 0:
             raise ValueError("advantage.kl_in_reward: needs trainer.loss.kl_coef > 0 (the penalty's weight)")
         if (self.env or self.agent.run) and self.rollout.partial:
@@ -194,7 +200,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     a resolved config changes nothing. A contradiction raises `ValueError` naming both keys.
 
     - `trainer.optim.total_steps` 0: steps x `trainer.num_minibatches` x `trainer.epochs` (the schedule counts
-      optimizer updates).
+      optimizer updates), the policy's steps after `critic.warmup_steps` (with gae); `critic.optim.total_steps`
+      0: the same for every step.
     - `trainer.loss.max_response_tokens` unset: `rollout.max_response_len` (Dr.GRPO's budget).
     - `trainer.moe.routing_replay rollout`: the rollout records the routes it replays (`rollout.return_routes`).
     - `deterministic`: the engine's too (`engine.deterministic` set alone would leave the trainer out).
@@ -206,9 +213,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             "engine.deterministic: deterministic mode of an RL run is --deterministic (engine and trainer)"
         )
     out.engine.deterministic = out.deterministic
+    per_step = trainer.num_minibatches * trainer.epochs
+    warmup = out.critic.warmup_steps if out.advantage.needs_critic else 0
     if trainer.optim.total_steps == 0:  # replace: the schedule's own checks see the derived length
-        updates = max(out.steps, 1) * trainer.num_minibatches * trainer.epochs
-        trainer.optim = replace(trainer.optim, total_steps=updates)
+        trainer.optim = replace(trainer.optim, total_steps=max(out.steps - warmup, 1) * per_step)
+    if out.advantage.needs_critic and out.critic.optim.total_steps == 0:
+        out.critic.optim = replace(out.critic.optim, total_steps=max(out.steps, 1) * per_step)
     if trainer.loss.max_response_tokens is None:
         trainer.loss.max_response_tokens = out.rollout.max_response_len
     if trainer.moe.routing_replay == "rollout":

@@ -337,6 +337,9 @@ def _memory_plan(cfg: TrainConfig, model_path: Path, train_data: PromptDataset, 
     free, total = torch.cuda.mem_get_info()
     free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # held by torch, unused
     state = trainer_memory(config, cfg.trainer.parallel, world)["device"]
+    if cfg.advantage.needs_critic:  # PPO's critic: planned as a policy of its size (it lacks the LM head: a bit less)
+        critic = read_config(resolve_model_path(cfg.critic.model)) if cfg.critic.model else config
+        state += trainer_memory(critic, cfg.trainer.parallel, world)["device"]
     tokens = cfg.trainer.max_tokens_per_microbatch
     max_len = engine.max_model_len or config.max_seq_len
     sequence = -(-(max(len(p.prompt_ids) for p in train_data) + cfg.rollout.max_response_len) // engine.block_size)
@@ -394,6 +397,7 @@ def _trainer(cfg: TrainConfig, model_path: Path, num_trainers: int, mesh: Parall
         kl_in_reward=cfg.advantage.kl_in_reward,
         temperature=cfg.rollout.temperature,
         deterministic=cfg.deterministic,
+        critic=cfg.critic if cfg.advantage.needs_critic else None,
     )
 
 

@@ -3,8 +3,8 @@ is in `disaggregated.py` with the same stages; `leagues.loop.train(cfg)` picks o
 
         ┌──────────── every rank, every step ─────────────────────────────────────────────────┐
         │ prompts[rank::world] ─► rollout ─► rewards ─► advantages ─► engine.sleep()          │
-        │   (PromptIterator)      (engine,    (scorer)   (per group,    (frees the KV cache)  │
-        │                          n per prompt)          on this rank)                       │
+        │   (PromptIterator)      (engine,    (scorer)   (global batch; (frees the KV cache)  │
+        │                          n per prompt)          gae: critic)                        │
         │                                                       │                             │
         │ engine.wake() ◄─ weights (in place, version) ◄─ trainer.train_step(global batch) ◄─┘  │
         │      │               push_in_place                (rebalanced by tokens, FSDP2+EP)    │
@@ -19,6 +19,9 @@ Decisions:
   rebalances the whole batch across ranks by token count.
 - Samples whose generation or reward failed are counted (`rollout/failed`) and left out of training.
 - Held-out accuracy is greedy (temperature 0) on the held-out prompts, split over the ranks.
+- PPO with a critic (`advantage.estimator gae`): the trainer's critic values every response token of the batch
+  once (`time/values`), GAE turns rewards and values into per-token advantages and returns, and the train step
+  updates the critic beside the policy (`train/critic/*`).
 """
 
 import asyncio
@@ -32,7 +35,8 @@ from leagues.loop.config import TrainConfig
 from leagues.loop.run import Run, log
 from leagues.rollout import Prompt
 from leagues.rollout.generate import rollout
-from leagues.train import compute_advantages
+from leagues.train import AdvantageInputs, compute_advantages
+from leagues.train.packing import response_mask
 from leagues.types import Sample, SampleStatus, SamplingParams
 
 
@@ -93,9 +97,13 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
 
 def learn(run: Run, samples: list[Sample]) -> dict[str, float]:
     """The trainer's part of a step in either placement, on every trainer rank with its share of the batch (whole
-    groups): KL reward shaping (`advantage.kl_in_reward`), advantages (over every trainer rank's samples), then
-    the timed train step; its metrics under `train/`."""
+    groups): KL reward shaping (`advantage.kl_in_reward`), the critic's values (gae), advantages (over every
+    trainer rank's samples), then the timed train step; its metrics under `train/`."""
     shaping = shape_rewards_by_kl(run.trainer, samples, run.cfg)
+    if run.cfg.advantage.needs_critic:
+        with run.timer.section("values"):  # every trainer rank together: the critic's forward is collective
+            for sample, values in zip(samples, run.trainer.compute_values(samples), strict=True):
+                sample.values = values.tolist()
     assign_advantages(samples, run.cfg, group=run.trainer.group)
     start = time.perf_counter()
     with run.timer.section("train"):
@@ -154,24 +162,44 @@ def shape_rewards_by_kl(trainer, samples: list[Sample], cfg: TrainConfig) -> dic
 
 
 def assign_advantages(samples: list[Sample], cfg: TrainConfig, group: dist.ProcessGroup | None = None) -> None:
-    """Advantages over the global batch: the rewards of every rank of `group` (the trainer's ranks; None, as in
-    torch: every rank of the job) are gathered (groups numbered per rank, so they stay apart), so batch statistics
-    (REINFORCE++ whitening) are the global batch's, not each rank's; every rank of `group` calls it then."""
-    rows = [(s.reward, s.group_id) for s in samples]
+    """Advantages over the global batch: the rewards (and values and loss masks, for gae) of every rank of `group`
+    (the trainer's ranks; None, as in torch: every rank of the job) are gathered (groups numbered per rank, so
+    they stay apart), so batch statistics (REINFORCE++ and gae whitening) are the global batch's, not each
+    rank's; every rank of `group` calls it then. gae sets each sample's `token_advantages` and `returns`, the
+    others its `advantage`."""
+    token_level = cfg.advantage.needs_critic
+    rows = [(s.reward, s.group_id, *((s.values, response_mask(s)) if token_level else ())) for s in samples]
     rank, parts = 0, [rows]
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         rank, parts = dist.get_rank(group), [None] * dist.get_world_size(group)
         dist.all_gather_object(parts, rows, group=group)
     if not samples:
         return
-    rewards = torch.tensor([r for part in parts for r, _ in part], dtype=torch.float32)
-    groups = torch.tensor([(i, g) for i, part in enumerate(parts) for _, g in part]).unique(dim=0, return_inverse=True)[
-        1
-    ]
+    everything = [row for part in parts for row in part]
+    groups = torch.tensor([(i, row[1]) for i, part in enumerate(parts) for row in part])
+    inputs = AdvantageInputs(
+        rewards_N=torch.tensor([row[0] for row in everything], dtype=torch.float32),
+        group_ids_N=groups.unique(dim=0, return_inverse=True)[1],
+    )
+    if token_level:
+        inputs.values_NR = padded([row[2] for row in everything])
+        inputs.mask_NR = padded([row[3] for row in everything])
     start = sum(len(part) for part in parts[:rank])
-    advantages = compute_advantages(rewards, groups, cfg.advantage)[start : start + len(samples)]
-    for sample, adv in zip(samples, advantages.tolist(), strict=True):
-        sample.advantage = adv
+    advantages, returns = compute_advantages(inputs, cfg.advantage)
+    for i, sample in enumerate(samples, start=start):
+        if not token_level:
+            sample.advantage = float(advantages[i])
+            continue
+        length = len(sample.response_ids)
+        sample.token_advantages, sample.returns = advantages[i, :length].tolist(), returns[i, :length].tolist()
+
+
+def padded(rows: list[list[float]]) -> torch.Tensor:
+    """[N, R] float32: the rows, zero-padded to the longest."""
+    out = torch.zeros(len(rows), max((len(r) for r in rows), default=0))
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
 
 
 def merge_rollout_metrics(metrics: dict[str, float]) -> dict[str, float]:

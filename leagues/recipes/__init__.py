@@ -42,6 +42,20 @@ def tiny_arithmetic() -> RunConfig:
     }
 
 
+def tiny_arithmetic_ppo() -> RunConfig:
+    """`tiny-arithmetic` with PPO and a learned critic instead of GRPO: the same warm start and policy settings,
+    per-token GAE advantages (gamma 1, lambda 0.95) from a value model started from the warm-started policy, with
+    its own learning rate, trained alone for the first 10 steps."""
+    run = tiny_arithmetic()
+    run["advantage"] = {"estimator": "gae", "gamma": 1.0, "lam": 0.95}
+    run["critic"] = {
+        "optim": {"lr": 1e-3, "schedule": "cosine", "min_lr_ratio": 0.1},
+        "value_clip": 0.5,
+        "warmup_steps": 10,
+    }
+    return run
+
+
 def tiny_lookup() -> RunConfig:
     """Multi-turn with a tool on the CPU: the tiny MoE, an SFT warm start of 500 steps on demonstrations (one
     per episode: call `lookup(key)`, then answer with the value the tool gave), then 40 GRPO steps on
@@ -65,6 +79,7 @@ def tiny_lookup() -> RunConfig:
 RECIPES: dict[str, Callable[[], RunConfig]] = {
     "tiny-generate": tiny_generate,
     "tiny-arithmetic": tiny_arithmetic,
+    "tiny-arithmetic-ppo": tiny_arithmetic_ppo,
     "tiny-lookup": tiny_lookup,
 }
 

@@ -1,9 +1,10 @@
 """Training: RL losses and advantage estimators (registries), chunked logprobs, packing, optimizer,
-checkpoints, the `Trainer`, and SFT. Runs the same `leagues.model` the engine serves, sharded from
-outside by `leagues.parallel` (FSDP2 + expert parallel).
+checkpoints, the `Trainer` (with PPO's critic when asked), and SFT. Runs the same `leagues.model` the engine
+serves, sharded from outside by `leagues.parallel` (FSDP2 + expert parallel).
 """
 
-from leagues.train.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig, compute_advantages
+from leagues.train.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig, AdvantageInputs, compute_advantages
+from leagues.train.critic import CriticConfig
 from leagues.train.losses import AGGREGATIONS, KL_ESTIMATORS, OFF_POLICY_CORRECTIONS, POLICY_LOSSES, LossConfig
 from leagues.train.optim import OptimConfig
 from leagues.train.trainer import Trainer, TrainerConfig
@@ -15,6 +16,8 @@ __all__ = [
     "OFF_POLICY_CORRECTIONS",
     "POLICY_LOSSES",
     "AdvantageConfig",
+    "AdvantageInputs",
+    "CriticConfig",
     "LossConfig",
     "OptimConfig",
     "Trainer",

@@ -2,15 +2,16 @@
 
 The trainer saves here every few steps and `loop` resumes from `latest_checkpoint(root)`:
 
-    save_checkpoint(root, step, model, optimizer, scheduler, extra, keep_last) -> root/step-00000042
+    save_checkpoint(root, step, model, optimizer, scheduler, extra, keep_last, parts) -> root/step-00000042
     latest_checkpoint(root)                                                    -> newest complete one, or None
-    load_checkpoint(path, model, optimizer, scheduler)                         -> extra
+    load_checkpoint(path, model, optimizer, scheduler, parts)                  -> extra
     load_latest(root, load)                  -> (path, load(path)) of the newest one that loads, or None
     export_hf(path, model, out_dir)                                            -> HF safetensors directory
 
 A checkpoint directory holds:
-    .metadata, *.distcp   model and optimizer state, written by `dcp.save` (every rank its shards)
-    rank-{r}.pt           per-rank state that is no tensor shard: scheduler, python/torch/CUDA RNG, `extra`
+    .metadata, *.distcp   model and optimizer state, written by `dcp.save` (every rank its shards), and those
+                          of each further `Part` (the critic) under its name
+    rank-{r}.pt           per-rank state that is no tensor shard: schedulers, python/torch/CUDA RNG, `extra`
     manifest.json         size and SHA-256 of each file above (`checkpoint_integrity.py`)
     meta.json             step and world size; written last, it marks the directory complete
 
@@ -33,6 +34,9 @@ Decisions:
   without unpickling anything but DCP's own classes, and refuses non-finite weights, raising `CheckpointError`;
   `load_latest` then warns and tries the checkpoint before, so a truncated or corrupted newest checkpoint costs
   the steps since the previous one, not the run. A save of non-finite weights raises before writing anything.
+- A model trained beside the main one (PPO's critic) is a `Part`: its model and optimizer go into the same DCP
+  save under its name (`critic.model.*`, `critic.optim.*`) and its scheduler into the rank files, so the two
+  are saved and resumed together, atomically; `export_hf` reads only the main model's tensors.
 - Without an initialised process group every collective is skipped (single process, tests, export).
   With one, `root` must be a filesystem every rank sees. A trainer on some of the job's ranks saves and loads
   inside `on_group(its group)`: only those ranks take part, and files and `meta.json` count ranks in the group.
@@ -45,8 +49,9 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +133,15 @@ def _dcp_io(fn, state: dict, path: Path, no_dist: bool) -> None:
             raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:300]})") from e
 
 
+@dataclass(frozen=True, slots=True)
+class Part:
+    """A model trained beside the main one (the critic), checkpointed with it under its name."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any | None = None
+
+
 # ---------------------------------------------------------------------------------------------------
 # saving
 
@@ -140,27 +154,30 @@ def save_checkpoint(
     scheduler: Any | None = None,
     extra: dict | None = None,
     keep_last: int = 3,
+    parts: Mapping[str, Part] | None = None,
 ) -> Path:
-    """Save model, optimizer, scheduler, RNG states and `extra` as `root/step-{step:08d}`; every rank calls it.
+    """Save model, optimizer, scheduler, RNG states and `extra` (and every `Part` of `parts`, by name) as
+    `root/step-{step:08d}`; every rank calls it.
 
     `keep_last` > 0 keeps that many newest checkpoints and deletes older ones; 0 keeps all.
     """
     if step < 0 or keep_last < 0:
         raise ValueError(f"save_checkpoint: step and keep_last must be >= 0, got {step} and {keep_last}")
     _check_plain(extra, "extra")
-    bad = count_non_finite(model, _distributed(), _GROUP.get())
-    if bad:
-        raise CheckpointError(f"save_checkpoint: step {step}: {bad} model weights are NaN or inf; not saved")
+    everything = {"": Part(model, optimizer, scheduler), **(parts or {})}
+    for name, part in everything.items():
+        bad = count_non_finite(part.model, _distributed(), _GROUP.get())
+        if bad:
+            what = f"{name} model" if name else "model"
+            raise CheckpointError(f"save_checkpoint: step {step}: {bad} {what} weights are NaN or inf; not saved")
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that was killed half-way
         tmp.mkdir(parents=True)
     _barrier()
-    renames = tagged_names(model)
-    model_sd, optim_sd = _rename(*get_state_dict(model, optimizer), renames)
-    _dcp_io(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp, no_dist=not _distributed())
-    torch.save(_local_state(scheduler, extra), tmp / f"rank-{_rank()}.pt")
+    _dcp_io(dcp.save, _dcp_state(everything), tmp, no_dist=not _distributed())
+    torch.save(_local_state(everything, extra), tmp / f"rank-{_rank()}.pt")
     _barrier()
     files = _hash_shares(tmp)
     if _rank() == 0:
@@ -214,9 +231,21 @@ def _rename(model_sd: dict, optim_sd: dict, renames: dict[str, str]) -> tuple[di
     return model_sd, optim_sd
 
 
-def _local_state(scheduler: Any | None, extra: dict | None) -> dict:
+def _dcp_state(parts: dict[str, Part]) -> dict:
+    """What DCP saves or loads: the main part's model and optimizer at the top ("model", "optim"), each further
+    part's under its name; expert-parallel slices under their rank-specific names (`tagged_names`)."""
+    state = {}
+    for name, part in parts.items():
+        model_sd, optim_sd = _rename(*get_state_dict(part.model, part.optimizer), tagged_names(part.model))
+        (state.setdefault(name, {}) if name else state).update(model=model_sd, optim=optim_sd)
+    return state
+
+
+def _local_state(parts: dict[str, Part], extra: dict | None) -> dict:
+    state = lambda part: part.scheduler.state_dict() if part.scheduler is not None else None  # noqa: E731
     return {
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scheduler": state(parts[""]),
+        "schedulers": {name: state(part) for name, part in parts.items() if name},
         "python_rng": random.getstate(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -328,29 +357,38 @@ def _verified(path: Path) -> None:
 
 
 def load_checkpoint(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None = None
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None = None,
+    parts: Mapping[str, Part] | None = None,
 ) -> dict | None:
-    """Restore model, optimizer, scheduler and this rank's RNG states in place; returns the saved `extra`.
+    """Restore model, optimizer, scheduler (and every `Part` of `parts`, saved under its name) and this rank's RNG
+    states in place; returns the saved `extra`.
 
     Every rank calls it, with the model sharded (or not) as it will train; call it before any backward
     pass (a fresh optimizer's state is initialised from zero gradients).
     """
     path = Path(path)
     _verified(path)
-    renames = tagged_names(model)
-    model_sd, optim_sd = _rename(*get_state_dict(model, optimizer), renames)
-    state = {"model": model_sd, "optim": optim_sd}
+    everything = {"": Part(model, optimizer, scheduler), **(parts or {})}
+    state = _dcp_state(everything)
     _dcp_io(dcp.load, state, path, no_dist=not _distributed())
-    model_sd, optim_sd = _rename(state["model"], state["optim"], {v: k for k, v in renames.items()})
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    bad = count_non_finite(model, _distributed(), _GROUP.get())
-    if bad:
-        raise CheckpointError(f"{path}: {bad} loaded model weights are NaN or inf")
+    for name, part in everything.items():
+        loaded = state[name] if name else state
+        back = {v: k for k, v in tagged_names(part.model).items()}
+        model_sd, optim_sd = _rename(loaded["model"], loaded["optim"], back)
+        set_state_dict(part.model, part.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        bad = count_non_finite(part.model, _distributed(), _GROUP.get())
+        if bad:
+            raise CheckpointError(f"{path}: {bad} loaded {name or 'model'} weights are NaN or inf")
     local = _read_local(_rank_file(path))
-    if scheduler is not None:
-        if local["scheduler"] is None:
-            raise ValueError(f"{path} holds no scheduler state, but a scheduler was given")
-        scheduler.load_state_dict(local["scheduler"])
+    schedulers = {"": local["scheduler"], **local.get("schedulers", {})}
+    for name, part in everything.items():
+        if part.scheduler is not None:
+            if schedulers.get(name) is None:
+                raise ValueError(f"{path} holds no {name or 'main'} scheduler state, but a scheduler was given")
+            part.scheduler.load_state_dict(schedulers[name])
     _restore_rng(local)
     return local["extra"]
 

@@ -36,6 +36,10 @@ class MicroBatch:
     """Indices of the samples in the list the micro-batch was built from."""
     rollout_logprobs_T: torch.Tensor | None = None
     replay_experts_TLK: torch.Tensor | None = None
+    values_T: torch.Tensor | None = None
+    """The critic's values from before the update (its clipped loss's old values), when every sample has them."""
+    returns_T: torch.Tensor | None = None
+    """The critic's regression targets, when every sample has them."""
 
     @property
     def num_seqs(self) -> int:
@@ -83,22 +87,37 @@ def response_mask(sample: Sample) -> list[float]:
     return [float(m) for m in sample.loss_mask]
 
 
+def _response_row(sample: Sample, values: list[float] | None, what: str) -> list[float]:
+    """A per-response-token list of the sample, checked for length (zeros when it has none)."""
+    if values is None:
+        return [0.0] * len(sample.response_ids)
+    if len(values) != len(sample.response_ids):
+        raise ValueError(f"{what} has {len(values)} entries for {len(sample.response_ids)} response tokens")
+    return list(values)
+
+
 def _sample_rows(sample: Sample) -> dict[str, list]:
     tokens = sample.prompt_ids + sample.response_ids
     prompt_pad = [0.0] * (len(sample.prompt_ids) - 1)
-    rollout = sample.rollout_logprobs if sample.rollout_logprobs is not None else [0.0] * len(sample.response_ids)
+    advantages = [sample.advantage] * (len(tokens) - 1)
+    if sample.token_advantages is not None:
+        advantages = prompt_pad + _response_row(sample, sample.token_advantages, "token_advantages")
     return {
         "input_ids": tokens[:-1],
         "targets": tokens[1:],
         "mask": prompt_pad + response_mask(sample),
-        "advantages": [sample.advantage] * (len(tokens) - 1),
-        "rollout": prompt_pad + list(rollout),
+        "advantages": advantages,
+        "rollout": prompt_pad + _response_row(sample, sample.rollout_logprobs, "rollout_logprobs"),
+        "values": prompt_pad + _response_row(sample, sample.values, "values"),
+        "returns": prompt_pad + _response_row(sample, sample.returns, "returns"),
     }
 
 
 def build_microbatch(samples: list[Sample], indices: list[int], device: torch.device | str) -> MicroBatch:
     """Pack `samples[i] for i in indices` into one flat batch on `device`."""
-    rows = {"input_ids": [], "targets": [], "mask": [], "advantages": [], "rollout": [], "seq_ids": []}
+    rows = {
+        key: [] for key in ("input_ids", "targets", "mask", "advantages", "rollout", "values", "returns", "seq_ids")
+    }
     for seq, i in enumerate(indices):
         sample = samples[i]
         if not sample.response_ids or not sample.prompt_ids:
@@ -106,7 +125,7 @@ def build_microbatch(samples: list[Sample], indices: list[int], device: torch.de
         for key, values in _sample_rows(sample).items():
             rows[key].extend(values)
         rows["seq_ids"].extend([seq] * input_length(sample))
-    has_rollout = all(samples[i].rollout_logprobs is not None for i in indices)
+    has = lambda name: all(getattr(samples[i], name) is not None for i in indices)  # noqa: E731
     as_tensor = lambda key, dtype: torch.tensor(rows[key], dtype=dtype, device=device)  # noqa: E731
     return MicroBatch(
         input_ids_T=as_tensor("input_ids", torch.long),
@@ -116,8 +135,10 @@ def build_microbatch(samples: list[Sample], indices: list[int], device: torch.de
         seq_ids_T=as_tensor("seq_ids", torch.long),
         lengths=[input_length(samples[i]) for i in indices],
         sample_indices=list(indices),
-        rollout_logprobs_T=as_tensor("rollout", torch.float32) if has_rollout else None,
+        rollout_logprobs_T=as_tensor("rollout", torch.float32) if has("rollout_logprobs") else None,
         replay_experts_TLK=_stack_routes(samples, indices, device),
+        values_T=as_tensor("values", torch.float32) if has("values") else None,
+        returns_T=as_tensor("returns", torch.float32) if has("returns") else None,
     )
 
 

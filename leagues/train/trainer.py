@@ -4,6 +4,7 @@
     trainer.compute_logprobs(samples)        # per-sample response logprobs (no grad)
     metrics = trainer.train_step(samples)    # this rank's samples; rebalanced across ranks by tokens
     penalties = trainer.kl_rewards(samples)  # KL to the reference as reward shaping (kl_in_reward)
+    values = trainer.compute_values(samples) # PPO's critic (critic=CriticConfig()): per-token values, for GAE
     for bucket in trainer.state_dict_for_sync(): engine.load_weights(bucket)
     trainer.save(dir, extra={"data": ...}, keep_last=3); trainer.load(dir)
 
@@ -18,6 +19,10 @@ ratio's old policy is then fixed before the first update: one no-grad forward of
 (`old_logprobs="recompute"`) or the engine's logprobs ("rollout"), so from the second update on the PPO clip
 acts. With a single update the recomputed old logprobs are the forward's own, detached (the same values,
 no second forward), and the ratio is 1.
+
+PPO with a critic (`critic=CriticConfig()`, `leagues.train.critic`): a value model sharded like the policy, whose
+passes follow the policy's over the same micro-batches in every update, each model then stepping its own
+optimizer; saved and loaded in the same checkpoint. During `critic.warmup_steps` only the critic trains.
 """
 
 import copy
@@ -43,9 +48,11 @@ from leagues.parallel import (
     unit_buckets,
     whole_parameters,
 )
-from leagues.train.checkpoint import load_checkpoint, on_group, save_checkpoint
+from leagues.train.checkpoint import Part, load_checkpoint, on_group, save_checkpoint
+from leagues.train.critic import Critic, CriticConfig, ValueModel, explained_variance, value_model
 from leagues.train.logprobs import token_logprobs
 from leagues.train.losses import LossConfig, LossInputs, Normalizer, kl_penalty_rewards, policy_loss
+from leagues.train.metrics import accumulate, merge_updates, reduce_over_ranks
 from leagues.train.moe import (
     MoEConfig,
     expert_counts,
@@ -122,6 +129,7 @@ class Trainer:
         kl_in_reward: bool = False,
         temperature: float = 1.0,
         deterministic: bool = False,
+        critic: CriticConfig | None = None,
     ) -> None:
         """The run's settings that the trainer follows rather than owns:
         - `mesh`: the ranks that train, when they are some of the job's (a disaggregated job's trainer ranks,
@@ -131,7 +139,8 @@ class Trainer:
           being a loss term.
         - `temperature`: the rollout's sampling temperature; logprobs are computed under it, as the engine does.
         - `deterministic`: batch-invariant kernels (`leagues.kernels.batch_invariant`): the training forward's
-          logprobs equal the engine's bit for bit when the engine runs deterministic too (true on-policy)."""
+          logprobs equal the engine's bit for bit when the engine runs deterministic too (true on-policy).
+        - `critic`: train a value model beside the policy (PPO with GAE advantages; `leagues.train.critic`)."""
         self.cfg = cfg = cfg or TrainerConfig()
         self.kl_in_reward, self.temperature, self.deterministic = kl_in_reward, temperature, deterministic
         # the loss's own terms: without the KL when it shapes the rewards instead
@@ -154,6 +163,7 @@ class Trainer:
         if deterministic:
             self.model.set_batch_invariant()
         self.ref = self._build_ref(sharded) if cfg.loss.kl_coef > 0 else None  # before a model object is sharded
+        values = None if critic is None else self._value_model(critic, model, sharded)  # likewise
         self.compiled = cfg.compile is True
         if self.compiled:
             self.model.compile_blocks(dynamic=True)  # RL packings differ every step
@@ -163,18 +173,32 @@ class Trainer:
         """The trainer's ranks (every collective of a step runs over them); None without a process group."""
         if sharded:
             self._load_shards(self.model)
-        if self.ref is not None and self.mesh is not None:  # the reference sharded like the policy (FSDP2, EP)
-            parallelize(self.ref, cfg.parallel, self.world, self.device.type, mesh=self.mesh)
-            if sharded:
-                self._load_shards(self.ref)
+        for other in (self.ref, values):  # the reference and the critic sharded like the policy (FSDP2, EP)
+            if other is not None and self.mesh is not None:
+                parallelize(other, cfg.parallel, self.world, self.device.type, mesh=self.mesh)
+                if sharded:
+                    self._load_shards(other)
+        self.critic = None if values is None else Critic(values, critic, self.group)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.step = 0
         self._load_counts: torch.Tensor | None = None
 
+    def _value_model(self, critic: CriticConfig, model: Transformer, sharded: bool) -> ValueModel:
+        """The critic's model, its trunk from `critic.model`, else from the policy's checkpoint (or a copy of the
+        policy object, taken before it is sharded or trained); on the meta device when each rank reads only its
+        pieces once it is sharded."""
+        self.critic_path = resolve_model_path(critic.model) if critic.model else self.model_path
+        values = value_model(model if self.critic_path is None else self.critic_path, self.device, meta=sharded)
+        if self.deterministic:
+            values.set_batch_invariant()
+        if self.cfg.compile is True:
+            values.compile_blocks(dynamic=True)
+        return values
+
     def _load_shards(self, model: Transformer) -> None:
-        """Fill a sharded model (the policy or the reference) from the checkpoint, one full tensor at a time: no
-        rank ever holds the whole model (with expert parallel, a rank reads only its own experts)."""
+        """Fill a sharded model (the policy, the reference or the critic) from its checkpoint, one full tensor at a
+        time: no rank ever holds the whole model (with expert parallel, a rank reads only its own experts)."""
         dtype = next(model.parameters()).dtype
         model.to_empty(device=self.device)
         experts = None
@@ -182,8 +206,11 @@ class Trainer:
             per_rank = model.config.num_experts // self.cfg.parallel.ep
             lo = self.mesh.ep.get_local_rank() * per_rank
             experts = (lo, lo + per_rank)
-        tensors = ((name, t.to(dtype)) for name, t in read_parameters(self.model_path, experts))
-        load_full_tensors(model, tensors)
+        if isinstance(model, ValueModel):  # the trunk, then the value head's start
+            named = model.own_tensors(read_parameters(self.critic_path, experts))
+        else:
+            named = read_parameters(self.model_path, experts)
+        load_full_tensors(model, ((name, t.to(dtype)) for name, t in named))
         reset_buffers(model, self.device)
 
     def _build_ref(self, sharded: bool) -> Transformer:
@@ -270,16 +297,27 @@ class Trainer:
     def compute_logprobs(self, samples: list[Sample], model: Transformer | None = None) -> list[torch.Tensor]:
         """Response-token logprobs of each sample (CPU float32), under `model` (default: the policy)."""
         model = model or self.model
+        return self._per_response_token(samples, lambda mb: self._forward_logprobs(model, mb)[0])
+
+    @torch.no_grad()
+    def compute_values(self, samples: list[Sample]) -> list[torch.Tensor]:
+        """The critic's value of the state before each response token of each sample (CPU float32)."""
+        if self.critic is None:
+            raise ValueError("compute_values: this trainer has no critic (advantage.estimator gae trains one)")
+        return self._per_response_token(samples, self.critic.values)
+
+    def _per_response_token(self, samples: list[Sample], forward) -> list[torch.Tensor]:
+        """`forward(micro-batch) -> x_T` over the samples' micro-batches, cut into each sample's response part."""
         out: list[torch.Tensor | None] = [None] * len(samples)
         mbs = self._microbatches(samples)
         num_real = len(mbs)
         mbs += self._padding_microbatches(num_real)  # sharded forwards are collective: every rank runs as many
         for index, mb in enumerate(mbs):
-            logprobs_T, _, _ = self._forward_logprobs(model, mb)
+            x_T = forward(mb)
             if index >= num_real:
                 continue
             for seq, i in enumerate(mb.sample_indices):  # response targets are each sequence's last positions
-                out[i] = logprobs_T[mb.seq_ids_T == seq][-len(samples[i].response_ids) :].float().cpu()
+                out[i] = x_T[mb.seq_ids_T == seq][-len(samples[i].response_ids) :].float().cpu()
         return out
 
     def _ref_logprobs(self, samples: list[Sample]) -> list[torch.Tensor] | None:
@@ -366,47 +404,63 @@ class Trainer:
         everything = self._gather(samples)
         # mini-batches are cut from the global batch, then balanced over ranks: the same updates on any world size
         shares = [self._share(everything[i :: cfg.num_minibatches]) for i in range(cfg.num_minibatches)]
-        recompute = cfg.num_minibatches * cfg.epochs > 1 and cfg.old_logprobs == "recompute"
-        refs = [None if self.kl_in_reward else self._ref_logprobs(share) for share in shares]
+        policy = self.policy_moves
+        recompute = policy and cfg.num_minibatches * cfg.epochs > 1 and cfg.old_logprobs == "recompute"
+        refs = [None if self.kl_in_reward or not policy else self._ref_logprobs(share) for share in shares]
         olds = [self.compute_logprobs(share) if recompute else None for share in shares]  # before any update
         updates = []
         for _ in range(cfg.epochs):
             for share, ref, old in zip(shares, refs, olds, strict=True):
-                updates.append(self._update(share, ref, old))
-        merged = {}
-        for key in dict.fromkeys(k for u in updates for k in u):
-            values = [u[key] for u in updates if key in u]
-            merged[key] = max(values) if key.endswith("_max") else sum(values) / len(values)
-        merged["tokens"] = sum(u["tokens"] for u in updates) / cfg.epochs
+                updates.append(self._update(share, ref, old, policy))
         self.step += 1  # rollout batches trained on (the schedule counts optimizer updates)
-        return merged
+        return merge_updates(updates, cfg.epochs)
 
-    def _update(self, samples: list[Sample], ref, old) -> dict[str, float]:
-        """One optimizer update on this rank's `samples` (every rank calls it together)."""
+    @property
+    def policy_moves(self) -> bool:
+        """False during the critic's warm-up steps, in which only the critic trains."""
+        return self.critic is None or self.step >= self.critic.cfg.warmup_steps
+
+    def _update(self, samples: list[Sample], ref, old, policy: bool = True) -> dict[str, float]:
+        """One optimizer update on this rank's `samples` (every rank calls it together): the policy's passes
+        (unless `policy` is off), then the critic's over the same micro-batches, then each model's step."""
         mbs = self._microbatches(samples)
         norm = self._normalizer(mbs)
         num_real = len(mbs)
         mbs += self._padding_microbatches(num_real)
         totals: dict[str, float] = {}
+        step_metrics: dict[str, float] = {}
         self._load_counts = None
+        if policy:
+
+            def policy_loss(i: int, mb: MicroBatch):
+                real = i < num_real  # a padding pass has no sample of its own to look up
+                return self._microbatch_loss(mb, norm, ref if real else None, old if real else None, samples)
+
+            totals |= self._passes(self.model, mbs, policy_loss, loss_key="loss")
+            params = list(self.model.parameters())
+            step = optimizer_step(params, self.optimizer, self.scheduler, self.cfg.optim, self.group)
+            self.optimizer.zero_grad(set_to_none=True)  # the next step starts from clean gradients
+            step_metrics |= {k: float(v) for k, v in step.items()}
+        if self.critic is not None:
+            totals |= self._passes(self.critic.model, mbs, lambda i, mb: self.critic.loss(mb, norm))
+            step_metrics |= self.critic.step()
+        reduced = explained_variance(reduce_over_ranks(totals, self.world, self.device, self.group))
+        return reduced | (self._load_metrics() if policy else {}) | step_metrics
+
+    def _passes(self, model, mbs: list[MicroBatch], loss_fn, loss_key: str | None = None) -> dict[str, float]:
+        """Forward and backward of `model` over the micro-batches (`loss_fn(index, mb) -> (loss, metrics)`);
+        returns the metrics' token-weighted sums (maxima for `*_max`), the token count, and the loss's sum under
+        `loss_key`."""
+        totals: dict[str, float] = {}
         for i, mb in enumerate(mbs):
             if self.mesh is not None:
-                set_last_microbatch(self.model, self.cfg.parallel, last=i == len(mbs) - 1)
-            real = i < num_real  # a padding pass has no sample of its own to look up
-            loss, metrics = self._microbatch_loss(mb, norm, ref if real else None, old if real else None, samples)
+                set_last_microbatch(model, self.cfg.parallel, last=i == len(mbs) - 1)
+            loss, metrics = loss_fn(i, mb)
             loss.backward()  # a share of the global loss; FSDP sums the shares (grad_reduce "sum")
-            weight = float(mb.mask_T.sum())
-            for key, value in metrics.items():
-                if key.endswith("_max"):  # maxima combine by max (across micro-batches here, ranks below)
-                    totals[key] = max(totals.get(key, float("-inf")), float(value))
-                else:
-                    totals[key] = totals.get(key, 0.0) + float(value) * weight
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-            totals["_tokens"] = totals.get("_tokens", 0.0) + weight
-        params = list(self.model.parameters())
-        step_metrics = optimizer_step(params, self.optimizer, self.scheduler, self.cfg.optim, self.group)
-        self.optimizer.zero_grad(set_to_none=True)  # the next step starts from clean gradients
-        return self._reduce_metrics(totals) | self._load_metrics() | {k: float(v) for k, v in step_metrics.items()}
+            accumulate(totals, metrics, float(mb.mask_T.sum()))
+            if loss_key is not None:
+                totals[loss_key] = totals.get(loss_key, 0.0) + float(loss.detach())
+        return totals
 
     def _load_metrics(self) -> dict[str, float]:
         """Expert load of the step's routed slots over all ranks (MoE models)."""
@@ -468,27 +522,6 @@ class Trainer:
             parts.append(torch.cat([pad, per_sample[i]]))
         return torch.cat(parts).to(self.device)
 
-    def _reduce_metrics(self, totals: dict[str, float]) -> dict[str, float]:
-        """Token-weighted means over the global batch; `*_max` keys are maxima; loss and tokens are sums."""
-        if self.world > 1:  # every rank reduces the same keys, even one whose passes lacked some metric
-            names: list[list[str]] = [None] * self.world  # type: ignore[list-item]
-            dist.all_gather_object(names, sorted(totals), group=self.group)
-            for key in set().union(*names) - totals.keys():
-                totals[key] = float("-inf") if key.endswith("_max") else 0.0
-        maxima = {k: v for k, v in totals.items() if k.endswith("_max")}
-        sums = {k: v for k, v in totals.items() if k not in maxima}
-        reduced = {}
-        for values, op in ((sums, dist.ReduceOp.SUM), (maxima, dist.ReduceOp.MAX)):
-            keys = sorted(values)
-            tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-            if self.world > 1 and keys:
-                dist.all_reduce(tensor, op=op, group=self.group)
-            reduced.update(zip(keys, tensor.tolist(), strict=True))
-        tokens = reduced.pop("_tokens", 0.0)  # 0: a step with nothing to learn from (every sample failed)
-        loss = reduced.pop("loss", 0.0)
-        out = {k: (v if k in maxima else v / max(tokens, 1.0)) for k, v in reduced.items()}
-        return out | {"loss": loss, "tokens": tokens}
-
     # --- weights out, checkpoints -------------------------------------------------------------------
 
     def state_dict_for_sync(
@@ -532,14 +565,22 @@ class Trainer:
         if self.cfg.moe.bias_update_rate > 0:  # non-persistent buffers: not in the model's state dict
             extra["expert_bias"] = {n: b.tolist() for n, b in self._expert_biases()}
         with on_group(self.group):
-            return save_checkpoint(root, self.step, self.model, self.optimizer, self.scheduler, extra, keep_last)
+            return save_checkpoint(
+                root, self.step, self.model, self.optimizer, self.scheduler, extra, keep_last, self._parts()
+            )
 
     def load(self, path: str | Path) -> dict:
         with on_group(self.group):
-            extra = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+            extra = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self._parts())
         self.step = extra.pop("trainer_step", self.step)
         saved = extra.pop("expert_bias", {})
         for name, buf in self._expert_biases():
             if name in saved:
                 buf.copy_(torch.tensor(saved[name], dtype=buf.dtype))
         return extra
+
+    def _parts(self) -> dict[str, Part]:
+        """What the checkpoint holds beside the policy: the critic, when there is one."""
+        if self.critic is None:
+            return {}
+        return {"critic": Part(self.critic.model, self.critic.optimizer, self.critic.scheduler)}

@@ -62,7 +62,10 @@ def test_bad_value_and_bad_recipe_exit_2(capsys):
     assert run_main(["generate", "--temperature", "-1"]) == 2
     assert "temperature: must be >= 0" in capsys.readouterr().err
     assert run_main(["generate", "--recipe", "nope"]) == 2
-    assert "unknown recipe 'nope' (known: tiny-arithmetic, tiny-generate, tiny-lookup)" in capsys.readouterr().err
+    assert (
+        "unknown recipe 'nope' (known: tiny-arithmetic, tiny-arithmetic-ppo, tiny-generate, tiny-lookup)"
+        in capsys.readouterr().err
+    )
     assert run_main(["convert", "--recipe", "tiny-generate"]) == 2
     assert "recipe 'tiny-generate' for `leagues convert`: unknown config key 'prompt'" in capsys.readouterr().err
 
@@ -98,12 +101,18 @@ def test_config_file_errors_name_file_and_line(tmp_path, capsys):
 def test_recipes_registry():
     assert set(RECIPES) >= {"tiny-generate"}
     assert from_dict(GenerateConfig, get_recipe("tiny-generate")).model == "tiny-moe"
-    with pytest.raises(ValueError, match="known: tiny-arithmetic, tiny-generate"):
+    with pytest.raises(ValueError, match="known: tiny-arithmetic, tiny-arithmetic-ppo, tiny-generate"):
         get_recipe("nope")
     from leagues.loop import TrainConfig
 
     lookup = from_dict(TrainConfig, get_recipe("tiny-lookup"))
     assert lookup.task == "lookup" and lookup.agent.max_turns == 2 and lookup.warm_start.steps == 500
+    ppo, grpo = (
+        from_dict(TrainConfig, get_recipe("tiny-arithmetic-ppo")),
+        from_dict(TrainConfig, get_recipe("tiny-arithmetic")),
+    )
+    assert ppo.advantage.needs_critic and ppo.critic.warmup_steps == 10
+    assert (ppo.trainer, ppo.warm_start, ppo.steps) == (grpo.trainer, grpo.warm_start, grpo.steps)  # only PPO differs
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def _worker(rank: int, port: int, name: str, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         samples = rank_samples(rank)
-        assign_advantages(samples, TrainConfig(advantage=AdvantageConfig(name=name)))
+        assign_advantages(samples, TrainConfig(advantage=AdvantageConfig(estimator=name)))
         torch.save([s.advantage for s in samples], os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -45,7 +45,7 @@ def test_two_ranks_equal_one_process_over_the_global_batch(name, tmp_path):
     everything = rank_samples(0) + [
         Sample(prompt_ids=[1], response_ids=[2], reward=s.reward, group_id=s.group_id + 100) for s in rank_samples(1)
     ]
-    assign_advantages(everything, TrainConfig(advantage=AdvantageConfig(name=name)))
+    assign_advantages(everything, TrainConfig(advantage=AdvantageConfig(estimator=name)))
     torch.testing.assert_close(torch.tensor(got), torch.tensor([s.advantage for s in everything]))
     if name == "reinforce_pp":  # whitened over both ranks: rank 1's larger rewards are not its own mean 0
         assert abs(sum(got[12:])) > 1.0
@@ -68,19 +68,20 @@ def test_disaggregated_engines_groups_stay_apart():
     """Two engines each number their groups 0, 1: merged, the ids are unique and every advantage is the one of its
     true group (computed over that engine's group alone)."""
     from leagues.loop.disaggregated import merge_batches
-    from leagues.train.advantages import compute_advantages
+    from leagues.train.advantages import AdvantageInputs, compute_advantages
 
     batches = [rank_samples(0)[:8], rank_samples(1)[:8]]  # groups 0 and 1 of 4 samples on each engine
     want = []
     for batch in batches:
         rewards = torch.tensor([s.reward for s in batch])
         groups = torch.tensor([s.group_id for s in batch])
-        want += compute_advantages(rewards, groups, AdvantageConfig(name="grpo")).tolist()
+        inputs = AdvantageInputs(rewards_N=rewards, group_ids_N=groups)
+        want += compute_advantages(inputs, AdvantageConfig(estimator="grpo"))[0].tolist()
     merged = merge_batches(batches)
     assert len({s.group_id for s in merged}) == 4
-    assign_advantages(merged, TrainConfig(advantage=AdvantageConfig(name="grpo")))
+    assign_advantages(merged, TrainConfig(advantage=AdvantageConfig(estimator="grpo")))
     torch.testing.assert_close(torch.tensor([s.advantage for s in merged]), torch.tensor(want))
     # with the engines' own ids, engine 1's group 0 would share engine 0's group 0 statistics
     unmerged = rank_samples(0)[:8] + rank_samples(1)[:8]
-    assign_advantages(unmerged, TrainConfig(advantage=AdvantageConfig(name="grpo")))
+    assign_advantages(unmerged, TrainConfig(advantage=AdvantageConfig(estimator="grpo")))
     assert not torch.allclose(torch.tensor([s.advantage for s in unmerged]), torch.tensor(want))

@@ -9,6 +9,7 @@ Every run here is a real job: the built-in tiny MoE, a warm start, the in-proces
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,35 @@ def test_minibatch_updates_make_the_clip_act_in_a_run(tmp_path):
     assert len(rows) == 2
     assert max(row["train/policy/clip_frac"] for row in rows) > 0
     assert max(row["train/policy/ratio_max"] for row in rows) > 1.0
+
+
+def test_ppo_with_a_critic_from_the_command_line(tmp_path):
+    """`leagues train --advantage.estimator gae`: the critic values every response token (`time/values`), trains
+    alone for `critic.warmup_steps`, then beside the policy; its metrics are logged every step."""
+    extra = ["--advantage.estimator", "gae", "--critic.optim.lr", "3e-3", "--critic.warmup_steps", "1"]
+    leagues_cli("train", *EASY, "--steps", "3", "--run_dir", str(tmp_path / "run"), "--report", "false", *extra)
+    rows = rl_rows(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for key in ("train/critic/value_loss", "train/critic/explained_variance", "train/critic/value_mean", "time/values"):
+        assert all(math.isfinite(row[key]) for row in rows), key
+    assert "train/grad_norm" not in rows[0] and all("train/grad_norm" in row for row in rows[1:])  # the warm-up
+    assert rows[0]["train/critic/value_mean"] == 0.0 and rows[-1]["train/critic/value_mean"] != 0.0
+    assert (tmp_path / "run" / "checkpoints" / "step-00000003").is_dir()
+
+
+def test_a_ppo_run_resumed_from_a_checkpoint_repeats_the_uninterrupted_one(tmp_path):
+    """Policy, critic, both optimizers and schedules, data position and RNG come back from step 2's checkpoint:
+    steps 3 and 4 repeat exactly (the critic trains alone through step 3: the policy first moves after the resume)."""
+    extra = ["--advantage.estimator", "gae", "--critic.optim.lr", "3e-3", "--critic.warmup_steps", "3"]
+    extra += ["--steps", "4", "--checkpoint.every", "2", "--checkpoint.keep_last", "0", "--report", "false"]
+    train(config(tmp_path / "whole", *extra))
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-00000004")
+    train(config(tmp_path / "cut", *extra, "--checkpoint.resume", "true"))
+    whole, resumed = rl_rows(tmp_path / "whole"), rl_rows(tmp_path / "cut")
+    assert [row["step"] for row in resumed] == [1, 2, 3, 4]
+    assert [comparable(r) for r in resumed] == [comparable(r) for r in whole]
+    assert "train/grad_norm" in whole[3] and "train/grad_norm" not in whole[2]
 
 
 @pytest.mark.parametrize("form", ["loss", "reward"])

@@ -36,6 +36,14 @@ def test_resolve_is_pure_fills_in_what_other_knobs_decide_and_round_trips(tmp_pa
     assert (resolve(given).trainer.optim.total_steps, resolve(given).trainer.loss.max_response_tokens) == (50, 9)
 
 
+def test_resolve_gives_the_critic_its_schedule_and_the_policy_the_steps_after_the_critic_warm_up():
+    args = ["--advantage.estimator", "gae", "--critic.warmup_steps", "3", "--steps", "10", "--trainer.epochs", "2"]
+    out = resolve(apply_overrides(TrainConfig(), args))
+    assert (out.trainer.optim.total_steps, out.critic.optim.total_steps) == ((10 - 3) * 2, 10 * 2)
+    assert to_dict(resolve(out)) == to_dict(out)
+    assert resolve(TrainConfig()).critic.optim.total_steps == 0  # no critic, nothing to derive
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -59,6 +67,10 @@ def test_resolve_refuses_contradictions(args, message):
         (["--placement", "both"], "placement: expected one of 'colocated' | 'disaggregated'"),
         (["--weight_sync.transport", "nccl"], "weight_sync.transport: expected one of"),
         (["--engine_offload_weights", "true", "--engine_sleep", "false"], "engine_offload_weights"),
+        (["--critic.warmup_steps", "2"], "critic: set, but advantage.estimator grpo trains no critic"),
+        (["--advantage.estimator", "gae", "--critic.warmup_steps", "-1"], "critic.warmup_steps: must be >= 0"),
+        (["--advantage.estimator", "gae", "--advantage.gamma", "1.5"], r"advantage.gamma: must be in \[0, 1\]"),
+        (["--advantage.name", "gae"], "unknown config key 'advantage.name'"),
     ],
 )
 def test_bad_combinations_are_refused_naming_the_key(args, message):
@@ -191,7 +203,8 @@ READ_ELSEWHERE = {
 def test_every_leaf_of_the_resolved_config_is_read_and_config_yaml_reruns_the_same_run(tmp_path):
     """A real run records which config fields its components read: every leaf is read, except the few a
     one-process CPU run cannot reach, listed with where they are read (a new ignored field fails here). Then
-    the run's `config.yaml`, loaded back, runs again to the same metrics."""
+    the run's `config.yaml`, loaded back, runs again to the same metrics. The run is PPO with a critic (gae):
+    it reads every advantage field the other estimators read, and the critic's and GAE's besides."""
     args = [
         "--task", "arithmetic", "--task_params", "{max_digits: 1}", "--reward.name", f"{REWARDS}:starts_with_one",
         "--warm_start.steps", "2", "--steps", "2", "--rollout.batch_size", "4", "--rollout.n_samples_per_prompt", "4",
@@ -200,6 +213,7 @@ def test_every_leaf_of_the_resolved_config_is_read_and_config_yaml_reruns_the_sa
         # knobs read only when another knob turns their feature on
         "--trainer.optim.schedule", "cosine", "--trainer.loss.kl_coef", "0.01", "--trainer.loss.off_policy",
         "token_tis", "--rollout.overlong", "penalty", "--rollout.overlong_buffer", "2",
+        "--advantage.estimator", "gae", "--critic.warmup_steps", "1", "--critic.optim.schedule", "cosine",
     ]  # fmt: skip
     cfg = apply_overrides(TrainConfig(), args)
     classes = list(config_classes(TrainConfig))

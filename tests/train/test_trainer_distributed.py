@@ -1,4 +1,4 @@
-"""The trainer on 2 gloo ranks (FSDP2, and FSDP2 + expert parallel) against one process."""
+"""The trainer on 2 gloo ranks (FSDP2, and FSDP2 + expert parallel) against one process, with PPO's critic too."""
 
 import os
 import socket
@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from leagues.model import Transformer, config_from_hf
-from leagues.parallel import ParallelConfig
+from leagues.parallel import ParallelConfig, full_state_dict
+from leagues.train.critic import CriticConfig
 from leagues.train.losses import LossConfig
 from leagues.train.optim import OptimConfig
 from leagues.train.trainer import Trainer, TrainerConfig
@@ -35,7 +36,7 @@ CONFIG = {
 }
 
 
-def make_trainer(ep: int = 1, num_minibatches: int = 1, kl_coef: float = 0.0) -> Trainer:
+def make_trainer(ep: int = 1, num_minibatches: int = 1, kl_coef: float = 0.0, critic: bool = False) -> Trainer:
     model = Transformer(config_from_hf(CONFIG))
     model.init_weights(seed=0, std=0.2)
     model.set_moe_impl("reference")
@@ -46,11 +47,28 @@ def make_trainer(ep: int = 1, num_minibatches: int = 1, kl_coef: float = 0.0) ->
         max_tokens_per_microbatch=24,
         num_minibatches=num_minibatches,
     )
-    return Trainer(model, cfg)
+    value = CriticConfig(optim=OptimConfig(lr=1e-2, grad_clip=0.05), value_clip=0.05) if critic else None
+    return Trainer(model, cfg, critic=value)
 
 
 def full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {name: t.clone() for bucket in trainer.state_dict_for_sync() for name, t in bucket}
+
+
+def full_critic(trainer: Trainer) -> dict[str, torch.Tensor]:
+    model = trainer.critic.model
+    named = full_state_dict(model) if trainer.mesh is not None else model.named_parameters()
+    return {name: t.detach().clone() for name, t in named}
+
+
+def with_value_targets(trainer: Trainer, samples) -> list:
+    """The loop's part before a step with a critic: the batch's values, then returns and per-token advantages
+    (here fixed functions of the sample and its values, as GAE's would be)."""
+    for i, (sample, values) in enumerate(zip(samples, trainer.compute_values(samples), strict=True)):
+        sample.values = values.tolist()
+        sample.returns = [v + (0.5 if sample.group_id % 2 else -0.5) for v in sample.values]
+        sample.token_advantages = [float(i % 3) - 1.0 + 0.1 * t for t in range(len(values))]
+    return samples
 
 
 def _worker(rank: int, port: int, ep: int, num_minibatches: int, kl_coef: float, out_dir: str) -> None:
@@ -96,23 +114,26 @@ def test_two_ranks_match_one_process(ep, num_minibatches, kl_coef, tmp_path):
 
 
 def _resume_worker(rank: int, port: int, out_dir: str) -> None:
-    """EP 2: step, save, step; a fresh trainer loads the save and steps: both end bit for bit equal."""
+    """EP 2, with a critic: step, save, step; a fresh trainer loads the save and steps: policy and critic both end
+    bit for bit equal."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         first, second = make_samples(8, seed=5)[rank::2], make_samples(8, seed=6)[rank::2]
-        trainer = make_trainer(ep=2)
-        trainer.train_step(first)
+        trainer = make_trainer(ep=2, critic=True)
+        trainer.train_step(with_value_targets(trainer, first))
         saved = full_params(trainer)
         path = trainer.save(os.path.join(out_dir, "ckpt"), extra={"position": 11})
-        trainer.train_step(second)
-        straight = full_params(trainer)
-        resumed = make_trainer(ep=2)
+        trainer.train_step(with_value_targets(trainer, second))
+        straight, straight_critic = full_params(trainer), full_critic(trainer)
+        resumed = make_trainer(ep=2, critic=True)
         assert resumed.load(path) == {"position": 11}
-        resumed.train_step(second)
+        resumed.train_step(with_value_targets(resumed, second))
         for name, tensor in full_params(resumed).items():
             assert torch.equal(tensor, straight[name]), name
+        for name, tensor in full_critic(resumed).items():
+            assert torch.equal(tensor, straight_critic[name]), name
         if rank == 0:
             torch.save({"saved": saved, "path": str(path)}, os.path.join(out_dir, "resume.pt"))
         dist.barrier()
@@ -131,3 +152,41 @@ def test_expert_parallel_checkpoint_resumes_bitwise_and_exports(tmp_path):
     export_hf(got["path"], model, tmp_path / "hf")
     for name, param in model.named_parameters():  # the two expert slices are stitched back together
         assert torch.equal(param, got["saved"][name]), name
+
+
+def _critic_worker(rank: int, port: int, ep: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        trainer = make_trainer(ep, num_minibatches=2, critic=True)
+        local = with_value_targets(trainer, make_samples(12, seed=7)[rank::2])
+        metrics = trainer.train_step(local)
+        result = {"values": [s.values for s in local], "critic": full_critic(trainer), "metrics": metrics}
+        torch.save(result, os.path.join(out_dir, f"critic{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: gloo's threads sometimes abort there ("terminate called ...")
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_critic_two_ranks_match_one_process(ep, tmp_path):
+    """The critic's values of each rank's samples, then a step of two mini-batches (FSDP2, with expert parallel):
+    the same values, critic weights and critic metrics as one process."""
+    mp.spawn(_critic_worker, args=(free_port(), ep, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"critic{rank}.pt") for rank in range(2)]
+    single = make_trainer(num_minibatches=2, critic=True)
+    samples = make_samples(12, seed=7)
+    samples = with_value_targets(single, samples[0::2] + samples[1::2])
+    metrics = single.train_step(samples)
+    values = ranks[0]["values"] + ranks[1]["values"]
+    for got, want in zip(values, [s.values for s in samples], strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-5)
+    want = full_critic(single)
+    assert set(ranks[0]["critic"]) == set(want) and "value_head.weight" in want
+    for name, tensor in want.items():  # two AdamW steps at lr 1e-2 carry the sums' round-off a little further
+        torch.testing.assert_close(ranks[0]["critic"][name], tensor, rtol=0, atol=5e-5, msg=name)
+    for key in ("critic/value_loss", "critic/explained_variance", "critic/value_mean", "critic/clip_frac"):
+        assert abs(ranks[0]["metrics"][key] - metrics[key]) < 1e-5, key
+    assert metrics["critic/clip_frac"] > 0  # the second mini-batch's values moved past the clip
