@@ -58,6 +58,7 @@ def ep_engines(rank: int) -> None:
         if rank == 0:
             eng.wake()
         eng.load_weights(perturbed(path))  # full experts by our names: each engine keeps its half
+        dist.barrier()  # a peer's tokens must not reach experts still holding the old weights
         assert_same_outputs(eng.generate(PROMPTS[rank], PARAMS), want_new)
     finally:
         eng.close()

@@ -56,7 +56,7 @@ def assert_whole_true_groups(step_shares: list[list]) -> None:
     assert len(groups) == 16 and all(len(g) <= 8 and all(p == g[0] for p in g) for g in groups.values())
     rewards = torch.tensor([s[1] for s in everything])
     ids = torch.tensor([s[0] for s in everything]).unique(return_inverse=True)[1]
-    want = compute_advantages(rewards, ids, AdvantageConfig(name="grpo"))
+    want = compute_advantages(rewards, ids, AdvantageConfig(estimator="grpo"))
     torch.testing.assert_close(torch.tensor([s[2] for s in everything]), want, rtol=0, atol=1e-6)
 
 
