@@ -21,6 +21,9 @@ Decisions:
   server's message.
 - A request can be named (`request_id`, SGLang's `rid`) and aborted by that name (`abort`, SGLang's
   `/abort_request`): partial rollout stops the requests it no longer waits for and gets their tokens so far.
+- `on_token(sample_index, token_id, logprob)` sees every sampled token: as it is sampled in process (on the
+  engine's thread), and all at once when the answer arrives over HTTP (which answers whole outputs). Agent
+  sessions stream a turn's reply with it.
 """
 
 import asyncio
@@ -33,14 +36,20 @@ import numpy as np
 import torch
 
 from leagues.engine.output import Output
+from leagues.engine.requests import TokenCallback
 from leagues.types import FinishReason, SamplingParams
 
 
 class EngineClient(Protocol):
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        on_token: TokenCallback | None = None,
     ) -> list[Output]:
-        """The `params.n` outputs of one prompt; `request_id` names the request for `abort`."""
+        """The `params.n` outputs of one prompt; `request_id` names the request for `abort`; `on_token` sees every
+        sampled token (see the decisions above for when)."""
         ...
 
     async def abort(self, request_id: str) -> None:
@@ -59,9 +68,13 @@ class LocalClient:
         self.engine = engine
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        on_token: TokenCallback | None = None,
     ) -> list[Output]:
-        return await self.engine.generate_async(prompt_ids, params, request_id)
+        return await self.engine.generate_async(prompt_ids, params, request_id, on_token)
 
     async def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -88,9 +101,14 @@ class HTTPClient:
         self._httpx = httpx
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        on_token: TokenCallback | None = None,
     ) -> list[Output]:
-        return outputs_of(await self._post("/generate", generate_body(prompt_ids, params, request_id)), prompt_ids)
+        outputs = outputs_of(await self._post("/generate", generate_body(prompt_ids, params, request_id)), prompt_ids)
+        return replay_tokens(outputs, on_token)
 
     async def _post(self, path: str, body: dict):
         for attempt in range(self.retries + 1):
@@ -141,6 +159,15 @@ def generate_body(prompt_ids: list[int], params: SamplingParams, request_id: str
     if params.routed_experts_start:
         body["routed_experts_start"] = params.routed_experts_start
     return body
+
+
+def replay_tokens(outputs: list[Output], on_token: TokenCallback | None) -> list[Output]:
+    """Hand a whole answer's tokens to `on_token`, as an in-process engine would have while sampling."""
+    if on_token is not None:
+        for o in outputs:
+            for token_id, logprob in zip(o.token_ids, o.logprobs, strict=False):
+                on_token(o.index, token_id, logprob)
+    return outputs
 
 
 def outputs_of(data: dict | list, prompt_ids: list[int]) -> list[Output]:

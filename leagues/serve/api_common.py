@@ -3,7 +3,6 @@ request's engine requests (see `server.py` for the decisions behind them)."""
 
 import asyncio
 import contextlib
-import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -185,47 +184,6 @@ class Batch:
         self._finish([done[i] for i in range(len(self.waiters))])
 
 
-def sse(data) -> bytes:
-    """One server-sent event; `data` is JSON-encoded unless it is a string (`[DONE]`)."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
-
-
 def finite(x: float) -> float | None:
     """JSON has no inf/nan: a non-finite logprob becomes null."""
     return x if x == x and abs(x) != float("inf") else None
-
-
-class TextStream:
-    """The streamed text of one sample: grows token by token, never past what the final text may keep.
-
-    The engine cuts the final text before a matched stop string, and a token may end inside a UTF-8
-    character, so the last `max(len(stop))` characters (and a trailing U+FFFD) are held back until the
-    end; `finish` then sends what remains of the final text. Decoding the whole output on every token is
-    quadratic in its length, which is fine for the lengths RL rollouts stream.
-    """
-
-    def __init__(self, tokenizer, stop: list[str]) -> None:
-        self.tokenizer = tokenizer
-        self.holdback = max((len(s) for s in stop), default=0)
-        self.ids: list[int] = []
-        self.logprobs: list[float] = []
-        self.text = ""
-
-    def add(self, token_id: int, logprob: float) -> str:
-        """Append a token; returns the new text that is safe to show (maybe empty)."""
-        self.ids.append(token_id)
-        self.logprobs.append(logprob)
-        if self.tokenizer is None:
-            return ""
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        end = len(full) - self.holdback - (1 if full.endswith("\ufffd") else 0)
-        if end <= len(self.text):
-            return ""
-        delta = full[len(self.text) : end]
-        self.text += delta
-        return delta
-
-    def finish(self, final_text: str) -> str:
-        delta = final_text[len(self.text) :] if final_text.startswith(self.text) else ""
-        self.text = final_text
-        return delta

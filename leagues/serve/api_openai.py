@@ -18,25 +18,25 @@ Decisions:
 - Without a `max_tokens`, chat completions may run to the context limit, as OpenAI's do.
 - Tool calling: `tools` go to the chat template (which renders them as the model family expects), and so do
   assistant `tool_calls` (arguments decoded from their JSON string) and tool messages' `tool_call_id`. The
-  output's Qwen/Hermes `<tool_call>` blocks become `tool_calls` (finish reason `tool_calls`); the content is
-  the text before the first call (all of it when a block cannot be read). A forced call (`tool_choice`
-  required or named) is refused: it would need constrained decoding. Streamed with tools, a choice's text is
-  held back and arrives, with its calls, in its last chunk (calls are parsed from the whole text).
+  output's Qwen/Hermes `<tool_call>` blocks become `tool_calls` (finish reason `tool_calls`), and a Qwen3 think
+  block `reasoning_content` (`reply.py` reads both, streamed or not).
+- A forced call (`tool_choice` "required" or a named function) is prefilled, not constrained: the prompt ends
+  with the opening of a call (`reply.call_prefill`), and the model writes the rest, so its arguments are its
+  own and may not parse (then the content is the whole text, the opening included, and there is no call).
+- Streamed chat: reasoning and content deltas as tokens come, each call whole once its block closes (`reply.py`
+  holds back what a later token could change); a choice's logprobs and finish reason come in its last chunk.
 """
 
-import json
 import time
+from functools import partial
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from leagues.agent.tool_calls import parse_tool_calls
 from leagues.engine.output import Output
-from leagues.serve.api_common import APIError, Batch, ServerState, TextStream, error_body, finite, sse, state_of
+from leagues.serve.api_common import APIError, Batch, ServerState, error_body, finite, state_of
 from leagues.serve.protocol import ChatCompletionRequest, CompletionRequest
-
-TOOL_CALL_PARSER, TOOL_CALL_START = "hermes", "<tool_call>"
-"""The model's tool-call format: Qwen / Hermes blocks (`leagues.agent.tool_calls`)."""
+from leagues.serve.reply import Reply, TextStream, call_prefill, opens_thinking, sse
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -67,7 +67,7 @@ async def completions(req: CompletionRequest, request: Request):
     batch = Batch(state, prompts, params, rids, stream=req.stream, field="prompt")
     shell = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": _model(state, req)}
     if req.stream:
-        return StreamingResponse(_stream(state, req, batch, shell, chat=False), media_type="text/event-stream")
+        return StreamingResponse(_stream(state, req, batch, shell, None), media_type="text/event-stream")
     outputs = await batch.results()
     choices = [_completion_choice(state, o, i, req.logprobs) for i, o in enumerate(outputs)]
     return shell | {"choices": choices, "usage": _usage(outputs, params.n)}
@@ -79,15 +79,22 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
     prompt = _chat_prompt(state, req)
+    thinking = opens_thinking(prompt)
+    choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
+    try:
+        prefill = call_prefill(choice, [t.function.name for t in req.tools or []], thinking)
+    except ValueError as err:
+        raise APIError(400, str(err), param="tool_choice") from None
     params = req.sampling(req.max_new_tokens(state.engine.max_model_len), req.top_logprobs or 0)
     rid = state.new_id("chatcmpl")
-    batch = Batch(state, [prompt], params, [rid], stream=req.stream, field="messages")
+    batch = Batch(state, [prompt + prefill], params, [rid], stream=req.stream, field="messages")
     shell = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": _model(state, req)}
+    reply = partial(_reply, req, thinking, prefill, rid)
     if req.stream:
         shell["object"] = "chat.completion.chunk"
-        return StreamingResponse(_stream(state, req, batch, shell, chat=True), media_type="text/event-stream")
+        return StreamingResponse(_stream(state, req, batch, shell, reply), media_type="text/event-stream")
     outputs = await batch.results()
-    choices = [_chat_choice(state, o, req, rid) for o in outputs]
+    choices = [_chat_choice(state, o, req, reply(o.index)) for o in outputs]
     return shell | {"choices": choices, "usage": _usage(outputs, params.n)}
 
 
@@ -95,9 +102,6 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> str:
     tok = state.engine.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
         raise APIError(400, "messages: this model has no tokenizer with a chat template", param="messages")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "tool_choice: only none and auto (a forced call needs constrained decoding, which "
-                       "this server does not do)", param="tool_choice")  # fmt: skip
     try:
         messages = [m.as_template_input() for m in req.messages]
     except ValueError as err:
@@ -109,28 +113,11 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> str:
         raise APIError(400, f"messages: the chat template failed: {err}", param="messages") from None
 
 
-def _parses_tools(req) -> bool:
-    return bool(req.tools) and req.tool_choice != "none"
-
-
-def _message(req, o: Output, rid: str) -> tuple[dict, str]:
-    """The assistant message of one output, and its finish reason: with tools, the calls the model wrote
-    (Hermes/Qwen blocks) become `tool_calls` and the text before the first call the content; when a block
-    cannot be read, the content is the whole text as written (the readable calls are still returned)."""
-    finish = _finish_reason(o)
-    if not _parses_tools(req):
-        return {"role": "assistant", "content": o.text}, finish
-    calls, errors = parse_tool_calls(o.text, TOOL_CALL_PARSER)
-    if not calls:
-        return {"role": "assistant", "content": o.text}, finish
-    content = o.text if errors else o.text[: o.text.find(TOOL_CALL_START)]
-    tool_calls = [
-        {"id": f"call_{rid.rsplit('-', 1)[-1]}_{o.index}_{c.index}", "type": "function",
-         "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
-        for c in calls
-    ]  # fmt: skip
-    message = {"role": "assistant", "content": content.strip() or None, "tool_calls": tool_calls}
-    return message, "tool_calls" if finish == "stop" else finish
+def _reply(req: ChatCompletionRequest, thinking: bool, prefill: str, rid: str, index: int) -> Reply:
+    """The reply reader of choice `index`: calls are read with tools unless tool_choice is none."""
+    tools = bool(req.tools) and req.tool_choice != "none"
+    call_id = partial("call_{}_{}_{}".format, rid.rsplit("-", 1)[-1], index)
+    return Reply(tools=tools, thinking=thinking, prefill=prefill, call_id=call_id)
 
 
 def _model(state: ServerState, req) -> str:
@@ -195,8 +182,8 @@ def _chat_logprobs(state: ServerState, o: Output) -> dict:
     return {"content": content}
 
 
-def _chat_choice(state: ServerState, o: Output, req, rid: str) -> dict:
-    message, finish = _message(req, o, rid)
+def _chat_choice(state: ServerState, o: Output, req, reply: Reply) -> dict:
+    message, finish = reply.message(o.text, _finish_reason(o))
     return {
         "index": o.index,
         "message": message,
@@ -208,9 +195,11 @@ def _chat_choice(state: ServerState, o: Output, req, rid: str) -> dict:
 # --- streaming ----------------------------------------------------------------------------------------
 
 
-async def _stream(state: ServerState, req, batch: Batch, shell: dict, chat: bool):
-    n = batch.params.n
+async def _stream(state: ServerState, req, batch: Batch, shell: dict, reply):
+    """SSE chunks of a batch; `reply` makes a chat choice's `Reply` (None: plain completions)."""
+    n, chat = batch.params.n, reply is not None
     streams: dict[int, TextStream] = {}
+    replies: dict[int, Reply] = {}
     outputs: list[Output] = []
     try:
         async for event in batch.events():
@@ -219,15 +208,25 @@ async def _stream(state: ServerState, req, batch: Batch, shell: dict, chat: bool
                 if index not in streams:
                     streams[index] = TextStream(state.engine.tokenizer, batch.params.stop)
                     if chat:  # OpenAI opens every choice with the role
+                        replies[index] = reply(index % n)
                         yield sse(shell | {"choices": [_delta(index, {"role": "assistant", "content": ""})]})
                 delta = streams[index].add(token_id, logprob)
-                if delta and not (chat and _parses_tools(req)):  # calls are parsed from the whole text
-                    yield sse(shell | {"choices": [_piece(index, delta, chat)]})
+                if chat:
+                    for d in replies[index].deltas(streams[index].text):
+                        yield sse(shell | {"choices": [_delta(index, d)]})
+                elif delta:
+                    yield sse(shell | {"choices": [_text_piece(index, delta)]})
             else:
                 for o in event[2]:
                     index = event[1] * n + o.index
                     text = streams.setdefault(index, TextStream(state.engine.tokenizer, [])).finish(o.text)
-                    yield sse(shell | {"choices": [_last_piece(state, req, o, index, text, chat, shell["id"])]})
+                    pieces = (
+                        _last_chat(state, req, o, index, replies, reply)
+                        if chat
+                        else [_last_text(req, state, o, index, text)]
+                    )
+                    for piece in pieces:
+                        yield sse(shell | {"choices": [piece]})
                     outputs.append(o)
     except ValueError as err:
         yield sse(error_body(str(err), "invalid_request_error", None, 400))
@@ -240,21 +239,21 @@ def _delta(index: int, delta: dict, **extra) -> dict:
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None} | extra
 
 
-def _piece(index: int, text: str, chat: bool) -> dict:
-    if chat:
-        return _delta(index, {"content": text})
+def _text_piece(index: int, text: str) -> dict:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": None}
 
 
-def _last_piece(state: ServerState, req, o: Output, index: int, text: str, chat: bool, rid: str) -> dict:
-    if chat:
-        logprobs = _chat_logprobs(state, o) if req.logprobs else None
-        if not _parses_tools(req):
-            return _delta(index, {"content": text}, logprobs=logprobs, finish_reason=_finish_reason(o))
-        message, finish = _message(req, o, rid)
-        delta = {"content": message["content"]}
-        if "tool_calls" in message:  # a streamed call carries its index among the choice's calls
-            delta["tool_calls"] = [{"index": i} | call for i, call in enumerate(message["tool_calls"])]
-        return _delta(index, delta, logprobs=logprobs, finish_reason=finish)
+def _last_chat(state: ServerState, req, o: Output, index: int, replies: dict, reply) -> list[dict]:
+    """What completes a chat choice: the deltas of its reply's rest, then its logprobs and finish reason."""
+    pieces = []
+    if index not in replies:  # no token came: still open the choice with the role
+        replies[index] = reply(o.index)
+        pieces.append(_delta(index, {"role": "assistant", "content": ""}))
+    _, finish, deltas = replies[index].finish(o.text, _finish_reason(o))
+    logprobs = _chat_logprobs(state, o) if req.logprobs else None
+    return pieces + [_delta(index, d) for d in deltas] + [_delta(index, {}, logprobs=logprobs, finish_reason=finish)]
+
+
+def _last_text(req, state: ServerState, o: Output, index: int, text: str) -> dict:
     logprobs = _completion_logprobs(state, o, req.logprobs) if req.logprobs is not None else None
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": _finish_reason(o)}

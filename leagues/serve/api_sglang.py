@@ -37,8 +37,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from leagues.engine.output import Output
-from leagues.serve.api_common import APIError, Batch, ServerState, TextStream, error_body, finite, sse, state_of
+from leagues.serve.api_common import APIError, Batch, ServerState, error_body, finite, state_of
 from leagues.serve.protocol import GenerateRequest
+from leagues.serve.reply import TextStream, sse
 from leagues.types import FinishReason
 
 router = APIRouter(tags=["sglang"])

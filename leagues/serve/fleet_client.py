@@ -16,8 +16,9 @@ Decisions:
 - The fleet's health checks start with the first request, on the rollout's event loop.
 """
 
-from leagues.engine.client import generate_body, outputs_of
+from leagues.engine.client import generate_body, outputs_of, replay_tokens
 from leagues.engine.output import Output
+from leagues.engine.requests import TokenCallback
 from leagues.serve.fleet import Fleet
 from leagues.types import SamplingParams
 
@@ -31,7 +32,11 @@ class FleetClient:
         """Samples whose request was sent again to another engine, since the client was made."""
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        on_token: TokenCallback | None = None,
     ) -> list[Output]:
         self.fleet.start()
         answer = await self.fleet.forward("/generate", generate_body(prompt_ids, params, request_id))
@@ -43,7 +48,7 @@ class FleetClient:
             raise (ValueError if answer.status < 500 else ConnectionError)(
                 f"generation failed: HTTP {answer.status}: {message}"
             )
-        return outputs_of(answer.body, prompt_ids)
+        return replay_tokens(outputs_of(answer.body, prompt_ids), on_token)
 
     async def abort(self, request_id: str) -> None:
         """`/abort_request` to every healthy engine (the one serving the request aborts it), best effort."""

@@ -338,9 +338,9 @@ class ChatCompletionRequest(OpenAISampling):
     tools: list[ToolSpec] | None = None
     """Functions the model may call: rendered by the chat template, calls parsed from the output."""
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    """auto (default with tools): calls are parsed into `tool_calls`; none: the output stays text. Forcing a
-    call ("required" or a named function) would need constrained decoding, which leagues does not do: such a
-    request is refused (400)."""
+    """auto (default with tools): calls are parsed into `tool_calls`; none: the output stays text; "required" or a
+    named function: the reply is prefilled with the opening of a call (`leagues.serve.reply.call_prefill`) and
+    the model writes the rest (decoding is not constrained: its arguments may not parse)."""
     parallel_tool_calls: bool = True
     """Accepted; every call the model writes is returned."""
 

@@ -1,7 +1,7 @@
 """Agent sessions: an agent that speaks OpenAI's chat API records token-exact turns into a ledger.
 
     POST /sessions                               {"seed": 7}                  -> {"id": "s-..."}
-    POST /sessions/{id}/v1/chat/completions      OpenAI chat body (tools too) -> OpenAI chat answer
+    POST /sessions/{id}/v1/chat/completions      OpenAI chat body (tools too) -> OpenAI chat answer (or stream)
     POST /sessions/{id}/close                    {"reward": 1.0}              -> {"sample": {...}}
 
 Where it sits: the HTTP front. `leagues train --agent module:run` serves these routes on loopback beside the
@@ -21,6 +21,17 @@ Decisions:
   engine samples from the ledger's ids, turn t with the seed `turn_seed(session seed, t)` and the call ids
   `call_<turn>_<index>`, as the `Env` loop does, so an agent through a session and the same conversation
   through an `Env` give the same sample.
+- The answer is read from the sampled text by `reply.Reply` (`reasoning_content`, content, `tool_calls`), as the
+  plain OpenAI route reads it; `stream: true` sends the same answer as SSE chunks while the turn samples (an
+  in-process engine streams token by token; over HTTP the turn's tokens arrive at once). The ledger records the
+  sampled token ids either way: the reply is a view of the turn, never what is recorded.
+- A forced call (`tool_choice` "required" or a named function) is prefilled: the call's opening
+  (`reply.call_prefill`) is appended to the ledger as context (mask 0: the model did not sample it) and the
+  model's continuation as sampled (mask 1); the reply reads both. A repeated history sends that call as the
+  session answered it.
+- A turn runs apart from the HTTP request that asked for it: a client that leaves (streaming or not) aborts
+  the engine request, and the tokens sampled so far are recorded with termination abort, as any aborted turn
+  is. One turn at a time: a request while a turn samples is refused.
 - A turn that stops on its token limit ends the session's sampling (a later request is refused, 400);
   `close` gives the trajectory as a `Sample` with its termination.
 - The routes here parse plain JSON (not the server's pydantic models, which are the OpenAI routes' own);
@@ -34,14 +45,17 @@ import asyncio
 import json
 import secrets
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 
-from leagues.agent.env import assistant_message
+from leagues.agent.env import call_id
 from leagues.agent.ledger import Ledger, Termination
 from leagues.agent.multi_turn import turn_seed
 from leagues.agent.render import ChatRender
-from leagues.agent.tool_calls import parse_tool_calls
 from leagues.engine.client import EngineClient
+from leagues.engine.output import Output
+from leagues.serve.reply import Reply, TextStream, call_prefill, opens_thinking, sse
 from leagues.types import FinishReason, Sample, SamplingParams
 
 
@@ -62,6 +76,22 @@ class Session:
     """The last turn ended without the model's stop token."""
     params: SamplingParams | None = None
     """Sampling defaults of this session (the store's when None)."""
+    busy: bool = False
+    """A turn is sampling."""
+
+
+@dataclass(slots=True)
+class Turn:
+    """One chat completion of a session: its engine request and the reader of its reply."""
+
+    session: Session
+    params: SamplingParams
+    reply: Reply
+    request_id: str
+    tokens: asyncio.Queue | None = None
+    """Streamed: each sampled token id as it comes, then None."""
+    task: asyncio.Future | None = None
+    """The turn's sampling, which records it in the ledger."""
 
 
 def _comparable(message: dict) -> dict:
@@ -95,6 +125,8 @@ def _text(content) -> str:
 
 def _template_input(message: dict) -> dict:
     out = {"role": message.get("role"), "content": _text(message.get("content"))}
+    if message.get("reasoning_content"):
+        out["reasoning_content"] = message["reasoning_content"]
     if message.get("tool_call_id") is not None:
         out["tool_call_id"] = message["tool_call_id"]
     if message.get("tool_calls"):
@@ -119,6 +151,8 @@ class SessionStore:
         """A request's temperature and top-p replace the defaults; False (training): the run's settings hold, so
         the trainer's temperature is the one that sampled, and a request's max tokens can only lower the limit."""
         self.sessions: dict[str, Session] = {}
+        self._aborts: set[asyncio.Future] = set()
+        """Aborts of turns whose client left, in flight (held so they are not collected)."""
 
     def create(self, seed: int | None = None, params: SamplingParams | None = None) -> Session:
         seed = secrets.randbelow(2**31) if seed is None else seed
@@ -133,19 +167,77 @@ class SessionStore:
 
     async def chat(self, session_id: str, body: dict) -> dict:
         """One chat completion in the session; the answer in OpenAI's shape."""
+        turn = self.begin(session_id, body)
+        try:
+            out = await asyncio.shield(turn.task)
+        except asyncio.CancelledError:  # the client left: the turn ends as an abort and is recorded so
+            self._abort(turn)
+            raise
+        message, finish = turn.reply.message(out.text, str(out.finish_reason))
+        return _answer(turn, message, finish, out)
+
+    async def stream(self, turn: Turn, usage: bool = False) -> AsyncIterator[dict]:
+        """The answer of a turn begun with `stream=True`, as OpenAI chat chunks while it samples."""
+        text = TextStream(self.render.tokenizer, turn.params.stop)
+        try:
+            yield _chunk(turn, {"role": "assistant", "content": ""})
+            while (token := await turn.tokens.get()) is not None:
+                text.add(token, 0.0)
+                for delta in turn.reply.deltas(text.text):
+                    yield _chunk(turn, delta)
+        except BaseException:  # the client left (cancelled, or the stream closed): abort; the turn is recorded
+            self._abort(turn)
+            raise
+        try:
+            out = turn.task.result()
+        except ValueError as err:  # the engine refused the request (SessionError, LedgerError, its own checks)
+            yield {"error": {"message": str(err), "type": "invalid_request_error"}}
+            return
+        _, finish, deltas = turn.reply.finish(out.text, str(out.finish_reason))
+        for delta in deltas:
+            yield _chunk(turn, delta)
+        yield _chunk(turn, {}, finish)
+        if usage:
+            yield _chunk(turn, None) | {"usage": _usage(out)}
+
+    def _abort(self, turn: Turn) -> None:
+        if not turn.task.done():
+            self._aborts.add(abort := asyncio.ensure_future(self.client.abort(turn.request_id)))
+            abort.add_done_callback(self._aborts.discard)
+
+    def begin(self, session_id: str, body: dict, stream: bool = False) -> Turn:
+        """Check a chat request, append what it adds to the session's ledger (the new messages, and a forced
+        call's opening) and start sampling the turn; `stream`: queue its tokens as they come (`stream`)."""
         session = self.get(session_id)
         if session.termination is not None:
             raise SessionError(f"session {session_id}: sampling ended ({session.termination}); close it")
-        messages = body.get("messages")
+        if session.busy:
+            raise SessionError(f"session {session_id}: a turn is sampling; one turn at a time")
+        messages, tools = body.get("messages"), body.get("tools") or None
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise SessionError("messages: a non-empty list of message objects")
-        self._extend(session, messages, body.get("tools") or None)
-        out = await self._sample(session, body)
-        text = out.text
-        calls, errors = parse_tool_calls(text, self.parser) if body.get("tools") else ([], [])
-        answer = _answer(session, assistant_message(text, calls, errors, session.turn - 1), calls, out)
-        session.messages.append(_template_input(answer["choices"][0]["message"]))  # what the agent will repeat
-        return answer
+        names = [t.get("function", {}).get("name") for t in tools or [] if isinstance(t, dict)]
+        choice = body.get("tool_choice")
+        call_prefill(choice, names, False)  # refuse a bad tool_choice before the ledger grows
+        params = self._params(session, body)
+        self._extend(session, messages, tools)
+        ledger = session.ledger
+        thinking = opens_thinking(self.render.tokenizer.decode(ledger.token_ids[-16:]))
+        prefill = call_prefill(choice, names, thinking)
+        if prefill:
+            ledger.append_context(self.render.tokenizer.encode(prefill, add_special_tokens=False))
+        parses = bool(tools) and choice != "none"
+        reply = Reply(tools=parses, thinking=thinking, prefill=prefill, call_id=partial(call_id, session.turn))
+        turn = Turn(session, params, reply, request_id=f"{session.id}-{session.turn}")
+        on_token = None
+        if stream:
+            loop, turn.tokens = asyncio.get_running_loop(), asyncio.Queue()
+            on_token = lambda i, token, lp: loop.call_soon_threadsafe(turn.tokens.put_nowait, token)  # noqa: E731
+        session.busy = True  # until the turn is recorded
+        turn.task = asyncio.ensure_future(self._sample(turn, on_token))
+        if stream:
+            turn.task.add_done_callback(lambda _: turn.tokens.put_nowait(None))
+        return turn
 
     def _extend(self, session: Session, messages: list[dict], tools) -> None:
         """Match the request's history against the session and append what is new to the ledger."""
@@ -168,24 +260,30 @@ class SessionStore:
         session.ledger.append_context((self.render.stop_ids if session.unclosed else []) + self.render.bridge(new))
         session.messages += new
 
-    async def _sample(self, session: Session, body: dict):
-        ledger = session.ledger
-        request = list(ledger.token_ids)
-        ledger.check_request(request)
+    def _params(self, session: Session, body: dict) -> SamplingParams:
         defaults = session.params or self.params
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or defaults.max_new_tokens
-        params = replace(defaults, n=1, seed=turn_seed(session.seed, session.turn), ignore_eos=False,
-                         routed_experts_start=ledger.routes_start)  # fmt: skip
+        params = replace(defaults, n=1, seed=turn_seed(session.seed, session.turn), ignore_eos=False)
         try:
             if self.client_sampling:
-                params = replace(params, max_new_tokens=int(limit),
-                                 temperature=float(body.get("temperature", params.temperature)),
-                                 top_p=float(body.get("top_p", params.top_p)))  # fmt: skip
-            else:
-                params = replace(params, max_new_tokens=min(int(limit), params.max_new_tokens))
+                return replace(params, max_new_tokens=int(limit),
+                               temperature=float(body.get("temperature", params.temperature)),
+                               top_p=float(body.get("top_p", params.top_p)))  # fmt: skip
+            return replace(params, max_new_tokens=min(int(limit), params.max_new_tokens))
         except (TypeError, ValueError) as e:
             raise SessionError(f"sampling: {e}") from None
-        out = (await self.client.generate(request, params))[0]
+
+    async def _sample(self, turn: Turn, on_token=None) -> Output:
+        """Sample the turn from the ledger's ids and record it; runs to its end whoever awaits it."""
+        session, ledger = turn.session, turn.session.ledger
+        request = list(ledger.token_ids)
+        ledger.check_request(request)
+        params = replace(turn.params, routed_experts_start=ledger.routes_start)
+        try:
+            kwargs = {"on_token": on_token} if on_token is not None else {}
+            out = (await self.client.generate(request, params, turn.request_id, **kwargs))[0]
+        finally:
+            session.busy = False
         ledger.append_sampled(out.token_ids, out.logprobs, out.weight_version)
         if out.routed_experts is not None and out.finish_reason != FinishReason.ABORT:
             ledger.add_routes(out.routed_experts)
@@ -196,15 +294,18 @@ class SessionStore:
             session.termination = Termination.ABORT
         # a stop string or token other than the model's: the next bridge closes the turn as the template does
         session.unclosed = out.token_ids[-1:] != self.render.stop_ids[-1:]
+        message, _ = turn.reply.message(out.text, str(out.finish_reason))
+        session.messages.append(_template_input(message))  # what the agent will repeat
         return out
 
     def close(self, session_id: str, reward: float | None = None) -> Sample:
         """The session's trajectory as one `Sample` (reward in `metadata["env_reward"]`); the session ends."""
-        session = self.sessions.pop(session_id, None)
-        if session is None:
-            raise KeyError(f"no session {session_id!r}")
+        session = self.get(session_id)
         if session.ledger is None:
             raise SessionError(f"session {session_id}: closed before any chat completion")
+        if session.busy:
+            raise SessionError(f"session {session_id}: a turn is sampling; close it once the turn is recorded")
+        del self.sessions[session_id]
         termination = session.termination or Termination.DONE
         sample = session.ledger.to_sample(termination)
         final = next((m for m in reversed(session.messages) if m["role"] == "assistant"), {})
@@ -213,28 +314,31 @@ class SessionStore:
         return sample
 
 
-def _answer(session: Session, message: dict, calls: list, out) -> dict:
-    content = message["content"]
-    reply = {"role": "assistant", "content": content}
-    finish = str(out.finish_reason)
-    if calls:
-        reply["content"] = content[: content.find("<tool_call>")] or None
-        reply["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in message["tool_calls"]]
-        finish = "tool_calls" if finish == "stop" else finish
+def _usage(out: Output) -> dict:
     usage = {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.token_ids)}
+    return usage | {"total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
+
+def _answer(turn: Turn, message: dict, finish: str, out: Output) -> dict:
     return {
-        "id": f"{session.id}-{session.turn}",
+        "id": turn.request_id,
         "object": "chat.completion",
         "model": "leagues-session",
-        "choices": [{"index": 0, "message": reply, "finish_reason": finish, "logprobs": None}],
-        "usage": usage | {"total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "usage": _usage(out),
     }
+
+
+def _chunk(turn: Turn, delta: dict | None, finish: str | None = None) -> dict:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    shell = {"id": turn.request_id, "object": "chat.completion.chunk", "model": "leagues-session"}
+    return shell | {"choices": [choice] if delta is not None else []}
 
 
 def session_router(store: SessionStore):
     """The session routes over `store`, as a FastAPI router (mounted by `leagues serve` and by agent runs)."""
     from fastapi import APIRouter, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
 
     router = APIRouter(tags=["sessions"])
 
@@ -273,9 +377,11 @@ def session_router(store: SessionStore):
     async def chat(session_id: str, request: Request):
         async def go():
             body = await body_of(request)
-            if body.get("stream"):
-                raise SessionError("stream: sessions answer whole messages (stream false)")
-            return await store.chat(session_id, body)
+            if not body.get("stream"):
+                return await store.chat(session_id, body)
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            chunks = store.stream(store.begin(session_id, body, stream=True), usage)
+            return StreamingResponse(_sse(chunks), media_type="text/event-stream")
 
         return await guarded(go)
 
@@ -291,6 +397,12 @@ def session_router(store: SessionStore):
         return await guarded(go)
 
     return router
+
+
+async def _sse(chunks: AsyncIterator[dict]):
+    async for chunk in chunks:
+        yield sse(chunk)
+    yield sse("[DONE]")
 
 
 def sample_json(sample: Sample) -> dict:

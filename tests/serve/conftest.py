@@ -1,11 +1,14 @@
-"""Fixtures of the fleet and router tests: the tiny MoE at two weight versions, and two engine processes."""
+"""Fixtures of the serve tests: the tiny MoE at two weight versions, two engine processes (fleet and router), and
+a served scripted model (tool calls, reasoning, streaming)."""
 
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.serve.engines import EngineProcess, free_port
+from tests.serve.scripted import serve, write_scripted_model
 
 
 @pytest.fixture(scope="module")
@@ -29,3 +32,19 @@ def replicas(checkpoints):
     finally:
         for engine in engines:
             engine.stop()
+
+
+@pytest.fixture(scope="session")
+def scripted(tmp_path_factory):
+    """`leagues serve` of the scripted model (`tests/serve/scripted.py`): (its URL, its tokenizer)."""
+    from leagues.model import load_tokenizer
+
+    path = tmp_path_factory.mktemp("scripted")
+    write_scripted_model(path)
+    proc, url = serve(path)
+    yield url, load_tokenizer(path)
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()

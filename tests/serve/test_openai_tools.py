@@ -1,20 +1,14 @@
-"""Tool calling in `/v1/chat/completions` against a real `leagues serve` on loopback, with the official `openai`
-client: `tools` reach the chat template, the model's `<tool_call>` block comes back as `tool_calls` (streamed
-too), a history with `tool_calls` and `tool_call_id` is accepted, and what cannot be honoured is refused; an
-agent session on the same server records the call token for token; route rows come from a given token on.
+"""Tool calling and reasoning in `/v1/chat/completions` against a real `leagues serve` on loopback, with the
+official `openai` client: `tools` reach the chat template, the model's think block comes back as
+`reasoning_content` and its `<tool_call>` block as `tool_calls` (streamed too), a history with `tool_calls` and
+`tool_call_id` is accepted, a forced call is prefilled, and what cannot be honoured is refused; an agent session
+on the same server records the call token for token; route rows come from a given token on.
 
-The served model is the tiny MoE with its output layer solved (least squares on the final hidden states) so
-that greedy decoding of one conversation writes one tool call: a real checkpoint that calls a tool, made in
-a fraction of a second.
+The served model follows a script (`tests/serve/scripted.py`): a real checkpoint that thinks and calls a tool.
 """
 
 import asyncio
 import json
-import os
-import re
-import subprocess
-import sys
-import time
 from dataclasses import replace
 
 import httpx
@@ -23,61 +17,13 @@ import pytest
 import torch
 
 from leagues.engine.client import HTTPClient
-from leagues.model import ForwardBatch, load_pretrained, load_tokenizer, resolve_model_path, save_pretrained
 from leagues.types import SamplingParams
-
-CALL = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
-USER = [{"role": "user", "content": "2+3?"}]
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two integers.",
-        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
-    },
-}
-
-
-def write_scripted_model(path, messages: list[dict], reply: str) -> None:
-    """The tiny MoE whose greedy reply to `messages` is `reply` (then its stop token)."""
-    source = resolve_model_path("tiny-moe")
-    tok, model = load_tokenizer(source), load_pretrained(source, dtype=torch.float32)
-    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    start = len(tok.encode(prompt, add_special_tokens=False))
-    ids = tok.encode(prompt + reply, add_special_tokens=False) + [tok.eos_token_id]
-    with torch.no_grad():
-        hidden_TD = model.run(ForwardBatch.packed(torch.tensor(ids[:-1]), [len(ids) - 1])).hidden_TD[start - 1 :]
-        target_TV = torch.full((len(hidden_TD), model.config.vocab_size), -10.0, dtype=torch.float64)
-        target_TV[torch.arange(len(hidden_TD)), torch.tensor(ids[start:])] = 10.0
-        model.lm_head.weight.copy_(torch.linalg.lstsq(hidden_TD.double(), target_TV).solution.T.float())
-    save_pretrained(model, path)
-    tok.save_pretrained(path)
+from tests.serve.scripted import ADD, CALL, FORCED, HELLO, HI, REPLY, THOUGHT, USER
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = tmp_path_factory.mktemp("caller")
-    write_scripted_model(path, USER, CALL)
-    cmd = [sys.executable, "-m", "leagues.cli", "serve", "--model", str(path), "--port", "0"]
-    cmd += ["--engine.num_blocks", "256", "--engine.max_model_len", "256"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    deadline, lines, url = time.monotonic() + 120, [], None
-    while url is None and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line)
-        if m := re.search(r"listening on (http://\S+)", line):
-            url = m.group(1)
-    if url is None:
-        proc.kill()
-        raise RuntimeError("server did not start:\n" + "".join(lines))
-    yield url, load_tokenizer(path)
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def server(scripted):
+    return scripted
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +35,7 @@ def test_a_call_comes_back_as_tool_calls(client):
     out = client.chat.completions.create(model="m", messages=USER, tools=[ADD], temperature=0, max_tokens=100)
     choice = out.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.reasoning_content == THOUGHT
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.function.name == "add" and call.id.startswith("call_")
     assert json.loads(call.function.arguments) == {"a": 2, "b": 3}
@@ -96,6 +43,7 @@ def test_a_call_comes_back_as_tool_calls(client):
     for extra in ({}, {"tools": [ADD], "tool_choice": "none"}):
         plain = client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=100, **extra)
         assert plain.choices[0].message.content == CALL and plain.choices[0].message.tool_calls is None
+        assert plain.choices[0].message.reasoning_content == THOUGHT
         assert plain.choices[0].finish_reason == "stop"
 
 
@@ -110,6 +58,7 @@ def test_streamed_calls_equal_the_unstreamed_ones(client):
     ]
     assert calls[0].id.startswith("call_")  # ids are per request
     assert "".join(d.content or "" for d in deltas) == "" and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == THOUGHT
 
 
 def test_a_history_with_calls_and_results_reaches_the_template(client, server):
@@ -127,9 +76,25 @@ def test_a_history_with_calls_and_results_reaches_the_template(client, server):
     assert out.usage.prompt_tokens == len(tok.encode(text, add_special_tokens=False))
 
 
+def test_a_forced_call_is_prefilled_and_continued(client):
+    kwargs = dict(model="m", messages=HI, tools=[ADD], temperature=0, max_tokens=100)
+    free = client.chat.completions.create(**kwargs).choices[0]
+    assert free.message.content == HELLO and free.message.tool_calls is None  # left alone, it greets
+    named = {"type": "function", "function": {"name": "add"}}
+    for choice in ("required", named):
+        forced = client.chat.completions.create(tool_choice=choice, **kwargs).choices[0]
+        (call,) = forced.message.tool_calls
+        assert forced.finish_reason == "tool_calls" and forced.message.content is None
+        assert call.function.name == "add" and json.loads(call.function.arguments) == {"a": 1, "b": 1}
+        out = client.chat.completions.create(tool_choice=choice, **kwargs)
+        assert out.usage.completion_tokens == len(FORCED) + 1 - (0 if choice == "required" else 28)
+
+
 def test_what_cannot_be_honoured_is_refused_naming_the_field(client):
-    with pytest.raises(openai.BadRequestError, match="tool_choice"):
-        client.chat.completions.create(model="m", messages=USER, tools=[ADD], tool_choice="required")
+    for choice in ({"type": "function", "function": {"name": "mul"}}, "required"):
+        tools = [ADD] if choice != "required" else None
+        with pytest.raises(openai.BadRequestError, match="tool_choice"):
+            client.chat.completions.create(model="m", messages=USER, tools=tools, tool_choice=choice)
     call = {"id": "c", "type": "function", "function": {"name": "add", "arguments": "{oops"}}
     bad = USER + [{"role": "assistant", "tool_calls": [call]}]
     with pytest.raises(openai.BadRequestError, match="tool call c: arguments are not JSON"):
@@ -143,11 +108,12 @@ def test_a_session_on_leagues_serve_records_the_calls_token_exact(server):
     first = agent.chat.completions.create(model="m", messages=USER, tools=[ADD], temperature=0, max_tokens=100)
     (call,) = first.choices[0].message.tool_calls
     assert call.id == "call_0_0" and json.loads(call.function.arguments) == {"a": 2, "b": 3}
+    assert first.choices[0].message.reasoning_content == THOUGHT
     history = [*USER, first.choices[0].message.model_dump(exclude_none=True)]
     history.append({"role": "tool", "tool_call_id": call.id, "content": "5"})
     agent.chat.completions.create(model="m", messages=history, tools=[ADD], temperature=0, max_tokens=3)
     sample = httpx.post(f"{url}/sessions/{sid}/close", json={"reward": 1.0}).json()["sample"]
-    called = tok.encode(CALL, add_special_tokens=False) + [tok.eos_token_id]
+    called = tok.encode(REPLY, add_special_tokens=False) + [tok.eos_token_id]
     assert sample["response_ids"][: len(called)] == called and sample["loss_mask"][: len(called)] == [1] * len(called)
     assert sample["loss_mask"][-3:] == [1, 1, 1] and sample["metadata"]["env_reward"] == 1.0
     assert sample["metadata"]["termination"] == "length"  # the second turn hit its 3 tokens
