@@ -235,7 +235,12 @@ class Trainer:
     # --- forward pieces -----------------------------------------------------------------------
 
     def _forward_logprobs(
-        self, model: Transformer, mb: MicroBatch, with_entropy: bool = False, train: bool = False, own_routes=False
+        self,
+        model: Transformer,
+        mb: MicroBatch,
+        with_entropy: bool = False,
+        train: bool = False,
+        own_routes: bool = False,
     ):
         """Logprobs (and entropy) of the micro-batch's targets, and the forward's output (routes and router
         logits are captured in training passes of MoE models, for the MoE metrics and balance losses).
@@ -330,13 +335,14 @@ class Trainer:
         return None if self.ref is None else self._frozen_logprobs(self.ref, samples)
 
     def teacher_logprobs(self, samples: list[Sample]) -> list[torch.Tensor]:
-        """The teacher's logprob of each response token of this rank's samples (CPU float32), at the rollout
-        temperature, with the teacher's own routes (every trainer rank calls it together: a sharded forward)."""
+        """The teacher's logprobs of the response tokens at the rollout temperature (every trainer rank together)."""
         if self.teacher is None:
             raise ValueError("teacher_logprobs: this trainer has no teacher (distill.teacher)")
         return self._frozen_logprobs(self.teacher, samples, own_routes=True)
 
-    def _frozen_logprobs(self, model: Transformer, samples: list[Sample], own_routes=False) -> list[torch.Tensor]:
+    def _frozen_logprobs(
+        self, model: Transformer, samples: list[Sample], own_routes: bool = False
+    ) -> list[torch.Tensor]:
         with on_device(model, self.device, offload=self.mesh is None and self.cfg.ref_offload):  # a shard stays
             return self.compute_logprobs(samples, model, own_routes)
 
