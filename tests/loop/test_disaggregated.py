@@ -23,7 +23,7 @@ from leagues.config import apply_overrides
 from leagues.loop import TrainConfig
 from leagues.loop.disaggregated import num_trainer_ranks, split_groups
 from leagues.model import load_pretrained, resolve_model_path
-from leagues.train.advantages import AdvantageConfig, compute_advantages
+from leagues.train.advantages import AdvantageConfig, AdvantageInputs, compute_advantages
 from leagues.types import Sample
 from tests.loop.test_loop import EASY, REWARDS, assert_improves, comparable, leagues_cli, read_metrics, rl_rows
 
@@ -56,7 +56,7 @@ def assert_whole_true_groups(step_shares: list[list]) -> None:
     assert len(groups) == 16 and all(len(g) <= 8 and all(p == g[0] for p in g) for g in groups.values())
     rewards = torch.tensor([s[1] for s in everything])
     ids = torch.tensor([s[0] for s in everything]).unique(return_inverse=True)[1]
-    want = compute_advantages(rewards, ids, AdvantageConfig(name="grpo"))
+    want, _ = compute_advantages(AdvantageInputs(rewards_N=rewards, group_ids_N=ids), AdvantageConfig(estimator="grpo"))
     torch.testing.assert_close(torch.tensor([s[2] for s in everything]), want, rtol=0, atol=1e-6)
 
 
