@@ -26,7 +26,7 @@ from leagues.obs import ObsConfig
 from leagues.rollout import DataConfig, RewardConfig
 from leagues.rollout.generate import RolloutConfig
 from leagues.serve.fleet import FleetConfig
-from leagues.train import CriticConfig, LossConfig, OptimConfig, TrainerConfig
+from leagues.train import CriticConfig, DistillConfig, LossConfig, OptimConfig, TrainerConfig
 from leagues.train.advantages import AdvantageConfig
 
 
@@ -112,6 +112,9 @@ class TrainConfig:
     )
     critic: CriticConfig = field(default_factory=CriticConfig)
     """PPO's value model, trained beside the policy when `advantage.estimator` is gae (unused otherwise)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """On-policy distillation: a frozen teacher whose per-token reverse KL to the policy's samples is added to the
+    advantages (alone with `advantage.estimator distill`)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     deterministic: bool = False
     """True on-policy: engine and trainer run batch-invariant kernels, so rollout logprobs equal the trainer's
@@ -186,6 +189,10 @@ class TrainConfig:
             raise ValueError(
                 f"critic: set, but advantage.estimator {self.advantage.estimator} trains no critic (gae does)"
             )
+        if not self.distill.enabled and self.distill != DistillConfig():
+            raise ValueError("distill: set, but distill.teacher is empty (no teacher to distill from)")
+        if self.advantage.estimator == "distill" and not self.distill.enabled:
+            raise ValueError("advantage.estimator distill: needs distill.teacher (the model to distill from)")
         if self.advantage.kl_in_reward and self.trainer.loss.kl_coef <= 0:
             raise ValueError("advantage.kl_in_reward: needs trainer.loss.kl_coef > 0 (the penalty's weight)")
         if (self.env or self.agent.run) and self.rollout.partial:

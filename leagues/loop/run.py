@@ -53,6 +53,7 @@ from leagues.serve.sessions import LoopbackSessions
 from leagues.sync import WEIGHT_SYNCS, DistributedWeightSender, WeightSync
 from leagues.train import Trainer
 from leagues.train.checkpoint import load_latest
+from leagues.train.distill import check_teacher
 from leagues.types import SamplingParams
 
 
@@ -183,6 +184,8 @@ class Run:
         train_data, held_out, reward = datasets(cfg, tokenizer, context_limit(cfg, base))
         scorer = RewardScorer(reward)  # a reward that cannot load fails here, not after the warm start
         generate = generate_fn(cfg)  # so does a generate function, env or agent that cannot load
+        if cfg.distill.enabled:  # and a teacher that does not share the student's tokenizer
+            check_teacher(cfg.distill.teacher, base)
         _write_run_dir(cfg, run_dir, rank)  # only once the inputs are known to be good
         model_path = _warm_started(cfg, base, run_dir, is_trainer, mesh)
         trainer = _trainer(cfg, model_path, len(trainer_ranks), mesh) if is_trainer else None
@@ -398,6 +401,7 @@ def _trainer(cfg: TrainConfig, model_path: Path, num_trainers: int, mesh: Parall
         temperature=cfg.rollout.temperature,
         deterministic=cfg.deterministic,
         critic=cfg.critic if cfg.advantage.needs_critic else None,
+        teacher=cfg.distill.teacher or None,
     )
 
 

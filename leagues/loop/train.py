@@ -22,6 +22,9 @@ Decisions:
 - PPO with a critic (`advantage.estimator gae`): the trainer's critic values every response token of the batch
   once (`time/values`), GAE turns rewards and values into per-token advantages and returns, and the train step
   updates the critic beside the policy (`train/critic/*`).
+- On-policy distillation (`distill.teacher`): the teacher scores the batch's sampled tokens once (`time/teacher`),
+  after advantages, and each token's advantage gets -`distill.coef` x its reverse KL estimate
+  (`leagues.train.distill`); `advantage.estimator distill` leaves the teacher as the only signal.
 """
 
 import asyncio
@@ -36,6 +39,7 @@ from leagues.loop.run import Run, log
 from leagues.rollout import Prompt
 from leagues.rollout.generate import rollout
 from leagues.train import AdvantageInputs, compute_advantages
+from leagues.train.distill import add_distill_advantages
 from leagues.train.packing import response_mask
 from leagues.types import Sample, SampleStatus, SamplingParams
 
@@ -98,18 +102,36 @@ def colocated_step(run: Run, step: int) -> dict[str, float]:
 def learn(run: Run, samples: list[Sample]) -> dict[str, float]:
     """The trainer's part of a step in either placement, on every trainer rank with its share of the batch (whole
     groups): KL reward shaping (`advantage.kl_in_reward`), the critic's values (gae), advantages (over every
-    trainer rank's samples), then the timed train step; its metrics under `train/`."""
+    trainer rank's samples), the distillation term (`distill.teacher`), then the timed train step; its metrics
+    under `train/`."""
     shaping = shape_rewards_by_kl(run.trainer, samples, run.cfg)
     if run.cfg.advantage.needs_critic:
         with run.timer.section("values"):  # every trainer rank together: the critic's forward is collective
             for sample, values in zip(samples, run.trainer.compute_values(samples), strict=True):
                 sample.values = values.tolist()
     assign_advantages(samples, run.cfg, group=run.trainer.group)
+    shaping |= distill_from_teacher(run, samples)
     start = time.perf_counter()
     with run.timer.section("train"):
         metrics = run.trainer.train_step(samples)
     metrics["tokens_per_s"] = metrics.get("tokens", 0.0) / (time.perf_counter() - start)
     return {f"train/{k}": v for k, v in (metrics | shaping).items()}
+
+
+def distill_from_teacher(run: Run, samples: list[Sample]) -> dict[str, float]:
+    """On-policy distillation (`distill.teacher`): the teacher scores this rank's samples (every trainer rank
+    together: its forward is collective) and each sampled token's advantage gets -`distill.coef` x its reverse KL
+    estimate; `distill/reverse_kl` is the estimate's token mean over every trainer rank's loss tokens."""
+    cfg, trainer = run.cfg.distill, run.trainer
+    if not cfg.enabled:
+        return {}
+    with run.timer.section("teacher"):
+        teacher = trainer.teacher_logprobs(samples)
+    sums = torch.tensor(add_distill_advantages(samples, teacher, cfg.coef), dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size(trainer.group) > 1:
+        sums = sums.to(trainer.device)
+        dist.all_reduce(sums, group=trainer.group)
+    return {"distill/reverse_kl": float(sums[0]) / max(float(sums[1]), 1.0)}
 
 
 def rank_prompts(run: Run, num: int) -> list[Prompt]:

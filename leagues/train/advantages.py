@@ -11,6 +11,7 @@ regression targets (returns) with them. Each estimator is a small pure function 
     reinforce_pp           (r - batch mean) / (batch std + eps)      Hu 2025 (REINFORCE++)
     reinforce_pp_baseline  group-centred, then batch-whitened        Hu 2025 (REINFORCE++ w/ baseline)
     gae                    per token, from the critic's values       Schulman et al. 2016 (GAE), for PPO
+    distill                0: no task reward (on-policy distillation's per-token term is the whole signal)
 
 Decisions:
 - A group is the n samples of one prompt; group ids run 0..G-1 and groups may differ in size (filtered or
@@ -31,6 +32,8 @@ Decisions:
   between are part of the environment's transition), so a multi-turn sample is one episode. After the last
   token the episode has ended (value 0) unless `last_values_N` gives the value to bootstrap from (an episode
   cut off rather than ended). The returns are advantages + values, taken before whitening.
+- `distill` is the estimator of a run that learns from a teacher alone (`leagues.train.distill`): the task's
+  advantage is 0 and the loop adds the per-token distillation term, as it does to any other estimator's.
 - Registry entries take `AdvantageInputs` and return the raw advantages: [N] for outcome estimators, [N, R]
   for token-level ones; `compute_advantages` adds the returns and gae's whitening.
 
@@ -47,8 +50,8 @@ from torch import Tensor
 @dataclass(kw_only=True, slots=True)
 class AdvantageConfig:
     estimator: str = "grpo"
-    """Key of ADVANTAGE_ESTIMATORS: grpo, drgrpo, rloo, reinforce_pp, reinforce_pp_baseline, or gae (PPO with a
-    learned critic, `critic.*`)."""
+    """Key of ADVANTAGE_ESTIMATORS: grpo, drgrpo, rloo, reinforce_pp, reinforce_pp_baseline, gae (PPO with a
+    learned critic, `critic.*`), or distill (no task reward: on-policy distillation from `distill.teacher` alone)."""
     std_normalize: bool = True
     """Divide by the std (group std for grpo, batch std for reinforce_pp*, batch whitening of gae's per-token
     advantages); drgrpo and rloo never do."""
@@ -243,6 +246,12 @@ def gae(inputs: AdvantageInputs, cfg: AdvantageConfig) -> Tensor:
     return advantages_NR
 
 
+def distill(inputs: AdvantageInputs, cfg: AdvantageConfig) -> Tensor:
+    """No task reward: advantage 0 for every sample; on-policy distillation's per-token term (added by the loop,
+    `leagues.train.distill`) is the whole signal. The rewards are still scored and logged."""
+    return torch.zeros_like(inputs.rewards_N)
+
+
 ADVANTAGE_ESTIMATORS: dict[str, Callable[[AdvantageInputs, AdvantageConfig], Tensor]] = {
     "grpo": grpo,
     "drgrpo": drgrpo,
@@ -250,6 +259,7 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[[AdvantageInputs, AdvantageConfig], Ten
     "reinforce_pp": reinforce_pp,
     "reinforce_pp_baseline": reinforce_pp_baseline,
     "gae": gae,
+    "distill": distill,
 }
 TOKEN_LEVEL = frozenset({"gae"})
 """Estimators that give per-token advantages from a critic's values."""

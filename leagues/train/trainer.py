@@ -5,6 +5,7 @@
     metrics = trainer.train_step(samples)    # this rank's samples; rebalanced across ranks by tokens
     penalties = trainer.kl_rewards(samples)  # KL to the reference as reward shaping (kl_in_reward)
     values = trainer.compute_values(samples) # PPO's critic (critic=CriticConfig()): per-token values, for GAE
+    teacher = trainer.teacher_logprobs(samples)  # on-policy distillation (teacher=PATH): the teacher's logprobs
     for bucket in trainer.state_dict_for_sync(): engine.load_weights(bucket)
     trainer.save(dir, extra={"data": ...}, keep_last=3); trainer.load(dir)
 
@@ -23,9 +24,11 @@ no second forward), and the ratio is 1.
 PPO with a critic (`critic=CriticConfig()`, `leagues.train.critic`): a value model sharded like the policy, whose
 passes follow the policy's over the same micro-batches in every update, each model then stepping its own
 optimizer; saved and loaded in the same checkpoint. During `critic.warmup_steps` only the critic trains.
+
+On-policy distillation (`teacher=PATH`, `leagues.train.distill`): a frozen teacher built and sharded like the
+reference, which scores the sampled tokens once per rollout batch with its own routes (never the replayed ones).
 """
 
-import copy
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -50,6 +53,7 @@ from leagues.parallel import (
 )
 from leagues.train.checkpoint import Part, load_checkpoint, on_group, save_checkpoint
 from leagues.train.critic import Critic, CriticConfig, ValueModel, explained_variance, value_model
+from leagues.train.frozen import frozen_model, on_device
 from leagues.train.logprobs import token_logprobs
 from leagues.train.losses import LossConfig, LossInputs, Normalizer, kl_penalty_rewards, policy_loss
 from leagues.train.metrics import accumulate, merge_updates, reduce_over_ranks
@@ -84,8 +88,8 @@ class TrainerConfig:
     logprob_chunk_size: int = 2048
     """Tokens per chunk of the LM head and log-softmax."""
     ref_offload: bool = True
-    """Keep the frozen reference model on the CPU between uses (only built when `loss.kl_coef` > 0). A reference
-    sharded like the policy (any run with a process group) keeps its shard on the device instead."""
+    """Keep the frozen reference model (built when `loss.kl_coef` > 0) and the distillation teacher on the CPU
+    between uses. One sharded like the policy (any run with a process group) keeps its shard on the device."""
     num_minibatches: int = 1
     """Optimizer updates per pass over a rollout batch: each rank's share is cut into this many mini-batches."""
     epochs: int = 1
@@ -130,6 +134,7 @@ class Trainer:
         temperature: float = 1.0,
         deterministic: bool = False,
         critic: CriticConfig | None = None,
+        teacher: str | Path | None = None,
     ) -> None:
         """The run's settings that the trainer follows rather than owns:
         - `mesh`: the ranks that train, when they are some of the job's (a disaggregated job's trainer ranks,
@@ -140,7 +145,8 @@ class Trainer:
         - `temperature`: the rollout's sampling temperature; logprobs are computed under it, as the engine does.
         - `deterministic`: batch-invariant kernels (`leagues.kernels.batch_invariant`): the training forward's
           logprobs equal the engine's bit for bit when the engine runs deterministic too (true on-policy).
-        - `critic`: train a value model beside the policy (PPO with GAE advantages; `leagues.train.critic`)."""
+        - `critic`: train a value model beside the policy (PPO with GAE advantages; `leagues.train.critic`).
+        - `teacher`: a frozen teacher's checkpoint, for on-policy distillation (`leagues.train.distill`)."""
         self.cfg = cfg = cfg or TrainerConfig()
         self.kl_in_reward, self.temperature, self.deterministic = kl_in_reward, temperature, deterministic
         # the loss's own terms: without the KL when it shapes the rewards instead
@@ -162,8 +168,10 @@ class Trainer:
         self.model = model.train()
         if deterministic:
             self.model.set_batch_invariant()
-        self.ref = self._build_ref(sharded) if cfg.loss.kl_coef > 0 else None  # before a model object is sharded
+        self.ref = self._frozen(self.model_path, sharded) if cfg.loss.kl_coef > 0 else None  # before sharding
         values = None if critic is None else self._value_model(critic, model, sharded)  # likewise
+        self.teacher_path = None if teacher is None else resolve_model_path(teacher)
+        self.teacher = None if teacher is None else self._frozen(self.teacher_path, sharded)
         self.compiled = cfg.compile is True
         if self.compiled:
             self.model.compile_blocks(dynamic=True)  # RL packings differ every step
@@ -172,12 +180,14 @@ class Trainer:
         self.group = None if self.mesh is None else self.mesh.dp.get_group()
         """The trainer's ranks (every collective of a step runs over them); None without a process group."""
         if sharded:
-            self._load_shards(self.model)
-        for other in (self.ref, values):  # the reference and the critic sharded like the policy (FSDP2, EP)
+            self._load_shards(self.model, self.model_path)
+        others = [(self.ref, self.model_path), (self.teacher, self.teacher_path)]
+        others += [(values, self.critic_path)] if values is not None else []
+        for other, path in others:  # the reference, teacher and critic sharded like the policy (FSDP2, EP)
             if other is not None and self.mesh is not None:
                 parallelize(other, cfg.parallel, self.world, self.device.type, mesh=self.mesh)
                 if sharded:
-                    self._load_shards(other)
+                    self._load_shards(other, path)
         self.critic = None if values is None else Critic(values, critic, self.group)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
@@ -196,9 +206,10 @@ class Trainer:
             values.compile_blocks(dynamic=True)
         return values
 
-    def _load_shards(self, model: Transformer) -> None:
-        """Fill a sharded model (the policy, the reference or the critic) from its checkpoint, one full tensor at a
-        time: no rank ever holds the whole model (with expert parallel, a rank reads only its own experts)."""
+    def _load_shards(self, model: Transformer, path: Path) -> None:
+        """Fill a sharded model (the policy, the reference, the teacher or the critic) from its checkpoint `path`,
+        one full tensor at a time: no rank ever holds the whole model (with expert parallel, a rank reads only its
+        own experts)."""
         dtype = next(model.parameters()).dtype
         model.to_empty(device=self.device)
         experts = None
@@ -206,39 +217,35 @@ class Trainer:
             per_rank = model.config.num_experts // self.cfg.parallel.ep
             lo = self.mesh.ep.get_local_rank() * per_rank
             experts = (lo, lo + per_rank)
+        named = read_parameters(path, experts)
         if isinstance(model, ValueModel):  # the trunk, then the value head's start
-            named = model.own_tensors(read_parameters(self.critic_path, experts))
-        else:
-            named = read_parameters(self.model_path, experts)
+            named = model.own_tensors(named)
         load_full_tensors(model, ((name, t.to(dtype)) for name, t in named))
         reset_buffers(model, self.device)
 
-    def _build_ref(self, sharded: bool) -> Transformer:
-        """The frozen reference: a copy of a model given as an object (taken before the policy is sharded or
-        trained), or the checkpoint again (built on the meta device when each rank reads only its pieces). With a
-        process group it is sharded like the policy after this, and kept in the compute dtype (no master copy to
-        keep: it never steps); alone, it is whole and, with `ref_offload`, waits on the CPU between uses."""
+    def _frozen(self, path: Path | None, sharded: bool) -> Transformer:
+        """A frozen model (`leagues.train.frozen`: the reference, or the teacher) from `path`, or with no path a
+        copy of the policy given as an object; sharded like the policy after this (with a process group)."""
         dtype = torch.float32 if self.alone else self.cfg.parallel.resolved_param_dtype(self.device.type)
-        if self.model_path is None:
-            ref = copy.deepcopy(self.model)
-        elif sharded:
-            with torch.device("meta"):
-                ref = Transformer(read_config(self.model_path))
-        else:
-            ref = load_pretrained(self.model_path, dtype=torch.float32, device=self.device)
-        ref.eval().requires_grad_(False)
-        for param in ref.parameters():  # parameters only: buffers (rotary tables) stay as the policy's
-            param.data = param.data.to(dtype)
+        model = frozen_model(self.model if path is None else path, dtype, self.device, meta=sharded)
         if self.deterministic:
-            ref.set_batch_invariant()
-        return ref.to("cpu") if self.alone and self.cfg.ref_offload else ref
+            model.set_batch_invariant()
+        return model.to("cpu") if self.alone and self.cfg.ref_offload else model
 
     # --- forward pieces -----------------------------------------------------------------------
 
-    def _forward_logprobs(self, model: Transformer, mb: MicroBatch, with_entropy: bool = False, train: bool = False):
+    def _forward_logprobs(
+        self,
+        model: Transformer,
+        mb: MicroBatch,
+        with_entropy: bool = False,
+        train: bool = False,
+        own_routes: bool = False,
+    ):
         """Logprobs (and entropy) of the micro-batch's targets, and the forward's output (routes and router
-        logits are captured in training passes of MoE models, for the MoE metrics and balance losses)."""
-        replay = self.cfg.moe.routing_replay == "rollout"
+        logits are captured in training passes of MoE models, for the MoE metrics and balance losses).
+        `own_routes`: route afresh even under routing replay (a teacher: the rollout's routes are the student's)."""
+        replay = self.cfg.moe.routing_replay == "rollout" and not own_routes
         if replay and mb.replay_experts_TLK is None:
             raise ValueError("moe.routing_replay=rollout: the samples carry no routed_experts (record them in rollout)")
         moe = self.cfg.moe
@@ -294,10 +301,14 @@ class Trainer:
         return [build_microbatch(samples, g, self.device) for g in groups]
 
     @torch.no_grad()
-    def compute_logprobs(self, samples: list[Sample], model: Transformer | None = None) -> list[torch.Tensor]:
-        """Response-token logprobs of each sample (CPU float32), under `model` (default: the policy)."""
+    def compute_logprobs(
+        self, samples: list[Sample], model: Transformer | None = None, own_routes: bool = False
+    ) -> list[torch.Tensor]:
+        """Response-token logprobs of each sample (CPU float32), under `model` (default: the policy); `own_routes`:
+        the model routes afresh, replaying no rollout routes."""
         model = model or self.model
-        return self._per_response_token(samples, lambda mb: self._forward_logprobs(model, mb)[0])
+        forward = lambda mb: self._forward_logprobs(model, mb, own_routes=own_routes)[0]  # noqa: E731
+        return self._per_response_token(samples, forward)
 
     @torch.no_grad()
     def compute_values(self, samples: list[Sample]) -> list[torch.Tensor]:
@@ -321,16 +332,19 @@ class Trainer:
         return out
 
     def _ref_logprobs(self, samples: list[Sample]) -> list[torch.Tensor] | None:
-        if self.ref is None:
-            return None
-        offload = self.mesh is None and self.cfg.ref_offload  # a sharded reference keeps its shard in place
-        if offload:
-            self.ref.to(self.device)
-        try:
-            return self.compute_logprobs(samples, self.ref)
-        finally:
-            if offload:
-                self.ref.to("cpu")
+        return None if self.ref is None else self._frozen_logprobs(self.ref, samples)
+
+    def teacher_logprobs(self, samples: list[Sample]) -> list[torch.Tensor]:
+        """The teacher's logprobs of the response tokens at the rollout temperature (every trainer rank together)."""
+        if self.teacher is None:
+            raise ValueError("teacher_logprobs: this trainer has no teacher (distill.teacher)")
+        return self._frozen_logprobs(self.teacher, samples, own_routes=True)
+
+    def _frozen_logprobs(
+        self, model: Transformer, samples: list[Sample], own_routes: bool = False
+    ) -> list[torch.Tensor]:
+        with on_device(model, self.device, offload=self.mesh is None and self.cfg.ref_offload):  # a shard stays
+            return self.compute_logprobs(samples, model, own_routes)
 
     def kl_rewards(self, samples: list[Sample]) -> list[float]:
         """KL as reward shaping: for each of this rank's samples, -kl_coef x the sum over its loss-mask response

@@ -19,6 +19,7 @@ import pytest
 
 from leagues.config import apply_overrides
 from leagues.loop import TrainConfig, train
+from leagues.model import resolve_model_path
 
 REWARDS = Path(__file__).parent / "rewards_for_tests.py"
 GOLDEN = Path(__file__).parents[1] / "assets" / "golden_metrics.jsonl"
@@ -149,6 +150,34 @@ def test_kl_to_the_reference_as_a_loss_term_or_as_reward_shaping(form, tmp_path)
     assert abs(values[1]) > 1e-6  # step 2: it has moved (k3 >= 0: a penalty <= 0, a term >= 0)
     with pytest.raises(ValueError, match="advantage.kl_in_reward: needs trainer.loss.kl_coef"):
         config(tmp_path / "bad", "--advantage.kl_in_reward", "true")
+
+
+def test_on_policy_distillation_from_the_command_line_deterministic_and_replaying(tmp_path):
+    """`leagues train --distill.teacher ... --advantage.estimator distill`: the teacher (here the base model, unlike
+    the warm-started student) scores every step's tokens (`time/teacher`) and `train/distill/reverse_kl` is logged;
+    the student stays exactly on-policy in deterministic mode with routing replay (mismatch 0, routes replayed)."""
+    extra = ["--distill.teacher", "tiny-moe", "--advantage.estimator", "distill", "--deterministic", "true"]
+    extra += ["--trainer.moe.routing_replay", "rollout", "--steps", "2", "--rollout.batch_size", "4"]
+    leagues_cli("train", *EASY, *extra, "--run_dir", str(tmp_path / "run"), "--report", "false")
+    rows = rl_rows(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:
+        assert math.isfinite(row["train/distill/reverse_kl"]) and row["train/distill/reverse_kl"] != 0.0
+        assert row["time/teacher"] > 0 and row["train/mismatch/abs_diff_max"] == 0.0
+        assert row["train/moe/route_mismatch_frac"] == 0.0
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_the_warm_start(tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(resolve_model_path("tiny-moe"), teacher)
+    config_json = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = config_json["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (teacher / "tokenizer.json").write_text(json.dumps(config_json))
+    cfg = config(tmp_path / "run", "--distill.teacher", str(teacher))
+    with pytest.raises(ValueError, match="distill.teacher .*: its tokenizer differs from the student's"):
+        train(cfg)
+    assert not (tmp_path / "run" / "warm_start").exists()
 
 
 def test_a_bad_reward_is_reported_before_the_warm_start(tmp_path):

@@ -71,6 +71,9 @@ def test_resolve_refuses_contradictions(args, message):
         (["--advantage.estimator", "gae", "--critic.warmup_steps", "-1"], "critic.warmup_steps: must be >= 0"),
         (["--advantage.estimator", "gae", "--advantage.gamma", "1.5"], r"advantage.gamma: must be in \[0, 1\]"),
         (["--advantage.name", "gae"], "unknown config key 'advantage.name'"),
+        (["--distill.coef", "0.5"], "distill: set, but distill.teacher is empty"),
+        (["--advantage.estimator", "distill"], "advantage.estimator distill: needs distill.teacher"),
+        (["--distill.teacher", "tiny-moe", "--distill.coef", "-1"], "distill.coef: must be >= 0"),
     ],
 )
 def test_bad_combinations_are_refused_naming_the_key(args, message):
@@ -204,7 +207,8 @@ def test_every_leaf_of_the_resolved_config_is_read_and_config_yaml_reruns_the_sa
     """A real run records which config fields its components read: every leaf is read, except the few a
     one-process CPU run cannot reach, listed with where they are read (a new ignored field fails here). Then
     the run's `config.yaml`, loaded back, runs again to the same metrics. The run is PPO with a critic (gae):
-    it reads every advantage field the other estimators read, and the critic's and GAE's besides."""
+    it reads every advantage field the other estimators read, and the critic's and GAE's besides; a distillation
+    teacher adds its per-token term to GAE's advantages."""
     args = [
         "--task", "arithmetic", "--task_params", "{max_digits: 1}", "--reward.name", f"{REWARDS}:starts_with_one",
         "--warm_start.steps", "2", "--steps", "2", "--rollout.batch_size", "4", "--rollout.n_samples_per_prompt", "4",
@@ -214,6 +218,7 @@ def test_every_leaf_of_the_resolved_config_is_read_and_config_yaml_reruns_the_sa
         "--trainer.optim.schedule", "cosine", "--trainer.loss.kl_coef", "0.01", "--trainer.loss.off_policy",
         "token_tis", "--rollout.overlong", "penalty", "--rollout.overlong_buffer", "2",
         "--advantage.estimator", "gae", "--critic.warmup_steps", "1", "--critic.optim.schedule", "cosine",
+        "--distill.teacher", "tiny-moe", "--distill.coef", "0.5",
     ]  # fmt: skip
     cfg = apply_overrides(TrainConfig(), args)
     classes = list(config_classes(TrainConfig))

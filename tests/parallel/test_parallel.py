@@ -173,14 +173,15 @@ def gather_by_unit(rank: int) -> None:
     loss_of(model, *rank_data(rank)).backward()
 
 
-def trainer_from_checkpoint(rank: int, path: str, ep: int) -> None:
+def trainer_from_checkpoint(rank: int, path: str, ep: int, teacher: str) -> None:
     from leagues.model import load_pretrained
     from leagues.train import LossConfig, Trainer, TrainerConfig
 
     parallel = ParallelConfig(ep=ep, activation_checkpointing=True, sharded_load=True)
-    trainer = Trainer(path, TrainerConfig(parallel=parallel, loss=LossConfig(kl_coef=0.1)))
-    want = {name: p.detach() for name, p in load_pretrained(path).named_parameters()}
-    for model in (trainer.model, trainer.ref):  # the KL reference is read in pieces and sharded like the policy
+    trainer = Trainer(path, TrainerConfig(parallel=parallel, loss=LossConfig(kl_coef=0.1)), teacher=teacher)
+    # the KL reference and the distillation teacher are read in pieces and sharded like the policy
+    for model, source in ((trainer.model, path), (trainer.ref, path), (trainer.teacher, teacher)):
+        want = {name: p.detach() for name, p in load_pretrained(source).named_parameters()}
         assert not any(p.is_meta for p in model.parameters())
         got = dict(full_state_dict(model))
         assert sorted(got) == sorted(want)
@@ -240,7 +241,10 @@ def test_a_sharded_trainer_reads_only_its_pieces_of_the_checkpoint(ep, tmp_path)
     from leagues.model import save_pretrained
 
     save_pretrained(make_model(), tmp_path / "model")
-    spawn(partial(trainer_from_checkpoint, path=str(tmp_path / "model"), ep=ep))
+    teacher = make_model()
+    teacher.init_weights(seed=1, std=0.2)
+    save_pretrained(teacher, tmp_path / "teacher")
+    spawn(partial(trainer_from_checkpoint, path=str(tmp_path / "model"), ep=ep, teacher=str(tmp_path / "teacher")))
 
 
 @pytest.mark.parametrize("ep", [1, 2])

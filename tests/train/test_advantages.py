@@ -96,7 +96,9 @@ def test_group_estimators_give_singletons_zero(name):
 
 
 def test_unknown_estimator_is_a_value_error():
-    with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo' \(known: drgrpo, gae, grpo, .*\)"):
+    with pytest.raises(
+        ValueError, match=r"unknown advantage estimator 'ppo' \(known: distill, drgrpo, gae, grpo, .*\)"
+    ):
         AdvantageConfig(estimator="ppo")
 
 
