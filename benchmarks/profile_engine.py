@@ -37,23 +37,23 @@ def timed_steps(engine: Engine, num_steps: int) -> dict[str, float]:
 
         return inner
 
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(num_steps):
-        engine.step()
-    torch.cuda.synchronize()
-    totals["step_unsynced"] = time.perf_counter() - start
+    totals["step_unsynced"] = _run_steps(engine, num_steps)
     for name, fn in original.items():
         setattr(engine.runner, name, wrap(name, fn))
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(num_steps):
-        engine.step()
-    torch.cuda.synchronize()
-    totals["step_total"] = time.perf_counter() - start
+    totals["step_total"] = _run_steps(engine, num_steps)
     for name, fn in original.items():
         setattr(engine.runner, name, fn)
     return {k: round(v / num_steps * 1e3, 3) for k, v in totals.items()}
+
+
+def _run_steps(engine: Engine, num_steps: int) -> float:
+    """Seconds `num_steps` engine steps take, from an idle device to an idle device."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        engine.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main():

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from leagues.engine import SamplingParams
+from leagues.engine import Engine, SamplingParams
 
 from .reference import engine_of, make_prompts
 
@@ -92,3 +92,8 @@ def test_abort_while_a_step_is_in_flight(tiny_path):
         assert all(0 <= t < VOCAB for t in aborted.token_ids) and len(aborted.logprobs) == len(aborted.token_ids)
         assert other.result(timeout=30)[0].token_ids == expected
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks  # nothing leaked
+
+
+def test_a_bad_overlap_setting_is_refused(tiny_path):
+    with pytest.raises(ValueError, match="overlap_scheduling"):
+        Engine(tiny_path, num_blocks=16, overlap_scheduling="yes")
