@@ -34,6 +34,7 @@ from leagues.engine.scheduler import ScheduledBatch
 from leagues.kernels.paged_attention import decode_split_tokens
 from leagues.kernels.sampling import sample_plain
 from leagues.model import ForwardBatch, Transformer
+from leagues.model.transformer import raise_recompile_limit
 
 
 class _NoTokens:
@@ -280,7 +281,7 @@ class ModelRunner:
         )
         with active_backend(attention):
             if self.compiled:
-                _raise_recompile_limit()  # dynamo's settings are per thread: the engine's thread and the caller's
+                raise_recompile_limit()  # dynamo's settings are per thread: the engine's thread and the caller's
             out = self.model.run(batch)
         if self.capture_routes:
             cfg = self.model.config
@@ -489,11 +490,3 @@ def _compile_modules(model: Transformer) -> None:
     model.compile_blocks(dynamic=True)
     model.rope.compile(dynamic=True)
     model.norm.compile(dynamic=True)
-
-
-def _raise_recompile_limit() -> None:
-    """Every captured batch size must run compiled code, never fall back to eager at the recompile limit."""
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), 256))

@@ -11,7 +11,7 @@ order): `capture_experts=True` returns them, `replay_experts_TLK` feeds them bac
 Legend: B sequences, T tokens, D model dim, V vocab, L MoE layers, K top-k, E experts.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -41,6 +41,24 @@ class ForwardBatch:
             raise ValueError(f"lengths sum to {sum(lengths)} but input_ids has {input_ids_T.shape[0]} tokens")
         seqs = PackedSeqs.from_lengths(lengths, device=input_ids_T.device)
         return cls(input_ids_T=input_ids_T, positions_T=seqs.positions(), attention=seqs, **kwargs)
+
+    def padded(self, pad: int) -> "ForwardBatch":
+        """This packed batch with `pad` more tokens (token 0) as a sequence of their own, which attends only to
+        itself and routes on its own (replayed routes give it the first K experts): the other tokens' results
+        are what they would be without it."""
+        seqs, device = self.attention, self.input_ids_T.device
+        padded = PackedSeqs.from_lengths([*seqs.lengths, pad], device=device, impl=seqs.impl)
+        replay = self.replay_experts_TLK
+        if replay is not None:
+            fill = torch.arange(replay.shape[2], dtype=replay.dtype, device=replay.device)
+            replay = torch.cat([replay, fill.expand(pad, replay.shape[1], -1)])
+        return replace(
+            self,
+            input_ids_T=torch.cat([self.input_ids_T, self.input_ids_T.new_zeros(pad)]),
+            positions_T=torch.cat([self.positions_T, self.positions_T.new_zeros(pad)]),  # within any rotary table
+            attention=padded,
+            replay_experts_TLK=replay,
+        )
 
 
 @dataclass(slots=True)
@@ -84,6 +102,9 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.invariant_len = 0
         """Deterministic mode: keys are padded to this length (0: off; see `set_batch_invariant`)."""
+        self.pad_to = 1
+        """Packed batches run padded up to a multiple of this many tokens (`compile_blocks`); outputs cover the
+        batch's own tokens only."""
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] for B equal-length sequences, causal within each."""
@@ -94,6 +115,10 @@ class Transformer(nn.Module):
     def run(self, batch: ForwardBatch) -> ForwardOutput:
         if self.invariant_len:  # both attention backends (packed, paged) honour it
             batch.attention.invariant_len = self.invariant_len
+        num_tokens = batch.input_ids_T.shape[0]
+        pad = -num_tokens % self.pad_to if isinstance(batch.attention, PackedSeqs) and not self.invariant_len else 0
+        if pad:
+            batch = batch.padded(pad)
         x_TD = self.embed(batch.input_ids_T)
         rope = self.rope(batch.positions_T, x_TD.dtype)
         replay = self._check_replay(batch.replay_experts_TLK, x_TD.shape[0])
@@ -104,6 +129,10 @@ class Transformer(nn.Module):
             if routing is not None:
                 routes.append(routing.expert_ids_TK)
                 router_logits.append(routing.logits_TE)
+        if pad:  # the padding's rows leave here: nothing downstream sees them
+            x_TD = x_TD[:num_tokens]
+            routes = [ids_TK[:num_tokens] for ids_TK in routes]
+            router_logits = [logits_TE[:num_tokens] for logits_TE in router_logits]
         hidden_TD = self.norm(x_TD)
         out = ForwardOutput(hidden_TD=hidden_TD)
         if batch.compute_logits:
@@ -160,12 +189,17 @@ class Transformer(nn.Module):
             elif type(block.attn.wq) is nn.Linear:
                 block.attn.fuse_qkv()
 
-    def compile_blocks(self, **compile_kwargs) -> None:
+    def compile_blocks(self, pad_to: int = 1, **compile_kwargs) -> None:
         """`torch.compile` each block in place (fuses norms, rotary and the MoE permutation glue).
 
         Blocks share one graph (parameters are graph inputs), so compiling costs one trace per
-        distinct block kind, not per layer.
+        distinct block kind and size, not per layer. `pad_to`: packed batches run padded up to a multiple
+        of this many tokens, so blocks compiled for static sizes (`dynamic=False`) see only a few of them.
         """
+        if pad_to < 1:
+            raise ValueError(f"pad_to must be >= 1, got {pad_to}")
+        self.pad_to = pad_to
+        raise_recompile_limit()
         for block in self.layers:
             block.compile(**compile_kwargs)
 
@@ -180,3 +214,12 @@ class Transformer(nn.Module):
                 param.zero_()
             else:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def raise_recompile_limit() -> None:
+    """Every compiled size must run compiled code, never fall back to eager at dynamo's recompile limit (its
+    settings are per thread: call it in the thread that runs the compiled code)."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 256))

@@ -98,13 +98,16 @@ class TrainerConfig:
     """The ratio's old policy: "recompute" (the policy's logprobs before the first update) or "rollout" (the
     engine's logprobs of the samples)."""
     compile: bool = False
-    """`torch.compile` each transformer block (fuses norms, rotary and the MoE glue) and the chunked LM-head
-    log-softmax, once for all shapes (attention runs between the compiled graphs). Off by default: on an H200
-    at RL shapes it is not yet faster than eager (benchmarks/RESULTS.md, issue 14)."""
+    """`torch.compile` each transformer block (fuses norms, rotary and the MoE glue) for static sizes, and the
+    chunked LM-head log-softmax; attention runs between the compiled graphs. Each micro-batch runs padded up to
+    a multiple of `compile_pad_multiple` tokens (a sequence of its own that no loss or metric sees), so the
+    blocks compile once per size bucket, not once per packing."""
+    compile_pad_multiple: int = 1024
+    """With `compile`: the token multiple micro-batches are padded to (fewer compiled sizes, more padding)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
-        for name in ("num_minibatches", "epochs"):
+        for name in ("num_minibatches", "epochs", "compile_pad_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
         if self.compile not in (True, False):
@@ -174,7 +177,7 @@ class Trainer:
         self.teacher = None if teacher is None else self._frozen(self.teacher_path, sharded)
         self.compiled = cfg.compile is True
         if self.compiled:
-            self.model.compile_blocks(dynamic=True)  # RL packings differ every step
+            self.model.compile_blocks(pad_to=cfg.compile_pad_multiple, dynamic=False)
         # FSDP2 whenever there is a process group (also of one rank: it brings bf16 compute, fp32 master).
         self.mesh = None if self.alone else parallelize(self.model, cfg.parallel, self.world, self.device.type, mesh)
         self.group = None if self.mesh is None else self.mesh.dp.get_group()
@@ -203,7 +206,7 @@ class Trainer:
         if self.deterministic:
             values.set_batch_invariant()
         if self.cfg.compile is True:
-            values.compile_blocks(dynamic=True)
+            values.compile_blocks(pad_to=self.cfg.compile_pad_multiple, dynamic=False)
         return values
 
     def _load_shards(self, model: Transformer, path: Path) -> None:

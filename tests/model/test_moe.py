@@ -141,6 +141,34 @@ def test_replay_own_routes_is_exact_and_other_routes_differ():
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("replay", [False, True])
+def test_padded_run_gives_the_unpadded_results(replay):
+    """A model that pads packed batches (as compiled for static sizes) returns the batch's own tokens' hidden
+    states, logits, routes and router logits, and the same gradients: the padding is invisible."""
+    model = make_model()
+    with torch.no_grad():
+        routes = model.run(make_batch(capture_experts=True)).routed_experts_TLK if replay else None
+    outs, grads = [], []
+    for pad_to in (1, 16):
+        model.pad_to = pad_to
+        batch = make_batch(capture_experts=True, capture_router_logits=True, replay_experts_TLK=routes)
+        out = model.run(batch)
+        loss = torch.nn.functional.cross_entropy(out.logits_TV, batch.input_ids_T.roll(-1))
+        loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad()
+    plain, padded = outs
+    assert sum(LENGTHS) % 16 and padded.hidden_TD.shape == plain.hidden_TD.shape == (sum(LENGTHS), 32)
+    torch.testing.assert_close(padded.logits_TV, plain.logits_TV, rtol=0, atol=1e-5)
+    assert torch.equal(padded.routed_experts_TLK, plain.routed_experts_TLK)
+    for ours, theirs in zip(padded.router_logits, plain.router_logits, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-5, msg=name)
+
+
 def loss_of(model: Transformer, batch: ForwardBatch) -> torch.Tensor:
     logits = model.run(batch).logits_TV
     targets = batch.input_ids_T.roll(-1)

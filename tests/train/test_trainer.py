@@ -7,6 +7,7 @@ import torch
 
 from leagues.model import load_pretrained, resolve_model_path
 from leagues.train.losses import LossConfig
+from leagues.train.moe import MoEConfig
 from leagues.train.optim import OptimConfig
 from leagues.train.sft import SFTConfig, run_sft
 from leagues.train.trainer import Trainer, TrainerConfig
@@ -32,8 +33,11 @@ def make_samples(num: int, seed: int = 0) -> list[Sample]:
     return samples
 
 
-def grads_after_backward(trainer: Trainer, samples: list[Sample]) -> dict[str, torch.Tensor]:
-    """Run a step with lr 0 and return the gradients it accumulated (before the optimizer zeroes them)."""
+def grads_after_backward(
+    trainer: Trainer, samples: list[Sample], metrics: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """Run a step with lr 0 and return the gradients it accumulated (before the optimizer zeroes them);
+    the step's metrics go to `metrics` when given."""
     captured = {}
     original = trainer.optimizer.step
 
@@ -42,8 +46,10 @@ def grads_after_backward(trainer: Trainer, samples: list[Sample]) -> dict[str, t
         return original(*args, **kwargs)
 
     trainer.optimizer.step = capture
-    trainer.train_step(samples)
+    step_metrics = trainer.train_step(samples)
     trainer.optimizer.step = original
+    if metrics is not None:
+        metrics.update(step_metrics)
     return captured
 
 
@@ -63,6 +69,26 @@ def test_gradients_do_not_depend_on_microbatch_split(aggregation):
     for other in results[1:]:
         for name, grad in results[0].items():
             torch.testing.assert_close(other[name], grad, rtol=0, atol=1e-6)
+
+
+def test_padded_microbatches_train_as_unpadded():
+    """Micro-batches run padded (as with `compile`, whose blocks see a few static sizes) give the same gradients,
+    loss and MoE metrics (load, balance loss) as unpadded ones: no loss, route or metric sees the padding."""
+    samples = make_samples(12)
+    cfg = TrainerConfig(optim=OptimConfig(lr=0.0), moe=MoEConfig(aux_loss_coef=0.01, z_loss_coef=0.001))
+    runs = []
+    for pad_to in (1, 64):
+        trainer = Trainer(load_pretrained(resolve_model_path("tiny-moe")), cfg)
+        trainer.model.pad_to = pad_to
+        metrics = {}
+        grads = grads_after_backward(trainer, samples, metrics)
+        runs.append((grads, metrics))
+    (grads, metrics), (padded_grads, padded_metrics) = runs
+    for name, grad in grads.items():
+        torch.testing.assert_close(padded_grads[name], grad, rtol=0, atol=1e-6, msg=name)
+    for key in ("loss", "moe/aux_loss", "moe/z_loss", "moe/load_max_over_mean", "moe/load_entropy", "tokens"):
+        assert key in metrics, key
+        assert padded_metrics[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
 def test_compute_logprobs_match_a_full_forward():
