@@ -176,8 +176,12 @@ def grad_norm(params: list[torch.Tensor], group: dist.ProcessGroup | None = None
         return torch.zeros(())
     if not any(isinstance(g, DTensor) for g in grads):
         return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    squares = torch.stack([t.detach().float().pow(2).sum() for t in local]).sum()
+    local = [(g.to_local() if isinstance(g, DTensor) else g).detach() for g in grads]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in local:  # one multi-tensor norm per dtype, not a pow and a sum per tensor
+        by_dtype.setdefault(t.dtype, []).append(t)
+    norms = [n.float() for ts in by_dtype.values() for n in torch._foreach_norm(ts, 2.0)]
+    squares = torch.stack(norms).square().sum()
     if dist.is_initialized():
         dist.all_reduce(squares, group=group)
     return squares.sqrt()
@@ -186,9 +190,12 @@ def grad_norm(params: list[torch.Tensor], group: dist.ProcessGroup | None = None
 def clip_grads(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
     """Scale gradients in place to a total norm of at most `max_norm` (shard by shard: meshes may differ)."""
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    grads: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        grad.mul_(coef.to(grad.device, grad.dtype))
+        grads.setdefault((grad.device, grad.dtype), []).append(grad)
+    for (device, dtype), group in grads.items():  # one multi-tensor scale per device and dtype
+        torch._foreach_mul_(group, coef.to(device, dtype))
 
 
 def optimizer_step(
