@@ -12,7 +12,8 @@ the flat token axis of a batch:
 `PackedSeqs` picks the fastest exact kernel it can: one SDPA call when every sequence has the same
 length, `varlen_attn` (FlashAttention) on CUDA in 16-bit dtypes otherwise, and elsewhere one batched SDPA call per
 distinct length (RL batches of short answers have few distinct lengths, so a batch of 512 sequences
-is a handful of calls, not 512). The per-sequence SDPA loop (`impl="sdpa_loop"`) is the reference.
+is a handful of calls, not 512). The per-sequence SDPA loop (`impl="sdpa_loop"`) is the reference. Inside a
+compiled block on CUDA it is always `varlen_attn`, traced into the block's graph.
 
 Legend: T tokens, B sequences, H query heads, G kv heads, A head dim, D model dim.
 """
@@ -49,13 +50,17 @@ def _sdpa_BHLA(q_THA, k_TGA, v_TGA, num_seqs: int) -> torch.Tensor:
     return o_BHLA.transpose(1, 2).flatten(0, 1)
 
 
+_VARLEN_IS_CAUSAL = varlen_attn is not None and "is_causal" in inspect.signature(varlen_attn).parameters
+"""torch's varlen attention takes `is_causal` (newer) or a causal `window_size` (older)."""
+
+
 def varlen_causal(q_THA, k_SGA, v_SGA, cu_q_B1, cu_k_B1, max_q: int, max_k: int) -> torch.Tensor:
     """FlashAttention over packed sequences (CUDA); queries are the last tokens of their keys (bottom-right causal)."""
     if k_SGA.shape[1] != q_THA.shape[1]:
         rep = q_THA.shape[1] // k_SGA.shape[1]
         k_SGA, v_SGA = k_SGA.repeat_interleave(rep, dim=1), v_SGA.repeat_interleave(rep, dim=1)
     cu_q, cu_k = cu_q_B1.to(torch.int32), cu_k_B1.to(torch.int32)
-    if "is_causal" in inspect.signature(varlen_attn).parameters:
+    if _VARLEN_IS_CAUSAL:
         return varlen_attn(q_THA, k_SGA, v_SGA, cu_q, cu_k, max_q, max_k, is_causal=True)
     return varlen_attn(q_THA, k_SGA, v_SGA, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
 
@@ -73,23 +78,41 @@ class PackedSeqs:
     """Deterministic mode (set by the model): batch-invariant attention with keys padded to this length."""
     invariant_tables: tuple | None = None
     """Deterministic mode on CUDA: the kernel's tables of this batch, built by the first layer."""
+    max_seqlen_bound: int = 0
+    """`max_seqlen` rounded up to a power of two: the bound a compiled graph is specialised on."""
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device: torch.device | str = "cpu", impl: str = "auto") -> "PackedSeqs":
         if not lengths or min(lengths) <= 0:
             raise ValueError(f"sequence lengths must be positive, got {lengths}")
         cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-        return cls(cu_seqlens_B1=cu, max_seqlen=max(lengths), lengths=tuple(lengths), impl=impl)
+        torch._dynamo.maybe_mark_dynamic(cu, 0)  # a compiled graph serves any number of sequences
+        bound = 1 << (max(lengths) - 1).bit_length()
+        return cls(cu_seqlens_B1=cu, max_seqlen=max(lengths), lengths=tuple(lengths), impl=impl, max_seqlen_bound=bound)
 
     def positions(self) -> torch.Tensor:
         """Position of every token within its own sequence, [T]."""
         device = self.cu_seqlens_B1.device
         return torch.cat([torch.arange(n, device=device) for n in self.lengths])
 
+    def attend(self, layer_idx: int, q_THA, k_TGA, v_TGA) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self._traceable(q_THA):
+            # Inside a compiled block: FlashAttention reads only `cu_seqlens` (any number of sequences) and the
+            # power-of-two bound on their length, so the graph holds the whole block and serves every packing.
+            cu, bound = self.cu_seqlens_B1, self.max_seqlen_bound
+            return varlen_causal(q_THA, k_TGA, v_TGA, cu, cu, bound, bound)
+        return self._attend(q_THA, k_TGA, v_TGA)
+
+    def _traceable(self, q_THA: torch.Tensor) -> bool:
+        flash_dtype = q_THA.dtype in (torch.float16, torch.bfloat16)
+        return (
+            self.impl == "auto" and not self.invariant_len and q_THA.is_cuda and flash_dtype and varlen_attn is not None
+        )
+
     # Outside compiled blocks: the lengths are Python values, and a compiled graph guarding on them would
     # recompile for every new packing (each RL step).
     @torch.compiler.disable
-    def attend(self, layer_idx: int, q_THA, k_TGA, v_TGA) -> torch.Tensor:
+    def _attend(self, q_THA, k_TGA, v_TGA) -> torch.Tensor:
         if self.invariant_len:
             return self._invariant(q_THA, k_TGA, v_TGA)
         uniform = len(set(self.lengths)) == 1
@@ -117,7 +140,7 @@ class PackedSeqs:
                 v_TGA,
                 self.cu_seqlens_B1,
                 self.lengths,
-                lambda q, k, v: ordinary.attend(0, q, k, v),
+                lambda q, k, v: ordinary._attend(q, k, v),
                 self.invariant_tables,
             )
         bounds, scale, parts = [0, *torch.tensor(self.lengths).cumsum(0).tolist()], q_THA.shape[-1] ** -0.5, []

@@ -97,11 +97,12 @@ class TrainerConfig:
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
     """The ratio's old policy: "recompute" (the policy's logprobs before the first update) or "rollout" (the
     engine's logprobs of the samples)."""
-    compile: bool = False
-    """`torch.compile` each transformer block (fuses norms, rotary and the MoE glue) for static sizes, and the
-    chunked LM-head log-softmax; attention runs between the compiled graphs. Each micro-batch runs padded up to
-    a multiple of `compile_pad_multiple` tokens (a sequence of its own that no loss or metric sees), so the
-    blocks compile once per size bucket, not once per packing."""
+    compile: str = "auto"
+    """"auto", "true" or "false": `torch.compile` each transformer block (fuses norms, rotary and the MoE glue;
+    on CUDA attention is traced in) for static sizes, and the chunked LM-head log-softmax. Each micro-batch runs
+    padded up to a multiple of `compile_pad_multiple` tokens (a sequence of its own that no loss or metric
+    sees), so the blocks compile once per size bucket, not once per packing. "auto" is on on CUDA outside
+    deterministic mode (whose batch-invariant kernels are not compiled)."""
     compile_pad_multiple: int = 1024
     """With `compile`: the token multiple micro-batches are padded to (fewer compiled sizes, more padding)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -110,8 +111,9 @@ class TrainerConfig:
         for name in ("num_minibatches", "epochs", "compile_pad_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.compile not in (True, False):
-            raise ValueError(f"trainer.compile: expected true or false, got {self.compile!r}")
+        self.compile = {True: "true", False: "false"}.get(self.compile, self.compile)
+        if self.compile not in ("auto", "true", "false"):
+            raise ValueError(f"trainer.compile: expected auto, true or false, got {self.compile!r}")
         if self.old_logprobs not in ("recompute", "rollout"):
             raise ValueError(f"trainer.old_logprobs: expected recompute or rollout, got {self.old_logprobs!r}")
 
@@ -157,6 +159,9 @@ class Trainer:
         if cfg.loss.aggregation == "constant" and cfg.loss.max_response_tokens is None:
             raise ValueError("trainer.loss.aggregation constant (Dr.GRPO) needs trainer.loss.max_response_tokens")
         self.device = _device()
+        self.compiled = cfg.compile == "true" or (
+            cfg.compile == "auto" and self.device.type == "cuda" and not deterministic
+        )
         self.alone = mesh is None and not dist.is_initialized()  # no process group: no FSDP, no collectives
         self.world, self.rank = (mesh.dp.size(), mesh.dp.get_local_rank()) if mesh is not None else _world_rank()
         sharded = not isinstance(model, Transformer) and not self.alone and cfg.parallel.sharded_load
@@ -175,7 +180,6 @@ class Trainer:
         values = None if critic is None else self._value_model(critic, model, sharded)  # likewise
         self.teacher_path = None if teacher is None else resolve_model_path(teacher)
         self.teacher = None if teacher is None else self._frozen(self.teacher_path, sharded)
-        self.compiled = cfg.compile is True
         if self.compiled:
             self.model.compile_blocks(pad_to=cfg.compile_pad_multiple, dynamic=False)
         # FSDP2 whenever there is a process group (also of one rank: it brings bf16 compute, fp32 master).
@@ -205,7 +209,7 @@ class Trainer:
         values = value_model(model if self.critic_path is None else self.critic_path, self.device, meta=sharded)
         if self.deterministic:
             values.set_batch_invariant()
-        if self.cfg.compile is True:
+        if self.compiled:
             values.compile_blocks(pad_to=self.cfg.compile_pad_multiple, dynamic=False)
         return values
 

@@ -172,3 +172,13 @@ def test_a_step_with_nothing_to_learn_from_leaves_the_weights():
     assert metrics["tokens"] == 0.0 and metrics["loss"] == 0.0
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param, before[name]), name
+
+
+def test_compile_setting_is_checked_and_auto_stays_off_on_the_cpu():
+    with pytest.raises(ValueError, match="trainer.compile: expected auto, true or false, got 'yes'"):
+        TrainerConfig(compile="yes")
+    with pytest.raises(ValueError, match="compile_pad_multiple: must be >= 1"):
+        TrainerConfig(compile_pad_multiple=0)
+    assert TrainerConfig(compile=True).compile == "true" and TrainerConfig(compile=False).compile == "false"
+    trainer = Trainer("tiny-moe", TrainerConfig())  # auto: compiled on CUDA only
+    assert trainer.compiled == torch.cuda.is_available() and trainer.model.pad_to == (1024 if trainer.compiled else 1)
