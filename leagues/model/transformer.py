@@ -43,11 +43,14 @@ class ForwardBatch:
         return cls(input_ids_T=input_ids_T, positions_T=seqs.positions(), attention=seqs, **kwargs)
 
     def padded(self, pad: int) -> "ForwardBatch":
-        """This packed batch with `pad` more tokens (token 0) as a sequence of their own, which attends only to
-        itself and routes on its own (replayed routes give it the first K experts): the other tokens' results
-        are what they would be without it."""
+        """This packed batch with `pad` more tokens (token 0) as sequences of their own, which attend only to
+        themselves and route on their own (replayed routes give them the first K experts): the other tokens'
+        results are what they would be without them. No padding sequence is longer than the longest real one, so
+        the length bound a compiled graph is specialised on stays the batch's."""
         seqs, device = self.attention, self.input_ids_T.device
-        padded = PackedSeqs.from_lengths([*seqs.lengths, pad], device=device, impl=seqs.impl)
+        longest = max(seqs.lengths)
+        pieces = [longest] * (pad // longest) + ([pad % longest] if pad % longest else [])
+        padded = PackedSeqs.from_lengths([*seqs.lengths, *pieces], device=device, impl=seqs.impl)
         replay = self.replay_experts_TLK
         if replay is not None:
             fill = torch.arange(replay.shape[2], dtype=replay.dtype, device=replay.device)

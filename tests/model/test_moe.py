@@ -159,6 +159,8 @@ def test_padded_run_gives_the_unpadded_results(replay):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         model.zero_grad()
     plain, padded = outs
+    wide = make_batch().padded(30)  # longer than any real sequence: cut into pieces no longer than the longest
+    assert wide.attention.lengths == (*LENGTHS, 11, 11, 8) and wide.attention.max_seqlen_bound == 16
     assert sum(LENGTHS) % 16 and padded.hidden_TD.shape == plain.hidden_TD.shape == (sum(LENGTHS), 32)
     torch.testing.assert_close(padded.logits_TV, plain.logits_TV, rtol=0, atol=1e-5)
     assert torch.equal(padded.routed_experts_TLK, plain.routed_experts_TLK)
