@@ -6,6 +6,9 @@ afterwards (FSDP2 and expert parallel on the same mesh, sharded load); each scor
 Decisions:
 - A frozen model never steps: with a process group it is kept in the compute dtype (no float32 master copy);
   alone it stays float32 and, with `ref_offload`, waits on the CPU between uses (`on_device`).
+- A sharded one is resharded after each scoring pass (`leagues.parallel.reshard`): with no backward to do it,
+  FSDP would keep its units gathered between uses. So between uses it holds only its shard, and the memory plan
+  (`leagues.parallel.frozen_memory`) counts the gathered units only while it scores.
 - Parameters only are cast: buffers (rotary tables) stay as built, as the policy's are.
 """
 

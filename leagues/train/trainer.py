@@ -47,6 +47,7 @@ from leagues.parallel import (
     full_state_dict,
     load_full_tensors,
     parallelize,
+    reshard,
     set_last_microbatch,
     unit_buckets,
     whole_parameters,
@@ -351,7 +352,11 @@ class Trainer:
         self, model: Transformer, samples: list[Sample], own_routes: bool = False
     ) -> list[torch.Tensor]:
         with on_device(model, self.device, offload=self.mesh is None and self.cfg.ref_offload):  # a shard stays
-            return self.compute_logprobs(samples, model, own_routes)
+            try:
+                return self.compute_logprobs(samples, model, own_routes)
+            finally:
+                if self.mesh is not None:  # no backward reshards it: only its shard stays (the memory plan's)
+                    reshard(model)
 
     def kl_rewards(self, samples: list[Sample]) -> list[float]:
         """KL as reward shaping: for each of this rank's samples, -kl_coef x the sum over its loss-mask response
