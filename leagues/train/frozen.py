@@ -21,6 +21,7 @@ import torch
 
 from leagues.model import Transformer, load_pretrained
 from leagues.model.checkpoint import read_config
+from leagues.parallel import reshard
 
 
 def frozen_model(source: Path | Transformer, dtype: torch.dtype, device: torch.device, meta: bool) -> Transformer:
@@ -40,8 +41,9 @@ def frozen_model(source: Path | Transformer, dtype: torch.dtype, device: torch.d
 
 
 @contextmanager
-def on_device(model: Transformer, device: torch.device, offload: bool) -> Iterator[Transformer]:
-    """The model on `device` inside, back on the CPU after when `offload` (a model kept there between uses)."""
+def on_device(model: Transformer, device: torch.device, offload: bool, sharded: bool) -> Iterator[Transformer]:
+    """The model on `device` inside; after, back on the CPU when `offload` (a model kept there between uses), or
+    resharded when `sharded` (FSDP would keep its units gathered: no backward reshards them)."""
     if offload:
         model.to(device)
     try:
@@ -49,3 +51,5 @@ def on_device(model: Transformer, device: torch.device, offload: bool) -> Iterat
     finally:
         if offload:
             model.to("cpu")
+        if sharded:
+            reshard(model)

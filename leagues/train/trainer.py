@@ -47,7 +47,6 @@ from leagues.parallel import (
     full_state_dict,
     load_full_tensors,
     parallelize,
-    reshard,
     set_last_microbatch,
     unit_buckets,
     whole_parameters,
@@ -351,12 +350,9 @@ class Trainer:
     def _frozen_logprobs(
         self, model: Transformer, samples: list[Sample], own_routes: bool = False
     ) -> list[torch.Tensor]:
-        with on_device(model, self.device, offload=self.mesh is None and self.cfg.ref_offload):  # a shard stays
-            try:
-                return self.compute_logprobs(samples, model, own_routes)
-            finally:
-                if self.mesh is not None:  # no backward reshards it: only its shard stays (the memory plan's)
-                    reshard(model)
+        alone = self.mesh is None  # a whole model may wait on the CPU; a shard stays, resharded after each use
+        with on_device(model, self.device, offload=alone and self.cfg.ref_offload, sharded=not alone):
+            return self.compute_logprobs(samples, model, own_routes)
 
     def kl_rewards(self, samples: list[Sample]) -> list[float]:
         """KL as reward shaping: for each of this rank's samples, -kl_coef x the sum over its loss-mask response

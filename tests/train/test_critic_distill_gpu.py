@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def critic_history(steps: int) -> tuple[Trainer, list[dict[str, float]]]:
     """A trainer of the tiny model with a critic, and its metrics over `steps` steps on one fixed batch (the
     critic's values of the batch recomputed before each step, as the loop does once per rollout batch)."""
-    cfg = TrainerConfig(optim=OptimConfig(lr=1e-3))
+    cfg = TrainerConfig(optim=OptimConfig(lr=1e-3), compile=False)  # eager: compiled steps have their own tests
     critic = CriticConfig(optim=OptimConfig(lr=5e-3, schedule="cosine", total_steps=steps, min_lr_ratio=0.1))
     trainer = Trainer("tiny-moe", cfg, critic=critic)
     samples = make_samples(8, seed=1)
@@ -75,7 +75,7 @@ def test_gpu_critic_steps_beside_the_policy_and_its_value_loss_falls():
 
 def test_gpu_teacher_logprobs_are_the_teacher_models_own(tmp_path):
     path = teacher_checkpoint(tmp_path)
-    trainer = Trainer("tiny-moe", TrainerConfig(), temperature=0.7, teacher=path)
+    trainer = Trainer("tiny-moe", TrainerConfig(compile=False), temperature=0.7, teacher=path)
     samples = make_samples(6, seed=2)
     got = trainer.teacher_logprobs(samples)
     assert all(p.device.type == "cpu" for p in trainer.teacher.parameters())  # offloaded again after scoring
