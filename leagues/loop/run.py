@@ -35,14 +35,13 @@ from leagues.agent.multi_turn import env_generate
 from leagues.config import dump_yaml
 from leagues.engine import Engine
 from leagues.engine.client import EngineClient, LocalClient
-from leagues.engine.config import kv_block_bytes, max_useful_blocks, resolve_device_dtype
+from leagues.engine.config import kv_block_bytes, resolve_device_dtype
 from leagues.loop.config import TrainConfig, resolve
-from leagues.loop.memory import EnginePlan, MemoryBudget, plan_engine_memory
+from leagues.loop.memory import EnginePlan, memory_budget, plan_engine_memory, trainer_state
 from leagues.loop.warm_start import warm_start, write_hf
-from leagues.model import Transformer, load_tokenizer, read_config, resolve_model_path
-from leagues.model.moe import GroupedExperts
+from leagues.model import load_tokenizer, read_config, resolve_model_path
 from leagues.obs import Sink, StepTimer, build_sinks
-from leagues.parallel import ParallelMesh, activation_bytes, build_mesh, format_plan, trainer_memory
+from leagues.parallel import ParallelMesh, build_mesh, format_plan, trainer_memory
 from leagues.rollout import PromptDataset, PromptIterator, RewardConfig, RewardScorer, load_prompts, make_task
 from leagues.rollout.generate import GenerateContext, load_generate_fn
 from leagues.rollout.partial import PartialRollout
@@ -72,8 +71,12 @@ def memory_note(cfg: TrainConfig, model_path: Path, world: int, total: int) -> s
     """The trainer's planned memory per GPU of `total` bytes, and what to change when it cannot fit (said before
     anything is allocated, rather than as an out-of-memory error minutes later)."""
     plan = trainer_memory(read_config(model_path), cfg.trainer.parallel, world)
+    parts = trainer_state(cfg, model_path, world, grouped=dist.is_initialized())
     note = f"trainer memory plan: {format_plan(plan)}"
-    if plan["device"] > total:
+    beside = {name: size for name, size in parts.items() if name != "policy"}
+    if beside:  # the critic, the frozen models
+        note += "; beside the policy " + ", ".join(f"{name} {size / 1e9:.1f} GB" for name, size in beside.items())
+    if sum(parts.values()) > total:
         note += (
             f". That is more than this GPU's {total / 1e9:.0f} GB: set trainer.parallel.grad_accumulation to "
             "sharded, trainer.parallel.cpu_offload to true, or trainer.parallel.ep higher"
@@ -321,44 +324,16 @@ def _engine(cfg: TrainConfig, model_path: Path, tokenizer, is_engine: bool, plan
     return engine, LocalClient(engine)
 
 
-MARGIN_BYTES, MARGIN_SHARE = 2 * 2**30, 0.03
-"""Device memory a colocated run keeps free: 2 GiB and 3% of the card (graphs' buffers, workspaces)."""
-
-
 def _memory_plan(cfg: TrainConfig, model_path: Path, train_data: PromptDataset, world: int) -> EnginePlan | None:
     """The engine's KV cache and sleep, planned after the trainer is loaded and before the engine is (colocated
     runs with an in-process engine on a GPU; None elsewhere: a CPU engine keeps its cache and never sleeps)."""
     if cfg.engine_urls or cfg.placement != "colocated" or not torch.cuda.is_available():
         return None
-    config, engine = read_config(model_path), cfg.engine
-    itemsize = resolve_device_dtype(engine)[1].itemsize
-    block = kv_block_bytes(config, engine, itemsize)
-    with torch.device("meta"):
-        shapes = Transformer(config)
-    experts = sum(p.numel() for m in shapes.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
-    weights = sum(p.numel() for p in shapes.parameters()) - experts + experts // (world if cfg.engine_ep else 1)
     free, total = torch.cuda.mem_get_info()
     free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # held by torch, unused
-    state = trainer_memory(config, cfg.trainer.parallel, world)["device"]
-    if cfg.advantage.needs_critic:  # PPO's critic: planned as a policy of its size (it lacks the LM head: a bit less)
-        critic = read_config(resolve_model_path(cfg.critic.model)) if cfg.critic.model else config
-        state += trainer_memory(critic, cfg.trainer.parallel, world)["device"]
-    tokens = cfg.trainer.max_tokens_per_microbatch
-    max_len = engine.max_model_len or config.max_seq_len
-    sequence = -(-(max(len(p.prompt_ids) for p in train_data) + cfg.rollout.max_response_len) // engine.block_size)
-    samples = min(-(-cfg.rollout.batch_size // world) * cfg.rollout.n_samples_per_prompt, engine.max_num_seqs)
-    useful = max_useful_blocks(config, engine) * block
-    given = engine.num_blocks * block if engine.num_blocks is not None else None
-    budget = MemoryBudget(
-        free=free - weights * itemsize,
-        trainer_pending=max(state - torch.cuda.memory_allocated(), 0),
-        activations=activation_bytes(config, tokens, cfg.trainer.parallel, cfg.trainer.logprob_chunk_size),
-        margin=int(MARGIN_BYTES + MARGIN_SHARE * total),
-        need=given or samples * sequence * block,
-        minimum=given or -(-max_len // engine.block_size) * block,
-        cap=given or useful,
-        fraction=engine.kv_cache_fraction,
-    )
+    longest = max(len(p.prompt_ids) for p in train_data)
+    measured = dict(free=free, total=total, allocated=torch.cuda.memory_allocated(), grouped=dist.is_initialized())
+    budget = memory_budget(cfg, model_path, longest, world, **measured)
     plan = plan_engine_memory(True if cfg.engine_offload_weights else cfg.engine_sleep, budget)
     log(plan.note)
     return plan

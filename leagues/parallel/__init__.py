@@ -14,6 +14,8 @@ Public API:
     set_last_microbatch(model, cfg, last)       gradient accumulation across micro-batches
     ExpertParallelExperts                          the experts module with dispatch() / combine()
     trainer_memory(config, cfg, world) / format_plan(plan)   what a rank will hold, before building anything
+    frozen_memory(config, cfg, world)           the same for a frozen model (KL reference, distillation teacher)
+    reshard(model)                              free every FSDP unit's gathered parameters (after a no-grad pass)
 """
 
 from leagues.parallel.expert_parallel import ExpertParallelExperts, apply_ep
@@ -24,11 +26,12 @@ from leagues.parallel.fsdp import (
     full_state_dict_buckets,
     load_full_tensors,
     parallelize,
+    reshard,
     set_last_microbatch,
     unit_buckets,
     whole_parameters,
 )
-from leagues.parallel.memory import activation_bytes, format_plan, trainer_memory
+from leagues.parallel.memory import activation_bytes, format_plan, frozen_memory, trainer_memory
 from leagues.parallel.mesh import ParallelConfig, ParallelMesh, build_mesh
 
 __all__ = [
@@ -40,10 +43,12 @@ __all__ = [
     "apply_fsdp",
     "build_mesh",
     "format_plan",
+    "frozen_memory",
     "full_state_dict",
     "full_state_dict_buckets",
     "load_full_tensors",
     "parallelize",
+    "reshard",
     "set_last_microbatch",
     "trainer_memory",
     "activation_bytes",

@@ -102,6 +102,16 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, device
             register_fsdp_forward_method(model, name)
 
 
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP unit's gathered parameters, leaving each rank its shards. After a no-grad pass of a model
+    that never runs a backward (a frozen reference or teacher) this is what frees them: units not resharded
+    after forward (the root always, every unit with "unsharded" accumulation) would otherwise stay gathered
+    until the next pass, and a gathered frozen model would hold its whole share on the device between uses."""
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 def set_last_microbatch(model: nn.Module, cfg: ParallelConfig, last: bool) -> None:
     """Before each micro-batch's backward: with unsharded accumulation, reduce gradients and reshard
     parameters only after the step's last micro-batch (earlier ones accumulate full float32 gradients)."""

@@ -22,8 +22,9 @@ Decisions:
   advance), so the first advantages the policy learns from come from a critic that has seen some returns.
 - Explained variance, 1 - Var(R - V) / Var(R) over the global batch's loss tokens, is computed from token
   means the trainer reduces like every other metric (`explained_variance`).
-- A colocated GPU run plans the engine's KV cache around both models' training state (`leagues.loop.run`); the
-  memory note it logs before building anything still shows the policy's plan alone.
+- A colocated GPU run plans the engine's KV cache around both models' training state, the critic's planned from
+  its value model's shape (`leagues.loop.memory.trainer_state`); the memory note logged before anything is built
+  names the critic's part beside the policy's.
 
 Legend: T tokens of a micro-batch (packed, flat), D model dim.
 """

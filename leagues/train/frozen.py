@@ -6,6 +6,9 @@ afterwards (FSDP2 and expert parallel on the same mesh, sharded load); each scor
 Decisions:
 - A frozen model never steps: with a process group it is kept in the compute dtype (no float32 master copy);
   alone it stays float32 and, with `ref_offload`, waits on the CPU between uses (`on_device`).
+- A sharded one is resharded after each scoring pass (`leagues.parallel.reshard`): with no backward to do it,
+  FSDP would keep its units gathered between uses. So between uses it holds only its shard, and the memory plan
+  (`leagues.parallel.frozen_memory`) counts the gathered units only while it scores.
 - Parameters only are cast: buffers (rotary tables) stay as built, as the policy's are.
 """
 
@@ -18,6 +21,7 @@ import torch
 
 from leagues.model import Transformer, load_pretrained
 from leagues.model.checkpoint import read_config
+from leagues.parallel import reshard
 
 
 def frozen_model(source: Path | Transformer, dtype: torch.dtype, device: torch.device, meta: bool) -> Transformer:
@@ -37,8 +41,9 @@ def frozen_model(source: Path | Transformer, dtype: torch.dtype, device: torch.d
 
 
 @contextmanager
-def on_device(model: Transformer, device: torch.device, offload: bool) -> Iterator[Transformer]:
-    """The model on `device` inside, back on the CPU after when `offload` (a model kept there between uses)."""
+def on_device(model: Transformer, device: torch.device, offload: bool, sharded: bool) -> Iterator[Transformer]:
+    """The model on `device` inside; after, back on the CPU when `offload` (a model kept there between uses), or
+    resharded when `sharded` (FSDP would keep its units gathered: no backward reshards them)."""
     if offload:
         model.to(device)
     try:
@@ -46,3 +51,5 @@ def on_device(model: Transformer, device: torch.device, offload: bool) -> Iterat
     finally:
         if offload:
             model.to("cpu")
+        if sharded:
+            reshard(model)

@@ -350,7 +350,8 @@ class Trainer:
     def _frozen_logprobs(
         self, model: Transformer, samples: list[Sample], own_routes: bool = False
     ) -> list[torch.Tensor]:
-        with on_device(model, self.device, offload=self.mesh is None and self.cfg.ref_offload):  # a shard stays
+        alone = self.mesh is None  # a whole model may wait on the CPU; a shard stays, resharded after each use
+        with on_device(model, self.device, offload=alone and self.cfg.ref_offload, sharded=not alone):
             return self.compute_logprobs(samples, model, own_routes)
 
     def kl_rewards(self, samples: list[Sample]) -> list[float]:

@@ -208,6 +208,44 @@ def memory_as_planned(rank: int, ep: int) -> None:
     assert local(moments) == plan["optimizer"]
 
 
+def frozen_as_planned(rank: int, ep: int, accumulation: str) -> None:
+    """A trainer's KL reference holds what `frozen_memory` plans: its shard between uses (resharded after scoring,
+    though no backward does it), at most its gathered units while it scores (all of them with unsharded
+    accumulation); the critic's value model holds `trainer_memory`'s master shards of its own shape."""
+    from torch.distributed.tensor import DTensor
+
+    from leagues.parallel.memory import frozen_memory, trainer_memory
+    from leagues.train import LossConfig, Trainer, TrainerConfig
+    from leagues.train.critic import CriticConfig, ValueModel
+    from leagues.types import Sample
+
+    cfg = ParallelConfig(ep=ep, grad_accumulation=accumulation)
+    trainer = Trainer(make_model(), TrainerConfig(parallel=cfg, loss=LossConfig(kl_coef=0.1)), critic=CriticConfig())
+    plan = frozen_memory(trainer.model.config, cfg, WORLD, compute_bytes=4)  # the CPU computes in float32
+    local = lambda tensors: sum(t.to_local().numel() * t.element_size() for t in tensors)  # noqa: E731
+    gathered = []  # bytes of the reference's unsharded parameters, after each of its modules' forward
+    for module in trainer.ref.modules():
+        module.register_forward_hook(
+            lambda *_: gathered.append(
+                sum(4 * p.numel() for p in trainer.ref.parameters() if not isinstance(p, DTensor))
+            )
+        )
+    samples = [Sample(prompt_ids=[5, 17, 33], response_ids=[40, 41, 42], rollout_logprobs=[0.0] * 3)] * (rank + 1)
+    trainer.kl_rewards(samples)  # the policy's and the reference's logprobs
+    assert all(isinstance(p, DTensor) for p in trainer.ref.parameters())
+    assert local(trainer.ref.parameters()) == plan["resident"]
+    if accumulation == "unsharded":
+        assert max(gathered) == plan["scoring"]
+    else:
+        assert 0 < max(gathered) <= plan["scoring"] < local(trainer.ref.parameters()) * WORLD
+    with torch.device("meta"):
+        shapes = ValueModel(trainer.model.config)
+    critic = trainer_memory(shapes, cfg, WORLD)["params"]
+    # the plan counts FSDP's padded shards: the value head's one row is rank 0's, rank 1's piece is padding
+    padding = 0 if rank == 0 else 4 * (trainer.model.config.dim + 1)
+    assert local(trainer.critic.model.parameters()) + padding == critic
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -251,6 +289,11 @@ def test_a_sharded_trainer_reads_only_its_pieces_of_the_checkpoint(ep, tmp_path)
 def test_memory_plan_matches_what_each_rank_holds(ep):
     """Master weights, sharded gradients and AdamW's moments, per rank, as `trainer_memory` plans them."""
     spawn(partial(memory_as_planned, ep=ep))
+
+
+@pytest.mark.parametrize(("ep", "accumulation"), [(1, "unsharded"), (2, "unsharded"), (2, "sharded")])
+def test_frozen_model_and_critic_hold_what_the_memory_plan_says(ep, accumulation):
+    spawn(partial(frozen_as_planned, ep=ep, accumulation=accumulation))
 
 
 def test_memory_plan_of_the_30b_shape():

@@ -1,6 +1,6 @@
 """On-policy distillation: the per-token reverse KL advantages against hand computation, the teacher's vocabulary
-check, and the trainer's teacher logprobs (at the rollout temperature, with the teacher's own routes under routing
-replay)."""
+check, the trainer's teacher logprobs (at the rollout temperature, with the teacher's own routes under routing
+replay), and a deterministic, replaying student distilled through the Trainer from an engine's samples."""
 
 import json
 import shutil
@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
-from leagues.model import load_pretrained, resolve_model_path
-from leagues.train import AdvantageConfig, AdvantageInputs, Trainer, TrainerConfig, compute_advantages
+from leagues.engine import Engine, SamplingParams
+from leagues.model import load_pretrained, resolve_model_path, save_pretrained
+from leagues.train import AdvantageConfig, AdvantageInputs, OptimConfig, Trainer, TrainerConfig, compute_advantages
 from leagues.train.distill import DistillConfig, add_distill_advantages, check_teacher, distill_advantages
 from leagues.train.moe import MoEConfig
 from leagues.types import Sample
@@ -126,3 +127,50 @@ def test_teacher_logprobs_are_the_teachers_at_the_rollout_temperature_with_its_o
     assert not torch.allclose(hotter[0], got[0])
     with pytest.raises(ValueError, match="no teacher"):
         Trainer(student, TrainerConfig()).teacher_logprobs(samples)
+
+
+def test_a_deterministic_replaying_student_distills_on_policy_through_the_trainer(tmp_path):
+    """R3 and deterministic mode for the student, through the Trainer: a deterministic engine samples with its
+    routes recorded; the student (deterministic, `routing_replay` rollout, with a teacher) computes the engine's
+    logprobs bit for bit by replaying them; the teacher, another checkpoint, scores with its own routes and
+    batch-invariant kernels (the same bits alone and in the batch, and as a deterministic trainer of the teacher
+    alone). A train step on the distillation advantages sees no mismatch with the rollout and moves each sampled
+    token's logprob towards the teacher's (its squared gap, which the reverse-KL advantage descends, falls)."""
+    teacher_model = load_pretrained(resolve_model_path("tiny-moe"))
+    teacher_model.init_weights(seed=5, std=0.1)
+    save_pretrained(teacher_model, tmp_path / "teacher")
+    path = resolve_model_path("tiny-moe")
+    engine = Engine(path, num_blocks=128, block_size=4, device="cpu", dtype="float32", deterministic=True)
+    try:
+        params = [
+            SamplingParams(temperature=1.0, seed=i, max_new_tokens=6, ignore_eos=True, return_routed_experts=True)
+            for i in range(4)
+        ]
+        prompts = [[5, 17, 33, 42, 8], [9, 9, 12], [70, 3, 3, 21, 40], [11]]
+        outs = engine.generate(prompts, params)
+    finally:
+        engine.close()
+    samples = [
+        Sample(prompt_ids=p, response_ids=o.token_ids, rollout_logprobs=o.logprobs, routed_experts=o.routed_experts)
+        for p, o in zip(prompts, outs, strict=True)
+    ]
+    cfg = TrainerConfig(optim=OptimConfig(lr=1e-3), moe=MoEConfig(routing_replay="rollout"))
+    student = Trainer(path, cfg, deterministic=True, teacher=tmp_path / "teacher")
+    for got, out in zip(student.compute_logprobs(samples), outs, strict=True):
+        assert torch.equal(got, torch.tensor(out.logprobs, dtype=torch.float32))
+    teacher = student.teacher_logprobs(samples)
+    alone = Trainer(tmp_path / "teacher", TrainerConfig(), deterministic=True)
+    for got, want in zip(teacher, alone.compute_logprobs(samples), strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(student.teacher_logprobs(samples[:1])[0], teacher[0])  # batch-invariant
+
+    def squared_gap() -> float:
+        now = student.compute_logprobs(samples)
+        return sum(float((s - t).square().sum()) for s, t in zip(now, teacher, strict=True))
+
+    before = squared_gap()
+    total, count = add_distill_advantages(samples, teacher, coef=1.0)
+    assert total != 0.0 and count == sum(len(s.response_ids) for s in samples)
+    metrics = student.train_step(samples)
+    assert metrics["mismatch/abs_diff_max"] == 0.0 and metrics["moe/route_mismatch_frac"] == 0.0
+    assert squared_gap() < before
