@@ -83,8 +83,9 @@ class TrainerConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    max_tokens_per_microbatch: int = 8192
-    """Token budget of one packed micro-batch."""
+    max_tokens_per_microbatch: int = 16384
+    """Token budget of one packed micro-batch. Large by default: at RL shapes the step is bound by launches per
+    micro-batch, not by FLOPs (one H200, 1.27B MoE: 16,384 trains a 12k-token batch in half the time of 8,192)."""
     logprob_chunk_size: int = 2048
     """Tokens per chunk of the LM head and log-softmax."""
     ref_offload: bool = True

@@ -197,6 +197,7 @@ READ_ELSEWHERE = {
     "trainer.loss.mis_upper": "train/losses.py, off_policy token_mis / seq_mis (tests/train: losses)",
     "rollout.over_sample": "rollout/partial.py, with rollout.partial (tests/loop: partial)",
     "rollout.partial_mask_old": "rollout/partial.py, with rollout.partial (tests/loop: partial)",
+    "trainer.compile_pad_multiple": "train/trainer.py when compiled, on CUDA (tests/train: trainer gpu)",
 } | {
     f"fleet.{f.name}": "serve/fleet.py with engine_urls (tests/loop: engine fleet)"
     for f in dataclasses.fields(FleetConfig)
