@@ -4,8 +4,8 @@
     outputs = await client.generate(prompt_ids, params)   # on a healthy engine, retried on another if it fails
 
 Where it sits: `leagues train --engine_urls` builds one (`leagues.loop.run`) and hands it to rollout as its
-`EngineClient`; the weight updates go through the same fleet (`Fleet.update_weights`), so requests and weights
-agree on which engines serve.
+`EngineClient`; the weight updates go through the same fleet (`Fleet.weight_targets`, `Fleet.weights_updated`), so
+requests and weights agree on which engines serve.
 
 Decisions:
 - Bodies and answers are the HTTP client's (`leagues.engine.client.generate_body`, `outputs_of`): a sample
