@@ -1,7 +1,8 @@
-"""Records that cross package boundaries: sampling parameters and finish reasons.
+"""Records that cross package boundaries: sampling parameters, finish reasons, samples, weight targets.
 
 Defined once here so the engine, the server, the rollout code and the trainer agree on them. The RL
-sample records (`Sample`, `Group`) join this file with the RL loop.
+sample records (`Sample`, `Group`) join this file with the RL loop; `WeightTarget` is what the fleet of
+external engines (`leagues.serve.fleet`) hands the weight transports (`leagues.sync`), which know no fleet.
 """
 
 from dataclasses import dataclass, field
@@ -103,3 +104,15 @@ class Sample:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class WeightTarget:
+    """An external engine that is to take the next weights: the fleet chooses it, a weight transport sends."""
+
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    """What every request to it carries: `Authorization: Bearer <key>` for an engine behind the run's key."""
+    rejoining: bool = False
+    """It does not serve the fleet's weights now (quarantined, or at another version: restarted, say), so a
+    transport that keeps state with its engines (a weight-update group) sets that state up again."""

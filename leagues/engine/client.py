@@ -14,11 +14,12 @@ Decisions:
 - HTTP speaks SGLang's native `/generate` with `input_ids` (tokenisation stays on the rollout side, so the
   trainer sees the exact ids that were sampled) and `return_logprob`; routed experts come back base64 as
   SGLang encodes them. Several URLs are used round-robin; a router URL is just one URL. Health checks,
-  quarantine and rejoin at the current weights are the fleet's (`leagues.serve.fleet_client`), which builds
-  its bodies and reads its answers with `generate_body` and `outputs_of` here.
+  quarantine and rejoin at the current weights are the fleet's (`leagues.serve.fleet_client`), whose client
+  is a `RemoteClient` too: bodies, answers, errors and the retried count are the same whichever sends.
 - Transient HTTP failures (connection errors, 5xx, 429) are retried with backoff `retries` times, each retry
-  on the next URL and counted in `num_retried`; a 4xx is the request's fault and raises at once, with the
-  server's message.
+  on the next URL; the samples of a request sent again count once in `num_retried`. A 4xx is the request's
+  fault and raises at once (`ValueError`), with the server's message; a request that failed for good raises
+  `ConnectionError` (`request_error`).
 - A request can be named (`request_id`, SGLang's `rid`) and aborted by that name (`abort`, SGLang's
   `/abort_request`): partial rollout stops the requests it no longer waits for and gets their tokens so far.
 - `on_token(sample_index, token_id, logprob)` sees every sampled token: as it is sampled in process (on the
@@ -30,7 +31,7 @@ import asyncio
 import base64
 import contextlib
 import itertools
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -83,7 +84,31 @@ class LocalClient:
         return self.engine.weight_version
 
 
-class HTTPClient:
+class RemoteClient:
+    """What the clients over HTTP share (`HTTPClient`, and the fleet's in `leagues.serve.fleet_client`): a prompt's
+    `/generate` body, the answer read into `Output`s with its tokens replayed to `on_token`, errors that carry the
+    server's message, and the count of samples sent again. A subclass sends the body (`_send`)."""
+
+    num_retried: int
+    """Samples whose request was sent again after a failure, since the client was made (the loop reports the
+    step's as `rollout/retried`)."""
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> list[Output]:
+        data = await self._send(generate_body(prompt_ids, params, request_id), params.n)
+        return replay_tokens(outputs_of(data, prompt_ids), on_token)
+
+    async def _send(self, body: dict, num_samples: int) -> Any:
+        """The JSON answer to `/generate` with `body` (`num_samples` outputs), or `request_error`'s error."""
+        raise NotImplementedError
+
+
+class HTTPClient(RemoteClient):
     """Engines behind `/generate` (leagues serve, leagues router, SGLang), round-robin over `urls`."""
 
     def __init__(self, urls: list[str], timeout_s: float = 600.0, retries: int = 3, api_key: str | None = None):
@@ -95,36 +120,26 @@ class HTTPClient:
         self._next = itertools.cycle(range(len(self.urls)))
         self.retries = retries
         self.num_retried = 0
-        """Requests sent again after a transient failure, since the client was made (the loop reports the step's)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(timeout=timeout_s, headers=headers)
         self._httpx = httpx
 
-    async def generate(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        on_token: TokenCallback | None = None,
-    ) -> list[Output]:
-        outputs = outputs_of(await self._post("/generate", generate_body(prompt_ids, params, request_id)), prompt_ids)
-        return replay_tokens(outputs, on_token)
-
-    async def _post(self, path: str, body: dict):
+    async def _send(self, body: dict, num_samples: int) -> Any:
         for attempt in range(self.retries + 1):
-            url = self.urls[next(self._next)] + path
+            url = self.urls[next(self._next)]
             try:
-                response = await self._client.post(url, json=body)
+                response = await self._client.post(url + "/generate", json=body)
             except self._httpx.TransportError as e:
-                error = f"{url}: {type(e).__name__}: {e}"
+                error: Exception = ConnectionError(f"{url}: {type(e).__name__}: {e}")
             else:
                 if response.status_code < 400:
                     return response.json()
-                error = f"{url}: HTTP {response.status_code}: {response.text[:300]}"
-                if response.status_code < 500 and response.status_code != 429:
-                    raise ValueError(error)
+                error = request_error(response.status_code, _answer(response), f"{url}: ")
+                if not isinstance(error, ConnectionError):
+                    raise error
             if attempt < self.retries:
-                self.num_retried += 1
+                if attempt == 0:  # a request's samples count once, however often it is sent again
+                    self.num_retried += num_samples
                 await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
         raise ConnectionError(f"generation failed after {self.retries + 1} attempts: {error}")
 
@@ -146,6 +161,36 @@ class HTTPClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def request_error(status: int, body: Any, where: str = "") -> ValueError | ConnectionError:
+    """The error of a `/generate` answered with HTTP `status`: `ConnectionError` for the server's trouble (5xx, and
+    429: overloaded), worth sending again; `ValueError` for the request's own fault (other 4xx), never sent again.
+    Its message is the server's."""
+    kind = ConnectionError if status >= 500 or status == 429 else ValueError
+    return kind(f"{where}HTTP {status}: {_error_message(body)}")
+
+
+def _error_message(body: Any) -> str:
+    """The message of an engine's error answer: `{"error": {"message"}}` (leagues serve, OpenAI, a router),
+    SGLang's `{"error": "..."}` or `{"message"}`, else the body itself; at most 300 characters."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message") is not None:
+            body = error["message"]
+        elif error is not None:
+            body = error
+        elif body.get("message") is not None:
+            body = body["message"]
+    return str(body)[:300]
+
+
+def _answer(response) -> Any:
+    """A response's JSON, else its text."""
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
 
 
 def generate_body(prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> dict:

@@ -16,8 +16,10 @@ Decisions:
   the other ranks build only an engine.
 - External engines (`engine_urls`) replace the in-process engine: rollout goes over HTTP through a fleet
   (`leagues.serve.fleet`: healthy engines only, failed requests retried on another), and weights reach them
-  through `update_weights_from_disk` (a checkpoint in the run directory) after each step, on the engines the
-  fleet says should serve (`update_engines`: quarantined ones skipped, restarted ones caught up).
+  after each step, from a checkpoint in the run directory (`update_weights_from_disk`) or over a weight-update
+  group (`weight_sync.transport distributed`), on the engines the fleet says should serve (`update_engines`:
+  quarantined and dead ones skipped, restarted ones caught up), with the run's key (`fleet.api_key`). The
+  transport runs on the main thread, since the distributed one gathers the trainer's weights as it sends.
 """
 
 import asyncio
@@ -267,18 +269,20 @@ class Run:
         self.trainer.save(self.checkpoint_root, extra=extra, keep_last=self.cfg.checkpoint.keep_last)
 
     def weight_sender(self) -> DistributedWeightSender:
-        """The SGLang weight-update group to the external engines, made on first use (rank 0 only)."""
+        """The SGLang weight-update group to the external engines, made on first use (rank 0 only); its members
+        follow the fleet (`update_engines`)."""
         if self._sender is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             address, port = self.cfg.weight_sync.address, self.cfg.weight_sync.port
-            self._sender = DistributedWeightSender(list(self.cfg.engine_urls), address, port, backend=backend)
-            self._sender.init()
+            self._sender = DistributedWeightSender(list(self.fleet.replicas), address, port, backend=backend)
         return self._sender
 
-    def update_engines(self, load, version: int) -> dict[str, float]:
-        """`load(url)` on every external engine that is to serve `version` (`Fleet.update_weights`, on the run's
-        event loop, the fleet's); the fleet's metrics."""
-        return self.loop.run_until_complete(self.fleet.update_weights(load, version))
+    def update_engines(self, send, version: int) -> dict[str, float]:
+        """`send(targets)` to the external engines that are to serve `version`, as the fleet says after fresh health
+        checks (quarantined and dead ones skipped, restarted ones caught up; each with the run's key), on this
+        thread; its failures go back to the fleet. The fleet's metrics."""
+        targets = self.loop.run_until_complete(self.fleet.weight_targets())
+        return self.fleet.weights_updated(version, targets, send(targets))
 
     def write_weights(self, trainer) -> Path:
         """The trainer's weights as an HF checkpoint under the run directory (for engines that read the disk)."""

@@ -17,6 +17,9 @@
     GET  /metrics                     Prometheus text format
 
 Decisions:
+- Admin work ([admin] above) lives on the `admin` router, whose every route first runs `require_admin`, the
+  one admin check (also called by `/abort_request` for `abort_all`): the caller the auth middleware found must
+  hold the admin key when the server has one (403 for the API key, 401 for none or another).
 - Blocking engine calls (`load_weights`, `sleep`, `flush_cache`) run in a worker thread, so the event
   loop keeps serving while the engine thread does them between steps.
 - `update_weights_from_disk` checks the checkpoint against the model before writing anything
@@ -36,16 +39,32 @@ import asyncio
 from dataclasses import asdict
 from pathlib import Path
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from leagues.engine import remote_weights
 from leagues.engine.disk_weights import check_checkpoint, disk_tensors
-from leagues.serve.api_common import APIError, ServerState, error_response, state_of
+from leagues.serve.api_common import ASK_FOR_KEY, UNAUTHORIZED, APIError, Caller, ServerState, error_response, state_of
 from leagues.serve.protocol import AbortRequest, MemoryRequest, UpdateWeightsFromDiskRequest
 from leagues.types import SamplingParams
 
+ASLEEP = "the engine is asleep (memory released): not ready"
+
+
+def require_admin(request: Request, param: str | None = None) -> None:
+    """Refuse a caller without the admin key, if the server has one: 403 for the API key, 401 for none or another
+    (`param`: the option that needs it, when the route itself does not)."""
+    caller = request.scope.get("leagues_caller", Caller.ADMIN)  # an app without the auth middleware: open
+    if caller is Caller.USER:
+        needs = f"{param}: needs the admin key" if param else "this endpoint needs the admin key"
+        raise APIError(403, needs, param=param, kind="permission_error")
+    if caller is not Caller.ADMIN:
+        raise APIError(401, UNAUTHORIZED, param=param, kind="authentication_error", headers=ASK_FOR_KEY)
+
+
 router = APIRouter(tags=["admin"])
+admin = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
+"""The admin routes: each refuses a caller without the admin key before it looks at its body's fields."""
 
 
 @router.get("/health")
@@ -54,7 +73,7 @@ async def health(request: Request):
     if not engine.is_alive:
         return error_response(503, "the engine loop is not running", "server_error")
     if engine.asleep:
-        return error_response(503, "the engine is asleep (memory released): not ready", "server_error")
+        return error_response(503, ASLEEP, "server_error")
     return Response(status_code=200)
 
 
@@ -62,7 +81,7 @@ async def health(request: Request):
 async def health_generate(request: Request):
     state = state_of(request)
     if state.engine.asleep:
-        return error_response(503, "the engine is asleep (memory released): not ready", "server_error")
+        return error_response(503, ASLEEP, "server_error")
     params = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
     rid, timeout = state.new_id("health"), state.limits.health_generate_timeout
     try:
@@ -111,7 +130,7 @@ async def get_server_info(request: Request):
     }
 
 
-@router.post("/flush_cache")
+@admin.post("/flush_cache")
 async def flush_cache(request: Request):
     await asyncio.to_thread(state_of(request).engine.flush_cache)
     return {"success": True, "message": "prefix cache flushed"}
@@ -122,15 +141,15 @@ async def abort_request(req: AbortRequest, request: Request):
     state = state_of(request)
     if not req.rid and not req.abort_all:
         raise APIError(422, "rid: give a request id, or abort_all: true", param="rid")
-    if req.abort_all and not request.scope.get("leagues_admin", True):
-        raise APIError(403, "abort_all: needs the admin key", param="abort_all", kind="permission_error")
+    if req.abort_all:
+        require_admin(request, param="abort_all")
     rids = list(state.in_flight) if req.abort_all else [req.rid]
     for rid in rids:
         state.engine.abort(rid)
     return {"success": True, "message": f"aborted {len(rids)} request(s)"}
 
 
-@router.post("/update_weights_from_disk")
+@admin.post("/update_weights_from_disk")
 async def update_weights_from_disk(req: UpdateWeightsFromDiskRequest, request: Request):
     state = state_of(request)
     engine = state.engine
@@ -151,20 +170,20 @@ async def update_weights_from_disk(req: UpdateWeightsFromDiskRequest, request: R
     return {"success": True, "message": message, "weight_version": engine.weight_version, "num_paused_requests": 0}
 
 
-@router.post("/release_memory_occupation")
+@admin.post("/release_memory_occupation")
 async def release_memory_occupation(request: Request, req: MemoryRequest | None = None):
     tags = (req.tags if req else None) or ["kv_cache", "weights"]
     await asyncio.to_thread(state_of(request).engine.sleep, "weights" in tags)
     return {"success": True, "message": f"released {', '.join(tags)}"}
 
 
-@router.post("/resume_memory_occupation")
+@admin.post("/resume_memory_occupation")
 async def resume_memory_occupation(request: Request, req: MemoryRequest | None = None):
     await asyncio.to_thread(state_of(request).engine.wake)
     return {"success": True, "message": "resumed"}
 
 
-@router.post("/init_weights_update_group")
+@admin.post("/init_weights_update_group")
 async def init_weights_update_group(request: Request, req: dict = Body(...)):  # noqa: B008
     state = state_of(request)
     if state.joining:  # each join holds a worker thread until its group forms (or the timeout)
@@ -176,12 +195,12 @@ async def init_weights_update_group(request: Request, req: dict = Body(...)):  #
         state.joining = False
 
 
-@router.post("/update_weights_from_distributed")
+@admin.post("/update_weights_from_distributed")
 async def update_weights_from_distributed(request: Request, req: dict = Body(...)):  # noqa: B008
     return await _remote(request, remote_weights.update_weights_from_distributed, req)
 
 
-@router.post("/destroy_weights_update_group")
+@admin.post("/destroy_weights_update_group")
 async def destroy_weights_update_group(request: Request, req: dict = Body(...)):  # noqa: B008
     return await _remote(request, remote_weights.destroy_weights_update_group, req)
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from fastapi import Request
@@ -22,19 +23,47 @@ from leagues.types import SamplingParams
 
 
 class APIError(Exception):
-    """An error answered as `{"error": {...}}` with `status`."""
+    """An error answered as `{"error": {...}}` with `status` (and `headers`, such as a 401's `WWW-Authenticate`)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: int | str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-    return JSONResponse(error_body(message, kind, param, status), status_code=status)
+def error_response(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+):
+    return JSONResponse(error_body(message, kind, param, status), status_code=status, headers=headers)
+
+
+UNAUTHORIZED = "missing or wrong API key (Authorization: Bearer ...)"
+ASK_FOR_KEY = {"WWW-Authenticate": "Bearer"}
+
+
+class Caller(StrEnum):
+    """Who a request comes from, as the server's auth middleware found it (`request.scope["leagues_caller"]`)."""
+
+    ADMIN = "admin"
+    """The admin key, or any caller when the server has no admin key."""
+    USER = "user"
+    """The API key."""
+    ANONYMOUS = "anonymous"
+    """No key or another one, on a server without an API key (it serves everything but admin work)."""
 
 
 @dataclass(slots=True)

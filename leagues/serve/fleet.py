@@ -45,12 +45,15 @@ Decisions:
   `httpx.AsyncClient` (made on first use, closed by `close()`) serves every replica.
 - Replicas given to the constructor start healthy (traffic flows before the first check); replicas added
   later (`add_engine`) start quarantined and join through a health check, version gate included.
-- Weight updates (`update_weights`, the RL loop's, between rollouts): after a fresh round of health checks,
-  the weights go to every healthy replica and to every quarantined one that answers its checks (a restarted
-  engine: it gets the current weights before it serves, then rejoins at once, at the fleet's version). A
-  replica whose update fails is quarantined and the others go on; only a fleet where none took the weights
-  fails. The fleet then serves that version, so a replica that missed it stays out until it is updated.
-  The load itself is the caller's (`load(url)`, blocking, run in threads: `leagues.sync.disk`).
+- Weight updates (the RL loop's, between rollouts), in two calls around the caller's transport
+  (`leagues.sync`): `weight_targets()` runs a fresh round of health checks and names the replicas that answer
+  it, healthy or quarantined (a restarted engine: it gets the current weights before it serves), as
+  `WeightTarget`s with their headers; `weights_updated(version, targets, failures)` then records the outcome.
+  A replica whose update failed is quarantined and the others go on; so is a healthy replica that did not
+  answer and so missed the update; only a fleet where none took the weights fails. The fleet then serves that
+  version, so a replica that missed it stays out until it is updated, and a quarantined one that took it
+  rejoins at once. Targets that do not serve the fleet's weights now are marked `rejoining`, so a transport
+  with state per engine (a weight-update group) sets it up again for them.
 - Not done: streaming (`"stream": true` is refused with 400).
 """
 
@@ -59,12 +62,14 @@ import contextlib
 import hashlib
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
 import httpx
+
+from leagues.types import WeightTarget
 
 NO_STREAMING = "the fleet does not stream; send the request without `stream`"
 
@@ -144,6 +149,8 @@ class Replica:
     """Requests this fleet has in flight on the replica."""
     failures: int = 0
     """Consecutive failed health checks and requests."""
+    last_failure: str = ""
+    """What went wrong the last time (kept while the replica is still healthy, too)."""
     weight_version: int | None = None
     """Last weight version the replica reported (health check or response); None until it does."""
     alive: bool = True
@@ -391,6 +398,7 @@ class Fleet:
     def _record_failure(self, replica: Replica, reason: str, at_once: bool = False) -> None:
         replica.failures += 1
         replica.num_failed += 1
+        replica.last_failure = reason
         if (at_once or replica.failures >= self.cfg.max_failures) and replica.state is ReplicaState.HEALTHY:
             replica.state = ReplicaState.QUARANTINED
             replica.reason = reason if at_once else f"{replica.failures} consecutive failures; last: {reason}"
@@ -405,24 +413,45 @@ class Fleet:
 
     # --- weights --------------------------------------------------------------------------------
 
-    async def update_weights(self, load: Callable[[str], None], version: int) -> dict[str, float]:
-        """The weights of `version` to every replica that is to serve them, by `load(url)` (blocking: run in
-        threads, all at once): the healthy ones, and the quarantined ones that answer their health checks,
-        which then rejoin. A replica whose load raises is quarantined. From now on the fleet serves `version`.
-        Raises `FleetError` (503) when no replica took the weights; else returns metrics (`fleet/...`)."""
+    async def weight_targets(self) -> list[WeightTarget]:
+        """After a fresh round of health checks, the replicas that are to take the next weights: every one that
+        answers (healthy, or quarantined and back, to rejoin), with its headers; `rejoining` when it does not
+        serve the fleet's weights now."""
         await self.check_health()  # who answers now, at which weights
-        targets = [r for r in self.replicas.values() if r.state is ReplicaState.HEALTHY or r.alive]
-        results = await asyncio.gather(*(asyncio.to_thread(load, r.url) for r in targets), return_exceptions=True)
+        fleet = self.weight_version
+        return [
+            WeightTarget(
+                r.url,
+                self.headers(r) or {},
+                rejoining=r.state is ReplicaState.QUARANTINED or (fleet is not None and r.weight_version != fleet),
+            )
+            for r in self.replicas.values()
+            if r.alive
+        ]
+
+    def weights_updated(
+        self, version: int, targets: Sequence[WeightTarget], failures: Mapping[str, BaseException | str]
+    ) -> dict[str, float]:
+        """Record a weight update to `targets` (`failures`: those that did not take it, by URL): from now on the
+        fleet serves `version`; a replica that failed, and a healthy one that was not a target, are quarantined;
+        a quarantined target that took it rejoins. Raises `FleetError` (503) when no replica took the weights;
+        else returns metrics (`fleet/...`)."""
         self.set_weight_version(version)
-        for replica, result in zip(targets, results, strict=True):
-            if isinstance(result, BaseException):
+        sent = {t.url for t in targets}
+        for replica in self.replicas.values():
+            if replica.url not in sent:
+                if replica.state is ReplicaState.HEALTHY:  # it did not answer its check: it must not serve old weights
+                    reason = f"missed weight version {version}: its health check failed: {replica.last_failure}"
+                    self._record_failure(replica, reason, at_once=True)
+                continue
+            if (error := failures.get(replica.url)) is not None:
                 replica.alive = False
-                self._record_failure(replica, f"weight update to version {version} failed: {result}", at_once=True)
+                self._record_failure(replica, f"weight update to version {version} failed: {error}", at_once=True)
                 continue
             replica.weight_version, replica.failures = version, 0
             if replica.state is ReplicaState.QUARANTINED:
                 self._maybe_rejoin(replica)
-        updated = sum(not isinstance(r, BaseException) for r in results)
+        updated = len(sent - set(failures))
         if not updated:
             message = f"no engine took weight version {version}: {self.unavailable_message()}"
             raise FleetError(503, error_body(503, message))
@@ -509,7 +538,7 @@ class Fleet:
         except httpx.TransportError as err:
             return None, f"{type(err).__name__}: {err}".rstrip(": ")
         if info.status_code != 200:
-            return None, f"/get_server_info answered HTTP {info.status_code}"
+            return None, f"/get_server_info answered HTTP {info.status_code}: {_message(info)}"
         body = _json(info)
         return _as_version(body.get("weight_version") if isinstance(body, dict) else None), None
 

@@ -17,8 +17,10 @@ Decisions:
   of the vocabulary, duplicate rid) are 400; 5xx is left for real server faults.
 - Security: with `api_key`, every route but `/health` needs `Authorization: Bearer <key>` (401); with
   `admin_key`, every route that changes weights, memory, the cache or other users' requests needs it
-  (403 for any other key, the plain one included): the weight and memory routes, `/flush_cache`, and
-  `/abort_request` with `abort_all`; the admin key also opens every other route. Request ids the server
+  (403 for the plain key, 401 for none or another): the weight and memory routes, `/flush_cache`, and
+  `/abort_request` with `abort_all`; the admin key also opens every other route. The middleware finds out
+  who calls; the admin routes say themselves that they are admin work (`api_admin.admin`, one check:
+  `api_admin.require_admin`), so no list of paths has to agree with them. Request ids the server
   makes are random, so no client can guess another's to abort it. Keys are compared in constant time.
   `weights_root` confines `/update_weights_from_disk`. Nothing received is unpickled or executed:
   weights come from safetensors files or (elsewhere) NCCL.
@@ -50,22 +52,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from leagues.engine.engine import Engine
 from leagues.serve import api_admin, api_openai, api_sglang
-from leagues.serve.api_common import APIError, ServerState, error_body, error_response
+from leagues.serve.api_common import (
+    ASK_FOR_KEY,
+    UNAUTHORIZED,
+    APIError,
+    Caller,
+    ServerState,
+    error_body,
+    error_response,
+)
 from leagues.serve.metrics import ServerMetrics
 from leagues.serve.protocol import ServerLimits
 
 OPEN_PATHS = frozenset({"/health"})
-ADMIN_PATHS = frozenset(
-    {
-        "/update_weights_from_disk",
-        "/init_weights_update_group",
-        "/update_weights_from_distributed",
-        "/destroy_weights_update_group",
-        "/release_memory_occupation",
-        "/resume_memory_occupation",
-        "/flush_cache",
-    }
-)
 
 
 # --- middleware ---------------------------------------------------------------------------------------
@@ -91,6 +90,9 @@ def _same(a: str | None, b: str) -> bool:
 
 
 class AuthMiddleware:
+    """Who is calling: every route but /health needs the API key, if the server has one (401); the caller is then
+    recorded in `scope["leagues_caller"]` for the admin routes' own check (`api_admin.require_admin`)."""
+
     def __init__(self, app, api_key: str | None, admin_key: str | None) -> None:
         self.app, self.api_key, self.admin_key = app, api_key, admin_key
 
@@ -98,22 +100,19 @@ class AuthMiddleware:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         token = _bearer(scope)
-        admin_ok = self.admin_key is not None and _same(token, self.admin_key)
-        plain_ok = self.api_key is None or _same(token, self.api_key) or admin_ok
-        if scope["path"] in ADMIN_PATHS and self.admin_key is not None and not admin_ok:
-            if token is None:
-                return await self._unauthorized(send)
-            return await _send_error(send, 403, "this endpoint needs the admin key", "permission_error")
-        if not plain_ok:
-            return await self._unauthorized(send)
-        scope["leagues_admin"] = self.admin_key is None or admin_ok  # routes with admin-only options read it
+        if self.admin_key is not None and _same(token, self.admin_key):
+            caller = Caller.ADMIN  # the admin key opens every route
+        elif self.api_key is not None and not _same(token, self.api_key):
+            caller = None
+        elif self.admin_key is None:
+            caller = Caller.ADMIN  # no admin key: admin work is anyone's who may call at all
+        else:
+            caller = Caller.USER if self.api_key is not None else Caller.ANONYMOUS
+        if caller is None:
+            headers = [(k.lower().encode(), v.encode()) for k, v in ASK_FOR_KEY.items()]
+            return await _send_error(send, 401, UNAUTHORIZED, "authentication_error", headers)
+        scope["leagues_caller"] = caller
         return await self.app(scope, receive, send)
-
-    async def _unauthorized(self, send) -> None:
-        headers = [(b"www-authenticate", b"Bearer")]
-        await _send_error(
-            send, 401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error", headers
-        )
 
 
 class BodyLimitMiddleware:
@@ -216,7 +215,7 @@ async def _on_validation_error(request: Request, exc: RequestValidationError):
 
 
 async def _on_api_error(request: Request, exc: APIError):
-    return error_response(exc.status, exc.message, exc.kind, exc.param)
+    return error_response(exc.status, exc.message, exc.kind, exc.param, exc.headers)
 
 
 async def _on_value_error(request: Request, exc: ValueError):
@@ -253,8 +252,9 @@ def create_app(
     name = served_model_name or Path(path).name or "leagues"
     root = Path(weights_root) if weights_root is not None else None
     app.state.leagues = ServerState(engine, metrics, path, name, limits=limits, weights_root=root)
-    for module in (api_sglang, api_openai, api_admin):
-        app.include_router(module.router)
+    routers = (api_sglang.router, api_openai.router, api_admin.router, api_admin.admin)
+    for router in routers:
+        app.include_router(router)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(ValueError, _on_value_error)
@@ -262,7 +262,7 @@ def create_app(
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_middleware(AuthMiddleware, api_key=api_key, admin_key=admin_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_bytes)
-    paths = {route.path for module in (api_sglang, api_openai, api_admin) for route in module.router.routes}
+    paths = {route.path for router in routers for route in router.routes}
     app.add_middleware(MetricsMiddleware, metrics=metrics, paths=paths)
     return app
 

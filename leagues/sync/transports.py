@@ -14,11 +14,16 @@ through).
 - broadcast: disaggregated runs, the trainer ranks training and the other ranks' engines receiving inside the same
   job (`BroadcastSync`: bucketed, NCCL on GPUs, gloo on CPUs). Every trainer rank gathers the full weights (the
   gathers are collective), the first one broadcasts them to a group of itself and the engine ranks.
-- distributed: SGLang's weight-update group to external engines (rank 0 sends; the other trainer ranks still
-  gather, since the gathers are collective).
+- distributed: SGLang's weight-update group to the external engines the run's fleet says should serve (rank 0
+  sends; the other trainer ranks still gather, since the gathers are collective). The group follows the fleet:
+  dead engines are left out, restarted ones join a new group and catch up (`DistributedWeightSender.send_to`).
 - disk: an HF checkpoint written to a shared disk, then `update_weights_from_disk` on every engine the run's
   fleet says should serve (quarantined ones are skipped, restarted ones catch up; `leagues.serve.fleet`).
 - none: frozen engines (evaluation of a fixed policy, or engines updated by other means).
+
+Both external transports go through the run's `update_engines(send, version)`: it asks the fleet for the engines
+that are to serve `version` (`WeightTarget`s, with the run's key), calls `send(targets)` and gives the failures
+back to the fleet, which quarantines those engines and serves `version` from then on.
 """
 
 import time
@@ -29,7 +34,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from leagues.sync.disk import load_from_disk
+from leagues.sync.disk import load_on
 from leagues.sync.local import BroadcastSync, push_in_place
 
 
@@ -98,20 +103,23 @@ class BroadcastPush:
 
 @register("distributed")
 class DistributedSync:
-    def __init__(self, sender: Callable[[], Any], rank: int) -> None:
-        self.sender, self.rank = sender, rank
-        """`sender()`: the `DistributedWeightSender`, made on first use (rank 0 only)."""
+    def __init__(self, sender: Callable[[], Any], update: Callable[..., dict[str, float]], rank: int) -> None:
+        self.sender, self.update, self.rank = sender, update, rank
+        """`sender()`: the `DistributedWeightSender`, made on first use (rank 0 only). `update(send, version)`:
+        calls `send(targets)` with the engines that are to serve `version` (the run's fleet) and records its
+        failures; its metrics."""
 
     @classmethod
     def from_run(cls, run) -> "DistributedSync":
-        return cls(run.weight_sender, run.rank)
+        return cls(run.weight_sender, run.update_engines, run.rank)
 
     def push(self, trainer, version: int) -> dict[str, float]:
         buckets = trainer.state_dict_for_sync()  # every trainer rank gathers; rank 0 sends
-        if self.rank == 0:
-            self.sender().send(buckets, weight_version=version)
-        else:
-            for _ in buckets:
+        try:
+            if self.rank == 0:
+                return self.update(lambda targets: self.sender().send_to(targets, buckets, version), version)
+        finally:
+            for _ in buckets:  # the other ranks' part of each gather (on rank 0: whatever a failure left)
                 pass
         return {}
 
@@ -121,8 +129,8 @@ class DiskSync:
     def __init__(self, write: Callable[[Any], Any], update: Callable[..., dict[str, float]], rank: int) -> None:
         self.write, self.update, self.rank = write, update, rank
         """`write(trainer)`: the path of an HF checkpoint of the trainer's weights, on a disk the engines read.
-        `update(load, version)`: calls `load(url)` for every engine that is to serve `version` (the run's fleet);
-        its metrics."""
+        `update(send, version)`: calls `send(targets)` with the engines that are to serve `version` (the run's
+        fleet) and records its failures; its metrics."""
 
     @classmethod
     def from_run(cls, run) -> "DiskSync":
@@ -132,7 +140,7 @@ class DiskSync:
         path = self.write(trainer)
         metrics = {}
         if self.rank == 0:
-            metrics = self.update(partial(load_from_disk, path=path.resolve(), version=version), version)
+            metrics = self.update(partial(load_on, path=path.resolve(), version=version), version)
         if dist.is_initialized():
             dist.barrier()
         return metrics

@@ -1,5 +1,7 @@
-"""Chaos on real processes: `leagues train --engine_urls` over two `leagues serve` engines, one killed with
-SIGKILL while it holds requests of a rollout, then started again.
+"""Chaos on real processes: `leagues train --engine_urls` over two `leagues serve` engines behind an API key
+(the run sends it: `--fleet.api_key`), one killed with SIGKILL while it holds requests of a rollout, then
+started again; with either weight transport to external engines (disk, and the distributed weight-update group
+over gloo).
 
 The run must finish every step with a full batch (no sample lost: the dead engine's requests are retried on the
 other one and counted in `rollout/retried`), skip the dead engine's weight updates (`fleet/updated`), and take
@@ -14,22 +16,24 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from leagues.model import resolve_model_path
 from tests.loop.test_loop import REWARDS, ROOT, rl_rows
-from tests.serve.engines import EngineProcess, free_port
+from tests.serve.engines import API_KEY, AUTH, EngineProcess, free_port
 
 STEPS, BATCH, N = 6, 8, 4
 # few sequences at a time: an engine holds queued requests through most of a rollout, so the kill finds some
 ENGINE_ARGS = ["--engine.num_blocks", "256", "--engine.max_model_len", "96", "--engine.max_num_seqs", "4"]
 
 
-def train_args(run_dir, urls: list[str]) -> list[str]:
+def train_args(run_dir, urls: list[str], transport: str) -> list[str]:
     return [
         "--task", "arithmetic", "--task_params", "{max_digits: 1}", "--reward.name", f"{REWARDS}:gated",
         "--reward.timeout_s", "120", "--steps", str(STEPS), "--rollout.batch_size", str(BATCH),
         "--rollout.n_samples_per_prompt", str(N), "--rollout.max_response_len", "8",
-        "--engine_urls", f"[{','.join(urls)}]", "--fleet.health_interval", "0.2",
+        "--engine_urls", f"[{','.join(urls)}]", "--fleet.health_interval", "0.2", "--fleet.api_key", API_KEY,
+        "--weight_sync.transport", transport, "--weight_sync.port", str(free_port()),
         "--checkpoint.enabled", "false", "--report", "false", "--obs.tensorboard", "false",
         "--obs.console", "false", "--run_dir", str(run_dir),
     ]  # fmt: skip
@@ -37,7 +41,7 @@ def train_args(run_dir, urls: list[str]) -> list[str]:
 
 def in_flight(url: str) -> int:
     try:
-        return httpx.get(url + "/get_server_info", timeout=2).json()["num_in_flight_requests"]
+        return httpx.get(url + "/get_server_info", headers=AUTH, timeout=2).json()["num_in_flight_requests"]
     except httpx.HTTPError:
         return 0
 
@@ -51,17 +55,18 @@ def wait_for(condition, run: subprocess.Popen, what: str, timeout: float = 120) 
 
 
 def finished_requests(url: str) -> float:
-    lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
+    lines = httpx.get(url + "/metrics", headers=AUTH, timeout=10).text.splitlines()
     return sum(float(line.split()[-1]) for line in lines if line.startswith("leagues_request_finished_total"))
 
 
-def test_a_killed_engine_costs_no_sample_and_rejoins_at_the_current_weights(tmp_path):
+@pytest.mark.parametrize("transport", ["disk", "distributed"])
+def test_a_killed_engine_costs_no_sample_and_rejoins_at_the_current_weights(tmp_path, transport):
     tiny, run_dir, gate = resolve_model_path("tiny-moe"), tmp_path / "run", tmp_path / "gate"
-    engines = [EngineProcess(tiny, free_port(), tmp_path, api_key=None, args=ENGINE_ARGS) for _ in range(2)]
+    engines = [EngineProcess(tiny, free_port(), tmp_path, args=ENGINE_ARGS) for _ in range(2)]
     victim = engines[0]
     env = os.environ | {"LEAGUES_TEST_GATE_AT": str(3 * BATCH * N + 1), "LEAGUES_TEST_GATE": str(gate),
                         "LEAGUES_TEST_COUNTER": str(tmp_path / "calls")}  # fmt: skip
-    cmd = [sys.executable, "-m", "leagues.cli", "train", *train_args(run_dir, [e.url for e in engines])]
+    cmd = [sys.executable, "-m", "leagues.cli", "train", *train_args(run_dir, [e.url for e in engines], transport)]
     run = None
     try:
         for engine in engines:
@@ -79,7 +84,7 @@ def test_a_killed_engine_costs_no_sample_and_rejoins_at_the_current_weights(tmp_
         out, _ = run.communicate(timeout=300)
         assert run.returncode == 0, out[-5000:]
         served_after_restart = finished_requests(victim.url)
-        version = httpx.get(victim.url + "/get_server_info", timeout=10).json()["weight_version"]
+        version = httpx.get(victim.url + "/get_server_info", headers=AUTH, timeout=10).json()["weight_version"]
     finally:
         if run is not None and run.poll() is None:
             run.kill()

@@ -38,18 +38,28 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60)
 
 class EngineProcess:
     """One engine server process on a fixed port; `kill` and `start` again keep the port. With `api_key` the
-    server asks for it (given by environment, out of the process list)."""
+    server asks for it, and with `admin_key` for that one on its admin routes (both given by environment, out of
+    the process list)."""
 
-    def __init__(self, model: Path, port: int, log_dir: Path, api_key: str | None = API_KEY, args=()) -> None:
+    def __init__(
+        self,
+        model: Path,
+        port: int,
+        log_dir: Path,
+        api_key: str | None = API_KEY,
+        args=(),
+        admin_key: str | None = None,
+    ) -> None:
         self.model, self.port, self.log = model, port, log_dir / f"engine-{port}.log"
-        self.api_key, self.args = api_key, list(args)
+        self.api_key, self.admin_key, self.args = api_key, admin_key, list(args)
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, model: Path | None = None) -> "EngineProcess":
         self.model = model or self.model
         cmd = [sys.executable, "-m", "leagues.cli", "serve", "--model", str(self.model), "--port", str(self.port)]
-        env = {**os.environ, "LEAGUES_API_KEY": self.api_key} if self.api_key else dict(os.environ)
+        keys = {"LEAGUES_API_KEY": self.api_key, "LEAGUES_ADMIN_KEY": self.admin_key}
+        env = {**os.environ, **{name: key for name, key in keys.items() if key}}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([*cmd, *self.args], stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
@@ -67,7 +77,8 @@ class EngineProcess:
 
     def update_weights(self, model: Path, version: int) -> None:
         body = {"model_path": str(model), "weight_version": version}
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        key = self.admin_key or self.api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else None
         response = httpx.post(self.url + "/update_weights_from_disk", json=body, headers=headers, timeout=60)
         assert response.status_code == 200, response.text
 

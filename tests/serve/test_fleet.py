@@ -79,9 +79,10 @@ def test_rejoin_waits_for_the_fleet_version():
 
 
 def test_weight_updates_skip_the_dead_and_catch_restarted_engines_up():
-    """The weights go to healthy replicas and to quarantined ones that answer (which then rejoin at once); a
-    replica that fails its update is quarantined; a fleet where none took them raises."""
-    fleet = Fleet(["a:1", "b:2", "c:3"], FleetConfig(max_failures=1))
+    """The weights go to every replica that answers its check (quarantined ones too, which then rejoin at once);
+    a replica that fails its update, or a healthy one that did not answer, is quarantined; a fleet where none
+    took them raises. Targets carry the engines' key and say which ones do not serve the fleet's weights."""
+    fleet = Fleet(["a:1", "b:2", "c:3"], FleetConfig(max_failures=3, api_key="k"))
     a, b, c = fleet.replicas.values()
     checks = {a.url: (0, None), b.url: (None, "ConnectError"), c.url: (0, None)}
 
@@ -91,25 +92,30 @@ def test_weight_updates_skip_the_dead_and_catch_restarted_engines_up():
     fleet._probe = probe
     loaded = []
 
-    def load(url: str) -> None:
-        if url == c.url:
-            raise RuntimeError("weight update refused")
-        loaded.append(url)
+    def update(version: int):
+        targets = asyncio.run(fleet.weight_targets())
+        failures = {t.url: RuntimeError("weight update refused") for t in targets if t.url == c.url}
+        loaded[:] = [t.url for t in targets if t.url not in failures]
+        checks.update({url: (version, None) for url in loaded})  # they answer with the new weights from now on
+        return targets, fleet.weights_updated(version, targets, failures)
 
-    metrics = asyncio.run(fleet.update_weights(load, 1))
-    assert loaded == [a.url] and fleet.weight_version == 1  # b is down (skipped), c refused
+    targets, metrics = update(1)
+    assert [t.url for t in targets] == [a.url, c.url] and loaded == [a.url] and fleet.weight_version == 1
+    assert all(t.headers == {"Authorization": "Bearer k"} and not t.rejoining for t in targets)
+    # b did not answer (one failure: still healthy) and so missed the update; c refused it
     assert b.state == c.state == ReplicaState.QUARANTINED and "refused" in c.reason
+    assert b.reason == "missed weight version 1: its health check failed: ConnectError"
     assert metrics == {"fleet/updated": 1.0, "fleet/healthy": 1.0, "fleet/replicas": 3.0}
     checks[b.url] = (0, None)  # b restarts, at the weights it started with
     asyncio.run(fleet.check_health())
     assert b.state == ReplicaState.QUARANTINED and "weight version 0; the fleet is at 1" in b.reason
     checks[c.url] = (None, "ConnectError")
-    loaded.clear()
-    assert asyncio.run(fleet.update_weights(load, 2))["fleet/updated"] == 2.0
-    assert sorted(loaded) == [a.url, b.url] and b.state == ReplicaState.HEALTHY and b.weight_version == 2
+    targets, metrics = update(2)
+    assert [(t.url, t.rejoining) for t in targets] == [(a.url, False), (b.url, True)]
+    assert metrics["fleet/updated"] == 2.0 and b.state == ReplicaState.HEALTHY and b.weight_version == 2
     checks[a.url] = checks[b.url] = (None, "ConnectError")
     with pytest.raises(FleetError, match="no engine took weight version 3"):
-        asyncio.run(fleet.update_weights(load, 3))
+        update(3)
 
 
 def test_fleet_client_without_a_healthy_engine_fails_its_samples():

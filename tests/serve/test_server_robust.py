@@ -265,6 +265,8 @@ def test_admin_routes_refuse_the_user_key(keyed, path, body):
     r = httpx.post(keyed + path, json=body, headers=PLAIN, timeout=10)
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error", r.text
     assert httpx.post(keyed + path, json=body, timeout=10).status_code == 401
+    wrong = httpx.post(keyed + path, json=body, headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer", wrong.text
 
 
 def test_weights_load_only_from_under_the_root(keyed, roots):

@@ -172,12 +172,12 @@ def test_sender_fails_fast_when_an_engine_is_missing():
     )
     start = time.monotonic()
     with sender:
-        with pytest.raises(EngineRefused, match="init_weights_update_group"):
-            sender.init()  # the rendezvous waits for a rank that never comes; the refused POST ends init()
+        with pytest.raises(EngineRefused, match="not formed: .*ConnectError"):
+            sender.init()  # no rendezvous begins for an engine that cannot be reached
         assert time.monotonic() - start < 1.5
         with pytest.raises(RuntimeError, match="not ready"):
             sender.send([[("embed.weight", torch.zeros(1))]], weight_version=1)
-    # close() waited the rendezvous out, so this process can exit cleanly
+    # no rendezvous was left waiting, so this process can exit cleanly
 
 
 def test_broadcast_sync_matches_the_checkpoint(served, tmp_path):
