@@ -335,8 +335,11 @@ class Trainer:
             x_T = forward(mb)
             if index >= num_real:
                 continue
-            for seq, i in enumerate(mb.sample_indices):  # response targets are each sequence's last positions
-                out[i] = x_T[mb.seq_ids_T == seq][-len(samples[i].response_ids) :].float().cpu()
+            x_T = x_T.float().cpu()  # one copy a micro-batch, then host slices
+            end = 0
+            for length, i in zip(mb.lengths, mb.sample_indices, strict=True):
+                end += length  # response targets are each sequence's last positions
+                out[i] = x_T[end - len(samples[i].response_ids) : end].clone()
         return out
 
     def _ref_logprobs(self, samples: list[Sample]) -> list[torch.Tensor] | None:
