@@ -206,7 +206,12 @@ def save_pretrained(
         }
         _atomic_write_text(path / INDEX, json.dumps(index, indent=2))
     _remove_stale_weights(path, keep=set(names))
-    _atomic_write_text(path / "config.json", json.dumps(model.config.hf_config, indent=2) + "\n")
+    config = dict(model.config.hf_config)
+    if tensors:  # config.json names the dtype the weights were written in
+        written = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+            config[key] = written
+    _atomic_write_text(path / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def _remove_stale_weights(path: Path, keep: set[str]) -> None:

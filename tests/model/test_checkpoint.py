@@ -76,6 +76,10 @@ def test_bf16_checkpoint_keeps_bf16(tmp_path):
     assert {p.dtype for p in load_pretrained(src).parameters()} == {torch.float32}
     save_pretrained(model, tmp_path / "f32-out", dtype=torch.float32)
     assert {t.dtype for t in read_tensors(tmp_path / "f32-out").values()} == {torch.float32}
+    # config.json names the dtype the weights were written in, as transformers reads it
+    for directory, name in ((out, "bfloat16"), (tmp_path / "f32-out", "float32")):
+        assert json.loads((directory / "config.json").read_text())["dtype"] == name
+        assert transformers.AutoConfig.from_pretrained(directory).dtype == getattr(torch, name)
 
 
 # ---------------------------------------------------------------- sharded checkpoints
