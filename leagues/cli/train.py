@@ -5,8 +5,12 @@ With `--auto_resume N` this process only supervises: it runs the same command as
 directory, and when the child fails (any exit status but 0 and 2, a signal included) it runs it again with
 `--checkpoint.resume true`, at most N times. Resume is exact (data position, RNG states, optimizer), so the
 metrics equal an uninterrupted run's. Bad input (exit status 2) is not retried: it would fail the same way.
+
+External engines' key: `--fleet.api_key`, else `$LEAGUES_API_KEY` (which keeps it out of the process list); it is
+never written to the run's `config.yaml`.
 """
 
+import os
 import subprocess
 import sys
 
@@ -21,6 +25,7 @@ USAGE_EXIT = 2
 
 
 def run_train_verb(cfg: TrainConfig) -> int:
+    cfg.fleet.api_key = cfg.fleet.api_key or os.environ.get("LEAGUES_API_KEY", "")
     if cfg.auto_resume < 0:
         raise UsageError(f"auto_resume: must be >= 0, got {cfg.auto_resume}")
     if cfg.auto_resume and not under_launcher():

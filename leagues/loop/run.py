@@ -344,10 +344,11 @@ def _memory_plan(cfg: TrainConfig, model_path: Path, train_data: PromptDataset, 
 
 
 def _write_run_dir(cfg: TrainConfig, run_dir: Path, rank: int) -> None:
-    """The run directory, with the resolved config (`leagues.loop.config.resolve`, what runs) written to it."""
+    """The run directory, with the resolved config (`leagues.loop.config.resolve`, what runs) written to it, less
+    the engines' API key (a secret: a rerun gives it again, or through $LEAGUES_API_KEY)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        dump_yaml(cfg, run_dir / "config.yaml")
+        dump_yaml(replace(cfg, fleet=replace(cfg.fleet, api_key="")), run_dir / "config.yaml")
 
 
 def _trainer_mesh(cfg: TrainConfig, trainer_ranks: list[int]) -> ParallelMesh | None:

@@ -100,8 +100,8 @@ class FleetConfig:
     """Most open connections to all replicas together."""
     api_key: str = ""
     """Key sent to the engines the fleet was started with as `Authorization: Bearer <key>` (their `api_key`);
-    engines added later get it only when added as trusted (never over HTTP). Empty: none (`leagues router`
-    then reads $LEAGUES_API_KEY)."""
+    engines added later get it only when added as trusted (never over HTTP). Empty: none (`leagues router` and
+    `leagues train` then read $LEAGUES_API_KEY). A run's `config.yaml` never holds it."""
 
     def __post_init__(self) -> None:
         checks = {

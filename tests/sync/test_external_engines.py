@@ -17,6 +17,7 @@ import httpx
 import pytest
 import torch
 
+from leagues.cli.main import main
 from leagues.config import apply_overrides
 from leagues.engine import Engine, SamplingParams
 from leagues.loop import TrainConfig, train
@@ -57,15 +58,19 @@ def checkpoints(tmp_path_factory):
     return write_tiny_moe(root / "seed1", seed=1), write_tiny_moe(root / "seed2", seed=2)
 
 
-def run_config(run_dir, url: str, key: str) -> TrainConfig:
+def run_args(run_dir, url: str, key: str | None = None) -> list[str]:
     args = ["--task", "arithmetic", "--task_params", "{max_digits: 1}", "--steps", "1", "--rollout.batch_size", "2",
             "--rollout.n_samples_per_prompt", "2", "--rollout.max_response_len", "4", "--engine_urls", f"[{url}]",
-            "--fleet.api_key", key, "--checkpoint.enabled", "false", "--report", "false", "--obs.tensorboard", "false",
+            "--checkpoint.enabled", "false", "--report", "false", "--obs.tensorboard", "false",
             "--obs.console", "false", "--run_dir", str(run_dir)]  # fmt: skip
-    return apply_overrides(TrainConfig(), args)
+    return args + (["--fleet.api_key", key] if key is not None else [])
 
 
-def test_weight_updates_carry_the_key_and_say_what_is_wrong_with_it(tmp_path, checkpoints):
+def run_config(run_dir, url: str, key: str) -> TrainConfig:
+    return apply_overrides(TrainConfig(), run_args(run_dir, url, key))
+
+
+def test_weight_updates_carry_the_key_and_say_what_is_wrong_with_it(tmp_path, checkpoints, monkeypatch):
     first, second = checkpoints
     engine = EngineProcess(resolve_model_path("tiny-moe"), free_port(), tmp_path, args=ENGINE_ARGS, admin_key=ADMIN_KEY)
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -95,6 +100,12 @@ def test_weight_updates_carry_the_key_and_say_what_is_wrong_with_it(tmp_path, ch
             train(run_config(tmp_path / "wrong", engine.url, "nope"))  # its health check says it first
         assert len(train(run_config(tmp_path / "admin", engine.url, ADMIN_KEY))) == 1
         assert greedy(engine.url, AUTH)[1] == 1  # the run's weights, after its one step
+        # from the environment through the CLI, as a user keeps it out of the process list; never in config.yaml
+        monkeypatch.setenv("LEAGUES_API_KEY", ADMIN_KEY)
+        assert main(["train", *run_args(tmp_path / "env", engine.url)]) == 0
+        assert greedy(engine.url, AUTH)[1] == 1  # a new run's first step: version 1 again, its own weights
+        for run in ("admin", "env"):
+            assert ADMIN_KEY not in (tmp_path / run / "config.yaml").read_text()
     finally:
         engine.stop()
 
