@@ -6,14 +6,13 @@ The script: "2+3?" is answered with a think block and a call; "hi" with a plain 
 of a forced call (`<tool_call>\\n`, which the named-function opening continues), with a call of `add`."""
 
 import os
-import re
 import subprocess
 import sys
-import time
 
 import torch
 
 from leagues.model import ForwardBatch, load_pretrained, load_tokenizer, resolve_model_path, save_pretrained
+from tests.serve.test_server import _wait_url
 
 CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
 THOUGHT = "sum"
@@ -71,13 +70,4 @@ def serve(path) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "leagues.cli", "serve", "--model", str(path), "--port", "0"]
     cmd += ["--engine.num_blocks", "256", "--engine.max_model_len", "256"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    deadline, lines = time.monotonic() + 120, []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line)
-        if m := re.search(r"listening on (http://\S+)", line):
-            return proc, m.group(1)
-    proc.kill()
-    raise RuntimeError("server did not start:\n" + "".join(lines))
+    return proc, _wait_url(proc, timeout=120)
