@@ -88,6 +88,29 @@ def _count(ids_N: torch.Tensor, size: int) -> torch.Tensor:
     return torch.zeros(size, dtype=torch.long, device=ids_N.device).index_add_(0, ids_N, torch.ones_like(ids_N))
 
 
+def moe_terms(
+    out, mask_T: torch.Tensor, replay_TLK: torch.Tensor | None, num_tokens: float, cfg: MoEConfig, num_experts: int
+) -> tuple[torch.Tensor | float, dict, torch.Tensor | None]:
+    """Of one micro-batch's forward output `out` (routes and router logits captured): its share of the balance
+    losses (weighted by its loss tokens over the global batch's `num_tokens`), the route disagreement with the
+    rollout's `replay_TLK`, and its [L, E] load counts (None for a dense model)."""
+    routes_TLK = out.routed_experts_TLK
+    if routes_TLK is None:  # a dense model
+        return 0.0, {}, None
+    metrics = {}
+    if replay_TLK is not None:  # zero under replay, by construction
+        metrics["moe/route_mismatch_frac"] = route_mismatch_frac(routes_TLK, replay_TLK)
+    # a padding pass (no loss tokens) counts nothing; multiplied, not branched on, to keep the host out
+    counts = expert_counts(routes_TLK, num_experts) * mask_T.any()
+    if not out.router_logits:
+        return 0.0, metrics, counts
+    share = mask_T.sum() / num_tokens  # this micro-batch's part of the global batch
+    aux = torch.stack([load_balance_loss(lg, routes_TLK[:, i]) for i, lg in enumerate(out.router_logits)]).mean()
+    z = torch.stack([router_z_loss(lg) for lg in out.router_logits]).mean()
+    metrics |= {"moe/aux_loss": aux.detach(), "moe/z_loss": z.detach()}
+    return share * (cfg.aux_loss_coef * aux + cfg.z_loss_coef * z), metrics, counts
+
+
 def load_metrics(counts_LE: torch.Tensor) -> dict[str, float]:
     """Per-layer load balance of a step's routed slots: `moe/load_max_over_mean/layer{i}`, their means over
     layers, the normalised load entropy and the count of experts with no token."""

@@ -59,11 +59,8 @@ from leagues.train.losses import LossConfig, LossInputs, Normalizer, kl_penalty_
 from leagues.train.metrics import accumulate, merge_updates, reduce_over_ranks
 from leagues.train.moe import (
     MoEConfig,
-    expert_counts,
-    load_balance_loss,
     load_metrics,
-    route_mismatch_frac,
-    router_z_loss,
+    moe_terms,
     update_expert_bias,
 )
 from leagues.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
@@ -84,8 +81,7 @@ class TrainerConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     max_tokens_per_microbatch: int = 16384
-    """Token budget of one packed micro-batch. Large by default: at RL shapes the step is bound by launches per
-    micro-batch, not by FLOPs (one H200, 1.27B MoE: 16,384 trains a 12k-token batch in half the time of 8,192)."""
+    """Token budget of one packed micro-batch (large: at RL shapes a micro-batch costs its launches, not FLOPs)."""
     logprob_chunk_size: int = 2048
     """Tokens per chunk of the LM head and log-softmax."""
     ref_offload: bool = True
@@ -99,11 +95,10 @@ class TrainerConfig:
     """The ratio's old policy: "recompute" (the policy's logprobs before the first update) or "rollout" (the
     engine's logprobs of the samples)."""
     compile: str = "auto"
-    """"auto", "true" or "false": `torch.compile` each transformer block (fuses norms, rotary and the MoE glue;
-    on CUDA attention is traced in) for static sizes, and the chunked LM-head log-softmax. Each micro-batch runs
-    padded up to a multiple of `compile_pad_multiple` tokens (a sequence of its own that no loss or metric
-    sees), so the blocks compile once per size bucket, not once per packing. "auto" is on on CUDA outside
-    deterministic mode (whose batch-invariant kernels are not compiled)."""
+    """"auto", "true" or "false": `torch.compile` each block (attention traced in on CUDA) for static sizes, and
+    the chunked log-softmax; micro-batches run padded (`Transformer.pad_to`) to a multiple of
+    `compile_pad_multiple` tokens, so blocks compile once per size bucket. "auto": on CUDA outside deterministic
+    mode."""
     compile_pad_multiple: int = 1024
     """With `compile`: the token multiple micro-batches are padded to (fewer compiled sizes, more padding)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -285,23 +280,12 @@ class Trainer:
         return logprobs_T, entropy_T, out
 
     def _moe_terms(self, out, mb: MicroBatch, norm: Normalizer) -> tuple[torch.Tensor | float, dict]:
-        """Balance-loss share of this micro-batch, route disagreement with the rollout, and load counts."""
-        routes_TLK, moe = out.routed_experts_TLK, self.cfg.moe
-        if routes_TLK is None:  # a dense model
-            return 0.0, {}
-        metrics = {}
-        if mb.replay_experts_TLK is not None:  # zero under replay, by construction
-            metrics["moe/route_mismatch_frac"] = route_mismatch_frac(routes_TLK, mb.replay_experts_TLK)
-        # a padding pass (no loss tokens) counts nothing; multiplied, not branched on, to keep the host out
-        counts = expert_counts(routes_TLK, self.model.config.num_experts) * mb.mask_T.any()
-        self._load_counts = counts if self._load_counts is None else self._load_counts + counts
-        if not out.router_logits:
-            return 0.0, metrics
-        share = mb.mask_T.sum() / norm.num_tokens  # this micro-batch's part of the global batch
-        aux = torch.stack([load_balance_loss(lg, routes_TLK[:, i]) for i, lg in enumerate(out.router_logits)]).mean()
-        z = torch.stack([router_z_loss(lg) for lg in out.router_logits]).mean()
-        metrics |= {"moe/aux_loss": aux.detach(), "moe/z_loss": z.detach()}
-        return share * (moe.aux_loss_coef * aux + moe.z_loss_coef * z), metrics
+        """Balance-loss share of this micro-batch and its MoE metrics (`moe_terms`); its load counts add up."""
+        experts = self.model.config.num_experts
+        loss, metrics, counts = moe_terms(out, mb.mask_T, mb.replay_experts_TLK, norm.num_tokens, self.cfg.moe, experts)
+        if counts is not None:
+            self._load_counts = counts if self._load_counts is None else self._load_counts + counts
+        return loss, metrics
 
     def _microbatches(self, samples: list[Sample]) -> list[MicroBatch]:
         lengths = [input_length(s) for s in samples]
