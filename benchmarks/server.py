@@ -1,16 +1,24 @@
-"""HTTP layer cost: `leagues serve` against the in-process engine, same model, same requests.
+"""The HTTP front's cost: `leagues serve` against the in-process engine, same model, same load.
 
-C concurrent clients each send R requests (a fixed prompt of P tokens, N new tokens, greedy, eos
-ignored) to `/generate` with `stream: true`, so every request also yields its time to first token and
-its inter-token gaps. The same requests go through `Engine.generate_async` in-process. Throughput is
-generated tokens per second of wall time; the HTTP cost is 1 - server / in-process.
+C clients each send R requests one after another (a fixed prompt of P token ids, N new tokens, greedy, eos
+ignored), so the engine sees at most C requests at a time either way. In-process, the clients are coroutines
+calling `Engine.generate_async` (time to first token from the engine's `on_token`); over HTTP they post to
+`/generate`, streaming or not, from several client processes (so the benchmark's own parsing does not limit the
+server). Each side first runs one round of C concurrent requests untimed (the engine compiles and captures its
+batch sizes on first use). Throughput is generated tokens per second of wall time; `http_cost = 1 - server / in-process`.
 
-    PYTHONPATH=. python benchmarks/server.py [--model tiny-moe] [--clients 64] [--requests 4] [--new-tokens 64]
+One row per (clients, stream) to $OUT/server.jsonl (keys `clients`, `stream`, `in_process_tokens_per_s`,
+`server_tokens_per_s`, `http_cost`, `ttft_ms_p50` (streaming), `in_process_ttft_ms_p50`, `itl_ms_p50`,
+`latency_ms_p50`, plus the card and the load).
+
+    PYTHONPATH=. python benchmarks/server.py [--model tiny-moe] [--clients 8,64] [--stream both] [--requests 4]
+        [--new-tokens 128] [--client-procs 4]
 """
 
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import os
 import re
 import statistics
@@ -20,11 +28,9 @@ import time
 
 import httpx
 
-from leagues.engine import Engine, SamplingParams
 
-
-def launch(model: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "leagues.cli", "serve", "--model", model, "--port", "0"]
+def launch(model: str, extra: list[str], prefix: str = "") -> tuple[subprocess.Popen, str]:
+    cmd = [*prefix.split(), sys.executable, "-m", "leagues.cli", "serve", "--model", model, "--port", "0", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if m := re.search(r"listening on (http://\S+)", line):
@@ -32,81 +38,179 @@ def launch(model: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("server did not start")
 
 
-async def one_streamed(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, list[float], int]:
+# --- HTTP clients (in their own processes) ------------------------------------------------------------
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict, stream: bool) -> dict:
     start = time.perf_counter()
+    if not stream:
+        response = await client.post(f"{url}/generate", json=body)
+        response.raise_for_status()
+        end = time.perf_counter()
+        return {"latency": end - start, "tokens": len(response.json()["output_ids"]), "start": start, "end": end}
     stamps, count = [], 0
     async with client.stream("POST", f"{url}/generate", json=body | {"stream": True}) as response:
         async for line in response.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                stamps.append(time.perf_counter())
-                count = len(json.loads(line[6:])["output_ids"])
+                new = len(json.loads(line[6:])["output_ids"])
+                now = time.perf_counter()
+                stamps += [now] * (new - count)  # a chunk may bring several tokens: they arrived together
+                count = new
+    end = time.perf_counter()
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return stamps[0] - start, gaps, count
-
-
-async def run_server(url: str, args, prompt: list[int]) -> dict:
-    body = {
-        "input_ids": prompt,
-        "sampling_params": {"temperature": 0, "max_new_tokens": args.new_tokens, "ignore_eos": True},
+    return {
+        "ttft": stamps[0] - start,
+        "gaps": gaps,
+        "latency": end - start,
+        "tokens": count,
+        "start": start,
+        "end": end,
     }
-    limits = httpx.Limits(max_connections=args.clients)
+
+
+async def _clients(url: str, body: dict, stream: bool, clients: int, requests: int, go: float) -> list[dict]:
+    async def client_loop(client):
+        return [await _one(client, url, body, stream) for _ in range(requests)]
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one_streamed(client, url, body)  # warm-up
+        # the connections, and a warm engine: every batch size of this load compiled and captured before timing
+        await asyncio.gather(*[_one(client, url, body, stream) for _ in range(clients)])
+        while time.time() < go:  # every process starts its load at the same moment
+            await asyncio.sleep(0.001)
+        per_client = await asyncio.gather(*[client_loop(client) for _ in range(clients)])
+    return [r for rs in per_client for r in rs]
+
+
+def _client_process(args: tuple, out) -> None:
+    url, body, stream, clients, requests, go = args
+    results = asyncio.run(_clients(url, body, stream, clients, requests, go))
+    offset = time.time() - time.perf_counter()  # perf_counter is per process: report wall-clock times
+    out.put([r | {"start": r["start"] + offset, "end": r["end"] + offset} for r in results])
+
+
+def run_server(url: str, body: dict, stream: bool, clients: int, requests: int, procs: int) -> dict:
+    procs = max(1, min(procs, clients))
+    shares = [clients // procs + (i < clients % procs) for i in range(procs)]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    go = time.time() + 5.0  # the processes' imports and warm-up requests are done by then
+    workers = [ctx.Process(target=_client_process, args=((url, body, stream, c, requests, go), out)) for c in shares]
+    for w in workers:
+        w.start()
+    results = [r for _ in workers for r in out.get()]
+    for w in workers:
+        w.join()
+    return _summary(results)
+
+
+def _summary(results: list[dict]) -> dict:
+    seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
+    ttft = [r["ttft"] for r in results if "ttft" in r]
+    gaps = [g for r in results for g in r.get("gaps", [])]
+    return {
+        "tokens_per_s": round(sum(r["tokens"] for r in results) / seconds, 1),
+        "ttft_ms_p50": round(statistics.median(ttft) * 1e3, 1) if ttft else None,
+        "itl_ms_p50": round(statistics.median(gaps) * 1e3, 2) if gaps else None,
+        "latency_ms_p50": round(statistics.median(r["latency"] for r in results) * 1e3, 1),
+    }
+
+
+# --- the same load in-process ---------------------------------------------------------------------------
+
+
+async def run_engine(engine, prompt: list[int], params, clients: int, requests: int) -> dict:
+    async def one():
+        stamps: list[float] = []
         start = time.perf_counter()
-        tasks = [one_streamed(client, url, body) for _ in range(args.clients * args.requests)]
-        results = await asyncio.gather(*tasks)
-        seconds = time.perf_counter() - start
-    ttft = [r[0] for r in results]
-    gaps = [g for r in results for g in r[1]]
-    tokens = sum(r[2] for r in results)
-    return dict(
-        tokens_per_s=round(tokens / seconds, 1),
-        ttft_ms_p50=round(statistics.median(ttft) * 1e3, 1),
-        itl_ms_p50=round(statistics.median(gaps) * 1e3, 2) if gaps else None,
-    )
+        outs = await engine.generate_async(prompt, params, on_token=lambda *_: stamps.append(time.perf_counter()))
+        end = time.perf_counter()
+        gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        tokens = len(outs[0].token_ids)
+        return {
+            "ttft": stamps[0] - start,
+            "gaps": gaps,
+            "latency": end - start,
+            "tokens": tokens,
+            "start": start,
+            "end": end,
+        }
 
+    async def client_loop():
+        return [await one() for _ in range(requests)]
 
-async def run_engine(engine: Engine, args, prompt: list[int]) -> dict:
-    params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
-    await engine.generate_async(prompt, params)
-    start = time.perf_counter()
-    outs = await asyncio.gather(*[engine.generate_async(prompt, params) for _ in range(args.clients * args.requests)])
-    seconds = time.perf_counter() - start
-    return dict(tokens_per_s=round(sum(len(o[0].token_ids) for o in outs) / seconds, 1))
+    await asyncio.gather(*[one() for _ in range(clients)])  # warm-up: every batch size of this load compiled
+    per_client = await asyncio.gather(*[client_loop() for _ in range(clients)])
+    return _summary([r for rs in per_client for r in rs])
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="tiny-moe")
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=4)
+    parser.add_argument("--clients", default="8,64")
+    parser.add_argument("--stream", default="both", choices=["true", "false", "both"])
+    parser.add_argument("--requests", type=int, default=4, help="requests a client sends, one after another")
     parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    args = parser.parse_args()
-    prompt = [(7 * i) % 90 + 5 for i in range(args.prompt_tokens)]
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--client-procs", type=int, default=4, help="processes the HTTP clients are spread over")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--server-prefix", default="", help="a command the server runs under (a profiler)")
+    args, serve_extra = parser.parse_known_args()
+    import torch
+
+    from leagues.engine import Engine, SamplingParams
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    prompt = [(7 * i) % 90 + 5 for i in range(args.prompt_tokens)]  # within the character vocabulary
+    params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
+    body = {
+        "input_ids": prompt,
+        "sampling_params": {"temperature": 0, "max_new_tokens": args.new_tokens, "ignore_eos": True},
+    }
+    clients = [int(c) for c in args.clients.split(",")]
+    streams = {"true": [True], "false": [False], "both": [True, False]}[args.stream]
     engine = Engine(args.model)
-    in_process = asyncio.run(run_engine(engine, args, prompt))
+    in_process = {c: asyncio.run(run_engine(engine, prompt, params, c, args.requests)) for c in clients}
     engine.close()
-    proc, url = launch(args.model)
+    del engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    proc, url = launch(args.model, serve_extra, args.server_prefix)
     try:
-        served = asyncio.run(run_server(url, args, prompt))
+        for c in clients:
+            for stream in streams:
+                served = run_server(url, body, stream, c, args.requests, args.client_procs)
+                mine = in_process[c]
+                row = dict(
+                    clients=c,
+                    stream=stream,
+                    in_process_tokens_per_s=mine["tokens_per_s"],
+                    server_tokens_per_s=served["tokens_per_s"],
+                    http_cost=round(1 - served["tokens_per_s"] / mine["tokens_per_s"], 3),
+                    ttft_ms_p50=served["ttft_ms_p50"],
+                    in_process_ttft_ms_p50=mine["ttft_ms_p50"],
+                    itl_ms_p50=served["itl_ms_p50"],
+                    in_process_itl_ms_p50=mine["itl_ms_p50"],
+                    latency_ms_p50=served["latency_ms_p50"],
+                    in_process_latency_ms_p50=mine["latency_ms_p50"],
+                    requests=c * args.requests,
+                    prompt_tokens=args.prompt_tokens,
+                    new_tokens=args.new_tokens,
+                    client_procs=args.client_procs,
+                    model=args.model,
+                    card=card,
+                    date=time.strftime("%F"),
+                    tag=args.tag,
+                )
+                print(json.dumps(row), flush=True)
+                with open(os.path.join(os.environ.get("OUT", "/tmp"), "server.jsonl"), "a") as f:
+                    f.write(json.dumps(row) + "\n")
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-    cost = 1 - served["tokens_per_s"] / in_process["tokens_per_s"]
-    row = dict(
-        model=args.model,
-        clients=args.clients,
-        requests=args.clients * args.requests,
-        new_tokens=args.new_tokens,
-        in_process=in_process,
-        server=served,
-        http_cost=round(cost, 3),
-        date=time.strftime("%F"),
-    )
-    print(json.dumps(row))
-    with open(os.path.join(os.environ.get("OUT", "/tmp"), "server.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+        proc.send_signal(2)  # SIGINT: a profiler the server runs under writes its file
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 if __name__ == "__main__":

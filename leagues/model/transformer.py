@@ -106,8 +106,8 @@ class Transformer(nn.Module):
         self.invariant_len = 0
         """Deterministic mode: keys are padded to this length (0: off; see `set_batch_invariant`)."""
         self.pad_to = 1
-        """Packed batches run padded up to a multiple of this many tokens (`compile_blocks`); outputs cover the
-        batch's own tokens only."""
+        """Packed batches run padded up to a size bucket of this unit (`padded_size`, `compile_blocks`; 1: not
+        padded); outputs cover the batch's own tokens only."""
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] for B equal-length sequences, causal within each."""
@@ -119,7 +119,8 @@ class Transformer(nn.Module):
         if self.invariant_len:  # both attention backends (packed, paged) honour it
             batch.attention.invariant_len = self.invariant_len
         num_tokens = batch.input_ids_T.shape[0]
-        pad = -num_tokens % self.pad_to if isinstance(batch.attention, PackedSeqs) and not self.invariant_len else 0
+        packed = isinstance(batch.attention, PackedSeqs) and not self.invariant_len and self.pad_to > 1
+        pad = padded_size(num_tokens, self.pad_to) - num_tokens if packed else 0
         if pad:
             batch = batch.padded(pad)
         x_TD = self.embed(batch.input_ids_T)
@@ -196,8 +197,8 @@ class Transformer(nn.Module):
         """`torch.compile` each block in place (fuses norms, rotary and the MoE permutation glue).
 
         Blocks share one graph (parameters are graph inputs), so compiling costs one trace per
-        distinct block kind and size, not per layer. `pad_to`: packed batches run padded up to a multiple
-        of this many tokens, so blocks compiled for static sizes (`dynamic=False`) see only a few of them.
+        distinct block kind and size, not per layer. `pad_to`: packed batches run padded up to a size bucket
+        of this unit (`padded_size`), so blocks compiled for static sizes (`dynamic=False`) see only a few.
         """
         if pad_to < 1:
             raise ValueError(f"pad_to must be >= 1, got {pad_to}")
@@ -217,6 +218,17 @@ class Transformer(nn.Module):
                 param.zero_()
             else:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def padded_size(num_tokens: int, unit: int) -> int:
+    """The size bucket a packed batch of `num_tokens` runs at: the least of unit x (1, 2, 3, 4, 6, 8, 12, 16, ...)
+    that holds it. Buckets grow geometrically, so a trainer whose batches vary from one unit to 2^k units compiles
+    at most 2k + 1 sizes, each padded by less than half its tokens (a new size costs a compile of seconds)."""
+    units = -(-num_tokens // unit)
+    if units <= 2:
+        return units * unit
+    power = 1 << (units - 1).bit_length()  # the least power of two >= units
+    return (power * 3 // 4 if units <= power * 3 // 4 else power) * unit
 
 
 def raise_recompile_limit() -> None:

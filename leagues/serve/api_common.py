@@ -4,6 +4,7 @@ request's engine requests (see `server.py` for the decisions behind them)."""
 import asyncio
 import contextlib
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
@@ -83,6 +84,8 @@ class ServerState:
     """`remote_weights.WeightReceiver`, made by the first weight-group route."""
     joining: bool = False
     """A weight-group join is under way (one at a time: each holds a worker thread until the group forms)."""
+    mailbox: "_Mailbox | None" = None
+    """Streamed tokens' way from the engine's thread to the event loop (`mailbox_of`)."""
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{secrets.token_hex(8)}"  # unguessable: a client can abort only the ids it was given
@@ -95,19 +98,49 @@ def state_of(request: Request) -> ServerState:
 # --- one HTTP request's engine requests -------------------------------------------------------------
 
 
+class _Mailbox:
+    """Tokens from the engine's thread to one event loop, handed over in bursts: the first token after a hand-over
+    schedules one wake-up of the loop, and every token that comes before it runs rides along. So a decode step of
+    256 streaming rows wakes the loop once, not 256 times, and the loop never falls behind the engine by a backlog
+    of wake-ups."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock, self.items = loop, threading.Lock(), []
+
+    def put(self, queue: asyncio.Queue, event: tuple) -> None:  # on the engine thread
+        with self.lock:
+            self.items.append((queue, event))
+            if len(self.items) > 1:
+                return  # a hand-over is already scheduled and will take this one too
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
+            self.loop.call_soon_threadsafe(self._hand_over)
+
+    def _hand_over(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+def mailbox_of(state: "ServerState") -> _Mailbox:
+    """The mailbox of the running event loop (one a server; a new one if the loop changed, as in tests)."""
+    loop = asyncio.get_running_loop()
+    if state.mailbox is None or state.mailbox.loop is not loop:
+        state.mailbox = _Mailbox(loop)
+    return state.mailbox
+
+
 class _Tracker:
     """The engine's `on_token` for one prompt: timestamps every token and, when streaming, queues it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue | None, base: int, n: int):
-        self.loop, self.queue, self.base = loop, queue, base
+    def __init__(self, mailbox: _Mailbox, queue: asyncio.Queue | None, base: int, n: int):
+        self.mailbox, self.queue, self.base = mailbox, queue, base
         self.times: list[list[float]] = [[] for _ in range(n)]
 
     def __call__(self, index: int, token_id: int, logprob: float) -> None:  # on the engine thread
         self.times[index].append(time.monotonic())
         if self.queue is not None:
-            event = ("token", self.base + index, token_id, logprob)
-            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            self.mailbox.put(self.queue, ("token", self.base + index, token_id, logprob))
 
 
 def _admit(state: ServerState, prompts: list, params: SamplingParams, field: str) -> list[list[int]]:
@@ -144,9 +177,9 @@ class Batch:
         prompts = _admit(state, prompts, params, field)
         self.state, self.params, self.rids = state, params, rids
         self.start = time.monotonic()
-        loop = asyncio.get_running_loop()
+        mailbox = mailbox_of(state)
         self.queue: asyncio.Queue | None = asyncio.Queue() if stream else None
-        self.trackers = [_Tracker(loop, self.queue, i * params.n, params.n) for i in range(len(prompts))]
+        self.trackers = [_Tracker(mailbox, self.queue, i * params.n, params.n) for i in range(len(prompts))]
         self.futures: list[Future] = []
         try:
             for prompt, rid, tracker in zip(prompts, rids, self.trackers, strict=True):
@@ -196,17 +229,22 @@ class Batch:
             metrics.finished.labels(finish_reason=str(o.finish_reason)).inc()
         return outputs
 
-    async def events(self) -> AsyncIterator[tuple]:
-        """`("token", index, token_id, logprob)` as tokens come, `("done", prompt_index, outputs)` per prompt."""
+    async def events(self) -> AsyncIterator[list[tuple]]:
+        """Lists of the events that have come since the last one was taken, in order: `("token", index, token_id,
+        logprob)` as tokens come, `("done", prompt_index, outputs)` per prompt. A stream that falls behind the
+        engine so gets several tokens at once and answers them in one write."""
         assert self.queue is not None, "events() needs stream=True"
         done: dict[int, list[Output]] = {}
         try:
             while len(done) < len(self.waiters):
-                event = await self.queue.get()
-                if event[0] == "done":
-                    done[event[1]] = event[2].result()  # raises the engine's error, if any
-                    event = ("done", event[1], done[event[1]])
-                yield event
+                events = [await self.queue.get()]
+                while not self.queue.empty():
+                    events.append(self.queue.get_nowait())
+                for k, event in enumerate(events):
+                    if event[0] == "done":
+                        done[event[1]] = event[2].result()  # raises the engine's error, if any
+                        events[k] = ("done", event[1], done[event[1]])
+                yield events
         except BaseException:
             self.abort()
             raise

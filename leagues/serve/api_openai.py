@@ -202,21 +202,25 @@ async def _stream(state: ServerState, req, batch: Batch, shell: dict, reply):
     replies: dict[int, Reply] = {}
     outputs: list[Output] = []
     try:
-        async for event in batch.events():
-            if event[0] == "token":
-                _, index, token_id, logprob = event
-                if index not in streams:
-                    streams[index] = TextStream(state.engine.tokenizer, batch.params.stop)
-                    if chat:  # OpenAI opens every choice with the role
-                        replies[index] = reply(index % n)
-                        yield sse(shell | {"choices": [_delta(index, {"role": "assistant", "content": ""})]})
-                delta = streams[index].add(token_id, logprob)
-                if chat:
-                    for d in replies[index].deltas(streams[index].text):
-                        yield sse(shell | {"choices": [_delta(index, d)]})
-                elif delta:
-                    yield sse(shell | {"choices": [_text_piece(index, delta)]})
-            else:
+        async for events in batch.events():
+            chunks: list[bytes] = []
+            for event in events:
+                if event[0] == "token":
+                    _, index, token_id, logprob = event
+                    if index not in streams:
+                        streams[index] = TextStream(state.engine.tokenizer, batch.params.stop)
+                        if chat:  # OpenAI opens every choice with the role
+                            replies[index] = reply(index % n)
+                            chunks.append(
+                                sse(shell | {"choices": [_delta(index, {"role": "assistant", "content": ""})]})
+                            )
+                    delta = streams[index].add(token_id, logprob)
+                    if chat:
+                        for d in replies[index].deltas(streams[index].text):
+                            chunks.append(sse(shell | {"choices": [_delta(index, d)]}))
+                    elif delta:
+                        chunks.append(sse(shell | {"choices": [_text_piece(index, delta)]}))
+                    continue
                 for o in event[2]:
                     index = event[1] * n + o.index
                     text = streams.setdefault(index, TextStream(state.engine.tokenizer, [])).finish(o.text)
@@ -225,9 +229,10 @@ async def _stream(state: ServerState, req, batch: Batch, shell: dict, reply):
                         if chat
                         else [_last_text(req, state, o, index, text)]
                     )
-                    for piece in pieces:
-                        yield sse(shell | {"choices": [piece]})
+                    chunks += [sse(shell | {"choices": [piece]}) for piece in pieces]
                     outputs.append(o)
+            if chunks:
+                yield b"".join(chunks)  # a burst of tokens goes out in one write
     except ValueError as err:
         yield sse(error_body(str(err), "invalid_request_error", None, 400))
     if req.stream_options is not None and req.stream_options.include_usage and outputs:

@@ -27,6 +27,8 @@ Decisions:
 - `weight_version` is an int (SGLang's is a string): the router compares them.
 - Streaming sends, per output, chunks with the cumulative `text` and `output_ids` so far (SGLang's
   default, non-incremental mode) and `"index"`, then the complete final object, then `data: [DONE]`.
+  A chunk follows each burst of tokens the event loop takes at once (one token a chunk while the client
+  keeps up, several when the stream falls behind the engine); a burst's chunks go out in one write.
 """
 
 import base64
@@ -143,16 +145,23 @@ async def _stream(state: ServerState, req: GenerateRequest, batch: Batch):
     n, stop = batch.params.n, batch.params.stop
     streams: dict[int, TextStream] = {}
     try:
-        async for event in batch.events():
-            if event[0] == "token":
-                _, index, token_id, logprob = event
-                text = streams.setdefault(index, TextStream(state.engine.tokenizer, stop))
-                text.add(token_id, logprob)
-                yield sse(_partial(req, batch, index, text))
-            else:
+        async for events in batch.events():
+            chunks, touched = [], {}  # the outputs a burst of tokens moved: one chunk each, with all of them
+            for event in events:
+                if event[0] == "token":
+                    _, index, token_id, logprob = event
+                    text = streams.setdefault(index, TextStream(state.engine.tokenizer, stop))
+                    text.add(token_id, logprob)
+                    touched[index] = text
+                    continue
+                chunks += [sse(_partial(req, batch, i, text)) for i, text in touched.items()]
+                touched.clear()
                 for o in event[2]:
                     body = response_of(state, req, o, batch)
-                    yield sse(body | {"index": event[1] * n + o.index})
+                    chunks.append(sse(body | {"index": event[1] * n + o.index}))
+            chunks += [sse(_partial(req, batch, i, text)) for i, text in touched.items()]
+            if chunks:
+                yield b"".join(chunks)
     except ValueError as err:
         yield sse(error_body(str(err), "invalid_request_error", None, 400))
     yield sse("[DONE]")

@@ -162,10 +162,11 @@ def sse(data) -> bytes:
 class TextStream:
     """The streamed text of one sample: grows token by token, never past what the final text may keep.
 
-    The engine cuts the final text before a matched stop string, and a token may end inside a UTF-8
-    character, so the last `max(len(stop))` characters (and a trailing U+FFFD) are held back until the
-    end; `finish` then sends what remains of the final text. Decoding the whole output on every token is
-    quadratic in its length, which is fine for the lengths RL rollouts stream.
+    The engine cuts the final text before a matched stop string, so the last `max(len(stop))` characters are
+    held back until the end; `finish` then sends what remains of the final text. Decoding is incremental and
+    costs the same for every token, whatever the output's length: each new token is decoded in a window that
+    starts a few tokens back (so merges across token boundaries and leading spaces come out as in a whole
+    decode), and text is taken only once the window no longer ends inside a UTF-8 character (U+FFFD).
     """
 
     def __init__(self, tokenizer, stop: list[str]) -> None:
@@ -174,6 +175,10 @@ class TextStream:
         self.ids: list[int] = []
         self.logprobs: list[float] = []
         self.text = ""
+        """What was given out so far."""
+        self.decoded = ""
+        """The decoded text of `ids[:read]`."""
+        self.prefix = self.read = 0  # the window: ids[prefix:read] decode to the tail of `decoded`
 
     def add(self, token_id: int, logprob: float) -> str:
         """Append a token; returns the new text that is safe to show (maybe empty)."""
@@ -181,11 +186,15 @@ class TextStream:
         self.logprobs.append(logprob)
         if self.tokenizer is None:
             return ""
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        end = len(full) - self.holdback - (1 if full.endswith("\ufffd") else 0)
+        window = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        grown = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(grown) > len(window) and not grown.endswith("\ufffd"):
+            self.decoded += grown[len(window) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        end = len(self.decoded) - self.holdback
         if end <= len(self.text):
             return ""
-        delta = full[len(self.text) : end]
+        delta = self.decoded[len(self.text) : end]
         self.text += delta
         return delta
 

@@ -96,11 +96,11 @@ class TrainerConfig:
     engine's logprobs of the samples)."""
     compile: str = "auto"
     """"auto", "true" or "false": `torch.compile` each block (attention traced in on CUDA) for static sizes, and
-    the chunked log-softmax; micro-batches run padded (`Transformer.pad_to`) to a multiple of
-    `compile_pad_multiple` tokens, so blocks compile once per size bucket. "auto": on CUDA outside deterministic
-    mode."""
+    the chunked log-softmax; micro-batches run padded (`Transformer.pad_to`) to a size bucket, so blocks compile
+    once per bucket. "auto": on CUDA outside deterministic mode."""
     compile_pad_multiple: int = 1024
-    """With `compile`: the token multiple micro-batches are padded to (fewer compiled sizes, more padding)."""
+    """With `compile`: the unit of the size buckets micro-batches are padded to: unit x (1, 2, 3, 4, 6, 8, 12, 16,
+    ...) tokens (`model.transformer.padded_size`; a larger unit: fewer compiled sizes, more padding)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ import torch
 
 from leagues.kernels.grouped_gemm import can_use_fast, grouped_mm, grouped_mm_fast, grouped_mm_reference
 from leagues.model import ForwardBatch, Transformer, config_from_hf, load_pretrained, moe
+from leagues.model.transformer import padded_size
 
 from .hf_cases import write_hf_checkpoint
 
@@ -169,6 +170,17 @@ def test_padded_run_gives_the_unpadded_results(replay):
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_padded_sizes_grow_geometrically():
+    """Size buckets: unit x (1, 2, 3, 4, 6, 8, 12, 16, ...), the least that holds the batch; from one unit to 2^k
+    units at most 2k + 1 sizes, each less than half padding."""
+    assert [padded_size(n, 4) for n in (1, 4, 5, 8, 9, 12, 13, 16, 17, 24, 25, 33)] == [
+        4, 4, 8, 8, 12, 12, 16, 16, 24, 24, 32, 48,
+    ]  # fmt: skip
+    sizes = {padded_size(n, 1024) for n in range(1, 16385)}
+    assert sorted(sizes) == [k * 1024 for k in (1, 2, 3, 4, 6, 8, 12, 16)]
+    assert all(padded_size(n, 1024) < 2 * n for n in range(1025, 16385, 7))
 
 
 def loss_of(model: Transformer, batch: ForwardBatch) -> torch.Tensor:

@@ -123,8 +123,10 @@ def test_a_client_that_leaves_mid_stream_aborts_the_turn(scripted):
     body = {"messages": USER, "tools": [ADD], "temperature": 0, "max_tokens": 200, "stream": True}
     with httpx.stream("POST", f"{url}/sessions/{sid}/v1/chat/completions", json=body, timeout=30) as response:
         assert response.status_code == 200
-        first = next(response.iter_lines())
+        lines = (line for line in response.iter_lines() if line)
+        first = next(lines)
         assert json.loads(first.removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
+        assert "delta" in next(lines)  # the model has sampled a token (the role chunk goes out before any)
     deadline = time.monotonic() + 30
     while (closed := httpx.post(f"{url}/sessions/{sid}/close", json={})).status_code == 400:
         assert "a turn is sampling" in closed.text and time.monotonic() < deadline

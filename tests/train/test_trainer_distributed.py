@@ -1,5 +1,6 @@
 """The trainer on 2 gloo ranks (FSDP2, and FSDP2 + expert parallel) against one process, with PPO's critic too."""
 
+import contextlib
 import os
 import socket
 
@@ -89,6 +90,17 @@ def _worker(rank: int, port: int, ep: int, num_minibatches: int, kl_coef: float,
     os._exit(0)  # skip interpreter teardown: gloo's threads sometimes abort there ("terminate called ...")
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run as the ranks do (`torch.set_num_threads(1)`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -101,13 +113,15 @@ def test_two_ranks_match_one_process(ep, num_minibatches, kl_coef, tmp_path):
     same updates; with a KL term, the reference's logprobs are the same on any split too."""
     mp.spawn(_worker, args=(free_port(), ep, num_minibatches, kl_coef, str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "result.pt")
-    single = make_trainer(num_minibatches=num_minibatches, kl_coef=kl_coef)
-    samples = make_samples(12, seed=3)
-    metrics = single.train_step(samples[0::2] + samples[1::2])
-    want = full_params(single)
+    with one_thread():  # the ranks' reduction order: with more threads Adam magnifies the last bits of ~0 gradients
+        single = make_trainer(num_minibatches=num_minibatches, kl_coef=kl_coef)
+        samples = make_samples(12, seed=3)
+        metrics = single.train_step(samples[0::2] + samples[1::2])
+        want = full_params(single)
     assert set(got["params"]) == set(want)
-    for name, tensor in want.items():
-        torch.testing.assert_close(got["params"][name], tensor, rtol=0, atol=1e-5, msg=name)
+    for name, tensor in want.items():  # 1e-4: 1% of one Adam step (lr 1e-2). Adam's normalised update turns the
+        # last bits of a near-zero gradient, summed in another order on two ranks, into up to ~3e-5
+        torch.testing.assert_close(got["params"][name], tensor, rtol=0, atol=1e-4, msg=name)
     assert abs(got["metrics"]["loss"] - metrics["loss"]) < 1e-5
     if kl_coef:  # the second mini-batch's update starts away from the reference
         assert got["metrics"]["kl/mean"] > 0 and abs(got["metrics"]["kl/mean"] - metrics["kl/mean"]) < 1e-6
@@ -176,10 +190,11 @@ def test_critic_two_ranks_match_one_process(ep, tmp_path):
     the same values, critic weights and critic metrics as one process."""
     mp.spawn(_critic_worker, args=(free_port(), ep, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"critic{rank}.pt") for rank in range(2)]
-    single = make_trainer(num_minibatches=2, critic=True)
-    samples = make_samples(12, seed=7)
-    samples = with_value_targets(single, samples[0::2] + samples[1::2])
-    metrics = single.train_step(samples)
+    with one_thread():
+        single = make_trainer(num_minibatches=2, critic=True)
+        samples = make_samples(12, seed=7)
+        samples = with_value_targets(single, samples[0::2] + samples[1::2])
+        metrics = single.train_step(samples)
     values = ranks[0]["values"] + ranks[1]["values"]
     for got, want in zip(values, [s.values for s in samples], strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-5)
