@@ -294,4 +294,18 @@ def rollout_metrics(seen: list[Sample], result: RolloutResult, cfg: RolloutConfi
     if cfg.dynamic_sampling:
         metrics["rollout/rounds"] = float(rounds)
         metrics["rollout/kept_groups"] = float(len(_groups(result.samples)))
+    return metrics | agent_metrics(ok)
+
+
+def agent_metrics(samples: list[Sample]) -> dict[str, float]:
+    """Multi-turn samples (their ledger's `num_turns` and `termination` in the metadata): the mean and largest
+    number of turns, and the fraction of samples ending for each reason (`rollout/agent/...`); {} for none."""
+    agent = [s for s in samples if "num_turns" in s.metadata]
+    if not agent:
+        return {}
+    turns = [s.metadata["num_turns"] for s in agent]
+    metrics = {"rollout/agent/turns_mean": statistics.fmean(turns), "rollout/agent/turns_max": float(max(turns))}
+    for reason in sorted({s.metadata["termination"] for s in agent}):
+        share = sum(s.metadata["termination"] == reason for s in agent) / len(agent)
+        metrics[f"rollout/agent/termination/{reason}"] = share
     return metrics

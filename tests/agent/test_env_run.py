@@ -29,6 +29,9 @@ def test_train_with_a_users_env_from_the_command_line(tmp_path, capsys):
     assert row["rollout/failed"] == 0 and row["rollout/num_samples"] == 4
     assert row["rollout/reward_mean"] > 0  # the env's reward: characters of the first turn
     assert row["rollout/response_len_mean"] > 8  # two turns and the bridge between them
+    assert row["rollout/agent/turns_mean"] == row["rollout/agent/turns_max"] == 2  # the run's metrics say so
+    reasons = {k: v for k, v in row.items() if k.startswith("rollout/agent/termination/")}
+    assert reasons == {"rollout/agent/termination/max_turns": 1.0}
     assert main([*args, "--env", "tests.agent.envs_for_tests:Nope", "--run_dir", str(tmp_path / "bad")]) == 2
     assert "env 'tests.agent.envs_for_tests:Nope': cannot load it" in capsys.readouterr().err
     bad = [*args, "--rollout.generate_fn", "x:y", "--run_dir", str(tmp_path / "bad2")]
