@@ -27,6 +27,10 @@ class EngineConfig:
     """Longest sequence (prompt + output); default: the model's max positions."""
     enable_prefix_caching: bool = True
     chunked_prefill: bool = True
+    mixed_steps: bool = True
+    """Prefill steps also compute the running sequences' next tokens (in the step's token budget left), so a
+    request that arrives while others decode (a server's clients, an agent's next turn) does not cost them a
+    step. Off in deterministic mode, whose bitwise check covers decode rows in the decode path."""
     cuda_graphs: bool = True
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     overlap_scheduling: str = "auto"

@@ -79,7 +79,10 @@ class Engine:
         max_len = cfg.max_model_len or self.model.config.max_seq_len
         self.max_model_len = min(max_len, self.blocks.num_blocks * cfg.block_size)
         stop = StopRules.of(self.model.config.hf_config, tokenizer, self.max_model_len)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunked_prefill, stop)
+        mixed = cfg.mixed_steps and not cfg.deterministic
+        self.scheduler = Scheduler(
+            self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunked_prefill, stop, mixed
+        )
         self.model.fuse_qkv()
         self.runner = ModelRunner(self.model, self.blocks.num_blocks, self.max_model_len, cfg)
         self.weight_version, self.asleep, self.closed = 0, False, False

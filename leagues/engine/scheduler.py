@@ -3,7 +3,9 @@
 Each step is either a *prefill* step or a *decode* step:
 - prefill: sequences still computing their prompt (or recomputing after preemption) and then new
   ones from `waiting`, each taking a chunk of at most the step's token budget (chunked prefill), so a
-  long prompt never blocks the batch for more than one budget's worth of compute;
+  long prompt never blocks the batch for more than one budget's worth of compute; with `mixed`, the
+  running sequences' decode rows ride along in the budget left (one token each), so a request that
+  arrives alone costs the others no step of their own;
 - decode: every running sequence computes its one newest token and samples the next.
 New requests therefore join between decode steps. When the cache has no block for a decode, the
 newest running sequence is preempted: its blocks are freed (its full blocks usually stay in the prefix
@@ -91,8 +93,11 @@ class Scheduler:
         max_num_batched_tokens: int,
         chunked_prefill: bool = True,
         stop: StopRules | None = None,
+        mixed: bool = False,
     ) -> None:
+        """`mixed`: prefill steps carry the running sequences' decode rows too (`EngineConfig.mixed_steps`)."""
         self.blocks = blocks
+        self.mixed = mixed
         self.stop = stop or StopRules()
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -132,7 +137,22 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+        if self.mixed and items:
+            self._ride_along(items, budget)
         return items
+
+    def _ride_along(self, items: list[ScheduledSeq], budget: int) -> None:
+        """Decode rows of the running sequences in a prefill step's budget left, where a block has room
+        (a prefill step never preempts: a row without room waits for the next decode step)."""
+        scheduled = {id(item.seq) for item in items}
+        for seq in self.running:
+            if budget <= 0:
+                return
+            if id(seq) in scheduled or seq.num_pending_tokens != 1 or self.stop.ends_in_flight(seq):
+                continue
+            if self.blocks.allocate_slots(seq, 1):
+                items.append(ScheduledSeq(seq, 1))
+                budget -= 1
 
     def _take_chunk(self, seq: Sequence, items: list[ScheduledSeq], budget: int) -> bool:
         chunk = min(seq.num_pending_tokens, budget)

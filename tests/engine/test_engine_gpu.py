@@ -182,3 +182,22 @@ def test_split_k_graphs_serve_long_contexts_and_match_a_full_forward(tiny_path):
     for out in runs[True]:
         want = reference_logprobs(model, out, 1.0)
         torch.testing.assert_close(torch.tensor(out.logprobs), want, rtol=0, atol=1e-4)
+
+
+def test_mixed_steps_give_the_separate_steps_outputs(tiny_path):
+    """Prompts that arrive while others decode (`tests/engine/test_mixed_steps.py`): the running requests' rows
+    ride in the prompt's compiled step, then go back to the graphs; tokens equal an engine that keeps the steps
+    apart, logprobs and routes a float32 full forward."""
+    from .test_mixed_steps import staggered
+
+    model = load_pretrained(tiny_path, dtype=torch.float32)
+    params = SamplingParams(temperature=1.0, seed=7, max_new_tokens=10, ignore_eos=True, return_routed_experts=True)
+    runs = {
+        mixed: staggered(tiny_path, mixed, params, dtype="float32", compile_model="true") for mixed in (True, False)
+    }
+    (mixed, steps, on), (apart, _, off) = runs[True], runs[False]
+    assert on and not off and all(s == list(range(s[0], s[0] + len(s))) for s in steps)
+    assert [o.token_ids for o in mixed] == [o.token_ids for o in apart]
+    for out in mixed:
+        torch.testing.assert_close(torch.tensor(out.logprobs), reference_logprobs(model, out, 1.0), rtol=0, atol=1e-4)
+        assert torch.equal(out.routed_experts, reference_routes(model, out).to(out.routed_experts.dtype))

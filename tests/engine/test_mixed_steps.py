@@ -1,0 +1,76 @@
+"""Mixed steps (`EngineConfig.mixed_steps`): a request that arrives while others decode has its prompt computed
+in a step that also computes the others' next tokens. Arrivals are made deterministic by submitting each new
+request from the running one's token callback (on the engine's thread, so it lands before the next step). The
+outputs equal those of an engine that keeps prefill and decode steps apart, and a full forward's, without
+stalling the requests already running."""
+
+import torch
+
+from leagues.engine import SamplingParams
+
+from .reference import engine_of, make_prompts, reference_logprobs, reference_routes
+
+PROMPTS = make_prompts([5, 23, 9, 40], 101, seed=61)
+
+
+def staggered(model, mixed: bool, params: SamplingParams, **config):
+    """Request 0 first; request i + 1 arrives once request i has sampled 3 tokens. The outputs, the index of the
+    engine step each request's tokens came from, and whether the engine mixed steps."""
+    with engine_of(model, num_blocks=128, block_size=16, mixed_steps=mixed, **config) as engine:
+        futures, steps = [], [[] for _ in PROMPTS]
+
+        def arrive_after(i: int):
+            seen = []
+
+            def on_token(index, token, logprob):
+                seen.append(token)
+                steps[i].append(engine.stats["steps"])  # called before the step is counted: its index
+                if len(seen) == 3 and i + 1 < len(PROMPTS):
+                    submit(i + 1)
+
+            return on_token
+
+        def submit(i: int):
+            futures.append(engine.submit(PROMPTS[i], params, f"r{i}", arrive_after(i)))
+
+        submit(0)
+        while len(futures) < len(PROMPTS):
+            futures[-1].result(timeout=60)  # the last one so far has finished or has let the next one in
+        outputs = [o for f in futures for o in f.result(timeout=60)]
+        return outputs, steps, engine.scheduler.mixed
+
+
+def test_staggered_arrivals_give_the_same_outputs_in_fewer_steps(engine):
+    params = SamplingParams(temperature=1.0, seed=7, max_new_tokens=10, ignore_eos=True, return_routed_experts=True)
+    mixed, mixed_steps, on = staggered(engine.model, True, params)
+    apart, apart_steps, off = staggered(engine.model, False, params)
+    assert on and not off
+    assert [o.token_ids for o in mixed] == [o.token_ids for o in apart]
+    for ours, theirs in zip(mixed, apart, strict=True):
+        torch.testing.assert_close(torch.tensor(ours.logprobs), torch.tensor(theirs.logprobs), rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(ours.logprobs), reference_logprobs(engine.model, ours, 1.0),
+                                   rtol=0, atol=1e-4)  # fmt: skip
+        assert torch.equal(ours.routed_experts, reference_routes(engine.model, ours))
+    # mixed, every request samples a token in every step from its first to its last: an arrival's prompt step
+    # carries the others' decode rows; apart, each arrival costs the requests running then a step
+    assert all(s == list(range(s[0], s[0] + len(s))) for s in mixed_steps)
+    assert sum(s[-1] - s[0] + 1 - len(s) for s in apart_steps) == 6  # 3 arrivals during r0, 2 during r1, 1 during r2
+
+
+def test_deterministic_mode_keeps_prefill_and_decode_apart(tiny_path):
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    _, _, on = staggered(tiny_path, True, params, deterministic=True)  # a model of its own: it turns invariant
+    assert not on
+
+
+def test_a_full_cache_never_preempts_in_a_mixed_step(engine):
+    """Decode rows without a free block wait for the decode step (which may preempt); outputs are unchanged."""
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    tight = dict(num_blocks=9, block_size=4, enable_prefix_caching=False)
+    with engine_of(engine.model, num_blocks=128, block_size=16, mixed_steps=False) as plain:
+        want = [o.token_ids for o in plain.generate(PROMPTS[:3], params)]
+    for mixed in (True, False):
+        with engine_of(engine.model, mixed_steps=mixed, **tight) as small:
+            assert [o.token_ids for o in small.generate(PROMPTS[:3], params)] == want
+            assert small.scheduler.num_preemptions > 0
+            assert small.blocks.num_free_blocks == small.blocks.num_blocks
