@@ -5,18 +5,23 @@ ignored), so the engine sees at most C requests at a time either way. In-process
 calling `Engine.generate_async` (time to first token from the engine's `on_token`); over HTTP they post to
 `/generate`, streaming or not, from several client processes (so the benchmark's own parsing does not limit the
 server). Each side first runs one round of C concurrent requests untimed (the engine compiles and captures its
-batch sizes on first use). Throughput is generated tokens per second of wall time; `http_cost = 1 - server / in-process`.
+batch sizes on first use). Throughput is generated tokens per second of wall time;
+`http_cost = 1 - server / in-process`.
 
 One row per (clients, stream) to $OUT/server.jsonl (keys `clients`, `stream`, `in_process_tokens_per_s`,
 `server_tokens_per_s`, `http_cost`, `ttft_ms_p50` (streaming), `in_process_ttft_ms_p50`, `itl_ms_p50`,
 `latency_ms_p50`, plus the card and the load).
 
     PYTHONPATH=. python benchmarks/server.py [--model tiny-moe] [--clients 8,64] [--stream both] [--requests 4]
-        [--new-tokens 128] [--client-procs 4]
+        [--new-tokens 128] [--client-procs 4] [--profile]
+
+`--profile` runs the server under py-spy (which must be on PATH), sampling only the thread that holds the GIL,
+and writes $OUT/server-profile.txt: each thread's share of the GIL while serving and its top frames.
 """
 
 import argparse
 import asyncio
+import collections
 import json
 import multiprocessing as mp
 import os
@@ -116,6 +121,38 @@ def _summary(results: list[dict]) -> dict:
     }
 
 
+# --- where the server's time goes ----------------------------------------------------------------------------
+
+
+def summarise_profile(raw: str, out: str, top: int = 25) -> None:
+    """py-spy's collapsed stacks (`--threads --gil`) as each thread's share of the GIL, with its top frames
+    (self and inclusive); start-up imports left out."""
+    per_thread: collections.Counter = collections.Counter()
+    own, within = collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter)
+    with open(raw) as f:
+        lines = f.readlines()
+    for line in lines:
+        stack, _, count = line.rstrip().rpartition(" ")
+        if not count.isdigit() or "_find_and_load" in stack:
+            continue
+        frames = stack.split(";")
+        at = next((i for i, f in enumerate(frames) if f.startswith("thread")), None)
+        thread = frames[at].split(":")[-1].strip() if at is not None else "?"
+        frames = [re.sub(r" \(.*?([^/]+\.py):\d+\)", r" (\1)", f) for f in frames[(at or 0) + 1 :]]
+        per_thread[thread] += int(count)
+        if frames:
+            own[thread][frames[-1]] += int(count)
+        for frame in set(frames):
+            within[thread][frame] += int(count)
+    total = sum(per_thread.values()) or 1
+    with open(out, "w") as f:
+        for thread, n in per_thread.most_common():
+            f.write(f"== {thread}: {n} samples holding the GIL ({100 * n / total:.1f}%)\n  self:\n")
+            f.writelines(f"    {100 * k / n:5.1f}%  {frame[:140]}\n" for frame, k in own[thread].most_common(top))
+            f.write("  inclusive:\n")
+            f.writelines(f"    {100 * k / n:5.1f}%  {frame[:140]}\n" for frame, k in within[thread].most_common(top))
+
+
 # --- the same load in-process ---------------------------------------------------------------------------
 
 
@@ -154,7 +191,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--client-procs", type=int, default=4, help="processes the HTTP clients are spread over")
     parser.add_argument("--tag", default="")
-    parser.add_argument("--server-prefix", default="", help="a command the server runs under (a profiler)")
+    parser.add_argument("--profile", action="store_true", help="py-spy the server (GIL view): $OUT/server-profile.txt")
     args, serve_extra = parser.parse_known_args()
     import torch
 
@@ -175,7 +212,10 @@ def main():
     del engine
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    proc, url = launch(args.model, serve_extra, args.server_prefix)
+    out_dir = os.environ.get("OUT", "/tmp")
+    raw = os.path.join(out_dir, "server-profile.raw")
+    prefix = f"py-spy record --threads --gil --rate 250 --format raw -o {raw} --" if args.profile else ""
+    proc, url = launch(args.model, serve_extra, prefix)
     try:
         for c in clients:
             for stream in streams:
@@ -203,7 +243,7 @@ def main():
                     tag=args.tag,
                 )
                 print(json.dumps(row), flush=True)
-                with open(os.path.join(os.environ.get("OUT", "/tmp"), "server.jsonl"), "a") as f:
+                with open(os.path.join(out_dir, "server.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
     finally:
         proc.send_signal(2)  # SIGINT: a profiler the server runs under writes its file
@@ -211,6 +251,10 @@ def main():
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        subprocess.run(["pkill", "-f", "leagues.cli serve"], check=False)  # under py-spy the server is its child
+    if args.profile and os.path.exists(raw):
+        summarise_profile(raw, os.path.join(out_dir, "server-profile.txt"))
+        os.remove(raw)  # tens of MB
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+#!/bin/bash
+# Several GPU checks and benchmarks in one go, each under its own time limit, rows and logs under $OUT.
+#
+#   OUT=/tmp/out PYTHONPATH=. bash benchmarks/suite.sh tests step step1024 server server-profile engine trainer-wide
+#
+# Parts (run in the order given):
+#   tests           pytest -m gpu (kernels, engine, deterministic mode, trainer, critic and distillation)
+#   step            the colocated GRPO step, TRL's GRPOTrainer first then leagues, 128 tokens (benchmarks/step.py)
+#   step1024        leagues alone at 1,024 tokens with partial rollout and over-sampling
+#   server          the HTTP front against in-process, 8 and 64 clients, streamed and not (benchmarks/server.py)
+#   server-profile  64 streaming clients with the server under py-spy (needs py-spy on PATH)
+#   engine          decode steps at batches 1, 8, 64, 256 and the HF comparison (benchmarks/engine.py)
+#   trainer-wide    the trainer on the wide shape, 8 x 1,024 tokens (benchmarks/trainer.py)
+# The ANCHORS.md checkpoint is made once at $ANCHOR (default /tmp/leagues-anchor-1b).
+set -u
+OUT=${OUT:-/tmp/leagues-bench}
+ANCHOR=${ANCHOR:-/tmp/leagues-anchor-1b}
+mkdir -p "$OUT"
+python3 -c "from pathlib import Path; from benchmarks.step import make_anchor; make_anchor(Path('$ANCHOR'))" >/dev/null 2>&1
+
+run() {  # name, seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "   rc=$? in $((SECONDS - start))s"
+    grep -v -i warn "$OUT/$name.log" | tail -4
+}
+
+for part in "$@"; do
+    case $part in
+    tests) run tests 200 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
+    step) run step 400 python3 benchmarks/step.py --workload anchor --impls trl,leagues --lens 128 --steps 8 \
+        --model "$ANCHOR" ;;
+    step1024) run step1024 200 python3 benchmarks/step.py --workload anchor --impls leagues --lens 1024 --steps 14 \
+        --warmup 4 --model "$ANCHOR" -- --rollout.partial true --rollout.over_sample 0.25 ;;
+    server) run server 200 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both ;;
+    server-profile) run server-profile 120 python3 benchmarks/server.py --model "$ANCHOR" --clients 64 \
+        --stream true --profile --tag profile ;;
+    engine) run engine 300 python3 benchmarks/engine.py --shape anchor --batches 1,8,64,256 --new-tokens 128 ;;
+    trainer-wide) run trainer-wide 200 torchrun --standalone --nproc_per_node 1 benchmarks/trainer.py --shape wide \
+        --samples 8 ;;
+    *) echo "unknown part: $part" ;;
+    esac
+done
