@@ -97,7 +97,7 @@ def run_serve(cfg: ServeConfig) -> int:
     host, port = sock.getsockname()[:2]
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(_serve(server, sock, f"http://{_url_host(host)}:{port}"))
     finally:
         engine.close()
@@ -159,7 +159,8 @@ SWITCH_INTERVAL_S = 0.0005
 """How long a thread may hold the GIL while another waits for it (Python's default is 5 ms)."""
 
 
-def _loop_factory():
+def event_loop_factory():
+    """uvloop's event loop where it is installed, else None (asyncio's own)."""
     try:
         import uvloop
     except ImportError:
