@@ -9,6 +9,7 @@
 #   step1024        leagues alone at 1,024 tokens with partial rollout and over-sampling
 #   server          the HTTP front against in-process, 8 and 64 clients, streamed and not (benchmarks/server.py)
 #   server-profile  64 streaming clients with the server under py-spy (needs py-spy on PATH)
+#   server-front    the HTTP front alone before a stand-in engine that costs nothing (benchmarks/server_front.py)
 #   engine          decode steps at batches 1, 8, 64, 256 and the HF comparison (benchmarks/engine.py)
 #   trainer-wide    the trainer on the wide shape, 8 x 1,024 tokens (benchmarks/trainer.py)
 # The ANCHORS.md checkpoint is made once at $ANCHOR (default /tmp/leagues-anchor-1b).
@@ -35,9 +36,12 @@ for part in "$@"; do
         --model "$ANCHOR" ;;
     step1024) run step1024 200 python3 benchmarks/step.py --workload anchor --impls leagues --lens 1024 --steps 14 \
         --warmup 4 --model "$ANCHOR" -- --rollout.partial true --rollout.over_sample 0.25 ;;
-    server) run server 200 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both ;;
+    server) run server 200 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
+        --client-procs 8 ;;
     server-profile) run server-profile 120 python3 benchmarks/server.py --model "$ANCHOR" --clients 64 \
-        --stream true --profile --tag profile ;;
+        --stream true --client-procs 8 --profile --tag profile ;;
+    server-front) run server-front 150 python3 benchmarks/server_front.py --clients 8,64 --stream both \
+        --client-procs 8 ;;
     engine) run engine 300 python3 benchmarks/engine.py --shape anchor --batches 1,8,64,256 --new-tokens 128 ;;
     trainer-wide) run trainer-wide 200 torchrun --standalone --nproc_per_node 1 benchmarks/trainer.py --shape wide \
         --samples 8 ;;
