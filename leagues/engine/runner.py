@@ -138,6 +138,9 @@ class ModelRunner:
         self.block_size = cfg.block_size
         self.max_blocks = -(-max_model_len // cfg.block_size)
         self.capture_routes = cfg.capture_routes and model.config.num_moe_layers > 0
+        self.samples_after_step = cfg.deterministic
+        """Deterministic mode samples after the step, batch-invariantly (the engine's setting, not the model's:
+        a model another engine made batch-invariant still samples in this one's steps)."""
         self.attention_impl = cfg.attention_impl
         self.use_graphs = cfg.cuda_graphs
         self.graph_batch_sizes = sorted(cfg.graph_batch_sizes)
@@ -421,7 +424,7 @@ class ModelRunner:
         input_ids_B = torch.where(prev_R >= 0, sampled[prev_R.clamp(min=0)], dev["input_ids"][:size])
         hidden_BD = self._run(attention, input_ids_B, dev["positions"][:size])
         logits_BV = self.model.logits(hidden_BD)
-        if self.model.invariant_len:  # deterministic mode samples after the step, batch-invariantly
+        if self.samples_after_step:
             return {"logits": logits_BV}
         args = (dev["temperature"][:size], dev["seeds"][:size], dev["steps"][:size])
         token_ids_B, logprobs_B = sample_plain(logits_BV, *args)

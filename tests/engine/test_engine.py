@@ -354,3 +354,16 @@ def test_bad_input(engine, tmp_path):
             dense.submit([5, 6], greedy(2, return_routed_experts=True))
         with pytest.raises(ValueError, match="tokenizer"):
             dense.submit("text", GREEDY)
+
+
+def test_an_engine_samples_in_its_steps_over_a_model_another_engine_made_invariant(tiny_path):
+    """A deterministic engine turns its model batch-invariant for good; a default engine over the same model object
+    still samples in its decode steps (it goes by its own setting)."""
+    model = load_pretrained(tiny_path)
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    prompts = make_prompts([4, 11], VOCAB, seed=3)
+    with engine_of(model, num_blocks=64, deterministic=True) as first:
+        want = [o.token_ids for o in first.generate(prompts, params)]
+    assert model.invariant_len
+    with engine_of(model, num_blocks=64) as second:
+        assert [o.token_ids for o in second.generate(prompts, params)] == want
