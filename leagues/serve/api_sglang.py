@@ -150,7 +150,9 @@ async def _stream(state: ServerState, req: GenerateRequest, batch: Batch):
             for event in events:
                 if event[0] == "token":
                     _, index, token_id, logprob = event
-                    text = streams.setdefault(index, TextStream(state.engine.tokenizer, stop))
+                    text = streams.get(index)
+                    if text is None:
+                        text = streams[index] = TextStream(state.engine.tokenizer, stop)
                     text.add(token_id, logprob)
                     touched[index] = text
                     continue

@@ -12,8 +12,10 @@ from leagues.serve.reply import TextStream
 CORPUS = ["héllo wörld, ça va? 中文字符 and emoji 🙂🚀", "the quick brown fox", "naïve café déjà vu ☃"] * 20
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+@pytest.fixture(scope="module", params=[False, True], ids=["backend-decode", "clean-up-spaces"])
+def tokenizer(request):
+    """Without clean-up of tokenization spaces the stream decodes with the backend itself; with it, through the
+    wrapper (which cleans up): both must give the wrapper's whole decode."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -21,7 +23,7 @@ def tokenizer():
         vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", clean_up_tokenization_spaces=request.param)
 
 
 def stream(tokenizer, ids: list[int], stop: list[str]) -> tuple[TextStream, list[str]]:
