@@ -10,7 +10,8 @@ batch sizes on first use). Throughput is generated tokens per second of wall tim
 
 One row per (clients, stream) to $OUT/server.jsonl (keys `clients`, `stream`, `in_process_tokens_per_s`,
 `server_tokens_per_s`, `http_cost`, `ttft_ms_p50` (streaming), `in_process_ttft_ms_p50`, `itl_ms_p50`,
-`latency_ms_p50`, plus the card and the load).
+`latency_ms_p50`, `rows_per_step` and `in_process_rows_per_step` (tokens the engine sampled a step), plus the
+card and the load).
 
     PYTHONPATH=. python benchmarks/server.py [--model tiny-moe] [--clients 8,64] [--stream both] [--requests 4]
         [--new-tokens 128] [--client-procs 4] [--profile]
@@ -153,6 +154,17 @@ def summarise_profile(raw: str, out: str, top: int = 25) -> None:
             f.writelines(f"    {100 * k / n:5.1f}%  {frame[:140]}\n" for frame, k in within[thread].most_common(top))
 
 
+def _server_stats(url: str) -> dict:
+    return httpx.get(f"{url}/get_server_info", timeout=30).json()["stats"]
+
+
+def _rows_per_step(before: dict, after: dict) -> float:
+    """Tokens the engine sampled per step over a run (warm-up round included, on both sides): fewer than the
+    clients means the batch the engine saw was smaller, or steps went to prompts alone."""
+    steps = after["steps"] - before["steps"]
+    return round((after["generated_tokens"] - before["generated_tokens"]) / max(steps, 1), 2)
+
+
 # --- the same load in-process ---------------------------------------------------------------------------
 
 
@@ -207,7 +219,11 @@ def main():
     clients = [int(c) for c in args.clients.split(",")]
     streams = {"true": [True], "false": [False], "both": [True, False]}[args.stream]
     engine = Engine(args.model)
-    in_process = {c: asyncio.run(run_engine(engine, prompt, params, c, args.requests)) for c in clients}
+    in_process = {}
+    for c in clients:
+        before = dict(engine.stats)
+        in_process[c] = asyncio.run(run_engine(engine, prompt, params, c, args.requests))
+        in_process[c]["rows_per_step"] = _rows_per_step(before, engine.stats)
     engine.close()
     del engine
     if torch.cuda.is_available():
@@ -219,7 +235,9 @@ def main():
     try:
         for c in clients:
             for stream in streams:
+                before = _server_stats(url)
                 served = run_server(url, body, stream, c, args.requests, args.client_procs)
+                served["rows_per_step"] = _rows_per_step(before, _server_stats(url))
                 mine = in_process[c]
                 row = dict(
                     clients=c,
@@ -233,6 +251,8 @@ def main():
                     in_process_itl_ms_p50=mine["itl_ms_p50"],
                     latency_ms_p50=served["latency_ms_p50"],
                     in_process_latency_ms_p50=mine["latency_ms_p50"],
+                    rows_per_step=served["rows_per_step"],
+                    in_process_rows_per_step=mine["rows_per_step"],
                     requests=c * args.requests,
                     prompt_tokens=args.prompt_tokens,
                     new_tokens=args.new_tokens,
