@@ -14,7 +14,9 @@ One row per (clients, stream) to $OUT/server.jsonl (keys `clients`, `stream`, `i
 card and the load).
 
     PYTHONPATH=. python benchmarks/server.py [--model tiny-moe] [--clients 8,64] [--stream both] [--requests 4]
-        [--new-tokens 128] [--client-procs 4] [--profile]
+        [--new-tokens 128] [--client-procs 4] [--profile] [--engine.FIELD VALUE ...]
+
+`--engine.FIELD VALUE` (an `EngineConfig` field, as `leagues serve` takes it) goes to both engines.
 
 `--profile` runs the server under py-spy (which must be on PATH), sampling only the thread that holds the GIL,
 and writes $OUT/server-profile.txt: each thread's share of the GIL while serving and its top frames.
@@ -23,6 +25,7 @@ and writes $OUT/server-profile.txt: each thread's share of the GIL while serving
 import argparse
 import asyncio
 import collections
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -165,6 +168,21 @@ def _rows_per_step(before: dict, after: dict) -> float:
     return round((after["generated_tokens"] - before["generated_tokens"]) / max(steps, 1), 2)
 
 
+def engine_overrides(serve_args: list[str]) -> dict:
+    """The `--engine.FIELD VALUE` pairs given for the server, for the in-process engine too (same engine both
+    sides)."""
+    from leagues.engine.config import EngineConfig
+
+    types = {f.name: f.type for f in dataclasses.fields(EngineConfig)}
+    out = {}
+    for flag, value in zip(serve_args, serve_args[1:], strict=False):
+        if flag.startswith("--engine."):
+            name = flag.removeprefix("--engine.")
+            kind = types[name]
+            out[name] = value == "true" if kind in (bool, "bool") else int(value) if kind in (int, "int") else value
+    return out
+
+
 # --- the same load in-process ---------------------------------------------------------------------------
 
 
@@ -218,7 +236,7 @@ def main():
     }
     clients = [int(c) for c in args.clients.split(",")]
     streams = {"true": [True], "false": [False], "both": [True, False]}[args.stream]
-    engine = Engine(args.model)
+    engine = Engine(args.model, **engine_overrides(serve_extra))
     in_process = {}
     for c in clients:
         before = dict(engine.stats)

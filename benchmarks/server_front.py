@@ -11,7 +11,11 @@ One row per run to $OUT/server_front.jsonl: `clients`, `stream`, `step_ms` (aske
 mean over busy steps), `engine_busy_ms_per_step` (the stand-in's own work), `target_tokens_per_s` (clients /
 step), `server_tokens_per_s` (what the clients got), `ttft_ms_p50`, `itl_ms_p50`.
 
-    PYTHONPATH=. python benchmarks/server_front.py [--clients 8,64] [--stream both] [--step-ms 1.6]
+    PYTHONPATH=. python benchmarks/server_front.py [--clients 8,64] [--stream both] [--step-ms 1.6] [--host-ms 0.8]
+        [--switch-interval-ms 0.5]
+
+`--host-ms` makes the stand-in hold the GIL that long a step (a real engine's Python work between launches), so
+the achieved step shows what waiting for the lock behind the event loop costs at a given switch interval.
 """
 
 import argparse
@@ -39,8 +43,8 @@ from leagues.types import FinishReason
 class StandInEngine:
     """Tokens on a clock: every `step_s`, one token (id 5 + step % 50, logprob -1) for every running request."""
 
-    def __init__(self, step_s: float, tokenizer) -> None:
-        self.step_s, self.tokenizer = step_s, tokenizer
+    def __init__(self, step_s: float, tokenizer, host_s: float = 0.0) -> None:
+        self.step_s, self.tokenizer, self.host_s = step_s, tokenizer, host_s
         self.model_path, self.asleep, self.weight_version, self.max_model_len = None, False, 0, 1 << 20
         self.config, self.stats = EngineConfig(), {}
         self.running: dict[str, list] = {}
@@ -80,6 +84,7 @@ class StandInEngine:
                 next_step = time.perf_counter()
                 continue
             self.steps.append(start)
+            _spin(self.host_s)  # the engine's own host work a step (Python: it holds the GIL)
             for rid, (prompt, params, on_token, future, tokens) in items:
                 token = 5 + len(self.steps) % 50
                 tokens.append(token)
@@ -95,10 +100,17 @@ class StandInEngine:
             self.busy_s += time.perf_counter() - start
 
 
-def serve(engine: StandInEngine) -> tuple[uvicorn.Server, str, threading.Thread]:
+def _spin(seconds: float) -> None:
+    """`seconds` of this thread's CPU time (time spent waiting for the GIL does not count)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def serve(engine: StandInEngine, switch_interval: float) -> tuple[uvicorn.Server, str, threading.Thread]:
     """The app under uvicorn on a thread of this process (the event loop's thread, as `leagues serve` has one), with
     the event loop and the GIL switch interval `leagues serve` uses."""
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    sys.setswitchinterval(switch_interval)
     app = create_app(engine)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -123,13 +135,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--step-ms", type=float, default=1.6, help="the stand-in engine's decode step")
     parser.add_argument("--client-procs", type=int, default=1)
+    parser.add_argument("--host-ms", type=float, default=0.0, help="Python work the stand-in does a step (GIL held)")
+    parser.add_argument("--switch-interval-ms", type=float, default=SWITCH_INTERVAL_S * 1e3,
+                        help="the GIL switch interval (leagues serve's by default)")  # fmt: skip
     args = parser.parse_args()
     tokenizer = load_tokenizer(resolve_model_path("tiny-moe"))
     body = {"input_ids": list(range(5, 69)), "sampling_params": {"max_new_tokens": args.new_tokens}}
     for clients in [int(c) for c in args.clients.split(",")]:
         for stream in {"true": [True], "false": [False], "both": [True, False]}[args.stream]:
-            engine = StandInEngine(args.step_ms / 1e3, tokenizer)
-            server, url, thread = serve(engine)
+            engine = StandInEngine(args.step_ms / 1e3, tokenizer, args.host_ms / 1e3)
+            server, url, thread = serve(engine, args.switch_interval_ms / 1e3)
             served = run_server(url, body, stream, clients, args.requests, args.client_procs)
             engine.closed, server.should_exit = True, True
             thread.join(timeout=10)
@@ -138,6 +153,8 @@ def main() -> None:
                 clients=clients,
                 stream=stream,
                 step_ms=args.step_ms,
+                host_ms=args.host_ms,
+                switch_interval_ms=args.switch_interval_ms,
                 engine_step_ms=round(statistics.fmean(gaps) * 1e3, 3) if gaps else None,
                 engine_busy_ms_per_step=round(engine.busy_s / max(len(engine.steps), 1) * 1e3, 3),
                 target_tokens_per_s=round(clients / (args.step_ms / 1e3), 1),

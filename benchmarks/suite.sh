@@ -8,6 +8,7 @@
 #   step            the colocated GRPO step, TRL's GRPOTrainer first then leagues, 128 tokens (benchmarks/step.py)
 #   step1024        leagues alone at 1,024 tokens with partial rollout and over-sampling
 #   server          the HTTP front against in-process, 8 and 64 clients, streamed and not (benchmarks/server.py)
+#   server-mixed    the same with the engine's mixed steps (`--engine.mixed_steps true`, both sides)
 #   server-profile  64 streaming clients with the server under py-spy (needs py-spy on PATH)
 #   server-front    the HTTP front alone before a stand-in engine that costs nothing (benchmarks/server_front.py)
 #   engine          decode steps at batches 1, 8, 64, 256 and the HF comparison (benchmarks/engine.py)
@@ -38,6 +39,8 @@ for part in "$@"; do
         --warmup 4 --model "$ANCHOR" -- --rollout.partial true --rollout.over_sample 0.25 ;;
     server) run server 200 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
         --client-procs 8 ;;
+    server-mixed) run server-mixed 200 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
+        --client-procs 8 --tag mixed-steps --engine.mixed_steps true ;;
     server-profile) run server-profile 120 python3 benchmarks/server.py --model "$ANCHOR" --clients 64 \
         --stream true --client-procs 8 --profile --tag profile ;;
     server-front) run server-front 150 python3 benchmarks/server_front.py --clients 8,64 --stream both \

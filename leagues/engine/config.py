@@ -27,10 +27,13 @@ class EngineConfig:
     """Longest sequence (prompt + output); default: the model's max positions."""
     enable_prefix_caching: bool = True
     chunked_prefill: bool = True
-    mixed_steps: bool = True
+    mixed_steps: bool = False
     """Prefill steps also compute the running sequences' next tokens (in the step's token budget left), so a
     request that arrives while others decode (a server's clients, an agent's next turn) does not cost them a
-    step. Off in deterministic mode, whose bitwise check covers decode rows in the decode path."""
+    step. Off by default: a row's logits then come from whichever path computed it (the prefill step's or the
+    decode step's kernels), which differ in their last bits, so sampled tokens could depend on when requests
+    arrived, and a resumed run would no longer repeat the uninterrupted one exactly. Never in deterministic mode,
+    whose bitwise check covers decode rows in the decode path."""
     cuda_graphs: bool = True
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     overlap_scheduling: str = "auto"

@@ -3,9 +3,9 @@
 Each step is either a *prefill* step or a *decode* step:
 - prefill: sequences still computing their prompt (or recomputing after preemption) and then new
   ones from `waiting`, each taking a chunk of at most the step's token budget (chunked prefill), so a
-  long prompt never blocks the batch for more than one budget's worth of compute; with `mixed`, the
-  running sequences' decode rows ride along in the budget left (one token each), so a request that
-  arrives alone costs the others no step of their own;
+  long prompt never blocks the batch for more than one budget's worth of compute; with `mixed`
+  (`EngineConfig.mixed_steps`), the running sequences' decode rows ride along in the budget left (one
+  token each), so a request that arrives alone costs the others no step of their own;
 - decode: every running sequence computes its one newest token and samples the next.
 New requests therefore join between decode steps. When the cache has no block for a decode, the
 newest running sequence is preempted: its blocks are freed (its full blocks usually stay in the prefix
