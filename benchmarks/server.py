@@ -65,13 +65,17 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, stream: bool) ->
                 now = time.perf_counter()
                 stamps += [now] * (new - count)  # a chunk may bring several tokens: they arrived together
                 count = new
-    end = time.perf_counter()
+    return _streamed(start, stamps, time.perf_counter(), count)
+
+
+def _streamed(start: float, stamps: list[float], end: float, tokens: int) -> dict:
+    """One streamed request's record: time to first token, gaps between tokens, latency, tokens, start and end."""
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return {
         "ttft": stamps[0] - start,
         "gaps": gaps,
         "latency": end - start,
-        "tokens": count,
+        "tokens": tokens,
         "start": start,
         "end": end,
     }
@@ -191,17 +195,7 @@ async def run_engine(engine, prompt: list[int], params, clients: int, requests: 
         stamps: list[float] = []
         start = time.perf_counter()
         outs = await engine.generate_async(prompt, params, on_token=lambda *_: stamps.append(time.perf_counter()))
-        end = time.perf_counter()
-        gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-        tokens = len(outs[0].token_ids)
-        return {
-            "ttft": stamps[0] - start,
-            "gaps": gaps,
-            "latency": end - start,
-            "tokens": tokens,
-            "start": start,
-            "end": end,
-        }
+        return _streamed(start, stamps, time.perf_counter(), len(outs[0].token_ids))
 
     async def client_loop():
         return [await one() for _ in range(requests)]
@@ -209,6 +203,32 @@ async def run_engine(engine, prompt: list[int], params, clients: int, requests: 
     await asyncio.gather(*[one() for _ in range(clients)])  # warm-up: every batch size of this load compiled
     per_client = await asyncio.gather(*[client_loop() for _ in range(clients)])
     return _summary([r for rs in per_client for r in rs])
+
+
+def _row(args, c: int, stream: bool, served: dict, mine: dict, card: str) -> dict:
+    return dict(
+        clients=c,
+        stream=stream,
+        in_process_tokens_per_s=mine["tokens_per_s"],
+        server_tokens_per_s=served["tokens_per_s"],
+        http_cost=round(1 - served["tokens_per_s"] / mine["tokens_per_s"], 3),
+        ttft_ms_p50=served["ttft_ms_p50"],
+        in_process_ttft_ms_p50=mine["ttft_ms_p50"],
+        itl_ms_p50=served["itl_ms_p50"],
+        in_process_itl_ms_p50=mine["itl_ms_p50"],
+        latency_ms_p50=served["latency_ms_p50"],
+        in_process_latency_ms_p50=mine["latency_ms_p50"],
+        rows_per_step=served["rows_per_step"],
+        in_process_rows_per_step=mine["rows_per_step"],
+        requests=c * args.requests,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        client_procs=args.client_procs,
+        model=args.model,
+        card=card,
+        date=time.strftime("%F"),
+        tag=args.tag,
+    )
 
 
 def main():
@@ -256,30 +276,7 @@ def main():
                 before = _server_stats(url)
                 served = run_server(url, body, stream, c, args.requests, args.client_procs)
                 served["rows_per_step"] = _rows_per_step(before, _server_stats(url))
-                mine = in_process[c]
-                row = dict(
-                    clients=c,
-                    stream=stream,
-                    in_process_tokens_per_s=mine["tokens_per_s"],
-                    server_tokens_per_s=served["tokens_per_s"],
-                    http_cost=round(1 - served["tokens_per_s"] / mine["tokens_per_s"], 3),
-                    ttft_ms_p50=served["ttft_ms_p50"],
-                    in_process_ttft_ms_p50=mine["ttft_ms_p50"],
-                    itl_ms_p50=served["itl_ms_p50"],
-                    in_process_itl_ms_p50=mine["itl_ms_p50"],
-                    latency_ms_p50=served["latency_ms_p50"],
-                    in_process_latency_ms_p50=mine["latency_ms_p50"],
-                    rows_per_step=served["rows_per_step"],
-                    in_process_rows_per_step=mine["rows_per_step"],
-                    requests=c * args.requests,
-                    prompt_tokens=args.prompt_tokens,
-                    new_tokens=args.new_tokens,
-                    client_procs=args.client_procs,
-                    model=args.model,
-                    card=card,
-                    date=time.strftime("%F"),
-                    tag=args.tag,
-                )
+                row = _row(args, c, stream, served, in_process[c], card)
                 print(json.dumps(row), flush=True)
                 with open(os.path.join(out_dir, "server.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
