@@ -10,26 +10,31 @@ batch sizes on first use). Throughput is generated tokens per second of wall tim
 
 One row per (clients, stream) to $OUT/server.jsonl (keys `clients`, `stream`, `in_process_tokens_per_s`,
 `server_tokens_per_s`, `http_cost`, `ttft_ms_p50` (streaming), `in_process_ttft_ms_p50`, `itl_ms_p50`,
-`latency_ms_p50`, `rows_per_step` and `in_process_rows_per_step` (tokens the engine sampled a step), plus the
-card and the load).
+`latency_ms_p50`, `rows_per_step` and `in_process_rows_per_step` (tokens the engine sampled a step), `front`
+(`process`: the server's engine in its own process, `leagues serve`'s default; `thread`: on a thread of the
+server's process, with `--engine_process false`), plus the card and the load).
 
     PYTHONPATH=. python benchmarks/server.py [--model tiny-moe] [--clients 8,64] [--stream both] [--requests 4]
         [--new-tokens 128] [--client-procs 4] [--profile] [--engine.FIELD VALUE ...]
 
-`--engine.FIELD VALUE` (an `EngineConfig` field, as `leagues serve` takes it) goes to both engines.
+`--engine.FIELD VALUE` (an `EngineConfig` field, as `leagues serve` takes it) goes to both engines; other
+unknown options go to `leagues serve` alone (`--engine_process false`).
 
-`--profile` runs the server under py-spy (which must be on PATH), sampling only the thread that holds the GIL,
-and writes $OUT/server-profile.txt: each thread's share of the GIL while serving and its top frames.
+`--profile` runs the server under py-spy (which must be on PATH), sampling only the threads that hold a GIL (the
+engine's process too), and writes $OUT/server-profile.txt: each thread's share of the GIL while serving and its
+top frames.
 """
 
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,11 +45,22 @@ import httpx
 
 def launch(model: str, extra: list[str], prefix: str = "") -> tuple[subprocess.Popen, str]:
     cmd = [*prefix.split(), sys.executable, "-m", "leagues.cli", "serve", "--model", model, "--port", "0", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a session of its own: the server, its engine's process and a profiler over them stop together (`stop`)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in proc.stdout:
         if m := re.search(r"listening on (http://\S+)", line):
             return proc, m.group(1)
     raise RuntimeError("server did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT to the server's whole session (a profiler over it writes its file), then SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 # --- HTTP clients (in their own processes) ------------------------------------------------------------
@@ -205,6 +221,12 @@ async def run_engine(engine, prompt: list[int], params, clients: int, requests: 
     return _summary([r for rs in per_client for r in rs])
 
 
+def _front(serve_args: list[str]) -> str:
+    """Where the server's engine ran: `process` (its own, the default) or `thread` (`--engine_process false`)."""
+    pairs = dict(zip(serve_args, serve_args[1:], strict=False))
+    return "thread" if pairs.get("--engine_process") == "false" else "process"
+
+
 def _row(args, c: int, stream: bool, served: dict, mine: dict, card: str) -> dict:
     return dict(
         clients=c,
@@ -219,6 +241,7 @@ def _row(args, c: int, stream: bool, served: dict, mine: dict, card: str) -> dic
         latency_ms_p50=served["latency_ms_p50"],
         in_process_latency_ms_p50=mine["latency_ms_p50"],
         rows_per_step=served["rows_per_step"],
+        front=_front(args.serve_extra),
         in_process_rows_per_step=mine["rows_per_step"],
         requests=c * args.requests,
         prompt_tokens=args.prompt_tokens,
@@ -243,6 +266,7 @@ def main():
     parser.add_argument("--tag", default="")
     parser.add_argument("--profile", action="store_true", help="py-spy the server (GIL view): $OUT/server-profile.txt")
     args, serve_extra = parser.parse_known_args()
+    args.serve_extra = serve_extra
     import torch
 
     from leagues.engine import Engine, SamplingParams
@@ -268,7 +292,7 @@ def main():
         torch.cuda.empty_cache()
     out_dir = os.environ.get("OUT", "/tmp")
     raw = os.path.join(out_dir, "server-profile.raw")
-    prefix = f"py-spy record --threads --gil --rate 250 --format raw -o {raw} --" if args.profile else ""
+    prefix = f"py-spy record --threads --subprocesses --gil --rate 250 --format raw -o {raw} --" if args.profile else ""
     proc, url = launch(args.model, serve_extra, prefix)
     try:
         for c in clients:
@@ -281,12 +305,7 @@ def main():
                 with open(os.path.join(out_dir, "server.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
     finally:
-        proc.send_signal(2)  # SIGINT: a profiler the server runs under writes its file
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        subprocess.run(["pkill", "-f", "leagues.cli serve"], check=False)  # under py-spy the server is its child
+        stop(proc)
     if args.profile and os.path.exists(raw):
         summarise_profile(raw, os.path.join(out_dir, "server-profile.txt"))
         os.remove(raw)  # tens of MB

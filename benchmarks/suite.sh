@@ -8,6 +8,7 @@
 #   step            the colocated GRPO step, TRL's GRPOTrainer first then leagues, 128 tokens (benchmarks/step.py)
 #   step1024        leagues alone at 1,024 tokens with partial rollout and over-sampling
 #   server          the HTTP front against in-process, 8 and 64 clients, streamed and not (benchmarks/server.py)
+#   server-thread   the same with the server's engine on a thread of its process (`--engine_process false`)
 #   server-mixed    the same with the engine's mixed steps (`--engine.mixed_steps true`, both sides)
 #   server-profile  64 streaming clients with the server under py-spy (needs py-spy on PATH)
 #   server-front    the HTTP front alone before a stand-in engine that costs nothing (benchmarks/server_front.py)
@@ -32,16 +33,19 @@ run() {  # name, seconds, command...
 
 for part in "$@"; do
     case $part in
-    tests) run tests 200 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
+    tests) run tests 200 python3 -m pytest -q -m gpu tests -p no:cacheprovider --ignore=tests/serve \
+        --ignore=tests/sync/test_serve_sync.py ;;  # those two need openai, which the GPU machine lacks
     step) run step 400 python3 benchmarks/step.py --workload anchor --impls trl,leagues --lens 128 --steps 8 \
         --model "$ANCHOR" ;;
     step1024) run step1024 200 python3 benchmarks/step.py --workload anchor --impls leagues --lens 1024 --steps 14 \
         --warmup 4 --model "$ANCHOR" -- --rollout.partial true --rollout.over_sample 0.25 ;;
-    server) run server 200 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
+    server) run server 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
         --client-procs 8 ;;
-    server-mixed) run server-mixed 200 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
+    server-thread) run server-thread 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
+        --client-procs 8 --tag thread --engine_process false ;;
+    server-mixed) run server-mixed 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
         --client-procs 8 --tag mixed-steps --engine.mixed_steps true ;;
-    server-profile) run server-profile 120 python3 benchmarks/server.py --model "$ANCHOR" --clients 64 \
+    server-profile) run server-profile 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 64 \
         --stream true --client-procs 8 --profile --tag profile ;;
     server-front) run server-front 150 python3 benchmarks/server_front.py --clients 8,64 --stream both \
         --client-procs 8 ;;

@@ -16,9 +16,11 @@ Decisions:
   request may ask (body bytes, sequences, tokens) and the server's own waits are `ServerLimits` fields,
   under `--limits.`.
 - The default port is SGLang's (30000), so SGLang clients' defaults reach it.
-- The event loop is uvloop's where it is installed (with uvicorn's httptools parser, its own fast path), and the
-  interpreter hands the GIL between threads every 0.5 ms instead of 5: the engine's loop thread runs its host
-  work between the event loop's bursts of streaming, and a step that waits 5 ms for the GIL leaves the GPU idle.
+- The engine runs in a process of its own by default (`leagues.serve.engine_process`): the front's per-token
+  work (SSE, detokenizing) and the engine's host work then run at the same time instead of taking turns for
+  one GIL. The event loop is uvloop's where it is installed (with uvicorn's httptools parser, its own fast
+  path), and the interpreter hands the GIL between threads every 0.5 ms instead of 5 (with
+  `--engine_process false` the engine's loop thread then waits less for the event loop's bursts).
 - Agent sessions (`POST /sessions`, `/sessions/{id}/v1/chat/completions`, `/sessions/{id}/close`,
   `leagues.serve.sessions`) are mounted beside the APIs when the chat template is append-only.
 """
@@ -59,6 +61,9 @@ class ServeConfig:
     """Model name in the OpenAI API (default: the checkpoint directory's name)."""
     log_level: str = "warning"
     """uvicorn's log level."""
+    engine_process: bool = True
+    """Run the engine in a process of its own, so the HTTP front and the engine never wait for each other's GIL;
+    false: on a thread of the server's process."""
     limits: ServerLimits = field(default_factory=ServerLimits)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -71,6 +76,7 @@ def run_serve(cfg: ServeConfig) -> int:
     import uvicorn
 
     from leagues.engine import Engine
+    from leagues.serve.engine_process import EngineProcess
     from leagues.serve.server import create_app
 
     api_key = cfg.api_key or os.environ.get("LEAGUES_API_KEY") or None
@@ -81,7 +87,7 @@ def run_serve(cfg: ServeConfig) -> int:
     path = resolve_model_dir(cfg.model)
     sock = _bind(cfg.host, cfg.port)
     try:
-        engine = Engine(path, config=cfg.engine)
+        engine = EngineProcess(path, cfg.engine) if cfg.engine_process else Engine(path, config=cfg.engine)
     except ValueError as e:
         raise UsageError(str(e)) from None
     app = create_app(

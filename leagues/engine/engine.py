@@ -32,13 +32,18 @@ from leagues.engine.block_manager import BlockManager
 from leagues.engine.config import EngineConfig, num_kv_blocks, resolve_device_dtype
 from leagues.engine.expert_parallel import Lockstep, is_split, load_expert_parallel
 from leagues.engine.output import Output
-from leagues.engine.requests import Abort, Add, Call, Requests, TokenCallback, check_prompt, prompt_ids, resolve
+from leagues.engine.requests import Abort, Add, Call, PromptLimits, Requests, TokenCallback, prompt_ids, resolve
 from leagues.engine.runner import ModelRunner
 from leagues.engine.scheduler import Scheduler, StopRules
 from leagues.engine.step import Stepper
 from leagues.model import Transformer, load_pretrained, load_tokenizer, resolve_model_path
 from leagues.model.checkpoint import load_named_tensors, weight_targets
 from leagues.types import SamplingParams
+
+
+def checkpoint_tokenizer(path: Path):
+    """The tokenizer a checkpoint directory carries, or None (prompts are then token ids)."""
+    return load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
 
 
 class Engine:
@@ -64,8 +69,7 @@ class Engine:
                 self.model = load_expert_parallel(self.model_path, dtype, device, ep_group)
             else:
                 self.model = load_pretrained(self.model_path, dtype=dtype, device=device)
-            if tokenizer is None and (self.model_path / "tokenizer.json").is_file():
-                tokenizer = load_tokenizer(self.model_path)  # without one, prompts are token ids
+            tokenizer = tokenizer if tokenizer is not None else checkpoint_tokenizer(self.model_path)
         self.model.eval().set_moe_impl(cfg.moe_impl)
         self._lockstep = Lockstep(self.model, ep_group, ep_control_group) if is_split(ep_group) else None
         if self._lockstep is not None:
@@ -85,6 +89,8 @@ class Engine:
         )
         self.model.fuse_qkv()
         self.runner = ModelRunner(self.model, self.blocks.num_blocks, self.max_model_len, cfg)
+        vocab, capture = self.model.config.vocab_size, self.runner.capture_routes
+        self.prompt_limits = PromptLimits(vocab, self.max_model_len, cfg.block_size, self.blocks.num_blocks, capture)
         self.weight_version, self.asleep, self.closed = 0, False, False
         self.table = Requests(self.scheduler, self.blocks, tokenizer, self.runner.routes_of, cfg.seed)
         self.requests, self.stats = self.table.states, self.table.stats
@@ -138,7 +144,7 @@ class Engine:
         """Queue one request; the future resolves to its list of n outputs. `on_token(sample_index, token_id,
         logprob)` runs on the engine thread for every sampled token (streaming): quick; one that raises is dropped."""
         ids = prompt_ids(prompt, self.tokenizer)
-        check_prompt(ids, params, self.model.config.vocab_size, self.max_model_len, self.blocks, self.runner)
+        self.prompt_limits.check(ids, params)
         future: Future = Future()
         rid = request_id or f"req-{next(self._request_ids)}"
         self._post(Add(rid, ids, params, future, on_token))
@@ -147,9 +153,10 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._post(Abort(request_id))
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None:
-        """Copy new weights into the model in place (our or HF names); later outputs carry `version`."""
-        self._call(self._load_weights, named_tensors, version)
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
+        """Copy new weights into the model in place (our or HF names); later outputs carry `version`. Returns how
+        many tensors were loaded."""
+        return self._call(self._load_weights, named_tensors, version)
 
     def sleep(self, offload_weights: bool = False) -> None:
         """Free the KV cache (running requests are paused and recomputed on wake); optionally offload weights."""

@@ -60,19 +60,29 @@ def prompt_ids(prompt: list[int] | str, tokenizer) -> list[int]:
     return list(prompt)
 
 
-def check_prompt(ids: list[int], params: SamplingParams, vocab: int, max_model_len: int, blocks, runner) -> None:
-    """A request the engine can run, or a ValueError saying why not (`blocks`: the engine's `BlockManager`,
-    `runner`: its `ModelRunner`)."""
-    if not ids:
-        raise ValueError("prompt is empty")
-    if any(not 0 <= t < vocab for t in ids):
-        raise ValueError(f"prompt has token ids outside the vocabulary (0..{vocab - 1})")
-    if len(ids) >= max_model_len:
-        raise ValueError(f"prompt has {len(ids)} tokens; the limit is {max_model_len - 1}")
-    if -(-len(ids) // blocks.block_size) >= blocks.num_blocks:
-        raise ValueError(f"prompt of {len(ids)} tokens does not fit the KV cache")
-    if params.return_routed_experts and not runner.capture_routes:
-        raise ValueError("return_routed_experts needs an MoE model and capture_routes=True")
+@dataclass(frozen=True, slots=True)
+class PromptLimits:
+    """What a request must fit to run on an engine (its vocabulary, context and KV cache): the engine checks every
+    request against them, and a front in another process checks before sending (`leagues.serve.engine_process`)."""
+
+    vocab_size: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    capture_routes: bool
+
+    def check(self, ids: list[int], params: SamplingParams) -> None:
+        """A ValueError saying why the request cannot run, if it cannot."""
+        if not ids:
+            raise ValueError("prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"prompt has token ids outside the vocabulary (0..{self.vocab_size - 1})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the limit is {self.max_model_len - 1}")
+        if -(-len(ids) // self.block_size) >= self.num_blocks:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the KV cache")
+        if params.return_routed_experts and not self.capture_routes:
+            raise ValueError("return_routed_experts needs an MoE model and capture_routes=True")
 
 
 class Requests:

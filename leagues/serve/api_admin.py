@@ -5,7 +5,8 @@
     GET  /health_generate             a 1-token generation (503 asleep, or if it fails or takes over
                                       `health_generate_timeout`, 20 s by default)
     GET  /get_model_info              model_path, is_generation, max_model_len, weight_version, ...
-    GET  /get_server_info             weight_version (int), engine config, stats, served model
+    GET  /get_server_info             weight_version (int), engine config, stats, served model, engine_pid (the
+                                      engine's own process, or null when it shares the server's)
     POST /flush_cache                 drop the prefix cache                                             [admin]
     POST /abort_request               {"rid": ...} or {"abort_all": true} (abort_all: [admin])
     POST /update_weights_from_disk    {"model_path": dir, "weight_version"?}: safetensors in HF names,
@@ -29,8 +30,8 @@ Decisions:
   `weight_group_timeout` (300 s by default) for it to form: a join holds a worker thread, and the
   threads are few.
 - The distributed routes take a plain JSON object and leave parsing to `remote_weights.py` (its errors,
-  `ValueError`s naming the field, are 400 with `{"success": false, "message"}`); the receiver of the
-  weight groups is made on first use and kept in the server state.
+  `ValueError`s naming the field, are 400 with `{"success": false, "message"}`); they run beside the engine
+  (in its process, when it has one), where the weight groups are kept.
 - There is no `update_weights_from_tensor`: SGLang's version unpickles tensors sent over HTTP, which
   would let any caller run code in the server. Weights arrive from disk or over NCCL.
 """
@@ -42,8 +43,6 @@ from pathlib import Path
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from leagues.engine import remote_weights
-from leagues.engine.disk_weights import check_checkpoint, disk_tensors
 from leagues.serve.api_common import ASK_FOR_KEY, UNAUTHORIZED, APIError, Caller, ServerState, error_response, state_of
 from leagues.serve.protocol import AbortRequest, MemoryRequest, UpdateWeightsFromDiskRequest
 from leagues.types import SamplingParams
@@ -69,10 +68,10 @@ admin = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
 
 @router.get("/health")
 async def health(request: Request):
-    engine = state_of(request).engine
-    if not engine.is_alive:
+    status = state_of(request).engine.status()
+    if not status.alive:
         return error_response(503, "the engine loop is not running", "server_error")
-    if engine.asleep:
+    if status.asleep:
         return error_response(503, ASLEEP, "server_error")
     return Response(status_code=200)
 
@@ -102,7 +101,7 @@ async def get_model_info(request: Request):
         "tokenizer_path": state.model_path if engine.tokenizer is not None else None,
         "served_model_name": state.served_model_name,
         "is_generation": True,
-        "architecture": engine.model.config.family,
+        "architecture": engine.family,
         "max_model_len": engine.max_model_len,
         "weight_version": engine.weight_version,
         "has_image_understanding": False,
@@ -114,18 +113,20 @@ async def get_model_info(request: Request):
 async def get_server_info(request: Request):
     state = state_of(request)
     engine = state.engine
+    status = await asyncio.to_thread(engine.fresh_status)
     return {
         "model_path": state.model_path,
         "served_model_name": state.served_model_name,
-        "weight_version": engine.weight_version,
+        "weight_version": status.weight_version,
         "engine_config": asdict(engine.config),
         "max_model_len": engine.max_model_len,
-        "num_blocks": engine.blocks.num_blocks,
-        "asleep": engine.asleep,
-        "stats": dict(engine.stats),
-        "num_waiting": len(engine.scheduler.waiting),
-        "num_running": len(engine.scheduler.running),
+        "num_blocks": status.num_blocks,
+        "asleep": status.asleep,
+        "stats": status.stats,
+        "num_waiting": status.num_waiting,
+        "num_running": status.num_running,
         "num_in_flight_requests": len(state.in_flight),
+        "engine_pid": engine.pid,
         "version": request.app.version,
     }
 
@@ -157,14 +158,11 @@ async def update_weights_from_disk(req: UpdateWeightsFromDiskRequest, request: R
     if root is not None and not Path(req.model_path).resolve().is_relative_to(root.resolve()):
         message = f"model_path: {req.model_path} is outside the server's weights root {root}"
         raise APIError(403, message, param="model_path", kind="permission_error")
-    try:
-        files = check_checkpoint(engine.model, Path(req.model_path))
+    abort = list(state.in_flight) if req.abort_all_requests else []
+    try:  # the checkpoint is checked against the model before anything is aborted or written
+        count = await asyncio.to_thread(engine.load_from_disk, Path(req.model_path), req.weight_version, abort)
     except (ValueError, OSError) as err:
         return JSONResponse({"success": False, "message": str(err)}, status_code=400)
-    if req.abort_all_requests:
-        for rid in list(state.in_flight):
-            engine.abort(rid)
-    count = await asyncio.to_thread(engine.load_weights, disk_tensors(files), req.weight_version)
     state.model_path = req.model_path
     message = f"loaded {count} tensors from {req.model_path}; weight version {engine.weight_version}"
     return {"success": True, "message": message, "weight_version": engine.weight_version, "num_paused_requests": 0}
@@ -190,28 +188,27 @@ async def init_weights_update_group(request: Request, req: dict = Body(...)):  #
         raise APIError(409, "group_name: another weight-group join is under way", param="group_name")
     state.joining = True
     try:
-        return await _remote(request, remote_weights.init_weights_update_group, req)
+        return await _remote(request, "init_weights_update_group", req)
     finally:
         state.joining = False
 
 
 @admin.post("/update_weights_from_distributed")
 async def update_weights_from_distributed(request: Request, req: dict = Body(...)):  # noqa: B008
-    return await _remote(request, remote_weights.update_weights_from_distributed, req)
+    return await _remote(request, "update_weights_from_distributed", req)
 
 
 @admin.post("/destroy_weights_update_group")
 async def destroy_weights_update_group(request: Request, req: dict = Body(...)):  # noqa: B008
-    return await _remote(request, remote_weights.destroy_weights_update_group, req)
+    return await _remote(request, "destroy_weights_update_group", req)
 
 
-async def _remote(request: Request, fn, req: dict):
-    """One of `remote_weights`' routes, off the event loop (joining a group and broadcasts block)."""
+async def _remote(request: Request, route: str, req: dict):
+    """One of `remote_weights`' routes, run beside the engine off the event loop (joining a group and broadcasts
+    block)."""
     state = state_of(request)
-    if state.weight_receiver is None:
-        state.weight_receiver = remote_weights.WeightReceiver(state.limits.weight_group_timeout)
     try:
-        return await asyncio.to_thread(fn, state.engine, state.weight_receiver, req)
+        return await asyncio.to_thread(state.engine.weight_group, route, req, state.limits.weight_group_timeout)
     except ValueError as err:
         return JSONResponse({"success": False, "message": str(err)}, status_code=400)
 
@@ -219,5 +216,5 @@ async def _remote(request: Request, fn, req: dict):
 @router.get("/metrics")
 async def metrics(request: Request):
     state: ServerState = state_of(request)
-    state.metrics.refresh(state.engine)
+    state.metrics.refresh(await asyncio.to_thread(state.engine.fresh_status))
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -15,9 +15,9 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from leagues.engine.engine import Engine
 from leagues.engine.output import Output
 from leagues.engine.requests import prompt_ids
+from leagues.serve.engine_process import EngineGone, EngineProcess, InProcess
 from leagues.serve.metrics import ServerMetrics
 from leagues.serve.protocol import ServerLimits
 from leagues.types import SamplingParams
@@ -69,9 +69,9 @@ class Caller(StrEnum):
 
 @dataclass(slots=True)
 class ServerState:
-    """What the routes share: the engine, the metrics, and the requests in flight."""
+    """What the routes share: the engine (`InProcess` or `EngineProcess`), the metrics, and the requests in flight."""
 
-    engine: Engine
+    engine: "InProcess | EngineProcess"
     metrics: ServerMetrics
     model_path: str
     served_model_name: str
@@ -80,12 +80,10 @@ class ServerState:
     limits: ServerLimits = field(default_factory=ServerLimits)
     weights_root: Path | None = None
     """Directory `/update_weights_from_disk` may load from (anything under it); None: anywhere."""
-    weight_receiver: object | None = None
-    """`remote_weights.WeightReceiver`, made by the first weight-group route."""
     joining: bool = False
     """A weight-group join is under way (one at a time: each holds a worker thread until the group forms)."""
     mailbox: "_Mailbox | None" = None
-    """Streamed tokens' way from the engine's thread to the event loop (`mailbox_of`)."""
+    """Streamed tokens' way from the thread that delivers them to the event loop (`mailbox_of`)."""
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{secrets.token_hex(8)}"  # unguessable: a client can abort only the ids it was given
@@ -99,7 +97,8 @@ def state_of(request: Request) -> ServerState:
 
 
 class _Mailbox:
-    """Tokens from the engine's thread to one event loop, handed over in bursts: the first token after a hand-over
+    """Tokens from the thread that delivers them (the engine's loop thread, or the one receiving from the engine's
+    process) to one event loop, handed over in bursts: the first token after a hand-over
     schedules one wake-up of the loop, and every token that comes before it runs rides along. So a decode step of
     256 streaming rows wakes the loop once, not 256 times, and the loop never falls behind the engine by a backlog
     of wake-ups."""
@@ -107,7 +106,7 @@ class _Mailbox:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self.lock, self.items = loop, threading.Lock(), []
 
-    def put(self, queue: asyncio.Queue, event: tuple) -> None:  # on the engine thread
+    def put(self, queue: asyncio.Queue, event: tuple) -> None:  # on the delivering thread
         with self.lock:
             self.items.append((queue, event))
             if len(self.items) > 1:
@@ -137,7 +136,7 @@ class _Tracker:
         self.mailbox, self.queue, self.base = mailbox, queue, base
         self.times: list[list[float]] = [[] for _ in range(n)]
 
-    def __call__(self, index: int, token_id: int, logprob: float) -> None:  # on the engine thread
+    def __call__(self, index: int, token_id: int, logprob: float) -> None:  # on the delivering thread
         self.times[index].append(time.monotonic())
         if self.queue is not None:
             self.mailbox.put(self.queue, ("token", self.base + index, token_id, logprob))
@@ -188,6 +187,9 @@ class Batch:
         except ValueError as err:  # the engine's checks of the prompt and the params: name the field
             self.abort()
             raise APIError(400, f"{field}: {err}", param=field) from None
+        except EngineGone as err:
+            self.abort()
+            raise gone(err) from None
         except BaseException:
             self.abort()
             raise
@@ -210,8 +212,10 @@ class Batch:
         """Every output, prompt-major; cancelling the caller aborts the engine requests."""
         try:
             per_prompt = await asyncio.gather(*self.waiters)
-        except BaseException:
+        except BaseException as err:
             self.abort()
+            if isinstance(err, EngineGone):
+                raise gone(err) from None
             raise
         return self._finish(per_prompt)
 
@@ -249,6 +253,11 @@ class Batch:
             self.abort()
             raise
         self._finish([done[i] for i in range(len(self.waiters))])
+
+
+def gone(err: EngineGone) -> APIError:
+    """The 503 of a request whose engine process has exited (a router sends it elsewhere)."""
+    return APIError(503, str(err), kind="server_error")
 
 
 def finite(x: float) -> float | None:

@@ -35,6 +35,7 @@ from fastapi.responses import StreamingResponse
 
 from leagues.engine.output import Output
 from leagues.serve.api_common import APIError, Batch, ServerState, error_body, finite, state_of
+from leagues.serve.engine_process import EngineGone
 from leagues.serve.protocol import ChatCompletionRequest, CompletionRequest
 from leagues.serve.reply import Reply, TextStream, call_prefill, opens_thinking, sse
 
@@ -235,6 +236,8 @@ async def _stream(state: ServerState, req, batch: Batch, shell: dict, reply):
                 yield b"".join(chunks)  # a burst of tokens goes out in one write
     except ValueError as err:
         yield sse(error_body(str(err), "invalid_request_error", None, 400))
+    except EngineGone as err:  # the stream ends with the reason, not a cut connection
+        yield sse(error_body(str(err), "server_error", None, 503))
     if req.stream_options is not None and req.stream_options.include_usage and outputs:
         yield sse(shell | {"choices": [], "usage": _usage(outputs, n)})
     yield sse("[DONE]")

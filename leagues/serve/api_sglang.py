@@ -40,6 +40,7 @@ from fastapi.responses import StreamingResponse
 
 from leagues.engine.output import Output
 from leagues.serve.api_common import APIError, Batch, ServerState, error_body, finite, state_of
+from leagues.serve.engine_process import EngineGone
 from leagues.serve.protocol import GenerateRequest
 from leagues.serve.reply import TextStream, sse
 from leagues.types import FinishReason
@@ -166,6 +167,8 @@ async def _stream(state: ServerState, req: GenerateRequest, batch: Batch):
                 yield b"".join(chunks)
     except ValueError as err:
         yield sse(error_body(str(err), "invalid_request_error", None, 400))
+    except EngineGone as err:  # the stream ends with the reason, not a cut connection
+        yield sse(error_body(str(err), "server_error", None, 503))
     yield sse("[DONE]")
 
 

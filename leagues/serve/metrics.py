@@ -55,16 +55,15 @@ class ServerMetrics:
             self.itl.observe(after - before)
         self.e2e.observe(end - start)
 
-    def refresh(self, engine) -> None:
-        """Engine gauges, read at scrape time."""
-        blocks = engine.blocks
-        self.waiting.set(len(engine.scheduler.waiting))
-        self.running.set(len(engine.scheduler.running))
-        self.kv_total.set(blocks.num_blocks)
-        self.kv_used.set(blocks.num_blocks - blocks.num_free_blocks)
-        queries = blocks.num_prefix_queries
-        self.prefix_hit_rate.set(blocks.num_prefix_hits / queries if queries else 0.0)
-        self.weight_version.set(engine.weight_version)
+    def refresh(self, status) -> None:
+        """Engine gauges from its `EngineStatus`, read at scrape time."""
+        self.waiting.set(status.num_waiting)
+        self.running.set(status.num_running)
+        self.kv_total.set(status.num_blocks)
+        self.kv_used.set(status.num_blocks - status.num_free_blocks)
+        queries = status.prefix_queries
+        self.prefix_hit_rate.set(status.prefix_hits / queries if queries else 0.0)
+        self.weight_version.set(status.weight_version)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

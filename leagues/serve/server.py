@@ -3,8 +3,9 @@
     app = create_app(engine, api_key="k", admin_key="a")   # a FastAPI app; `leagues serve` runs it with uvicorn
 
 Where it sits: the HTTP front (`leagues.serve`), apart from the engine core (`leagues.engine`), which never
-imports it. The engine runs in the server process, on its own loop thread; handlers call
-`engine.submit` and await the futures, so every HTTP request joins the same continuous batch. The
+imports it. The engine is an `Engine` of this process (on its own loop thread) or an `EngineProcess` (in a
+process of its own, `leagues serve`'s default; `engine_process.py` says why); handlers call `engine.submit`
+and await the futures, so every HTTP request joins the same continuous batch. The
 routes live in `api_sglang.py` (`/generate`), `api_openai.py` (`/v1/...`) and `api_admin.py` (health,
 info, cache, abort, weights, memory); bodies are parsed by the models of `protocol.py`. This file holds
 the app and its middleware; `api_common.py` what the routes share: errors, the server's state, and
@@ -35,8 +36,9 @@ Decisions:
   generation routes answer 503 at once rather than wait for a wake; requests already in flight pause
   and resume with the engine.
 - Middleware is plain ASGI (not `BaseHTTPMiddleware`), so streamed responses are not buffered.
-- Streaming: the engine calls `on_token` on its thread for every sampled token; `Batch` hops each call
-  onto the event loop with `call_soon_threadsafe` and an `asyncio.Queue`. The same callback timestamps
+- Streaming: `on_token` runs for every sampled token on the thread that delivers it (the engine's loop thread,
+  or the thread receiving from the engine's process); `Batch` hands tokens to the event loop in bursts
+  (`api_common._Mailbox`) through an `asyncio.Queue`. The same callback timestamps
   tokens for the latency histograms, so metrics cost one callback per token, streamed or not.
 """
 
@@ -61,6 +63,7 @@ from leagues.serve.api_common import (
     error_body,
     error_response,
 )
+from leagues.serve.engine_process import EngineProcess, InProcess
 from leagues.serve.metrics import ServerMetrics
 from leagues.serve.protocol import ServerLimits
 
@@ -235,7 +238,7 @@ async def _on_unexpected(request: Request, exc: Exception):
 
 
 def create_app(
-    engine: Engine,
+    engine: Engine | EngineProcess,
     *,
     api_key: str | None = None,
     admin_key: str | None = None,
@@ -243,8 +246,9 @@ def create_app(
     weights_root: str | Path | None = None,
     served_model_name: str | None = None,
 ) -> FastAPI:
-    """The server's FastAPI app around a running (or lazily started) engine; `weights_root`: the directory
-    `/update_weights_from_disk` may load from (None: anywhere)."""
+    """The server's FastAPI app around a running (or lazily started) engine, of this process or its own;
+    `weights_root`: the directory `/update_weights_from_disk` may load from (None: anywhere)."""
+    engine = InProcess(engine) if isinstance(engine, Engine) else engine
     path = str(engine.model_path) if engine.model_path is not None else ""
     metrics = ServerMetrics()
     limits = limits or ServerLimits()

@@ -1,0 +1,459 @@
+"""The engine behind the HTTP front, on a thread of the server's process or in a process of its own.
+
+    handle = InProcess(Engine(path))                     # the engine on a thread of this process
+    handle = EngineProcess(path, EngineConfig())         # `leagues serve`: the engine in a child process
+    future = handle.submit(prompt_ids, params, rid, on_token)      # a concurrent Future of the n outputs
+
+Both give the routes one surface: `submit`, `abort`, `generate_async`, the blocking calls (`flush_cache`,
+`sleep`, `wake`, `load_from_disk`, `weight_group`), `status()` (alive, asleep, weight version, stats, queues,
+cache) and what never changes (`model_path`, `tokenizer`, `max_model_len`, `config`, `family`).
+
+Why a process of its own: in one process the event loop (HTTP parsing, SSE writes, detokenizing) and the
+engine's loop thread take turns holding the GIL, so every streamed token's front work delays the next decode
+step, and the more clients stream the less the engine runs (on one H200, 64 streaming clients got 34% of the
+engine's in-process throughput). In its own process the engine steps while the front writes.
+
+Decisions:
+- One duplex pipe; messages are pickled tuples sent whole (`send_bytes`), so the CPU tensors of outputs (routes)
+  travel by value and nothing is unpickled from anyone but the child this process started.
+- Tokens travel in bursts: the engine's thread appends each sampled token to an outbox and a sender thread sends
+  all that gathered since its last send as one message, so a decode step of 64 streaming rows is one message.
+  Finishes, failures and call answers ride the same outbox, so they never overtake a request's tokens.
+- Prompts are tokenized and checked in the front, against the engine's own `PromptLimits`: a bad prompt fails
+  before it crosses, and tokenizing costs the engine's process nothing.
+- Status comes with every message from the child (at least every 0.2 s); `fresh_status()` asks for it now.
+- The child ends when the pipe closes (the front is gone, however it ended). If the child dies, every request
+  and call in flight fails with its exit code, `status().alive` turns False (`/health`: 503), and new requests
+  fail at once.
+- Blocking calls (sleep, wake, weight loads, weight-group joins) run on worker threads of the child, so its pipe
+  keeps taking requests and aborts meanwhile.
+"""
+
+import asyncio
+import contextlib
+import itertools
+import multiprocessing
+import os
+import pickle
+import secrets
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from leagues.engine import remote_weights
+from leagues.engine.disk_weights import check_checkpoint, disk_tensors
+from leagues.engine.engine import Engine, EngineConfig, checkpoint_tokenizer
+from leagues.engine.output import Output
+from leagues.engine.requests import TokenCallback, prompt_ids, resolve
+from leagues.types import SamplingParams
+
+WEIGHT_GROUP_ROUTES = frozenset(
+    {"init_weights_update_group", "update_weights_from_distributed", "destroy_weights_update_group"}
+)
+
+
+class EngineGone(RuntimeError):
+    """The engine's process has exited: what was in flight failed, and nothing sent now runs (HTTP 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatus:
+    """What the front shows of a running engine (`/health`, `/get_server_info`, `/metrics`)."""
+
+    alive: bool
+    asleep: bool
+    weight_version: int
+    stats: dict = field(default_factory=dict)
+    num_waiting: int = 0
+    num_running: int = 0
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+
+
+class InProcess:
+    """An `Engine` of this process behind the front's surface (the engine's loop thread shares this process)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.model_path, self.tokenizer, self.config = engine.model_path, engine.tokenizer, engine.config
+        self.max_model_len, self.family = engine.max_model_len, engine.model.config.family
+        self._receiver: remote_weights.WeightReceiver | None = None
+
+    def status(self) -> EngineStatus:
+        engine, blocks = self.engine, self.engine.blocks
+        return EngineStatus(
+            alive=engine.is_alive,
+            asleep=engine.asleep,
+            weight_version=engine.weight_version,
+            stats=dict(engine.stats),
+            num_waiting=len(engine.scheduler.waiting),
+            num_running=len(engine.scheduler.running),
+            num_blocks=blocks.num_blocks,
+            num_free_blocks=blocks.num_free_blocks,
+            prefix_queries=blocks.num_prefix_queries,
+            prefix_hits=blocks.num_prefix_hits,
+        )
+
+    fresh_status = status
+    pid = None
+    """The engine shares this process."""
+
+    @property
+    def is_alive(self) -> bool:
+        return self.engine.is_alive
+
+    @property
+    def asleep(self) -> bool:
+        return self.engine.asleep
+
+    @property
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def submit(self, prompt, params: SamplingParams, request_id: str | None = None, on_token=None) -> Future:
+        return self.engine.submit(prompt, params, request_id, on_token)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    async def generate_async(self, prompt, params=None, request_id=None, on_token=None) -> list[Output]:
+        return await asyncio.wrap_future(self.submit(prompt, params or SamplingParams(), request_id, on_token))
+
+    def flush_cache(self) -> None:
+        self.engine.flush_cache()
+
+    def sleep(self, offload_weights: bool = False) -> None:
+        self.engine.sleep(offload_weights)
+
+    def wake(self) -> None:
+        self.engine.wake()
+
+    def load_from_disk(self, path: Path, version: int | None = None, abort: list[str] = ()) -> int:
+        """Load a safetensors checkpoint once it is known to fit the model (a ValueError or OSError before anything
+        changes if not), aborting the requests `abort` names first; returns the number of tensors loaded."""
+        files = check_checkpoint(self.engine.model, Path(path))
+        for rid in abort:
+            self.engine.abort(rid)
+        return self.engine.load_weights(disk_tensors(files), version)
+
+    def weight_group(self, route: str, req: dict, timeout_s: float) -> dict:
+        """One of `remote_weights`' routes (SGLang's NCCL weight protocol); the groups live beside the engine."""
+        if route not in WEIGHT_GROUP_ROUTES:
+            raise ValueError(f"unknown weight-group route {route!r}")
+        if self._receiver is None:
+            self._receiver = remote_weights.WeightReceiver(timeout_s)
+        return getattr(remote_weights, route)(self.engine, self._receiver, req)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+# --- the engine in a child process --------------------------------------------------------------------------
+
+_CALLS = frozenset({"flush_cache", "sleep", "wake", "load_from_disk", "weight_group", "status"})
+"""What the front may ask the child to run (`InProcess` methods)."""
+
+_ERRORS = {"ValueError": ValueError, "OSError": OSError, "FileNotFoundError": OSError, "TimeoutError": TimeoutError}
+
+
+def _error_of(err: BaseException) -> tuple[str, str]:
+    return type(err).__name__, str(err)
+
+
+def _rebuild(kind: str, message: str) -> Exception:
+    """The child's error as the front raises it: the kinds routes tell apart keep their type."""
+    return _ERRORS[kind](message) if kind in _ERRORS else RuntimeError(f"{kind}: {message}")
+
+
+class EngineProcess:
+    """An `Engine` in a child process (spawned, so CUDA starts clean), with `InProcess`'s surface.
+
+    `start_timeout_s` bounds loading the model and building the engine; an engine that cannot be built raises
+    here (a ValueError for a bad config, as `Engine` would)."""
+
+    def __init__(self, model_path: str | Path, config: EngineConfig, start_timeout_s: float = 3600.0) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_end = context.Pipe()
+        self._proc = context.Process(target=run_child, args=(child_end, str(model_path), config), name="leagues-engine")
+        self._proc.start()
+        child_end.close()
+        kind, info = self._first_message(start_timeout_s)
+        if kind == "failed":
+            self._proc.join(timeout=10)
+            raise _rebuild(*info)
+        self.model_path, self.config = info["model_path"], config
+        self.max_model_len, self.family, self.limits = info["max_model_len"], info["family"], info["limits"]
+        self._status: EngineStatus = info["status"]
+        self.tokenizer = checkpoint_tokenizer(Path(self.model_path))  # the engine's own choice, made the same way
+        self._send_lock = threading.Lock()
+        self._requests: dict[str, tuple[Future, TokenCallback | None]] = {}
+        self._calls: dict[int, Future] = {}
+        self._call_ids = itertools.count()
+        self._failure: str | None = None
+        self._receiver = threading.Thread(target=self._receive, name="leagues-engine-link", daemon=True)
+        self._receiver.start()
+
+    def _first_message(self, timeout_s: float) -> tuple[str, object]:
+        deadline = time.monotonic() + timeout_s
+        while not self._conn.poll(0.5):
+            if not self._proc.is_alive():
+                raise RuntimeError(f"the engine process exited while starting (code {self._proc.exitcode})")
+            if time.monotonic() > deadline:
+                self._proc.kill()
+                raise RuntimeError(f"the engine process did not start within {timeout_s:g} s")
+        return pickle.loads(self._conn.recv_bytes())
+
+    # --- the surface ------------------------------------------------------------------------------------------
+
+    def status(self) -> EngineStatus:
+        """The latest status the child sent (at most ~0.2 s old while it runs)."""
+        if self._failure is not None:
+            return EngineStatus(alive=False, asleep=self._status.asleep, weight_version=self._status.weight_version)
+        return self._status
+
+    def fresh_status(self) -> EngineStatus:
+        """The status now (a round trip to the child; blocking)."""
+        return self._call("status")
+
+    @property
+    def is_alive(self) -> bool:
+        return self.status().alive
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id (`/get_server_info`'s `engine_pid`)."""
+        return self._proc.pid
+
+    @property
+    def asleep(self) -> bool:
+        return self._status.asleep
+
+    @property
+    def weight_version(self) -> int:
+        return self._status.weight_version
+
+    def submit(self, prompt, params: SamplingParams, request_id: str | None = None, on_token=None) -> Future:
+        """Queue one request; the future resolves to its n outputs. `on_token` runs on this process's receiving
+        thread for every sampled token; one that raises is dropped."""
+        ids = prompt_ids(prompt, self.tokenizer)
+        self.limits.check(ids, params)
+        rid = request_id or f"req-{secrets.token_hex(8)}"
+        if rid in self._requests:
+            raise ValueError(f"request id {rid!r} is already in flight")
+        future: Future = Future()
+        self._requests[rid] = (future, on_token)
+        try:
+            self._send(("add", rid, ids, params))
+        except BaseException:
+            self._requests.pop(rid, None)
+            raise
+        return future
+
+    def abort(self, request_id: str) -> None:
+        with contextlib.suppress(RuntimeError):  # nothing to abort in an engine that is gone
+            self._send(("abort", request_id))
+
+    async def generate_async(self, prompt, params=None, request_id=None, on_token=None) -> list[Output]:
+        return await asyncio.wrap_future(self.submit(prompt, params or SamplingParams(), request_id, on_token))
+
+    def flush_cache(self) -> None:
+        self._call("flush_cache")
+
+    def sleep(self, offload_weights: bool = False) -> None:
+        self._call("sleep", offload_weights)
+
+    def wake(self) -> None:
+        self._call("wake")
+
+    def load_from_disk(self, path: Path, version: int | None = None, abort: list[str] = ()) -> int:
+        return self._call("load_from_disk", str(path), version, list(abort))
+
+    def weight_group(self, route: str, req: dict, timeout_s: float) -> dict:
+        return self._call("weight_group", route, req, timeout_s)
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._send(("close",))
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=10)
+        self._conn.close()
+
+    # --- the pipe --------------------------------------------------------------------------------------------
+
+    def _send(self, message: tuple) -> None:
+        if self._failure is not None:
+            raise EngineGone(self._failure)
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._send_lock:
+            try:
+                self._conn.send_bytes(data)
+            except OSError as err:
+                raise EngineGone(f"the engine process is gone: {err}") from None
+
+    def _call(self, name: str, *args):
+        future: Future = Future()
+        call_id = next(self._call_ids)
+        self._calls[call_id] = future
+        try:
+            self._send(("call", call_id, name, args))
+        except BaseException:
+            self._calls.pop(call_id, None)
+            raise
+        return future.result()
+
+    def _receive(self) -> None:
+        """The receiving thread: the child's messages, until its end of the pipe closes."""
+        try:
+            while True:
+                _, events, self._status = pickle.loads(self._conn.recv_bytes())  # status first: answers see it
+                for event in events:
+                    self._handle(event)
+        except (EOFError, OSError):
+            pass
+        self._proc.join(timeout=5)
+        self._failure = f"the engine process exited (code {self._proc.exitcode})"
+        error = EngineGone(self._failure)
+        for future, _ in list(self._requests.values()):
+            resolve(future, error=error)
+        for future in list(self._calls.values()):
+            resolve(future, error=error)
+        self._requests.clear()
+        self._calls.clear()
+
+    def _handle(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "token":
+            _, rid, index, token_id, logprob = event
+            entry = self._requests.get(rid)
+            if entry is not None and entry[1] is not None:
+                try:
+                    entry[1](index, token_id, logprob)
+                except Exception:  # a listener that raises is dropped, as the engine does
+                    self._requests[rid] = (entry[0], None)
+        elif kind == "done":
+            entry = self._requests.pop(event[1], None)
+            if entry is not None:
+                resolve(entry[0], event[2])
+        elif kind == "failed":
+            entry = self._requests.pop(event[1], None)
+            if entry is not None:
+                resolve(entry[0], error=_rebuild(*event[2]))
+        elif kind == "answer":
+            _, call_id, ok, value = event
+            future = self._calls.pop(call_id, None)
+            if future is not None:
+                resolve(future, value) if ok else resolve(future, error=_rebuild(*value))
+
+
+class _Outbox:
+    """The child's messages to the front: events gathered from any thread, sent by one thread in bursts, each with
+    the engine's status."""
+
+    def __init__(self, conn, status, period_s: float = 0.2) -> None:
+        self.conn, self.status, self.period_s = conn, status, period_s
+        self.items: list[tuple] = []
+        self.lock, self.ready, self.closed = threading.Lock(), threading.Event(), False
+        self.thread = threading.Thread(target=self._run, name="leagues-engine-outbox", daemon=True)
+
+    def put(self, event: tuple) -> None:
+        with self.lock:
+            self.items.append(event)
+            first = len(self.items) == 1
+        if first:
+            self.ready.set()
+
+    def send(self, kind: str, payload) -> None:
+        self.conn.send_bytes(pickle.dumps((kind, payload, self.status()), protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):  # the front is gone: the main loop sees the pipe close too
+            while not self.closed:
+                self.ready.wait(self.period_s)
+                self.ready.clear()
+                with self.lock:
+                    items, self.items = self.items, []
+                self.send("events", items)
+
+    def close(self) -> None:
+        self.closed = True
+        self.ready.set()
+        self.thread.join(timeout=5)
+
+
+def run_child(conn, model_path: str, config: EngineConfig) -> None:
+    """The engine process: build the engine, say it is ready, then serve the pipe until it closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front decides when to stop
+    try:
+        engine = InProcess(Engine(model_path, config=config))
+    except Exception as err:
+        conn.send_bytes(pickle.dumps(("failed", _error_of(err))))
+        return
+    outbox = _Outbox(conn, engine.status)
+    info = {
+        "model_path": engine.model_path,
+        "max_model_len": engine.max_model_len,
+        "family": engine.family,
+        "limits": engine.engine.prompt_limits,
+        "status": engine.status(),
+    }
+    conn.send_bytes(pickle.dumps(("ready", info)))
+    outbox.thread.start()
+    workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="leagues-engine-call")
+    try:
+        _serve_pipe(conn, engine, outbox, workers)
+    finally:
+        workers.shutdown(wait=False, cancel_futures=True)
+        engine.close()
+        outbox.close()
+        # now, not once every worker returns: one may wait minutes in a weight-group broadcast whose sender is
+        # gone, and this process holds the GPU memory a restarted server needs
+        os._exit(0)
+
+
+def _serve_pipe(conn, engine: InProcess, outbox: _Outbox, workers: ThreadPoolExecutor) -> None:
+    with contextlib.suppress(EOFError, OSError):
+        while True:
+            message = pickle.loads(conn.recv_bytes())
+            kind = message[0]
+            if kind == "add":
+                _, rid, ids, params = message
+                _add(engine, outbox, rid, ids, params)
+            elif kind == "abort":
+                engine.abort(message[1])
+            elif kind == "call":
+                _, call_id, name, args = message
+                workers.submit(_answer, engine, outbox, call_id, name, args)
+            elif kind == "close":
+                return
+
+
+def _add(engine: InProcess, outbox: _Outbox, rid: str, ids: list[int], params: SamplingParams) -> None:
+    def on_token(index: int, token_id: int, logprob: float) -> None:  # on the engine's thread
+        outbox.put(("token", rid, index, token_id, logprob))
+
+    def finished(future: Future) -> None:
+        error = future.exception()
+        outbox.put(("done", rid, future.result()) if error is None else ("failed", rid, _error_of(error)))
+
+    try:
+        future = engine.submit(ids, params, rid, on_token)
+    except Exception as err:  # the front checked the prompt; anything left fails this request only
+        outbox.put(("failed", rid, _error_of(err)))
+        return
+    future.add_done_callback(finished)
+
+
+def _answer(engine: InProcess, outbox: _Outbox, call_id: int, name: str, args: tuple) -> None:
+    try:
+        if name not in _CALLS:
+            raise ValueError(f"unknown engine call {name!r}")
+        outbox.put(("answer", call_id, True, getattr(engine, name)(*args)))
+    except Exception as err:
+        outbox.put(("answer", call_id, False, _error_of(err)))
