@@ -148,8 +148,8 @@ def test_dispatch():
     want = pa.paged_decode_reference(q_BHA, *kernel_args(case), 0.3)
     got = pa.paged_decode(q_BHA, *kernel_args(case), 0.3, impl="reference")
     torch.testing.assert_close(got, want, atol=0, rtol=0)
-    if DEVICE == "cpu":
-        torch.testing.assert_close(pa.paged_decode(q_BHA, *kernel_args(case), 0.3), want, atol=0, rtol=0)
+    if DEVICE == "cpu":  # "auto" takes the padded path there: the same sums in another order (last-bit differences)
+        torch.testing.assert_close(pa.paged_decode(q_BHA, *kernel_args(case), 0.3), want, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="impl"):
         pa.paged_decode(q_BHA, *kernel_args(case), 0.3, impl="flash")
 

@@ -20,7 +20,7 @@ import pytest
 
 from leagues.model import resolve_model_path
 from tests.loop.test_loop import REWARDS, ROOT, rl_rows
-from tests.serve.engines import API_KEY, AUTH, EngineProcess, free_port
+from tests.serve.engines import API_KEY, AUTH, EngineServer, free_port
 
 STEPS, BATCH, N = 6, 8, 4
 # few sequences at a time: an engine holds queued requests through most of a rollout, so the kill finds some
@@ -62,7 +62,7 @@ def finished_requests(url: str) -> float:
 @pytest.mark.parametrize("transport", ["disk", "distributed"])
 def test_a_killed_engine_costs_no_sample_and_rejoins_at_the_current_weights(tmp_path, transport):
     tiny, run_dir, gate = resolve_model_path("tiny-moe"), tmp_path / "run", tmp_path / "gate"
-    engines = [EngineProcess(tiny, free_port(), tmp_path, args=ENGINE_ARGS) for _ in range(2)]
+    engines = [EngineServer(tiny, free_port(), tmp_path, args=ENGINE_ARGS) for _ in range(2)]
     victim = engines[0]
     env = os.environ | {"LEAGUES_TEST_GATE_AT": str(3 * BATCH * N + 1), "LEAGUES_TEST_GATE": str(gate),
                         "LEAGUES_TEST_COUNTER": str(tmp_path / "calls")}  # fmt: skip

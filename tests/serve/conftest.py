@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve.engines import EngineProcess, free_port
+from tests.serve.engines import EngineServer, free_port
 from tests.serve.scripted import serve, write_scripted_model
 
 
@@ -24,7 +24,7 @@ def checkpoints():
 def replicas(checkpoints):
     """Two engine processes on the tiny MoE behind an API key, started together; killed at the end of the module."""
     tiny, _, tmp = checkpoints
-    engines = [EngineProcess(tiny, free_port(), tmp).start() for _ in range(2)]
+    engines = [EngineServer(tiny, free_port(), tmp).start() for _ in range(2)]
     try:
         for engine in engines:
             engine.wait_ready()

@@ -1,5 +1,10 @@
 """Engine server processes for the fleet, router and loop tests: `leagues serve` on a fixed loopback port, so a
-test can kill one (a real SIGKILL) and start it again where the fleet expects it."""
+test can kill one (a real SIGKILL) and start it again where the fleet expects it.
+
+These servers keep the engine on a thread of the server's process (`--engine_process false`): that is the
+option's test through the CLI, and each start saves the engine process's own start (seconds on a 2-core
+machine). The default, the engine in its own process, is what `test_server.py`, `test_server_robust.py`,
+`test_engine_process.py` and the scripted servers run."""
 
 import os
 import random
@@ -36,7 +41,7 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60)
     raise TimeoutError(f"{url} not ready after {timeout} s:\n{log.read_text()}")
 
 
-class EngineProcess:
+class EngineServer:
     """One engine server process on a fixed port; `kill` and `start` again keep the port. With `api_key` the
     server asks for it, and with `admin_key` for that one on its admin routes (both given by environment, out of
     the process list)."""
@@ -55,9 +60,10 @@ class EngineProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, model: Path | None = None) -> "EngineProcess":
+    def start(self, model: Path | None = None) -> "EngineServer":
         self.model = model or self.model
         cmd = [sys.executable, "-m", "leagues.cli", "serve", "--model", str(self.model), "--port", str(self.port)]
+        cmd += ["--engine_process", "false"]
         keys = {"LEAGUES_API_KEY": self.api_key, "LEAGUES_ADMIN_KEY": self.admin_key}
         env = {**os.environ, **{name: key for name, key in keys.items() if key}}
         with open(self.log, "ab") as log:

@@ -15,7 +15,7 @@ import pytest
 from leagues.serve.fleet import Fleet, FleetConfig, FleetError, ReplicaState, engine_urls
 from leagues.serve.fleet_client import FleetClient
 from leagues.types import SamplingParams
-from tests.serve.engines import API_KEY, AUTH, EngineProcess, free_port, request
+from tests.serve.engines import API_KEY, AUTH, EngineServer, free_port, request
 
 HEALTH_INTERVAL = 0.2
 
@@ -238,7 +238,7 @@ def test_replica_dies_mid_burst_then_rejoins_at_fleet_version(replicas, checkpoi
     asyncio.run(main())
 
 
-async def _burst_with_a_kill(fleet: Fleet, victim: EngineProcess, num_requests: int = 100) -> None:
+async def _burst_with_a_kill(fleet: Fleet, victim: EngineServer, num_requests: int = 100) -> None:
     """Requests arrive over ~1 s with different lengths; the victim is killed with requests in flight."""
 
     async def one(i: int) -> dict:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from leagues.serve.router import RouterConfig
-from tests.serve.engines import API_KEY, EngineProcess, free_port, request, wait_ready
+from tests.serve.engines import API_KEY, EngineServer, free_port, request, wait_ready
 
 HEALTH_INTERVAL = 0.2
 CLIENT_KEY, ROUTER_ADMIN_KEY = "router-client-key", "router-admin-key"
@@ -109,7 +109,7 @@ def _check_router_auth(url: str, rogue: str) -> None:
     assert httpx.post(url + "/remove_engine", json={"url": rogue}, headers=admin).status_code == 200
 
 
-def _check_router_server(client: httpx.Client, replicas: list[EngineProcess]) -> None:
+def _check_router_server(client: httpx.Client, replicas: list[EngineServer]) -> None:
     async def burst():
         headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
         async with httpx.AsyncClient(base_url=str(client.base_url), timeout=60, headers=headers) as aclient:

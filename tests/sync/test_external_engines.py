@@ -25,7 +25,7 @@ from leagues.model import load_pretrained, resolve_model_path, write_tiny_moe
 from leagues.serve.fleet import FleetError
 from leagues.sync import DistributedWeightSender, EngineRefused, update_from_disk
 from leagues.types import WeightTarget
-from tests.serve.engines import API_KEY, AUTH, EngineProcess, free_port
+from tests.serve.engines import API_KEY, AUTH, EngineServer, free_port
 
 ADMIN_KEY = "admin-test-key"
 ENGINE_ARGS = ["--engine.num_blocks", "128", "--engine.max_model_len", "64"]
@@ -72,7 +72,7 @@ def run_config(run_dir, url: str, key: str) -> TrainConfig:
 
 def test_weight_updates_carry_the_key_and_say_what_is_wrong_with_it(tmp_path, checkpoints, monkeypatch):
     first, second = checkpoints
-    engine = EngineProcess(resolve_model_path("tiny-moe"), free_port(), tmp_path, args=ENGINE_ARGS, admin_key=ADMIN_KEY)
+    engine = EngineServer(resolve_model_path("tiny-moe"), free_port(), tmp_path, args=ENGINE_ARGS, admin_key=ADMIN_KEY)
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     try:
         engine.start().wait_ready()
@@ -114,7 +114,7 @@ def test_a_group_loses_a_dead_engine_mid_send_and_takes_it_back_after_a_restart(
     first, second = checkpoints
     tiny = resolve_model_path("tiny-moe")
     args = [*ENGINE_ARGS, "--limits.weight_group_timeout", "5"]
-    live, victim = (EngineProcess(tiny, free_port(), tmp_path, args=args) for _ in range(2))
+    live, victim = (EngineServer(tiny, free_port(), tmp_path, args=args) for _ in range(2))
 
     def killing_after_the_first(all_buckets):
         for i, bucket in enumerate(all_buckets):
