@@ -4,17 +4,21 @@ C clients each send R requests one after another (a fixed prompt of P token ids,
 ignored), so the engine sees at most C requests at a time either way. In-process, the clients are coroutines
 calling `Engine.generate_async` (time to first token from the engine's `on_token`); over HTTP they post to
 `/generate`, streaming or not, from several client processes (so the benchmark's own parsing does not limit the
-server). Each side first runs one round of C concurrent requests untimed (the engine compiles and captures its
-batch sizes on first use). Throughput is generated tokens per second of wall time;
+server). Each client first sends W requests one after another untimed (`--warmup-requests`, 2), on both sides:
+the engine compiles and captures batch shapes on first use, and over HTTP arrivals stagger, so the warm-up
+takes the shapes the timed part will. Throughput is generated tokens per second of wall time;
 `http_cost = 1 - server / in-process`.
 
 One row per (clients, stream) to $OUT/server.jsonl (keys `clients`, `stream`, `in_process_tokens_per_s`,
 `server_tokens_per_s`, `http_cost`, `ttft_ms_p50` (streaming), `in_process_ttft_ms_p50`, `itl_ms_p50`,
-`latency_ms_p50`, `rows_per_step` and `in_process_rows_per_step` (tokens the engine sampled a step), `front`
+`latency_ms_p50`, `rows_per_step` and `in_process_rows_per_step` (tokens the engine sampled a step),
+`front_ttft_ms_mean` and `engine_ttft_ms_mean` (the server's own means of time to first token, from its front's
+arrival and from its engine's: where a request's wait is), `in_process_engine_ttft_ms_mean`, `front`
 (`process`: the server's engine in its own process, `leagues serve`'s default; `thread`: on a thread of the
 server's process, with `--engine_process false`), plus the card and the load).
 
     PYTHONPATH=. python benchmarks/server.py [--model tiny-moe] [--clients 8,64] [--stream both] [--requests 4]
+        [--warmup-requests 2]
         [--new-tokens 128] [--client-procs 4] [--profile] [--engine.FIELD VALUE ...]
 
 `--engine.FIELD VALUE` (an `EngineConfig` field, as `leagues serve` takes it) goes to both engines; other
@@ -97,40 +101,69 @@ def _streamed(start: float, stamps: list[float], end: float, tokens: int) -> dic
     }
 
 
-async def _clients(url: str, body: dict, stream: bool, clients: int, requests: int, go: float) -> list[dict]:
-    async def client_loop(client):
-        return [await _one(client, url, body, stream) for _ in range(requests)]
+async def _clients(url: str, body: dict, stream: bool, clients: int, load: tuple[int, int], go: float) -> list[dict]:
+    warmup, requests = load
+
+    async def client_loop(client, count: int):
+        return [await _one(client, url, body, stream) for _ in range(count)]
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        # the connections, and a warm engine: every batch size of this load compiled and captured before timing
-        await asyncio.gather(*[_one(client, url, body, stream) for _ in range(clients)])
+        # the connections, and a warm engine: the batch shapes of this load (arrivals as staggered as in the timed
+        # part) compiled and captured before timing
+        await asyncio.gather(*[client_loop(client, warmup) for _ in range(clients)])
         while time.time() < go:  # every process starts its load at the same moment
             await asyncio.sleep(0.001)
-        per_client = await asyncio.gather(*[client_loop(client) for _ in range(clients)])
+        per_client = await asyncio.gather(*[client_loop(client, requests) for _ in range(clients)])
     return [r for rs in per_client for r in rs]
 
 
 def _client_process(args: tuple, out) -> None:
-    url, body, stream, clients, requests, go = args
-    results = asyncio.run(_clients(url, body, stream, clients, requests, go))
+    url, body, stream, clients, load, go = args
+    results = asyncio.run(_clients(url, body, stream, clients, load, go))
     offset = time.time() - time.perf_counter()  # perf_counter is per process: report wall-clock times
     out.put([r | {"start": r["start"] + offset, "end": r["end"] + offset} for r in results])
 
 
-def run_server(url: str, body: dict, stream: bool, clients: int, requests: int, procs: int) -> dict:
+def run_server(url: str, body: dict, stream: bool, clients: int, load: tuple[int, int], procs: int) -> dict:
+    """`clients` clients over `procs` processes, each sending `load` = (warm-up, timed) requests one after another;
+    the summary of the timed ones, with the server's own means over them (`_server_side`)."""
     procs = max(1, min(procs, clients))
     shares = [clients // procs + (i < clients % procs) for i in range(procs)]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    go = time.time() + 5.0  # the processes' imports and warm-up requests are done by then
-    workers = [ctx.Process(target=_client_process, args=((url, body, stream, c, requests, go), out)) for c in shares]
+    go = time.time() + 5.0 + 0.5 * load[0]  # the processes' imports and warm-up requests are done by then
+    workers = [ctx.Process(target=_client_process, args=((url, body, stream, c, load, go), out)) for c in shares]
     for w in workers:
         w.start()
+    time.sleep(max(go - time.time() - 0.05, 0))
+    before = _metrics(url)
     results = [r for _ in workers for r in out.get()]
     for w in workers:
         w.join()
-    return _summary(results)
+    return _summary(results) | _server_side(before, _metrics(url))
+
+
+def _metrics(url: str) -> dict[str, float]:
+    """The server's Prometheus samples, by name (unlabelled ones)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+) (\S+)$", text, re.M)}
+
+
+def _mean_ms(before: dict, after: dict, name: str) -> float | None:
+    count = after.get(f"{name}_count", 0) - before.get(f"{name}_count", 0)
+    total = after.get(f"{name}_sum", 0) - before.get(f"{name}_sum", 0)
+    return round(total / count * 1e3, 1) if count else None
+
+
+def _server_side(before: dict, after: dict) -> dict:
+    """Means over the timed requests, as the server measured them: time to first token from the front's arrival
+    (`front_ttft_ms_mean`) and from the engine's (`engine_ttft_ms_mean`). Client TTFT minus the front's is
+    HTTP and the client; the front's minus the engine's is parsing, admission and the hops to the engine and back."""
+    return {
+        "front_ttft_ms_mean": _mean_ms(before, after, "leagues_time_to_first_token_seconds"),
+        "engine_ttft_ms_mean": _mean_ms(before, after, "leagues_engine_time_to_first_token_seconds"),
+    }
 
 
 def _summary(results: list[dict]) -> dict:
@@ -206,19 +239,25 @@ def engine_overrides(serve_args: list[str]) -> dict:
 # --- the same load in-process ---------------------------------------------------------------------------
 
 
-async def run_engine(engine, prompt: list[int], params, clients: int, requests: int) -> dict:
+async def run_engine(engine, prompt: list[int], params, clients: int, load: tuple[int, int]) -> dict:
+    warmup, requests = load
+    engine_ttft: list[float] = []
+
     async def one():
         stamps: list[float] = []
         start = time.perf_counter()
         outs = await engine.generate_async(prompt, params, on_token=lambda *_: stamps.append(time.perf_counter()))
+        engine_ttft.append(outs[0].first_token_time - outs[0].arrival_time)
         return _streamed(start, stamps, time.perf_counter(), len(outs[0].token_ids))
 
-    async def client_loop():
-        return [await one() for _ in range(requests)]
+    async def client_loop(count: int):
+        return [await one() for _ in range(count)]
 
-    await asyncio.gather(*[one() for _ in range(clients)])  # warm-up: every batch size of this load compiled
-    per_client = await asyncio.gather(*[client_loop() for _ in range(clients)])
-    return _summary([r for rs in per_client for r in rs])
+    await asyncio.gather(*[client_loop(warmup) for _ in range(clients)])  # as the HTTP clients warm up
+    del engine_ttft[:]
+    per_client = await asyncio.gather(*[client_loop(requests) for _ in range(clients)])
+    mean = round(statistics.fmean(engine_ttft) * 1e3, 1)
+    return _summary([r for rs in per_client for r in rs]) | {"engine_ttft_ms_mean": mean}
 
 
 def _front(serve_args: list[str]) -> str:
@@ -240,10 +279,14 @@ def _row(args, c: int, stream: bool, served: dict, mine: dict, card: str) -> dic
         in_process_itl_ms_p50=mine["itl_ms_p50"],
         latency_ms_p50=served["latency_ms_p50"],
         in_process_latency_ms_p50=mine["latency_ms_p50"],
+        front_ttft_ms_mean=served["front_ttft_ms_mean"],
+        engine_ttft_ms_mean=served["engine_ttft_ms_mean"],
+        in_process_engine_ttft_ms_mean=mine["engine_ttft_ms_mean"],
         rows_per_step=served["rows_per_step"],
         front=_front(args.serve_extra),
         in_process_rows_per_step=mine["rows_per_step"],
         requests=c * args.requests,
+        warmup_requests=c * args.warmup_requests,
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         client_procs=args.client_procs,
@@ -260,6 +303,7 @@ def main():
     parser.add_argument("--clients", default="8,64")
     parser.add_argument("--stream", default="both", choices=["true", "false", "both"])
     parser.add_argument("--requests", type=int, default=4, help="requests a client sends, one after another")
+    parser.add_argument("--warmup-requests", type=int, default=2, help="untimed requests a client sends first")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--client-procs", type=int, default=4, help="processes the HTTP clients are spread over")
@@ -284,7 +328,7 @@ def main():
     in_process = {}
     for c in clients:
         before = dict(engine.stats)
-        in_process[c] = asyncio.run(run_engine(engine, prompt, params, c, args.requests))
+        in_process[c] = asyncio.run(run_engine(engine, prompt, params, c, (args.warmup_requests, args.requests)))
         in_process[c]["rows_per_step"] = _rows_per_step(before, engine.stats)
     engine.close()
     del engine
@@ -298,7 +342,8 @@ def main():
         for c in clients:
             for stream in streams:
                 before = _server_stats(url)
-                served = run_server(url, body, stream, c, args.requests, args.client_procs)
+                load = (args.warmup_requests, args.requests)
+                served = run_server(url, body, stream, c, load, args.client_procs)
                 served["rows_per_step"] = _rows_per_step(before, _server_stats(url))
                 row = _row(args, c, stream, served, in_process[c], card)
                 print(json.dumps(row), flush=True)

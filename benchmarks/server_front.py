@@ -1,6 +1,6 @@
 """The HTTP front alone: `leagues serve`'s app and server in front of a stand-in engine that costs nothing.
 
-The stand-in has the engine's request surface (`submit` with `on_token`, `abort`, the tokenizer) and a loop
+The stand-in has the front's engine surface (`submit` with `on_token`, `abort`, `status`, the tokenizer) and a loop
 thread that, every `--step-ms`, gives each running request its next token, as a GPU engine at that step time
 would, while doing almost no host work itself. So what the clients receive is what the front can deliver, and
 the loop thread's achieved step time shows how long it waited for the interpreter lock behind the event loop
@@ -36,6 +36,7 @@ from leagues.cli.serve import SWITCH_INTERVAL_S, event_loop_factory
 from leagues.engine.config import EngineConfig
 from leagues.engine.output import Output
 from leagues.model import load_tokenizer, resolve_model_path
+from leagues.serve.engine_process import EngineStatus
 from leagues.serve.server import create_app
 from leagues.types import FinishReason
 
@@ -56,6 +57,11 @@ class StandInEngine:
     @property
     def is_alive(self) -> bool:
         return self.thread.is_alive()
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(alive=self.is_alive, asleep=False, weight_version=0, num_running=len(self.running))
+
+    fresh_status = status
 
     def flush_cache(self) -> None:
         pass
@@ -145,7 +151,7 @@ def main() -> None:
         for stream in {"true": [True], "false": [False], "both": [True, False]}[args.stream]:
             engine = StandInEngine(args.step_ms / 1e3, tokenizer, args.host_ms / 1e3)
             server, url, thread = serve(engine, args.switch_interval_ms / 1e3)
-            served = run_server(url, body, stream, clients, args.requests, args.client_procs)
+            served = run_server(url, body, stream, clients, (1, args.requests), args.client_procs)
             engine.closed, server.should_exit = True, True
             thread.join(timeout=10)
             gaps = [b - a for a, b in zip(engine.steps, engine.steps[1:], strict=False) if b - a < 0.1]

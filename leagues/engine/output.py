@@ -32,6 +32,10 @@ class Output:
     first_weight_version: int = 0
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache."""
+    arrival_time: float = 0.0
+    """`time.monotonic()` when the engine's loop took the request (one clock for every process of a machine)."""
+    first_token_time: float = 0.0
+    """`time.monotonic()` when the request's first token reached the host (0: none was sampled)."""
 
 
 @dataclass(slots=True)
@@ -43,6 +47,8 @@ class RequestState:
     routes: dict[int, torch.Tensor] = field(default_factory=dict)
     on_token: Callable[[int, int, float], None] | None = None
     """Called with (sample index, token id, logprob) for every sampled token (streaming)."""
+    arrival_time: float = 0.0
+    first_token_time: float = 0.0
 
 
 def _text(seq: Sequence, tokenizer) -> str:
@@ -72,6 +78,8 @@ def make_outputs(state: RequestState, tokenizer) -> list[Output]:
                 weight_version=seq.weight_version if seq.weight_version >= 0 else seq.first_weight_version,
                 first_weight_version=seq.first_weight_version,
                 num_cached_tokens=seq.num_cached_prompt_tokens,
+                arrival_time=state.arrival_time,
+                first_token_time=state.first_token_time,
             )
         )
     return outputs

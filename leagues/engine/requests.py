@@ -10,6 +10,7 @@ up on it (a cancelled future: a client timed out).
 import contextlib
 import itertools
 import random
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, replace
@@ -105,7 +106,8 @@ class Requests:
             params = replace(params, seed=base_seed)
         seq = Sequence(next(self._ids), rid, 0, list(prompt_ids), len(prompt_ids), params, base_seed,
                        num_forks=params.n - 1, first_weight_version=weight_version)  # fmt: skip
-        self.states[rid] = RequestState(rid, add.future, [seq], params.n, on_token=add.on_token)
+        now = time.monotonic()
+        self.states[rid] = RequestState(rid, add.future, [seq], params.n, on_token=add.on_token, arrival_time=now)
         self.stats["prompt_tokens"] += len(prompt_ids)
         if params.max_new_tokens == 0:
             self.finish(seq, FinishReason.LENGTH)
@@ -139,10 +141,13 @@ class Requests:
         return rows, index
 
     def emit(self, rows: list[Sequence], token_ids: list[int], logprobs: list[float]) -> None:
-        """Streaming: each row's new token to its request's `on_token`."""
+        """Each row's new token to its request's `on_token` (streaming); a request's first token is timed here."""
         self.stats["generated_tokens"] += len(rows)
+        now = time.monotonic()
         for seq, token, logprob in zip(rows, token_ids, logprobs, strict=True):
             state = self.states[seq.request_id]
+            if not state.first_token_time:
+                state.first_token_time = now
             if state.on_token is not None:
                 try:
                     state.on_token(seq.sample_index, token, logprob)

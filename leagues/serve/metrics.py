@@ -10,7 +10,9 @@ Decisions:
   engine thread: scrapes are rare, steps are not. Reading lengths of the engine's containers from another
   thread is a benign race (a value one step old).
 - Latencies are measured in the server from the engine's per-token callback: time to first token from
-  arrival, inter-token gaps, end to end. Names follow vLLM/SGLang conventions with a `leagues_` prefix.
+  arrival, inter-token gaps, end to end. The engine's own share of time to first token (from its loop taking
+  the request, as the outputs carry it) is a histogram of its own, so the front's share (parsing, the hop to the
+  engine and back) is the difference. Names follow vLLM/SGLang conventions with a `leagues_` prefix.
 """
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -36,6 +38,12 @@ class ServerMetrics:
         self.weight_version = Gauge("leagues_weight_version", "Version of the served weights", registry=r)
         self.ttft = Histogram(
             "leagues_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.engine_ttft = Histogram(
+            "leagues_engine_time_to_first_token_seconds",
+            "The engine's share of time to first token: its loop taking the request to the first token on the host",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.itl = Histogram(
             "leagues_inter_token_latency_seconds", "Gap between tokens", buckets=TOKEN_GAP_BUCKETS, registry=r

@@ -253,6 +253,10 @@ def test_length_limits(engine):
         (0, [], [], FinishReason.LENGTH),
         (1, [], [], FinishReason.LENGTH),
     ]
+    assert all(o.arrival_time > 0 and o.first_token_time == 0 for o in zero)  # no token: no first-token time
+    before = time.monotonic()
+    timed = engine.generate([prompt, prompt[:4]], greedy(3))
+    assert all(before <= o.arrival_time < o.first_token_time <= time.monotonic() for o in timed)
     with engine_of(engine.model, num_blocks=16, max_model_len=12) as short:
         longest = make_prompts([11], VOCAB, seed=26)[0]
         capped = short.generate([prompt, longest], greedy(16))

@@ -351,6 +351,11 @@ def test_metrics_after_traffic(open_url):
         assert name in text
     generated = float(re.search(r"^leagues_generation_tokens_total (\S+)", text, re.M).group(1))
     assert generated >= 512
+    value = lambda name: float(re.search(rf"^{name} (\S+)", text, re.M).group(1))  # noqa: E731
+    assert value("leagues_engine_time_to_first_token_seconds_count") >= 512
+    # each sample's time to first token in the server covers its request's time in the engine
+    engine_share = value("leagues_engine_time_to_first_token_seconds_sum")
+    assert 0 < engine_share <= value("leagues_time_to_first_token_seconds_sum")
 
 
 @pytest.fixture(scope="module")
