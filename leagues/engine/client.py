@@ -63,7 +63,8 @@ class EngineClient(Protocol):
 
 
 class LocalClient:
-    """An `Engine` of this process (its requests share the engine's batch loop)."""
+    """An `Engine` of this process, or anything with its `generate_async`, `abort` and `weight_version` (the HTTP
+    front's handle of an engine in its own process): requests share the engine's batch loop."""
 
     def __init__(self, engine) -> None:
         self.engine = engine

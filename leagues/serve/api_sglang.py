@@ -32,6 +32,7 @@ Decisions:
 """
 
 import base64
+import json
 import time
 
 import torch
@@ -157,12 +158,12 @@ async def _stream(state: ServerState, req: GenerateRequest, batch: Batch):
                     text.add(token_id, logprob)
                     touched[index] = text
                     continue
-                chunks += [sse(_partial(req, batch, i, text)) for i, text in touched.items()]
+                chunks += [_partial(req, batch, i, text) for i, text in touched.items()]
                 touched.clear()
                 for o in event[2]:
                     body = response_of(state, req, o, batch)
                     chunks.append(sse(body | {"index": event[1] * n + o.index}))
-            chunks += [sse(_partial(req, batch, i, text)) for i, text in touched.items()]
+            chunks += [_partial(req, batch, i, text) for i, text in touched.items()]
             if chunks:
                 yield b"".join(chunks)
     except ValueError as err:
@@ -172,7 +173,8 @@ async def _stream(state: ServerState, req: GenerateRequest, batch: Batch):
     yield sse("[DONE]")
 
 
-def _partial(req: GenerateRequest, batch: Batch, index: int, text: TextStream) -> dict:
+def _partial(req: GenerateRequest, batch: Batch, index: int, text: TextStream) -> bytes:
+    """The chunk of a sample still running: its text and ids so far (SGLang repeats them every chunk)."""
     meta = {
         "id": batch.rids[index // batch.params.n],
         "finish_reason": None,
@@ -180,4 +182,7 @@ def _partial(req: GenerateRequest, batch: Batch, index: int, text: TextStream) -
     }
     if req.return_logprob:
         meta["output_token_logprobs"] = [[finite(lp), t, None] for lp, t in zip(text.logprobs, text.ids, strict=True)]
-    return {"text": text.text, "output_ids": list(text.ids), "meta_info": meta, "index": index}
+        return sse({"text": text.text, "output_ids": list(text.ids), "meta_info": meta, "index": index})
+    # json.dumps of the same dict, with the ids' JSON grown token by token instead of encoded whole every chunk
+    body = f'{{"text": {json.dumps(text.text)}, "output_ids": {text.ids_json()}, "meta_info": {json.dumps(meta)}'
+    return f'data: {body}, "index": {index}}}\n\n'.encode()

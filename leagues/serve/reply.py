@@ -190,6 +190,17 @@ class TextStream:
         self.decoded = ""
         """The decoded text of `ids[:read]`."""
         self.prefix = self.read = 0  # the window: ids[prefix:read] decode to the tail of `decoded`
+        self._ids_json, self._ids_encoded = "", 0
+
+    def ids_json(self) -> str:
+        """`json.dumps(self.ids)`, grown from the last call's: a chunk that repeats every id so far (SGLang's
+        `/generate` stream) then encodes only the new ones."""
+        new = self.ids[self._ids_encoded :]
+        if new:
+            joined = ", ".join(map(str, new))
+            self._ids_json = f"{self._ids_json}, {joined}" if self._ids_encoded else joined
+            self._ids_encoded = len(self.ids)
+        return f"[{self._ids_json}]"
 
     def add(self, token_id: int, logprob: float) -> str:
         """Append a token; returns the new text that is safe to show (maybe empty)."""

@@ -79,3 +79,29 @@ def test_stop_strings_are_held_back_until_finish(tokenizer):
 def test_no_tokenizer_streams_no_text():
     text = TextStream(None, [])
     assert text.add(5, -1.0) == "" and text.text == "" and text.ids == [5]
+
+
+def test_generate_stream_chunks_are_the_json_of_the_whole_dict(tokenizer):
+    """`/generate`'s running chunks grow their ids' JSON token by token: the bytes must be json.dumps of the dict."""
+    import json
+    from types import SimpleNamespace
+
+    from leagues.serve.api_sglang import _partial
+    from leagues.serve.reply import sse
+
+    rng = random.Random(2)
+    batch = SimpleNamespace(rids=['gen-"q"\\', "gen-b"], params=SimpleNamespace(n=2))
+    for return_logprob in (False, True):
+        req = SimpleNamespace(return_logprob=return_logprob)
+        text = TextStream(tokenizer, [])
+        for k in range(60):
+            text.add(rng.randrange(len(tokenizer)), -0.25 * k)
+            if k % 3:  # a burst of several tokens in one chunk, as when the stream is behind
+                continue
+            index = k % 4
+            got = _partial(req, batch, index, text)
+            meta = {"id": batch.rids[index // 2], "finish_reason": None, "completion_tokens": len(text.ids)}
+            if return_logprob:
+                meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(text.logprobs, text.ids, strict=True)]
+            assert got == sse({"text": text.text, "output_ids": text.ids, "meta_info": meta, "index": index})
+            assert json.loads(got[len("data: ") :])["output_ids"] == text.ids
