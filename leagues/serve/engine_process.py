@@ -310,6 +310,7 @@ class EngineProcess:
 
     def _receive(self) -> None:
         """The receiving thread: the child's messages, until its end of the pipe closes."""
+        reason = None
         try:
             while True:
                 _, events, self._status = pickle.loads(self._conn.recv_bytes())  # status first: answers see it
@@ -317,8 +318,13 @@ class EngineProcess:
                     self._handle(event)
         except (EOFError, OSError):
             pass
+        except Exception as err:  # a message this side cannot take: the link is lost, so is the engine
+            reason = f"{type(err).__name__}: {err}"
+            self._proc.kill()
         self._proc.join(timeout=5)
         self._failure = f"the engine process exited (code {self._proc.exitcode})"
+        if reason is not None:
+            self._failure += f" after its link failed ({reason})"
         error = EngineGone(self._failure)
         for future, _ in list(self._requests.values()):
             resolve(future, error=error)
