@@ -13,7 +13,8 @@ One row per (clients, stream) to $OUT/server.jsonl (keys `clients`, `stream`, `i
 `server_tokens_per_s`, `http_cost`, `ttft_ms_p50` (streaming), `in_process_ttft_ms_p50`, `itl_ms_p50`,
 `latency_ms_p50`, `rows_per_step` and `in_process_rows_per_step` (tokens the engine sampled a step),
 `front_ttft_ms_mean` and `engine_ttft_ms_mean` (the server's own means of time to first token, from its front's
-arrival and from its engine's: where a request's wait is), `in_process_engine_ttft_ms_mean`, `front`
+arrival and from its engine's: where a request's wait is), `in_process_engine_ttft_ms_mean`, `to_engine_ms_mean`
+and `from_engine_ms_mean` (the server's means of the hops between its front and its engine's loop), `front`
 (`process`: the server's engine in its own process, `leagues serve`'s default; `thread`: on a thread of the
 server's process, with `--engine_process false`), plus the card and the load).
 
@@ -159,10 +160,13 @@ def _mean_ms(before: dict, after: dict, name: str) -> float | None:
 def _server_side(before: dict, after: dict) -> dict:
     """Means over the timed requests, as the server measured them: time to first token from the front's arrival
     (`front_ttft_ms_mean`) and from the engine's (`engine_ttft_ms_mean`). Client TTFT minus the front's is
-    HTTP and the client; the front's minus the engine's is parsing, admission and the hops to the engine and back."""
+    HTTP and the client; the front's minus the engine's is the hops to the engine (`to_engine_ms_mean`, to its loop
+    taking the request) and back (`from_engine_ms_mean`, the first token)."""
     return {
         "front_ttft_ms_mean": _mean_ms(before, after, "leagues_time_to_first_token_seconds"),
         "engine_ttft_ms_mean": _mean_ms(before, after, "leagues_engine_time_to_first_token_seconds"),
+        "to_engine_ms_mean": _mean_ms(before, after, "leagues_front_to_engine_seconds"),
+        "from_engine_ms_mean": _mean_ms(before, after, "leagues_engine_to_front_seconds"),
     }
 
 
@@ -282,6 +286,8 @@ def _row(args, c: int, stream: bool, served: dict, mine: dict, card: str) -> dic
         front_ttft_ms_mean=served["front_ttft_ms_mean"],
         engine_ttft_ms_mean=served["engine_ttft_ms_mean"],
         in_process_engine_ttft_ms_mean=mine["engine_ttft_ms_mean"],
+        to_engine_ms_mean=served["to_engine_ms_mean"],
+        from_engine_ms_mean=served["from_engine_ms_mean"],
         rows_per_step=served["rows_per_step"],
         front=_front(args.serve_extra),
         in_process_rows_per_step=mine["rows_per_step"],

@@ -32,11 +32,11 @@ from concurrent.futures import Future
 import uvicorn
 
 from benchmarks.server import run_server
-from leagues.cli.serve import SWITCH_INTERVAL_S, event_loop_factory
+from leagues.cli.serve import event_loop_factory
 from leagues.engine.config import EngineConfig
 from leagues.engine.output import Output
 from leagues.model import load_tokenizer, resolve_model_path
-from leagues.serve.engine_process import EngineStatus
+from leagues.serve.engine_process import SWITCH_INTERVAL_S, EngineStatus
 from leagues.serve.server import create_app
 from leagues.types import FinishReason
 

@@ -7,11 +7,13 @@
 #   tests           pytest -m gpu (kernels, engine, deterministic mode, trainer, critic and distillation)
 #   step            the colocated GRPO step, TRL's GRPOTrainer first then leagues, 128 tokens (benchmarks/step.py)
 #   step1024        leagues alone at 1,024 tokens with partial rollout and over-sampling
+#   engine1024      the engine's batch-64 rate at 1,024 new tokens (the 1,024-token step's bound)
 #   server          the HTTP front against in-process, 8 and 64 clients, streamed and not (benchmarks/server.py)
 #   server-thread   the same with the server's engine on a thread of its process (`--engine_process false`)
 #   server-mixed    the same with the engine's mixed steps (`--engine.mixed_steps true`, both sides)
 #   server-profile  64 streaming clients with the server under py-spy (needs py-spy on PATH)
 #   server-front    the HTTP front alone before a stand-in engine that costs nothing (benchmarks/server_front.py)
+#   prefill         prefill latency at batches 1, 8, 64 and its profile, syncs and Python profile (benchmarks/prefill.py)
 #   engine          decode steps at batches 1, 8, 64, 256 and the HF comparison (benchmarks/engine.py)
 #   trainer-wide    the trainer on the wide shape, 8 x 1,024 tokens (benchmarks/trainer.py)
 # The ANCHORS.md checkpoint is made once at $ANCHOR (default /tmp/leagues-anchor-1b).
@@ -38,7 +40,9 @@ for part in "$@"; do
     step) run step 400 python3 benchmarks/step.py --workload anchor --impls trl,leagues --lens 128 --steps 8 \
         --model "$ANCHOR" ;;
     step1024) run step1024 200 python3 benchmarks/step.py --workload anchor --impls leagues --lens 1024 --steps 14 \
-        --warmup 4 --model "$ANCHOR" -- --rollout.partial true --rollout.over_sample 0.25 ;;
+        --warmup 4 --model "$ANCHOR" -- --rollout.partial true --rollout.over_sample 0.5 ;;
+    engine1024) run engine1024 200 python3 benchmarks/engine.py --shape anchor --batches 64 --new-tokens 1024 \
+        --hf-batches '' --det-batches '' --no-parity ;;
     server) run server 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
         --client-procs 8 ;;
     server-thread) run server-thread 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
@@ -49,9 +53,10 @@ for part in "$@"; do
         --stream true --client-procs 8 --profile --tag profile ;;
     server-front) run server-front 150 python3 benchmarks/server_front.py --clients 8,64 --stream both \
         --client-procs 8 ;;
+    prefill) run prefill 200 python3 benchmarks/prefill.py --batches 1,8,64 --lens 64,100 --profile ;;
     engine) run engine 300 python3 benchmarks/engine.py --shape anchor --batches 1,8,64,256 --new-tokens 128 ;;
     trainer-wide) run trainer-wide 200 torchrun --standalone --nproc_per_node 1 benchmarks/trainer.py --shape wide \
-        --samples 8 ;;
+        --samples 8 --profile ;;
     *) echo "unknown part: $part" ;;
     esac
 done

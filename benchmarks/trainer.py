@@ -7,10 +7,11 @@ Run one configuration per launch (the JSON row goes to $OUT/trainer.jsonl from r
     PYTHONPATH=. torchrun --standalone --nproc-per-node N benchmarks/trainer.py --impl transformers
 
 Synthetic GRPO batch: per rank `--samples` samples of `--prompt-len` (256) prompt + `--response-len` (768)
-response tokens with random advantages; micro-batches of `--microbatch-tokens` (4,096) packed tokens. A step is
-the trainer's whole `train_step` (forward, backward, AdamW). MFU counts matmul FLOPs as in `train_step.py` over a
-measured bf16 matmul peak. transformers: the same checkpoint in bf16 compute / fp32 master weights
-via FSDP2 per decoder layer, [4, 1024] batches, the same token-mean policy-gradient loss.
+response tokens with random advantages; micro-batches of `--microbatch-tokens` (16,384, the trainer's default)
+packed tokens. A step is the trainer's whole `train_step` (forward, backward, AdamW). MFU counts matmul FLOPs as
+in `train_step.py` over a measured bf16 matmul peak. transformers: the same checkpoint in bf16 compute / fp32 master
+weights via FSDP2 per decoder layer, batches of as many 1,024-token rows as a micro-batch holds, the same token-mean
+policy-gradient loss.
 """
 
 import argparse
@@ -99,7 +100,7 @@ def main():
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--response-len", type=int, default=768)
-    parser.add_argument("--microbatch-tokens", type=int, default=4096)
+    parser.add_argument("--microbatch-tokens", type=int, default=16384, help="the trainer's default")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--ac", action="store_true", help="activation checkpointing")

@@ -35,6 +35,7 @@ from pathlib import Path
 from leagues.cli import LOOPBACK, UsageError
 from leagues.cli.generate import resolve_model_dir
 from leagues.engine.engine import EngineConfig
+from leagues.serve.engine_process import SWITCH_INTERVAL_S, EngineProcess
 from leagues.serve.protocol import ServerLimits
 
 
@@ -76,7 +77,6 @@ def run_serve(cfg: ServeConfig) -> int:
     import uvicorn
 
     from leagues.engine import Engine
-    from leagues.serve.engine_process import EngineProcess
     from leagues.serve.server import create_app
 
     api_key = cfg.api_key or os.environ.get("LEAGUES_API_KEY") or None
@@ -159,10 +159,6 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-SWITCH_INTERVAL_S = 0.0005
-"""How long a thread may hold the GIL while another waits for it (Python's default is 5 ms)."""
 
 
 def event_loop_factory():

@@ -226,8 +226,12 @@ class Batch:
         outputs = [o for outs in per_prompt for o in outs]
         for tracker, outs in zip(self.trackers, per_prompt, strict=True):
             metrics.prompt_tokens.inc(len(outs[0].prompt_token_ids))
-            if outs[0].first_token_time:
-                metrics.engine_ttft.observe(outs[0].first_token_time - outs[0].arrival_time)
+            first = outs[0]
+            if first.first_token_time:
+                metrics.engine_ttft.observe(first.first_token_time - first.arrival_time)
+                metrics.to_engine.observe(first.arrival_time - self.start)
+                if tracker.times[first.index]:
+                    metrics.from_engine.observe(tracker.times[first.index][0] - first.first_token_time)
             for o in outs:
                 metrics.observe_sample(self.start, tracker.times[o.index], end)
         for o in outputs:

@@ -37,6 +37,7 @@ import os
 import pickle
 import secrets
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,6 +50,11 @@ from leagues.engine.engine import Engine, EngineConfig, checkpoint_tokenizer
 from leagues.engine.output import Output
 from leagues.engine.requests import TokenCallback, prompt_ids, resolve
 from leagues.types import SamplingParams
+
+SWITCH_INTERVAL_S = 0.0005
+"""How long a thread of a serving process may hold the GIL while another waits for it (Python's default is 5 ms):
+the front's event loop and its receiving thread take turns, and so do the engine's loop thread and the threads
+that carry its requests in and its tokens out; each hand-over of a request or a token waits for a switch."""
 
 WEIGHT_GROUP_ROUTES = frozenset(
     {"init_weights_update_group", "update_weights_from_distributed", "destroy_weights_update_group"}
@@ -396,6 +402,7 @@ class _Outbox:
 def run_child(conn, model_path: str, config: EngineConfig) -> None:
     """The engine process: build the engine, say it is ready, then serve the pipe until it closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front decides when to stop
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         engine = InProcess(Engine(model_path, config=config))
     except Exception as err:

@@ -11,8 +11,9 @@ Decisions:
   thread is a benign race (a value one step old).
 - Latencies are measured in the server from the engine's per-token callback: time to first token from
   arrival, inter-token gaps, end to end. The engine's own share of time to first token (from its loop taking
-  the request, as the outputs carry it) is a histogram of its own, so the front's share (parsing, the hop to the
-  engine and back) is the difference. Names follow vLLM/SGLang conventions with a `leagues_` prefix.
+  the request, as the outputs carry it) is a histogram of its own, and so are the two hops between the front
+  and the engine's loop (in, and back with the first token): the front's share is their sum. Names follow
+  vLLM/SGLang conventions with a `leagues_` prefix.
 """
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -43,6 +44,18 @@ class ServerMetrics:
             "leagues_engine_time_to_first_token_seconds",
             "The engine's share of time to first token: its loop taking the request to the first token on the host",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.to_engine = Histogram(
+            "leagues_front_to_engine_seconds",
+            "The front admitting a request to the engine's loop taking it (the hop to the engine and its inbox)",
+            buckets=TOKEN_GAP_BUCKETS,
+            registry=r,
+        )
+        self.from_engine = Histogram(
+            "leagues_engine_to_front_seconds",
+            "A request's first token on the engine's host to the front holding it (the hop back)",
+            buckets=TOKEN_GAP_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(

@@ -356,6 +356,10 @@ def test_metrics_after_traffic(open_url):
     # each sample's time to first token in the server covers its request's time in the engine
     engine_share = value("leagues_engine_time_to_first_token_seconds_sum")
     assert 0 < engine_share <= value("leagues_time_to_first_token_seconds_sum")
+    # and the hops between the front and the engine's loop, one of each a prompt, make up the rest of it
+    hops = [value(f"leagues_{hop}_seconds_sum") for hop in ("front_to_engine", "engine_to_front")]
+    assert value("leagues_front_to_engine_seconds_count") == value("leagues_engine_to_front_seconds_count") >= 512
+    assert min(hops) >= 0 and engine_share + sum(hops) <= value("leagues_time_to_first_token_seconds_sum") + 1e-6
 
 
 @pytest.fixture(scope="module")
