@@ -11,7 +11,7 @@ every host-device synchronisation with the Python stack that caused it (`prefill
     PYTHONPATH=. python benchmarks/prefill.py [--shape anchor] [--batches 1,2,8,64] [--lens 64,61,100] [--eager]
 
 Rows to $OUT/prefill.jsonl: `shape`, `batch`, `prompt_tokens`, `compiled`, `first_ms`, `median_ms`,
-`engine_ttft_ms` (median).
+`engine_ttft_ms` (medians of fresh prompts), `cached_median_ms` (the same prompts again: cached prefixes).
 """
 
 import argparse
@@ -21,6 +21,7 @@ import io
 import os
 import pstats
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -45,11 +46,17 @@ def _once(engine: Engine, batch: list[list[int]]) -> tuple[float, float]:
 
 
 def _rows(engine: Engine, args, hf: dict, compiled: bool) -> None:
+    """Fresh prompts each call (no cached prefix), then one batch repeated (its prefix cached but for the last
+    block): a server sees the first, the n samples of an RL prompt the second."""
     for length in (int(n) for n in args.lens.split(",")):
         for batch_size in (int(b) for b in args.batches.split(",")):
-            batch = prompts(batch_size, length, hf["vocab_size"], seed=batch_size * 1000 + length)
-            first, _ = _once(engine, batch)
-            runs = [_once(engine, batch) for _ in range(args.reps)]
+            seed = batch_size * 1000 + length
+            fresh = [
+                _once(engine, prompts(batch_size, length, hf["vocab_size"], seed=seed + i))
+                for i in range(1 + args.reps)
+            ]
+            batch = prompts(batch_size, length, hf["vocab_size"], seed=seed)
+            cached = [_once(engine, batch) for _ in range(args.reps)]
             log(
                 args.out,
                 what="prefill_latency",
@@ -57,10 +64,23 @@ def _rows(engine: Engine, args, hf: dict, compiled: bool) -> None:
                 batch=batch_size,
                 prompt_tokens=length,
                 compiled=compiled,
-                first_ms=round(first * 1e3, 2),
-                median_ms=round(statistics.median(r[0] for r in runs) * 1e3, 2),
-                engine_ttft_ms=round(statistics.median(r[1] for r in runs) * 1e3, 2),
+                switch_interval_s=sys.getswitchinterval(),
+                first_ms=round(fresh[0][0] * 1e3, 2),
+                median_ms=round(statistics.median(r[0] for r in fresh[1:]) * 1e3, 2),
+                engine_ttft_ms=round(statistics.median(r[1] for r in fresh[1:]) * 1e3, 2),
+                cached_median_ms=round(statistics.median(r[0] for r in cached) * 1e3, 2),
             )
+
+
+def _loop(engine: Engine, hf: dict, seconds: float) -> None:
+    """Fresh batch-1 prefills of 64 tokens for `seconds` (for a sampling profiler attached from outside, once
+    $OUT/prefill-ready exists)."""
+    open(os.path.join(OUT, "prefill-ready"), "w").close()
+    end, count = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        count += 1
+        _once(engine, prompts(1, 64, hf["vocab_size"], seed=10**6 + count))
+    log(os.path.join(OUT, "prefill-loop.jsonl"), what="prefill_loop", prefills=count, seconds=seconds)
 
 
 def _profile(engine: Engine, hf: dict, tag: str) -> None:
@@ -139,8 +159,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--eager", action="store_true", help="also an engine with compile_model=False")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--loop", type=float, default=0.0, help="then prefill in a loop this many seconds")
+    parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the run")
     parser.add_argument("--out", default=os.path.join(OUT, "prefill.jsonl"))
     args = parser.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     hf = BASE | SHAPES[args.shape]
     path = tempfile.mkdtemp()
     make_checkpoint(hf, path)
@@ -150,6 +174,8 @@ def main() -> None:
         _rows(engine, args, hf, engine.runner.compiled)
         if args.profile:
             _profile(engine, hf, "compiled" if compiled else "eager")
+        if args.loop:
+            _loop(engine, hf, args.loop)
         engine.close()
         del engine
         torch.cuda.empty_cache()

@@ -58,6 +58,9 @@ class PagedAttention:
     """Deterministic mode (set by the model): batch-invariant attention with keys padded to this length."""
     invariant_tiles: tuple | None = None
     """Deterministic mode on CUDA: the kernel's tiles of this step, built by the first layer."""
+    keys: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Prefill over cached keys: `key_slots` of the step (every key's slot, cu_seqlens_k), built once for all
+    layers (None: each layer builds them, reading their count back)."""
 
     def attend(self, layer_idx: int, q_THA: torch.Tensor, k_TGA: torch.Tensor, v_TGA: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache_2LNSGA[0, layer_idx], self.kv_cache_2LNSGA[1, layer_idx]
@@ -75,7 +78,7 @@ class PagedAttention:
             if self.fresh:
                 cu, n = self.cu_seqlens_q_B1, self.max_q
                 return varlen_causal(q_THA, k_TGA, v_TGA, cu, cu, n, n)
-            k_SGA, v_SGA, cu_k = gather_kv(k_cache, v_cache, self.block_tables_BM, self.context_lens_B)
+            k_SGA, v_SGA, cu_k = gather_kv(k_cache, v_cache, self.block_tables_BM, self.context_lens_B, self.keys)
             return varlen_causal(q_THA, k_SGA, v_SGA, self.cu_seqlens_q_B1, cu_k, self.max_q, self.max_k)
         prefill = paged_prefill_reference if self.impl == "reference" else paged_attention_padded
         return prefill(q_THA, k_cache, v_cache, self.block_tables_BM, self.cu_seqlens_q_B1, self.context_lens_B, scale)
@@ -97,7 +100,7 @@ class PagedAttention:
                 scale,
                 self.invariant_tiles,
             )
-        k_SGA, v_SGA, cu_k = gather_kv(k_cache, v_cache, self.block_tables_BM, self.context_lens_B)
+        k_SGA, v_SGA, cu_k = gather_kv(k_cache, v_cache, self.block_tables_BM, self.context_lens_B, self.keys)
         cu_q, cu_k = self.cu_seqlens_q_B1.tolist(), cu_k.tolist()
         parts = []
         for b in range(len(cu_k) - 1):

@@ -31,7 +31,7 @@ from leagues.engine.attention import OpaqueAttention, PagedAttention, active_bac
 from leagues.engine.config import EngineConfig
 from leagues.engine.sampler import GraphSampling
 from leagues.engine.scheduler import ScheduledBatch
-from leagues.kernels.paged_attention import decode_split_tokens
+from leagues.kernels.paged_attention import decode_split_tokens, key_slots
 from leagues.kernels.sampling import sample_plain
 from leagues.model import ForwardBatch, Transformer
 from leagues.model.transformer import raise_recompile_limit
@@ -258,17 +258,22 @@ class ModelRunner:
         sample_rows = [end - 1 for end, item in zip(ends, batch.items, strict=True) if item.samples]
         width = max(len(t) for t in tables)
         tensor = lambda x, dtype=torch.int64: torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)  # noqa: E731
+        block_tables_BM = tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
+        context_lens_B = tensor(ctx_lens, torch.int32)
+        fresh = all(c == q for c, q in zip(ctx_lens, q_lens, strict=True))
         attention = PagedAttention(
             kv_cache_2LNSGA=self.kv_cache,
             slots_T=tensor(slots),
-            block_tables_BM=tensor([t + [0] * (width - len(t)) for t in tables], torch.int32),
-            context_lens_B=tensor(ctx_lens, torch.int32),
+            block_tables_BM=block_tables_BM,
+            context_lens_B=context_lens_B,
             cu_seqlens_q_B1=tensor([0, *ends], torch.int32),
             max_q=max(q_lens),
             max_k=max(ctx_lens),
             is_decode=batch.is_decode,
-            fresh=all(c == q for c, q in zip(ctx_lens, q_lens, strict=True)),
+            fresh=fresh,
             impl=self.attention_impl,
+            # cached prefixes: where every key lives, once for all layers, without reading its count back
+            keys=None if batch.is_decode or fresh else key_slots(block_tables_BM, context_lens_B, size, sum(ctx_lens)),
         )
         return StepInputs(tensor(ids), tensor(positions), attention, tensor(sample_rows))
 

@@ -50,23 +50,40 @@ def write_kv(
     v_cache_NSGA.view(-1, *v_cache_NSGA.shape[2:]).index_copy_(0, slots_T, v_TGA.to(v_cache_NSGA.dtype))
 
 
+def key_slots(
+    block_tables_BM: torch.Tensor, context_lens_B: torch.Tensor, block_size: int, total_keys: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat cache slot of every key of every sequence, packed in sequence order (int64 [S]), and
+    cu_seqlens_k (int32 [B+1]). The same for every layer of a step: build it once.
+
+    Vectorised on the device. The packed length is data-dependent: given as `total_keys` (the host knows it),
+    nothing syncs; else it is read back once.
+    """
+    lens_B = context_lens_B.long()
+    cu_seqlens_k_B1 = torch.nn.functional.pad(lens_B.cumsum(0), (1, 0))
+    seq_S = torch.repeat_interleave(torch.arange(len(lens_B), device=lens_B.device), lens_B, output_size=total_keys)
+    pos_S = torch.arange(len(seq_S), device=lens_B.device) - cu_seqlens_k_B1[seq_S]
+    blocks_S = block_tables_BM[seq_S, pos_S // block_size].long()
+    return blocks_S * block_size + pos_S % block_size, cu_seqlens_k_B1.to(torch.int32)
+
+
 def gather_kv(
-    k_cache_NSGA: torch.Tensor, v_cache_NSGA: torch.Tensor, block_tables_BM: torch.Tensor, context_lens_B: torch.Tensor
+    k_cache_NSGA: torch.Tensor,
+    v_cache_NSGA: torch.Tensor,
+    block_tables_BM: torch.Tensor,
+    context_lens_B: torch.Tensor,
+    keys: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each sequence's cached K/V, packed contiguously: (k_TGA, v_TGA, cu_seqlens_k_B1 int32).
 
-    Vectorised on the device; the packed length is data-dependent, so this syncs once (prefill only).
+    `keys`: `key_slots` of the step, built once for all layers; without it they are built here (one sync).
     """
-    block_size = k_cache_NSGA.shape[1]
-    lens_B = context_lens_B.long()
-    cu_seqlens_k_B1 = torch.nn.functional.pad(lens_B.cumsum(0), (1, 0))
-    seq_T = torch.repeat_interleave(torch.arange(len(lens_B), device=lens_B.device), lens_B)
-    pos_T = torch.arange(len(seq_T), device=lens_B.device) - cu_seqlens_k_B1[seq_T]
-    blocks_T = block_tables_BM[seq_T, pos_T // block_size].long()
-    slots_T = blocks_T * block_size + pos_T % block_size
-    k_TGA = k_cache_NSGA.flatten(0, 1)[slots_T]
-    v_TGA = v_cache_NSGA.flatten(0, 1)[slots_T]
-    return k_TGA, v_TGA, cu_seqlens_k_B1.to(torch.int32)
+    slots_S, cu_seqlens_k_B1 = (
+        keys if keys is not None else key_slots(block_tables_BM, context_lens_B, k_cache_NSGA.shape[1])
+    )
+    k_SGA = k_cache_NSGA.flatten(0, 1)[slots_S]
+    v_SGA = v_cache_NSGA.flatten(0, 1)[slots_S]
+    return k_SGA, v_SGA, cu_seqlens_k_B1
 
 
 # ---------------------------------------------------------------------------------------------- references
