@@ -1,17 +1,19 @@
 """The HTTP front's cost: `leagues serve` against the in-process engine, same model, same load.
 
-C clients each send R requests one after another (a fixed prompt of P token ids, N new tokens, greedy, eos
-ignored), so the engine sees at most C requests at a time either way. In-process, the clients are coroutines
-calling `Engine.generate_async` (time to first token from the engine's `on_token`); over HTTP they post to
-`/generate`, streaming or not, from several client processes (so the benchmark's own parsing does not limit the
-server). Each client first sends W requests one after another untimed (`--warmup-requests`, 2), on both sides:
+C clients each send R requests one after another (prompts of P token ids, N new tokens, greedy, eos
+ignored; `--prompts distinct`, the default: no two prompts share a cached block, `same`: one prompt, whose
+full blocks the engine's prefix cache then holds), so the engine sees at most C requests at a time either way.
+In-process, the clients are coroutines calling `Engine.generate_async` (time to first token from the engine's
+`on_token`); over HTTP they post to `/generate`, streaming or not, from several client processes (so the benchmark's
+own parsing does not limit the server). Each client first sends W requests one after another untimed
+(`--warmup-requests`, 2), on both sides:
 the engine compiles and captures batch shapes on first use, and over HTTP arrivals stagger, so the warm-up
 takes the shapes the timed part will. Throughput is generated tokens per second of wall time;
 `http_cost = 1 - server / in-process`.
 
 One row per (clients, stream) to $OUT/server.jsonl (keys `clients`, `stream`, `in_process_tokens_per_s`,
 `server_tokens_per_s`, `http_cost`, `ttft_ms_p50` (streaming), `in_process_ttft_ms_p50`, `itl_ms_p50`,
-`latency_ms_p50`, `rows_per_step` and `in_process_rows_per_step` (tokens the engine sampled a step),
+`latency_ms_p50`, `prompts`, `rows_per_step` and `in_process_rows_per_step` (tokens the engine sampled a step),
 `front_ttft_ms_mean` and `engine_ttft_ms_mean` (the server's own means of time to first token, from its front's
 arrival and from its engine's: where a request's wait is), `in_process_engine_ttft_ms_mean`, `to_engine_ms_mean`
 and `from_engine_ms_mean` (the server's means of the hops between its front and its engine's loop), `front`
@@ -35,6 +37,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -89,6 +92,12 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, stream: bool) ->
     return _streamed(start, stamps, time.perf_counter(), count)
 
 
+def vary(ids: list[int], k: int) -> list[int]:
+    """Prompt number k of distinct prompts (`--prompts distinct`): its first three ids count k, so no two prompts
+    of a run share a cached block."""
+    return [5 + k % 90, 5 + (k // 90) % 90, 5 + (k // 8100) % 90, *ids[3:]]
+
+
 def _streamed(start: float, stamps: list[float], end: float, tokens: int) -> dict:
     """One streamed request's record: time to first token, gaps between tokens, latency, tokens, start and end."""
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
@@ -102,11 +111,18 @@ def _streamed(start: float, stamps: list[float], end: float, tokens: int) -> dic
     }
 
 
-async def _clients(url: str, body: dict, stream: bool, clients: int, load: tuple[int, int], go: float) -> list[dict]:
+async def _clients(
+    url: str, body: dict, stream: bool, clients: int, load: tuple[int, int], go: float, first: int | None
+) -> list[dict]:
+    """`first`: distinct prompts numbered from it (None: the same prompt every time)."""
     warmup, requests = load
+    numbers = itertools.count(first) if first is not None else None
+
+    def body_of() -> dict:
+        return body if numbers is None else body | {"input_ids": vary(body["input_ids"], next(numbers))}
 
     async def client_loop(client, count: int):
-        return [await _one(client, url, body, stream) for _ in range(count)]
+        return [await _one(client, url, body_of(), stream) for _ in range(count)]
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -120,13 +136,14 @@ async def _clients(url: str, body: dict, stream: bool, clients: int, load: tuple
 
 
 def _client_process(args: tuple, out) -> None:
-    url, body, stream, clients, load, go = args
-    results = asyncio.run(_clients(url, body, stream, clients, load, go))
+    results = asyncio.run(_clients(*args))
     offset = time.time() - time.perf_counter()  # perf_counter is per process: report wall-clock times
     out.put([r | {"start": r["start"] + offset, "end": r["end"] + offset} for r in results])
 
 
-def run_server(url: str, body: dict, stream: bool, clients: int, load: tuple[int, int], procs: int) -> dict:
+def run_server(
+    url: str, body: dict, stream: bool, clients: int, load: tuple[int, int], procs: int, first: int | None
+) -> dict:
     """`clients` clients over `procs` processes, each sending `load` = (warm-up, timed) requests one after another;
     the summary of the timed ones, with the server's own means over them (`_server_side`)."""
     procs = max(1, min(procs, clients))
@@ -134,7 +151,11 @@ def run_server(url: str, body: dict, stream: bool, clients: int, load: tuple[int
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     go = time.time() + 5.0 + 0.5 * load[0]  # the processes' imports and warm-up requests are done by then
-    workers = [ctx.Process(target=_client_process, args=((url, body, stream, c, load, go), out)) for c in shares]
+    starts = [None if first is None else first + 10_000 * i for i in range(procs)]
+    workers = [
+        ctx.Process(target=_client_process, args=((url, body, stream, c, load, go, start), out))
+        for c, start in zip(shares, starts, strict=True)
+    ]
     for w in workers:
         w.start()
     time.sleep(max(go - time.time() - 0.05, 0))
@@ -243,14 +264,17 @@ def engine_overrides(serve_args: list[str]) -> dict:
 # --- the same load in-process ---------------------------------------------------------------------------
 
 
-async def run_engine(engine, prompt: list[int], params, clients: int, load: tuple[int, int]) -> dict:
+async def run_engine(engine, prompt: list[int], params, clients: int, load: tuple[int, int], first: int | None) -> dict:
+    """`first`: distinct prompts numbered from it (None: the same prompt every time)."""
     warmup, requests = load
     engine_ttft: list[float] = []
+    numbers = itertools.count(first) if first is not None else None
 
     async def one():
         stamps: list[float] = []
         start = time.perf_counter()
-        outs = await engine.generate_async(prompt, params, on_token=lambda *_: stamps.append(time.perf_counter()))
+        ids = prompt if numbers is None else vary(prompt, next(numbers))
+        outs = await engine.generate_async(ids, params, on_token=lambda *_: stamps.append(time.perf_counter()))
         engine_ttft.append(outs[0].first_token_time - outs[0].arrival_time)
         return _streamed(start, stamps, time.perf_counter(), len(outs[0].token_ids))
 
@@ -294,6 +318,7 @@ def _row(args, c: int, stream: bool, served: dict, mine: dict, card: str) -> dic
         requests=c * args.requests,
         warmup_requests=c * args.warmup_requests,
         prompt_tokens=args.prompt_tokens,
+        prompts=args.prompts,
         new_tokens=args.new_tokens,
         client_procs=args.client_procs,
         model=args.model,
@@ -313,6 +338,7 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--client-procs", type=int, default=4, help="processes the HTTP clients are spread over")
+    parser.add_argument("--prompts", default="distinct", choices=["distinct", "same"])
     parser.add_argument("--tag", default="")
     parser.add_argument("--profile", action="store_true", help="py-spy the server (GIL view): $OUT/server-profile.txt")
     args, serve_extra = parser.parse_known_args()
@@ -331,10 +357,12 @@ def main():
     clients = [int(c) for c in args.clients.split(",")]
     streams = {"true": [True], "false": [False], "both": [True, False]}[args.stream]
     engine = Engine(args.model, **engine_overrides(serve_extra))
-    in_process = {}
+    in_process, runs = {}, itertools.count()
+    distinct = args.prompts == "distinct"
     for c in clients:
         before = dict(engine.stats)
-        in_process[c] = asyncio.run(run_engine(engine, prompt, params, c, (args.warmup_requests, args.requests)))
+        first = 100_000 * next(runs) if distinct else None
+        in_process[c] = asyncio.run(run_engine(engine, prompt, params, c, (args.warmup_requests, args.requests), first))
         in_process[c]["rows_per_step"] = _rows_per_step(before, engine.stats)
     engine.close()
     del engine
@@ -349,7 +377,8 @@ def main():
             for stream in streams:
                 before = _server_stats(url)
                 load = (args.warmup_requests, args.requests)
-                served = run_server(url, body, stream, c, load, args.client_procs)
+                first = 100_000 * next(runs) if distinct else None
+                served = run_server(url, body, stream, c, load, args.client_procs, first)
                 served["rows_per_step"] = _rows_per_step(before, _server_stats(url))
                 row = _row(args, c, stream, served, in_process[c], card)
                 print(json.dumps(row), flush=True)

@@ -201,3 +201,27 @@ def test_mixed_steps_give_the_separate_steps_outputs(tiny_path):
     for out in mixed:
         torch.testing.assert_close(torch.tensor(out.logprobs), reference_logprobs(model, out, 1.0), rtol=0, atol=1e-4)
         assert torch.equal(out.routed_experts, reference_routes(model, out).to(out.routed_experts.dtype))
+
+
+def test_prefill_graphs_serve_fresh_prompts_like_the_eager_prefill(tiny_path):
+    """Fresh prefills replay the graph of the next token count up (padding to the scratch block, empty sequence
+    slots), the first chunk of a long prompt too; cached prefixes and later chunks run eagerly. Logprobs against a
+    float32 full forward, and the first token's against an engine without prefill graphs."""
+    model = load_pretrained(tiny_path, dtype=torch.float32)
+    batches = [make_prompts(lengths, VOCAB, seed=11 + i) for i, lengths in enumerate([[5], [3, 9, 17, 30, 5], [200]])]
+    params = SamplingParams(temperature=1.0, max_new_tokens=4, ignore_eos=True, seed=7, n=2)
+    runs, replays = {}, {}
+    for tokens in (2048, 0):
+        config = {"dtype": "bfloat16", "num_blocks": 256, "max_num_batched_tokens": 128, "prefill_graph_tokens": tokens}
+        with engine_of(tiny_path, **config) as engine:
+            runs[tokens] = [out for b in batches + batches[1:2] for out in engine.generate(b, params)]
+            graphs = engine.runner.prefill_graphs
+            replays[tokens] = graphs.replays if graphs is not None else 0
+            if tokens:
+                assert sorted(graphs.graphs) == [16, 32, 64, 128]
+    assert replays[2048] >= 3 and replays[0] == 0
+    for out, eager in zip(runs[2048], runs[0], strict=True):
+        want = reference_logprobs(model, out, 1.0)
+        assert (torch.tensor(out.logprobs) - want).abs().max() < 0.1
+        if out.token_ids[0] == eager.token_ids[0]:
+            assert abs(out.logprobs[0] - eager.logprobs[0]) < 0.05
