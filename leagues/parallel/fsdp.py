@@ -123,7 +123,10 @@ def set_last_microbatch(model: nn.Module, cfg: ParallelConfig, last: bool) -> No
 def shard(module: nn.Module, mesh: DeviceMesh, divide_factor: float, **kwargs) -> None:
     """`fully_shard` one unit and set how its gradients are reduced (see the module docstring)."""
     fully_shard(module, mesh=mesh, **kwargs)
-    module.set_gradient_divide_factor(divide_factor)
+    # On a group of one a set factor costs a division pass over every gradient even when it is 1 (FSDP's copy
+    # path divides by any factor it was given); the sum of one needs none.
+    if mesh.size() > 1 or divide_factor != 1.0:
+        module.set_gradient_divide_factor(divide_factor)
     # gloo reduces with SUM only (no AVG, no PREMUL_SUM). Not on a group of one: there FSDP (torch 2.13)
     # would divide twice, once on its copy path and again after it.
     if mesh.size() > 1 and dist.get_backend(mesh.get_group()) == "gloo":

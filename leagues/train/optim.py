@@ -25,7 +25,8 @@ Decisions:
 - One param group, weight decay on every parameter (norms and biases included), as torchtitan does;
   the effect on norm weights over a post-training run is negligible and it keeps the state simple.
 - fused="auto" picks the fused AdamW kernel when every parameter lives on CUDA and torch's default
-  (foreach) otherwise.
+  (foreach) otherwise. The fused kernel also clips: it divides each gradient by the clip's factor (its
+  `grad_scale`) as it reads it, so clipping costs no pass over the gradients of its own.
 - Optimizer-state CPU offload is not done here: it comes from FSDP2's `CPUOffloadPolicy`, applied to
   the model in `leagues.parallel`; the parameters (and so the AdamW state) then live on the CPU and
   "auto" picks the non-fused path.
@@ -220,9 +221,15 @@ def optimizer_step(
         for group in optimizer.param_groups:
             group[SKIPPED_KEY] = group.get(SKIPPED_KEY, 0) + 1
         return _metrics(norm, lr, 1, optimizer)
-    if cfg.grad_clip > 0:
+    fused_clip = cfg.grad_clip > 0 and bool(optimizer.defaults.get("fused"))
+    if fused_clip:  # the fused kernel divides each gradient by grad_scale as it reads it: no pass of its own
+        optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / cfg.grad_clip, min=1.0)
+    elif cfg.grad_clip > 0:
         clip_grads(params, cfg.grad_clip, norm)
-    optimizer.step()
+    try:
+        optimizer.step()
+    finally:
+        optimizer.grad_scale = None
     if scheduler is not None:
         scheduler.step()
     return _metrics(norm, lr, 0, optimizer)

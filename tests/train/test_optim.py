@@ -65,6 +65,30 @@ def test_clipping_reports_pre_clip_norm_and_scales_grads():
     assert torch.allclose(clipped, torch.full_like(clipped, 1 / math.sqrt(17)), rtol=1e-5)
 
 
+def test_the_fused_optimizer_clips_inside_its_step_like_an_explicit_clip():
+    """Fused AdamW divides each gradient by the clip's factor as it reads it: the same update (within rounding) as
+    scaling the gradients first and stepping the foreach AdamW; a step within the clip is not scaled."""
+    results = {}
+    for fused in ("fused", "foreach"):
+        params = make_params()
+        cfg = OptimConfig(lr=1e-2, grad_clip=1.0, fused=fused)
+        optimizer = build_optimizer(params, cfg)
+        assert bool(optimizer.defaults.get("fused")) == (fused == "fused")
+        for scale in (3.0, 0.01):  # the first step is clipped, the second is not
+            set_grads(params)
+            for p in params:
+                p.grad.mul_(scale)
+            optimizer_step(params, optimizer, None, cfg)
+            if scale == 3.0:  # Adam's first moment after one step: (1 - beta1) x the clipped gradient, of norm 1
+                moment = torch.cat([optimizer.state[p]["exp_avg"].flatten() for p in params]) / (1 - cfg.betas[0])
+                assert moment.norm().item() == pytest.approx(1.0, rel=1e-5)
+        assert getattr(optimizer, "grad_scale", None) is None
+        state = [optimizer.state[p][k].clone() for p in params for k in ("exp_avg", "exp_avg_sq")]
+        results[fused] = [p.detach().clone() for p in params] + state
+    for a, b in zip(results["fused"], results["foreach"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_grad_clip_zero_measures_but_does_not_clip():
     params = make_params()
     cfg = OptimConfig(lr=0.0, grad_clip=0.0)
