@@ -37,10 +37,11 @@ class EngineConfig:
     cuda_graphs: bool = True
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     prefill_graph_tokens: int = 2048
-    """With `cuda_graphs` on CUDA: fresh prefills (no cached prefix) of up to this many tokens (at most
-    `max_num_batched_tokens`; 0: none) replay CUDA graphs captured for 16, 32, 64, ... tokens, so a request's
-    first step costs its GPU time, not ~20 ms of kernel launches (`leagues.engine.prefill_graphs`). Each size
-    adds a capture to the engine's start. Not in deterministic mode."""
+    """With `cuda_graphs` on CUDA, outside deterministic mode: the steps that are not plain decodes replay CUDA
+    graphs captured for 16, 32, 64, ... tokens, so a request's first step costs its GPU time, not ~20 ms of
+    kernel launches (`leagues.engine.prefill_graphs`): fresh prefills (no cached prefix; 16-bit weights) of up to
+    this many tokens, and other prefills and mixed steps of up to 512 (and at most this many). At most
+    `max_num_batched_tokens`; 0: none. Each size adds a capture to the engine's start."""
     overlap_scheduling: str = "auto"
     """"auto", "true" or "false": decode steps that sample in the step (no truncation, no top logprobs, outside
     deterministic mode) are launched before the previous step's tokens reach the host: their input tokens are

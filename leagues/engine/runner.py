@@ -6,10 +6,10 @@ beside it (`[N+1, S, L_moe, K]`, compact ints) so the experts of every computed 
 slot, survive prefix sharing and preemption, and can be returned with the output.
 
 Decode steps on CUDA replay a CUDA graph captured for the next batch size up (padding rows point at the
-scratch block), and so do small fresh prefills (`leagues.engine.prefill_graphs`); everything else runs without
-graphs. Sizes whose attention grid (a program per sequence and KV
-head) leaves SMs idle get a second graph with split-K attention, replayed when the batch's longest context
-spans more than two splits: the RL long tail of few sequences with long contexts. The model's blocks, rotary
+scratch block), and so do prefills and mixed steps of up to a few hundred tokens
+(`leagues.engine.prefill_graphs`); everything else runs without graphs. Sizes whose attention grid (a program per
+sequence and KV head) leaves SMs idle get a second graph with split-K attention, replayed when the batch's longest
+context spans more than two splits: the RL long tail of few sequences with long contexts. The model's blocks, rotary
 tables and final norm are compiled by default on CUDA (`EngineConfig.compile_model`: `torch.compile` fuses
 norms, rotary, router and MoE glue; attention is the opaque `leagues::paged_attend` operator, so the cache is
 never traced). A graph holds the whole decode step: the forward, the LM head, the routes' cache write and, for
@@ -30,8 +30,8 @@ import torch
 from leagues.engine import memory
 from leagues.engine.attention import OpaqueAttention, PagedAttention, active_backend
 from leagues.engine.config import EngineConfig
-from leagues.engine.prefill_graphs import PrefillGraphs
-from leagues.engine.prefill_graphs import supported as prefill_supported
+from leagues.engine.prefill_graphs import FreshGraphs, RaggedGraphs
+from leagues.engine.prefill_graphs import supported as fresh_supported
 from leagues.engine.sampler import GraphSampling
 from leagues.engine.scheduler import ScheduledBatch
 from leagues.kernels.paged_attention import decode_split_tokens, key_slots
@@ -161,11 +161,10 @@ class ModelRunner:
         rows = max(cfg.max_num_seqs, *self.graph_batch_sizes) if self.use_graphs else cfg.max_num_seqs
         self.buffers = DecodeBuffers(rows, self.max_blocks, self.device)
         prefill_tokens = min(cfg.prefill_graph_tokens, cfg.max_num_batched_tokens)
-        graphs_for_prefill = (
-            self.use_graphs and prefill_tokens >= 16 and not cfg.deterministic and prefill_supported(self)
-        )
-        self.prefill_graphs = PrefillGraphs(self, prefill_tokens) if graphs_for_prefill else None
-        """Graphs of small fresh prefills (`leagues.engine.prefill_graphs`)."""
+        other_graphs = self.use_graphs and cuda and prefill_tokens >= 16 and not cfg.deterministic
+        self.fresh_graphs = FreshGraphs(self, prefill_tokens) if other_graphs and fresh_supported(self) else None
+        self.ragged_graphs = RaggedGraphs(self, prefill_tokens, cfg.max_num_seqs) if other_graphs else None
+        """Graphs of the steps that are not plain decodes (`leagues.engine.prefill_graphs`)."""
         self.kv_cache = self.routes_cache = None
         self._memory: memory.MappedMemory | None = None
         self._views: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -316,9 +315,10 @@ class ModelRunner:
             self._fill(seqs, None, None, graph_size)
             graph.replay()
             return outputs["logits"][: len(batch.items)].float()
-        bucket = self.prefill_graphs.bucket(batch) if self.prefill_graphs is not None else None
-        if bucket is not None:
-            return self.prefill_graphs.run(batch, bucket)
+        for graphs in self._step_graphs:
+            bucket = graphs.bucket(batch)
+            if bucket is not None:
+                return graphs.run(batch, bucket)
         inputs = self.prepare(batch)
         hidden_TD = self._run(inputs.attention, inputs.input_ids_T, inputs.positions_T)
         return self.model.logits(hidden_TD[inputs.sample_rows_R]).float()
@@ -375,6 +375,10 @@ class ModelRunner:
 
     # --- CUDA graphs for decode -------------------------------------------------------------
 
+    @property
+    def _step_graphs(self) -> list:
+        return [g for g in (self.fresh_graphs, self.ragged_graphs) if g is not None]
+
     def _graph_size(self, batch: ScheduledBatch) -> int | None:
         if not (batch.is_decode and self.graphs):
             return None
@@ -397,8 +401,8 @@ class ModelRunner:
     def _drop_graphs(self) -> None:
         self.graphs.clear()
         self.long_graphs.clear()
-        if self.prefill_graphs is not None:
-            self.prefill_graphs.clear()
+        for graphs in self._step_graphs:
+            graphs.clear()
 
     def _static_attention(self, size: int, split_tokens: int | None = None) -> PagedAttention:
         dev = self.buffers.device
@@ -462,8 +466,8 @@ class ModelRunner:
             split = self._split_tokens(size, self.max_blocks * self.block_size)
             if split is not None:
                 self.long_graphs[size] = self._capture(size, self._static_attention(size, split), pool)
-        if self.prefill_graphs is not None:
-            self.prefill_graphs.capture(pool)
+        for graphs in self._step_graphs:
+            graphs.capture(pool)
 
     def _capture(self, size: int, attention: PagedAttention, pool) -> tuple[torch.cuda.CUDAGraph, dict]:
         self._graph_step(size, attention)  # compile, warm up kernels and autotuning outside capture

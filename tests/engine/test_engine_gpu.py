@@ -203,10 +203,11 @@ def test_mixed_steps_give_the_separate_steps_outputs(tiny_path):
         assert torch.equal(out.routed_experts, reference_routes(model, out).to(out.routed_experts.dtype))
 
 
-def test_prefill_graphs_serve_fresh_prompts_like_the_eager_prefill(tiny_path):
-    """Fresh prefills replay the graph of the next token count up (padding to the scratch block, empty sequence
-    slots), the first chunk of a long prompt too; cached prefixes and later chunks run eagerly. Logprobs against a
-    float32 full forward, and the first token's against an engine without prefill graphs."""
+def test_step_graphs_serve_prefills_like_the_eager_steps(tiny_path):
+    """Fresh prefills replay the fresh graph of the next token count up (padding to the scratch block, empty
+    sequence slots), the first chunk of a long prompt too; its later chunk and prompts after a cached prefix replay
+    the ragged graphs (a decode row per token). Logprobs against a float32 full forward, and the first token's
+    against an engine without these graphs."""
     model = load_pretrained(tiny_path, dtype=torch.float32)
     batches = [make_prompts(lengths, VOCAB, seed=11 + i) for i, lengths in enumerate([[5], [3, 9, 17, 30, 5], [200]])]
     params = SamplingParams(temperature=1.0, max_new_tokens=4, ignore_eos=True, seed=7, n=2)
@@ -215,11 +216,11 @@ def test_prefill_graphs_serve_fresh_prompts_like_the_eager_prefill(tiny_path):
         config = {"dtype": "bfloat16", "num_blocks": 256, "max_num_batched_tokens": 128, "prefill_graph_tokens": tokens}
         with engine_of(tiny_path, **config) as engine:
             runs[tokens] = [out for b in batches + batches[1:2] for out in engine.generate(b, params)]
-            graphs = engine.runner.prefill_graphs
-            replays[tokens] = graphs.replays if graphs is not None else 0
+            fresh, ragged = engine.runner.fresh_graphs, engine.runner.ragged_graphs
+            replays[tokens] = [g.replays if g is not None else 0 for g in (fresh, ragged)]
             if tokens:
-                assert sorted(graphs.graphs) == [16, 32, 64, 128]
-    assert replays[2048] >= 3 and replays[0] == 0
+                assert sorted(fresh.graphs) == sorted(ragged.graphs) == [16, 32, 64, 128]
+    assert replays[2048][0] >= 3 and replays[2048][1] >= 2 and replays[0] == [0, 0]
     for out, eager in zip(runs[2048], runs[0], strict=True):
         want = reference_logprobs(model, out, 1.0)
         assert (torch.tensor(out.logprobs) - want).abs().max() < 0.1

@@ -13,10 +13,13 @@ from .reference import engine_of, make_prompts, reference_logprobs, reference_ro
 PROMPTS = make_prompts([5, 23, 9, 40], 101, seed=61)
 
 
-def staggered(model, mixed: bool, params: SamplingParams, **config):
+def staggered(model, mixed: bool, params: SamplingParams, prepare=None, **config):
     """Request 0 first; request i + 1 arrives once request i has sampled 3 tokens. The outputs, the index of the
-    engine step each request's tokens came from, and whether the engine mixed steps."""
+    engine step each request's tokens came from, and whether the engine mixed steps. `prepare(engine)` runs
+    before the first request."""
     with engine_of(model, num_blocks=128, block_size=16, mixed_steps=mixed, **config) as engine:
+        if prepare is not None:
+            prepare(engine)
         futures, steps = [], [[] for _ in PROMPTS]
 
         def arrive_after(i: int):
