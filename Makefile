@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/leagues run
 
+# Two workers: most tests wait on the servers and ranks they start as much as they compute. One thread per
+# process: two workers and their subprocesses would otherwise oversubscribe the cores (OpenMP threads spin).
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

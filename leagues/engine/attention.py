@@ -33,7 +33,7 @@ from leagues.kernels.paged_attention import (
     paged_prefill_reference,
     write_kv,
 )
-from leagues.model.attention import varlen_attn, varlen_causal
+from leagues.model.attention import varlen_causal, varlen_function
 
 
 @dataclass(slots=True)
@@ -74,7 +74,7 @@ class PagedAttention:
                 q_THA, k_cache, v_cache, self.block_tables_BM, self.context_lens_B, scale, self.impl, **options
             )
         flash_dtype = q_THA.dtype in (torch.float16, torch.bfloat16)  # FlashAttention has no float32 kernel
-        if q_THA.is_cuda and flash_dtype and varlen_attn is not None and self.impl != "reference":
+        if q_THA.is_cuda and flash_dtype and self.impl != "reference" and varlen_function() is not None:
             if self.fresh:
                 cu, n = self.cu_seqlens_q_B1, self.max_q
                 return varlen_causal(q_THA, k_TGA, v_TGA, cu, cu, n, n)

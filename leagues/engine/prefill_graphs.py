@@ -30,7 +30,7 @@ import torch
 
 from leagues.engine.attention import PagedAttention
 from leagues.engine.scheduler import ScheduledBatch
-from leagues.model.attention import varlen_attn
+from leagues.model.attention import varlen_function
 
 _BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 RAGGED_MAX_TOKENS = 512
@@ -41,8 +41,9 @@ RAGGED_MAX_KEYS = 1 << 20
 def supported(runner) -> bool:
     """FlashAttention varlen serves the fresh graphs' attention: CUDA, 16-bit weights, the default kernels."""
     dtype = runner.model.embed.weight.dtype
-    flash = varlen_attn is not None and dtype in (torch.float16, torch.bfloat16)
-    return runner.device.type == "cuda" and flash and runner.attention_impl != "reference"
+    flash_dtype = dtype in (torch.float16, torch.bfloat16)
+    on_cuda = runner.device.type == "cuda" and runner.attention_impl != "reference"
+    return on_cuda and flash_dtype and varlen_function() is not None
 
 
 def fresh_seqs(tokens: int) -> int:

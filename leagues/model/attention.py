@@ -19,6 +19,7 @@ Legend: T tokens, B sequences, H query heads, G kv heads, A head dim, D model di
 """
 
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,10 +31,22 @@ from leagues.kernels import batch_invariant
 from leagues.model.config import ModelConfig
 from leagues.model.layers import RMSNorm, apply_rope
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # older torch: the per-sequence loop serves
-    varlen_attn = None
+_VARLEN: tuple | None = None
+"""(torch's varlen attention or None, whether it takes `is_causal`), once `varlen_function` has imported it."""
+
+
+def varlen_function():
+    """torch's FlashAttention varlen function (None on a torch without it), imported on first use: importing it
+    loads the compiler (~2 s on a small CPU), which a process that never attends on CUDA (a CPU server, the
+    CLI) does without. Newer versions take `is_causal`, older ones a causal `window_size`."""
+    global _VARLEN
+    if _VARLEN is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:  # older torch: the per-sequence loop serves
+            varlen_attn = None
+        _VARLEN = (varlen_attn, varlen_attn is not None and "is_causal" in inspect.signature(varlen_attn).parameters)
+    return _VARLEN[0]
 
 
 class AttentionBackend(Protocol):
@@ -50,17 +63,14 @@ def _sdpa_BHLA(q_THA, k_TGA, v_TGA, num_seqs: int) -> torch.Tensor:
     return o_BHLA.transpose(1, 2).flatten(0, 1)
 
 
-_VARLEN_IS_CAUSAL = varlen_attn is not None and "is_causal" in inspect.signature(varlen_attn).parameters
-"""torch's varlen attention takes `is_causal` (newer) or a causal `window_size` (older)."""
-
-
 def varlen_causal(q_THA, k_SGA, v_SGA, cu_q_B1, cu_k_B1, max_q: int, max_k: int) -> torch.Tensor:
     """FlashAttention over packed sequences (CUDA); queries are the last tokens of their keys (bottom-right causal)."""
     if k_SGA.shape[1] != q_THA.shape[1]:
         rep = q_THA.shape[1] // k_SGA.shape[1]
         k_SGA, v_SGA = k_SGA.repeat_interleave(rep, dim=1), v_SGA.repeat_interleave(rep, dim=1)
     cu_q, cu_k = cu_q_B1.to(torch.int32), cu_k_B1.to(torch.int32)
-    if _VARLEN_IS_CAUSAL:
+    varlen_attn = varlen_function()
+    if _VARLEN[1]:
         return varlen_attn(q_THA, k_SGA, v_SGA, cu_q, cu_k, max_q, max_k, is_causal=True)
     return varlen_attn(q_THA, k_SGA, v_SGA, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
 
@@ -86,7 +96,8 @@ class PackedSeqs:
         if not lengths or min(lengths) <= 0:
             raise ValueError(f"sequence lengths must be positive, got {lengths}")
         cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-        torch._dynamo.maybe_mark_dynamic(cu, 0)  # a compiled graph serves any number of sequences
+        if "torch._dynamo" in sys.modules:  # a compiled graph serves any number of sequences (nothing compiles else)
+            torch._dynamo.maybe_mark_dynamic(cu, 0)
         bound = 1 << (max(lengths) - 1).bit_length()
         return cls(cu_seqlens_B1=cu, max_seqlen=max(lengths), lengths=tuple(lengths), impl=impl, max_seqlen_bound=bound)
 
@@ -105,13 +116,12 @@ class PackedSeqs:
 
     def _traceable(self, q_THA: torch.Tensor) -> bool:
         flash_dtype = q_THA.dtype in (torch.float16, torch.bfloat16)
-        return (
-            self.impl == "auto" and not self.invariant_len and q_THA.is_cuda and flash_dtype and varlen_attn is not None
-        )
+        if self.impl != "auto" or self.invariant_len or not q_THA.is_cuda or not flash_dtype:
+            return False
+        return varlen_function() is not None
 
     # Outside compiled blocks: the lengths are Python values, and a compiled graph guarding on them would
-    # recompile for every new packing (each RL step).
-    @torch.compiler.disable
+    # recompile for every new packing (each RL step). `compiler_boundaries` hides it from the compiler.
     def _attend(self, q_THA, k_TGA, v_TGA) -> torch.Tensor:
         if self.invariant_len:
             return self._invariant(q_THA, k_TGA, v_TGA)
@@ -119,7 +129,8 @@ class PackedSeqs:
         if self.impl == "auto" and uniform:
             return _sdpa_BHLA(q_THA, k_TGA, v_TGA, len(self.lengths))
         flash_dtype = q_THA.dtype in (torch.float16, torch.bfloat16)  # FlashAttention has no float32 kernel
-        if self.impl == "varlen" or (self.impl == "auto" and q_THA.is_cuda and flash_dtype and varlen_attn is not None):
+        flash = self.impl == "auto" and q_THA.is_cuda and flash_dtype and varlen_function() is not None
+        if self.impl == "varlen" or flash:
             cu, n = self.cu_seqlens_B1, self.max_seqlen
             return varlen_causal(q_THA, k_TGA, v_TGA, cu, cu, n, n)
         if self.impl == "auto":
@@ -230,3 +241,14 @@ class Attention(nn.Module):
         q_THA, k_TGA = apply_rope(q_THA, cos_TA, sin_TA), apply_rope(k_TGA, cos_TA, sin_TA)
         o_THA = backend.attend(self.layer_idx, q_THA, k_TGA, v_TGA)
         return self.wo(o_THA.flatten(-2))
+
+
+def compiler_boundaries() -> None:
+    """What the compiler must not trace, marked before anything compiles (by `Transformer.compile_blocks`): the
+    packed attention outside compiled blocks. Marking imports the compiler, so it waits for the first compile;
+    the varlen function is imported too, since compiled code only reads it."""
+    if not getattr(PackedSeqs._attend, "_leagues_disabled", False):
+        disabled = torch.compiler.disable(PackedSeqs._attend)
+        disabled._leagues_disabled = True
+        PackedSeqs._attend = disabled
+    varlen_function()

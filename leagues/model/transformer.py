@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from leagues.kernels import batch_invariant
-from leagues.model.attention import Attention, AttentionBackend, PackedSeqs
+from leagues.model.attention import Attention, AttentionBackend, PackedSeqs, compiler_boundaries
 from leagues.model.config import ModelConfig
 from leagues.model.layers import GatedMLP, InvariantLinear, RMSNorm, RotaryEmbedding
 from leagues.model.moe import GroupedExperts, MoE, Router
@@ -203,6 +203,7 @@ class Transformer(nn.Module):
         if pad_to < 1:
             raise ValueError(f"pad_to must be >= 1, got {pad_to}")
         self.pad_to = pad_to
+        compiler_boundaries()
         raise_recompile_limit()
         for block in self.layers:
             block.compile(**compile_kwargs)
