@@ -152,6 +152,19 @@ def test_failures_are_contained(tmp_path, fn):
     assert "KeyError" in errors[5] and "response_text" in errors[5]
 
 
+def test_a_hung_call_keeps_its_thread_and_later_calls_do_not_wait_for_it(tmp_path):
+    """Sync rewards run on daemon threads kept between calls: a call abandoned by its timeout still holds its
+    thread, so the next batch's calls run on others and finish at once."""
+    path = write_module(tmp_path, "flaky_pool", FLAKY)
+    cfg = RewardConfig(name=f"{path}:sync_fn", timeout_s=0.3)
+    assert score_sync([sample("hang")], cfg).timed_out == 1
+    start = time.monotonic()
+    for _ in range(3):  # batches back to back while the hung call sleeps on
+        stats = score_sync([sample("ok") for _ in range(8)], cfg)
+        assert stats == RewardStats(scored=8, failed=0, timed_out=0, skipped=0)
+    assert time.monotonic() - start < 1.0
+
+
 def test_strict_mode_raises_naming_the_sample(tmp_path):
     path = write_module(tmp_path, "flaky_strict", FLAKY)
     samples = [sample("ok"), sample("ok"), sample("boom")]
