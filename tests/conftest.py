@@ -1,6 +1,6 @@
 """Shared test setup: a private LEAGUES_HOME so built-in models are made fresh per test session, Triton
-kernels in its interpreter when there is no GPU (set before triton is imported), and the tiny engine a test
-module shares (`engine`, `tiny_path`)."""
+kernels in its interpreter when there is no GPU (set before triton is imported), slow tests first, and the tiny
+engine a test module shares (`engine`, `tiny_path`)."""
 
 import os
 import shutil
@@ -16,6 +16,12 @@ import pytest  # noqa: E402  (the environment above must be set before anything 
 
 from leagues.engine import Engine  # noqa: E402
 from leagues.model import resolve_model_path  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` run first (in their order): with several workers (`make test`) the long ones start early
+    and the short ones fill the gaps, instead of a long one running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="module")

@@ -193,6 +193,7 @@ def test_generate_jsonl_bad_line_names_file_line_field(tiny_dir, tmp_path, capsy
     assert f"{prompts}:2: invalid JSON" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sft_with_two_ranks_via_nproc(tiny_dir, tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "response": str(2 * a)}) + "\n" for a in range(8)))

@@ -59,6 +59,7 @@ def finished_requests(url: str) -> float:
     return sum(float(line.split()[-1]) for line in lines if line.startswith("leagues_request_finished_total"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["disk", "distributed"])
 def test_a_killed_engine_costs_no_sample_and_rejoins_at_the_current_weights(tmp_path, transport):
     tiny, run_dir, gate = resolve_model_path("tiny-moe"), tmp_path / "run", tmp_path / "gate"

@@ -154,6 +154,7 @@ def test_kl_to_the_reference_as_a_loss_term_or_as_reward_shaping(form, tmp_path)
         config(tmp_path / "bad", "--advantage.kl_in_reward", "true")
 
 
+@pytest.mark.slow
 def test_on_policy_distillation_from_the_command_line_deterministic_and_replaying(tmp_path):
     """`leagues train --distill.teacher ... --advantage.estimator distill`: the teacher (here the base model, unlike
     the warm-started student) scores every step's tokens (`time/teacher`) and `train/distill/reverse_kl` is logged;

@@ -208,6 +208,7 @@ def test_a_sleeping_replica_gets_no_traffic(replicas):
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_replica_dies_mid_burst_then_rejoins_at_fleet_version(replicas, checkpoints):
     """Kill one replica while ~100 requests are in flight: all complete; it is quarantined; restarted at
     other weights it stays out until its weight version matches the fleet's."""

@@ -110,6 +110,7 @@ def test_weight_updates_carry_the_key_and_say_what_is_wrong_with_it(tmp_path, ch
         engine.stop()
 
 
+@pytest.mark.slow
 def test_a_group_loses_a_dead_engine_mid_send_and_takes_it_back_after_a_restart(tmp_path, checkpoints):
     first, second = checkpoints
     tiny = resolve_model_path("tiny-moe")
