@@ -2,8 +2,11 @@
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
+
+_COUNTING = threading.Lock()
 
 
 def starts_with_one(prompt: str, response: str, label, metadata: dict) -> float:
@@ -56,10 +59,12 @@ def kill_once(response, label) -> float:
     restarts) when LEAGUES_TEST_KILL_AT=N: one crash at a known point of a run, and none after it resumes."""
     at, counter = os.environ.get("LEAGUES_TEST_KILL_AT"), os.environ.get("LEAGUES_TEST_COUNTER")
     if at and counter:
-        path = Path(counter)
-        with path.open("a") as f:
-            f.write("x")
-        if path.stat().st_size == int(at):
+        with _COUNTING:  # concurrent calls (threads of one process) each get a number of their own
+            path = Path(counter)
+            with path.open("a") as f:
+                f.write("x")
+            number = path.stat().st_size
+        if number == int(at):
             os.kill(os.getpid(), signal.SIGKILL)
     return by_name(response, label)
 
