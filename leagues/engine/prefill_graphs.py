@@ -102,11 +102,24 @@ class _StepGraphs:
     def clear(self) -> None:
         self.graphs.clear()
 
+    def fill_tokens(self, ids: list[int], positions: list[int], slots: list[int], sample_rows: list[int]) -> None:
+        """The step's tokens and sampled rows into the host copy (after `fill_padding`)."""
+        host, tokens = self.host, len(ids)
+        host["input_ids"][:tokens] = torch.tensor(ids)
+        host["positions"][:tokens] = torch.tensor(positions)
+        host["slots"][:tokens] = torch.tensor(slots)
+        host["sample_rows"][: len(sample_rows)] = torch.tensor(sample_rows, dtype=torch.int64)
+
     def fill_padding(self, bucket: int) -> None:
         raise NotImplementedError
 
     def step(self, bucket: int) -> dict:
         raise NotImplementedError
+
+
+def _token_fields(tokens: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The per-token inputs every kind of step graph has: ids, positions and cache slots."""
+    return {name: (torch.int64, (tokens,)) for name in ("input_ids", "positions", "slots")}
 
 
 def _rows(batch: ScheduledBatch, block_size: int):
@@ -131,10 +144,8 @@ class FreshGraphs(_StepGraphs):
         super().__init__(
             runner,
             buckets,
-            {
-                "input_ids": (torch.int64, (most,)),
-                "positions": (torch.int64, (most,)),
-                "slots": (torch.int64, (most,)),
+            _token_fields(most)
+            | {
                 "sample_rows": (torch.int64, (fresh_seqs(most),)),
                 "cu_seqlens": (torch.int32, (fresh_seqs(most) + 2,)),
             },
@@ -151,12 +162,9 @@ class FreshGraphs(_StepGraphs):
     def run(self, batch: ScheduledBatch, bucket: int) -> torch.Tensor:
         """Logits [R, V] of the rows that sample this step, in batch order (as `ModelRunner.execute`)."""
         ids, positions, slots, ends, sample_rows = _rows(batch, self.runner.block_size)
-        host, tokens = self.host, len(ids)
+        host = self.host
         self.fill_padding(bucket)
-        host["input_ids"][:tokens] = torch.tensor(ids)
-        host["positions"][:tokens] = torch.tensor(positions)
-        host["slots"][:tokens] = torch.tensor(slots)
-        host["sample_rows"][: len(sample_rows)] = torch.tensor(sample_rows, dtype=torch.int64)
+        self.fill_tokens(ids, positions, slots, sample_rows)
         host["cu_seqlens"][1 : len(ends) + 1] = torch.tensor(ends, dtype=torch.int32)
         host["cu_seqlens"][len(ends) + 1 : fresh_seqs(bucket) + 2] = bucket  # the padding's sequence, then empty ones
         self.upload()
@@ -205,10 +213,8 @@ class RaggedGraphs(_StepGraphs):
         super().__init__(
             runner,
             buckets,
-            {
-                "input_ids": (torch.int64, (most,)),
-                "positions": (torch.int64, (most,)),
-                "slots": (torch.int64, (most,)),
+            _token_fields(most)
+            | {
                 "table_rows": (torch.int64, (most,)),
                 "sample_rows": (torch.int64, (self.max_seqs,)),
                 "context_lens": (torch.int32, (most,)),
@@ -237,13 +243,10 @@ class RaggedGraphs(_StepGraphs):
         ids, positions, slots, ends, sample_rows = _rows(batch, self.runner.block_size)
         host, tokens, seqs = self.host, len(ids), len(batch.items)
         self.fill_padding(bucket)
-        host["input_ids"][:tokens] = torch.tensor(ids)
-        host["positions"][:tokens] = torch.tensor(positions)
+        self.fill_tokens(ids, positions, slots, sample_rows)
         host["context_lens"][:tokens] = torch.tensor(positions, dtype=torch.int32) + 1
-        host["slots"][:tokens] = torch.tensor(slots)
         counts = [item.num_new_tokens for item in batch.items]
         host["table_rows"][:tokens] = torch.repeat_interleave(torch.arange(1, seqs + 1), torch.tensor(counts))
-        host["sample_rows"][: len(sample_rows)] = torch.tensor(sample_rows, dtype=torch.int64)
         width = max(len(item.seq.block_table) for item in batch.items)
         tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch.items]
         host["block_tables"][1 : seqs + 1, :width] = torch.tensor(tables, dtype=torch.int32)
