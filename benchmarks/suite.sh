@@ -16,6 +16,7 @@
 #   prefill         prefill latency at batches 1, 8, 64 and its profile, syncs and Python profile (benchmarks/prefill.py)
 #   engine          decode steps at batches 1, 8, 64, 256 and the HF comparison (benchmarks/engine.py)
 #   trainer-wide    the trainer on the wide shape, 8 x 1,024 tokens (benchmarks/trainer.py)
+#   sync            colocated weight sync on one rank against a device copy, anchor and wide (benchmarks/sync.py)
 # The ANCHORS.md checkpoint is made once at $ANCHOR (default /tmp/leagues-anchor-1b).
 set -u
 OUT=${OUT:-/tmp/leagues-bench}
@@ -35,7 +36,7 @@ run() {  # name, seconds, command...
 
 for part in "$@"; do
     case $part in
-    tests) run tests 200 python3 -m pytest -q -m gpu tests -p no:cacheprovider --ignore=tests/serve \
+    tests) run tests 280 python3 -m pytest -q -m gpu tests -p no:cacheprovider --ignore=tests/serve \
         --ignore=tests/sync/test_serve_sync.py ;;  # those two need openai, which the GPU machine lacks
     step) run step 400 python3 benchmarks/step.py --workload anchor --impls trl,leagues --lens 128 --steps 8 \
         --model "$ANCHOR" ;;
@@ -57,6 +58,7 @@ for part in "$@"; do
     engine) run engine 300 python3 benchmarks/engine.py --shape anchor --batches 1,8,64,256 --new-tokens 128 ;;
     trainer-wide) run trainer-wide 200 torchrun --standalone --nproc_per_node 1 benchmarks/trainer.py --shape wide \
         --samples 8 --profile ;;
+    sync) run sync 200 torchrun --standalone --nproc_per_node 1 benchmarks/sync.py --shapes anchor,wide --profile ;;
     *) echo "unknown part: $part" ;;
     esac
 done

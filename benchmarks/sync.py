@@ -1,17 +1,17 @@
 """Colocated weight sync against a device copy of the same bytes, on one GPU.
 
-The trainer runs as `leagues train` runs it on one GPU (FSDP2 over a process group of one rank, float32
-masters, bf16 compute); the engine sits in the same process. Two transports are timed: `whole` (the run's
-default: one bucket of the parameters themselves, cast into the engine by `_foreach_copy_`) and `per_unit`
-(FSDP2 gathers each unit in bf16, then one engine call per unit: what multi-rank trainers do). After each,
-the engine's weights are compared bit for bit with the other transport's.
+The trainer runs as `leagues train` runs it on one GPU (a process group of one rank: float32 masters, bf16
+compute copies cast once per optimizer step, no FSDP); the engine sits in the same process. Two transports are
+timed: `whole` (the run's default: one bucket of the trainer's bf16 compute copies, landed by `_foreach_copy_`)
+and `masters` (the float32 masters in 512 MB buckets, cast by the engine as it copies: what a trainer without
+copies would send). After each, the engine's weights are compared bit for bit with the other transport's.
 
 One row per (shape, transport) to $OUT/sync.jsonl: `shape`, `transport`, `gb` (bytes landed in the engine),
 `sync_ms` (median), `gb_per_s`, `copy_gb_per_s` (a plain device copy of `gb` bytes, read and write counted
 as the copy's bytes), `frac_of_copy` (copy time / sync time), `moved_gb` (bytes read and written by the
-copies into the engine: float32 masters read, the engine's dtype written), `moved_frac_of_copy` (moved bytes a
-second over the copy's), `bitwise_equal`. A float32-to-bf16 sync reads twice what it lands, so
-`frac_of_copy` is at most 2/3 for `whole` while `moved_frac_of_copy` can reach 1.
+copies into the engine: the trainer's tensors read, the engine's dtype written), `moved_frac_of_copy` (moved
+bytes a second over the copy's), `bitwise_equal`. A float32-to-bf16 sync reads twice what it lands, so
+`frac_of_copy` is at most 2/3 for `masters`, while a bf16 `whole` sync can reach 1.
 
     PYTHONPATH=. python benchmarks/sync.py [--shapes anchor,wide] [--repeats 10] [--profile]
 
@@ -30,7 +30,6 @@ import torch
 from benchmarks.train_step import BASE, SHAPES, make_checkpoint
 from leagues.cli.launch import init_distributed, shutdown_distributed
 from leagues.engine import Engine
-from leagues.parallel import unit_buckets
 from leagues.sync import push_in_place
 from leagues.train import Trainer, TrainerConfig
 
@@ -76,12 +75,12 @@ def bench_shape(name: str, repeats: int, out: str, profiled: bool = False) -> No
         copy_ms = copy_time_ms(nbytes, repeats)
         transports = {
             "whole": lambda: push_in_place(trainer.state_dict_for_sync(dtype=dtype), engine, version=1),
-            "per_unit": lambda: push_in_place(unit_buckets(trainer.model), engine, version=1),
+            "masters": lambda: push_in_place(trainer.state_dict_for_sync(), engine, version=1),
         }
         if profiled:
             profile_once(name, transports["whole"])
-        master_size = next(iter(trainer.model.parameters())).element_size()
-        read_size = {"whole": master_size, "per_unit": engine.model.embed.weight.element_size()}
+        first = next(iter(trainer.state_dict_for_sync(dtype=dtype)))[0][1]
+        read_size = {"whole": first.element_size(), "masters": next(trainer.model.parameters()).element_size()}
         landed = {}
         for transport, push in transports.items():
             ms = timed_ms(push, repeats)
@@ -101,7 +100,7 @@ def bench_shape(name: str, repeats: int, out: str, profiled: bool = False) -> No
             print(json.dumps(row), flush=True)
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        equal = all(torch.equal(a, b) for a, b in zip(landed["whole"], landed["per_unit"], strict=True))
+        equal = all(torch.equal(a, b) for a, b in zip(landed["whole"], landed["masters"], strict=True))
         print(json.dumps({"shape": name, "bitwise_equal": equal}), flush=True)
         with open(out, "a") as f:
             f.write(json.dumps({"shape": name, "bitwise_equal": equal}) + "\n")

@@ -147,6 +147,8 @@ def main():
         ep=args.ep if args.impl == "leagues" else 0,
         compile=args.compile and args.impl == "leagues",
         grad_accumulation=args.grad_accumulation if args.impl == "leagues" else None,
+        # one rank: no FSDP, bf16 compute copies of the float32 masters (leagues.parallel.compute)
+        layout=("copies" if dist.get_world_size() == 1 else "fsdp2") if args.impl == "leagues" else "fsdp2",
         samples_per_gpu=args.samples,
         prompt_len=args.prompt_len,
         response_len=args.response_len,

@@ -6,7 +6,9 @@ Public API:
     apply_ep(model, ep_mesh)                       experts split over the `ep` axis, all-to-all dispatch
     apply_activation_checkpointing(model)
     apply_fsdp(model, mesh, cfg, device_type)      FSDP2 per expert module, per block, at the root
-    parallelize(model, cfg, world_size, device_type) -> ParallelMesh   all of the above, in order
+    apply_compute_copies(model, dtype)             one rank: float32 masters, compute-dtype copies for the passes
+    compute_weights(model) / refresh(model)        the passes on the copies / the copies cast again after a step
+    parallelize(model, cfg, world_size, device_type) -> ParallelMesh   all of the above, in order (no FSDP on one rank)
     full_state_dict(model) / full_state_dict_buckets(model)   full tensors back out, by our names
     unit_buckets(model)                         the same in the compute dtype, one FSDP unit at a time
     whole_parameters(model)                     on one rank: the parameters themselves, no gather
@@ -18,6 +20,7 @@ Public API:
     reshard(model)                              free every FSDP unit's gathered parameters (after a no-grad pass)
 """
 
+from leagues.parallel.compute import apply_compute_copies, compute_weights, refresh
 from leagues.parallel.expert_parallel import ExpertParallelExperts, apply_ep
 from leagues.parallel.fsdp import (
     apply_activation_checkpointing,
@@ -39,6 +42,8 @@ __all__ = [
     "ParallelConfig",
     "ParallelMesh",
     "apply_activation_checkpointing",
+    "apply_compute_copies",
+    "compute_weights",
     "apply_ep",
     "apply_fsdp",
     "build_mesh",
@@ -48,6 +53,7 @@ __all__ = [
     "full_state_dict_buckets",
     "load_full_tensors",
     "parallelize",
+    "refresh",
     "reshard",
     "set_last_microbatch",
     "trainer_memory",

@@ -48,6 +48,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
+from leagues.parallel.compute import apply_compute_copies, compute_copies
 from leagues.parallel.expert_parallel import ExpertParallelExperts, apply_ep
 from leagues.parallel.mesh import DTYPES, ParallelConfig, ParallelMesh, build_mesh
 
@@ -60,13 +61,18 @@ def parallelize(
 ) -> ParallelMesh:
     """Apply expert parallel, activation checkpointing and FSDP2 to `model` in place; every rank of the mesh calls
     it. `mesh`: one built before (a second model sharded like the first, e.g. the frozen reference; a mesh over
-    some of the job's ranks); None: a new one over every rank of the job."""
+    some of the job's ranks); None: a new one over every rank of the job. On a mesh of one rank (and no
+    `cpu_offload`) there is nothing to shard: no FSDP, compute-dtype copies beside the masters instead
+    (`leagues.parallel.compute`)."""
     mesh = mesh or build_mesh(cfg, world_size, device_type)
     if cfg.ep > 1:
         apply_ep(model, mesh.ep)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
-    apply_fsdp(model, mesh, cfg, device_type)
+    if mesh.dp_size == 1 and not cfg.cpu_offload:
+        apply_compute_copies(model, cfg.resolved_param_dtype(device_type))
+    else:
+        apply_fsdp(model, mesh, cfg, device_type)
     return mesh
 
 
@@ -115,7 +121,7 @@ def reshard(model: nn.Module) -> None:
 def set_last_microbatch(model: nn.Module, cfg: ParallelConfig, last: bool) -> None:
     """Before each micro-batch's backward: with unsharded accumulation, reduce gradients and reshard
     parameters only after the step's last micro-batch (earlier ones accumulate full float32 gradients)."""
-    if cfg.accumulates_unsharded:
+    if cfg.accumulates_unsharded and isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(last)
         model.set_reshard_after_backward(last)
 
@@ -188,16 +194,19 @@ def unit_buckets(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
 
 
 def whole_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """On a mesh of one rank, each sharded parameter's local tensor is the whole parameter: (name, that tensor)
-    for every parameter, views in the master dtype, with no gather and no copy. A receiver that copies them into
-    the compute dtype rounds as FSDP's own cast before its gather does."""
+    """On a mesh of one rank: (name, tensor) for every parameter, with no gather. A model with compute copies
+    (`parallelize` on one rank) gives its copies, refreshed: the forward's very weights in the compute dtype.
+    Otherwise each parameter's local tensor is the whole parameter (a view in the master dtype; a receiver
+    that copies it into the compute dtype rounds as the compute cast does)."""
+    copies = compute_copies(model)
+    by_master = copies.named_copies() if copies is not None else {}
     pairs = []
     for name, _, param in _parameters(model):
         if isinstance(param, DTensor):
             if param.device_mesh.size() != 1:
                 raise ValueError(f"whole_parameters: {name!r} is sharded over {param.device_mesh.size()} ranks")
             param = param.to_local()
-        pairs.append((name, param.detach()))
+        pairs.append((name, by_master.get(id(param), param).detach()))
     return pairs
 
 

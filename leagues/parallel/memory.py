@@ -17,6 +17,8 @@ of this floor. The engine's KV cache is planned by the RL loop (`leagues.loop.me
 Beside the policy: a critic is a second trained model (`trainer_memory` of its value model, built on the meta
 device); a frozen model (`frozen_memory`) is laid out the same way but kept in the compute dtype, with no
 gradients or optimizer state, and its units are gathered only while it scores (the trainer reshards it after).
+On one rank nothing is sharded (`parallelize`): the policy's compute copies stay between steps (counted as
+`gathered`) and a frozen model, already in the compute dtype, gathers nothing.
 """
 
 import math
@@ -68,11 +70,11 @@ def _layout(model: nn.Module, cfg, world: int) -> tuple[int, int, list[int]]:
     return sharded, full, blocks
 
 
-def _gathered(full: int, blocks: list[int], cfg) -> int:
+def _gathered(full: int, blocks: list[int], cfg, world: int) -> int:
     """Elements a rank holds gathered in a pass: everything with "unsharded" accumulation (no unit is resharded
-    after its forward), else the root (embeddings, final norm, output layer) and two blocks (one computing, the
-    next prefetched)."""
-    if cfg.grad_accumulation == "unsharded":
+    after its forward) or on one rank (the compute copies, kept between steps), else the root (embeddings, final
+    norm, output layer) and two blocks (one computing, the next prefetched)."""
+    if cfg.grad_accumulation == "unsharded" or (world == 1 and not cfg.cpu_offload):
         return full
     return full - sum(blocks) + 2 * max(blocks, default=0)
 
@@ -83,7 +85,7 @@ def trainer_memory(model: ModelConfig | nn.Module, cfg, world: int, compute_byte
     of what stays on the device. `model`: the model's config, or the model built on the meta device (a critic's
     value model); `cfg` is a `ParallelConfig`."""
     sharded, full, blocks = _layout(_shapes(model), cfg, world)
-    gathered = _gathered(full, blocks, cfg) * compute_bytes
+    gathered = _gathered(full, blocks, cfg, world) * compute_bytes
     # unsharded accumulation: full gradients, reduced to shards unit by unit at the end, freed as it goes
     grads = (full if cfg.grad_accumulation == "unsharded" else sharded) * MASTER_BYTES
     params, optimizer = sharded * MASTER_BYTES, ADAM_MOMENTS * sharded * MASTER_BYTES
@@ -125,7 +127,7 @@ def frozen_memory(
     return {
         "resident": 0 if cfg.cpu_offload else shard,
         "host": shard if cfg.cpu_offload else 0,
-        "scoring": _gathered(full, blocks, cfg) * compute_bytes,
+        "scoring": 0 if world == 1 and not cfg.cpu_offload else _gathered(full, blocks, cfg, world) * compute_bytes,
     }
 
 

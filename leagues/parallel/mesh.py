@@ -35,13 +35,17 @@ AUTO_PARAM_DTYPE: dict[str, str] = {"cuda": "bfloat16"}
 
 @dataclass(kw_only=True, slots=True)
 class ParallelConfig:
+    """How the trainer spreads over its ranks. On one rank (no `ep`, no `cpu_offload`) nothing is sharded: the model
+    keeps its float32 masters and runs on `param_dtype` copies cast once per step (`leagues.parallel.compute`),
+    so `reduce_dtype`, `reshard_after_forward`, `grad_reduce` and `grad_accumulation` have nothing to act on."""
+
     ep: int = 1
     """Expert-parallel degree: each MoE layer's experts are split over this many ranks (1: no expert parallel)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward instead of keeping its activations."""
     param_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """Compute dtype of parameters in forward and backward (FSDP2 mixed precision); "auto": bfloat16 on CUDA,
-    float32 elsewhere. The sharded master copy keeps the model's own dtype."""
+    """Compute dtype of parameters in forward and backward (FSDP2 mixed precision; on one rank, copies of the
+    masters); "auto": bfloat16 on CUDA, float32 elsewhere. The master copy keeps the model's own dtype."""
     reduce_dtype: Literal["bfloat16", "float16", "float32"] = "float32"
     """Dtype in which gradients are reduce-scattered across ranks."""
     reshard_after_forward: bool = True

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from leagues.model import ForwardBatch, Transformer
 from leagues.model.checkpoint import read_config, read_parameters, reset_buffers
 from leagues.model.config import ModelConfig
+from leagues.parallel import refresh
 from leagues.train.losses import Normalizer, masked_mean
 from leagues.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
 from leagues.train.packing import MicroBatch
@@ -165,4 +166,5 @@ class Critic:
         params = list(self.model.parameters())
         metrics = optimizer_step(params, self.optimizer, self.scheduler, self.cfg.optim, self.group)
         self.optimizer.zero_grad(set_to_none=True)
+        refresh(self.model)  # one rank: its compute copies cast now
         return {f"critic/{k}": float(v) for k, v in metrics.items()}

@@ -44,9 +44,11 @@ from leagues.model.checkpoint import read_config, read_parameters, reset_buffers
 from leagues.parallel import (
     ParallelConfig,
     ParallelMesh,
+    compute_weights,
     full_state_dict,
     load_full_tensors,
     parallelize,
+    refresh,
     set_last_microbatch,
     unit_buckets,
     whole_parameters,
@@ -150,8 +152,7 @@ class Trainer:
         - `teacher`: a frozen teacher's checkpoint, for on-policy distillation (`leagues.train.distill`)."""
         self.cfg = cfg = cfg or TrainerConfig()
         self.kl_in_reward, self.temperature, self.deterministic = kl_in_reward, temperature, deterministic
-        # the loss's own terms: without the KL when it shapes the rewards instead
-        self.loss_cfg = replace(cfg.loss, kl_coef=0.0) if kl_in_reward else cfg.loss
+        self.loss_cfg = replace(cfg.loss, kl_coef=0.0) if kl_in_reward else cfg.loss  # the KL shapes rewards instead
         if cfg.loss.aggregation == "constant" and cfg.loss.max_response_tokens is None:
             raise ValueError("trainer.loss.aggregation constant (Dr.GRPO) needs trainer.loss.max_response_tokens")
         self.device = _device()
@@ -178,7 +179,7 @@ class Trainer:
         self.teacher = None if teacher is None else self._frozen(self.teacher_path, sharded)
         if self.compiled:
             self.model.compile_blocks(pad_to=cfg.compile_pad_multiple, dynamic=False)
-        # FSDP2 whenever there is a process group (also of one rank: it brings bf16 compute, fp32 master).
+        # With a process group: FSDP2, or on one rank compute-dtype copies beside the float32 masters.
         self.mesh = None if self.alone else parallelize(self.model, cfg.parallel, self.world, self.device.type, mesh)
         self.group = None if self.mesh is None else self.mesh.dp.get_group()
         """The trainer's ranks (every collective of a step runs over them); None without a process group."""
@@ -300,14 +301,16 @@ class Trainer:
         the model routes afresh, replaying no rollout routes."""
         model = model or self.model
         forward = lambda mb: self._forward_logprobs(model, mb, own_routes=own_routes)[0]  # noqa: E731
-        return self._per_response_token(samples, forward)
+        with compute_weights(model):
+            return self._per_response_token(samples, forward)
 
     @torch.no_grad()
     def compute_values(self, samples: list[Sample]) -> list[torch.Tensor]:
         """The critic's value of the state before each response token of each sample (CPU float32)."""
         if self.critic is None:
             raise ValueError("compute_values: this trainer has no critic (advantage.estimator gae trains one)")
-        return self._per_response_token(samples, self.critic.values)
+        with compute_weights(self.critic.model):
+            return self._per_response_token(samples, self.critic.values)
 
     def _per_response_token(self, samples: list[Sample], forward) -> list[torch.Tensor]:
         """`forward(micro-batch) -> x_T` over the samples' micro-batches, cut into each sample's response part."""
@@ -450,6 +453,7 @@ class Trainer:
             params = list(self.model.parameters())
             step = optimizer_step(params, self.optimizer, self.scheduler, self.cfg.optim, self.group)
             self.optimizer.zero_grad(set_to_none=True)  # the next step starts from clean gradients
+            refresh(self.model)  # one rank: the compute copies cast now, a cost of the step, not of the sync
             step_metrics |= {k: float(v) for k, v in step.items()}
         if self.critic is not None:
             totals |= self._passes(self.critic.model, mbs, lambda i, mb: self.critic.loss(mb, norm))
@@ -462,14 +466,15 @@ class Trainer:
         returns the metrics' token-weighted sums (maxima for `*_max`), the token count, and the loss's sum under
         `loss_key`."""
         totals: dict[str, float] = {}
-        for i, mb in enumerate(mbs):
-            if self.mesh is not None:
-                set_last_microbatch(model, self.cfg.parallel, last=i == len(mbs) - 1)
-            loss, metrics = loss_fn(i, mb)
-            loss.backward()  # a share of the global loss; FSDP sums the shares (grad_reduce "sum")
-            accumulate(totals, metrics, float(mb.mask_T.sum()))
-            if loss_key is not None:
-                totals[loss_key] = totals.get(loss_key, 0.0) + float(loss.detach())
+        with compute_weights(model):
+            for i, mb in enumerate(mbs):
+                if self.mesh is not None:
+                    set_last_microbatch(model, self.cfg.parallel, last=i == len(mbs) - 1)
+                loss, metrics = loss_fn(i, mb)
+                loss.backward()  # a share of the global loss; FSDP sums the shares (grad_reduce "sum")
+                accumulate(totals, metrics, float(mb.mask_T.sum()))
+                if loss_key is not None:
+                    totals[loss_key] = totals.get(loss_key, 0.0) + float(loss.detach())
         return totals
 
     def _load_metrics(self) -> dict[str, float]:
@@ -540,10 +545,9 @@ class Trainer:
         """Full (unsharded) weights in buckets of about `bucket_bytes`, under the model's parameter names.
 
         `dtype`: the receiver's, given by a receiver that copies each tensor in place (casting as it copies).
-        On one rank it then gets a single bucket of the parameters themselves (`whole_parameters`: no gather,
-        no copy; the cast copy rounds as FSDP's cast does). When it is the sharded model's compute dtype, each
-        FSDP unit is gathered whole in that dtype (`unit_buckets`: the forward's very weights, half the bytes of
-        float32, a few large collectives); each bucket is then valid only until the next is requested."""
+        On one rank it then gets one bucket of the forward's own weights (`whole_parameters`: the compute copies,
+        no gather). When it is the sharded model's compute dtype, each FSDP unit is gathered whole in it
+        (`unit_buckets`: half the bytes of float32, a few large collectives), valid until the next is requested."""
         biases = [(n, b.detach().clone()) for n, b in self._expert_biases()] if self.cfg.moe.bias_update_rate else []
         if self.mesh is not None and self.world == 1 and dtype is not None:
             yield whole_parameters(self.model) + biases
