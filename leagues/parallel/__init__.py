@@ -8,6 +8,7 @@ Public API:
     apply_fsdp(model, mesh, cfg, device_type)      FSDP2 per expert module, per block, at the root
     apply_compute_copies(model, dtype)             one rank: float32 masters, compute-dtype copies for the passes
     compute_weights(model) / refresh(model)        the passes on the copies / the copies cast again after a step
+    compute_copies(model)                          the model's copies (None without), for an optimizer that writes them
     parallelize(model, cfg, world_size, device_type) -> ParallelMesh   all of the above, in order (no FSDP on one rank)
     full_state_dict(model) / full_state_dict_buckets(model)   full tensors back out, by our names
     unit_buckets(model)                         the same in the compute dtype, one FSDP unit at a time
@@ -20,7 +21,7 @@ Public API:
     reshard(model)                              free every FSDP unit's gathered parameters (after a no-grad pass)
 """
 
-from leagues.parallel.compute import apply_compute_copies, compute_weights, refresh
+from leagues.parallel.compute import apply_compute_copies, compute_copies, compute_weights, refresh
 from leagues.parallel.expert_parallel import ExpertParallelExperts, apply_ep
 from leagues.parallel.fsdp import (
     apply_activation_checkpointing,
@@ -43,6 +44,7 @@ __all__ = [
     "ParallelMesh",
     "apply_activation_checkpointing",
     "apply_compute_copies",
+    "compute_copies",
     "compute_weights",
     "apply_ep",
     "apply_fsdp",

@@ -112,6 +112,19 @@ class ComputeCopies:
                 for module, name, i in self.slots:
                     module._parameters[name] = self.masters[i]
 
+    def targets(self) -> dict[int, torch.Tensor]:
+        """id(master) -> its copy, for the masters whose copy exists (as they are, not refreshed): where an
+        optimizer that writes the copies itself (`leagues.train.optim.CastingAdamW`) writes them."""
+        return {id(m): self.copies[i] for i, m in enumerate(self._current_masters()) if self.copies[i] is not None}
+
+    def mark_cast(self, masters: list[torch.Tensor]) -> None:
+        """`masters` were just written, and their copies with them, outside torch's in-place ops (a Triton kernel):
+        count the write on each master (its version counter) and record its copy as fresh."""
+        index = {id(m): i for i, m in enumerate(self._current_masters())}
+        for master in masters:
+            torch.autograd.graph.increment_version(master)
+            self.cast_from[index[id(master)]] = (master._version, master.data_ptr())
+
     def named_copies(self) -> dict[int, torch.Tensor]:
         """id(master) -> its copy, refreshed."""
         self.refresh()

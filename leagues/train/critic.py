@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from leagues.model import ForwardBatch, Transformer
 from leagues.model.checkpoint import read_config, read_parameters, reset_buffers
 from leagues.model.config import ModelConfig
-from leagues.parallel import refresh
+from leagues.parallel import compute_copies, refresh
 from leagues.train.losses import Normalizer, masked_mean
 from leagues.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
 from leagues.train.packing import MicroBatch
@@ -144,7 +144,7 @@ class Critic:
     def __init__(self, model: ValueModel, cfg: CriticConfig, group=None) -> None:
         """`group`: the ranks the model is sharded over (its gradient norm is theirs; None: every rank)."""
         self.model, self.cfg, self.group = model.train(), cfg, group
-        self.optimizer = build_optimizer(model.parameters(), cfg.optim)
+        self.optimizer = build_optimizer(model.parameters(), cfg.optim, compute_copies(model))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
 
     def values(self, mb: MicroBatch) -> Tensor:

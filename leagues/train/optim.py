@@ -26,7 +26,8 @@ Decisions:
   the effect on norm weights over a post-training run is negligible and it keeps the state simple.
 - fused="auto" picks the fused AdamW kernel when every parameter lives on CUDA and torch's default
   (foreach) otherwise. The fused kernel also clips: it divides each gradient by the clip's factor (its
-  `grad_scale`) as it reads it, so clipping costs no pass over the gradients of its own.
+  `grad_scale`) as it reads it, so clipping costs no pass over the gradients of its own. On one rank with
+  compute copies, fused is `CastingAdamW` (leagues' kernel, which also writes the copies in the same pass).
 - Optimizer-state CPU offload is not done here: it comes from FSDP2's `CPUOffloadPolicy`, applied to
   the model in `leagues.parallel`; the parameters (and so the AdamW state) then live on the CPU and
   "auto" picks the non-fused path.
@@ -43,6 +44,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
+
+from leagues.kernels.adamw import adamw_step_, kernel_runs_on
 
 SKIPPED_KEY = "num_skipped_steps"
 
@@ -69,7 +72,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still measured)."""
     fused: str = "auto"
-    """AdamW implementation: "auto" (fused on CUDA, else torch's default), "fused" or "foreach"."""
+    """AdamW implementation: "auto" (fused on CUDA, else torch's default), "fused" or "foreach". Fused on one rank
+    with compute copies is leagues' kernel, which writes the copies as it steps (`CastingAdamW`)."""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -126,6 +130,65 @@ def cosine_schedule(step: int, cfg: OptimConfig) -> float:
 # building
 
 
+class CastingAdamW(torch.optim.AdamW):
+    """torch's AdamW (same hyper-parameters, state and checkpoints) whose step also writes each parameter's compute
+    copy (`leagues.parallel.compute`): one Triton pass a parameter over it, its gradient, both moments and the copy
+    (`leagues.kernels.adamw`) instead of torch's step and then a cast. It divides each gradient by `grad_scale` (a
+    device scalar, set by `optimizer_step` to clip) as it reads it. Parameters the kernel cannot take (not on
+    CUDA, or sparse, or without a copy yet) step through torch's AdamW."""
+
+    def __init__(self, params, copies, **kwargs) -> None:
+        super().__init__(params, foreach=False, **kwargs)
+        self.copies = copies  # a `ComputeCopies`
+        self.grad_scale: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "CastingAdamW takes no closure"
+        targets = self.copies.targets()
+        rest, done = [], []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                copy = targets.get(id(param))
+                if param.grad is None:
+                    continue
+                if copy is None or not kernel_runs_on(param) or param.grad.is_sparse or group["amsgrad"]:
+                    rest.append(param)
+                    continue
+                state = self.state[param]
+                if not state:  # torch's layout: a float32 step on the CPU (its non-fused default), two moments
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["step"] += 1
+                adamw_step_(
+                    param, param.grad, state["exp_avg"], state["exp_avg_sq"], copy, step=int(state["step"].item()),
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    grad_scale=self.grad_scale,
+                )  # fmt: skip
+                done.append(param)
+        self.copies.mark_cast(done)  # written by the kernel: fresh, no cast before the next forward
+        if rest:
+            self._step_rest(rest)
+
+    def _step_rest(self, params: list[torch.Tensor]) -> None:
+        """torch's AdamW step over `params` alone (the others' gradients hidden from it for the call)."""
+        hidden, taken = {}, {id(p) for p in params}
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and id(param) not in taken:
+                    hidden[param] = param.grad
+                    param.grad = None
+        try:
+            if self.grad_scale is not None:  # torch's non-fused step knows no grad_scale: clip these first
+                torch._foreach_div_([p.grad for p in params], self.grad_scale)
+            super().step()
+        finally:
+            for param, grad in hidden.items():
+                param.grad = grad
+
+
 def _fused_kwargs(params: list[torch.Tensor], fused: str) -> dict[str, bool]:
     if fused == "fused":
         return {"fused": True}
@@ -135,19 +198,18 @@ def _fused_kwargs(params: list[torch.Tensor], fused: str) -> dict[str, bool]:
     return {"fused": True} if on_cuda else {}
 
 
-def build_optimizer(params: Iterable[torch.Tensor], cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `params` (one group), with the skip counter at 0."""
+def build_optimizer(params: Iterable[torch.Tensor], cfg: OptimConfig, copies=None) -> torch.optim.AdamW:
+    """AdamW over `params` (one group), with the skip counter at 0. `copies`: the model's compute copies (one rank,
+    `leagues.parallel.compute`); with them on CUDA, fused means `CastingAdamW`, which writes them as it steps."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("build_optimizer: no trainable parameters")
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.lr,
-        betas=cfg.betas,
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        **_fused_kwargs(params, cfg.fused),
-    )
+    hyper = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    kwargs = _fused_kwargs(params, cfg.fused)
+    if copies is not None and kwargs.get("fused") and all(kernel_runs_on(p) for p in params):
+        optimizer = CastingAdamW(params, copies, **hyper)
+    else:
+        optimizer = torch.optim.AdamW(params, **hyper, **kwargs)
     for group in optimizer.param_groups:
         group[SKIPPED_KEY] = 0
     return optimizer
@@ -221,7 +283,7 @@ def optimizer_step(
         for group in optimizer.param_groups:
             group[SKIPPED_KEY] = group.get(SKIPPED_KEY, 0) + 1
         return _metrics(norm, lr, 1, optimizer)
-    fused_clip = cfg.grad_clip > 0 and bool(optimizer.defaults.get("fused"))
+    fused_clip = cfg.grad_clip > 0 and (bool(optimizer.defaults.get("fused")) or isinstance(optimizer, CastingAdamW))
     if fused_clip:  # the fused kernel divides each gradient by grad_scale as it reads it: no pass of its own
         optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / cfg.grad_clip, min=1.0)
     elif cfg.grad_clip > 0:

@@ -44,6 +44,7 @@ from leagues.model.checkpoint import read_config, read_parameters, reset_buffers
 from leagues.parallel import (
     ParallelConfig,
     ParallelMesh,
+    compute_copies,
     compute_weights,
     full_state_dict,
     load_full_tensors,
@@ -181,8 +182,7 @@ class Trainer:
             self.model.compile_blocks(pad_to=cfg.compile_pad_multiple, dynamic=False)
         # With a process group: FSDP2, or on one rank compute-dtype copies beside the float32 masters.
         self.mesh = None if self.alone else parallelize(self.model, cfg.parallel, self.world, self.device.type, mesh)
-        self.group = None if self.mesh is None else self.mesh.dp.get_group()
-        """The trainer's ranks (every collective of a step runs over them); None without a process group."""
+        self.group = None if self.mesh is None else self.mesh.dp.get_group()  # every collective of a step runs on it
         if sharded:
             self._load_shards(self.model, self.model_path)
         others = [(self.ref, self.model_path), (self.teacher, self.teacher_path)]
@@ -193,7 +193,7 @@ class Trainer:
                 if sharded:
                     self._load_shards(other, path)
         self.critic = None if values is None else Critic(values, critic, self.group)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, compute_copies(self.model))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.step = 0
         self._load_counts: torch.Tensor | None = None
