@@ -1,6 +1,7 @@
 """What importing a package actually loads, beside `test_layering.py` (which reads the import statements).
 
-Each package is imported in a fresh interpreter, and the `leagues` units and web-stack modules that import
+Each package is imported in a fresh process (forked from one interpreter that has loaded torch and nothing else,
+so each probe does not pay torch's import again), and the `leagues` units and web-stack modules that import
 brought into `sys.modules` are checked: a package loads only units its place in DESIGN.md's table reaches
 (its allowed imports, and theirs in turn), so an `__init__` that re-exports something dragging a higher
 layer in fails here even when every import statement is allowed. The HTTP server stack (FastAPI, Starlette,
@@ -20,10 +21,31 @@ from tests.test_layering import ALLOWED, ALWAYS_ALLOWED, LEAVES
 ROOT = Path(__file__).resolve().parents[1]
 HTTP_STACK = ("fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client")
 PROBE = """
-import json, sys
-import {module}
-units = sorted({{m.split(".")[1] for m in sys.modules if m.startswith("leagues.")}})
-print(json.dumps({{"units": units, "web": sorted(m for m in {web!r} if m in sys.modules)}}))
+import json, os, sys
+import torch, torch.distributed  # once, here: every probe forks from this interpreter
+modules, web = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+children = {}
+for module in modules:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            __import__(module)
+            units = sorted({m.split(".")[1] for m in sys.modules if m.startswith("leagues.")})
+            out = {"units": units, "web": sorted(m for m in web if m in sys.modules)}
+        except BaseException as error:
+            out = {"error": f"import {module} failed: {error!r}"}
+        os.write(write, json.dumps(out).encode())
+        os._exit(0)
+    os.close(write)
+    children[module] = (pid, read)
+result = {}
+for module, (pid, read) in children.items():
+    with os.fdopen(read) as pipe:
+        result[module] = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+print(json.dumps(result))
 """
 # module -> what of the HTTP stack it may load (the CLI's `leagues serve` config holds the request limits,
 # which sit beside the pydantic request models)
@@ -51,23 +73,13 @@ def reach(unit: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def loaded() -> dict[str, dict]:
-    """module -> {"units": leagues units in sys.modules, "web": HTTP-stack modules}, one interpreter each,
-    started together."""
-    procs = {
-        module: subprocess.Popen(
-            [sys.executable, "-c", PROBE.format(module=module, web=HTTP_STACK)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for module in MODULES
-    }
-    out = {}
-    for module, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"import {module} failed:\n{stderr[-3000:]}"
-        out[module] = json.loads(stdout.strip().splitlines()[-1])
+    """module -> {"units": leagues units in sys.modules, "web": HTTP-stack modules}, one forked process each."""
+    args = [json.dumps(sorted(MODULES)), json.dumps(HTTP_STACK)]
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    failed = [probe["error"] for probe in out.values() if "error" in probe]
+    assert not failed, failed
     return out
 
 

@@ -21,19 +21,6 @@ def flaky(prompt: str, response: str, label, metadata: dict) -> float:
     return 1.0 if response.strip() == str(label) else 0.0
 
 
-def kill_on_call(prompt: str, response: str, label, metadata: dict) -> float:
-    """`starts_with_one`, but SIGKILLs its own process on the Nth call when LEAGUES_TEST_KILL_AT=N and
-    LEAGUES_TEST_COUNTER=FILE are set: a real crash at a known point of a run."""
-    at, counter = os.environ.get("LEAGUES_TEST_KILL_AT"), os.environ.get("LEAGUES_TEST_COUNTER")
-    if at and counter:
-        path = Path(counter)
-        with path.open("a") as f:
-            f.write("x")
-        if path.stat().st_size >= int(at):
-            os.kill(os.getpid(), signal.SIGKILL)
-    return starts_with_one(prompt, response, label, metadata)
-
-
 def by_name(response, label) -> float:
     """Bound by parameter name (no prompt, no metadata)."""
     return 1.0 if response.strip() == str(label) else 0.0

@@ -62,11 +62,14 @@ def assert_whole_true_groups(step_shares: list[list]) -> None:
 
 @pytest.mark.slow
 def test_two_trainer_ranks_two_engines_learn_evaluate_and_resume(tmp_path):
-    """2 trainer + 2 engine ranks: six steps that learn, with held-out accuracy at steps 0, 3 and 6 and checkpoints
-    of the trainer group; then the run resumes from step 3 (its last checkpoint but one) and trains to 6 again."""
+    """2 trainer + 2 engine ranks: six steps that learn, with held-out accuracy at steps 0, 3 and 6 (measured by the
+    first engine rank with those steps' weights) and checkpoints of the trainer group, the rollout's routes
+    replayed on trainer ranks other than the engines that recorded them; then the run resumes from step 3 (its
+    last checkpoint but one) and trains to 6 again."""
     run = tmp_path / "run"
     args = [*EASY, *DISAGGREGATED, "--reward.name", f"{RECORD}:starts_with_one", "--run_dir", str(run)]
     args += ["--trainer.loss.off_policy", "token_tis", "--eval.every", "3", "--eval.num_prompts", "16"]
+    args += ["--trainer.moe.routing_replay", "rollout"]
     args += ["--checkpoint.every", "3", "--checkpoint.keep_last", "0"]
     (tmp_path / "record").mkdir()
     leagues_cli("train", "--nproc", "4", *args, env=os.environ | {"LEAGUES_TEST_RECORD": str(tmp_path / "record")})
@@ -74,6 +77,7 @@ def test_two_trainer_ranks_two_engines_learn_evaluate_and_resume(tmp_path):
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
     assert all(row["rollout/num_samples"] == 16 * 8 for row in rows)  # both engines' groups
     assert max(row["train/staleness_max"] for row in rows) == 1  # generation overlapped training, within the bound
+    assert all(row["train/moe/route_mismatch_frac"] == 0.0 for row in rows)  # routes crossed ranks, replayed
     assert_improves(rows)
     evals = {row["step"] for row in read_metrics(run) if "eval/accuracy" in row}
     assert sorted(evals) == [0, 3, 6]

@@ -283,24 +283,6 @@ def test_deterministic_with_expert_parallel_engines_and_trainer(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.slow
-def test_disaggregated_one_trainer_two_engines_with_held_out_eval(tmp_path):
-    """Two engine ranks roll out (their groups kept apart, both counted) while the trainer trains; the first
-    engine rank measures held-out accuracy with the weights of steps 0, 3 and 6, logged under those steps."""
-    args = ["--placement", "disaggregated", "--num_engine_ranks", "2", "--trainer.loss.off_policy", "token_tis"]
-    args += ["--trainer.moe.routing_replay", "rollout", "--eval.every", "3", "--eval.num_prompts", "32"]
-    leagues_cli("train", "--nproc", "3", *EASY, *args, "--run_dir", str(tmp_path / "run"))
-    rows = rl_rows(tmp_path / "run")
-    assert len(rows) == 6
-    assert all(row["rollout/num_samples"] == 16 * 8 for row in rows)  # both engines' groups
-    assert max(row["train/staleness_max"] for row in rows) <= 1  # the staleness bound holds
-    assert max(row["train/staleness_max"] for row in rows) == 1  # ... and generation overlapped training
-    assert all(row["train/moe/route_mismatch_frac"] == 0.0 for row in rows)  # routes crossed ranks, replayed
-    assert_improves(rows)
-    evals = {row["step"]: row["eval/accuracy"] for row in read_metrics(tmp_path / "run") if "eval/accuracy" in row}
-    assert sorted(evals) == [0, 3, 6]
-
-
 def comparable(row: dict) -> dict:
     """The metrics that must repeat exactly: everything but timings and throughput."""
     return {k: v for k, v in row.items() if not k.startswith("time") and "per_s" not in k}
@@ -320,29 +302,6 @@ def test_determinism_against_golden_file(tmp_path):
         assert row.keys() == want.keys()
         for key, value in want.items():
             assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (row["step"], key)
-
-
-@pytest.mark.slow
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
-    args = [
-        *EASY,
-        "--reward.name", f"{REWARDS}:kill_on_call",
-        "--steps", "4",
-        "--checkpoint.every", "2",
-        "--rollout.batch_size", "4",
-        "--rollout.n_samples_per_prompt", "4",
-    ]  # fmt: skip
-    leagues_cli("train", *args, "--run_dir", str(tmp_path / "whole"))
-    # 16 reward calls per step: die at the 40th, in step 3, after step 2's checkpoint.
-    env = os.environ | {"LEAGUES_TEST_KILL_AT": "40", "LEAGUES_TEST_COUNTER": str(tmp_path / "calls")}
-    killed = leagues_cli("train", *args, "--run_dir", str(tmp_path / "cut"), env=env, check=False)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert (tmp_path / "cut" / "checkpoints" / "step-00000002").is_dir()
-    assert not (tmp_path / "cut" / "checkpoints" / "step-00000004").exists()
-    leagues_cli("train", *args, "--run_dir", str(tmp_path / "cut"), "--checkpoint.resume", "true")
-    whole, resumed = rl_rows(tmp_path / "whole"), rl_rows(tmp_path / "cut")
-    assert [row["step"] for row in resumed] == [1, 2, 3, 4]
-    assert [comparable(r) for r in resumed] == [comparable(r) for r in whole]
 
 
 def test_failing_reward_is_contained(tmp_path, capsys):
