@@ -53,10 +53,10 @@ def test_reference_is_torchs_adamw():
         torch.testing.assert_close(param, theirs.detach(), rtol=0, atol=0)
 
 
-def _trained(optimizer_kind: str, clip: float):
+def _train(optimizer_kind: str, clip: float):
     """Three steps of a model with bf16 compute copies on the same seeded gradients (the optimizer alone: through
     the model, one float32 ulp between two kernels can round a bf16 weight the other way and move the next
-    gradients): (masters, copies after the last step, optimizer)."""
+    gradients): (model, optimizer)."""
     model = make_model().to(DEVICE)
     apply_compute_copies(model, torch.bfloat16)
     refresh(model)  # the copies exist before the first step
@@ -69,6 +69,12 @@ def _trained(optimizer_kind: str, clip: float):
         optimizer_step(list(model.parameters()), optimizer, None, cfg)
         optimizer.zero_grad(set_to_none=True)
         refresh(model)
+    return model, optimizer
+
+
+def _trained(optimizer_kind: str, clip: float):
+    """`_train`'s (masters, copies after the last step, optimizer)."""
+    model, optimizer = _train(optimizer_kind, clip)
     copies = compute_copies(model).targets()
     return [p.detach() for p in model.parameters()], [copies[id(p)] for p in model.parameters()], optimizer
 
@@ -85,3 +91,24 @@ def test_casting_adamw_steps_as_torchs_adamw_then_a_cast(clip):
     state = optimizer.state_dict()  # torch's layout: loads into torch's AdamW
     assert set(state["state"][0]) == set(reference.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
     reference.load_state_dict(state)
+
+
+@needs_kernel
+def test_casting_adamw_state_goes_through_the_checkpoints_state_dicts():
+    """`get_state_dict` / `set_state_dict` (what checkpoints use) from a trained model and CastingAdamW into fresh
+    ones: the same step and moments (the fresh optimizer's state is built first by a zero-lr step)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, optimizer = _train("fused", 0.0)
+    _, saved = get_state_dict(model, optimizer)
+    fresh_model = make_model().to(DEVICE)
+    fresh_model.load_state_dict(model.state_dict())
+    apply_compute_copies(fresh_model, torch.bfloat16)
+    fresh = build_optimizer(fresh_model.parameters(), OptimConfig(lr=1e-2, fused="fused"), compute_copies(fresh_model))
+    fresh_sd, _ = get_state_dict(fresh_model, fresh)
+    set_state_dict(fresh_model, fresh, model_state_dict=fresh_sd, optim_state_dict=saved)
+    pairs = zip(fresh.param_groups[0]["params"], optimizer.param_groups[0]["params"], strict=True)
+    for a, b in pairs:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(fresh.state[a][key].cpu(), optimizer.state[b][key].cpu()), key
+    assert all(torch.equal(a, b) for a, b in zip(fresh_model.parameters(), model.parameters(), strict=True))
