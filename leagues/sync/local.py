@@ -11,7 +11,8 @@ model's parameter names, and stamp the new version on every later output.
 Decisions:
 - Colocated: each bucket is copied into the engine's parameters and dropped, so only one bucket of full
   tensors exists beside the two resident models (trainer shards, engine weights) at any time. A trainer of
-  one rank hands over one bucket of its parameters themselves: one engine call, a few `_foreach_copy_`.
+  one rank hands over one bucket of its compute copies themselves (the forward's bf16 weights, no cast): one
+  engine call, a few `_foreach_copy_`.
 - Disaggregated: one broadcast group holds the sending trainer rank and every engine rank. Each bucket
   travels as a small header (names, shapes, dtypes; a pickled object broadcast) and then one flat tensor
   per dtype, so a bucket is a handful of collectives, not one per parameter; an empty header ends the
