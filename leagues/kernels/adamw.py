@@ -5,7 +5,7 @@ Where it sits: the trainer's optimizer on one rank with compute copies (`leagues
 the next forward reads (bf16) was then a second pass over the parameters (read float32, write bf16). Here the
 kernel writes the copy from the updated value it already holds: 2 more bytes a parameter instead of 6.
 
-    adamw_step_(param, grad, exp_avg, exp_avg_sq, copy, step=..., lr=..., ..., grad_scale=None)
+    adamw_step_(param, grad, exp_avg, exp_avg_sq, copy, AdamWStep(step=1, lr=1e-6, beta1=0.9, ...))
 
 The arithmetic is torch's AdamW (decoupled weight decay, bias corrections from the step count), with the
 gradient first divided by `grad_scale` (a device scalar: the clip's factor, as torch's fused kernel takes it).
@@ -14,6 +14,8 @@ elsewhere; both round the copy as `Tensor.to` does.
 """
 
 import math
+import os
+from dataclasses import dataclass
 
 import torch
 
@@ -26,28 +28,35 @@ except ImportError:  # triton is Linux-only; the reference needs none
 BLOCK = 2048
 
 
+@dataclass(frozen=True, slots=True)
+class AdamWStep:
+    """One update's hyper-parameters: `step` counts this update (1 for the first); `grad_scale` (a device scalar or
+    None) divides the gradient as it is read (the clip's factor)."""
+
+    step: int
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    grad_scale: torch.Tensor | None = None
+
+
 def adamw_reference_(
     param: torch.Tensor,
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     copy: torch.Tensor | None,
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    grad_scale: torch.Tensor | None = None,
+    hp: AdamWStep,
 ) -> None:
     """torch's AdamW update of one parameter, in place, then `copy` (if any) set to the new value in its dtype."""
-    grad = grad.float() if grad_scale is None else grad.float() / grad_scale
-    param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+    grad = grad.float() if hp.grad_scale is None else grad.float() / hp.grad_scale
+    param.mul_(1 - hp.lr * hp.weight_decay)
+    exp_avg.lerp_(grad, 1 - hp.beta1)
+    exp_avg_sq.mul_(hp.beta2).addcmul_(grad, grad, value=1 - hp.beta2)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - hp.beta2**hp.step)).add_(hp.eps)
+    param.addcdiv_(exp_avg, denom, value=-hp.lr / (1 - hp.beta1**hp.step))
     if copy is not None:
         copy.copy_(param)
 
@@ -104,8 +113,6 @@ def kernel_runs_on(param: torch.Tensor) -> bool:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -115,22 +122,12 @@ def adamw_step_(
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     copy: torch.Tensor | None,
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    grad_scale: torch.Tensor | None = None,
+    hp: AdamWStep,
 ) -> None:
     """One AdamW update of `param` (float32, contiguous) and its moments in place, writing `copy` too (any dtype,
-    or None); `step` counts this update (1 for the first)."""
+    or None)."""
     if not kernel_runs_on(param):
-        adamw_reference_(
-            param, grad, exp_avg, exp_avg_sq, copy, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, grad_scale=grad_scale,
-        )  # fmt: skip
+        adamw_reference_(param, grad, exp_avg, exp_avg_sq, copy, hp)
         return
     tensors = (param, grad, exp_avg, exp_avg_sq) + ((copy,) if copy is not None else ())
     assert all(t.is_contiguous() and t.numel() == param.numel() for t in tensors), "adamw_step_: contiguous, same size"
@@ -138,13 +135,13 @@ def adamw_step_(
     _adamw_kernel[(triton.cdiv(n, BLOCK),)](
         param, grad, exp_avg, exp_avg_sq,
         copy if copy is not None else param,
-        grad_scale if grad_scale is not None else param,
-        n, lr, beta1, beta2, eps,
-        1 - lr * weight_decay,
-        lr / (1 - beta1**step),
-        math.sqrt(1 - beta2**step),
+        hp.grad_scale if hp.grad_scale is not None else param,
+        n, hp.lr, hp.beta1, hp.beta2, hp.eps,
+        1 - hp.lr * hp.weight_decay,
+        hp.lr / (1 - hp.beta1**hp.step),
+        math.sqrt(1 - hp.beta2**hp.step),
         HAS_COPY=copy is not None,
         COPY_BF16=copy is not None and copy.dtype == torch.bfloat16,
-        HAS_SCALE=grad_scale is not None,
+        HAS_SCALE=hp.grad_scale is not None,
         BLOCK=BLOCK,
     )  # fmt: skip

@@ -128,7 +128,7 @@ class ComputeCopies:
     def named_copies(self) -> dict[int, torch.Tensor]:
         """id(master) -> its copy, refreshed."""
         self.refresh()
-        return {id(m): self.copies[i] for i, m in enumerate(self._current_masters()) if self.copies[i] is not None}
+        return self.targets()
 
 
 def apply_compute_copies(model: nn.Module, dtype: torch.dtype) -> None:

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from leagues.kernels.adamw import adamw_step_, kernel_runs_on
+from leagues.kernels.adamw import AdamWStep, adamw_step_, kernel_runs_on
 
 SKIPPED_KEY = "num_skipped_steps"
 
@@ -162,11 +162,11 @@ class CastingAdamW(torch.optim.AdamW):
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["step"] += 1
-                adamw_step_(
-                    param, param.grad, state["exp_avg"], state["exp_avg_sq"], copy, step=int(state["step"].item()),
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    grad_scale=self.grad_scale,
+                hp = AdamWStep(
+                    step=int(state["step"].item()), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], grad_scale=self.grad_scale,
                 )  # fmt: skip
+                adamw_step_(param, param.grad, state["exp_avg"], state["exp_avg_sq"], copy, hp)
                 done.append(param)
         self.copies.mark_cast(done)  # written by the kernel: fresh, no cast before the next forward
         if rest:

@@ -34,8 +34,9 @@ def test_kernel_matches_the_reference_and_writes_the_copy(scaled):
     copy = torch.empty(n, dtype=torch.bfloat16, device=DEVICE)
     scale = torch.tensor(3.0, device=DEVICE) if scaled else None
     for step in (1, 2, 3):
-        adamw.adamw_step_(*ours, copy, step=step, **HYPER, grad_scale=scale)
-        adamw.adamw_reference_(*ref, None, step=step, **HYPER, grad_scale=scale)
+        hp = adamw.AdamWStep(step=step, **HYPER, grad_scale=scale)
+        adamw.adamw_step_(*ours, copy, hp)
+        adamw.adamw_reference_(*ref, None, hp)
         for got, want in zip(ours, ref, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # a few float32 roundings apart
         assert torch.equal(copy, ours[0].bfloat16())  # rounded as `Tensor.to` rounds
@@ -49,7 +50,7 @@ def test_reference_is_torchs_adamw():
     for step in (1, 2, 3):
         theirs.grad = grad * step
         opt.step()
-        adamw.adamw_reference_(param, grad * step, exp_avg, exp_avg_sq, None, step=step, **HYPER)
+        adamw.adamw_reference_(param, grad * step, exp_avg, exp_avg_sq, None, adamw.AdamWStep(step=step, **HYPER))
         torch.testing.assert_close(param, theirs.detach(), rtol=0, atol=0)
 
 
