@@ -1,6 +1,9 @@
 """FSDP2 over the mesh, activation checkpointing, `parallelize` (all of it in order), and gathering full
 weights back out of the shards.
 
+On a mesh of one rank (no `cpu_offload`) `parallelize` applies no FSDP: the model gets compute copies beside its
+float32 masters instead (`leagues.parallel.compute`), and `whole_parameters` hands those copies out.
+
 Order: expert parallel (splits the experts) -> activation checkpointing (wraps each block) -> FSDP2
 (`fully_shard` each expert module over `dp_ep` when expert-parallel, then each block over `dp`, then
 the root). `Transformer.run` and `Transformer.logits` are registered as FSDP forward methods, so the
