@@ -1,6 +1,7 @@
 """Where an engine decode step spends its time: host phases (synchronised timers) and top GPU kernels.
 
 PYTHONPATH=. python benchmarks/profile_engine.py [--batch 1,64] [--eager] [--compile-model auto|true|false]
+    [--deterministic]
 
 `--eager` runs without CUDA graphs, so the profile lists the step's kernels one by one (and counts them);
 with `--compile-model true` they are the compiled step's kernels.
@@ -63,11 +64,12 @@ def main():
     parser.add_argument("--sort", default="cpu_time_total")
     parser.add_argument("--compile-model", default="auto")
     parser.add_argument("--shape", default="anchor")
+    parser.add_argument("--deterministic", action="store_true", help="the engine's deterministic mode")
     args = parser.parse_args()
     hf = BASE | SHAPES[args.shape]
     path = tempfile.mkdtemp()
     make_checkpoint(hf, path)
-    options = dict(cuda_graphs=not args.eager, compile_model=args.compile_model)
+    options = dict(cuda_graphs=not args.eager, compile_model=args.compile_model, deterministic=args.deterministic)
     engine = Engine(path, max_model_len=1024, kv_cache_fraction=0.5, **options)
     engine.close()  # drive steps from this thread
     params = SamplingParams(temperature=1.0, max_new_tokens=400, ignore_eos=True, seed=0)

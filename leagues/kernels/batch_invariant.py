@@ -21,6 +21,11 @@ Decisions:
 - The CPU references: a product is an elementwise multiply and a sum over the last (contiguous) axis, whose
   reduction order depends only on that axis's length; attention pads every sequence's keys to one fixed
   length. They are slow (M x N x K intermediates) and serve small models in tests.
+- The MoE on CUDA runs `fused_moe`'s kernels at every batch size, the engine's decode steps and the trainer's
+  packed batches alike: the route kernel is one program a token, the expert kernels are tensor-core tiles of
+  16 pairs of one expert (a pair's dot products do not depend on the pairs beside it in a tile), and the
+  top-k sum adds in index order in float32 before one rounding. Expert parallelism runs the same tiles on the
+  rows it receives and applies the routing weight after the exchange, the same float32 product.
 - Only forward passes need to be invariant (rollout and trainer logprobs). Backward passes recompute with the
   ordinary differentiable ops (cuBLAS, FlashAttention, grouped GEMM).
 
@@ -30,6 +35,7 @@ N rows of experts (sorted), E experts, B sequences, T tokens, S key-table block 
 
 import torch
 
+from leagues.kernels import fused_moe
 from leagues.kernels.grouped_gemm import grouped_mm as ordinary_grouped_mm
 
 try:
@@ -45,7 +51,8 @@ ATT_BLOCK_M, ATT_BLOCK_N, ATT_WARPS = 64, 64, 4
 ROW_BLOCK = 4096
 
 
-def _triton(x: torch.Tensor) -> bool:
+def uses_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve `x` (CUDA); elsewhere the torch references do."""
     return x.is_cuda and triton is not None
 
 
@@ -392,7 +399,7 @@ def _recompute(fast, reference, *inputs):
 
 def matmul_nt(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     """x @ w.T, row-invariant (differentiable)."""
-    if not _triton(x_MK):
+    if not uses_triton(x_MK):
         return matmul_nt_reference(x_MK, w_NK)
     return _Linear.apply(x_MK, w_NK) if _needs_grad(x_MK, w_NK) else matmul_nt_triton(x_MK, w_NK)
 
@@ -404,29 +411,69 @@ def linear(x: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Tensor | None
 
 def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """Each expert's sorted rows times its weight, row-invariant (see `grouped_gemm.grouped_mm_reference`)."""
-    if _triton(x_NI):
+    if uses_triton(x_NI):
         return _recompute(grouped_mm_triton, ordinary_grouped_mm, x_NI, w_EOI, offs_E)
     bounds = [0, *offs_E.tolist()]
     outs = [matmul_nt_reference(x_NI[bounds[e] : bounds[e + 1]], w_EOI[e]) for e in range(w_EOI.shape[0])]
     return torch.cat(outs, dim=0) if outs else x_NI.new_empty(0, w_EOI.shape[1])
 
 
+def moe_route(x_TD, w_ED, bias_E, top_k: int, renormalize: bool, replay_ids_TK, reference):
+    """The router on CUDA (`fused_moe.route_triton`): (weights_TK float32, ids_TK, logits_TE), the same per
+    token whatever the batch; `replay_ids_TK` gives the experts. With gradients the weights' backward
+    differentiates `reference(x, w, ids)` (recomputed), and the logits are `F.linear`'s (auxiliary losses only:
+    they are not part of the invariant forward)."""
+    with torch.no_grad():
+        weights_TK, ids_TK, logits_TE = fused_moe.route_triton(x_TD, w_ED, bias_E, top_k, renormalize, replay_ids_TK)
+    if _needs_grad(x_TD, w_ED):
+
+        def fast(x, w, ids):  # the replayed weights are the chosen ones bit for bit (`route_triton`)
+            return fused_moe.route_triton(x, w, bias_E, top_k, renormalize, ids)[0]
+
+        weights_TK = _Recompute.apply(fast, reference, x_TD, w_ED, ids_TK)
+        logits_TE = torch.nn.functional.linear(x_TD, w_ED)
+    return weights_TK, ids_TK, logits_TE
+
+
+def moe_experts(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, reference):
+    """Each token's weighted expert outputs summed, on CUDA: `fused_moe`'s tiled kernels at any size (training
+    batches align their pairs by a sort), the top-k sum in index order in float32, one rounding to x's dtype.
+    With gradients the backward differentiates `reference(x, weights, ids, w13, w2)`, recomputed."""
+
+    def fast(x, weights, ids, w13, w2):
+        return fused_moe.sum_pairs_triton(fused_moe.pairs_tiled_triton(x, weights, ids, w13, w2), x.dtype)
+
+    return _recompute(fast, reference, x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF)
+
+
+def moe_rows(x_RD, ids_R, w13_EFD, w2_EDF, reference):
+    """Rows of one expert each (the rows expert parallelism receives), on CUDA: float32 [R, D] before any
+    routing weight, the dot products `moe_experts` computes for the same (token, expert) pair. With gradients
+    the backward differentiates `reference(x, ids, w13, w2)`, recomputed."""
+
+    def fast(x, ids, w13, w2):
+        ones_R1 = torch.ones(ids.shape[0], 1, device=x.device)
+        return fused_moe.pairs_tiled_triton(x, ones_R1, ids[:, None], w13, w2)[:, 0]
+
+    return _recompute(fast, reference, x_RD, ids_R, w13_EFD, w2_EDF)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if not _triton(x):
+    if not uses_triton(x):
         return rms_norm_reference(x, weight, eps)
     return _recompute(rms_norm_triton, rms_norm_reference, x, weight, eps)
 
 
 def logsumexp(x_RV: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last axis of a 2-D float tensor, row-invariant."""
-    if not _triton(x_RV):
+    if not uses_triton(x_RV):
         return torch.logsumexp(x_RV.float(), dim=-1)
     return _recompute(logsumexp_triton, lambda x: torch.logsumexp(x.float(), dim=-1), x_RV)
 
 
 def log_softmax(x_RV: torch.Tensor) -> torch.Tensor:
     """float32 log-softmax over the last axis, row-invariant (x - logsumexp(x) on CUDA)."""
-    if not _triton(x_RV):
+    if not uses_triton(x_RV):
         return torch.log_softmax(x_RV.float(), dim=-1)
     x_RV = x_RV.float()
     return x_RV - logsumexp(x_RV)[:, None]
@@ -434,7 +481,7 @@ def log_softmax(x_RV: torch.Tensor) -> torch.Tensor:
 
 def softmax(x_RV: torch.Tensor) -> torch.Tensor:
     """float32 softmax over the last axis, row-invariant."""
-    if not _triton(x_RV):
+    if not uses_triton(x_RV):
         return torch.softmax(x_RV, dim=-1, dtype=torch.float32)
     return log_softmax(x_RV).exp()
 

@@ -21,6 +21,10 @@ Decisions:
   the order differs run to run, the numbers do not (each output row is its own dot products, whatever rows
   share its tile). Down stores each pair's weighted float32 row; the top-k sum is the caller's (it fuses
   with the residual add in a compiled block).
+- Deterministic mode (`leagues.kernels.batch_invariant`) runs every batch through these kernels, so a token's
+  numbers never depend on what shares its batch: the route kernel (also replaying given experts), the tiled
+  GEMMs (beyond `MAX_TILED_PAIRS` the layout comes from `align_torch`, a stable sort) and `sum_pairs_triton`
+  (the top-k sum in index order, one rounding).
 - The Triton entry points are `torch.library` operators, opaque to `torch.compile` (the compiled
   blocks call them inside the decode CUDA graphs). The torch references beside them define the numbers.
 
@@ -100,8 +104,8 @@ if triton is not None:
     @triton.jit
     def _route_kernel(
         x_ptr, w_ptr, bias_ptr, logits_ptr, ids_ptr, weights_ptr, D, stride_x, stride_w,
-        E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr,
-        RENORM: tl.constexpr,
+        E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+        RENORM: tl.constexpr, REPLAY: tl.constexpr,
     ):  # fmt: skip
         t = tl.program_id(0).to(tl.int64)
         offs_e = tl.arange(0, E_PAD)
@@ -119,17 +123,24 @@ if triton is not None:
         scores = tl.where(mask_e, logits.to(tl.float32), float("-inf"))
         probs = tl.exp(scores - tl.max(scores, axis=0))
         probs = probs / tl.sum(probs, axis=0)
-        ranked = tl.where(mask_e, probs + tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0), float("-inf"))
-        # top-k as ranks, in one pass: expert e's rank counts the experts ahead of it (higher, or equal with a
-        # lower id), instead of k rounds of max-then-argmin reductions
-        other, mine = ranked[None, :], ranked[:, None]
-        ahead = (other > mine) | ((other == mine) & (offs_e[None, :] < offs_e[:, None]))
-        rank = tl.sum(ahead.to(tl.int32), axis=1)
-        chosen = mask_e & (rank < K)
+        if REPLAY:  # the experts are given (ids_ptr holds them): expert e's rank is its place among them
+            offs_k = tl.arange(0, K_PAD)
+            given = tl.load(ids_ptr + t * K + offs_k, mask=offs_k < K, other=-1)
+            match = given[None, :] == offs_e[:, None]
+            chosen = mask_e & (tl.sum(match.to(tl.int32), axis=1) > 0)
+            rank = tl.sum(tl.where(match, offs_k[None, :], 0), axis=1)
+        else:
+            ranked = tl.where(mask_e, probs + tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0), float("-inf"))
+            # top-k as ranks, in one pass: expert e's rank counts the experts ahead of it (higher, or equal with
+            # a lower id), instead of k rounds of max-then-argmin reductions
+            other, mine = ranked[None, :], ranked[:, None]
+            ahead = (other > mine) | ((other == mine) & (offs_e[None, :] < offs_e[:, None]))
+            rank = tl.sum(ahead.to(tl.int32), axis=1)
+            chosen = mask_e & (rank < K)
+            tl.store(ids_ptr + t * K + rank, offs_e.to(tl.int64), mask=chosen)
         weights = tl.where(chosen, probs, 0.0)
-        if RENORM:
+        if RENORM:  # the same lanes summed whether chosen here or given: replay reproduces the weights bitwise
             weights = weights / tl.sum(weights, axis=0)
-        tl.store(ids_ptr + t * K + rank, offs_e.to(tl.int64), mask=chosen)
         tl.store(weights_ptr + t * K + rank, weights, mask=chosen)
 
     @triton.jit
@@ -211,6 +222,7 @@ if triton is not None:
     def _gate_up_tiled_kernel(
         x_ptr, sorted_ptr, block_expert_ptr, w13_ptr, h_ptr, P, D, F, stride_x, stride_we, stride_wf, stride_h,
         E: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
         expert = tl.load(block_expert_ptr + block).to(tl.int64)
@@ -231,8 +243,8 @@ if triton is not None:
                 w_mask = mask_k[:, None] & mask_n[None, :]
                 w_gate = tl.load(w_base + offs_n[None, :] * stride_wf + offs_k[:, None], mask=w_mask, other=0.0)
                 w_up = tl.load(w_base + (F + offs_n)[None, :] * stride_wf + offs_k[:, None], mask=w_mask, other=0.0)
-                gate = tl.dot(a, w_gate, gate)
-                up = tl.dot(a, w_up, up)
+                gate = tl.dot(a, w_gate, gate, input_precision=PRECISION)
+                up = tl.dot(a, w_up, up, input_precision=PRECISION)
             h = gate / (1.0 + tl.exp(-gate)) * up
             out_mask = valid[:, None] & mask_n[None, :]
             tl.store(h_ptr + rows[:, None] * stride_h + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
@@ -241,6 +253,7 @@ if triton is not None:
     def _down_tiled_kernel(
         h_ptr, sorted_ptr, block_expert_ptr, weights_ptr, w2_ptr, y_ptr, P, D, F, stride_h, stride_we, stride_wd,
         stride_y, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
         expert = tl.load(block_expert_ptr + block).to(tl.int64)
@@ -258,29 +271,59 @@ if triton is not None:
                             other=0.0)  # fmt: skip
                 w = tl.load(w_base + offs_n[None, :] * stride_wd + offs_k[:, None],
                             mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # fmt: skip
-                acc = tl.dot(a, w, acc)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
             acc = acc * tl.load(weights_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
             tl.store(y_ptr + rows[:, None] * stride_y + offs_n[None, :], acc, mask=valid[:, None] & mask_n[None, :])
 
+    @triton.jit
+    def _sum_pairs_kernel(y_ptr, out_ptr, D, stride_y, stride_o, K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[t] = y[t, 0] + y[t, 1] + ... in index order, float32, one rounding to out's dtype."""
+        t = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        acc = tl.load(y_ptr + t * K * stride_y + offs_d, mask=mask_d, other=0.0)
+        for k in tl.static_range(1, K):
+            acc += tl.load(y_ptr + (t * K + k) * stride_y + offs_d, mask=mask_d, other=0.0)
+        tl.store(out_ptr + t * stride_o + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
-def route_triton(x_TD, w_ED, bias_E, top_k: int, renormalize: bool, **tiles):
+
+def route_triton(x_TD, w_ED, bias_E, top_k: int, renormalize: bool, replay_ids_TK=None, **tiles):
     """`route_reference` in one launch (CUDA, or the CPU under TRITON_INTERPRET=1); `tiles` overrides
-    `ROUTE_TILES`."""
+    `ROUTE_TILES`. Each token is its own program with the same tiles whatever the batch, so a token's route
+    does not depend on what shares its batch. `replay_ids_TK`: the experts are given; their weights are
+    computed as when the kernel chose them (bit for bit when they are the ones it would choose)."""
     tiles = ROUTE_TILES | tiles
     num_tokens, dim = x_TD.shape
     num_experts = w_ED.shape[0]
     x_TD, w_ED = x_TD.contiguous(), w_ED.contiguous()
     logits_TE = x_TD.new_empty(num_tokens, num_experts)
-    ids_TK = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x_TD.device)
+    if replay_ids_TK is None:
+        ids_TK = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x_TD.device)
+    else:
+        ids_TK = replay_ids_TK.to(device=x_TD.device, dtype=torch.int64).contiguous()
     weights_TK = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x_TD.device)
     if num_tokens:
         _route_kernel[(num_tokens,)](
             x_TD, w_ED, bias_E.float().contiguous(), logits_TE, ids_TK, weights_TK, dim, x_TD.stride(0),
             w_ED.stride(0), E=num_experts, E_PAD=triton.next_power_of_2(num_experts), K=top_k,
-            BLOCK_D=min(tiles["block_d"], triton.next_power_of_2(dim)),
-            RENORM=renormalize, num_warps=tiles["num_warps"],
+            K_PAD=triton.next_power_of_2(top_k), BLOCK_D=min(tiles["block_d"], triton.next_power_of_2(dim)),
+            RENORM=renormalize, REPLAY=replay_ids_TK is not None, num_warps=tiles["num_warps"],
         )  # fmt: skip
     return weights_TK, ids_TK, logits_TE
+
+
+def sum_pairs_triton(y_TKD: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each token's K float32 rows added in index order (one launch), cast to `dtype`: the same per token
+    whatever the batch."""
+    num_tokens, top_k, dim = y_TKD.shape
+    y_TKD = y_TKD.contiguous()
+    out_TD = torch.empty(num_tokens, dim, dtype=dtype, device=y_TKD.device)
+    if num_tokens:
+        block_d = min(1024, triton.next_power_of_2(dim))
+        _sum_pairs_kernel[(num_tokens, triton.cdiv(dim, block_d))](
+            y_TKD, out_TD, dim, y_TKD.stride(1), out_TD.stride(0), K=top_k, BLOCK_D=block_d, num_warps=4
+        )
+    return out_TD
 
 
 def experts_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
@@ -308,6 +351,25 @@ def experts_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
         BLOCK_F=min(inner_f, triton.next_power_of_2(num_ffn)), num_warps=warps[1],
     )  # fmt: skip
     return out_TD
+
+
+def align_torch(ids_TK: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
+    """`align_triton`'s layout for any number of pairs, in torch ops (a stable sort instead of one program's
+    atomic counters: the training-sized batches of deterministic mode)."""
+    ids_P = ids_TK.flatten().long()
+    num_pairs = ids_P.numel()
+    num_blocks = -(-num_pairs // block_m) + num_experts
+    device = ids_P.device
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(0, ids_P, torch.ones_like(ids_P))
+    padded_E = (counts_E + block_m - 1) // block_m * block_m
+    ends_E = padded_E.cumsum(0)
+    sorted_ids_P, order_P = torch.sort(ids_P, stable=True)
+    rank_P = torch.arange(num_pairs, device=device) - (counts_E.cumsum(0) - counts_E)[sorted_ids_P]
+    sorted_S = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
+    sorted_S[(ends_E - padded_E)[sorted_ids_P] + rank_P] = order_P.to(torch.int32)
+    starts_B = torch.arange(num_blocks, device=device) * block_m
+    block_expert_B = torch.searchsorted(ends_E, starts_B, right=True).clamp(max=num_experts).to(torch.int32)
+    return sorted_S, block_expert_B
 
 
 def align_triton(ids_TK: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
@@ -342,17 +404,19 @@ def pairs_tiled_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, block_n: int =
     y_PD = torch.empty(num_pairs, dim, dtype=torch.float32, device=x_TD.device)
     if num_tokens == 0:
         return y_PD.view(0, top_k, dim)
-    sorted_S, block_expert_B = align_triton(ids_TK, num_experts)
+    align = align_triton if num_pairs <= MAX_TILED_PAIRS else align_torch
+    sorted_S, block_expert_B = align(ids_TK, num_experts)
     num_blocks = block_expert_B.shape[0]
+    precision = "ieee" if x_TD.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     _gate_up_tiled_kernel[(num_blocks, triton.cdiv(num_ffn, block_n))](
         x_TD, sorted_S, block_expert_B, w13_EFD, h_PF, num_pairs, dim, num_ffn, x_TD.stride(0), w13_EFD.stride(0),
         w13_EFD.stride(1), h_PF.stride(0), E=num_experts, K=top_k, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        BLOCK_K=block_k, PRECISION=precision,
     )  # fmt: skip
     _down_tiled_kernel[(num_blocks, triton.cdiv(dim, block_n))](
         h_PF, sorted_S, block_expert_B, weights_TK, w2_EDF, y_PD, num_pairs, dim, num_ffn, h_PF.stride(0),
         w2_EDF.stride(0), w2_EDF.stride(1), y_PD.stride(0), E=num_experts, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        BLOCK_K=block_k, PRECISION=precision,
     )  # fmt: skip
     return y_PD.view(num_tokens, top_k, dim)
 

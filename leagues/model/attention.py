@@ -29,7 +29,7 @@ from torch import nn
 
 from leagues.kernels import batch_invariant
 from leagues.model.config import ModelConfig
-from leagues.model.layers import RMSNorm, apply_rope
+from leagues.model.layers import InvariantLinear, RMSNorm, apply_rope
 
 _VARLEN: tuple | None = None
 """(torch's varlen attention or None, whether it takes `is_causal`), once `varlen_function` has imported it."""
@@ -218,7 +218,9 @@ class Attention(nn.Module):
     def _project(self, x_TD: torch.Tensor):
         if self.wqkv is None:
             return self.wq(x_TD), self.wk(x_TD), self.wv(x_TD)
-        qkv = F.linear(x_TD, *self.wqkv)
+        # a fused product's output columns are each the separate product's (same kernel, same reduction order)
+        linear = batch_invariant.linear if isinstance(self.wq, InvariantLinear) else F.linear
+        qkv = linear(x_TD, *self.wqkv)
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
 

@@ -6,7 +6,8 @@ rollout, or an earlier pass), the weights are still the router's probabilities a
 router keeps receiving gradients.
 
 Decode-sized inference batches on CUDA run `leagues.kernels.fused_moe` instead (route, gate/up, down, plus
-one alignment kernel when experts see several rows: no sort, no permutation). Experts are stacked `[E, ...]`
+one alignment kernel when experts see several rows: no sort, no permutation); so does deterministic mode on
+CUDA at every batch size (`batch_invariant.moe_route` / `moe_experts`). Experts are stacked `[E, ...]`
 tensors. Otherwise token-expert pairs are sorted by expert and run through two
 grouped matmuls (`leagues.kernels.grouped_gemm`: `torch._grouped_mm` on CUDA/bf16, a loop elsewhere).
 Tokens are repeated k times and permuted into expert order; results are scaled by their routing
@@ -112,6 +113,11 @@ class Router(nn.Module):
         """Deterministic mode: the router's product is batch-invariant."""
 
     def forward(self, x_TD: torch.Tensor, replay_ids_TK: torch.Tensor | None = None) -> Routing:
+        if self.invariant and batch_invariant.uses_triton(x_TD):
+            weights_TK, ids_TK, logits_TE = batch_invariant.moe_route(
+                x_TD, self.weight, self.expert_bias, self.top_k, self.norm_topk_prob, replay_ids_TK, self.weights_at
+            )
+            return Routing(weights_TK.to(x_TD.dtype), ids_TK, logits_TE)
         if self.invariant:
             logits_TE = batch_invariant.linear(x_TD, self.weight)
             probs_TE = batch_invariant.softmax(logits_TE)
@@ -129,6 +135,44 @@ class Router(nn.Module):
             weights_TK = weights_TK / total_T1
         return Routing(weights_TK.to(x_TD.dtype), ids_TK, logits_TE)
 
+    def weights_at(self, x_TD: torch.Tensor, w_ED: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        """float32 routing weights of the experts `ids_TK` (the ordinary ops: deterministic mode's backward)."""
+        weights_TK = torch.softmax(F.linear(x_TD, w_ED), dim=-1, dtype=torch.float32).gather(1, ids_TK)
+        return weights_TK / weights_TK.sum(-1, keepdim=True) if self.norm_topk_prob else weights_TK
+
+
+def experts_ordinary(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, impl: str = "auto") -> torch.Tensor:
+    """Pairs sorted by expert through two grouped matmuls, weighted, permuted back and summed over k."""
+    num_tokens, top_k = ids_TK.shape
+    order_N, inverse_N, offs_E = expert_order(ids_TK.flatten(), w13_EFD.shape[0])
+    x_ND = permute_rows(x_TD[:, None].expand(-1, top_k, -1).flatten(0, 1), order_N, inverse_N)
+    gate_NF, up_NF = grouped_mm(x_ND, w13_EFD, offs_E, impl).chunk(2, dim=-1)
+    y_ND = grouped_mm(F.silu(gate_NF) * up_NF, w2_EDF, offs_E, impl)
+    y_ND = y_ND * permute_rows(weights_TK.flatten()[:, None], order_N, inverse_N)
+    y_TKD = permute_rows(y_ND, inverse_N, order_N).view(num_tokens, top_k, y_ND.shape[-1])
+    return sum_over_k(y_TKD, impl)
+
+
+def _grouped_rows(x_RD, w13_LFD, w2_LDF, offs_L, impl: str) -> torch.Tensor:
+    gate_RF, up_RF = grouped_mm(x_RD, w13_LFD, offs_L, impl).chunk(2, dim=-1)
+    return grouped_mm(F.silu(gate_RF) * up_RF, w2_LDF, offs_L, impl)
+
+
+def expert_rows(x_RD, offs_L, w13_LFD, w2_LDF, impl: str) -> torch.Tensor:
+    """Rows sorted by expert (`offs_L` cumulative rows per expert) through their experts, before any routing
+    weight: [R, D] (expert parallelism's received rows). Deterministic mode on CUDA computes them with the
+    tiles one rank's layer uses (`batch_invariant.moe_rows`), in float32: the routing weight and the top-k sum
+    then give that layer's numbers bit for bit."""
+    if impl == "invariant" and batch_invariant.uses_triton(x_RD):
+        counts_L = torch.diff(offs_L.long(), prepend=offs_L.new_zeros(1, dtype=torch.long))
+        ids_R = torch.repeat_interleave(torch.arange(len(counts_L), device=x_RD.device), counts_L)
+
+        def reference(x, ids, w13, w2):
+            return _grouped_rows(x, w13, w2, offs_L, "auto").float()
+
+        return batch_invariant.moe_rows(x_RD, ids_R, w13_LFD, w2_LDF, reference)
+    return _grouped_rows(x_RD, w13_LFD, w2_LDF, offs_L, impl)
+
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts: w13 [E, 2F, D] (gate and up fused), w2 [E, D, F]."""
@@ -141,14 +185,9 @@ class GroupedExperts(nn.Module):
         """"auto", "grouped" or "reference" (see `leagues.kernels.grouped_gemm`)."""
 
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-        num_tokens, top_k = ids_TK.shape
-        order_N, inverse_N, offs_E = expert_order(ids_TK.flatten(), self.w13.shape[0])
-        x_ND = permute_rows(x_TD[:, None].expand(-1, top_k, -1).flatten(0, 1), order_N, inverse_N)
-        gate_NF, up_NF = grouped_mm(x_ND, self.w13, offs_E, self.impl).chunk(2, dim=-1)
-        y_ND = grouped_mm(F.silu(gate_NF) * up_NF, self.w2, offs_E, self.impl)
-        y_ND = y_ND * permute_rows(weights_TK.flatten()[:, None], order_N, inverse_N)
-        y_TKD = permute_rows(y_ND, inverse_N, order_N).view(num_tokens, top_k, y_ND.shape[-1])
-        return sum_over_k(y_TKD, self.impl)
+        if self.impl == "invariant" and batch_invariant.uses_triton(x_TD):
+            return batch_invariant.moe_experts(x_TD, weights_TK, ids_TK, self.w13, self.w2, experts_ordinary)
+        return experts_ordinary(x_TD, weights_TK, ids_TK, self.w13, self.w2, self.impl)
 
 
 class MoE(nn.Module):

@@ -172,8 +172,6 @@ class Transformer(nn.Module):
                 module.__class__ = InvariantLinear
             elif isinstance(module, (Router, RMSNorm)):
                 module.invariant = True
-            elif isinstance(module, Attention):
-                module.wqkv = None  # the three products go through the batch-invariant linear again
         self.set_moe_impl("invariant")
 
     def set_moe_impl(self, impl: str) -> None:
@@ -185,12 +183,12 @@ class Transformer(nn.Module):
                 module.impl = impl
 
     def fuse_qkv(self, on: bool = True) -> None:
-        """One q/k/v projection per layer (`Attention.fuse_qkv`); not with batch-invariant linears, which
-        keep the three products apart. `on=False` drops the fused weights (before parameters move)."""
+        """One q/k/v projection per layer (`Attention.fuse_qkv`), batch-invariant in deterministic mode.
+        `on=False` drops the fused weights (before parameters move)."""
         for block in self.layers:
             if not on:
                 block.attn.wqkv = None
-            elif type(block.attn.wq) is nn.Linear:
+            elif type(block.attn.wq) in (nn.Linear, InvariantLinear):
                 block.attn.fuse_qkv()
 
     def compile_blocks(self, pad_to: int = 1, **compile_kwargs) -> None:

@@ -30,13 +30,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
 # The kernels through the model: DESIGN.md lets `parallel` import `model` only (the ones moe.py runs).
-from leagues.model.moe import GroupedExperts, grouped_mm, permute_rows, sum_over_k
+from leagues.model.moe import GroupedExperts, expert_rows, permute_rows, sum_over_k
 
 
 @dataclass(slots=True)
@@ -80,8 +79,7 @@ class ExpertParallelExperts(GroupedExperts):
 
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         x_RD, offs_L, state = self.dispatch(x_TD, ids_TK)
-        gate_RF, up_RF = grouped_mm(x_RD, self.w13, offs_L, self.impl).chunk(2, dim=-1)
-        y_RD = grouped_mm(F.silu(gate_RF) * up_RF, self.w2, offs_L, self.impl)
+        y_RD = expert_rows(x_RD, offs_L, self.w13, self.w2, self.impl)
         return self.combine(y_RD, weights_TK, state)
 
     def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
@@ -116,7 +114,7 @@ class ExpertParallelExperts(GroupedExperts):
         y_ND = permute_rows(y_ND, state.inverse_N, state.order_N)
         num_tokens, top_k = weights_TK.shape
         y_TKD = y_ND.view(num_tokens, top_k, y_ND.shape[-1]) * weights_TK[..., None]
-        return sum_over_k(y_TKD, self.impl)
+        return sum_over_k(y_TKD, self.impl).to(weights_TK.dtype)
 
 
 def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:

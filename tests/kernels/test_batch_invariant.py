@@ -99,3 +99,55 @@ def test_gpu_rows_do_not_depend_on_the_batch():
     assert torch.equal(bi.log_softmax(logits[3:4]), bi.log_softmax(logits)[3:4])
     norm_w = torch.randn(512, generator=gen).cuda().bfloat16()
     assert torch.equal(bi.rms_norm(x[5:6], norm_w, 1e-6), bi.rms_norm(x, norm_w, 1e-6)[5:6])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_moe_rows_do_not_depend_on_the_batch_and_train_with_the_ordinary_backward():
+    """Deterministic mode's MoE (route kernel, expert tiles at every size, index-order top-k sum) on a bf16
+    anchor-sized layer: a token's output is the same alone, in a decode-sized batch and in a training-sized one
+    (5,600 pairs, aligned by a sort), replayed, through expert parallelism's row path, and with gradients on;
+    the backward is the ordinary layer's at the same routes."""
+    from leagues.model.config import ModelConfig
+    from leagues.model.moe import MoE, expert_order, expert_rows, sum_over_k
+
+    cfg = ModelConfig(
+        family="qwen3_moe", vocab_size=128, dim=1024, num_layers=1, num_heads=16, num_kv_heads=4, head_dim=64,
+        num_experts=64, top_k=8, expert_ffn_dim=256, norm_topk_prob=True, moe_layers=(0,),
+    )  # fmt: skip
+    layer = MoE(cfg).cuda().bfloat16()
+    gen = torch.Generator().manual_seed(0)
+    params = (layer.router.weight, layer.experts.w13, layer.experts.w2)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.03)
+    x_TD = torch.randn(700, 1024, generator=gen).cuda().bfloat16()
+    layer.router.invariant, layer.experts.impl = True, "invariant"
+    with torch.no_grad():
+        full, routing = layer(x_TD)
+        for rows in (slice(3, 4), slice(64, 128), slice(200, 456)):
+            part, part_routing = layer(x_TD[rows])
+            assert torch.equal(part, full[rows])
+            assert torch.equal(part_routing.expert_ids_TK, routing.expert_ids_TK[rows])
+            assert torch.equal(part_routing.weights_TK, routing.weights_TK[rows])
+        assert torch.equal(layer(x_TD, routing.expert_ids_TK)[0], full)
+        order_N, inverse_N, offs_E = expert_order(routing.expert_ids_TK.flatten(), 64)
+        x_ND = x_TD[:, None].expand(-1, 8, -1).flatten(0, 1)[order_N]
+        y_ND = expert_rows(x_ND, offs_E, layer.experts.w13, layer.experts.w2, "invariant")[inverse_N]
+        y_TKD = y_ND.view(700, 8, -1) * routing.weights_TK[..., None]
+        assert torch.equal(sum_over_k(y_TKD, "invariant").to(x_TD.dtype), full)
+
+    def grads(replay=None):
+        x = x_TD.clone().requires_grad_()
+        for p in params:
+            p.grad = None
+        out, _ = layer(x, replay)
+        out.float().square().sum().backward()
+        return out.detach(), [x.grad, *(p.grad for p in params)]
+
+    out, got = grads()
+    assert torch.equal(out, full)
+    layer.router.invariant, layer.experts.impl = False, "auto"
+    _, want = grads(routing.expert_ids_TK)
+    for g, w in zip(got, want, strict=True):
+        assert (g.float() - w.float()).norm() / w.float().norm() < 2e-2

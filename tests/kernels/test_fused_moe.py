@@ -56,11 +56,13 @@ def test_triton_kernels_match_the_references(num_experts):
 
 
 @needs_kernels
+@pytest.mark.parametrize("align", ["align_triton", "align_torch"])
 @pytest.mark.parametrize("num_tokens,num_experts", [(11, 8), (40, 6), (3, 64)])
-def test_align_lays_every_pair_once_in_blocks_of_one_expert(num_tokens, num_experts):
+def test_align_lays_every_pair_once_in_blocks_of_one_expert(num_tokens, num_experts, align):
     gen = torch.Generator().manual_seed(num_tokens)
     ids_TK = torch.stack([torch.randperm(num_experts, generator=gen)[:3] for _ in range(num_tokens)]).to(DEVICE)
-    sorted_S, block_expert_B = fused_moe.align_triton(ids_TK, num_experts)
+    sorted_S, block_expert_B = getattr(fused_moe, align)(ids_TK, num_experts)
+    assert sorted_S.dtype == block_expert_B.dtype == torch.int32
     num_pairs, block_m = ids_TK.numel(), fused_moe.BLOCK_M
     slots = sorted_S.cpu().long().view(-1, block_m)
     experts_B, flat = block_expert_B.cpu().long(), ids_TK.flatten().cpu()
@@ -78,8 +80,9 @@ def test_align_lays_every_pair_once_in_blocks_of_one_expert(num_tokens, num_expe
 
 
 @needs_kernels
-@pytest.mark.parametrize("num_tokens,num_experts", [(11, 8), (40, 6)])
-def test_tiled_kernels_match_the_reference(num_tokens, num_experts):
+@pytest.mark.parametrize("num_tokens,num_experts,max_pairs", [(11, 8, 4096), (40, 6, 4096), (11, 8, 0)])
+def test_tiled_kernels_match_the_reference(num_tokens, num_experts, max_pairs, monkeypatch):
+    monkeypatch.setattr(fused_moe, "MAX_TILED_PAIRS", max_pairs)  # 0: the pairs aligned by a sort (training sizes)
     router, experts, _ = _layer(num_experts=num_experts, seed=num_tokens)
     x_TD = torch.randn(num_tokens, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     weights, ids, _ = fused_moe.route_reference(x_TD, router.weight.to(DEVICE), router.expert_bias.to(DEVICE), 3, True)
@@ -100,3 +103,31 @@ def test_the_layer_picks_the_path_by_pairs_per_expert():
             assert fused_moe.mode(x.repeat(64, 1), 64, 8, 16) == "tiled"  # 32
             assert fused_moe.mode(x.repeat(64, 1), 64, 8, 2**17) is None  # 32 rows of big experts
             assert fused_moe.mode(x.repeat(256, 1), 64, 8, 16) is None
+
+
+@needs_kernels
+def test_a_replayed_route_gives_the_chosen_weights_bit_for_bit():
+    router, _, _ = _layer(num_experts=8, seed=3)
+    x_TD = torch.randn(5, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    args = [x_TD, router.weight.detach().to(DEVICE), router.expert_bias.to(DEVICE)]
+    weights, ids, logits = fused_moe.route_triton(*args, 3, True)
+    again = fused_moe.route_triton(*args, 3, True, replay_ids_TK=ids)
+    assert torch.equal(again[0], weights) and torch.equal(again[1], ids) and torch.equal(again[2], logits)
+    flipped = fused_moe.route_triton(*args, 3, True, replay_ids_TK=ids.flip(1))  # the order of the given ids
+    assert torch.equal(flipped[0], weights.flip(1))
+    other_TK = (ids + 1) % 8  # experts it did not choose: their renormalised probabilities
+    got = fused_moe.route_triton(*args, 3, True, replay_ids_TK=other_TK)[0]
+    want = torch.softmax(logits.float(), dim=-1).gather(1, other_TK)
+    torch.testing.assert_close(got, want / want.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+def test_the_top_k_sum_adds_in_index_order():
+    y_TKD = torch.tensor([[[1e8], [1.0], [-1e8]], [[1.0], [1e8], [-1e8]], [[1e8], [-1e8], [1.0]]]).to(DEVICE)
+    got = fused_moe.sum_pairs_triton(y_TKD, torch.float32)  # in float32 1e8 + 1 rounds to 1e8
+    assert got.flatten().tolist() == [0.0, 0.0, 1.0]
+    y_TKD = torch.randn(7, 5, 40, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    want = y_TKD[:, 0] + y_TKD[:, 1] + y_TKD[:, 2] + y_TKD[:, 3] + y_TKD[:, 4]
+    assert torch.equal(fused_moe.sum_pairs_triton(y_TKD, torch.float32), want)
+    if DEVICE == "cuda":  # the interpreter rounds to bfloat16 by truncation, the GPU to nearest even
+        assert torch.equal(fused_moe.sum_pairs_triton(y_TKD, torch.bfloat16), want.bfloat16())
