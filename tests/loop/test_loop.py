@@ -125,6 +125,7 @@ def test_a_ppo_run_resumed_from_a_checkpoint_repeats_the_uninterrupted_one(tmp_p
     extra = ["--advantage.estimator", "gae", "--critic.optim.lr", "3e-3", "--critic.warmup_steps", "3"]
     extra += ["--steps", "4", "--checkpoint.every", "2", "--checkpoint.keep_last", "0", "--report", "false"]
     extra += ["--deterministic", "true"]  # the engine batches as requests arrive, which load moves: invariant kernels
+    extra += ["--rollout.batch_size", "4"]  # 4 groups of 8: the invariant kernels are slow on CPU
     train(config(tmp_path / "whole", *extra))
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-00000004")

@@ -171,10 +171,11 @@ def test_fleet_client_speaks_the_engine_client_protocol(replicas):
         params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True, n=2)
         outs = await client.generate([5, 17, 33, 42], params)
         assert [len(o.token_ids) for o in outs] == [6, 6] and outs[0].token_ids == outs[1].token_ids
-        assert len(outs[0].logprobs) == 6 and outs[0].weight_version == 0
+        version = await client.weight_version()  # the replicas' (another test of the module may have updated them)
+        assert len(outs[0].logprobs) == 6 and version is not None and outs[0].weight_version == version
         with pytest.raises(ValueError, match="HTTP 400"):  # the request's fault: raised, never retried
             await client.generate([10**6], params)
-        assert client.num_retried == 0 and await client.weight_version() == 0
+        assert client.num_retried == 0 and await client.weight_version() == version
         await client.abort("no-such-request")  # best effort, on every healthy engine
         await client.aclose()
 
