@@ -18,6 +18,7 @@ experts per layer E·(1-(1-K/E)^B)) + router + the KV cache read (B × context �
 FLOPs = 2 × active matmul parameters × B.
 
     PYTHONPATH=. python benchmarks/engine.py [--shape anchor] [--batches 1,8,64,256] [--new-tokens 128,1024]
+        [--overlap on|off|both] [--gemv-rows N]
 """
 
 import argparse
@@ -31,6 +32,7 @@ import torch
 
 from benchmarks.train_step import BASE, SHAPES, make_checkpoint
 from leagues.engine import Engine, SamplingParams
+from leagues.kernels import gemv
 
 OUT = os.environ.get("OUT", "/tmp")
 
@@ -166,6 +168,7 @@ def _decode_rows(engine, model, hf, args, ceilings_, deterministic: bool, batche
                 temperature=args.temperature,
                 deterministic=deterministic,
                 overlap=overlap,
+                gemv_rows=gemv.MAX_ROWS,
                 step_ms=round(step * 1e3, 3),
                 floor_ms=round(floor * 1e3, 3),
                 step_over_floor=round(step / floor, 2),
@@ -194,8 +197,15 @@ def main():
     parser.add_argument("--compile-model", default="auto")
     parser.add_argument("--no-parity", action="store_true")
     parser.add_argument("--overlap", default="on", choices=["on", "off", "both"], help="overlap scheduling")
+    parser.add_argument(
+        "--gemv-rows",
+        type=int,
+        default=gemv.MAX_ROWS,
+        help="decode steps of at most this many rows run the GEMV projections (0: the library GEMM)",
+    )
     parser.add_argument("--out", default=os.path.join(OUT, "engine.jsonl"))
     args = parser.parse_args()
+    gemv.MAX_ROWS = args.gemv_rows  # read when the blocks compile and capture: set before the engine starts
     import transformers
 
     hf = BASE | SHAPES[args.shape]

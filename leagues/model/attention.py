@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leagues.kernels import batch_invariant
+from leagues.kernels import batch_invariant, gemv
 from leagues.model.config import ModelConfig
 from leagues.model.layers import InvariantLinear, RMSNorm, apply_rope
 
@@ -219,7 +219,7 @@ class Attention(nn.Module):
         if self.wqkv is None:
             return self.wq(x_TD), self.wk(x_TD), self.wv(x_TD)
         # a fused product's output columns are each the separate product's (same kernel, same reduction order)
-        linear = batch_invariant.linear if isinstance(self.wq, InvariantLinear) else F.linear
+        linear = batch_invariant.linear if isinstance(self.wq, InvariantLinear) else gemv.linear
         qkv = linear(x_TD, *self.wqkv)
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -241,8 +241,10 @@ class Attention(nn.Module):
         q_THA, k_TGA, v_TGA = self._qkv(x_TD)
         cos_TA, sin_TA = rope
         q_THA, k_TGA = apply_rope(q_THA, cos_TA, sin_TA), apply_rope(k_TGA, cos_TA, sin_TA)
-        o_THA = backend.attend(self.layer_idx, q_THA, k_TGA, v_TGA)
-        return self.wo(o_THA.flatten(-2))
+        o_TD = backend.attend(self.layer_idx, q_THA, k_TGA, v_TGA).flatten(-2)
+        if type(self.wo) is nn.Linear and gemv.applies(o_TD, self.wo.weight):  # a decode step's few rows
+            return gemv.gemv(o_TD, self.wo.weight, self.wo.bias)
+        return self.wo(o_TD)
 
 
 def compiler_boundaries() -> None:
