@@ -45,9 +45,36 @@ IMPLS = ("auto", "triton", "reference")
 def write_kv(
     k_cache_NSGA: torch.Tensor, v_cache_NSGA: torch.Tensor, k_TGA: torch.Tensor, v_TGA: torch.Tensor, slots_T
 ) -> None:
-    """Store new keys/values at flat slots (`block * S + row`, int64 [T]); in place, graph-capturable."""
+    """Store new keys/values at flat slots (`block * S + row`, int64 [T]); in place, graph-capturable. On CUDA
+    one launch writes both (`write_kv_triton`: a layer of a decode step is launch-bound)."""
+    if triton is not None and k_TGA.is_cuda:
+        write_kv_triton(k_cache_NSGA, v_cache_NSGA, k_TGA, v_TGA, slots_T)
+    else:
+        write_kv_reference(k_cache_NSGA, v_cache_NSGA, k_TGA, v_TGA, slots_T)
+
+
+def write_kv_reference(k_cache_NSGA, v_cache_NSGA, k_TGA, v_TGA, slots_T) -> None:
     k_cache_NSGA.view(-1, *k_cache_NSGA.shape[2:]).index_copy_(0, slots_T, k_TGA.to(k_cache_NSGA.dtype))
     v_cache_NSGA.view(-1, *v_cache_NSGA.shape[2:]).index_copy_(0, slots_T, v_TGA.to(v_cache_NSGA.dtype))
+
+
+def write_kv_triton(k_cache_NSGA, v_cache_NSGA, k_TGA, v_TGA, slots_T) -> None:
+    """`write_kv_reference` in one launch: a program a token copies its key and value rows (CUDA, or the CPU
+    under TRITON_INTERPRET=1). The caches are `[N, S, G, A]` views of one contiguous tensor."""
+    num_tokens, num_kv_heads, head_dim = k_TGA.shape
+    row = num_kv_heads * head_dim
+    k_TGA, v_TGA = _rows_contiguous(k_TGA), _rows_contiguous(v_TGA)
+    if num_tokens:
+        _write_kv_kernel[(num_tokens,)](
+            k_TGA, v_TGA, slots_T, k_cache_NSGA, v_cache_NSGA, k_TGA.stride(0), v_TGA.stride(0), row,
+            ROW_PAD=triton.next_power_of_2(row), num_warps=1 if row <= 512 else 4,
+        )  # fmt: skip
+
+
+def _rows_contiguous(x_TGA: torch.Tensor) -> torch.Tensor:
+    """Each token's [G, A] dense (a column slice of the fused q/k/v projection is; its rows may be apart)."""
+    dense = x_TGA.stride(2) == 1 and x_TGA.stride(1) == x_TGA.shape[2]
+    return x_TGA if dense else x_TGA.contiguous()
 
 
 def key_slots(
@@ -197,6 +224,19 @@ def _check_heads(q_XHA: torch.Tensor, k_cache_NSGA: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------- triton kernels
 
 if triton is not None:
+
+    @triton.jit
+    def _write_kv_kernel(
+        k_ptr, v_ptr, slots_ptr, k_cache_ptr, v_cache_ptr, stride_k, stride_v, ROW, ROW_PAD: tl.constexpr
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        offs = tl.arange(0, ROW_PAD)
+        mask = offs < ROW
+        k = tl.load(k_ptr + t * stride_k + offs, mask=mask)
+        v = tl.load(v_ptr + t * stride_v + offs, mask=mask)
+        tl.store(k_cache_ptr + slot * ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _decode_kernel(

@@ -272,3 +272,19 @@ def test_split_size_fills_the_sms_only_when_one_pass_leaves_them_idle():
     assert decode_split_tokens(1, 4, 64, 132) is None  # the keys fit one split
     assert decode_split_tokens(1, 4, 2048, 132) == 64  # 33 splits wanted: one tile each gives 32
     assert decode_split_tokens(8, 4, 2048, 132) == 448  # 32 programs: 5 splits of 7 tiles
+
+
+def test_the_write_kernel_stores_what_the_reference_stores(kernels):
+    """Keys from a dense tensor, values as a column slice of a fused projection (rows apart), into one layer's
+    views of a `[2, L, N, S, G, A]` cache, converted to its dtype; other slots and layers untouched."""
+    gen = torch.Generator().manual_seed(5)
+    num_kv, head_dim, tokens = 3, 8, 5  # a row of 24: padded to 32 lanes
+    cache = torch.randn(2, 2, 4, 4, num_kv, head_dim, generator=gen).to(DEVICE)
+    k_TGA = torch.randn(tokens, num_kv, head_dim, generator=gen).to(DEVICE, torch.float64)
+    fused = torch.randn(tokens, 40 + num_kv * head_dim, generator=gen).to(DEVICE)
+    v_TGA = fused[:, 40:].unflatten(-1, (num_kv, head_dim))
+    slots_T = torch.tensor([13, 0, 7, 15, 2], device=DEVICE)
+    want = cache.clone()
+    kernels.write_kv_reference(want[0, 1], want[1, 1], k_TGA, v_TGA, slots_T)
+    kernels.write_kv_triton(cache[0, 1], cache[1, 1], k_TGA, v_TGA, slots_T)
+    assert torch.equal(cache, want)
