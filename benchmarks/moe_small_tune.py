@@ -22,15 +22,15 @@ from leagues.kernels import fused_moe
 
 OUT = os.environ.get("OUT", "/tmp")
 
-# at most 128 float32 accumulator elements a thread (more spills)
+# at most 128 float32 accumulator elements a thread (more spills); 1 and 2 rows a program: more programs in flight
 GATE_UP = [
     dict(block_f=bf, inner_d=bd, warps=(w, 4))
-    for bf, bd, w in itertools.product((4, 8, 16, 32), (256, 512, 1024), (2, 4, 8))
+    for bf, bd, w in itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024), (1, 2, 4, 8))
     if 2 * bf * bd <= 128 * 32 * w
 ]
 DOWN = [
     dict(block_d=bd, inner_f=bf, warps=(4, w))
-    for bd, bf, w in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8))
+    for bd, bf, w in itertools.product((1, 2, 4, 8, 16, 32), (128, 256, 512), (1, 2, 4, 8))
     if bd * bf <= 128 * 32 * w
 ]
 
