@@ -10,7 +10,9 @@ Decisions:
   GEMM would read it, and the layer is three launches instead of a dozen (the step is launch-bound there).
 - Route: one program a token computes the router's logits (rounded to the activations' dtype, as
   `F.linear`'s output is), the float32 softmax, the top-k of probability + expert bias (ties to the lowest
-  id) and the renormalised weights of the chosen experts.
+  id) and the renormalised weights of the chosen experts. One program reading the router's weight waits on
+  memory at a few tokens, so there the caller computes the logits with a GEMV launch spread over the GPU
+  (`leagues.kernels.gemv`) and `route_logits` runs the same kernel from them.
 - Gate/up: program (pair, block of F) accumulates both projections in float32 and stores silu(g) * u once.
 - Down: program (token, block of D) walks the token's k experts and adds weight * (h @ w2[e].T) in float32,
   so the routing weight and the top-k sum live in the kernel's epilogue; one rounding at the end.
@@ -74,12 +76,17 @@ def mode(x_TD: torch.Tensor, num_experts: int, top_k: int, ffn_dim: int) -> str 
 def route_reference(x_TD, w_ED, bias_E, top_k: int, renormalize: bool):
     """(weights_TK float32, ids_TK int64, logits_TE in x's dtype): the router of `leagues.model.moe`."""
     logits_TE = torch.nn.functional.linear(x_TD, w_ED)
+    return (*route_logits_reference(logits_TE, bias_E, top_k, renormalize), logits_TE)
+
+
+def route_logits_reference(logits_TE, bias_E, top_k: int, renormalize: bool):
+    """(weights_TK float32, ids_TK int64) of given router logits."""
     probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
     ids_TK = torch.topk(probs_TE + bias_E, top_k, dim=-1).indices
     weights_TK = probs_TE.gather(1, ids_TK)
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
-    return weights_TK, ids_TK, logits_TE
+    return weights_TK, ids_TK
 
 
 def pairs_reference(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF):
@@ -105,21 +112,24 @@ if triton is not None:
     def _route_kernel(
         x_ptr, w_ptr, bias_ptr, logits_ptr, ids_ptr, weights_ptr, D, stride_x, stride_w,
         E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-        RENORM: tl.constexpr, REPLAY: tl.constexpr,
+        RENORM: tl.constexpr, REPLAY: tl.constexpr, LOGITS_GIVEN: tl.constexpr,
     ):  # fmt: skip
         t = tl.program_id(0).to(tl.int64)
         offs_e = tl.arange(0, E_PAD)
         mask_e = offs_e < E
-        acc = tl.zeros([E_PAD], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            x = tl.load(x_ptr + t * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            w_mask = mask_e[:, None] & mask_d[None, :]
-            w = tl.load(w_ptr + offs_e[:, None] * stride_w + offs_d[None, :], mask=w_mask, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-        logits = acc.to(logits_ptr.dtype.element_ty)
-        tl.store(logits_ptr + t * E + offs_e, logits, mask=mask_e)
+        if LOGITS_GIVEN:  # computed by another launch (`route_logits`): x and w are not read
+            logits = tl.load(logits_ptr + t * E + offs_e, mask=mask_e, other=0.0)
+        else:
+            acc = tl.zeros([E_PAD], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < D
+                x = tl.load(x_ptr + t * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                w_mask = mask_e[:, None] & mask_d[None, :]
+                w = tl.load(w_ptr + offs_e[:, None] * stride_w + offs_d[None, :], mask=w_mask, other=0.0)
+                acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            logits = acc.to(logits_ptr.dtype.element_ty)
+            tl.store(logits_ptr + t * E + offs_e, logits, mask=mask_e)
         scores = tl.where(mask_e, logits.to(tl.float32), float("-inf"))
         probs = tl.exp(scores - tl.max(scores, axis=0))
         probs = probs / tl.sum(probs, axis=0)
@@ -287,16 +297,22 @@ if triton is not None:
         tl.store(out_ptr + t * stride_o + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-def route_triton(x_TD, w_ED, bias_E, top_k: int, renormalize: bool, replay_ids_TK=None, **tiles):
+def route_triton(x_TD, w_ED, bias_E, top_k: int, renormalize: bool, replay_ids_TK=None, logits_TE=None, **tiles):
     """`route_reference` in one launch (CUDA, or the CPU under TRITON_INTERPRET=1); `tiles` overrides
     `ROUTE_TILES`. Each token is its own program with the same tiles whatever the batch, so a token's route
     does not depend on what shares its batch. `replay_ids_TK`: the experts are given; their weights are
-    computed as when the kernel chose them (bit for bit when they are the ones it would choose)."""
+    computed as when the kernel chose them (bit for bit when they are the ones it would choose). `logits_TE`:
+    the router's logits are given (x and w are then not read; pass None), returned as they are."""
     tiles = ROUTE_TILES | tiles
-    num_tokens, dim = x_TD.shape
-    num_experts = w_ED.shape[0]
-    x_TD, w_ED = x_TD.contiguous(), w_ED.contiguous()
-    logits_TE = x_TD.new_empty(num_tokens, num_experts)
+    given = logits_TE is not None
+    if given:
+        logits_TE = logits_TE.contiguous()
+        (num_tokens, num_experts), dim = logits_TE.shape, 1
+        x_TD = w_ED = logits_TE
+    else:
+        (num_tokens, dim), num_experts = x_TD.shape, w_ED.shape[0]
+        x_TD, w_ED = x_TD.contiguous(), w_ED.contiguous()
+        logits_TE = x_TD.new_empty(num_tokens, num_experts)
     if replay_ids_TK is None:
         ids_TK = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x_TD.device)
     else:
@@ -307,7 +323,8 @@ def route_triton(x_TD, w_ED, bias_E, top_k: int, renormalize: bool, replay_ids_T
             x_TD, w_ED, bias_E.float().contiguous(), logits_TE, ids_TK, weights_TK, dim, x_TD.stride(0),
             w_ED.stride(0), E=num_experts, E_PAD=triton.next_power_of_2(num_experts), K=top_k,
             K_PAD=triton.next_power_of_2(top_k), BLOCK_D=min(tiles["block_d"], triton.next_power_of_2(dim)),
-            RENORM=renormalize, REPLAY=replay_ids_TK is not None, num_warps=tiles["num_warps"],
+            RENORM=renormalize, REPLAY=replay_ids_TK is not None, LOGITS_GIVEN=given,
+            num_warps=2 if given else tiles["num_warps"],  # given: the top-k of E values alone
         )  # fmt: skip
     return weights_TK, ids_TK, logits_TE
 
@@ -439,6 +456,24 @@ def _(x_TD, w_ED, bias_E, top_k, renormalize):
     num_tokens, num_experts = x_TD.shape[0], w_ED.shape[0]
     weights_TK = x_TD.new_empty(num_tokens, top_k, dtype=torch.float32)
     return weights_TK, x_TD.new_empty(num_tokens, top_k, dtype=torch.int64), x_TD.new_empty(num_tokens, num_experts)
+
+
+@torch.library.custom_op("leagues::moe_route_logits", mutates_args=())
+def route_logits(
+    logits_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights_TK float32, ids_TK int64) of router logits computed beforehand (a few tokens: by a GEMV launch
+    spread over the GPU, where `route`'s one program a token waits on memory): the route kernel's top-k."""
+    if logits_TE.is_cuda and triton is not None:
+        return route_triton(None, None, bias_E, top_k, renormalize, logits_TE=logits_TE)[:2]
+    return route_logits_reference(logits_TE, bias_E, top_k, renormalize)
+
+
+@route_logits.register_fake
+def _(logits_TE, bias_E, top_k, renormalize):
+    num_tokens = logits_TE.shape[0]
+    weights_TK = logits_TE.new_empty(num_tokens, top_k, dtype=torch.float32)
+    return weights_TK, logits_TE.new_empty(num_tokens, top_k, dtype=torch.int64)
 
 
 @torch.library.custom_op("leagues::moe_experts_small", mutates_args=())

@@ -38,13 +38,15 @@ TILES = dict(block_n=4, block_k=1024, num_warps=2)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` runs the kernel: CUDA, 16-bit, 2-D, at most `MAX_ROWS` rows, no gradient."""
+    """Whether `linear` runs the kernel: CUDA, 16-bit (the weight too), 2-D, at most `MAX_ROWS` rows, no
+    gradient."""
     return (
         triton is not None
         and x.is_cuda
         and x.dim() == 2
         and x.shape[0] <= MAX_ROWS
         and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
 

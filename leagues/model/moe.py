@@ -6,7 +6,8 @@ rollout, or an earlier pass), the weights are still the router's probabilities a
 router keeps receiving gradients.
 
 Decode-sized inference batches on CUDA run `leagues.kernels.fused_moe` instead (route, gate/up, down, plus
-one alignment kernel when experts see several rows: no sort, no permutation); so does deterministic mode on
+one alignment kernel when experts see several rows: no sort, no permutation; at a few tokens the router's
+logits come from `leagues.kernels.gemv` and the route kernel only picks the top-k); so does deterministic mode on
 CUDA at every batch size (`batch_invariant.moe_route` / `moe_experts`). Experts are stacked `[E, ...]`
 tensors. Otherwise token-expert pairs are sorted by expert and run through two
 grouped matmuls (`leagues.kernels.grouped_gemm`: `torch._grouped_mm` on CUDA/bf16, a loop elsewhere).
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leagues.kernels import batch_invariant, fused_moe, grouped_gemm
+from leagues.kernels import batch_invariant, fused_moe, gemv, grouped_gemm
 from leagues.model.config import ModelConfig
 from leagues.model.layers import GatedMLP
 
@@ -223,9 +224,15 @@ class MoE(nn.Module):
 
     def _forward_fused(self, x_TD: torch.Tensor, mode: str) -> tuple[Routing, torch.Tensor]:
         router = self.router
-        weights_TK, ids_TK, logits_TE = fused_moe.route(
-            x_TD, router.weight, router.expert_bias, router.top_k, router.norm_topk_prob
-        )
+        if gemv.applies(x_TD, router.weight):  # a few tokens: the router's GEMV spread over the GPU, then top-k
+            logits_TE = gemv.gemv(x_TD, router.weight)
+            weights_TK, ids_TK = fused_moe.route_logits(
+                logits_TE, router.expert_bias, router.top_k, router.norm_topk_prob
+            )
+        else:
+            weights_TK, ids_TK, logits_TE = fused_moe.route(
+                x_TD, router.weight, router.expert_bias, router.top_k, router.norm_topk_prob
+            )
         weights_TK = weights_TK.to(x_TD.dtype)
         w13, w2 = self.experts.w13, self.experts.w2
         if mode == "small":

@@ -49,6 +49,11 @@ def test_triton_kernels_match_the_references(num_experts):
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+    given = fused_moe.route_triton(None, None, args[2], 3, True, logits_TE=got[2])  # the top-k of given logits
+    assert torch.equal(given[0], got[0]) and torch.equal(given[1], got[1]) and given[2] is got[2]
+    weights, ids = fused_moe.route_logits(got[2], args[2], 3, True)  # the operator the MoE layer calls
+    assert torch.equal(ids, want[1])
+    torch.testing.assert_close(weights, want[0], rtol=1e-5, atol=1e-6)
     w13, w2 = experts.w13.detach().to(DEVICE), experts.w2.detach().to(DEVICE)
     want_out = fused_moe.experts_reference(args[0], want[0], want[1], w13, w2)
     got_out = fused_moe.experts_triton(args[0], want[0], want[1], w13, w2, block_f=8, block_d=16)
