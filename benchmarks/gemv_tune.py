@@ -1,7 +1,8 @@
 """The few-row projection kernel (`leagues.kernels.gemv`) against the library GEMM (`F.linear`, cuBLAS) at decode
 row counts, on one GPU, in the same run, and a sweep of its tiles.
 
-Shapes: the attention projections of `--shapes` (fused q/k/v: (H + 2G) * A x D; output: D x H * A). Each timing
+Shapes: the projections of `--shapes` that run it (fused q/k/v: (H + 2G) * A x D; output: D x H * A; the MoE
+router's logits: E x D). Each timing
 replays one CUDA graph that runs the projection once for each of `--layers` distinct weights (as a decode step
 runs its layers, so the weights come from memory, not from L2) and reports the time a launch.
 
@@ -53,7 +54,8 @@ def main():
         d, heads, groups, a = (
             cfg[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
         )
-        for proj, (n, k) in {"qkv": ((heads + 2 * groups) * a, d), "o": (d, heads * a)}.items():
+        projections = {"qkv": ((heads + 2 * groups) * a, d), "o": (d, heads * a), "router": (cfg["num_experts"], d)}
+        for proj, (n, k) in projections.items():
             weights = [
                 torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(args.layers)
             ]
