@@ -16,7 +16,9 @@ One row per (clients, stream) to $OUT/server.jsonl (keys `clients`, `stream`, `i
 `latency_ms_p50`, `prompts`, `rows_per_step` and `in_process_rows_per_step` (tokens the engine sampled a step),
 `front_ttft_ms_mean` and `engine_ttft_ms_mean` (the server's own means of time to first token, from its front's
 arrival and from its engine's: where a request's wait is), `in_process_engine_ttft_ms_mean`, `to_engine_ms_mean`
-and `from_engine_ms_mean` (the server's means of the hops between its front and its engine's loop), `front`
+and `from_engine_ms_mean` (the server's means of the hops between its front and its engine's loop),
+`inbox_ms_mean` and `in_process_inbox_ms_mean` (the engine's mean wait of a request in its loop's inbox: the
+engine's part of the hop to it), `front`
 (`process`: the server's engine in its own process, `leagues serve`'s default; `thread`: on a thread of the
 server's process, with `--engine_process false`), plus the card and the load).
 
@@ -239,6 +241,13 @@ def _server_stats(url: str) -> dict:
     return httpx.get(f"{url}/get_server_info", timeout=30).json()["stats"]
 
 
+def _inbox_ms(before: dict, after: dict) -> float | None:
+    """The mean time a request waited in the engine's inbox (for its loop to end a step) over a run: the engine's
+    part of the front-to-engine hop; the rest is the pipe and each side's threads waiting for their GIL."""
+    requests = after["requests"] - before["requests"]
+    return round((after["inbox_wait_s"] - before["inbox_wait_s"]) / requests * 1e3, 2) if requests else None
+
+
 def _rows_per_step(before: dict, after: dict) -> float:
     """Tokens the engine sampled per step over a run (warm-up round included, on both sides): fewer than the
     clients means the batch the engine saw was smaller, or steps went to prompts alone."""
@@ -312,6 +321,8 @@ def _row(args, c: int, stream: bool, served: dict, mine: dict, card: str) -> dic
         in_process_engine_ttft_ms_mean=mine["engine_ttft_ms_mean"],
         to_engine_ms_mean=served["to_engine_ms_mean"],
         from_engine_ms_mean=served["from_engine_ms_mean"],
+        inbox_ms_mean=served["inbox_ms_mean"],
+        in_process_inbox_ms_mean=mine["inbox_ms_mean"],
         rows_per_step=served["rows_per_step"],
         front=_front(args.serve_extra),
         in_process_rows_per_step=mine["rows_per_step"],
@@ -364,6 +375,7 @@ def main():
         first = 100_000 * next(runs) if distinct else None
         in_process[c] = asyncio.run(run_engine(engine, prompt, params, c, (args.warmup_requests, args.requests), first))
         in_process[c]["rows_per_step"] = _rows_per_step(before, engine.stats)
+        in_process[c]["inbox_ms_mean"] = _inbox_ms(before, engine.stats)
     engine.close()
     del engine
     if torch.cuda.is_available():
@@ -379,7 +391,11 @@ def main():
                 load = (args.warmup_requests, args.requests)
                 first = 100_000 * next(runs) if distinct else None
                 served = run_server(url, body, stream, c, load, args.client_procs, first)
-                served["rows_per_step"] = _rows_per_step(before, _server_stats(url))
+                after = _server_stats(url)
+                served["rows_per_step"], served["inbox_ms_mean"] = (
+                    _rows_per_step(before, after),
+                    _inbox_ms(before, after),
+                )
                 row = _row(args, c, stream, served, in_process[c], card)
                 print(json.dumps(row), flush=True)
                 with open(os.path.join(out_dir, "server.jsonl"), "a") as f:

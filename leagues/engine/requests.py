@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from leagues.engine.block_manager import BlockManager
 from leagues.engine.output import RequestState, make_outputs
@@ -32,6 +32,8 @@ class Add:
     params: SamplingParams
     future: Future
     on_token: TokenCallback | None = None
+    posted_at: float = field(default_factory=time.monotonic)
+    """When the caller posted it (the engine's stats sum the time requests wait in its inbox)."""
 
 
 @dataclass(slots=True)
@@ -92,7 +94,8 @@ class Requests:
     def __init__(self, scheduler: Scheduler, blocks: BlockManager, tokenizer, routes_of, seed: int) -> None:
         self.scheduler, self.blocks, self.tokenizer, self.routes_of = scheduler, blocks, tokenizer, routes_of
         self.states: dict[str, RequestState] = {}
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "cached_tokens": 0, "steps": 0, "overlapped_steps": 0}
+        self.stats = {"requests": 0, "inbox_wait_s": 0.0, "prompt_tokens": 0, "generated_tokens": 0, "cached_tokens": 0,
+                      "steps": 0, "overlapped_steps": 0}  # fmt: skip
         self._rng = random.Random(seed)
         self._ids = itertools.count()
 
@@ -108,6 +111,8 @@ class Requests:
                        num_forks=params.n - 1, first_weight_version=weight_version)  # fmt: skip
         now = time.monotonic()
         self.states[rid] = RequestState(rid, add.future, [seq], params.n, on_token=add.on_token, arrival_time=now)
+        self.stats["requests"] += 1
+        self.stats["inbox_wait_s"] += now - add.posted_at  # waiting for the loop to end its step
         self.stats["prompt_tokens"] += len(prompt_ids)
         if params.max_new_tokens == 0:
             self.finish(seq, FinishReason.LENGTH)

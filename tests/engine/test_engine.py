@@ -326,9 +326,12 @@ def test_concurrent_async_requests(engine):
         calls = [engine.generate_async(prompts[p], greedy(m), request_id=f"c{i}") for i, (p, m) in enumerate(requests)]
         return await asyncio.gather(*calls)
 
+    before = dict(engine.stats)
     results = asyncio.run(run_all())
     for (p, m), outs in zip(requests, results, strict=True):
         assert len(outs) == 1 and outs[0].token_ids == expected[p][:m]
+    assert engine.stats["requests"] == before["requests"] + len(requests)
+    assert engine.stats["inbox_wait_s"] > before["inbox_wait_s"]  # posted while the loop was stepping: they waited
 
 
 # ---- 10. bad input ----
