@@ -34,6 +34,12 @@ class EngineConfig:
     decode step's kernels), which differ in their last bits, so sampled tokens could depend on when requests
     arrived, and a resumed run would no longer repeat the uninterrupted one exactly. Never in deterministic mode,
     whose bitwise check covers decode rows in the decode path."""
+    admit_after_decode_steps: int = 0
+    """While sequences decode, a request that arrives waits until this many decode steps have run since the last
+    prefill step before its prompt is computed (0: at the next step). Staggered arrivals (a server's clients,
+    agents' turns) then share fewer prefill steps, each of which stops the running batch's decode steps and
+    their overlap scheduling; each arrival waits up to this many steps longer for its first token. Like batching,
+    which requests share a step then depends on arrival timing (the default keeps today's)."""
     cuda_graphs: bool = True
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     prefill_graph_tokens: int = 2048

@@ -18,6 +18,7 @@ good: its requests fail, new ones are refused, and `failure` holds the error for
 """
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import threading
@@ -225,13 +226,13 @@ class Engine:
         self.fail_all(self.failure or RuntimeError("engine is closed"))
 
     def _drain_inbox(self) -> None:
-        if self.stepper.inflight is not None and not self._inbox.empty():
-            self.stepper.land()  # messages see sequences without placeholders
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        messages = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                messages.append(self._inbox.get_nowait())
+        if self.stepper.inflight is not None and not all(isinstance(m, Add) for m in messages):
+            self.stepper.land()  # aborts and calls see sequences without placeholders (a new request touches none)
+        for message in messages:
             try:
                 if isinstance(message, Add):
                     self.table.add(message, self.weight_version)

@@ -7,7 +7,8 @@ Each step is either a *prefill* step or a *decode* step:
   (`EngineConfig.mixed_steps`), the running sequences' decode rows ride along in the budget left (one
   token each), so a request that arrives alone costs the others no step of their own;
 - decode: every running sequence computes its one newest token and samples the next.
-New requests therefore join between decode steps. When the cache has no block for a decode, the
+New requests therefore join between decode steps (the caller may hold them back for a few decode steps:
+`schedule(admit=False)`, `EngineConfig.admit_after_decode_steps`). When the cache has no block for a decode, the
 newest running sequence is preempted: its blocks are freed (its full blocks usually stay in the prefix
 cache) and it goes back to the front of `waiting` to be recomputed later, so a full cache slows the
 engine down instead of failing a request.
@@ -112,22 +113,24 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch | None:
-        items = self._schedule_prefill()
+    def schedule(self, admit: bool = True) -> ScheduledBatch | None:
+        """The next step's batch (None: nothing to run). `admit` False leaves `waiting` where it is: the step is
+        a decode of the running sequences (or the next chunks of prompts they are computing)."""
+        items = self._schedule_prefill(admit)
         is_decode = not items
         if is_decode:
             items = self._schedule_decode()
         copies, self.blocks.pending_copies = self.blocks.pending_copies, []
         return ScheduledBatch(items, is_decode, copies) if items else None
 
-    def _schedule_prefill(self) -> list[ScheduledSeq]:
+    def _schedule_prefill(self, admit: bool) -> list[ScheduledSeq]:
         items: list[ScheduledSeq] = []
         budget = self.max_num_batched_tokens
         for seq in [s for s in self.running if s.num_pending_tokens > 1]:
             if budget <= 0 or not self._take_chunk(seq, items, budget):
                 return items
             budget -= items[-1].num_new_tokens
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             self.blocks.admit(seq)
             if not self._take_chunk(seq, items, budget):

@@ -14,9 +14,9 @@ placeholder token (`sequence.PENDING`) for the sample in flight. So the host's s
 and post-processing all run while the GPU computes. The placeholder is replaced when its step lands; a
 sequence that stopped there (eos, stop token or string) had one more row computed in the step already
 launched, and that row is dropped. Sequences whose in-flight token is their last by length are not
-scheduled again. A step that might preempt (too few free blocks), new requests, messages (aborts, weight
-loads, sleep) or rows that cannot be sampled in the step make the engine land first: every decision that
-reads tokens sees real ones.
+scheduled again. A step that might preempt (too few free blocks), new requests it admits
+(`EngineConfig.admit_after_decode_steps` may defer them), messages (aborts, weight loads, sleep) or rows that
+cannot be sampled in the step make the engine land first: every decision that reads tokens sees real ones.
 """
 
 from collections.abc import Callable
@@ -55,14 +55,19 @@ class Stepper:
         """The launched decode step whose tokens have not landed, and its rows' sequences."""
         self.overlap = _overlap(config.overlap_scheduling, runner.device)
         """Launch the next decode step before the one in flight lands (`EngineConfig.overlap_scheduling`)."""
+        if config.admit_after_decode_steps < 0:
+            raise ValueError(f"engine.admit_after_decode_steps: expected >= 0, got {config.admit_after_decode_steps}")
+        self.decodes_in_a_row = 0
+        """Decode steps since the last prefill step (`EngineConfig.admit_after_decode_steps`)."""
 
     def step(self) -> bool:
         """One step (or the landing of the step in flight); False when there was nothing to run."""
         if self.inflight is not None and not self._can_overlap():
             return self.land()
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(self._admits())
         if batch is None:
             return self.inflight is not None and self.land()
+        self.decodes_in_a_row = self.decodes_in_a_row + 1 if batch.is_decode else 0
         if self._samples_in_step(batch):
             self._launch(batch)
             return True
@@ -86,12 +91,17 @@ class Stepper:
             return False
         return all(item.samples and samples_in_step(item.seq.params) for item in batch.items)
 
+    def _admits(self) -> bool:
+        """Whether the next step may take waiting requests: nothing decodes, or enough decode steps ran since the
+        last prefill step (`EngineConfig.admit_after_decode_steps`)."""
+        return not self.scheduler.running or self.decodes_in_a_row >= self.config.admit_after_decode_steps
+
     def _can_overlap(self) -> bool:
         """The next step is surely a launched decode of running sequences (so it may start before the step in
-        flight lands): no waiting sequence, no message to handle, a free block for every running sequence (no
-        preemption), every running row sampled in the step."""
+        flight lands): no waiting sequence it would admit, no message to handle, a free block for every running
+        sequence (no preemption), every running row sampled in the step."""
         s = self.scheduler
-        if s.waiting or not self.inbox.empty() or len(s.running) > self.runner.max_launch_rows:
+        if (s.waiting and self._admits()) or not self.inbox.empty() or len(s.running) > self.runner.max_launch_rows:
             return False
         if self.blocks.num_free_blocks < len(s.running):  # it might preempt: only a landed step does that
             return False

@@ -4,9 +4,10 @@ request from the running one's token callback (on the engine's thread, so it lan
 outputs equal those of an engine that keeps prefill and decode steps apart, and a full forward's, without
 stalling the requests already running."""
 
+import pytest
 import torch
 
-from leagues.engine import SamplingParams
+from leagues.engine import Engine, SamplingParams
 
 from .reference import engine_of, make_prompts, reference_logprobs, reference_routes
 
@@ -77,3 +78,45 @@ def test_a_full_cache_never_preempts_in_a_mixed_step(engine):
             assert [o.token_ids for o in small.generate(PROMPTS[:3], params)] == want
             assert small.scheduler.num_preemptions > 0
             assert small.blocks.num_free_blocks == small.blocks.num_blocks
+
+
+def _arrivals_during_the_first(model, **config):
+    """Request 0 first; requests 1, 2 and 3 arrive as it samples its first, second and third tokens. The outputs
+    and the index of the engine step each request's tokens came from."""
+    params = SamplingParams(temperature=1.0, seed=3, max_new_tokens=8, ignore_eos=True)
+    with engine_of(model, num_blocks=128, block_size=16, **config) as engine:
+        futures, steps = [], [[] for _ in PROMPTS]
+
+        def submit(i: int):
+            def on_token(index, token, logprob):
+                steps[i].append(engine.stats["steps"])
+                if i == 0 and len(steps[0]) <= 3:
+                    submit(len(steps[0]))
+
+            futures.append(engine.submit(PROMPTS[i], params, f"r{i}", on_token))
+
+        submit(0)
+        futures[0].result(timeout=60)
+        return [o for f in futures for o in f.result(timeout=60)], steps
+
+
+@pytest.mark.parametrize("overlap", ["false", "true"])
+def test_deferred_admission_groups_staggered_arrivals_into_one_prefill_step(engine, overlap):
+    """`admit_after_decode_steps`: the three arrivals wait for the running request's decode steps and share one
+    prefill step (at once, each has its own); the outputs are the same, and request 0 decodes without a gap."""
+    now, now_steps = _arrivals_during_the_first(engine.model, overlap_scheduling=overlap)
+    later, later_steps = _arrivals_during_the_first(
+        engine.model, overlap_scheduling=overlap, admit_after_decode_steps=4
+    )
+    assert [o.token_ids for o in later] == [o.token_ids for o in now]
+    for ours, theirs in zip(later, now, strict=True):
+        torch.testing.assert_close(torch.tensor(ours.logprobs), torch.tensor(theirs.logprobs), rtol=0, atol=1e-5)
+    # at once: a prefill step for each arrival the step before it saw (overlapped, the last two arrive together)
+    prefills = {s[0] for s in now_steps[1:]}
+    assert len(prefills) == (3 if overlap == "false" else 2)
+    assert {s[0] for s in later_steps[1:]} == {5}  # deferred: one, after r0's prefill and its four decode steps
+    assert later_steps[0][:5] == [0, 1, 2, 3, 4]
+    gaps = [set(range(steps[0][0], steps[0][-1] + 1)) - set(steps[0]) for steps in (now_steps, later_steps)]
+    assert gaps == [prefills, {5}]  # r0 skips exactly the prefill steps
+    with pytest.raises(ValueError, match="admit_after_decode_steps: expected >= 0, got -1"):
+        Engine(engine.model, admit_after_decode_steps=-1)
