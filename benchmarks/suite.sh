@@ -11,6 +11,7 @@
 #   server          the HTTP front against in-process, 8 and 64 clients, streamed and not (benchmarks/server.py)
 #   server-thread   the same with the server's engine on a thread of its process (`--engine_process false`)
 #   server-mixed    the same with the engine's mixed steps (`--engine.mixed_steps true`, both sides)
+#   server-admit    the same with arrivals deferred for 4 decode steps (`--engine.admit_after_decode_steps 4`, both sides)
 #   server-profile  64 streaming clients with the server under py-spy (needs py-spy on PATH)
 #   server-front    the HTTP front alone before a stand-in engine that costs nothing (benchmarks/server_front.py)
 #   prefill         prefill latency at batches 1, 8, 64 and its profile, syncs and Python profile (benchmarks/prefill.py)
@@ -50,6 +51,8 @@ for part in "$@"; do
         --client-procs 8 --tag thread --engine_process false ;;
     server-mixed) run server-mixed 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
         --client-procs 8 --tag mixed-steps --engine.mixed_steps true ;;
+    server-admit) run server-admit 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
+        --client-procs 8 --tag admit-4 --engine.admit_after_decode_steps 4 ;;
     server-profile) run server-profile 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 64 \
         --stream true --client-procs 8 --profile --tag profile ;;
     server-front) run server-front 150 python3 benchmarks/server_front.py --clients 8,64 --stream both \
