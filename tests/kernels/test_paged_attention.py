@@ -247,7 +247,8 @@ def test_triton_in_fresh_process():
     if triton is None or DEVICE != "cpu" or _can_interpret_here():
         pytest.skip("the kernel tests run in this process")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton_decode or write_kernel", __file__]
+    tests = "triton_decode or write_kernel"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", tests, __file__]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
