@@ -73,11 +73,11 @@ def test_fused_sampler_matches_the_reference_at_full_vocabulary():
 
 
 @pytest.mark.parametrize(
-    "num_tokens,mode", [(1, "small"), (8, "small"), (16, "small"), (128, "tiled"), (256, "tiled"), (300, None)]
+    "num_tokens,mode", [(1, "small"), (8, "small"), (16, "tiled"), (128, "tiled"), (256, "tiled"), (300, None)]
 )
 def test_fused_moe_layer_matches_the_grouped_path_in_bf16(num_tokens, mode):
     """The decode-sized paths (route, (align,) gate/up, down kernels; at up to `gemv.MAX_ROWS` tokens the router's
-    logits by the GEMV kernel, at 16 by the route kernel) against the grouped GEMMs on the same bf16 layer."""
+    logits by the GEMV kernel, at 16 by the route kernel and the tiles) against the grouped GEMMs on the same bf16 layer."""
     from leagues.model.config import ModelConfig
     from leagues.model.moe import MoE
 
