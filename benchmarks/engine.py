@@ -4,7 +4,9 @@ One GPU, bf16, a Qwen3-MoE model with random weights (the ANCHORS.md shape by de
 one run, on the same checkpoint and prompts:
 - greedy parity: the engine's first 32 greedy tokens against HF `generate` for 16 prompts;
 - decode: B prompts of 64 tokens, N new tokens (eos ignored, temperature 1 by default: the RL case), at
-  B = 1, 8, 64, 256 and N = 128, 1024; the decode step is (the N-token run - a 1-token run) / (N - 1);
+  B = 1, 8, 64, 256 and N = 128, 1024; the decode step is the N-token run's time from its first token on the
+  host to its end, / (N - 1) (`step_ms_by_difference`: (the N-token run - a 1-token run) / (N - 1), the
+  figure before 2026-12-05, which a prefill slower in the 1-token run than in the N-token run understated);
   HF `generate` runs the same prompts with the same N where asked (`--hf-batches`, `--hf-new-tokens`);
 - deterministic mode: the same decode rows with `deterministic=True` for the batches of `--det-batches`;
 - prefill: 64 prompts of 512 tokens, one new token, against HF's forward on the same batch.
@@ -82,12 +84,19 @@ def prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def engine_time(engine: Engine, batch: list[list[int]], new_tokens: int, temperature: float = 0.0) -> float:
+    return engine_times(engine, batch, new_tokens, temperature)[0]
+
+
+def engine_times(engine: Engine, batch, new_tokens: int, temperature: float = 0.0) -> tuple[float, float]:
+    """(seconds of the whole call, seconds from the first token on the host to the end): the second is the
+    decode steps alone, whatever the prefill cost."""
     params = SamplingParams(temperature=temperature, max_new_tokens=new_tokens, ignore_eos=True, seed=0)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    engine.generate(batch, params)
+    outputs = engine.generate(batch, params)
     torch.cuda.synchronize()
-    return time.perf_counter() - start
+    end = time.perf_counter()
+    return end - start, time.monotonic() - min(o.first_token_time for o in outputs)
 
 
 def hf_generate_time(model, batch: list[list[int]], new_tokens: int, temperature: float) -> float:
@@ -157,8 +166,8 @@ def _decode_rows(engine, model, hf, args, ceilings_, deterministic: bool, batche
             batch = prompts(batch_size, 64, hf["vocab_size"], seed=batch_size)
             engine_time(engine, batch, 4, args.temperature)  # warm-up
             prefill = engine_time(engine, batch, 1, args.temperature)
-            total = engine_time(engine, batch, new_tokens, args.temperature)
-            step = (total - prefill) / (new_tokens - 1)
+            total, decoding = engine_times(engine, batch, new_tokens, args.temperature)
+            step = decoding / (new_tokens - 1)
             floor = decode_floor(hf, batch_size, 64 + new_tokens // 2, bandwidth, peak)
             row = dict(
                 what="decode",
@@ -170,6 +179,7 @@ def _decode_rows(engine, model, hf, args, ceilings_, deterministic: bool, batche
                 overlap=overlap,
                 gemv_rows=gemv.MAX_ROWS,
                 step_ms=round(step * 1e3, 3),
+                step_ms_by_difference=round((total - prefill) / (new_tokens - 1) * 1e3, 3),
                 floor_ms=round(floor * 1e3, 3),
                 step_over_floor=round(step / floor, 2),
                 tokens_per_s=round(batch_size / step),
