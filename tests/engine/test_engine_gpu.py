@@ -77,7 +77,8 @@ def test_fused_sampler_matches_the_reference_at_full_vocabulary():
 )
 def test_fused_moe_layer_matches_the_grouped_path_in_bf16(num_tokens, mode):
     """The decode-sized paths (route, (align,) gate/up, down kernels; at up to `gemv.MAX_ROWS` tokens the router's
-    logits by the GEMV kernel, at 16 by the route kernel and the tiles) against the grouped GEMMs on the same bf16 layer."""
+    logits by the GEMV kernel, at 16 by the route kernel and the tiles) against the grouped GEMMs on the same bf16
+    layer."""
     from leagues.model.config import ModelConfig
     from leagues.model.moe import MoE
 
