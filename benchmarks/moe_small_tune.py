@@ -1,11 +1,13 @@
-"""Tile sizes of the small fused MoE kernels (`leagues.kernels.fused_moe`: route, gate/up, down) at decode
-batches of at most one (token, expert) pair per expert, each configuration replayed in a CUDA graph on one GPU.
+"""Tile sizes of the fused MoE kernels (`leagues.kernels.fused_moe`), each configuration replayed in a CUDA graph
+on one GPU: the small path's route, gate/up and down at decode batches of at most one (token, expert) pair per
+expert (`--tokens`), and the tiled path's gate/up and down at larger decode batches (`--tiled-tokens`).
 
 One row per (shape, kernel, tokens, config) to $OUT/moe_small_tune.jsonl: `shape`, `kernel`, `tokens`,
 `config`, `us` (median replay of one launch), `bytes_per_us` (weight bytes the launch reads / time), and one
 `best` row per (shape, kernel, tokens) with the default configuration's time beside it.
 
     PYTHONPATH=. python benchmarks/moe_small_tune.py [--shapes anchor,wide] [--tokens 1,2,4,8]
+        [--tiled-tokens 64,256] [--kernels route,gate_up,down,gate_up_tiled,down_tiled]
 """
 
 import argparse
@@ -34,6 +36,13 @@ DOWN = [
     if bd * bf <= 128 * 32 * w
 ]
 
+# the tiled path: output columns and reduction step a program takes, warps, pipeline stages (same for both kernels)
+TILED = [
+    dict(block_n=bn, block_k=bk, warps=(w, w), stages=(st, st))
+    for bn, bk, w, st in itertools.product((32, 64, 128), (32, 64, 128), (2, 4, 8), (2, 3, 4))
+    if bn * bk <= 128 * 64 * w // 2
+]
+
 
 def route_configs(num_experts: int) -> list[dict]:
     e_pad = 1 << (num_experts - 1).bit_length()
@@ -51,7 +60,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="anchor,wide")
     parser.add_argument("--tokens", default="1,2,4,8")
-    parser.add_argument("--kernels", default="route,gate_up,down")
+    parser.add_argument("--tiled-tokens", default="64,256")
+    parser.add_argument("--kernels", default="route,gate_up,down,gate_up_tiled,down_tiled")
     parser.add_argument("--out", default=os.path.join(OUT, "moe_small_tune.jsonl"))
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -63,8 +73,12 @@ def main():
         w2 = torch.randn(e, d, f, generator=gen, **bf16) * f**-0.5
         router = torch.randn(e, d, generator=gen, **bf16) * d**-0.5
         bias = torch.zeros(e, device="cuda")
-        for tokens in (int(t) for t in args.tokens.split(",")):
-            tune(args.out, shape, tokens, gen, w13, w2, router, bias, k, args.kernels.split(","))
+        names = args.kernels.split(",")
+        small, tiled = [n for n in names if "tiled" not in n], [n for n in names if "tiled" in n]
+        for tokens in (int(t) for t in args.tokens.split(",") if small):
+            tune(args.out, shape, tokens, gen, w13, w2, router, bias, k, small)
+        for tokens in (int(t) for t in args.tiled_tokens.split(",") if tiled):
+            tune(args.out, shape, tokens, gen, w13, w2, router, bias, k, tiled)
 
 
 def tune(out, shape, tokens, gen, w13, w2, router, bias, k, names) -> None:
@@ -78,6 +92,8 @@ def tune(out, shape, tokens, gen, w13, w2, router, bias, k, names) -> None:
         "gate_up": (GATE_UP, partial(_gate_up, x, ids, w13, f), tokens * k * two_f * d * 2),
         "down": ([c for c in DOWN if c["inner_f"] <= max(f, 128)], partial(_down, h, ids, weights, w2, d),
                  tokens * k * f * d * 2),
+        "gate_up_tiled": (TILED, partial(_gate_up_tiled, x, ids, w13, f), _experts_hit(ids, e) * two_f * d * 2),
+        "down_tiled": (TILED, partial(_down_tiled, h, ids, weights, w2, d), _experts_hit(ids, e) * f * d * 2),
     }  # fmt: skip
     for kernel, (configs, fn, num_bytes) in ((n, kernels[n]) for n in names):
         times = []
@@ -119,6 +135,40 @@ def _down(h, ids, weights, w2, d, c):
         BLOCK_D=block_d, BLOCK_F=min(c["inner_f"], 1 << (h.shape[1] - 1).bit_length()), num_warps=c["warps"][1],
     )  # fmt: skip
     return out
+
+
+def _experts_hit(ids, num_experts: int) -> int:
+    return int(torch.bincount(ids.flatten(), minlength=num_experts).gt(0).sum())
+
+
+def _tiled_args(ids, num_experts: int, c: dict):
+    c = fused_moe.TILED_TILES | c
+    sorted_S, block_expert_B = fused_moe.align_triton(ids, num_experts)
+    return c, sorted_S, block_expert_B
+
+
+def _gate_up_tiled(x, ids, w13, f, c):
+    """The tiled gate/up launch alone, as `pairs_tiled_triton` makes it (its align launch included)."""
+    c, sorted_S, block_expert_B = _tiled_args(ids, w13.shape[0], c)
+    h = x.new_empty(ids.numel(), f)
+    fused_moe._gate_up_tiled_kernel[(block_expert_B.shape[0], -(-f // c["block_n"]))](
+        x, sorted_S, block_expert_B, w13, h, ids.numel(), x.shape[1], f, x.stride(0), w13.stride(0), w13.stride(1),
+        h.stride(0), E=w13.shape[0], K=ids.shape[1], BLOCK_M=fused_moe.BLOCK_M, BLOCK_N=c["block_n"],
+        BLOCK_K=c["block_k"], PRECISION="tf32", num_warps=c["warps"][0], num_stages=c["stages"][0],
+    )  # fmt: skip
+    return h
+
+
+def _down_tiled(h, ids, weights, w2, d, c):
+    """The tiled down launch alone, as `pairs_tiled_triton` makes it (its align launch included)."""
+    c, sorted_S, block_expert_B = _tiled_args(ids, w2.shape[0], c)
+    y = torch.empty(ids.numel(), d, dtype=torch.float32, device=h.device)
+    fused_moe._down_tiled_kernel[(block_expert_B.shape[0], -(-d // c["block_n"]))](
+        h, sorted_S, block_expert_B, weights.contiguous(), w2, y, ids.numel(), d, h.shape[1], h.stride(0),
+        w2.stride(0), w2.stride(1), y.stride(0), E=w2.shape[0], BLOCK_M=fused_moe.BLOCK_M, BLOCK_N=c["block_n"],
+        BLOCK_K=c["block_k"], PRECISION="tf32", num_warps=c["warps"][1], num_stages=c["stages"][1],
+    )  # fmt: skip
+    return y
 
 
 if __name__ == "__main__":

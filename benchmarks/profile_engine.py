@@ -84,8 +84,10 @@ def main():
                 engine.step()
             torch.cuda.synchronize()
         events = prof.key_averages()
-        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 20
-        print(f"batch {batch}: {kernels:.0f} GPU kernels and copies a step")
+        on_gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = sum(e.count for e in on_gpu) / 20
+        busy_ms = sum(e.self_device_time_total for e in on_gpu) / 20 / 1e3
+        print(f"batch {batch}: {kernels:.0f} GPU kernels and copies a step, {busy_ms:.3f} ms of GPU time a step")
         print(events.table(sort_by=args.sort, row_limit=22, max_name_column_width=60))
         if engine.stepper.inflight is not None:
             engine.stepper.land()

@@ -441,7 +441,8 @@ def moe_experts(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, reference):
     With gradients the backward differentiates `reference(x, weights, ids, w13, w2)`, recomputed."""
 
     def fast(x, weights, ids, w13, w2):
-        return fused_moe.sum_pairs_triton(fused_moe.pairs_tiled_triton(x, weights, ids, w13, w2), x.dtype)
+        pairs = fused_moe.pairs_tiled_triton(x, weights, ids, w13, w2, **fused_moe.INVARIANT_TILES)
+        return fused_moe.sum_pairs_triton(pairs, x.dtype)
 
     return _recompute(fast, reference, x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF)
 
@@ -453,7 +454,7 @@ def moe_rows(x_RD, ids_R, w13_EFD, w2_EDF, reference):
 
     def fast(x, ids, w13, w2):
         ones_R1 = torch.ones(ids.shape[0], 1, device=x.device)
-        return fused_moe.pairs_tiled_triton(x, ones_R1, ids[:, None], w13, w2)[:, 0]
+        return fused_moe.pairs_tiled_triton(x, ones_R1, ids[:, None], w13, w2, **fused_moe.INVARIANT_TILES)[:, 0]
 
     return _recompute(fast, reference, x_RD, ids_R, w13_EFD, w2_EDF)
 

@@ -51,6 +51,12 @@ SMALL_TILES = dict(block_f=4, block_d=4, inner_d=1024, inner_f=512, warps=(2, 2)
 and (gate/up, down) warps a program. Measured best at 1-8 tokens for 1024 x 256 and 2048 x 768 experts on an
 H200 (`benchmarks/moe_small_tune.py`): at decode sizes these launches wait on memory latency, so many small
 programs, each with a whole row of its reduction in flight, beat fewer larger ones."""
+TILED_TILES = dict(block_n=64, block_k=64, warps=(4, 4), stages=(3, 3))
+"""The tiled path's launches: output columns and reduction step a program takes, and (gate/up, down) warps and
+pipeline stages. Deterministic mode pins `INVARIANT_TILES` instead (a row's reduction order follows `block_k`)."""
+INVARIANT_TILES = dict(block_n=64, block_k=64, warps=(4, 4), stages=(3, 3))
+"""The tiled launches of deterministic mode (`leagues.kernels.batch_invariant`): fixed, whatever tuning
+`TILED_TILES` gets, so the trainer and the engine of any version agree."""
 ROUTE_TILES = dict(block_d=128, num_warps=16)
 """The route launch: the model-dim tile of its GEMV and warps a program (measured best at 1-8 tokens, both shapes)."""
 
@@ -409,9 +415,11 @@ def align_triton(ids_TK: torch.Tensor, num_experts: int, block_m: int = BLOCK_M)
     return sorted_S, block_expert_B
 
 
-def pairs_tiled_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, block_n: int = 64, block_k: int = 64):
+def pairs_tiled_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
     """`pairs_reference` as align + two tiled GEMM kernels (the caller sums over k: inside a compiled block
-    that sum fuses with the residual add)."""
+    that sum fuses with the residual add). `tiles` overrides `TILED_TILES`."""
+    tiles = TILED_TILES | tiles
+    block_n, block_k, warps, stages = tiles["block_n"], tiles["block_k"], tiles["warps"], tiles["stages"]
     num_tokens, dim = x_TD.shape
     top_k, num_ffn, num_experts = ids_TK.shape[1], w2_EDF.shape[-1], w2_EDF.shape[0]
     x_TD, weights_TK = x_TD.contiguous(), weights_TK.contiguous()
@@ -428,12 +436,12 @@ def pairs_tiled_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, block_n: int =
     _gate_up_tiled_kernel[(num_blocks, triton.cdiv(num_ffn, block_n))](
         x_TD, sorted_S, block_expert_B, w13_EFD, h_PF, num_pairs, dim, num_ffn, x_TD.stride(0), w13_EFD.stride(0),
         w13_EFD.stride(1), h_PF.stride(0), E=num_experts, K=top_k, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        BLOCK_K=block_k, PRECISION=precision,
+        BLOCK_K=block_k, PRECISION=precision, num_warps=warps[0], num_stages=stages[0],
     )  # fmt: skip
     _down_tiled_kernel[(num_blocks, triton.cdiv(dim, block_n))](
         h_PF, sorted_S, block_expert_B, weights_TK, w2_EDF, y_PD, num_pairs, dim, num_ffn, h_PF.stride(0),
         w2_EDF.stride(0), w2_EDF.stride(1), y_PD.stride(0), E=num_experts, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        BLOCK_K=block_k, PRECISION=precision,
+        BLOCK_K=block_k, PRECISION=precision, num_warps=warps[1], num_stages=stages[1],
     )  # fmt: skip
     return y_PD.view(num_tokens, top_k, dim)
 

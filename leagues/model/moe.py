@@ -199,10 +199,13 @@ class MoE(nn.Module):
         self.shared = GatedMLP(cfg.dim, cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else None
         self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
 
-    def forward(self, x_TD: torch.Tensor, replay_ids_TK: torch.Tensor | None = None):
+    def forward(self, x_TD: torch.Tensor, replay_ids_TK: torch.Tensor | None = None, sum_pairs: bool = True):
+        """(output, routing). The output is [T, D]; with `sum_pairs=False` the tiled decode path (no shared expert)
+        returns its per-pair outputs [T, K, D] in float32 instead, whose sum over K is the caller's
+        (`transformer.add_pending`: one kernel with the residual add and the next norm)."""
         fused = self._fused(x_TD) if replay_ids_TK is None else None
         if fused is not None:
-            routing, out_TD = self._forward_fused(x_TD, fused)
+            routing, out_TD = self._forward_fused(x_TD, fused, sum_pairs)
         else:
             routing = self.router(x_TD, replay_ids_TK)
             out_TD = self.experts(x_TD, routing.weights_TK, routing.expert_ids_TK)
@@ -222,7 +225,7 @@ class MoE(nn.Module):
             return None
         return fused_moe.mode(x_TD, self.router.weight.shape[0], self.router.top_k, self.experts.w2.shape[-1])
 
-    def _forward_fused(self, x_TD: torch.Tensor, mode: str) -> tuple[Routing, torch.Tensor]:
+    def _forward_fused(self, x_TD: torch.Tensor, mode: str, sum_pairs: bool) -> tuple[Routing, torch.Tensor]:
         router = self.router
         if gemv.applies(x_TD, router.weight):  # a few tokens: the router's GEMV spread over the GPU, then top-k
             logits_TE = gemv.gemv(x_TD, router.weight)
@@ -238,5 +241,7 @@ class MoE(nn.Module):
         if mode == "small":
             out_TD = fused_moe.experts(x_TD, weights_TK, ids_TK, w13, w2)
         else:
-            out_TD = fused_moe.pairs_tiled(x_TD, weights_TK, ids_TK, w13, w2).sum(1).to(x_TD.dtype)
+            out_TD = fused_moe.pairs_tiled(x_TD, weights_TK, ids_TK, w13, w2)
+            if sum_pairs or self.shared is not None:
+                out_TD = out_TD.sum(1).to(x_TD.dtype)
         return Routing(weights_TK, ids_TK, logits_TE), out_TD

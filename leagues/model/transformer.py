@@ -85,13 +85,27 @@ class Block(nn.Module):
         else:
             self.mlp = GatedMLP(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
 
-    def forward(self, x_TD, rope, backend, replay_ids_TK=None):
+    def forward(self, x_TD, rope, backend, replay_ids_TK=None, pending=None):
+        """(residual stream, this block's output not yet added to it, routing). `pending` is the previous block's
+        output: adding it here puts the block boundary's residual add in the same kernel as this block's first
+        norm when the block is compiled (one launch fewer a layer in a decode step)."""
+        x_TD = add_pending(x_TD, pending)
         x_TD = x_TD + self.attn(self.attn_norm(x_TD), rope, backend)
         h_TD = self.mlp_norm(x_TD)
         if not self.is_moe:
-            return x_TD + self.mlp(h_TD), None
-        out_TD, routing = self.moe(h_TD, replay_ids_TK)
-        return x_TD + out_TD, routing
+            return x_TD, self.mlp(h_TD), None
+        out, routing = self.moe(h_TD, replay_ids_TK, sum_pairs=False)
+        return x_TD, out, routing
+
+
+def add_pending(x_TD: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+    """The residual add of a block's output: [T, D], or the MoE's per-pair outputs [T, K, D] in float32, summed
+    over K and rounded to x's dtype first (the numbers the MoE's own sum gives)."""
+    if pending is None:
+        return x_TD
+    if pending.dim() == 3:
+        pending = pending.sum(1).to(x_TD.dtype)
+    return x_TD + pending
 
 
 class Transformer(nn.Module):
@@ -126,13 +140,14 @@ class Transformer(nn.Module):
         x_TD = self.embed(batch.input_ids_T)
         rope = self.rope(batch.positions_T, x_TD.dtype)
         replay = self._check_replay(batch.replay_experts_TLK, x_TD.shape[0])
-        routes, router_logits = [], []
+        routes, router_logits, pending = [], [], None
         for block in self.layers:
             replay_ids_TK = replay[:, len(routes)] if replay is not None and block.is_moe else None
-            x_TD, routing = block(x_TD, rope, batch.attention, replay_ids_TK)
+            x_TD, pending, routing = block(x_TD, rope, batch.attention, replay_ids_TK, pending)
             if routing is not None:
                 routes.append(routing.expert_ids_TK)
                 router_logits.append(routing.logits_TE)
+        x_TD = add_pending(x_TD, pending)
         if pad:  # the padding's rows leave here: nothing downstream sees them
             x_TD = x_TD[:num_tokens]
             routes = [ids_TK[:num_tokens] for ids_TK in routes]
