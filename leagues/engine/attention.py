@@ -2,7 +2,7 @@
 
 `PagedAttention` is what the runner hands to `Transformer.run` as the batch's attention backend (the
 seam in `leagues.model.attention`). For each layer it writes the step's new keys and values into
-their cache slots, then attends:
+their cache slots (in a decode step on CUDA, the decode kernel itself does), then attends:
 - decode steps (one query per sequence): the paged decode kernel (`leagues.kernels.paged_attention`,
   Triton on CUDA, the torch reference elsewhere);
 - prefill steps on CUDA: FlashAttention varlen over the fresh keys when no sequence has a cached
@@ -58,21 +58,27 @@ class PagedAttention:
     """Deterministic mode (set by the model): batch-invariant attention with keys padded to this length."""
     invariant_tiles: tuple | None = None
     """Deterministic mode on CUDA: the kernel's tiles of this step, built by the first layer."""
+    rows_are_sequences: bool = True
+    """Decode: each row is a sequence of its own, whose new key and value only that row reads, so the decode
+    kernel writes them itself. False for ragged steps (a sequence's rows read each other's: `write_kv` first)."""
     keys: tuple[torch.Tensor, torch.Tensor] | None = None
     """Prefill over cached keys: `key_slots` of the step (every key's slot, cu_seqlens_k), built once for all
     layers (None: each layer builds them, reading their count back)."""
 
     def attend(self, layer_idx: int, q_THA: torch.Tensor, k_TGA: torch.Tensor, v_TGA: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache_2LNSGA[0, layer_idx], self.kv_cache_2LNSGA[1, layer_idx]
-        write_kv(k_cache, v_cache, k_TGA, v_TGA, self.slots_T)
         scale = q_THA.shape[-1] ** -0.5
+        new_kv = (k_TGA, v_TGA, self.slots_T)
+        if self.is_decode and not self.invariant_len:
+            options = {} if self.split_tokens is None else {"split_tokens": self.split_tokens}
+            if not self.rows_are_sequences:
+                write_kv(k_cache, v_cache, *new_kv)
+                new_kv = None
+            tables, lens = self.block_tables_BM, self.context_lens_B
+            return paged_decode(q_THA, k_cache, v_cache, tables, lens, scale, self.impl, new_kv=new_kv, **options)
+        write_kv(k_cache, v_cache, *new_kv)
         if self.invariant_len:
             return self._invariant(q_THA, k_cache, v_cache, scale)
-        if self.is_decode:
-            options = {} if self.split_tokens is None else {"split_tokens": self.split_tokens}
-            return paged_decode(
-                q_THA, k_cache, v_cache, self.block_tables_BM, self.context_lens_B, scale, self.impl, **options
-            )
         flash_dtype = q_THA.dtype in (torch.float16, torch.bfloat16)  # FlashAttention has no float32 kernel
         if q_THA.is_cuda and flash_dtype and self.impl != "reference" and varlen_function() is not None:
             if self.fresh:

@@ -277,6 +277,7 @@ class RaggedGraphs(_StepGraphs):
             is_decode=True,
             fresh=False,
             impl=runner.attention_impl,
+            rows_are_sequences=False,
         )
         hidden_TD = runner._run(attention, dev["input_ids"][:bucket], dev["positions"][:bucket])
         logits = runner.model.logits(hidden_TD[dev["sample_rows"][: min(bucket, self.max_seqs)]])

@@ -240,14 +240,17 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, o_ptr, lse_ptr,
+        q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, o_ptr, lse_ptr, k_new_ptr, v_new_ptr, slots_ptr,
         qk_scale,  # softmax scale * log2(e)
         stride_qb, stride_qh, stride_kn, stride_ks, stride_kg, stride_vn, stride_vs, stride_vg, stride_btb,
-        stride_ob, stride_oh, stride_op, stride_lb, stride_lh,
+        stride_ob, stride_oh, stride_op, stride_lb, stride_lh, stride_knb, stride_kng, stride_vnb, stride_vng,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, A: tl.constexpr, S: tl.constexpr,
         BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+        WRITE: tl.constexpr,
     ):  # fmt: skip
-        """Program (b, g, p): query heads g*GROUP.. of sequence b over tokens [p*SPLIT_TOKENS, ...) of its cache."""
+        """Program (b, g, p): query heads g*GROUP.. of sequence b over tokens [p*SPLIT_TOKENS, ...) of its cache.
+        WRITE: the program whose tokens hold the sequence's last one first stores its new key and value (kv head
+        g) at its slot; the barrier makes the stores visible to the program's own loads below."""
         b, g, p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         ctx = tl.load(ctx_ptr + b)
         start, end = 0, ctx
@@ -256,6 +259,17 @@ if triton is not None:
             end = tl.minimum(ctx, start + SPLIT_TOKENS)
         offs_m = tl.arange(0, GROUP_PAD)
         offs_a = tl.arange(0, A)
+        if WRITE:
+            if (start <= ctx - 1) & (ctx - 1 < end):
+                slot = tl.load(slots_ptr + b).to(tl.int64)
+                block, row = slot // S, slot % S
+                k_A = tl.load(k_new_ptr + b * stride_knb + g * stride_kng + offs_a)
+                v_A = tl.load(v_new_ptr + b * stride_vnb + g * stride_vng + offs_a)
+                k_dst = k_ptr + block * stride_kn + row * stride_ks + g * stride_kg + offs_a
+                v_dst = v_ptr + block * stride_vn + row * stride_vs + g * stride_vg + offs_a
+                tl.store(k_dst, k_A.to(k_ptr.dtype.element_ty))
+                tl.store(v_dst, v_A.to(v_ptr.dtype.element_ty))
+            tl.debug_barrier()
         heads_m = g * GROUP + offs_m
         row_ok_m = offs_m < GROUP
         q_ptrs = q_ptr + b * stride_qb + heads_m[:, None] * stride_qh + offs_a[None, :]
@@ -320,8 +334,11 @@ def paged_decode_triton(
     *,
     block_n: int = 64,
     split_tokens: int | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The Triton decode kernel; `split_tokens` (a multiple of `block_n`) turns on split-K with that split size."""
+    """The Triton decode kernel; `split_tokens` (a multiple of `block_n`) turns on split-K with that split size.
+    `new_kv` (k_BGA, v_BGA, slots_B): the step's new keys and values, stored at their slots by the kernel itself
+    before it reads them (`write_kv` in the same launch: a decode layer is launch-bound)."""
     _check_decode_args(q_BHA, k_cache_NSGA, v_cache_NSGA, block_n, split_tokens)
     num_seqs, num_heads, head_dim = q_BHA.shape
     _, block_size, num_kv_heads, _ = k_cache_NSGA.shape
@@ -334,14 +351,21 @@ def paged_decode_triton(
         q_BHA.new_empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32) if split else o_BHA[:, :, None]
     )
     lse_BHP = q_BHA.new_empty(num_seqs, num_heads, num_splits, dtype=torch.float32) if split else o_BHPA  # unused
+    if new_kv is None:
+        k_new_BGA = v_new_BGA = slots_B = q_BHA  # unused
+    else:
+        k_new_BGA, v_new_BGA, slots_B = new_kv
+        if k_new_BGA.stride(2) != 1 or v_new_BGA.stride(2) != 1 or len(slots_B) != num_seqs:
+            raise ValueError("new_kv: keys and values contiguous in the head dim, one slot a sequence")
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q_BHA, k_cache_NSGA, v_cache_NSGA, block_tables_BM, context_lens_B, o_BHPA, lse_BHP,
-        scale * LOG2E,
+        k_new_BGA, v_new_BGA, slots_B, scale * LOG2E,
         q_BHA.stride(0), q_BHA.stride(1), *k_cache_NSGA.stride()[:3], *v_cache_NSGA.stride()[:3],
         block_tables_BM.stride(0), *o_BHPA.stride()[:3], *lse_BHP.stride()[:2],
+        *k_new_BGA.stride()[:2], *v_new_BGA.stride()[:2],
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), A=head_dim, S=block_size,
         BLOCK_N=block_n, SPLIT_TOKENS=split_tokens or block_n, SPLIT=split,
-        PRECISION="ieee" if q_BHA.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q_BHA.dtype == torch.float32 else "tf32", WRITE=new_kv is not None,
     )  # fmt: skip
     if split:
         _combine_kernel[(num_seqs, num_heads)](
@@ -389,15 +413,22 @@ def paged_decode(
     context_lens_B: torch.Tensor,
     scale: float,
     impl: str = "auto",
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     **kernel_options,
 ) -> torch.Tensor:
     """Dispatch: "auto" (the kernel on CUDA, the reference elsewhere), "triton" (CPU only under
-    TRITON_INTERPRET=1) or "reference". `kernel_options` (`block_n`, `split_tokens`) go to the kernel."""
+    TRITON_INTERPRET=1) or "reference". `kernel_options` (`block_n`, `split_tokens`) go to the kernel.
+    `new_kv` (k_BGA, v_BGA, slots_B): the step's new keys and values, written to the cache first (by the kernel
+    itself on the Triton path)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     args = (q_BHA, k_cache_NSGA, v_cache_NSGA, block_tables_BM, context_lens_B, scale)
     if impl == "triton" or (impl == "auto" and q_BHA.is_cuda and triton is not None):
-        return paged_decode_triton(*args, **kernel_options)
+        if new_kv is not None:  # the kernel reads rows of G x A contiguous in A
+            new_kv = (*(x if x.stride(2) == 1 else x.contiguous() for x in new_kv[:2]), new_kv[2])
+        return paged_decode_triton(*args, new_kv=new_kv, **kernel_options)
+    if new_kv is not None:
+        write_kv(k_cache_NSGA, v_cache_NSGA, *new_kv)
     if impl == "auto":
         cu_seqlens_q_B1 = torch.arange(len(q_BHA) + 1, device=q_BHA.device, dtype=torch.int32)
         return paged_attention_padded(

@@ -212,6 +212,30 @@ def test_triton_decode_matches_reference(kernels, head_dim, group, block_size, o
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("options", [{"block_n": 16}, {"block_n": 16, "split_tokens": 16}])
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_triton_decode_writes_the_new_keys_it_reads(kernels, options, impl):
+    """`new_kv`: each sequence's last key and value arrive with the query (their slots NaN in the cache); the
+    decode stores them (the Triton kernel itself, in the program whose split holds them) and attends over them:
+    the cache and the output are those of the separate write and the reference decode."""
+    lens, block_size = (1, 3, 4, 9, 14), 4
+    case = make_case(lens, block_size=block_size)
+    tables = case.block_tables_BM.cpu()
+    slots_B = torch.tensor([int(tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+                            for b, n in enumerate(lens)], device=DEVICE)  # fmt: skip
+    k_rows, v_rows = (c.view(-1, *c.shape[2:]) for c in (case.k_cache_NSGA, case.v_cache_NSGA))
+    k_BGA, v_BGA = k_rows[slots_B].clone(), v_rows[slots_B].clone()
+    want_cache = (case.k_cache_NSGA.clone(), case.v_cache_NSGA.clone())
+    q_BHA = random_q(len(lens), 4, 16)
+    want = kernels.paged_decode_reference(q_BHA, *kernel_args(case), 0.25)
+    k_rows[slots_B], v_rows[slots_B] = float("nan"), float("nan")
+    got = kernels.paged_decode(q_BHA, *kernel_args(case), 0.25, impl=impl, new_kv=(k_BGA, v_BGA, slots_B), **(
+        options if impl == "triton" else {}))  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for cache, wanted in zip((case.k_cache_NSGA, case.v_cache_NSGA), want_cache, strict=True):
+        torch.testing.assert_close(cache, wanted, equal_nan=True, atol=0, rtol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE == "cpu", reason="the triton 3.6 interpreter computes bf16 tl.dot wrong (numpy has no bf16)")
 def test_triton_decode_bf16(kernels):
