@@ -157,7 +157,7 @@ if triton is not None:
         weights = tl.where(chosen, probs, 0.0)
         if RENORM:  # the same lanes summed whether chosen here or given: replay reproduces the weights bitwise
             weights = weights / tl.sum(weights, axis=0)
-        tl.store(weights_ptr + t * K + rank, weights, mask=chosen)
+        tl.store(weights_ptr + t * K + rank, weights.to(weights_ptr.dtype.element_ty), mask=chosen)
 
     @triton.jit
     def _gate_up_kernel(
@@ -303,12 +303,16 @@ if triton is not None:
         tl.store(out_ptr + t * stride_o + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-def route_triton(x_TD, w_ED, bias_E, top_k: int, renormalize: bool, replay_ids_TK=None, logits_TE=None, **tiles):
+def route_triton(
+    x_TD, w_ED, bias_E, top_k: int, renormalize: bool, replay_ids_TK=None, logits_TE=None,
+    weights_dtype: torch.dtype = torch.float32, **tiles,
+):  # fmt: skip
     """`route_reference` in one launch (CUDA, or the CPU under TRITON_INTERPRET=1); `tiles` overrides
     `ROUTE_TILES`. Each token is its own program with the same tiles whatever the batch, so a token's route
     does not depend on what shares its batch. `replay_ids_TK`: the experts are given; their weights are
     computed as when the kernel chose them (bit for bit when they are the ones it would choose). `logits_TE`:
-    the router's logits are given (x and w are then not read; pass None), returned as they are."""
+    the router's logits are given (x and w are then not read; pass None), returned as they are. The weights are
+    rounded once to `weights_dtype` (the float32 ones `.to(weights_dtype)` would give, without a launch)."""
     tiles = ROUTE_TILES | tiles
     given = logits_TE is not None
     if given:
@@ -323,7 +327,7 @@ def route_triton(x_TD, w_ED, bias_E, top_k: int, renormalize: bool, replay_ids_T
         ids_TK = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x_TD.device)
     else:
         ids_TK = replay_ids_TK.to(device=x_TD.device, dtype=torch.int64).contiguous()
-    weights_TK = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x_TD.device)
+    weights_TK = torch.empty(num_tokens, top_k, dtype=weights_dtype, device=x_TD.device)
     if num_tokens:
         _route_kernel[(num_tokens,)](
             x_TD, w_ED, bias_E.float().contiguous(), logits_TE, ids_TK, weights_TK, dim, x_TD.stride(0),
@@ -453,16 +457,18 @@ def pairs_tiled_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
 def route(
     x_TD: torch.Tensor, w_ED: torch.Tensor, bias_E: torch.Tensor, top_k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weights_TK float32, ids_TK int64, logits_TE): the Triton kernel on CUDA, the reference elsewhere."""
+    """(weights_TK in x's dtype, ids_TK int64, logits_TE): the Triton kernel on CUDA, the reference elsewhere
+    (the float32 weights rounded once: what the layer uses)."""
     if x_TD.is_cuda and triton is not None:
-        return route_triton(x_TD, w_ED, bias_E, top_k, renormalize)
-    return route_reference(x_TD, w_ED, bias_E, top_k, renormalize)
+        return route_triton(x_TD, w_ED, bias_E, top_k, renormalize, weights_dtype=x_TD.dtype)
+    weights_TK, ids_TK, logits_TE = route_reference(x_TD, w_ED, bias_E, top_k, renormalize)
+    return weights_TK.to(x_TD.dtype), ids_TK, logits_TE
 
 
 @route.register_fake
 def _(x_TD, w_ED, bias_E, top_k, renormalize):
     num_tokens, num_experts = x_TD.shape[0], w_ED.shape[0]
-    weights_TK = x_TD.new_empty(num_tokens, top_k, dtype=torch.float32)
+    weights_TK = x_TD.new_empty(num_tokens, top_k)
     return weights_TK, x_TD.new_empty(num_tokens, top_k, dtype=torch.int64), x_TD.new_empty(num_tokens, num_experts)
 
 
@@ -470,17 +476,20 @@ def _(x_TD, w_ED, bias_E, top_k, renormalize):
 def route_logits(
     logits_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights_TK float32, ids_TK int64) of router logits computed beforehand (a few tokens: by a GEMV launch
-    spread over the GPU, where `route`'s one program a token waits on memory): the route kernel's top-k."""
+    """(weights_TK in the logits' dtype, ids_TK int64) of router logits computed beforehand (a few tokens: by a
+    GEMV launch spread over the GPU, where `route`'s one program a token waits on memory): the route kernel's
+    top-k."""
     if logits_TE.is_cuda and triton is not None:
-        return route_triton(None, None, bias_E, top_k, renormalize, logits_TE=logits_TE)[:2]
-    return route_logits_reference(logits_TE, bias_E, top_k, renormalize)
+        given = route_triton(None, None, bias_E, top_k, renormalize, logits_TE=logits_TE, weights_dtype=logits_TE.dtype)
+        return given[:2]
+    weights_TK, ids_TK = route_logits_reference(logits_TE, bias_E, top_k, renormalize)
+    return weights_TK.to(logits_TE.dtype), ids_TK
 
 
 @route_logits.register_fake
 def _(logits_TE, bias_E, top_k, renormalize):
     num_tokens = logits_TE.shape[0]
-    weights_TK = logits_TE.new_empty(num_tokens, top_k, dtype=torch.float32)
+    weights_TK = logits_TE.new_empty(num_tokens, top_k)
     return weights_TK, logits_TE.new_empty(num_tokens, top_k, dtype=torch.int64)
 
 

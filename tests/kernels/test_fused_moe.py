@@ -54,6 +54,15 @@ def test_triton_kernels_match_the_references(num_experts):
     weights, ids = fused_moe.route_logits(got[2], args[2], 3, True)  # the operator the MoE layer calls
     assert torch.equal(ids, want[1])
     torch.testing.assert_close(weights, want[0], rtol=1e-5, atol=1e-6)
+    # the weights rounded to bf16 in the kernel are the float32 ones rounded by torch (no cast launch after it);
+    # the interpreter truncates where the GPU rounds to nearest: one bf16 step apart at most there
+    bf16 = fused_moe.route_triton(None, None, args[2], 3, True, logits_TE=got[2], weights_dtype=torch.bfloat16)[0]
+    rounded = given[0].to(torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    if DEVICE == "cuda":
+        assert torch.equal(bf16, rounded)
+    else:
+        torch.testing.assert_close(bf16.float(), rounded.float(), rtol=2**-7, atol=0)
     w13, w2 = experts.w13.detach().to(DEVICE), experts.w2.detach().to(DEVICE)
     want_out = fused_moe.experts_reference(args[0], want[0], want[1], w13, w2)
     got_out = fused_moe.experts_triton(args[0], want[0], want[1], w13, w2, block_f=8, block_d=16)
