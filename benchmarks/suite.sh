@@ -18,6 +18,11 @@
 #   engine          decode steps at batches 1, 8, 64, 256 and the HF comparison (benchmarks/engine.py)
 #   trainer-wide    the trainer on the wide shape, 8 x 1,024 tokens (benchmarks/trainer.py)
 #   sync            colocated weight sync on one rank against a device copy, anchor and wide (benchmarks/sync.py)
+#   moe-tune        the tiled fused MoE launches' tiles at 64 and 256 tokens, both shapes (benchmarks/moe_small_tune.py)
+#   profile-engine  the decode step's kernels by GPU time at batches 1 and 64, compiled, without graphs
+#   matmul-tiles    deterministic mode's dense product under other tile shapes: bits kept? cost (benchmarks/matmul_tiles.py)
+#   engine-base     benchmarks/engine.py from the tree at $BASE_TREE (a copy of an older commit carried beside the
+#                   checkout), for an A/B in one call: run `engine` after it
 # The ANCHORS.md checkpoint is made once at $ANCHOR (default /tmp/leagues-anchor-1b).
 set -u
 OUT=${OUT:-/tmp/leagues-bench}
@@ -62,6 +67,14 @@ for part in "$@"; do
     trainer-wide) run trainer-wide 200 torchrun --standalone --nproc_per_node 1 benchmarks/trainer.py --shape wide \
         --samples 8 --profile ;;
     sync) run sync 200 torchrun --standalone --nproc_per_node 1 benchmarks/sync.py --shapes anchor,wide --profile ;;
+    moe-tune) run moe-tune 240 python3 benchmarks/moe_small_tune.py --kernels gate_up_tiled,down_tiled \
+        --tiled-tokens 64,256 --out "$OUT/moe_tiled_tune.jsonl" ;;
+    profile-engine) run profile-engine 170 python3 benchmarks/profile_engine.py --eager --compile-model true \
+        --batch 1,64 --sort self_cuda_time_total ;;
+    matmul-tiles) run matmul-tiles 150 python3 benchmarks/matmul_tiles.py ;;
+    engine-base) (cd "${BASE_TREE:?set BASE_TREE to a copy of the older tree}" && run engine-base 200 \
+        env PYTHONPATH=. python3 benchmarks/engine.py --shape anchor --batches 1,64,256 --new-tokens 128 \
+        --hf-batches '' --det-batches '' --no-parity --out "$OUT/engine-base.jsonl") ;;
     *) echo "unknown part: $part" ;;
     esac
 done
