@@ -9,7 +9,8 @@ one run, on the same checkpoint and prompts:
   figure before 2026-12-05, which a prefill slower in the 1-token run than in the N-token run understated);
   HF `generate` runs the same prompts with the same N where asked (`--hf-batches`, `--hf-new-tokens`);
 - deterministic mode: the same decode rows with `deterministic=True` for the batches of `--det-batches`;
-- prefill: 64 prompts of 512 tokens, one new token, against HF's forward on the same batch.
+- prefill: 64 prompts of 512 tokens, one new token, the prefix cache emptied before each of 3 timed calls (the
+  median), against HF's forward on the same batch.
 
 Rows carry the keys `shape`, `batch`, `new_tokens`, `temperature`, `step_ms`, `floor_ms`, `tokens_per_s`,
 `hf_tokens_per_s` (when HF ran), `deterministic`.
@@ -97,6 +98,13 @@ def engine_times(engine: Engine, batch, new_tokens: int, temperature: float = 0.
     torch.cuda.synchronize()
     end = time.perf_counter()
     return end - start, time.monotonic() - min(o.first_token_time for o in outputs)
+
+
+def _uncached_time(engine: Engine, batch) -> float:
+    """Seconds of a one-token call after the prefix cache is emptied: a prefill of the whole prompts (the same
+    prompts again would replay their cached blocks, a prefill of one token each)."""
+    engine.flush_cache()
+    return engine_time(engine, batch, 1)
 
 
 def hf_generate_time(model, batch: list[list[int]], new_tokens: int, temperature: float) -> float:
@@ -249,7 +257,7 @@ def main():
     decode_rows(engine, model, hf, args, ceilings_, False, [int(b) for b in args.batches.split(",") if b])
     batch = prompts(64, 512, hf["vocab_size"], seed=3)
     engine_time(engine, batch, 1)
-    prefill = engine_time(engine, batch, 1)
+    prefill = statistics.median(_uncached_time(engine, batch) for _ in range(3))
     ids = torch.tensor(batch, device="cuda")
     with torch.inference_mode():
         hf_prefill = _time(lambda: model(input_ids=ids), iters=3)
