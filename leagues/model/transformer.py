@@ -88,13 +88,18 @@ class Block(nn.Module):
     def forward(self, x_TD, rope, backend, replay_ids_TK=None, pending=None):
         """(residual stream, this block's output not yet added to it, routing). `pending` is the previous block's
         output: adding it here puts the block boundary's residual add in the same kernel as this block's first
-        norm when the block is compiled (one launch fewer a layer in a decode step)."""
+        norm when the block is compiled (one launch fewer a layer in a decode step). Under autograd the add stays
+        in this block (pending None): a checkpointed block keeps its inputs, and one tensor crossing the boundary
+        is half the memory of two."""
         x_TD = add_pending(x_TD, pending)
         x_TD = x_TD + self.attn(self.attn_norm(x_TD), rope, backend)
         h_TD = self.mlp_norm(x_TD)
-        if not self.is_moe:
-            return x_TD, self.mlp(h_TD), None
-        out, routing = self.moe(h_TD, replay_ids_TK, sum_pairs=False)
+        if self.is_moe:
+            out, routing = self.moe(h_TD, replay_ids_TK, sum_pairs=False)
+        else:
+            out, routing = self.mlp(h_TD), None
+        if torch.is_grad_enabled():
+            return add_pending(x_TD, out), None, routing
         return x_TD, out, routing
 
 

@@ -323,3 +323,19 @@ def test_expert_order_is_the_stable_sort_by_expert(num_rows, num_experts):
         assert torch.equal(order_N[inverse_N], torch.arange(num_rows))
         want_offs_E = torch.searchsorted(sorted_ids_N, torch.arange(1, num_experts + 1)).to(torch.int32)
         assert torch.equal(offs_E, want_offs_E)
+
+
+def test_a_blocks_residual_add_waits_for_the_next_block_only_without_autograd():
+    """Without autograd a block hands its output over unadded (the next block adds it, with its first norm); with
+    autograd it adds it itself (one tensor crosses a checkpointed boundary). Both give the same logits, bit for bit."""
+    model, batch = make_model(), make_batch()
+    x_TD = model.embed(batch.input_ids_T)
+    rope = model.rope(batch.positions_T, x_TD.dtype)
+    block = model.layers[0]
+    with torch.no_grad():
+        x_no_grad, pending, _ = block(x_TD, rope, batch.attention)
+        want = model.run(batch).logits_TV
+    assert pending is not None and pending.shape == x_TD.shape
+    x_grad, none, _ = block(x_TD, rope, batch.attention)
+    assert none is None and torch.equal(x_grad.detach(), x_no_grad + pending)
+    assert torch.equal(model.run(batch).logits_TV.detach(), want)
