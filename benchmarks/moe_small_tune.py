@@ -93,7 +93,8 @@ def tune(out, shape, tokens, gen, w13, w2, router, bias, k, names) -> None:
         "down": ([c for c in DOWN if c["inner_f"] <= max(f, 128)], partial(_down, h, ids, weights, w2, d),
                  tokens * k * f * d * 2),
         "gate_up_tiled": (TILED, partial(_gate_up_tiled, x, ids, w13, f), _experts_hit(ids, e) * two_f * d * 2),
-        "down_tiled": (TILED, partial(_down_tiled, h, ids, weights, w2, d), _experts_hit(ids, e) * f * d * 2),
+        "down_tiled": (TILED, partial(_down_tiled, h, fused_moe.align_torch(ids, e), weights, w2, d),
+                       _experts_hit(ids, e) * f * d * 2),
     }  # fmt: skip
     for kernel, (configs, fn, num_bytes) in ((n, kernels[n]) for n in names):
         times = []
@@ -141,30 +142,30 @@ def _experts_hit(ids, num_experts: int) -> int:
     return int(torch.bincount(ids.flatten(), minlength=num_experts).gt(0).sum())
 
 
-def _tiled_args(ids, num_experts: int, c: dict):
-    c = fused_moe.TILED_TILES | c
-    sorted_S, block_expert_B = fused_moe.align_triton(ids, num_experts)
-    return c, sorted_S, block_expert_B
-
-
 def _gate_up_tiled(x, ids, w13, f, c):
-    """The tiled gate/up launch alone, as `pairs_tiled_triton` makes it (its align launch included)."""
-    c, sorted_S, block_expert_B = _tiled_args(ids, w13.shape[0], c)
-    h = x.new_empty(ids.numel(), f)
-    fused_moe._gate_up_tiled_kernel[(block_expert_B.shape[0], -(-f // c["block_n"]))](
-        x, sorted_S, block_expert_B, w13, h, ids.numel(), x.shape[1], f, x.stride(0), w13.stride(0), w13.stride(1),
-        h.stride(0), E=w13.shape[0], K=ids.shape[1], BLOCK_M=fused_moe.BLOCK_M, BLOCK_N=c["block_n"],
-        BLOCK_K=c["block_k"], PRECISION="tf32", num_warps=c["warps"][0], num_stages=c["stages"][0],
+    """The tiled gate/up launch alone, as `tiled_launches` makes it (each program finding its rows from the ids)."""
+    c = fused_moe.TILED_TILES | c
+    e, num_pairs = w13.shape[0], ids.numel()
+    num_blocks = -(-num_pairs // fused_moe.BLOCK_M) + e
+    sorted_S = torch.empty(num_blocks * fused_moe.BLOCK_M, dtype=torch.int32, device=x.device)
+    block_expert_B = torch.empty(num_blocks, dtype=torch.int32, device=x.device)
+    h = x.new_empty(num_pairs, f)
+    fused_moe._gate_up_tiled_kernel[(num_blocks, -(-f // c["block_n"]))](
+        x, ids, sorted_S, block_expert_B, w13, h, num_pairs, x.shape[1], f, x.stride(0), w13.stride(0),
+        w13.stride(1), h.stride(0), E=e, E_PAD=1 << e.bit_length(), K=ids.shape[1], BLOCK_M=fused_moe.BLOCK_M,
+        BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], CHUNK=min(256, 1 << (num_pairs - 1).bit_length()),
+        LAYOUT_GIVEN=False, PRECISION="tf32", num_warps=c["warps"][0], num_stages=c["stages"][0],
     )  # fmt: skip
     return h
 
 
-def _down_tiled(h, ids, weights, w2, d, c):
-    """The tiled down launch alone, as `pairs_tiled_triton` makes it (its align launch included)."""
-    c, sorted_S, block_expert_B = _tiled_args(ids, w2.shape[0], c)
-    y = torch.empty(ids.numel(), d, dtype=torch.float32, device=h.device)
+def _down_tiled(h, layout, weights, w2, d, c):
+    """The tiled down launch alone, as `tiled_launches` makes it (the layout given)."""
+    c = fused_moe.TILED_TILES | c
+    sorted_S, block_expert_B = layout
+    y = torch.empty(h.shape[0], d, dtype=torch.float32, device=h.device)
     fused_moe._down_tiled_kernel[(block_expert_B.shape[0], -(-d // c["block_n"]))](
-        h, sorted_S, block_expert_B, weights.contiguous(), w2, y, ids.numel(), d, h.shape[1], h.stride(0),
+        h, sorted_S, block_expert_B, weights.contiguous(), w2, y, h.shape[0], d, h.shape[1], h.stride(0),
         w2.stride(0), w2.stride(1), y.stride(0), E=w2.shape[0], BLOCK_M=fused_moe.BLOCK_M, BLOCK_N=c["block_n"],
         BLOCK_K=c["block_k"], PRECISION="tf32", num_warps=c["warps"][1], num_stages=c["stages"][1],
     )  # fmt: skip

@@ -16,16 +16,24 @@ from concurrent.futures import Future
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.engine import prompts
 from benchmarks.train_step import BASE, SHAPES, make_checkpoint
 from leagues.engine import Engine, SamplingParams
 from leagues.engine.requests import Add
 
 
 def timed_steps(engine: Engine, num_steps: int) -> dict[str, float]:
-    """Run `num_steps` steps in this thread as the engine does (`step_unsynced`), then `num_steps` more timing
-    each phase with a device sync around it (which undoes overlap scheduling)."""
+    """Run `num_steps` steps in this thread as the engine does (`step_unsynced`; `land_wait_unsynced` of it blocked
+    on the step in flight, `host_unsynced` the rest: the host's own work), then `num_steps` more timing each phase
+    with a device sync around it (which undoes overlap scheduling)."""
     totals = defaultdict(float)
     original = {name: getattr(engine.runner, name) for name in ("prepare", "execute", "launch", "land")}
+
+    def waits(*args, **kwargs):  # unsynced: the host's time blocked on the step in flight
+        start = time.perf_counter()
+        out = original["land"](*args, **kwargs)
+        totals["land_wait_unsynced"] += time.perf_counter() - start
+        return out
 
     def wrap(name, fn):
         def inner(*args, **kwargs):
@@ -38,7 +46,10 @@ def timed_steps(engine: Engine, num_steps: int) -> dict[str, float]:
 
         return inner
 
+    engine.runner.land = waits
     totals["step_unsynced"] = _run_steps(engine, num_steps)
+    engine.runner.land = original["land"]
+    totals["host_unsynced"] = totals["step_unsynced"] - totals["land_wait_unsynced"]
     for name, fn in original.items():
         setattr(engine.runner, name, wrap(name, fn))
     totals["step_total"] = _run_steps(engine, num_steps)
@@ -59,7 +70,7 @@ def _run_steps(engine: Engine, num_steps: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", default="1,64")
+    parser.add_argument("--batch", default="1,64,256")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs, so kernels show one by one")
     parser.add_argument("--sort", default="cpu_time_total")
     parser.add_argument("--compile-model", default="auto")
@@ -74,8 +85,9 @@ def main():
     engine.close()  # drive steps from this thread
     params = SamplingParams(temperature=1.0, max_new_tokens=400, ignore_eos=True, seed=0)
     for batch in (int(b) for b in args.batch.split(",")):
-        for i in range(batch):
-            engine.table.add(Add(f"b{batch}-{i}", list(range(1, 65)), params, Future()), engine.weight_version)
+        # random prompts as benchmarks/engine.py has them: identical ones would route alike and touch few experts
+        for i, prompt in enumerate(prompts(batch, 64, hf["vocab_size"], seed=batch)):
+            engine.table.add(Add(f"b{batch}-{i}", prompt, params, Future()), engine.weight_version)
         for _ in range(5):
             engine.step()  # prefill and warm-up
         print(f"batch {batch} ms/step by phase:", timed_steps(engine, 50))

@@ -1,4 +1,4 @@
-"""The MoE layer of a decode-sized batch in a handful of kernels: route, (align), gate/up with SiLU, down.
+"""The MoE layer of a decode-sized batch in a handful of kernels: route, gate/up with SiLU, down.
 
 Where it sits: `leagues.model.moe.MoE` takes this path on CUDA when no gradient is needed and the batch is
 decode-sized (the engine's decode steps, up to `MAX_TILED_PAIRS` (token, expert) pairs); prefill, training
@@ -16,13 +16,14 @@ Decisions:
 - Gate/up: program (pair, block of F) accumulates both projections in float32 and stores silu(g) * u once.
 - Down: program (token, block of D) walks the token's k experts and adds weight * (h @ w2[e].T) in float32,
   so the routing weight and the top-k sum live in the kernel's epilogue; one rounding at the end.
-- Tiled (more pairs than experts, up to `MAX_TILED_PAIRS`): one program lays the pairs out by expert in
-  blocks of `BLOCK_M` rows (each block one expert's, padded with an out-of-range pair), then gate/up and down
-  are tensor-core GEMM tiles of a block x a slice of the output, reading each expert's weights once per
-  block instead of once per pair. A pair's slot within its expert's blocks comes from an atomic counter:
-  the order differs run to run, the numbers do not (each output row is its own dot products, whatever rows
-  share its tile). Down stores each pair's weighted float32 row; the top-k sum is the caller's (it fuses
-  with the residual add in a compiled block).
+- Tiled (more pairs than experts, up to `MAX_TILED_PAIRS`): the pairs are laid out by expert in blocks of
+  `BLOCK_M` rows (each block one expert's, padded with an out-of-range pair, a block's rows in pair order),
+  and gate/up and down are tensor-core GEMM tiles of a block x a slice of the output, reading each expert's
+  weights once per block instead of once per pair. No launch of its own lays them out: each gate/up program
+  finds its block's expert and rows from the ids (a histogram and a running count over the pairs, a few
+  microseconds at the most) and the first column's programs store the layout for down. Down stores each
+  pair's weighted float32 row; the top-k sum is the caller's (it fuses with the residual add in a compiled
+  block).
 - Deterministic mode (`leagues.kernels.batch_invariant`) runs every batch through these kernels, so a token's
   numbers never depend on what shares its batch: the route kernel (also replaying given experts), the tiled
   GEMMs (beyond `MAX_TILED_PAIRS` the layout comes from `align_torch`, a stable sort) and `sum_pairs_triton`
@@ -43,7 +44,8 @@ except ImportError:  # triton is Linux-only; the references need none
 
 
 MAX_TILED_PAIRS = 4096
-"""Up to this many (token, expert) pairs the tiled kernels serve the batch (one program aligns them)."""
+"""Up to this many (token, expert) pairs the tiled kernels serve the batch (each gate/up program scans them all
+to find its rows)."""
 BLOCK_M = 16
 """Rows of one expert block in the tiled kernels (the smallest tensor-core tile)."""
 SMALL_TILES = dict(block_f=4, block_d=4, inner_d=1024, inner_f=512, warps=(2, 2))
@@ -207,43 +209,65 @@ if triton is not None:
         tl.store(out_ptr + t * stride_o + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
     @triton.jit
-    def _align_kernel(
-        ids_ptr, sorted_ptr, block_expert_ptr, scratch_ptr, P, NUM_SLOTS, NUM_BLOCKS,
-        E: tl.constexpr, E_PAD: tl.constexpr, P_PAD: tl.constexpr, S_PAD: tl.constexpr, B_PAD: tl.constexpr,
-        BLOCK_M: tl.constexpr,
+    def _block_expert(
+        ids_ptr, block, P, E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr
     ):  # fmt: skip
-        offs_p = tl.arange(0, P_PAD)
-        mask_p = offs_p < P
-        ids = tl.load(ids_ptr + offs_p, mask=mask_p, other=E).to(tl.int32)
+        """(expert of tile block `block`, E past the last expert's blocks; the block's first rank among that
+        expert's pairs). Experts take ceil(count / BLOCK_M) blocks each, in expert order."""
         offs_e = tl.arange(0, E_PAD)
-        counts = tl.histogram(ids, E_PAD)  # E_PAD > E: the padding lanes count into bin E, dropped below
+        counts = tl.zeros([E_PAD], dtype=tl.int32)
+        for p0 in range(0, P, CHUNK):
+            offs_p = p0 + tl.arange(0, CHUNK)
+            ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=E).to(tl.int32)
+            counts += tl.histogram(ids, E_PAD)  # E_PAD > E: the padding lanes count into bin E, dropped below
         counts = tl.where(offs_e < E, counts, 0)
         padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         ends = tl.cumsum(padded, axis=0)
-        tl.store(scratch_ptr + offs_e, ends - padded)  # each expert's first slot
-        tl.store(scratch_ptr + E_PAD + offs_e, tl.zeros([E_PAD], dtype=tl.int32))  # each expert's cursor
-        offs_s = tl.arange(0, S_PAD)
-        tl.store(sorted_ptr + offs_s, tl.full([S_PAD], 0, tl.int32) + P, mask=offs_s < NUM_SLOTS)
-        # block b holds expert e when starts[e] <= b * BLOCK_M < ends[e]; past the last expert's end: E (none)
-        offs_b = tl.arange(0, B_PAD)
-        expert = tl.sum((ends[None, :] <= (offs_b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + offs_b, tl.minimum(expert, E), mask=offs_b < NUM_BLOCKS)
-        tl.debug_barrier()
-        start = tl.load(scratch_ptr + ids, mask=mask_p, other=0)
-        rank = tl.atomic_add(scratch_ptr + E_PAD + ids, 1, mask=mask_p)
-        tl.debug_barrier()
-        tl.store(sorted_ptr + start + rank, offs_p, mask=mask_p)
+        first = block * BLOCK_M
+        expert = tl.minimum(tl.sum((ends <= first).to(tl.int32), axis=0), E)
+        start = tl.sum(tl.where(offs_e == expert, ends - padded, 0), axis=0)
+        return expert, first - start
+
+    @triton.jit
+    def _block_rows(ids_ptr, P, expert, rank0, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+        """The pairs of `expert` ranked rank0 .. rank0 + BLOCK_M - 1 in pair order (P where there are fewer):
+        a stable layout, the one `align_torch` sorts out."""
+        offs_j = rank0 + tl.arange(0, BLOCK_M)
+        rows = tl.zeros([BLOCK_M], dtype=tl.int32)
+        found = tl.zeros([BLOCK_M], dtype=tl.int32)
+        seen = tl.zeros([1], dtype=tl.int32)
+        for p0 in range(0, P, CHUNK):
+            offs_p = p0 + tl.arange(0, CHUNK)
+            mine = (tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1) == expert).to(tl.int32)
+            rank = seen + tl.cumsum(mine, axis=0) - 1
+            match = (mine[None, :] > 0) & (rank[None, :] == offs_j[:, None])
+            rows += tl.sum(tl.where(match, offs_p[None, :], 0), axis=1)
+            found += tl.sum(match.to(tl.int32), axis=1)
+            seen += tl.sum(mine, axis=0)
+        return tl.where(found > 0, rows, P)
 
     @triton.jit
     def _gate_up_tiled_kernel(
-        x_ptr, sorted_ptr, block_expert_ptr, w13_ptr, h_ptr, P, D, F, stride_x, stride_we, stride_wf, stride_h,
-        E: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, ids_ptr, sorted_ptr, block_expert_ptr, w13_ptr, h_ptr, P, D, F, stride_x, stride_we, stride_wf,
+        stride_h, E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, LAYOUT_GIVEN: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
-        expert = tl.load(block_expert_ptr + block).to(tl.int64)
+        if LAYOUT_GIVEN:
+            expert = tl.load(block_expert_ptr + block).to(tl.int64)
+        else:  # each program finds its block's rows from the ids; the first column's programs store them
+            expert, rank0 = _block_expert(ids_ptr, block, P, E, E_PAD, BLOCK_M, CHUNK)
+            if tl.program_id(1) == 0:
+                tl.store(block_expert_ptr + block, expert.to(tl.int32))
         if expert < E:
-            rows = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            if LAYOUT_GIVEN:
+                rows = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            else:
+                rows = _block_rows(ids_ptr, P, expert, rank0, BLOCK_M, CHUNK)
+                if tl.program_id(1) == 0:
+                    tl.store(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M), rows)
+                rows = rows.to(tl.int64)
             valid = rows < P
             tokens = rows // K
             offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -381,8 +405,9 @@ def experts_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
 
 
 def align_torch(ids_TK: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
-    """`align_triton`'s layout for any number of pairs, in torch ops (a stable sort instead of one program's
-    atomic counters: the training-sized batches of deterministic mode)."""
+    """(sorted_S int32, block_expert_B int32): the tiled launches' layout (`tiled_launches`) by a stable sort,
+    for more pairs than one launch's programs scan (`MAX_TILED_PAIRS`: training-sized batches of deterministic
+    mode). Empty slots hold the pair count P; blocks past the last expert's hold `num_experts`."""
     ids_P = ids_TK.flatten().long()
     num_pairs = ids_P.numel()
     num_blocks = -(-num_pairs // block_m) + num_experts
@@ -399,55 +424,51 @@ def align_torch(ids_TK: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
     return sorted_S, block_expert_B
 
 
-def align_triton(ids_TK: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
-    """(sorted_S int32, block_expert_B int32): the pairs laid out by expert in blocks of `block_m` slots
-    (empty slots hold the pair count P; blocks past the last expert's hold `num_experts`). S and B are fixed
-    by P and E alone (no host sync): S = B * block_m, B = cdiv(P, block_m) + E."""
-    num_pairs = ids_TK.numel()
-    num_blocks = triton.cdiv(num_pairs, block_m) + num_experts
-    num_slots = num_blocks * block_m
-    device = ids_TK.device
-    sorted_S = torch.empty(num_slots, dtype=torch.int32, device=device)
-    block_expert_B = torch.empty(num_blocks, dtype=torch.int32, device=device)
-    e_pad = triton.next_power_of_2(num_experts + 1)
-    scratch = torch.empty(2 * e_pad, dtype=torch.int32, device=device)
-    _align_kernel[(1,)](
-        ids_TK.contiguous(), sorted_S, block_expert_B, scratch, num_pairs, num_slots, num_blocks,
-        E=num_experts, E_PAD=e_pad, P_PAD=triton.next_power_of_2(num_pairs),
-        S_PAD=triton.next_power_of_2(num_slots), B_PAD=triton.next_power_of_2(num_blocks), BLOCK_M=block_m,
-    )  # fmt: skip
-    return sorted_S, block_expert_B
-
-
 def pairs_tiled_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
-    """`pairs_reference` as align + two tiled GEMM kernels (the caller sums over k: inside a compiled block
-    that sum fuses with the residual add). `tiles` overrides `TILED_TILES`."""
+    """`pairs_reference` as two tiled GEMM launches (the caller sums over k: inside a compiled block that sum
+    fuses with the residual add). `tiles` overrides `TILED_TILES`."""
+    return tiled_launches(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles)[0]
+
+
+def tiled_launches(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
+    """(pairs [T, K, D] float32, sorted_S int32, block_expert_B int32): `pairs_tiled_triton` and the layout its
+    launches used: the pairs by expert in blocks of `BLOCK_M` slots, B = cdiv(P, BLOCK_M) + E blocks, fixed
+    by P and E alone (no host sync). Up to `MAX_TILED_PAIRS` pairs the gate/up launch finds each block's rows
+    from the ids itself and stores the layout for the down launch (slots of a block past the last expert's,
+    marked E in block_expert_B, stay unwritten); beyond, `align_torch` sorts it out first. Both are the stable
+    layout, so the order of a block's rows is fixed too."""
     tiles = TILED_TILES | tiles
     block_n, block_k, warps, stages = tiles["block_n"], tiles["block_k"], tiles["warps"], tiles["stages"]
     num_tokens, dim = x_TD.shape
     top_k, num_ffn, num_experts = ids_TK.shape[1], w2_EDF.shape[-1], w2_EDF.shape[0]
-    x_TD, weights_TK = x_TD.contiguous(), weights_TK.contiguous()
+    x_TD, weights_TK, ids_TK = x_TD.contiguous(), weights_TK.contiguous(), ids_TK.contiguous()
     w13_EFD, w2_EDF = w13_EFD.contiguous(), w2_EDF.contiguous()
     num_pairs = num_tokens * top_k
     h_PF = x_TD.new_empty(num_pairs, num_ffn)
     y_PD = torch.empty(num_pairs, dim, dtype=torch.float32, device=x_TD.device)
+    num_blocks = triton.cdiv(num_pairs, BLOCK_M) + num_experts
+    given = num_pairs > MAX_TILED_PAIRS
+    if given:
+        sorted_S, block_expert_B = align_torch(ids_TK, num_experts)
+    else:
+        sorted_S = torch.empty(num_blocks * BLOCK_M, dtype=torch.int32, device=x_TD.device)
+        block_expert_B = torch.empty(num_blocks, dtype=torch.int32, device=x_TD.device)
     if num_tokens == 0:
-        return y_PD.view(0, top_k, dim)
-    align = align_triton if num_pairs <= MAX_TILED_PAIRS else align_torch
-    sorted_S, block_expert_B = align(ids_TK, num_experts)
-    num_blocks = block_expert_B.shape[0]
+        return y_PD.view(0, top_k, dim), sorted_S, block_expert_B
     precision = "ieee" if x_TD.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     _gate_up_tiled_kernel[(num_blocks, triton.cdiv(num_ffn, block_n))](
-        x_TD, sorted_S, block_expert_B, w13_EFD, h_PF, num_pairs, dim, num_ffn, x_TD.stride(0), w13_EFD.stride(0),
-        w13_EFD.stride(1), h_PF.stride(0), E=num_experts, K=top_k, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        BLOCK_K=block_k, PRECISION=precision, num_warps=warps[0], num_stages=stages[0],
+        x_TD, ids_TK, sorted_S, block_expert_B, w13_EFD, h_PF, num_pairs, dim, num_ffn, x_TD.stride(0),
+        w13_EFD.stride(0), w13_EFD.stride(1), h_PF.stride(0), E=num_experts,
+        E_PAD=triton.next_power_of_2(num_experts + 1), K=top_k, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        CHUNK=min(256, triton.next_power_of_2(num_pairs)), LAYOUT_GIVEN=given, PRECISION=precision,
+        num_warps=warps[0], num_stages=stages[0],
     )  # fmt: skip
     _down_tiled_kernel[(num_blocks, triton.cdiv(dim, block_n))](
         h_PF, sorted_S, block_expert_B, weights_TK, w2_EDF, y_PD, num_pairs, dim, num_ffn, h_PF.stride(0),
         w2_EDF.stride(0), w2_EDF.stride(1), y_PD.stride(0), E=num_experts, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         BLOCK_K=block_k, PRECISION=precision, num_warps=warps[1], num_stages=stages[1],
     )  # fmt: skip
-    return y_PD.view(num_tokens, top_k, dim)
+    return y_PD.view(num_tokens, top_k, dim), sorted_S, block_expert_B
 
 
 # ---------------------------------------------------------------------------------------------- operators

@@ -69,17 +69,14 @@ def test_triton_kernels_match_the_references(num_experts):
     torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
 
 
-@needs_kernels
-@pytest.mark.parametrize("align", ["align_triton", "align_torch"])
-@pytest.mark.parametrize("num_tokens,num_experts", [(11, 8), (40, 6), (3, 64)])
-def test_align_lays_every_pair_once_in_blocks_of_one_expert(num_tokens, num_experts, align):
+def test_align_torch_lays_every_pair_once_in_blocks_of_one_expert_in_pair_order():
+    num_tokens, num_experts, block_m = 40, 6, fused_moe.BLOCK_M
     gen = torch.Generator().manual_seed(num_tokens)
-    ids_TK = torch.stack([torch.randperm(num_experts, generator=gen)[:3] for _ in range(num_tokens)]).to(DEVICE)
-    sorted_S, block_expert_B = getattr(fused_moe, align)(ids_TK, num_experts)
+    ids_TK = torch.stack([torch.randperm(num_experts, generator=gen)[:3] for _ in range(num_tokens)])
+    sorted_S, block_expert_B = fused_moe.align_torch(ids_TK, num_experts)
     assert sorted_S.dtype == block_expert_B.dtype == torch.int32
-    num_pairs, block_m = ids_TK.numel(), fused_moe.BLOCK_M
-    slots = sorted_S.cpu().long().view(-1, block_m)
-    experts_B, flat = block_expert_B.cpu().long(), ids_TK.flatten().cpu()
+    num_pairs = ids_TK.numel()
+    slots, experts_B, flat = sorted_S.long().view(-1, block_m), block_expert_B.long(), ids_TK.flatten()
     taken = slots[slots < num_pairs]
     assert sorted(taken.tolist()) == list(range(num_pairs))  # every pair exactly once
     for block, rows in enumerate(slots):
@@ -88,13 +85,33 @@ def test_align_lays_every_pair_once_in_blocks_of_one_expert(num_tokens, num_expe
             assert len(rows) == 0  # past the last expert's blocks
         else:
             assert torch.all(flat[rows] == experts_B[block])
+    for expert in range(num_experts):  # each expert's pairs in pair order (the stable layout)
+        rows = slots[experts_B == expert].flatten()
+        assert rows[rows < num_pairs].tolist() == torch.nonzero(flat == expert).flatten().tolist()
     counts = torch.bincount(flat, minlength=num_experts)
     used = int((experts_B < num_experts).sum())
     assert used == int(((counts + block_m - 1) // block_m).sum())  # no block more than each expert needs
 
 
 @needs_kernels
-@pytest.mark.parametrize("num_tokens,num_experts,max_pairs", [(11, 8, 4096), (40, 6, 4096), (11, 8, 0)])
+@pytest.mark.parametrize("num_tokens,num_experts", [(11, 8), (40, 6), (3, 64), (100, 8)])
+def test_the_gate_up_launch_lays_the_pairs_out_as_align_torch_does(num_tokens, num_experts):
+    # (100, 8): 300 pairs, more than one 256-pair chunk of the programs' scan
+    _, experts, _ = _layer(num_experts=num_experts, seed=num_tokens)
+    gen = torch.Generator().manual_seed(num_tokens)
+    ids_TK = torch.stack([torch.randperm(num_experts, generator=gen)[:3] for _ in range(num_tokens)]).to(DEVICE)
+    x_TD = torch.randn(num_tokens, 48, generator=gen).to(DEVICE)
+    weights = torch.rand(num_tokens, 3, generator=gen).to(DEVICE)
+    w13, w2 = experts.w13.detach().to(DEVICE), experts.w2.detach().to(DEVICE)
+    _, sorted_S, block_expert_B = fused_moe.tiled_launches(x_TD, weights, ids_TK, w13, w2, block_n=16, block_k=16)
+    want_S, want_B = fused_moe.align_torch(ids_TK, num_experts)
+    assert torch.equal(block_expert_B, want_B)
+    used = (want_B < num_experts).repeat_interleave(fused_moe.BLOCK_M)  # the slots of blocks past the end: unset
+    assert torch.equal(sorted_S[used], want_S[used])
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_tokens,num_experts,max_pairs", [(11, 8, 4096), (40, 6, 4096), (100, 8, 4096), (11, 8, 0)])
 def test_tiled_kernels_match_the_reference(num_tokens, num_experts, max_pairs, monkeypatch):
     monkeypatch.setattr(fused_moe, "MAX_TILED_PAIRS", max_pairs)  # 0: the pairs aligned by a sort (training sizes)
     router, experts, _ = _layer(num_experts=num_experts, seed=num_tokens)
