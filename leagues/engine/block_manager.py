@@ -76,20 +76,24 @@ class BlockManager:
             seq.num_cached_prompt_tokens = seq.num_computed_tokens
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Make room for the next `num_new_tokens` of `seq` (and copy a shared block first); False if full."""
-        start = seq.num_computed_tokens
-        needed = -(-(start + num_new_tokens) // self.block_size) - len(seq.block_table)
+        """Make room for the next `num_new_tokens` of `seq` (and copy a shared block first); False if full.
+        A block table only ever grows in place: a copy-on-write makes a new list (the runner's decode buffers
+        rewrite a row only when its table is another list or has grown)."""
+        start, table = seq.num_computed_tokens, seq.block_table
         first = start // self.block_size
-        cow = first < len(seq.block_table) and self.ref_counts[seq.block_table[first]] > 1
+        if num_new_tokens == 1 and first < len(table) and self.ref_counts[table[first]] == 1:
+            return True  # a decode token in a block of its own: nothing to allocate or copy
+        needed = -(-(start + num_new_tokens) // self.block_size) - len(table)
+        cow = first < len(table) and self.ref_counts[table[first]] > 1
         if needed + cow > self.num_free_blocks:
             return False
         if cow:
-            src = seq.block_table[first]
+            src = table[first]
             dst = self._take_free()
             self.ref_counts[src] -= 1
-            seq.block_table[first] = dst
+            seq.block_table = table = [*table[:first], dst, *table[first + 1 :]]
             self.pending_copies.append((src, dst))
-        seq.block_table.extend(self._take_free() for _ in range(needed))
+        table.extend(self._take_free() for _ in range(needed))
         return True
 
     def register_computed(self, seq: Sequence) -> None:

@@ -25,6 +25,7 @@ Legend: T tokens in the step, B sequences, M max blocks per sequence, V vocab, D
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from leagues.engine import memory
@@ -79,7 +80,13 @@ class DecodeBuffers:
         pinned = device.type == "cuda"
         self.host_bytes = [torch.zeros(size, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
         self.device_bytes = torch.zeros(size, dtype=torch.uint8, device=device)
-        self.hosts = [self._views(b, layout) for b in self.host_bytes]
+        self.hosts = [{name: view.numpy() for name, view in self._views(b, layout).items()} for b in self.host_bytes]
+        """The host copies' typed views, as numpy arrays: filling them from lists costs a fraction of `torch.tensor`."""
+        self.tables = [[None] * max_rows for _ in range(2)]
+        self.table_lens = [[0] * max_rows for _ in range(2)]
+        """Per host copy and row: the block table list whose first `table_lens` entries the row holds (None: not
+        a sequence's). Tables only grow in place (`BlockManager.allocate_slots`), so a step writes the new
+        entries of grown tables and moves rows whose sequence sat elsewhere, not every table."""
         self.device = self._views(self.device_bytes, layout)
         self.sampled = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self.tokens_out = [torch.zeros(max_rows, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
@@ -88,10 +95,47 @@ class DecodeBuffers:
         self.turn = 0
 
     @property
-    def host(self) -> dict[str, torch.Tensor]:
+    def host(self) -> dict[str, np.ndarray]:
         return self.hosts[self.turn]
 
-    def flip(self) -> dict[str, torch.Tensor]:
+    def forget_tables(self, start: int, end: int) -> None:
+        """Rows start..end of the current host copy's block tables hold no sequence's table."""
+        self.tables[self.turn][start:end] = [None] * (end - start)
+
+    def fill_tables(self, tables: list[list[int]]) -> None:
+        """The block tables of the current host copy's first rows (entries past a table's length are never
+        read: attention masks them by context length)."""
+        turn, n = self.turn, len(tables)
+        held, held_lens, view = self.tables[turn], self.table_lens[turn], self.hosts[turn]["block_tables"]
+        lens = list(map(len, tables))
+        rows_held = zip(range(n), tables, lens, held, held_lens, strict=False)
+        stale = [i for i, t, k, h, hk in rows_held if t is not h or k != hk]
+        if not stale:
+            return
+        rows, cols, values, moves, where = [], [], [], {}, None
+        for i in stale:
+            table, length = tables[i], lens[i]
+            if table is held[i] and held_lens[i] <= length:
+                start = held_lens[i]  # grown in place
+            else:
+                if where is None:  # rows shifted (a sequence before them ended): find where tables sat
+                    where = {id(t): j for j, t in enumerate(held) if t is not None}
+                j = where.get(id(table), -1)
+                start = held_lens[j] if j >= 0 and held[j] is table and held_lens[j] <= length else 0
+                if start:
+                    moves[i] = j
+            rows.extend([i] * (length - start))
+            cols.extend(range(start, length))
+            values.extend(table[start:])
+        if moves:  # the gather reads every source row before any row is written
+            width = max(held_lens[j] for j in moves.values())
+            view[list(moves), :width] = view[list(moves.values()), :width]
+        if values:
+            view[rows, cols] = values
+        for i in stale:
+            held[i], held_lens[i] = tables[i], lens[i]
+
+    def flip(self) -> dict[str, np.ndarray]:
         """The other host copy, for the next step (the one before last has landed: its copy is done)."""
         self.turn ^= 1
         return self.host
@@ -311,8 +355,7 @@ class ModelRunner:
         graph_size = self._graph_size(batch)
         if graph_size is not None:
             seqs = [item.seq for item in batch.items]
-            graph, outputs = self._graph_for(seqs, graph_size)
-            self._fill(seqs, None, None, graph_size)
+            graph, outputs = self._graph_for(self._fill(seqs, None, None, graph_size), graph_size)
             graph.replay()
             return outputs["logits"][: len(batch.items)].float()
         for graphs in self._step_graphs:
@@ -337,9 +380,9 @@ class ModelRunner:
         self.copy_blocks(batch.copies)
         seqs = [item.seq for item in batch.items]
         num_rows, graph_size = len(seqs), self._graph_size(batch)
-        self._fill(seqs, sampling, prev_rows, graph_size or num_rows)
+        longest = self._fill(seqs, sampling, prev_rows, graph_size or num_rows)
         if graph_size is not None:
-            graph, outputs = self._graph_for(seqs, graph_size)
+            graph, outputs = self._graph_for(longest, graph_size)
             graph.replay()
         else:
             outputs = self._graph_step(num_rows, self._eager_attention(seqs))
@@ -384,10 +427,11 @@ class ModelRunner:
             return None
         return next((size for size in sorted(self.graphs) if size >= len(batch.items)), None)
 
-    def _graph_for(self, seqs, size: int) -> tuple[torch.cuda.CUDAGraph, dict]:
-        """The graph of `size` rows for `seqs`: split-K when one exists and the longest context spans > 2 splits."""
+    def _graph_for(self, longest: int, size: int) -> tuple[torch.cuda.CUDAGraph, dict]:
+        """The graph of `size` rows for a batch whose longest sequence has `longest` tokens: split-K when one
+        exists and the longest context spans > 2 splits."""
         long = self.long_graphs.get(size)
-        if long is not None and max(s.num_tokens for s in seqs) > 2 * long[1]["attention"].split_tokens:
+        if long is not None and longest > 2 * long[1]["attention"].split_tokens:
             return long
         return self.graphs[size]
 
@@ -480,6 +524,8 @@ class ModelRunner:
 
     def _fill_padding(self, start: int, end: int) -> None:
         """Rows start..end of the host buffer as padding: they write to and read from the scratch block."""
+        if start >= end:
+            return
         host = self.buffers.host
         for name in ("input_ids", "positions", "seeds", "steps"):
             host[name][start:end] = 0
@@ -488,27 +534,30 @@ class ModelRunner:
         host["slots"][start:end] = self.num_blocks * self.block_size
         host["context_lens"][start:end] = 1
         host["block_tables"][start:end] = self.num_blocks
+        self.buffers.forget_tables(start, end)
 
-    def _fill(self, seqs, sampling: GraphSampling | None, prev_rows: list[int] | None, size: int) -> None:
-        """The next host copy of the decode buffers for `seqs` (padded to `size` rows), moved by one copy."""
+    def _fill(self, seqs, sampling: GraphSampling | None, prev_rows: list[int] | None, size: int) -> int:
+        """The next host copy of the decode buffers for `seqs` (padded to `size` rows), moved by one copy; the
+        longest sequence's token count. Numpy fills the pinned copy from the rows' lists in place."""
         host, n, block = self.buffers.flip(), len(seqs), self.block_size
-        last = [s.num_tokens - 1 for s in seqs]
-        host["input_ids"][:n] = torch.tensor([max(s.token_ids[-1], 0) for s in seqs])
-        host["prev_rows"][:n] = torch.tensor(prev_rows) if prev_rows is not None else -1
-        host["positions"][:n] = torch.tensor(last)
-        host["slots"][:n] = torch.tensor(
-            [s.block_table[p // block] * block + p % block for s, p in zip(seqs, last, strict=True)]
-        )
-        host["context_lens"][:n] = torch.tensor([p + 1 for p in last], dtype=torch.int32)
-        width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        host["block_tables"][:n, :width] = torch.tensor(rows, dtype=torch.int32)
+        tokens = [s.token_ids for s in seqs]
+        last = np.fromiter(map(len, tokens), np.int64, n) - 1
+        input_ids = host["input_ids"][:n]
+        input_ids[:] = [t[-1] for t in tokens]
+        np.maximum(input_ids, 0, out=input_ids)  # a placeholder's row reads its token on the device
+        host["prev_rows"][:n] = prev_rows if prev_rows is not None else -1
+        host["positions"][:n] = last
+        host["context_lens"][:n] = last + 1
+        self.buffers.fill_tables([s.block_table for s in seqs])
+        blocks = host["block_tables"][np.arange(n), last // block].astype(np.int64)
+        host["slots"][:n] = blocks * block + last % block
         if sampling is not None:
-            host["temperature"][:n] = torch.tensor(sampling.temperature, dtype=torch.float32)
-            host["seeds"][:n] = torch.tensor(sampling.seeds, dtype=torch.int64)
-            host["steps"][:n] = torch.tensor(sampling.steps, dtype=torch.int64)
+            host["temperature"][:n] = sampling.temperature
+            host["seeds"][:n] = sampling.seeds
+            host["steps"][:n] = sampling.steps
         self._fill_padding(n, size)
         self.buffers.upload(size)
+        return int(last.max()) + 1
 
 
 def _compile_modules(model: Transformer) -> None:

@@ -63,7 +63,6 @@ __all__ = [
     "SamplingTensors",
     "compute_logprobs",
     "effective_temperature",
-    "graph_sampling",
     "gumbel_noise",
     "hash_uniform",
     "int64_pattern",
@@ -151,18 +150,6 @@ def samples_in_step(params: SamplingParams) -> bool:
     """The step itself can sample this row (`sample_plain`): no truncation and no top logprobs."""
     truncates = params.top_k > 0 or params.top_p < 1 or params.min_p > 0
     return not (params.top_logprobs or (params.temperature > 0 and truncates))
-
-
-def graph_sampling(rows: list[tuple[SamplingParams, int, int]]) -> GraphSampling | None:
-    """Rows of (params, seed, step counter) as a decode step's sampling inputs; None when a row truncates
-    or asks for top logprobs (then `sample` runs after the step)."""
-    if not all(samples_in_step(params) for params, _, _ in rows):
-        return None
-    return GraphSampling(
-        temperature=[float(p.temperature) for p, _, _ in rows],
-        seeds=[int64_pattern(seed) for _, seed, _ in rows],
-        steps=[step for _, _, step in rows],
-    )
 
 
 @dataclass(slots=True)

@@ -43,9 +43,22 @@ class StopRules:
 
     def ends_in_flight(self, seq: Sequence) -> bool:
         """The token a step in flight samples for `seq` (a placeholder yet) is its last, whatever it is."""
-        if seq.token_ids[-1] != PENDING:
+        ids = seq.token_ids
+        if ids[-1] != PENDING:
             return False
-        return seq.num_output_tokens >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len
+        return len(ids) - seq.num_prompt_tokens >= seq.params.max_new_tokens or len(ids) >= self.max_model_len
+
+    def may_end(self, seq: Sequence, token: int) -> bool:
+        """Whether `reason` may find a reason for `seq` to end after its newest token `token` (cheap: most rows
+        of most steps go on, and for them `reason` is never called)."""
+        params, num_tokens = seq.params, len(seq.token_ids)
+        return (
+            token in self.eos_ids
+            or token in params.stop_token_ids
+            or bool(params.stop)
+            or num_tokens - seq.num_prompt_tokens >= params.max_new_tokens
+            or num_tokens >= self.max_model_len
+        )
 
     def reason(self, seq: Sequence) -> FinishReason | None:
         """Why `seq` ends after its newest token, or None."""
@@ -126,7 +139,7 @@ class Scheduler:
     def _schedule_prefill(self, admit: bool) -> list[ScheduledSeq]:
         items: list[ScheduledSeq] = []
         budget = self.max_num_batched_tokens
-        for seq in [s for s in self.running if s.num_pending_tokens > 1]:
+        for seq in [s for s in self.running if len(s.token_ids) - s.num_computed_tokens > 1]:
             if budget <= 0 or not self._take_chunk(seq, items, budget):
                 return items
             budget -= items[-1].num_new_tokens
@@ -170,10 +183,12 @@ class Scheduler:
 
     def _schedule_decode(self) -> list[ScheduledSeq]:
         items: list[ScheduledSeq] = []
-        for seq in list(self.running)[: self.max_num_seqs]:
-            if seq.status != SeqStatus.RUNNING or self.stop.ends_in_flight(seq):
+        ends_in_flight, allocate_slots = self.stop.ends_in_flight, self.blocks.allocate_slots
+        running = SeqStatus.RUNNING
+        for seq in self.running[: self.max_num_seqs]:  # a copy: preemption removes from `running`
+            if seq.status != running or ends_in_flight(seq):
                 continue  # preempted by an earlier sequence of this step, or its last token is in flight
-            while not self.blocks.allocate_slots(seq, 1):
+            while not allocate_slots(seq, 1):
                 victim = self.running[-1]
                 self.preempt(victim)
                 if victim is seq:
@@ -201,9 +216,17 @@ class Scheduler:
 
     def computed(self, batch: ScheduledBatch) -> None:
         """The step ran: its tokens are in the cache (full blocks join the prefix cache)."""
+        blocks = self.blocks
+        if not blocks.enable_prefix_caching:
+            for item in batch.items:
+                item.seq.num_computed_tokens += item.num_new_tokens
+            return
+        block_size = blocks.block_size
         for item in batch.items:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.blocks.register_computed(item.seq)
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if seq.num_computed_tokens // block_size > len(seq.block_hashes):  # a block filled up
+                blocks.register_computed(seq)
 
     def postprocess(
         self, rows: list[Sequence], token_ids: list[int], logprobs: list[float], top=None, version: int = 0
@@ -211,13 +234,15 @@ class Scheduler:
         """Append each row's sampled token (and its top logprobs, as many as the row asked for) under weight
         `version`; the rows that finished, with why (the caller removes them)."""
         finished = []
+        may_end, reason_of = self.stop.may_end, self.stop.reason
         for i, seq in enumerate(rows):
-            seq.token_ids.append(token_ids[i])
+            token = token_ids[i]
+            seq.token_ids.append(token)
             seq.logprobs.append(logprobs[i])
             if top is not None and seq.params.top_logprobs:
                 k = seq.params.top_logprobs
                 seq.top_logprobs.append(list(zip(top[i][0][:k], top[i][1][:k], strict=True)))
             seq.weight_version = version
-            if (reason := self.stop.reason(seq)) is not None:
+            if may_end(seq, token) and (reason := reason_of(seq)) is not None:
                 finished.append((seq, reason))
         return finished

@@ -9,6 +9,7 @@ finishes them.
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from leagues.engine.sampler import int64_pattern, row_seed, samples_in_step
 from leagues.types import FinishReason, SamplingParams
 
 PENDING = -1
@@ -47,6 +48,15 @@ class Sequence:
     """Where a stop string starts in the output text, when one ended the sequence."""
     first_weight_version: int = -1
     weight_version: int = -1
+    in_step: bool = field(init=False)
+    """`sampler.samples_in_step(params)`: a decode step can sample this sequence itself (read once: the engine's
+    hot loop checks it every step, and a request's params do not change while it runs)."""
+    step_seed: int = field(init=False)
+    """The seed a decode step samples this sequence with: `row_seed(seed, sample_index)` as an int64 pattern."""
+
+    def __post_init__(self) -> None:
+        self.in_step = samples_in_step(self.params)
+        self.step_seed = int64_pattern(row_seed(self.seed, self.sample_index))
 
     @property
     def num_tokens(self) -> int:

@@ -25,7 +25,7 @@ from dataclasses import replace
 from leagues.engine.config import EngineConfig
 from leagues.engine.requests import Requests
 from leagues.engine.runner import Launched, ModelRunner
-from leagues.engine.sampler import SamplingTensors, graph_sampling, row_seed, sample, samples_in_step
+from leagues.engine.sampler import GraphSampling, SamplingTensors, row_seed, sample
 from leagues.engine.scheduler import ScheduledBatch, Scheduler
 from leagues.engine.sequence import PENDING, SeqStatus, Sequence
 
@@ -68,10 +68,10 @@ class Stepper:
         if batch is None:
             return self.inflight is not None and self.land()
         self.decodes_in_a_row = self.decodes_in_a_row + 1 if batch.is_decode else 0
-        if self._samples_in_step(batch):
+        # a step in flight means `_can_overlap` vouched for this batch: a decode of running rows that all sample
+        if self.inflight is not None or self._samples_in_step(batch):
             self._launch(batch)
             return True
-        assert self.inflight is None, "a step that cannot overlap was scheduled over one in flight"
         sampling = [item.seq for item in batch.items if item.samples]  # before `computed` moves the counts
         logits_RV = self.runner.execute(batch)
         self.scheduler.computed(batch)
@@ -89,7 +89,7 @@ class Stepper:
         """A decode step whose rows the step itself samples: it is launched (`runner.launch`)."""
         if not batch.is_decode or self.config.deterministic or len(batch.items) > self.runner.max_launch_rows:
             return False
-        return all(item.samples and samples_in_step(item.seq.params) for item in batch.items)
+        return all(item.seq.in_step and item.samples for item in batch.items)
 
     def _admits(self) -> bool:
         """Whether the next step may take waiting requests: nothing decodes, or enough decode steps ran since the
@@ -105,22 +105,27 @@ class Stepper:
             return False
         if self.blocks.num_free_blocks < len(s.running):  # it might preempt: only a landed step does that
             return False
-        return all(seq.num_pending_tokens == 1 and samples_in_step(seq.params) for seq in s.running)
+        return all(seq.in_step and len(seq.token_ids) - seq.num_computed_tokens == 1 for seq in s.running)
 
     def _launch(self, batch: ScheduledBatch) -> None:
         """Launch a decode step; then land the one in flight (its tokens are this step's inputs, taken on the
         device), so the host's bookkeeping runs while the GPU computes. Rows stay placeholders until they land."""
         seqs = [item.seq for item in batch.items]
         prev = self.inflight
-        index = {id(seq): i for i, seq in enumerate(prev[1])} if prev is not None else {}
-        prev_rows = [index[id(seq)] if seq.token_ids[-1] == PENDING else -1 for seq in seqs]
-        rows = [(s.params, row_seed(s.seed, s.sample_index), s.num_output_tokens) for s in seqs]
-        launched = self.runner.launch(batch, graph_sampling(rows), prev_rows)
+        if prev is None:
+            prev_rows = [-1] * len(seqs)  # every token has landed
+        elif prev[1] == seqs:  # the same rows as the step in flight (the common case): no index to build
+            prev_rows = [i if seq.token_ids[-1] == PENDING else -1 for i, seq in enumerate(seqs)]
+        else:
+            index = {id(seq): i for i, seq in enumerate(prev[1])}
+            prev_rows = [index[id(seq)] if seq.token_ids[-1] == PENDING else -1 for seq in seqs]
+        launched = self.runner.launch(batch, _graph_sampling(seqs), prev_rows)
         if prev is not None:
             self.land()
             self.stats["overlapped_steps"] += 1
-        alive = [item for item in batch.items if item.seq.status == SeqStatus.RUNNING]  # none stopped landing
-        self.scheduler.computed(replace(batch, items=alive))
+        running = SeqStatus.RUNNING
+        alive = [item for item in batch.items if item.seq.status == running]  # none stopped landing
+        self.scheduler.computed(replace(batch, items=alive) if len(alive) < len(seqs) else batch)
         for item in alive:
             item.seq.token_ids.append(PENDING)
         self.inflight = (launched, seqs)
@@ -133,10 +138,12 @@ class Stepper:
         self.inflight = None
         token_ids, logprobs = self.runner.land(launched)
         keep = [i for i, seq in enumerate(seqs) if seq.token_ids[-1] == PENDING]
-        rows = [seqs[i] for i in keep]
-        for seq in rows:
+        if len(keep) < len(seqs):
+            seqs = [seqs[i] for i in keep]
+            token_ids, logprobs = [token_ids[i] for i in keep], [logprobs[i] for i in keep]
+        for seq in seqs:
             seq.token_ids.pop()
-        self._postprocess(rows, [token_ids[i] for i in keep], [logprobs[i] for i in keep])
+        self._postprocess(seqs, token_ids, logprobs)
         return True
 
     def _postprocess(self, rows: list[Sequence], token_ids: list[int], logprobs: list[float], top=None) -> None:
@@ -145,3 +152,13 @@ class Stepper:
         for seq, reason in finished:
             self.table.finish(seq, reason)
         self.stats["steps"] += 1
+
+
+def _graph_sampling(seqs: list[Sequence]) -> GraphSampling:
+    """The sampling inputs of a launched decode step's rows (every one samples in the step: `Sequence.in_step`);
+    a row's RNG counter is the number of tokens it has generated (a placeholder in flight counts)."""
+    return GraphSampling(
+        temperature=[float(seq.params.temperature) for seq in seqs],
+        seeds=[seq.step_seed for seq in seqs],
+        steps=[len(seq.token_ids) - seq.num_prompt_tokens for seq in seqs],
+    )
