@@ -9,10 +9,11 @@ row r of `x @ w.T` can round differently at M = 1 (decode) and M = 300 (a packed
 Decisions:
 - Two implementations of every function, one code path: Triton kernels on CUDA, pure-torch references on
   the CPU. The two need not agree with each other bit for bit; each agrees with itself across batch shapes.
-- Triton kernels use one fixed tile configuration per kernel, whatever the shapes, and never split a
-  reduction across programs: a row's reduction order is then a function of the reduction length only. A
-  row's position inside a tile does not change its arithmetic (the tensor-core product of a row reads only
-  that row).
+- Triton kernels never split a reduction across programs and fix its step (the K tile of a product): a row's
+  reduction order is then a function of the reduction length only. A row's position inside a tile does not
+  change its arithmetic (the tensor-core product of a row reads only that row), so the dense product may size
+  its output tile by the row count (a decode row takes small tiles, `dense_tiles`); every other kernel keeps one
+  tile configuration whatever the shapes.
 - Attention walks each query's keys from position 0 in fixed 64-key blocks with an online softmax, so a
   query sees the same block boundaries in training (all of a sequence's queries at once), in a prefill chunk
   and in a decode step; blocks past its position are masked to exact no-ops. Keys are addressed through a
@@ -45,8 +46,14 @@ except ImportError:  # triton is Linux-only; the CPU references need none
     triton = None
 
 LOG2E = 1.4426950408889634
-# One tile configuration each, never chosen by shape: that is what makes the kernels batch-invariant.
+# One tile configuration each, never chosen by shape: that is what makes the kernels batch-invariant. The dense
+# product alone picks its output tile by row count (`MM_FEW_ROWS`), never its K step: a row's sum then runs the
+# same instructions in the same order (measured bitwise equal on an H100 for 8 tile shapes, 1 to 300 rows).
 MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_WARPS, MM_STAGES = 128, 128, 64, 8, 3
+MM_FEW_ROWS = ((16, (16, 64, 4, 4)), (64, (64, 64, 4, 3)))
+"""(at most this many rows, (block_m, block_n, warps, stages)) of the dense product, smallest first; more rows take
+the pinned 128 x 128 tile. A decode row's projection is a dozen programs at 128 x 128 and ~100 at 16 x 64 (one
+row, 1,024 x 1,536: 5.8 against 10.6 us on an H100; `benchmarks/matmul_tiles.py`)."""
 ATT_BLOCK_M, ATT_BLOCK_N, ATT_WARPS = 64, 64, 4
 ROW_BLOCK = 4096
 
@@ -251,13 +258,23 @@ def matmul_nt_triton(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     out_MN = x_MK.new_empty(num_rows, n)
     if num_rows == 0:
         return out_MN
-    grid = (triton.cdiv(num_rows, MM_BLOCK_M), triton.cdiv(n, MM_BLOCK_N))
+    block_m, block_n, warps, stages = dense_tiles(num_rows)
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n, block_n))
     _matmul_nt_kernel[grid](
         x_MK, w_NK, out_MN, x_MK, x_MK, x_MK, num_rows, n, k, x_MK.stride(0), 0, w_NK.stride(0), out_MN.stride(0),
-        GROUPED=False, BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K, PRECISION=_precision(x_MK),
-        num_warps=MM_WARPS, num_stages=MM_STAGES,
+        GROUPED=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=MM_BLOCK_K, PRECISION=_precision(x_MK),
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out_MN
+
+
+def dense_tiles(num_rows: int) -> tuple[int, int, int, int]:
+    """(block_m, block_n, warps, stages) of a dense product of `num_rows` rows (`MM_FEW_ROWS`); the K step is
+    always `MM_BLOCK_K`."""
+    for max_rows, tiles in MM_FEW_ROWS:
+        if num_rows <= max_rows:
+            return tiles
+    return MM_BLOCK_M, MM_BLOCK_N, MM_WARPS, MM_STAGES
 
 
 def grouped_mm_triton(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,18 @@ def test_triton_kernels_match_the_references_under_the_interpreter():
     assert all(err < 1e-4 for err in errors.values()), errors
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter runs where there is no GPU")
+def test_the_dense_product_sizes_its_tiles_by_rows_and_keeps_each_rows_numbers():
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(200, 192, generator=gen), torch.randn(150, 192, generator=gen)
+    parts = (slice(0, 1), slice(3, 19), slice(100, 140))  # one row, 16 rows, 40 rows: each its own tile size
+    assert len({bi.dense_tiles(p.stop - p.start) for p in parts} | {bi.dense_tiles(200)}) == 3
+    for dtype in (torch.float32, torch.bfloat16):
+        full = bi.matmul_nt_triton(x.to(dtype), w.to(dtype))
+        for rows in parts:
+            assert torch.equal(bi.matmul_nt_triton(x[rows].to(dtype), w.to(dtype)), full[rows])
+
+
 def test_sum_rows_adds_in_index_order():
     # in float32 1e8 + 1 rounds to 1e8: the order of the adds decides whether the 1 survives
     assert bi.sum_rows(torch.tensor([[[1.0], [1e8], [-1e8]]])).item() == 0.0
