@@ -97,6 +97,19 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * x_f32.to(x.dtype)
 
 
+def norm_rope_reference(q_THA, k_TGA, cos_TA, sin_TA, q_weight_A=None, k_weight_A=None, eps: float = 0.0):
+    """(q, k) after the per-head RMSNorm (if weights are given) and rotate-half rotary (cos/sin [T, A] in q's
+    dtype): the model's unfused ops (`leagues.model.layers`)."""
+    if q_weight_A is not None:
+        q_THA, k_TGA = rms_norm_reference(q_THA, q_weight_A, eps), rms_norm_reference(k_TGA, k_weight_A, eps)
+
+    def rope(x_THA):
+        x1, x2 = x_THA.chunk(2, dim=-1)
+        return x_THA * cos_TA[:, None, :] + torch.cat([-x2, x1], dim=-1) * sin_TA[:, None, :]
+
+    return rope(q_THA), rope(k_TGA)
+
+
 # ---------------------------------------------------------------------------------------------- triton kernels
 
 if triton is not None:
@@ -154,6 +167,47 @@ if triton is not None:
         w = tl.load(w_ptr + offs, mask=ok, other=0.0)
         out = w.to(tl.float32) * normed.to(tl.float32)
         tl.store(o_ptr + row * stride_o + offs, out.to(o_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _norm_rope_row(src, dst, w_ptr, cos_row, sin_row, eps,
+                       A: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
+        """One head's row: RMSNorm over its A values (if NORM), then rotate-half rotary, each step rounded to
+        the row's dtype where the unfused ops round (the norm's output, each product, the sum)."""
+        offs = tl.arange(0, HALF)
+        x1, x2 = tl.load(src + offs), tl.load(src + HALF + offs)
+        dtype = x1.dtype
+        if NORM:
+            f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+            rstd = 1.0 / tl.sqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / A + eps)
+            w1, w2 = tl.load(w_ptr + offs).to(tl.float32), tl.load(w_ptr + HALF + offs).to(tl.float32)
+            x1 = (w1 * (f1 * rstd).to(dtype).to(tl.float32)).to(dtype)
+            x2 = (w2 * (f2 * rstd).to(dtype).to(tl.float32)).to(dtype)
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        c1, c2 = tl.load(cos_row + offs).to(tl.float32), tl.load(cos_row + HALF + offs).to(tl.float32)
+        s1, s2 = tl.load(sin_row + offs).to(tl.float32), tl.load(sin_row + HALF + offs).to(tl.float32)
+        # x * cos + cat(-x2, x1) * sin, as the unfused ops compute it: each product rounded, then the sum
+        o1 = (f1 * c1).to(dtype).to(tl.float32) + (-f2 * s1).to(dtype).to(tl.float32)
+        o2 = (f2 * c2).to(dtype).to(tl.float32) + (f1 * s2).to(dtype).to(tl.float32)
+        tl.store(dst + offs, o1.to(dtype))
+        tl.store(dst + HALF + offs, o2.to(dtype))
+
+    @triton.jit
+    def _norm_rope_kernel(
+        q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
+        H, G, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st, eps,
+        A: tl.constexpr, NORM: tl.constexpr,
+    ):  # fmt: skip
+        """Program (token t, row h): query head h for h < H, else key head h - H; outputs contiguous."""
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        cos_row, sin_row = cos_ptr + t * stride_ct, sin_ptr + t * stride_st
+        if h < H:
+            src, dst = q_ptr + t * stride_qt + h * stride_qh, qo_ptr + (t * H + h) * A
+            _norm_rope_row(src, dst, qw_ptr, cos_row, sin_row, eps, A, A // 2, NORM)
+        else:
+            g = h - H
+            src, dst = k_ptr + t * stride_kt + g * stride_kh, ko_ptr + (t * G + g) * A
+            _norm_rope_row(src, dst, kw_ptr, cos_row, sin_row, eps, A, A // 2, NORM)
 
     @triton.jit
     def _logsumexp_kernel(x_ptr, o_ptr, V, stride_x, BLOCK: tl.constexpr):
@@ -312,6 +366,27 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return out_RD.view(*x.shape[:-1], x.shape[-1])
 
 
+def norm_rope_triton(q_THA, k_TGA, cos_TA, sin_TA, q_weight_A=None, k_weight_A=None, eps: float = 0.0):
+    """`norm_rope_reference` in one launch: (q, k) contiguous, in q's dtype. Inputs may be strided views (the
+    heads of one fused q/k/v product) whose last axis is contiguous."""
+    (num_tokens, num_heads, head_dim), num_kv_heads = q_THA.shape, k_TGA.shape[1]
+    if head_dim % 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"norm_rope_triton: head_dim {head_dim} must be a power of two")
+    if q_THA.stride(-1) != 1 or k_TGA.stride(-1) != 1:
+        q_THA, k_TGA = q_THA.contiguous(), k_TGA.contiguous()
+    cos_TA, sin_TA = cos_TA.contiguous(), sin_TA.contiguous()
+    q_out, k_out = torch.empty(q_THA.shape, dtype=q_THA.dtype, device=q_THA.device), torch.empty_like(k_TGA)
+    norm = q_weight_A is not None
+    if num_tokens:
+        q_w, k_w = (q_weight_A.contiguous(), k_weight_A.contiguous()) if norm else (q_THA, k_TGA)
+        _norm_rope_kernel[(num_tokens, num_heads + num_kv_heads)](
+            q_THA, k_TGA, q_out, k_out, q_w, k_w, cos_TA, sin_TA, num_heads, num_kv_heads,
+            q_THA.stride(0), q_THA.stride(1), k_TGA.stride(0), k_TGA.stride(1), cos_TA.stride(0), sin_TA.stride(0),
+            eps, A=head_dim, NORM=norm, num_warps=1, enable_fp_fusion=False,
+        )  # fmt: skip
+    return q_out, k_out
+
+
 def logsumexp_triton(x_RV: torch.Tensor) -> torch.Tensor:
     x_RV = x_RV.float().contiguous()
     out_R = x_RV.new_empty(x_RV.shape[0])
@@ -379,7 +454,8 @@ class _Linear(torch.autograd.Function):
 
 
 class _Recompute(torch.autograd.Function):
-    """Invariant forward `fast(*inputs)`; the backward differentiates `reference(*inputs)`, recomputed."""
+    """Invariant forward `fast(*inputs)` (a tensor or a tuple of tensors); the backward differentiates
+    `reference(*inputs)`, recomputed."""
 
     @staticmethod
     def forward(ctx, fast, reference, *inputs):
@@ -389,14 +465,15 @@ class _Recompute(torch.autograd.Function):
         return fast(*inputs)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads_out):
         inputs = [t if t is not None else o for t, o in zip(ctx.saved_tensors, ctx.others, strict=True)]
         wanted = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i + 2]]
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(i in wanted) if isinstance(t, torch.Tensor) else t
                       for i, t in enumerate(inputs)]  # fmt: skip
             out = ctx.reference(*leaves)
-            grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad, allow_unused=True)
+            outs = out if isinstance(out, tuple) else (out,)
+            grads = torch.autograd.grad(outs, [leaves[i] for i in wanted], grads_out, allow_unused=True)
         result = [None] * len(inputs)
         for i, g in zip(wanted, grads, strict=True):
             result[i] = g
@@ -480,6 +557,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not uses_triton(x):
         return rms_norm_reference(x, weight, eps)
     return _recompute(rms_norm_triton, rms_norm_reference, x, weight, eps)
+
+
+def norm_rope(q_THA, k_TGA, cos_TA, sin_TA, q_weight_A=None, k_weight_A=None, eps: float = 0.0):
+    """Per-head RMSNorm of q and k (when their weights are given) and rotary, row-invariant: one launch on CUDA
+    (differentiable: the backward differentiates `norm_rope_reference`, recomputed), the reference elsewhere."""
+    if not uses_triton(q_THA):
+        return norm_rope_reference(q_THA, k_TGA, cos_TA, sin_TA, q_weight_A, k_weight_A, eps)
+    return _recompute(norm_rope_triton, norm_rope_reference, q_THA, k_TGA, cos_TA, sin_TA, q_weight_A, k_weight_A, eps)
 
 
 def logsumexp(x_RV: torch.Tensor) -> torch.Tensor:

@@ -224,7 +224,7 @@ class Attention(nn.Module):
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
 
-    def _qkv(self, x_TD: torch.Tensor):
+    def _qkv(self, x_TD: torch.Tensor, head_norm: bool = True):
         q, k, v = self._project(x_TD)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -233,14 +233,19 @@ class Attention(nn.Module):
         q_THA = q.unflatten(-1, (self.num_heads, self.head_dim))
         k_TGA = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v_TGA = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and head_norm:
             q_THA, k_TGA = self.q_norm(q_THA), self.k_norm(k_TGA)
         return q_THA, k_TGA, v_TGA
 
     def forward(self, x_TD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend):
-        q_THA, k_TGA, v_TGA = self._qkv(x_TD)
         cos_TA, sin_TA = rope
-        q_THA, k_TGA = apply_rope(q_THA, cos_TA, sin_TA), apply_rope(k_TGA, cos_TA, sin_TA)
+        if isinstance(self.wq, InvariantLinear):  # deterministic mode: per-head norms and rotary in one launch
+            q_THA, k_TGA, v_TGA = self._qkv(x_TD, head_norm=False)
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm == "head" else ()
+            q_THA, k_TGA = batch_invariant.norm_rope(q_THA, k_TGA, cos_TA, sin_TA, *norms)
+        else:
+            q_THA, k_TGA, v_TGA = self._qkv(x_TD)
+            q_THA, k_TGA = apply_rope(q_THA, cos_TA, sin_TA), apply_rope(k_TGA, cos_TA, sin_TA)
         o_TD = backend.attend(self.layer_idx, q_THA, k_TGA, v_TGA).flatten(-2)
         if type(self.wo) is nn.Linear and gemv.applies(o_TD, self.wo.weight):  # a decode step's few rows
             return gemv.gemv(o_TD, self.wo.weight, self.wo.bias)

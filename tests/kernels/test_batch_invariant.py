@@ -32,6 +32,17 @@ def _paged_copy(k_TGA, v_TGA, lens, block_size, num_blocks, gen):
     return k_cache, v_cache, table.to(k_TGA.device)
 
 
+def _rope_inputs(randn, num_tokens, num_heads, num_kv_heads, head_dim):
+    """q and k as the heads of one fused q/k/v product (strided views), rotary tables of random angles, and
+    per-head norm weights."""
+    q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, _ = randn(num_tokens, q_dim + 2 * kv_dim).split([q_dim, kv_dim, kv_dim], dim=-1)
+    angles = randn(num_tokens, head_dim // 2) * 3
+    angles = torch.cat([angles, angles], dim=-1)
+    q_THA, k_TGA = q.unflatten(-1, (num_heads, head_dim)), k.unflatten(-1, (num_kv_heads, head_dim))
+    return q_THA, k_TGA, angles.cos(), angles.sin(), randn(head_dim), randn(head_dim)
+
+
 def check_kernels_against_references(device: str = "cpu") -> dict[str, float]:
     """Largest |kernel - reference| of each Triton kernel on small odd shapes (float32)."""
     gen = torch.Generator().manual_seed(0)
@@ -44,6 +55,12 @@ def check_kernels_against_references(device: str = "cpu") -> dict[str, float]:
     errors["grouped"] = (bi.grouped_mm_triton(x, w_e, offs) - grouped_mm_reference(x, w_e, offs)).abs().max().item()
     norm_w = randn(96)
     errors["rms_norm"] = (bi.rms_norm_triton(x, norm_w, 1e-6) - bi.rms_norm_reference(x, norm_w, 1e-6)).abs().max()
+    q, k, cos, sin, norm_q, norm_k = _rope_inputs(randn, 6, 4, 2, 16)
+    got, want = (
+        bi.norm_rope_triton(q, k, cos, sin, norm_q, norm_k, 1e-6),
+        bi.norm_rope_reference(q, k, cos, sin, norm_q, norm_k, 1e-6),
+    )
+    errors["norm_rope"] = max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
     logits = randn(5, 9000) * 4
     errors["logsumexp"] = (bi.logsumexp_triton(logits) - torch.logsumexp(logits, -1)).abs().max().item()
     lens, heads, kv_heads, dim = [5, 70, 9], 4, 2, 16
@@ -67,7 +84,7 @@ def check_kernels_against_references(device: str = "cpu") -> dict[str, float]:
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter runs where there is no GPU")
 def test_triton_kernels_match_the_references_under_the_interpreter():
     errors = check_kernels_against_references("cpu")
-    assert set(errors) >= {"matmul", "grouped", "rms_norm", "logsumexp", "packed_attention", "paged_attention_q1"}
+    assert set(errors) >= {"matmul", "grouped", "rms_norm", "norm_rope", "logsumexp", "packed_attention"}
     assert all(err < 1e-4 for err in errors.values()), errors
 
 
@@ -81,6 +98,29 @@ def test_the_dense_product_sizes_its_tiles_by_rows_and_keeps_each_rows_numbers()
         full = bi.matmul_nt_triton(x.to(dtype), w.to(dtype))
         for rows in parts:
             assert torch.equal(bi.matmul_nt_triton(x[rows].to(dtype), w.to(dtype)), full[rows])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter runs where there is no GPU")
+def test_the_fused_norm_and_rotary_compute_what_the_models_ops_compute_and_train_through_them():
+    from leagues.model.layers import apply_rope
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, cos, sin, norm_q, norm_k = _rope_inputs(lambda *s: torch.randn(*s, generator=gen), 7, 4, 2, 32)
+    assert q.stride(0) != q.shape[1] * q.shape[2]  # the kernel reads the fused product's strided heads
+    rotated_q, rotated_k = bi.norm_rope_triton(q, k, cos, sin)  # rotary alone: the same float32 ops, bit for bit
+    assert torch.equal(rotated_q, apply_rope(q, cos, sin)) and torch.equal(rotated_k, apply_rope(k, cos, sin))
+    normed = bi.norm_rope_triton(q, k, cos, sin, norm_q, norm_k, 1e-6)
+    want = bi.norm_rope_reference(q, k, cos, sin, norm_q, norm_k, 1e-6)
+    for got, ref in zip(normed, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, norm_q)]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, norm_q)]
+    out = bi._recompute(bi.norm_rope_triton, bi.norm_rope_reference, *leaves[:2], cos, sin, leaves[2], norm_k, 1e-6)
+    ref = bi.norm_rope_reference(*ref_leaves[:2], cos, sin, ref_leaves[2], norm_k, 1e-6)
+    (out[0].sum() + 2 * out[1].sum()).backward()
+    (ref[0].sum() + 2 * ref[1].sum()).backward()
+    for leaf, ref_leaf in zip(leaves, ref_leaves, strict=True):
+        assert torch.equal(leaf.grad, ref_leaf.grad)
 
 
 def test_sum_rows_adds_in_index_order():
@@ -101,6 +141,8 @@ def test_gpu_kernels_match_the_references():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_rows_do_not_depend_on_the_batch():
+    from leagues.model.layers import apply_rope
+
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(300, 512, generator=gen).cuda().bfloat16()
     w = torch.randn(1000, 512, generator=gen).cuda().bfloat16()
@@ -111,6 +153,14 @@ def test_gpu_rows_do_not_depend_on_the_batch():
     assert torch.equal(bi.log_softmax(logits[3:4]), bi.log_softmax(logits)[3:4])
     norm_w = torch.randn(512, generator=gen).cuda().bfloat16()
     assert torch.equal(bi.rms_norm(x[5:6], norm_w, 1e-6), bi.rms_norm(x, norm_w, 1e-6)[5:6])
+    q, k, cos, sin, norm_q, norm_k = _rope_inputs(lambda *s: torch.randn(*s, generator=gen).cuda().bfloat16(),
+                                                  300, 16, 4, 128)  # fmt: skip
+    full = bi.norm_rope(q, k, cos, sin, norm_q, norm_k, 1e-6)
+    for rows in (slice(0, 1), slice(100, 164)):
+        part = bi.norm_rope(q[rows], k[rows], cos[rows], sin[rows], norm_q, norm_k, 1e-6)
+        assert torch.equal(part[0], full[0][rows]) and torch.equal(part[1], full[1][rows])
+    # bf16 rotary alone rounds as the model's unfused ops do (each product, then the sum)
+    assert torch.equal(bi.norm_rope(q, k, cos, sin)[0], apply_rope(q, cos, sin))
 
 
 @pytest.mark.gpu
