@@ -160,7 +160,7 @@ def parity(engine: Engine, model, vocab: int, out: str) -> None:
 
 def decode_rows(engine, model, hf, args, ceilings_, deterministic: bool, batches) -> None:
     overlaps = {"on": [True], "off": [False], "both": [True, False]}[args.overlap]
-    for overlap in overlaps if not deterministic else [False]:
+    for overlap in overlaps:
         engine.stepper.overlap = overlap  # read at every launch
         _decode_rows(engine, model, hf, args, ceilings_, deterministic, batches, overlap)
 

@@ -49,8 +49,8 @@ class EngineConfig:
     this many tokens, and other prefills and mixed steps of up to 512 (and at most this many). At most
     `max_num_batched_tokens`; 0: none. Each size adds a capture to the engine's start."""
     overlap_scheduling: str = "auto"
-    """"auto", "true" or "false": decode steps that sample in the step (no truncation, no top logprobs, outside
-    deterministic mode) are launched before the previous step's tokens reach the host: their input tokens are
+    """"auto", "true" or "false": decode steps that sample in the step (no truncation, no top logprobs; in
+    deterministic mode too) are launched before the previous step's tokens reach the host: their input tokens are
     taken on the device from the previous step's samples, so the host's scheduling and post-processing run while
     the GPU computes. A sequence that stops on eos costs one discarded row. "auto" is on on CUDA (on the CPU a
     step runs when it is launched: there is nothing to overlap); "false": every step waits for its tokens."""

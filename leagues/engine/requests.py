@@ -95,7 +95,7 @@ class Requests:
         self.scheduler, self.blocks, self.tokenizer, self.routes_of = scheduler, blocks, tokenizer, routes_of
         self.states: dict[str, RequestState] = {}
         self.stats = {"requests": 0, "inbox_wait_s": 0.0, "prompt_tokens": 0, "generated_tokens": 0, "cached_tokens": 0,
-                      "steps": 0, "overlapped_steps": 0}  # fmt: skip
+                      "steps": 0, "launched_steps": 0, "overlapped_steps": 0}  # fmt: skip
         self._rng = random.Random(seed)
         self._ids = itertools.count()
 

@@ -13,11 +13,12 @@ context spans more than two splits: the RL long tail of few sequences with long 
 tables and final norm are compiled by default on CUDA (`EngineConfig.compile_model`: `torch.compile` fuses
 norms, rotary, router and MoE glue; attention is the opaque `leagues::paged_attend` operator, so the cache is
 never traced). A graph holds the whole decode step: the forward, the LM head, the routes' cache write and, for
-rows without truncation outside deterministic mode, the sampler (`sample_plain`). Its inputs live in one
-persistent buffer (`DecodeBuffers`): the host fills one of two pinned copies in place and one host-to-device
-copy a step moves it; the sampled tokens and logprobs come back in one small copy each. Such steps are
-*launched* (`launch`, then `land` waits for their tokens), with or without a graph, so the engine can start
-the next step first: a row's input token may be taken on the device from the previous step's samples.
+rows without truncation, the sampler (`sampler.sample_in_step`: `sample_plain`'s tokens; in deterministic mode
+their logprobs by the trainer's batch-invariant arithmetic). Its inputs live in one persistent buffer
+(`DecodeBuffers`): the host fills one of two pinned copies in place and one host-to-device copy a step moves it;
+the sampled tokens and logprobs come back in one small copy each. Such steps are *launched* (`launch`, then `land`
+waits for their tokens), with or without a graph, so the engine can start the next step first: a row's input
+token may be taken on the device from the previous step's samples.
 
 Legend: T tokens in the step, B sequences, M max blocks per sequence, V vocab, D model dim.
 """
@@ -33,10 +34,9 @@ from leagues.engine.attention import OpaqueAttention, PagedAttention, active_bac
 from leagues.engine.config import EngineConfig
 from leagues.engine.prefill_graphs import FreshGraphs, RaggedGraphs
 from leagues.engine.prefill_graphs import supported as fresh_supported
-from leagues.engine.sampler import GraphSampling
+from leagues.engine.sampler import GraphSampling, sample_in_step
 from leagues.engine.scheduler import ScheduledBatch
 from leagues.kernels.paged_attention import decode_split_tokens, key_slots
-from leagues.kernels.sampling import sample_plain
 from leagues.model import ForwardBatch, Transformer
 from leagues.model.transformer import raise_recompile_limit
 
@@ -185,9 +185,10 @@ class ModelRunner:
         self.block_size = cfg.block_size
         self.max_blocks = -(-max_model_len // cfg.block_size)
         self.capture_routes = cfg.capture_routes and model.config.num_moe_layers > 0
-        self.samples_after_step = cfg.deterministic
-        """Deterministic mode samples after the step, batch-invariantly (the engine's setting, not the model's:
-        a model another engine made batch-invariant still samples in this one's steps)."""
+        self.invariant_logprobs = cfg.deterministic
+        """Deterministic mode: a step's logprobs by the trainer's batch-invariant arithmetic
+        (`sampler.invariant_logprobs`). The engine's setting, not the model's: a model another engine made
+        batch-invariant still gets the fused sampler's logprobs in this one's steps."""
         self.attention_impl = cfg.attention_impl
         self.use_graphs = cfg.cuda_graphs
         self.graph_batch_sizes = sorted(cfg.graph_batch_sizes)
@@ -484,17 +485,16 @@ class ModelRunner:
         )
 
     def _graph_step(self, size: int, attention: PagedAttention) -> dict:
-        """What a decode graph runs: the model, the LM head and the plain sampler over the static buffers.
-        Input tokens of rows continuing the previous step come from its samples, still on the device."""
+        """What a decode graph runs: the model, the LM head and the plain sampler (`sample_in_step`) over the
+        static buffers. Input tokens of rows continuing the previous step come from its samples, still on the
+        device."""
         dev, sampled = self.buffers.device, self.buffers.sampled
         prev_R = dev["prev_rows"][:size]
         input_ids_B = torch.where(prev_R >= 0, sampled[prev_R.clamp(min=0)], dev["input_ids"][:size])
         hidden_BD = self._run(attention, input_ids_B, dev["positions"][:size])
         logits_BV = self.model.logits(hidden_BD)
-        if self.samples_after_step:
-            return {"logits": logits_BV}
         args = (dev["temperature"][:size], dev["seeds"][:size], dev["steps"][:size])
-        token_ids_B, logprobs_B = sample_plain(logits_BV, *args)
+        token_ids_B, logprobs_B = sample_in_step(logits_BV, *args, invariant=self.invariant_logprobs)
         sampled[:size].copy_(token_ids_B)
         return {"logits": logits_BV, "tokens": token_ids_B, "logprobs": logprobs_B}
 

@@ -1,9 +1,10 @@
 """Sampler: the last-position logits of a batch of sequences in, one next token per sequence out.
 
 Runs after the model runner and before the scheduler appends the tokens. Rows without truncation or top
-logprobs (the RL case) go through `sample_plain` (`leagues.kernels.sampling`: one Triton kernel on CUDA),
-which the decode CUDA graphs also run inside the step (`GraphSampling` carries their inputs); the rest
-here is batched and vectorised on the logits' device, with no per-row Python loop and no host sync.
+logprobs (the RL case) go through `sample_in_step`: `sample_plain`'s tokens (`leagues.kernels.sampling`: one
+Triton kernel on CUDA), which the decode CUDA graphs also run inside the step (`GraphSampling` carries their
+inputs), in deterministic mode too; the rest here is batched and vectorised on the logits' device, with no
+per-row Python loop and no host sync.
 
 Decisions:
 - Per-row parameters travel as tensors (`SamplingTensors`), built once per step on the host. Python
@@ -14,6 +15,10 @@ Decisions:
   recomputes exactly this, so it should call `compute_logprobs` too: dividing by a tensor of
   temperatures is not bitwise the same as dividing by a Python float on CUDA (which multiplies by
   the reciprocal). The top-logprobs come from the same distribution.
+- Deterministic mode (`invariant=True`) takes the log-softmax with the trainer's arithmetic,
+  `batch_invariant.log_softmax(scale_logits(logits, T))` at the token, as `leagues.train.logprobs` does (T a
+  float32 tensor, T := 1 for greedy rows). `invariant_logprobs` is that gather without a second [B, V] tensor,
+  so a launched decode step's graph computes it beside `sample_plain`'s tokens (`sample_in_step`).
 - Greedy rows (temperature 0) take `argmax(logits)`: ties go to the lowest id.
 - Truncation, in order: top-k, top-p over the top-k survivors (renormalised), min-p relative to the
   max probability; the top token is always kept. Top-k and top-p share one stable descending sort (so
@@ -66,10 +71,12 @@ __all__ = [
     "gumbel_noise",
     "hash_uniform",
     "int64_pattern",
+    "invariant_logprobs",
     "is_plain",
     "mix64",
     "row_seed",
     "sample",
+    "sample_in_step",
     "samples_in_step",
     "sample_plain",
     "scale_logits",
@@ -147,7 +154,7 @@ def row_seed(seed: int, sample_index: int) -> int:
 
 
 def samples_in_step(params: SamplingParams) -> bool:
-    """The step itself can sample this row (`sample_plain`): no truncation and no top logprobs."""
+    """The step itself can sample this row (`sample_in_step`): no truncation and no top logprobs."""
     truncates = params.top_k > 0 or params.top_p < 1 or params.min_p > 0
     return not (params.top_logprobs or (params.temperature > 0 and truncates))
 
@@ -196,6 +203,33 @@ def _sample_scores(scores_BV: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return noisy_BV.argmax(dim=-1)
 
 
+def invariant_logprobs(scores_BV: torch.Tensor, token_ids_B: torch.Tensor) -> torch.Tensor:
+    """float32 [B]: the tokens' logprobs, bit for bit `batch_invariant.log_softmax(scores_BV).gather(1,
+    token_ids_B[:, None]).squeeze(1)` (the trainer's arithmetic in deterministic mode). On CUDA that log-softmax
+    is `x - logsumexp(x)[:, None]`, one subtraction per element: the gathered scores minus their row's
+    `batch_invariant.logsumexp` are the same bits, without writing a [B, V] tensor. No host sync (capturable)."""
+    if not batch_invariant.uses_triton(scores_BV):
+        return batch_invariant.log_softmax(scores_BV).gather(1, token_ids_B[:, None]).squeeze(1)
+    scores_BV = scores_BV.float()
+    return scores_BV.gather(1, token_ids_B[:, None]).squeeze(1) - batch_invariant.logsumexp(scores_BV)
+
+
+def sample_in_step(
+    logits_BV: torch.Tensor,
+    temperature_B: torch.Tensor,
+    seed_B: torch.Tensor,
+    step_B: torch.Tensor,
+    invariant: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens int64, logprobs float32) of rows without truncation, what a launched decode step samples (inside
+    its CUDA graph: no host sync): `sample_plain`'s tokens; with `invariant` (deterministic mode) their logprobs
+    by the trainer's arithmetic (`invariant_logprobs`), else `sample_plain`'s."""
+    token_ids_B, logprobs_B = sample_plain(logits_BV, temperature_B, seed_B, step_B)
+    if invariant:
+        logprobs_B = invariant_logprobs(scale_logits(logits_BV, temperature_B), token_ids_B)
+    return token_ids_B, logprobs_B
+
+
 def is_plain(t: SamplingTensors) -> bool:
     """No truncation and no top logprobs: `sample_plain` gives `sample`'s answer."""
     return not (t.any_top_k or t.any_top_p or t.any_min_p or t.max_top_logprobs)
@@ -204,10 +238,10 @@ def is_plain(t: SamplingTensors) -> bool:
 def sample(logits_BV: torch.Tensor, t: SamplingTensors, invariant: bool = False) -> SampleOutput:
     """Next token, its logprob, and optionally the top-K logprobs, for every row. `invariant`: the
     log-softmax is batch-invariant (deterministic mode; the trainer computes the same). Batches without
-    truncation or top logprobs take `sample_plain` (one fused kernel on CUDA, the one the decode's CUDA
+    truncation or top logprobs take `sample_in_step` (one fused kernel on CUDA, the one the decode's CUDA
     graphs run, so a sequence's tokens do not depend on which path sampled them)."""
-    if not invariant and is_plain(t):
-        return SampleOutput(*sample_plain(logits_BV, t.temperature_B, t.seed_B, t.step_B))
+    if is_plain(t):
+        return SampleOutput(*sample_in_step(logits_BV, t.temperature_B, t.seed_B, t.step_B, invariant))
     scores_BV = scale_logits(logits_BV, t.temperature_B)
     logprobs_BV = batch_invariant.log_softmax(scores_BV) if invariant else scores_BV.log_softmax(dim=-1)
     token_ids_B = logits_BV.argmax(dim=-1)

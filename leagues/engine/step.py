@@ -1,11 +1,13 @@
 """One step of the engine's batch loop: schedule, run, sample, post-process; and overlap scheduling.
 
 `Stepper.step` runs on the engine's thread. A step is one of:
-- a *launched* decode step: every row is sampled in the step itself (no truncation, no top logprobs,
-  outside deterministic mode): `runner.launch` starts it (a CUDA graph's replay, else the same step run
-  eagerly) and queues the copy of its tokens and logprobs; `land` waits for them and post-processes;
-- any other step (prefill, chunked prompts, truncating rows, deterministic mode): `runner.execute` returns
-  logits, the sampler runs after it (prefill forks a request's n samples), and the tokens are appended.
+- a *launched* decode step: every row is sampled in the step itself (no truncation, no top logprobs; in
+  deterministic mode too, whose logprobs the step takes by the trainer's arithmetic): `runner.launch` starts it
+  (a CUDA graph's replay, else the same step run eagerly) and queues the copy of its tokens and logprobs;
+  `land` waits for them and post-processes;
+- any other step (prefill, chunked prompts, truncating rows): `runner.execute` returns logits, the sampler
+  runs after it (prefill forks a request's n samples; batch-invariantly in deterministic mode), and the tokens
+  are appended.
 
 Overlap scheduling (`EngineConfig.overlap_scheduling`): when the next step is surely a launched decode of the
 running sequences, it is launched *before* the step in flight lands. Its rows' input tokens are taken on the
@@ -87,7 +89,7 @@ class Stepper:
 
     def _samples_in_step(self, batch: ScheduledBatch) -> bool:
         """A decode step whose rows the step itself samples: it is launched (`runner.launch`)."""
-        if not batch.is_decode or self.config.deterministic or len(batch.items) > self.runner.max_launch_rows:
+        if not batch.is_decode or len(batch.items) > self.runner.max_launch_rows:
             return False
         return all(item.seq.in_step and item.samples for item in batch.items)
 
@@ -120,6 +122,7 @@ class Stepper:
             index = {id(seq): i for i, seq in enumerate(prev[1])}
             prev_rows = [index[id(seq)] if seq.token_ids[-1] == PENDING else -1 for seq in seqs]
         launched = self.runner.launch(batch, _graph_sampling(seqs), prev_rows)
+        self.stats["launched_steps"] += 1
         if prev is not None:
             self.land()
             self.stats["overlapped_steps"] += 1

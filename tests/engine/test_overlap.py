@@ -97,3 +97,27 @@ def test_abort_while_a_step_is_in_flight(tiny_path):
 def test_a_bad_overlap_setting_is_refused(tiny_path):
     with pytest.raises(ValueError, match="overlap_scheduling"):
         Engine(tiny_path, num_blocks=16, overlap_scheduling="yes")
+
+
+def test_deterministic_decode_steps_are_launched_and_overlap_exactly(tiny_path):
+    """Deterministic mode launches its decode steps too (sampled in the step, logprobs by the trainer's
+    arithmetic) and overlaps them. Its kernels are batch-invariant, so the outputs are bitwise those of the engine
+    that waits for every step, although rows of sequences that stopped in flight change the steps' batches."""
+    prompts = make_prompts([3, 9, 17, 5], VOCAB, seed=14)
+    stop = list(range(10, 25))
+    params = [
+        SamplingParams(temperature=1.0, max_new_tokens=n, seed=i, n=1 + i % 2, stop_token_ids=stop,
+                       return_routed_experts=True)
+        for i, n in enumerate([12, 20, 7, 16])
+    ]  # fmt: skip
+    runs = {}
+    for overlap in ("false", "true"):
+        config = dict(num_blocks=128, block_size=4, max_num_batched_tokens=8, deterministic=True)
+        with engine_of(tiny_path, overlap_scheduling=overlap, **config) as engine:
+            runs[overlap] = _outputs(engine, prompts, params), dict(engine.stats)
+    (waiting, waiting_stats), (overlapped, overlapped_stats) = runs["false"], runs["true"]
+    assert overlapped == waiting  # tokens, logprobs, finish reasons and routes, exactly
+    assert waiting_stats["launched_steps"] > 10 and waiting_stats["overlapped_steps"] == 0
+    assert overlapped_stats["overlapped_steps"] > 5
+    assert len({len(t) for t, _, _, _ in waiting}) > 2  # sequences finished at different steps
+    assert any(reason == "stop" for _, _, reason, _ in waiting)  # a stop happened in flight

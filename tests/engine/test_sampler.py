@@ -9,7 +9,17 @@ import math
 import pytest
 import torch
 
-from leagues.engine.sampler import SamplingTensors, compute_logprobs, hash_uniform, sample
+from leagues.engine.sampler import (
+    SamplingTensors,
+    compute_logprobs,
+    hash_uniform,
+    invariant_logprobs,
+    sample,
+    sample_in_step,
+    sample_plain,
+    scale_logits,
+)
+from leagues.kernels import batch_invariant
 from leagues.types import SamplingParams
 
 MASK64 = (1 << 64) - 1
@@ -61,6 +71,42 @@ def test_bf16_logits_use_float32_logprobs():
     expected_BV = torch.log_softmax(logits_BV.float() / 0.9, -1)
     assert out.logprobs_B.dtype == torch.float32
     torch.testing.assert_close(out.logprobs_B, expected_BV.gather(1, out.token_ids_B[:, None]).squeeze(1))
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        # the CUDA formula (gathered scores minus the Triton logsumexp), on the CPU in Triton's interpreter
+        pytest.param("triton-cpu", marks=pytest.mark.skipif(batch_invariant.triton is None, reason="needs triton")),
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+        ),
+    ],
+)
+def test_invariant_logprobs_are_the_batch_invariant_log_softmax_bit_for_bit(device, monkeypatch):
+    if device == "triton-cpu":
+        monkeypatch.setattr(batch_invariant, "uses_triton", lambda x: True)
+    on = "cuda" if device == "cuda" else "cpu"
+    temperature_B = torch.tensor([1.0, 0.7, 0.0, 1.3, 1.0, 0.4], device=on)
+    scores_BV = scale_logits(random_logits(6, 5000, seed=3).to(on), temperature_B)  # > one Triton block of V
+    token_ids_B = torch.tensor([0, 4999, 17, 2500, 4096, 1], device=on)
+    want_B = batch_invariant.log_softmax(scores_BV).gather(1, token_ids_B[:, None]).squeeze(1)
+    assert torch.equal(invariant_logprobs(scores_BV, token_ids_B), want_B)
+
+
+def test_deterministic_plain_rows_take_the_steps_tokens_and_the_invariant_logprobs():
+    """`sample(invariant=True)` of rows without truncation: `sample_plain`'s tokens (the launched step's), their
+    logprobs by `invariant_logprobs`; the step's own sampler (`sample_in_step`) gives the same."""
+    logits_BV = random_logits(8, 40, seed=4)
+    rows = [(params(t, seed=s), s) for s, t in enumerate([1.0, 0.0, 0.8, 1.0, 1.5, 0.0, 1.0, 0.6])]
+    t = tensors(rows)
+    out = sample(logits_BV, t, invariant=True)
+    tokens_B, _ = sample_plain(logits_BV, t.temperature_B, t.seed_B, t.step_B)
+    assert torch.equal(out.token_ids_B, tokens_B)
+    assert torch.equal(out.logprobs_B, invariant_logprobs(scale_logits(logits_BV, t.temperature_B), tokens_B))
+    in_step = sample_in_step(logits_BV, t.temperature_B, t.seed_B, t.step_B, invariant=True)
+    assert torch.equal(in_step[0], out.token_ids_B) and torch.equal(in_step[1], out.logprobs_B)
 
 
 def test_top_logprobs_sorted_and_from_the_same_distribution():
