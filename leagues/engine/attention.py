@@ -76,6 +76,15 @@ class PagedAttention:
                 new_kv = None
             tables, lens = self.block_tables_BM, self.context_lens_B
             return paged_decode(q_THA, k_cache, v_cache, tables, lens, scale, self.impl, new_kv=new_kv, **options)
+        group = q_THA.shape[1] // k_TGA.shape[1]
+        if (
+            self.invariant_len
+            and q_THA.is_cuda
+            and self.is_decode
+            and self.rows_are_sequences
+            and group <= batch_invariant.ATT_BLOCK_M
+        ):
+            return self._invariant(q_THA, k_cache, v_cache, scale, new_kv)  # the kernel writes the new keys
         write_kv(k_cache, v_cache, *new_kv)
         if self.invariant_len:
             return self._invariant(q_THA, k_cache, v_cache, scale)
@@ -89,9 +98,10 @@ class PagedAttention:
         prefill = paged_prefill_reference if self.impl == "reference" else paged_attention_padded
         return prefill(q_THA, k_cache, v_cache, self.block_tables_BM, self.cu_seqlens_q_B1, self.context_lens_B, scale)
 
-    def _invariant(self, q_THA, k_cache, v_cache, scale: float) -> torch.Tensor:
+    def _invariant(self, q_THA, k_cache, v_cache, scale: float, new_kv=None) -> torch.Tensor:
         """Each sequence's queries over its cached keys with `batch_invariant.attention`: the same per-token
-        arithmetic as the trainer's packed forward in deterministic mode."""
+        arithmetic as the trainer's packed forward in deterministic mode. `new_kv` (CUDA decode steps): the
+        kernel stores the step's keys and values itself."""
         if q_THA.is_cuda:
             if self.invariant_tiles is None:
                 group = q_THA.shape[1] // k_cache.shape[2]
@@ -105,6 +115,7 @@ class PagedAttention:
                 self.block_tables_BM,
                 scale,
                 self.invariant_tiles,
+                new_kv,
             )
         k_SGA, v_SGA, cu_k = gather_kv(k_cache, v_cache, self.block_tables_BM, self.context_lens_B, self.keys)
         cu_q, cu_k = self.cu_seqlens_q_B1.tolist(), cu_k.tolist()

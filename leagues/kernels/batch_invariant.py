@@ -255,12 +255,14 @@ if triton is not None:
     def _attention_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, cu_q_ptr, key_lens_ptr, tile_seq_ptr, tile_row0_ptr,
         stride_qt, stride_qh, stride_ks, stride_kg, stride_vs, stride_vg, stride_ot, stride_oh, stride_tb,
-        block_size, qk_scale,
+        block_size, qk_scale, k_new_ptr, v_new_ptr, slots_ptr, stride_knt, stride_kng, stride_vnt, stride_vng,
         GROUP: tl.constexpr, A: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, WRITE: tl.constexpr,
     ):  # fmt: skip
         """Program (tile, g): BLOCK_M rows (query token, head of kv head g's group) of one sequence, over
-        that sequence's keys 0.. in BLOCK_N blocks. Sequence b's queries are the last ones of its keys."""
+        that sequence's keys 0.. in BLOCK_N blocks. Sequence b's queries are the last ones of its keys.
+        WRITE (decode steps: one query a sequence, so one tile): the program first stores the sequence's new key
+        and value of kv head g at its slot; the barrier makes the stores visible to its own loads below."""
         tile, g = tl.program_id(0), tl.program_id(1)
         b = tl.load(tile_seq_ptr + tile)
         if b < 0:  # past the last tile (the grid is an upper bound, so no host sync sizes it)
@@ -276,6 +278,13 @@ if triton is not None:
         pos_m = num_k - num_q + tok_m
         offs_a = tl.arange(0, BLOCK_A)
         ok_a = offs_a < A
+        if WRITE:
+            slot = tl.load(slots_ptr + q_start).to(tl.int64)
+            k_A = tl.load(k_new_ptr + q_start * stride_knt + g * stride_kng + offs_a, mask=ok_a)
+            v_A = tl.load(v_new_ptr + q_start * stride_vnt + g * stride_vng + offs_a, mask=ok_a)
+            tl.store(k_ptr + slot * stride_ks + g * stride_kg + offs_a, k_A.to(k_ptr.dtype.element_ty), mask=ok_a)
+            tl.store(v_ptr + slot * stride_vs + g * stride_vg + offs_a, v_A.to(v_ptr.dtype.element_ty), mask=ok_a)
+            tl.debug_barrier()
         q_ptrs = q_ptr + (q_start + tok_m).to(tl.int64)[:, None] * stride_qt + head_m[:, None] * stride_qh
         q_MA = tl.load(q_ptrs + offs_a[None, :], mask=ok_m[:, None] & ok_a[None, :], other=0.0)
 
@@ -451,10 +460,13 @@ def attention_triton(
     block_size: int,
     scale: float,
     tiles: tuple[torch.Tensor, torch.Tensor] | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries over keys addressed through a table (see the module notes): the
     queries of sequence b (tokens cu_q[b]:cu_q[b+1]) are the last of its key_lens[b] keys. No host sync.
-    `tiles`: `attention_tiles` of this batch, computed once for all layers."""
+    `tiles`: `attention_tiles` of this batch, computed once for all layers. `new_kv` (k_TGA, v_TGA, slots_T), for
+    a decode step (one query a sequence) only: the kernel stores each sequence's new key and value at its slot
+    before reading (one launch instead of a cache write and the attention)."""
     num_tokens, num_heads, head_dim = q_THA.shape
     num_kv_heads = k_SGA.shape[1]
     group = num_heads // num_kv_heads
@@ -463,12 +475,17 @@ def attention_triton(
     if num_tokens == 0:
         return o_THA
     seq_T, row0_T = tiles if tiles is not None else attention_tiles(cu_q_B1, num_tokens, group)
+    if new_kv is not None and group > ATT_BLOCK_M:
+        raise ValueError(f"attention_triton: new_kv needs one tile a decode row ({group} heads a group)")
+    k_new, v_new, slots = new_kv if new_kv is not None else (k_SGA, v_SGA, seq_T)
+    k_new, v_new = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_new, v_new))
     _attention_kernel[(len(seq_T), num_kv_heads)](
         q_THA, k_SGA, v_SGA, o_THA, table_BM, cu_q_B1, key_lens_B, seq_T, row0_T,
         q_THA.stride(0), q_THA.stride(1), k_SGA.stride(0), k_SGA.stride(1), v_SGA.stride(0), v_SGA.stride(1),
         o_THA.stride(0), o_THA.stride(1), table_BM.stride(0), block_size, scale * LOG2E,
+        k_new, v_new, slots, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         GROUP=group, A=head_dim, BLOCK_A=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=ATT_BLOCK_M,
-        BLOCK_N=ATT_BLOCK_N, PRECISION=_precision(q_THA), num_warps=ATT_WARPS,
+        BLOCK_N=ATT_BLOCK_N, PRECISION=_precision(q_THA), WRITE=new_kv is not None, num_warps=ATT_WARPS,
     )  # fmt: skip
     return o_THA
 
@@ -677,12 +694,13 @@ def packed_attention(q_THA, k_TGA, v_TGA, cu_seqlens_B1: torch.Tensor, lengths: 
 
 
 def paged_attention(q_THA, k_cache_NSGA, v_cache_NSGA, cu_q_B1, context_lens_B, block_tables_BM, scale: float,
-                    tiles=None):  # fmt: skip
+                    tiles=None, new_kv=None):  # fmt: skip
     """Causal attention of a step's queries over a paged KV cache on CUDA (the engine's side); `tiles`:
-    `attention_tiles` of the step, computed once for all layers."""
+    `attention_tiles` of the step, computed once for all layers; `new_kv`: a decode step's new keys and values,
+    stored by the kernel (`attention_triton`)."""
     block_size = k_cache_NSGA.shape[1]
     k_SGA, v_SGA = k_cache_NSGA.flatten(0, 1), v_cache_NSGA.flatten(0, 1)
     return attention_triton(
         q_THA, k_SGA, v_SGA, cu_q_B1.to(torch.int32), context_lens_B.to(torch.int32),
-        block_tables_BM.to(torch.int32), block_size, scale, tiles,
+        block_tables_BM.to(torch.int32), block_size, scale, tiles, new_kv,
     )  # fmt: skip
