@@ -161,24 +161,29 @@ if triton is not None:
         tl.store(o_ptrs, acc_MN.to(o_ptr.dtype.element_ty), mask=ok_m[:, None] & ok_n[None, :])
 
     @triton.jit
+    def _store_rms_row(x, w_ptr, o_row, offs, ok, D, eps):
+        """RMSNorm of one loaded row (statistics in float32 over the whole row, one fixed tree per row length;
+        the normalised value rounded to x's dtype before the weight), stored at `o_row`."""
+        x_f32 = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x_f32 * x_f32, axis=0) / D + eps)
+        normed = (x_f32 * rstd).to(x.dtype)
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0)
+        out = w.to(tl.float32) * normed.to(tl.float32)
+        tl.store(o_row + offs, out.to(o_row.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, D, stride_x, stride_o, eps, BLOCK_D: tl.constexpr):
         """One row per program, the whole row in one block: one fixed reduction tree per row length."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         ok = offs < D
         x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
-        x_f32 = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x_f32 * x_f32, axis=0) / D + eps)
-        normed = (x_f32 * rstd).to(x.dtype)
-        w = tl.load(w_ptr + offs, mask=ok, other=0.0)
-        out = w.to(tl.float32) * normed.to(tl.float32)
-        tl.store(o_ptr + row * stride_o + offs, out.to(o_ptr.dtype.element_ty), mask=ok)
+        _store_rms_row(x, w_ptr, o_ptr + row * stride_o, offs, ok, D, eps)
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, sum_ptr, o_ptr, D, stride_x, stride_y, stride_s, stride_o, eps,
                              BLOCK_D: tl.constexpr):  # fmt: skip
-        """One row per program: s = x + y rounded to x's dtype (stored), then `_rms_norm_kernel`'s arithmetic on
-        s."""
+        """One row per program: s = x + y rounded to x's dtype (stored), then `_store_rms_row` of s."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         ok = offs < D
@@ -186,12 +191,7 @@ if triton is not None:
         y = tl.load(y_ptr + row * stride_y + offs, mask=ok, other=0.0)
         x = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)
         tl.store(sum_ptr + row * stride_s + offs, x, mask=ok)
-        x_f32 = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x_f32 * x_f32, axis=0) / D + eps)
-        normed = (x_f32 * rstd).to(x.dtype)
-        w = tl.load(w_ptr + offs, mask=ok, other=0.0)
-        out = w.to(tl.float32) * normed.to(tl.float32)
-        tl.store(o_ptr + row * stride_o + offs, out.to(o_ptr.dtype.element_ty), mask=ok)
+        _store_rms_row(x, w_ptr, o_ptr + row * stride_o, offs, ok, D, eps)
 
     @triton.jit
     def _norm_rope_row(src, dst, w_ptr, cos_row, sin_row, eps,
