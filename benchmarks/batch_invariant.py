@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.train_step import bench_ms
 from leagues.kernels import batch_invariant as bi
+from leagues.kernels import invariant_attention as ia
 from leagues.kernels.grouped_gemm import grouped_mm_fast
 from leagues.kernels.paged_attention import paged_decode
 from leagues.model.attention import varlen_causal
@@ -82,11 +83,11 @@ def main() -> None:
     v = torch.randn_like(k)
     cu = torch.arange(0, seqs * seq_len + 1, seq_len, device=dev, dtype=torch.int32)
     lengths = (seq_len,) * seqs
-    ours = lambda: bi.packed_attention(q, k, v, cu, lengths, None)  # noqa: E731
+    ours = lambda: ia.packed_attention(q, k, v, cu, lengths, None)  # noqa: E731
     flash = lambda: varlen_causal(q, k, v, cu, cu, seq_len, seq_len)  # noqa: E731
     causal_flops = 4 * seqs * seq_len * seq_len / 2 * heads * head_dim
     first = slice(0, seq_len)
-    same = torch.equal(bi.packed_attention(q[first], k[first], v[first], cu[:2], lengths[:1], None), ours()[first])
+    same = torch.equal(ia.packed_attention(q[first], k[first], v[first], cu[:2], lengths[:1], None), ours()[first])
     record("attention prefill", f"{seqs}x{seq_len} tokens, 32/4 heads of 128", bench_ms(ours), bench_ms(flash),
            same, causal_flops)  # fmt: skip
 
@@ -99,10 +100,10 @@ def main() -> None:
     q1 = torch.randn(batch, heads, head_dim, device=dev, dtype=bf16)
     cu1 = torch.arange(batch + 1, device=dev, dtype=torch.int32)
     scale = head_dim**-0.5
-    one = bi.paged_attention(q1[:1], k_cache, v_cache, cu1[:2], lens[:1], table[:1], scale)
-    same = torch.equal(one, bi.paged_attention(q1, k_cache, v_cache, cu1, lens, table, scale)[:1])
+    one = ia.paged_attention(q1[:1], k_cache, v_cache, cu1[:2], lens[:1], table[:1], scale)
+    same = torch.equal(one, ia.paged_attention(q1, k_cache, v_cache, cu1, lens, table, scale)[:1])
     record("attention decode", f"{batch} seqs x {ctx} keys, paged",
-           bench_ms(lambda: bi.paged_attention(q1, k_cache, v_cache, cu1, lens, table, scale)),
+           bench_ms(lambda: ia.paged_attention(q1, k_cache, v_cache, cu1, lens, table, scale)),
            bench_ms(lambda: paged_decode(q1, k_cache, v_cache, table, lens, scale)), same)  # fmt: skip
 
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "batch_invariant.jsonl"), "a") as f:

@@ -5,6 +5,7 @@
 #
 # Parts (run in the order given):
 #   tests           pytest -m gpu (kernels, engine, deterministic mode, trainer, critic and distillation)
+#   tests-engine    pytest -m gpu on the kernels, the engine and deterministic mode alone
 #   step            the colocated GRPO step, TRL's GRPOTrainer first then leagues, 128 tokens (benchmarks/step.py)
 #   step1024        leagues alone at 1,024 tokens with partial rollout and over-sampling
 #   engine1024      the engine's batch-64 rate at 1,024 new tokens (the 1,024-token step's bound)
@@ -15,6 +16,7 @@
 #   server-profile  64 streaming clients with the server under py-spy (needs py-spy on PATH)
 #   server-front    the HTTP front alone before a stand-in engine that costs nothing (benchmarks/server_front.py)
 #   prefill         prefill latency at batches 1, 8, 64 and its profile, syncs and Python profile (benchmarks/prefill.py)
+#   det             default and deterministic decode steps at batches 1, 8, 64, 256 in one process, and HF at 64
 #   engine          decode steps at batches 1, 8, 64, 256 and the HF comparison (benchmarks/engine.py)
 #   trainer-wide    the trainer on the wide shape, 8 x 1,024 tokens (benchmarks/trainer.py)
 #   sync            colocated weight sync on one rank against a device copy, anchor and wide (benchmarks/sync.py)
@@ -44,6 +46,8 @@ for part in "$@"; do
     case $part in
     tests) run tests 280 python3 -m pytest -q -m gpu tests -p no:cacheprovider --ignore=tests/serve \
         --ignore=tests/sync/test_serve_sync.py ;;  # those two need openai, which the GPU machine lacks
+    tests-engine) run tests-engine 240 python3 -m pytest -q -m gpu tests/kernels tests/engine \
+        tests/train/test_deterministic.py -p no:cacheprovider ;;
     step) run step 400 python3 benchmarks/step.py --workload anchor --impls trl,leagues --lens 128 --steps 8 \
         --model "$ANCHOR" ;;
     step1024) run step1024 200 python3 benchmarks/step.py --workload anchor --impls leagues --lens 1024 --steps 14 \
@@ -63,6 +67,8 @@ for part in "$@"; do
     server-front) run server-front 150 python3 benchmarks/server_front.py --clients 8,64 --stream both \
         --client-procs 8 ;;
     prefill) run prefill 200 python3 benchmarks/prefill.py --batches 1,8,64 --lens 64,100 --profile ;;
+    det) run det 330 python3 benchmarks/engine.py --shape anchor --batches 1,8,64,256 --new-tokens 128 \
+        --hf-batches 64 --det-batches 1,8,64,256 --no-parity --out "$OUT/det.jsonl" ;;
     engine) run engine 300 python3 benchmarks/engine.py --shape anchor --batches 1,8,64,256 --new-tokens 128 ;;
     trainer-wide) run trainer-wide 200 torchrun --standalone --nproc_per_node 1 benchmarks/trainer.py --shape wide \
         --samples 8 --profile ;;

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leagues.kernels import batch_invariant
+from leagues.kernels import invariant_attention
 from leagues.kernels.paged_attention import (
     gather_kv,
     paged_attention_padded,
@@ -82,7 +82,7 @@ class PagedAttention:
             and q_THA.is_cuda
             and self.is_decode
             and self.rows_are_sequences
-            and group <= batch_invariant.ATT_BLOCK_M
+            and group <= invariant_attention.ATT_BLOCK_M
         ):
             return self._invariant(q_THA, k_cache, v_cache, scale, new_kv)  # the kernel writes the new keys
         write_kv(k_cache, v_cache, *new_kv)
@@ -99,14 +99,14 @@ class PagedAttention:
         return prefill(q_THA, k_cache, v_cache, self.block_tables_BM, self.cu_seqlens_q_B1, self.context_lens_B, scale)
 
     def _invariant(self, q_THA, k_cache, v_cache, scale: float, new_kv=None) -> torch.Tensor:
-        """Each sequence's queries over its cached keys with `batch_invariant.attention`: the same per-token
+        """Each sequence's queries over its cached keys with `invariant_attention.attention`: the same per-token
         arithmetic as the trainer's packed forward in deterministic mode. `new_kv` (CUDA decode steps): the
         kernel stores the step's keys and values itself."""
         if q_THA.is_cuda:
             if self.invariant_tiles is None:
                 group = q_THA.shape[1] // k_cache.shape[2]
-                self.invariant_tiles = batch_invariant.attention_tiles(self.cu_seqlens_q_B1, q_THA.shape[0], group)
-            return batch_invariant.paged_attention(
+                self.invariant_tiles = invariant_attention.attention_tiles(self.cu_seqlens_q_B1, q_THA.shape[0], group)
+            return invariant_attention.paged_attention(
                 q_THA,
                 k_cache,
                 v_cache,
@@ -125,7 +125,7 @@ class PagedAttention:
             pos_Q = torch.arange(num_k - num_q, num_k, device=q_THA.device)
             k, v = k_SGA[cu_k[b] : cu_k[b + 1]], v_SGA[cu_k[b] : cu_k[b + 1]]
             parts.append(
-                batch_invariant.attention(q_THA[cu_q[b] : cu_q[b + 1]], k, v, pos_Q, self.invariant_len, scale)
+                invariant_attention.attention(q_THA[cu_q[b] : cu_q[b + 1]], k, v, pos_Q, self.invariant_len, scale)
             )
         return torch.cat(parts, dim=0)
 

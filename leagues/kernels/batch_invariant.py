@@ -14,14 +14,10 @@ Decisions:
   change its arithmetic (the tensor-core product of a row reads only that row), so the dense product may size
   its output tile by the row count (a decode row takes small tiles, `dense_tiles`); every other kernel keeps one
   tile configuration whatever the shapes.
-- Attention walks each query's keys from position 0 in fixed 64-key blocks with an online softmax, so a
-  query sees the same block boundaries in training (all of a sequence's queries at once), in a prefill chunk
-  and in a decode step; blocks past its position are masked to exact no-ops. Keys are addressed through a
-  table (`slot = table[b, j // S] * S + j % S`): the engine passes its paged block table, the trainer its
-  packed keys with S = 1, so both run the same compiled kernel.
+- Attention is `invariant_attention`'s (one kernel for the trainer's packed keys and the engine's paged cache).
 - The CPU references: a product is an elementwise multiply and a sum over the last (contiguous) axis, whose
-  reduction order depends only on that axis's length; attention pads every sequence's keys to one fixed
-  length. They are slow (M x N x K intermediates) and serve small models in tests.
+  reduction order depends only on that axis's length. They are slow (M x N x K intermediates) and serve small
+  models in tests.
 - The MoE on CUDA runs `fused_moe`'s kernels at every batch size, the engine's decode steps and the trainer's
   packed batches alike: the route kernel is one program a token, the expert kernels are tensor-core tiles of
   16 pairs of one expert (a pair's dot products do not depend on the pairs beside it in a tile), and the
@@ -30,8 +26,8 @@ Decisions:
 - Only forward passes need to be invariant (rollout and trainer logprobs). Backward passes recompute with the
   ordinary differentiable ops (cuBLAS, FlashAttention, grouped GEMM).
 
-Legend: M rows, N outputs, K inputs, Q queries, P padded keys, H query heads, G kv heads, A head dim,
-N rows of experts (sorted), E experts, B sequences, T tokens, S key-table block size, V vocabulary.
+Legend: M rows, N outputs, K inputs, H query heads, G kv heads, A head dim, N rows of experts (sorted), E experts,
+B sequences, T tokens, V vocabulary.
 """
 
 import torch
@@ -54,7 +50,6 @@ MM_FEW_ROWS = ((16, (16, 64, 4, 4)), (64, (64, 64, 4, 3)))
 """(at most this many rows, (block_m, block_n, warps, stages)) of the dense product, smallest first; more rows take
 the pinned 128 x 128 tile. A decode row's projection is a dozen programs at 128 x 128 and ~100 at 16 x 64 (one
 row, 1,024 x 1,536: 5.8 against 10.6 us on an H100; `benchmarks/matmul_tiles.py`)."""
-ATT_BLOCK_M, ATT_BLOCK_N, ATT_WARPS = 64, 64, 4
 ROW_BLOCK = 4096
 
 
@@ -69,25 +64,6 @@ def uses_triton(x: torch.Tensor) -> bool:
 def matmul_nt_reference(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     """x @ w.T with a per-row reduction order that does not depend on M."""
     return (x_MK[:, None, :] * w_NK[None, :, :]).sum(dim=-1)
-
-
-def attention_reference(
-    q_QHA: torch.Tensor, k_KGA: torch.Tensor, v_KGA: torch.Tensor, pos_Q: torch.Tensor, pad_to: int, scale: float
-) -> torch.Tensor:
-    """Causal attention of one sequence's queries (at absolute positions `pos_Q`) over its keys 0..K-1,
-    keys padded to `pad_to` so every row reduces over the same length."""
-    num_keys, group = k_KGA.shape[0], q_QHA.shape[1] // k_KGA.shape[1]
-    if num_keys > pad_to:
-        raise ValueError(f"sequence of {num_keys} tokens exceeds the deterministic attention length {pad_to}")
-    pad = (0, 0, 0, 0, 0, pad_to - num_keys)
-    k_PHA = torch.nn.functional.pad(k_KGA.float(), pad).repeat_interleave(group, dim=1)
-    v_PHA = torch.nn.functional.pad(v_KGA.float(), pad).repeat_interleave(group, dim=1)
-    q_HQA, k_HPA, v_HAP = q_QHA.float().transpose(0, 1), k_PHA.transpose(0, 1), v_PHA.permute(1, 2, 0)
-    scores_HQP = (q_HQA[:, :, None, :] * k_HPA[:, None, :, :]).sum(dim=-1) * scale
-    mask_QP = torch.arange(pad_to, device=q_QHA.device)[None, :] <= pos_Q[:, None]
-    probs_HQP = scores_HQP.masked_fill(~mask_QP[None], float("-inf")).softmax(dim=-1)
-    out_HQA = (probs_HQP[:, :, None, :] * v_HAP[:, None, :, :]).sum(dim=-1)
-    return out_HQA.transpose(0, 1).to(q_QHA.dtype)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -251,83 +227,12 @@ if triton is not None:
             s_L += tl.exp(x - m)
         tl.store(o_ptr + row, m + tl.log(tl.sum(s_L, axis=0)))
 
-    @triton.jit(do_not_specialize=["block_size"])
-    def _attention_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, cu_q_ptr, key_lens_ptr, tile_seq_ptr, tile_row0_ptr,
-        stride_qt, stride_qh, stride_ks, stride_kg, stride_vs, stride_vg, stride_ot, stride_oh, stride_tb,
-        block_size, qk_scale, k_new_ptr, v_new_ptr, slots_ptr, stride_knt, stride_kng, stride_vnt, stride_vng,
-        GROUP: tl.constexpr, A: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr, WRITE: tl.constexpr,
-    ):  # fmt: skip
-        """Program (tile, g): BLOCK_M rows (query token, head of kv head g's group) of one sequence, over
-        that sequence's keys 0.. in BLOCK_N blocks. Sequence b's queries are the last ones of its keys.
-        WRITE (decode steps: one query a sequence, so one tile): the program first stores the sequence's new key
-        and value of kv head g at its slot; the barrier makes the stores visible to its own loads below."""
-        tile, g = tl.program_id(0), tl.program_id(1)
-        b = tl.load(tile_seq_ptr + tile)
-        if b < 0:  # past the last tile (the grid is an upper bound, so no host sync sizes it)
-            return
-        row0 = tl.load(tile_row0_ptr + tile)
-        q_start = tl.load(cu_q_ptr + b)
-        num_q = tl.load(cu_q_ptr + b + 1) - q_start
-        num_k = tl.load(key_lens_ptr + b)
-        rows_m = row0 + tl.arange(0, BLOCK_M)
-        tok_m = rows_m // GROUP
-        head_m = g * GROUP + rows_m % GROUP
-        ok_m = tok_m < num_q
-        pos_m = num_k - num_q + tok_m
-        offs_a = tl.arange(0, BLOCK_A)
-        ok_a = offs_a < A
-        if WRITE:
-            slot = tl.load(slots_ptr + q_start).to(tl.int64)
-            k_A = tl.load(k_new_ptr + q_start * stride_knt + g * stride_kng + offs_a, mask=ok_a)
-            v_A = tl.load(v_new_ptr + q_start * stride_vnt + g * stride_vng + offs_a, mask=ok_a)
-            tl.store(k_ptr + slot * stride_ks + g * stride_kg + offs_a, k_A.to(k_ptr.dtype.element_ty), mask=ok_a)
-            tl.store(v_ptr + slot * stride_vs + g * stride_vg + offs_a, v_A.to(v_ptr.dtype.element_ty), mask=ok_a)
-            tl.debug_barrier()
-        q_ptrs = q_ptr + (q_start + tok_m).to(tl.int64)[:, None] * stride_qt + head_m[:, None] * stride_qh
-        q_MA = tl.load(q_ptrs + offs_a[None, :], mask=ok_m[:, None] & ok_a[None, :], other=0.0)
 
-        last_tok = tl.minimum(row0 + BLOCK_M - 1, num_q * GROUP - 1) // GROUP
-        hi = num_k - num_q + last_tok + 1  # keys past the tile's last query are never visible
-        m_M = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_M = tl.zeros([BLOCK_M], tl.float32)
-        acc_MA = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
-        for start in range(0, hi, BLOCK_N):
-            pos_n = start + tl.arange(0, BLOCK_N)
-            ok_n = pos_n < num_k
-            block_n = tl.load(table_ptr + b * stride_tb + pos_n // block_size, mask=ok_n, other=0).to(tl.int64)
-            slot_n = block_n * block_size + pos_n % block_size
-            k_NA = tl.load(
-                k_ptr + slot_n[:, None] * stride_ks + g * stride_kg + offs_a[None, :],
-                mask=ok_n[:, None] & ok_a[None, :],
-                other=0.0,
-            )
-            s_MN = tl.dot(q_MA, tl.trans(k_NA), input_precision=PRECISION) * qk_scale
-            s_MN = tl.where((pos_n[None, :] <= pos_m[:, None]) & ok_n[None, :], s_MN, float("-inf"))
-            # key 0 is visible to every row, so m is finite from the first block on; a block with no visible
-            # key for a row leaves its m, l and acc exactly unchanged (alpha = 1, p = 0)
-            m_new_M = tl.maximum(m_M, tl.max(s_MN, axis=1))
-            alpha_M = tl.exp2(m_M - m_new_M)
-            p_MN = tl.exp2(s_MN - m_new_M[:, None])
-            l_M = l_M * alpha_M + tl.sum(p_MN, axis=1)
-            v_NA = tl.load(
-                v_ptr + slot_n[:, None] * stride_vs + g * stride_vg + offs_a[None, :],
-                mask=ok_n[:, None] & ok_a[None, :],
-                other=0.0,
-            )
-            acc_MA = acc_MA * alpha_M[:, None] + tl.dot(p_MN.to(v_NA.dtype), v_NA, input_precision=PRECISION)
-            m_M = m_new_M
-        o_MA = acc_MA / l_M[:, None]
-        o_ptrs = o_ptr + (q_start + tok_m).to(tl.int64)[:, None] * stride_ot + head_m[:, None] * stride_oh
-        tl.store(o_ptrs + offs_a[None, :], o_MA.to(o_ptr.dtype.element_ty), mask=ok_m[:, None] & ok_a[None, :])
-
-
-def _precision(x: torch.Tensor) -> str:
+def precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
 
 
-def _tile_table(counts_B: torch.Tensor, rows_per_tile: int, max_tiles: int):
+def tile_table(counts_B: torch.Tensor, rows_per_tile: int, max_tiles: int):
     """Tiles of `rows_per_tile` over groups of `counts_B` rows, without a host sync: for each of `max_tiles`
     tiles its group (-1 past the end) and its first row within the group."""
     tiles_B = (counts_B + rows_per_tile - 1) // rows_per_tile
@@ -350,7 +255,7 @@ def matmul_nt_triton(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n, block_n))
     _matmul_nt_kernel[grid](
         x_MK, w_NK, out_MN, x_MK, x_MK, x_MK, num_rows, n, k, x_MK.stride(0), 0, w_NK.stride(0), out_MN.stride(0),
-        GROUPED=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=MM_BLOCK_K, PRECISION=_precision(x_MK),
+        GROUPED=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=MM_BLOCK_K, PRECISION=precision(x_MK),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out_MN
@@ -374,7 +279,7 @@ def grouped_mm_triton(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Ten
     offs_E = offs_E.long()
     starts_E = torch.cat([offs_E.new_zeros(1), offs_E[:-1]])
     max_tiles = triton.cdiv(num_rows, MM_BLOCK_M) + num_experts
-    expert_T, row0_T = _tile_table(offs_E - starts_E, MM_BLOCK_M, max_tiles)
+    expert_T, row0_T = tile_table(offs_E - starts_E, MM_BLOCK_M, max_tiles)
     safe_T = expert_T.clamp(min=0).long()
     row0_T = (row0_T + starts_E[safe_T]).to(torch.int32)
     row_end_T = offs_E[safe_T].to(torch.int32)
@@ -382,7 +287,7 @@ def grouped_mm_triton(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Ten
     _matmul_nt_kernel[grid](
         x_NI, w_EOI, out_NO, expert_T, row0_T, row_end_T, num_rows, n, k,
         x_NI.stride(0), w_EOI.stride(0), w_EOI.stride(1), out_NO.stride(0),
-        GROUPED=True, BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K, PRECISION=_precision(x_NI),
+        GROUPED=True, BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K, PRECISION=precision(x_NI),
         num_warps=MM_WARPS, num_stages=MM_STAGES,
     )  # fmt: skip
     return out_NO
@@ -443,53 +348,6 @@ def logsumexp_triton(x_RV: torch.Tensor) -> torch.Tensor:
     return out_R
 
 
-def attention_tiles(cu_q_B1: torch.Tensor, num_tokens: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention kernel's tiles (sequence, first row) for a batch of `num_tokens` queries: rows are
-    (query, head of the group); the tile count is an upper bound from shapes, so nothing syncs."""
-    max_tiles = triton.cdiv(num_tokens * group, ATT_BLOCK_M) + len(cu_q_B1) - 1
-    return _tile_table((cu_q_B1[1:] - cu_q_B1[:-1]).long() * group, ATT_BLOCK_M, max_tiles)
-
-
-def attention_triton(
-    q_THA: torch.Tensor,
-    k_SGA: torch.Tensor,
-    v_SGA: torch.Tensor,
-    cu_q_B1: torch.Tensor,
-    key_lens_B: torch.Tensor,
-    table_BM: torch.Tensor,
-    block_size: int,
-    scale: float,
-    tiles: tuple[torch.Tensor, torch.Tensor] | None = None,
-    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Causal attention of packed queries over keys addressed through a table (see the module notes): the
-    queries of sequence b (tokens cu_q[b]:cu_q[b+1]) are the last of its key_lens[b] keys. No host sync.
-    `tiles`: `attention_tiles` of this batch, computed once for all layers. `new_kv` (k_TGA, v_TGA, slots_T), for
-    a decode step (one query a sequence) only: the kernel stores each sequence's new key and value at its slot
-    before reading (one launch instead of a cache write and the attention)."""
-    num_tokens, num_heads, head_dim = q_THA.shape
-    num_kv_heads = k_SGA.shape[1]
-    group = num_heads // num_kv_heads
-    q_THA = q_THA if q_THA.stride(-1) == 1 else q_THA.contiguous()
-    o_THA = torch.empty_like(q_THA)
-    if num_tokens == 0:
-        return o_THA
-    seq_T, row0_T = tiles if tiles is not None else attention_tiles(cu_q_B1, num_tokens, group)
-    if new_kv is not None and group > ATT_BLOCK_M:
-        raise ValueError(f"attention_triton: new_kv needs one tile a decode row ({group} heads a group)")
-    k_new, v_new, slots = new_kv if new_kv is not None else (k_SGA, v_SGA, seq_T)
-    k_new, v_new = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_new, v_new))
-    _attention_kernel[(len(seq_T), num_kv_heads)](
-        q_THA, k_SGA, v_SGA, o_THA, table_BM, cu_q_B1, key_lens_B, seq_T, row0_T,
-        q_THA.stride(0), q_THA.stride(1), k_SGA.stride(0), k_SGA.stride(1), v_SGA.stride(0), v_SGA.stride(1),
-        o_THA.stride(0), o_THA.stride(1), table_BM.stride(0), block_size, scale * LOG2E,
-        k_new, v_new, slots, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        GROUP=group, A=head_dim, BLOCK_A=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=ATT_BLOCK_M,
-        BLOCK_N=ATT_BLOCK_N, PRECISION=_precision(q_THA), WRITE=new_kv is not None, num_warps=ATT_WARPS,
-    )  # fmt: skip
-    return o_THA
-
-
 # ---------------------------------------------------------------------------------------------- autograd
 
 
@@ -540,7 +398,7 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def _recompute(fast, reference, *inputs):
+def recompute(fast, reference, *inputs):
     return _Recompute.apply(fast, reference, *inputs) if _needs_grad(*inputs) else fast(*inputs)
 
 
@@ -562,7 +420,7 @@ def linear(x: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Tensor | None
 def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """Each expert's sorted rows times its weight, row-invariant (see `grouped_gemm.grouped_mm_reference`)."""
     if uses_triton(x_NI):
-        return _recompute(grouped_mm_triton, ordinary_grouped_mm, x_NI, w_EOI, offs_E)
+        return recompute(grouped_mm_triton, ordinary_grouped_mm, x_NI, w_EOI, offs_E)
     bounds = [0, *offs_E.tolist()]
     outs = [matmul_nt_reference(x_NI[bounds[e] : bounds[e + 1]], w_EOI[e]) for e in range(w_EOI.shape[0])]
     return torch.cat(outs, dim=0) if outs else x_NI.new_empty(0, w_EOI.shape[1])
@@ -594,7 +452,7 @@ def moe_experts(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, reference):
         pairs = fused_moe.pairs_tiled_triton(x, weights, ids, w13, w2, **fused_moe.INVARIANT_TILES)
         return fused_moe.sum_pairs_triton(pairs, x.dtype)
 
-    return _recompute(fast, reference, x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF)
+    return recompute(fast, reference, x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF)
 
 
 def moe_rows(x_RD, ids_R, w13_EFD, w2_EDF, reference):
@@ -606,13 +464,13 @@ def moe_rows(x_RD, ids_R, w13_EFD, w2_EDF, reference):
         ones_R1 = torch.ones(ids.shape[0], 1, device=x.device)
         return fused_moe.pairs_tiled_triton(x, ones_R1, ids[:, None], w13, w2, **fused_moe.INVARIANT_TILES)[:, 0]
 
-    return _recompute(fast, reference, x_RD, ids_R, w13_EFD, w2_EDF)
+    return recompute(fast, reference, x_RD, ids_R, w13_EFD, w2_EDF)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not uses_triton(x):
         return rms_norm_reference(x, weight, eps)
-    return _recompute(rms_norm_triton, rms_norm_reference, x, weight, eps)
+    return recompute(rms_norm_triton, rms_norm_reference, x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -622,7 +480,7 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, 
         return x, rms_norm(x, weight, eps)
     if not uses_triton(x):
         return add_rms_norm_reference(x, y, weight, eps)
-    return _recompute(add_rms_norm_triton, add_rms_norm_reference, x, y, weight, eps)
+    return recompute(add_rms_norm_triton, add_rms_norm_reference, x, y, weight, eps)
 
 
 def norm_rope(q_THA, k_TGA, cos_TA, sin_TA, q_weight_A=None, k_weight_A=None, eps: float = 0.0):
@@ -630,14 +488,14 @@ def norm_rope(q_THA, k_TGA, cos_TA, sin_TA, q_weight_A=None, k_weight_A=None, ep
     (differentiable: the backward differentiates `norm_rope_reference`, recomputed), the reference elsewhere."""
     if not uses_triton(q_THA):
         return norm_rope_reference(q_THA, k_TGA, cos_TA, sin_TA, q_weight_A, k_weight_A, eps)
-    return _recompute(norm_rope_triton, norm_rope_reference, q_THA, k_TGA, cos_TA, sin_TA, q_weight_A, k_weight_A, eps)
+    return recompute(norm_rope_triton, norm_rope_reference, q_THA, k_TGA, cos_TA, sin_TA, q_weight_A, k_weight_A, eps)
 
 
 def logsumexp(x_RV: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last axis of a 2-D float tensor, row-invariant."""
     if not uses_triton(x_RV):
         return torch.logsumexp(x_RV.float(), dim=-1)
-    return _recompute(logsumexp_triton, lambda x: torch.logsumexp(x.float(), dim=-1), x_RV)
+    return recompute(logsumexp_triton, lambda x: torch.logsumexp(x.float(), dim=-1), x_RV)
 
 
 def log_softmax(x_RV: torch.Tensor) -> torch.Tensor:
@@ -662,45 +520,3 @@ def sum_rows(x_TKD: torch.Tensor) -> torch.Tensor:
     for i in range(1, x_TKD.shape[1]):
         out = out + x_TKD[:, i]
     return out
-
-
-def attention(
-    q_QHA: torch.Tensor, k_KGA: torch.Tensor, v_KGA: torch.Tensor, pos_Q: torch.Tensor, pad_to: int, scale: float
-) -> torch.Tensor:
-    """One sequence's causal attention, the CPU reference (kept under its old name for the attention backends)."""
-    return attention_reference(q_QHA, k_KGA, v_KGA, pos_Q, pad_to, scale)
-
-
-def packed_tables(cu_seqlens_B1: torch.Tensor, lengths: tuple[int, ...], num_heads: int, num_kv_heads: int):
-    """What the trainer's attention needs of a packed batch, once for all layers: int32 cu_seqlens, key
-    lengths, a key table with S = 1 (key j of sequence b is packed row cu[b] + j) and the tiles."""
-    cu = cu_seqlens_B1.to(torch.int32)
-    arange_M = torch.arange(max(lengths), device=cu.device, dtype=torch.int32)
-    table_BM = (cu[:-1, None] + arange_M[None, :]).contiguous()
-    return cu, (cu[1:] - cu[:-1]).contiguous(), table_BM, attention_tiles(cu, sum(lengths), num_heads // num_kv_heads)
-
-
-def packed_attention(q_THA, k_TGA, v_TGA, cu_seqlens_B1: torch.Tensor, lengths: tuple[int, ...], reference,
-                     tables=None):  # fmt: skip
-    """Causal attention over packed sequences on CUDA (the trainer's side): the keys are the packed keys
-    themselves. `reference(q, k, v)` gives the backward; `tables`: `packed_tables` of the batch."""
-    cu, lens_B, table_BM, tiles = tables or packed_tables(cu_seqlens_B1, lengths, q_THA.shape[1], k_TGA.shape[1])
-    scale = q_THA.shape[-1] ** -0.5
-
-    def fast(q, k, v):
-        return attention_triton(q, k, v, cu, lens_B, table_BM, 1, scale, tiles)
-
-    return _recompute(fast, reference, q_THA, k_TGA, v_TGA)
-
-
-def paged_attention(q_THA, k_cache_NSGA, v_cache_NSGA, cu_q_B1, context_lens_B, block_tables_BM, scale: float,
-                    tiles=None, new_kv=None):  # fmt: skip
-    """Causal attention of a step's queries over a paged KV cache on CUDA (the engine's side); `tiles`:
-    `attention_tiles` of the step, computed once for all layers; `new_kv`: a decode step's new keys and values,
-    stored by the kernel (`attention_triton`)."""
-    block_size = k_cache_NSGA.shape[1]
-    k_SGA, v_SGA = k_cache_NSGA.flatten(0, 1), v_cache_NSGA.flatten(0, 1)
-    return attention_triton(
-        q_THA, k_SGA, v_SGA, cu_q_B1.to(torch.int32), context_lens_B.to(torch.int32),
-        block_tables_BM.to(torch.int32), block_size, scale, tiles, new_kv,
-    )  # fmt: skip

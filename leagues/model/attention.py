@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leagues.kernels import batch_invariant, gemv
+from leagues.kernels import batch_invariant, gemv, invariant_attention
 from leagues.model.config import ModelConfig
 from leagues.model.layers import InvariantLinear, RMSNorm, apply_rope
 
@@ -144,8 +144,8 @@ class PackedSeqs:
             ordinary = PackedSeqs(self.cu_seqlens_B1, self.max_seqlen, self.lengths)
             if self.invariant_tables is None:
                 heads = (q_THA.shape[1], k_TGA.shape[1])
-                self.invariant_tables = batch_invariant.packed_tables(self.cu_seqlens_B1, self.lengths, *heads)
-            return batch_invariant.packed_attention(
+                self.invariant_tables = invariant_attention.packed_tables(self.cu_seqlens_B1, self.lengths, *heads)
+            return invariant_attention.packed_attention(
                 q_THA,
                 k_TGA,
                 v_TGA,
@@ -158,7 +158,7 @@ class PackedSeqs:
         for s, e in zip(bounds, bounds[1:], strict=False):
             pos_Q = torch.arange(e - s, device=q_THA.device)
             parts.append(
-                batch_invariant.attention(q_THA[s:e], k_TGA[s:e], v_TGA[s:e], pos_Q, self.invariant_len, scale)
+                invariant_attention.attention(q_THA[s:e], k_TGA[s:e], v_TGA[s:e], pos_Q, self.invariant_len, scale)
             )
         return torch.cat(parts, dim=0)
 

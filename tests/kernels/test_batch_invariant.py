@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from leagues.kernels import batch_invariant as bi
+from leagues.kernels import invariant_attention as ia
 from leagues.kernels.grouped_gemm import grouped_mm_reference
 from leagues.model.attention import PackedSeqs
 
@@ -70,7 +71,7 @@ def check_kernels_against_references(device: str = "cpu") -> dict[str, float]:
     packed = PackedSeqs.from_lengths(lens, device=device, impl="sdpa_loop")
     ref = packed.attend(0, q, k, v)
     errors["packed_attention"] = (
-        (bi.packed_attention(q, k, v, packed.cu_seqlens_B1, packed.lengths, None) - ref).abs().max().item()
+        (ia.packed_attention(q, k, v, packed.cu_seqlens_B1, packed.lengths, None) - ref).abs().max().item()
     )
     k_cache, v_cache, table = _paged_copy(k, v, lens, 4, 64, gen)
     ends = torch.tensor(lens).cumsum(0).tolist()
@@ -78,7 +79,7 @@ def check_kernels_against_references(device: str = "cpu") -> dict[str, float]:
         rows = torch.cat([torch.arange(e - num_q, e) for e in ends]).to(device)
         cu_q = torch.arange(0, len(lens) * num_q + 1, num_q, dtype=torch.int32, device=device)
         ctx = torch.tensor(lens, dtype=torch.int32, device=device)
-        got = bi.paged_attention(q[rows], k_cache, v_cache, cu_q, ctx, table, dim**-0.5)
+        got = ia.paged_attention(q[rows], k_cache, v_cache, cu_q, ctx, table, dim**-0.5)
         errors[f"paged_attention_q{num_q}"] = (got - ref[rows]).abs().max().item()
     # a decode step whose kernel stores the new keys and values itself: the cache lacks them before
     last = torch.tensor(ends, device=device) - 1
@@ -87,7 +88,7 @@ def check_kernels_against_references(device: str = "cpu") -> dict[str, float]:
     k_flat[slots], v_flat[slots] = 0.0, 0.0
     cu_q = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
     ctx = torch.tensor(lens, dtype=torch.int32, device=device)
-    got = bi.paged_attention(q[last], k_cache, v_cache, cu_q, ctx, table, dim**-0.5, new_kv=(k[last], v[last], slots))
+    got = ia.paged_attention(q[last], k_cache, v_cache, cu_q, ctx, table, dim**-0.5, new_kv=(k[last], v[last], slots))
     errors["paged_attention_write"] = (got - ref[last]).abs().max().item()
     errors["paged_attention_written"] = max((k_flat[slots] - k[last]).abs().max().item(),
                                             (v_flat[slots] - v[last]).abs().max().item())  # fmt: skip
@@ -136,7 +137,7 @@ def test_the_fused_norm_and_rotary_compute_what_the_models_ops_compute_and_train
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, norm_q)]
     ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, norm_q)]
-    out = bi._recompute(bi.norm_rope_triton, bi.norm_rope_reference, *leaves[:2], cos, sin, leaves[2], norm_k, 1e-6)
+    out = bi.recompute(bi.norm_rope_triton, bi.norm_rope_reference, *leaves[:2], cos, sin, leaves[2], norm_k, 1e-6)
     ref = bi.norm_rope_reference(*ref_leaves[:2], cos, sin, ref_leaves[2], norm_k, 1e-6)
     (out[0].sum() + 2 * out[1].sum()).backward()
     (ref[0].sum() + 2 * ref[1].sum()).backward()
@@ -153,7 +154,7 @@ def test_the_fused_residual_add_and_norm_compute_the_models_sum_and_train_throug
     torch.testing.assert_close(normed, bi.rms_norm_reference(x + y, weight, 1e-6), rtol=1e-5, atol=1e-5)
     leaves = [t.clone().requires_grad_() for t in (x, y, weight)]
     ref_leaves = [t.clone().requires_grad_() for t in (x, y, weight)]
-    out = bi._recompute(bi.add_rms_norm_triton, bi.add_rms_norm_reference, *leaves, 1e-6)
+    out = bi.recompute(bi.add_rms_norm_triton, bi.add_rms_norm_reference, *leaves, 1e-6)
     ref = bi.add_rms_norm_reference(*ref_leaves, 1e-6)
     upstream = torch.randn(9, 96, generator=gen)
     (3 * out[0].sum() + (out[1] * upstream).sum()).backward()
