@@ -1,13 +1,15 @@
 """Where an engine decode step spends its time: host phases (synchronised timers) and top GPU kernels.
 
 PYTHONPATH=. python benchmarks/profile_engine.py [--batch 1,64] [--eager] [--compile-model auto|true|false]
-    [--deterministic]
+    [--deterministic] [--cprofile]
 
 `--eager` runs without CUDA graphs, so the profile lists the step's kernels one by one (and counts them);
 with `--compile-model true` they are the compiled step's kernels.
 """
 
 import argparse
+import cProfile
+import pstats
 import tempfile
 import time
 from collections import defaultdict
@@ -76,6 +78,7 @@ def main():
     parser.add_argument("--compile-model", default="auto")
     parser.add_argument("--shape", default="anchor")
     parser.add_argument("--deterministic", action="store_true", help="the engine's deterministic mode")
+    parser.add_argument("--cprofile", action="store_true", help="also a cProfile top list of unsynced steps (host)")
     args = parser.parse_args()
     hf = BASE | SHAPES[args.shape]
     path = tempfile.mkdtemp()
@@ -91,6 +94,10 @@ def main():
         for _ in range(5):
             engine.step()  # prefill and warm-up
         print(f"batch {batch} ms/step by phase:", timed_steps(engine, 50))
+        if args.cprofile:  # where the host's unsynced time goes; a call blocked on the device shows as its tottime
+            profiler = cProfile.Profile()
+            profiler.runcall(_run_steps, engine, 50)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
                 engine.step()

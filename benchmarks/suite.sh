@@ -22,6 +22,7 @@
 #   sync            colocated weight sync on one rank against a device copy, anchor and wide (benchmarks/sync.py)
 #   moe-tune        the tiled fused MoE launches' tiles at 64 and 256 tokens, both shapes (benchmarks/moe_small_tune.py)
 #   profile-engine  the decode step's kernels by GPU time at batches 1 and 64, compiled, without graphs
+#   profile-host    the step's phases, a cProfile of the host's unsynced steps and the kernels, graphs on, 64 and 256
 #   matmul-tiles    deterministic mode's dense product under other tile shapes: bits kept? cost (benchmarks/matmul_tiles.py)
 #   engine-base     benchmarks/engine.py from the tree at $BASE_TREE (a copy of an older commit carried beside the
 #                   checkout), for an A/B in one call: run `engine` after it
@@ -77,6 +78,8 @@ for part in "$@"; do
         --tiled-tokens 64,256 --out "$OUT/moe_tiled_tune.jsonl" ;;
     profile-engine) run profile-engine 170 python3 benchmarks/profile_engine.py --eager --compile-model true \
         --batch 1,64 --sort self_cuda_time_total ;;
+    profile-host) run profile-host 200 python3 benchmarks/profile_engine.py --batch 64,256 --cprofile \
+        --sort self_cuda_time_total ;;
     matmul-tiles) run matmul-tiles 150 python3 benchmarks/matmul_tiles.py ;;
     engine-base) (cd "${BASE_TREE:?set BASE_TREE to a copy of the older tree}" && run engine-base 200 \
         env PYTHONPATH=. python3 benchmarks/engine.py --shape anchor --batches 1,64,256 --new-tokens 128 \
