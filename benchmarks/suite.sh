@@ -23,6 +23,7 @@
 #   moe-tune        the tiled fused MoE launches' tiles at 64 and 256 tokens, both shapes (benchmarks/moe_small_tune.py)
 #   profile-engine  the decode step's kernels by GPU time at batches 1 and 64, compiled, without graphs
 #   profile-host    the step's phases, a cProfile of the host's unsynced steps and the kernels, graphs on, 64 and 256
+#   decode-tune     the paged decode kernel's warps, stages and key tile at batches 1-256 (benchmarks/decode_tune.py)
 #   matmul-tiles    deterministic mode's dense product under other tile shapes: bits kept? cost (benchmarks/matmul_tiles.py)
 #   engine-base     benchmarks/engine.py from the tree at $BASE_TREE (a copy of an older commit carried beside the
 #                   checkout), for an A/B in one call: run `engine` after it
@@ -80,6 +81,7 @@ for part in "$@"; do
         --batch 1,64 --sort self_cuda_time_total ;;
     profile-host) run profile-host 200 python3 benchmarks/profile_engine.py --batch 64,256 --cprofile \
         --sort self_cuda_time_total ;;
+    decode-tune) run decode-tune 220 python3 benchmarks/decode_tune.py ;;
     matmul-tiles) run matmul-tiles 150 python3 benchmarks/matmul_tiles.py ;;
     engine-base) (cd "${BASE_TREE:?set BASE_TREE to a copy of the older tree}" && run engine-base 200 \
         env PYTHONPATH=. python3 benchmarks/engine.py --shape anchor --batches 1,64,256 --new-tokens 128 \

@@ -335,8 +335,11 @@ def paged_decode_triton(
     block_n: int = 64,
     split_tokens: int | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
-    """The Triton decode kernel; `split_tokens` (a multiple of `block_n`) turns on split-K with that split size.
+    """The Triton decode kernel; `split_tokens` (a multiple of `block_n`) turns on split-K with that split size;
+    `num_warps`, `num_stages`: the launch's warps and software-pipeline depth (`benchmarks/decode_tune.py`).
     `new_kv` (k_BGA, v_BGA, slots_B): the step's new keys and values, stored at their slots by the kernel itself
     before it reads them (`write_kv` in the same launch: a decode layer is launch-bound)."""
     _check_decode_args(q_BHA, k_cache_NSGA, v_cache_NSGA, block_n, split_tokens)
@@ -366,6 +369,7 @@ def paged_decode_triton(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), A=head_dim, S=block_size,
         BLOCK_N=block_n, SPLIT_TOKENS=split_tokens or block_n, SPLIT=split,
         PRECISION="ieee" if q_BHA.dtype == torch.float32 else "tf32", WRITE=new_kv is not None,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if split:
         _combine_kernel[(num_seqs, num_heads)](
