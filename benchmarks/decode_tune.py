@@ -5,7 +5,8 @@ A decode step of B sequences at context C, the anchor's attention (16 query head
 `--shape` names another, over a paged cache of 16-token blocks scattered at random, with the step's new keys
 and values written by the kernel (`new_kv`, as the engine's decode steps run it). One row per (shape, batch,
 context, config) to $OUT/decode_tune.jsonl: `us` (median replay of one launch), `floor_us` (K and V bytes /
-measured copy bandwidth), `over_floor`; one `best` row per (shape, batch, context) with the default beside it.
+measured copy bandwidth), `over_floor`; one `best` row per (shape, batch, context) with `decode_tiles`' choice
+beside it (`default_us`).
 
     PYTHONPATH=. python benchmarks/decode_tune.py [--batches 1,8,64,256] [--contexts 128,1088] [--shape anchor]
 """
@@ -21,10 +22,9 @@ import torch
 from benchmarks.engine import ceilings
 from benchmarks.moe_layer import replay_us
 from benchmarks.train_step import SHAPES
-from leagues.kernels.paged_attention import decode_split_tokens, paged_decode_triton
+from leagues.kernels.paged_attention import decode_split_tokens, decode_tiles, paged_decode_triton
 
 OUT = os.environ.get("OUT", "/tmp")
-DEFAULT = dict(block_n=64, num_warps=4, num_stages=3)
 CONFIGS = [
     dict(block_n=bn, num_warps=w, num_stages=st)
     for bn, w, st in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (1, 2, 3, 4))
@@ -95,7 +95,8 @@ def main():
                 max_error=round(error, 4),
             )  # fmt: skip
         best = min(times, key=times.get)
-        default = times.get(json.dumps(DEFAULT))
+        chosen = decode_tiles(batch * k_cache.shape[2], split is not None, q.device)
+        default = times.get(json.dumps(dict(zip(("block_n", "num_warps", "num_stages"), chosen, strict=True))))
         log(
             out, what="best", shape=args.shape, batch=batch, context=context, split_tokens=split,
             config=json.loads(best), us=round(times[best], 2), default_us=default and round(default, 2),

@@ -143,18 +143,19 @@ def _experts_hit(ids, num_experts: int) -> int:
 
 
 def _gate_up_tiled(x, ids, w13, f, c):
-    """The tiled gate/up launch alone, as `tiled_launches` makes it (each program finding its rows from the ids)."""
+    """The tiled gate/up launch, as `tiled_launches` makes it (each program reading its rows from `expert_rows`)."""
     c = fused_moe.TILED_TILES | c
     e, num_pairs = w13.shape[0], ids.numel()
     num_blocks = -(-num_pairs // fused_moe.BLOCK_M) + e
     sorted_S = torch.empty(num_blocks * fused_moe.BLOCK_M, dtype=torch.int32, device=x.device)
     block_expert_B = torch.empty(num_blocks, dtype=torch.int32, device=x.device)
     h = x.new_empty(num_pairs, f)
+    table_EP, counts_E = fused_moe.expert_rows(ids, e)
     fused_moe._gate_up_tiled_kernel[(num_blocks, -(-f // c["block_n"]))](
-        x, ids, sorted_S, block_expert_B, w13, h, num_pairs, x.shape[1], f, x.stride(0), w13.stride(0),
-        w13.stride(1), h.stride(0), E=e, E_PAD=1 << e.bit_length(), K=ids.shape[1], BLOCK_M=fused_moe.BLOCK_M,
-        BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], CHUNK=min(256, 1 << (num_pairs - 1).bit_length()),
-        LAYOUT_GIVEN=False, PRECISION="tf32", num_warps=c["warps"][0], num_stages=c["stages"][0],
+        x, table_EP, counts_E, sorted_S, block_expert_B, w13, h, num_pairs, x.shape[1], f, x.stride(0),
+        w13.stride(0), w13.stride(1), h.stride(0), E=e, E_PAD=1 << (e - 1).bit_length(), K=ids.shape[1],
+        BLOCK_M=fused_moe.BLOCK_M, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], LAYOUT_GIVEN=False, PRECISION="tf32",
+        num_warps=c["warps"][0], num_stages=c["stages"][0],
     )  # fmt: skip
     return h
 

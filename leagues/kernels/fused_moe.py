@@ -19,9 +19,11 @@ Decisions:
 - Tiled (more pairs than experts, up to `MAX_TILED_PAIRS`): the pairs are laid out by expert in blocks of
   `BLOCK_M` rows (each block one expert's, padded with an out-of-range pair, a block's rows in pair order),
   and gate/up and down are tensor-core GEMM tiles of a block x a slice of the output, reading each expert's
-  weights once per block instead of once per pair. No launch of its own lays them out: each gate/up program
-  finds its block's expert and rows from the ids (a histogram and a running count over the pairs, a few
-  microseconds at the most) and the first column's programs store the layout for down. Down stores each
+  weights once per block instead of once per pair. One small launch lists each expert's pairs in pair order
+  (`expert_rows`: a program an expert, all scanning the ids at once); each gate/up program finds its block's
+  expert from the counts and reads its rows from that list, and the first column's programs store the layout
+  for down. (Measured on an H100 at 256 tokens, a layer: every gate/up program scanning every pair itself cost
+  that launch about 17 us; one align program serialised on atomic counters cost 19 us.) Down stores each
   pair's weighted float32 row; the top-k sum is the caller's (it fuses with the residual add in a compiled
   block).
 - Deterministic mode (`leagues.kernels.batch_invariant`) runs every batch through these kernels, so a token's
@@ -44,8 +46,8 @@ except ImportError:  # triton is Linux-only; the references need none
 
 
 MAX_TILED_PAIRS = 4096
-"""Up to this many (token, expert) pairs the tiled kernels serve the batch (each gate/up program scans them all
-to find its rows)."""
+"""Up to this many (token, expert) pairs the tiled kernels lay the pairs out themselves (`expert_rows`, E programs
+each scanning every pair); beyond, `align_torch` sorts them."""
 BLOCK_M = 16
 """Rows of one expert block in the tiled kernels (the smallest tensor-core tile)."""
 SMALL_TILES = dict(block_f=4, block_d=4, inner_d=1024, inner_f=512, warps=(2, 2))
@@ -209,18 +211,25 @@ if triton is not None:
         tl.store(out_ptr + t * stride_o + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
     @triton.jit
-    def _block_expert(
-        ids_ptr, block, P, E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr
-    ):  # fmt: skip
+    def _expert_rows_kernel(ids_ptr, table_ptr, counts_ptr, P, CHUNK: tl.constexpr):
+        """Program e: expert e's pairs in pair order, at table[e * P + 0 ..], and their count (the stable layout
+        `align_torch` sorts out, listed by expert: E programs of one scan each, in parallel)."""
+        e = tl.program_id(0)
+        seen = tl.zeros([1], dtype=tl.int32)
+        for p0 in range(0, P, CHUNK):
+            offs_p = p0 + tl.arange(0, CHUNK)
+            mine = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1) == e
+            rank = seen + tl.cumsum(mine.to(tl.int32), axis=0) - 1
+            tl.store(table_ptr + e.to(tl.int64) * P + rank, offs_p.to(tl.int32), mask=mine)
+            seen += tl.sum(mine.to(tl.int32), axis=0)
+        tl.store(counts_ptr + e + tl.arange(0, 1), seen)
+
+    @triton.jit
+    def _block_expert(counts_ptr, block, E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
         """(expert of tile block `block`, E past the last expert's blocks; the block's first rank among that
         expert's pairs). Experts take ceil(count / BLOCK_M) blocks each, in expert order."""
         offs_e = tl.arange(0, E_PAD)
-        counts = tl.zeros([E_PAD], dtype=tl.int32)
-        for p0 in range(0, P, CHUNK):
-            offs_p = p0 + tl.arange(0, CHUNK)
-            ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=E).to(tl.int32)
-            counts += tl.histogram(ids, E_PAD)  # E_PAD > E: the padding lanes count into bin E, dropped below
-        counts = tl.where(offs_e < E, counts, 0)
+        counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
         padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         ends = tl.cumsum(padded, axis=0)
         first = block * BLOCK_M
@@ -229,42 +238,25 @@ if triton is not None:
         return expert, first - start
 
     @triton.jit
-    def _block_rows(ids_ptr, P, expert, rank0, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
-        """The pairs of `expert` ranked rank0 .. rank0 + BLOCK_M - 1 in pair order (P where there are fewer):
-        a stable layout, the one `align_torch` sorts out."""
-        offs_j = rank0 + tl.arange(0, BLOCK_M)
-        rows = tl.zeros([BLOCK_M], dtype=tl.int32)
-        found = tl.zeros([BLOCK_M], dtype=tl.int32)
-        seen = tl.zeros([1], dtype=tl.int32)
-        for p0 in range(0, P, CHUNK):
-            offs_p = p0 + tl.arange(0, CHUNK)
-            mine = (tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1) == expert).to(tl.int32)
-            rank = seen + tl.cumsum(mine, axis=0) - 1
-            match = (mine[None, :] > 0) & (rank[None, :] == offs_j[:, None])
-            rows += tl.sum(tl.where(match, offs_p[None, :], 0), axis=1)
-            found += tl.sum(match.to(tl.int32), axis=1)
-            seen += tl.sum(mine, axis=0)
-        return tl.where(found > 0, rows, P)
-
-    @triton.jit
     def _gate_up_tiled_kernel(
-        x_ptr, ids_ptr, sorted_ptr, block_expert_ptr, w13_ptr, h_ptr, P, D, F, stride_x, stride_we, stride_wf,
-        stride_h, E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, LAYOUT_GIVEN: tl.constexpr,
-        PRECISION: tl.constexpr,
+        x_ptr, table_ptr, counts_ptr, sorted_ptr, block_expert_ptr, w13_ptr, h_ptr, P, D, F, stride_x, stride_we,
+        stride_wf, stride_h, E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LAYOUT_GIVEN: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
         if LAYOUT_GIVEN:
             expert = tl.load(block_expert_ptr + block).to(tl.int64)
-        else:  # each program finds its block's rows from the ids; the first column's programs store them
-            expert, rank0 = _block_expert(ids_ptr, block, P, E, E_PAD, BLOCK_M, CHUNK)
+        else:  # each program finds its block in the experts' lists; the first column's programs store the layout
+            expert, rank0 = _block_expert(counts_ptr, block, E, E_PAD, BLOCK_M)
             if tl.program_id(1) == 0:
                 tl.store(block_expert_ptr + block, expert.to(tl.int32))
         if expert < E:
             if LAYOUT_GIVEN:
                 rows = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             else:
-                rows = _block_rows(ids_ptr, P, expert, rank0, BLOCK_M, CHUNK)
+                ranks = rank0 + tl.arange(0, BLOCK_M)
+                count = tl.load(counts_ptr + expert)
+                rows = tl.load(table_ptr + expert.to(tl.int64) * P + ranks, mask=ranks < count, other=P)
                 if tl.program_id(1) == 0:
                     tl.store(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M), rows)
                 rows = rows.to(tl.int64)
@@ -430,13 +422,25 @@ def pairs_tiled_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
     return tiled_launches(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles)[0]
 
 
+def expert_rows(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table_EP int32, counts_E int32): each expert's pairs in pair order (row e, its first counts[e] entries;
+    the rest unset), one launch of a program an expert."""
+    num_pairs = ids_TK.numel()
+    table_EP = torch.empty(num_experts, num_pairs, dtype=torch.int32, device=ids_TK.device)
+    counts_E = torch.empty(num_experts, dtype=torch.int32, device=ids_TK.device)
+    _expert_rows_kernel[(num_experts,)](
+        ids_TK, table_EP, counts_E, num_pairs, CHUNK=min(1024, triton.next_power_of_2(num_pairs))
+    )
+    return table_EP, counts_E
+
+
 def tiled_launches(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
     """(pairs [T, K, D] float32, sorted_S int32, block_expert_B int32): `pairs_tiled_triton` and the layout its
     launches used: the pairs by expert in blocks of `BLOCK_M` slots, B = cdiv(P, BLOCK_M) + E blocks, fixed
     by P and E alone (no host sync). Up to `MAX_TILED_PAIRS` pairs the gate/up launch finds each block's rows
-    from the ids itself and stores the layout for the down launch (slots of a block past the last expert's,
-    marked E in block_expert_B, stay unwritten); beyond, `align_torch` sorts it out first. Both are the stable
-    layout, so the order of a block's rows is fixed too."""
+    in the experts' lists (`expert_rows`) and stores the layout for the down launch (slots of a block past the
+    last expert's, marked E in block_expert_B, stay unwritten); beyond, `align_torch` sorts it out first. Both
+    are the stable layout, so the order of a block's rows is fixed too."""
     tiles = TILED_TILES | tiles
     block_n, block_k, warps, stages = tiles["block_n"], tiles["block_k"], tiles["warps"], tiles["stages"]
     num_tokens, dim = x_TD.shape
@@ -455,13 +459,13 @@ def tiled_launches(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
         block_expert_B = torch.empty(num_blocks, dtype=torch.int32, device=x_TD.device)
     if num_tokens == 0:
         return y_PD.view(0, top_k, dim), sorted_S, block_expert_B
+    table_EP, counts_E = expert_rows(ids_TK, num_experts) if not given else (sorted_S, block_expert_B)  # unused
     precision = "ieee" if x_TD.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     _gate_up_tiled_kernel[(num_blocks, triton.cdiv(num_ffn, block_n))](
-        x_TD, ids_TK, sorted_S, block_expert_B, w13_EFD, h_PF, num_pairs, dim, num_ffn, x_TD.stride(0),
+        x_TD, table_EP, counts_E, sorted_S, block_expert_B, w13_EFD, h_PF, num_pairs, dim, num_ffn, x_TD.stride(0),
         w13_EFD.stride(0), w13_EFD.stride(1), h_PF.stride(0), E=num_experts,
-        E_PAD=triton.next_power_of_2(num_experts + 1), K=top_k, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
-        CHUNK=min(256, triton.next_power_of_2(num_pairs)), LAYOUT_GIVEN=given, PRECISION=precision,
-        num_warps=warps[0], num_stages=stages[0],
+        E_PAD=triton.next_power_of_2(num_experts), K=top_k, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        LAYOUT_GIVEN=given, PRECISION=precision, num_warps=warps[0], num_stages=stages[0],
     )  # fmt: skip
     _down_tiled_kernel[(num_blocks, triton.cdiv(dim, block_n))](
         h_PF, sorted_S, block_expert_B, weights_TK, w2_EDF, y_PD, num_pairs, dim, num_ffn, h_PF.stride(0),

@@ -17,8 +17,10 @@ Decisions:
 - Split-K (flash-decoding) for long contexts with few sequences: `split_tokens` is a fixed token count per
   split, so the number of splits (`ceil(max_blocks * S / split_tokens)`) depends on the block table's shape
   only, and the order of the reduction for a sequence depends on its own length only. Both paths are
-  therefore batch-invariant (a sequence's output does not depend on its batch mates), but the split and the
-  one-pass paths differ from each other in the last bits: deterministic mode must pick one and keep it.
+  batch-invariant for given launch settings, but the split and the one-pass paths differ from each other in the
+  last bits, and the launch's key tile follows the grid's size (`decode_tiles`), so a sequence's last bits may
+  change with the number of sequences beside it. Deterministic mode runs its own kernel
+  (`leagues.kernels.invariant_attention`).
 - Prefill over paged KV runs FlashAttention varlen on CUDA (in the model's attention backend) on KV packed by
   `gather_kv`; here is its reference, which the engine also runs on the CPU.
 
@@ -26,6 +28,8 @@ Legend: B sequences, H query heads, G kv heads, A head dim, N cache blocks, S bl
 M max blocks per sequence (block-table width), T tokens (packed), K keys of one sequence, Q queries of one
 sequence, P splits (split-K).
 """
+
+import functools
 
 import torch
 
@@ -332,19 +336,21 @@ def paged_decode_triton(
     context_lens_B: torch.Tensor,
     scale: float,
     *,
-    block_n: int = 64,
+    block_n: int | None = None,
     split_tokens: int | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """The Triton decode kernel; `split_tokens` (a multiple of `block_n`) turns on split-K with that split size;
-    `num_warps`, `num_stages`: the launch's warps and software-pipeline depth (`benchmarks/decode_tune.py`).
+    `block_n` (keys a tile), `num_warps`, `num_stages` (software-pipeline depth): `decode_tiles`' where not given.
     `new_kv` (k_BGA, v_BGA, slots_B): the step's new keys and values, stored at their slots by the kernel itself
     before it reads them (`write_kv` in the same launch: a decode layer is launch-bound)."""
-    _check_decode_args(q_BHA, k_cache_NSGA, v_cache_NSGA, block_n, split_tokens)
     num_seqs, num_heads, head_dim = q_BHA.shape
     _, block_size, num_kv_heads, _ = k_cache_NSGA.shape
+    tiles = decode_tiles(num_seqs * num_kv_heads, split_tokens is not None, q_BHA.device)
+    block_n, num_warps, num_stages = block_n or tiles[0], num_warps or tiles[1], num_stages or tiles[2]
+    _check_decode_args(q_BHA, k_cache_NSGA, v_cache_NSGA, block_n, split_tokens)
     group = num_heads // num_kv_heads
     split = split_tokens is not None
     num_splits = triton.cdiv(block_tables_BM.shape[1] * block_size, split_tokens) if split else 1
@@ -393,6 +399,24 @@ def _check_decode_args(q_BHA, k_cache_NSGA, v_cache_NSGA, block_n: int, split_to
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
+
+
+def decode_tiles(num_programs: int, split: bool, device: torch.device) -> tuple[int, int, int]:
+    """(keys a tile, warps, pipeline stages) of a decode launch of `num_programs` (sequence, KV head) programs,
+    measured on an H100 (`benchmarks/decode_tune.py`, 16/4 heads of 64, 128 and 1,088 keys): with several
+    programs an SM (256 sequences) small one-warp programs, 28% faster than 64-key tiles of 4 warps at 3 stages
+    (9.8 against 13.6 us at 128 keys, 100 against 129 at 1,088); with fewer (64 sequences) 128-key tiles, 10%
+    faster at 1,088 keys; split-K launches keep 64-key tiles (their splits are multiples of 64), 2 stages."""
+    if split:
+        return 64, 4, 2
+    if num_programs >= 4 * _num_sms(device):
+        return 32, 1, 2
+    return 128, 4, 2
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def decode_split_tokens(

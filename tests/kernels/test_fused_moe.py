@@ -162,3 +162,24 @@ def test_the_top_k_sum_adds_in_index_order():
     assert torch.equal(fused_moe.sum_pairs_triton(y_TKD, torch.float32), want)
     if DEVICE == "cuda":  # the interpreter rounds to bfloat16 by truncation, the GPU to nearest even
         assert torch.equal(fused_moe.sum_pairs_triton(y_TKD, torch.bfloat16), want.bfloat16())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="engine-sized batches: CUDA")
+@pytest.mark.parametrize("num_tokens", [64, 256, 512])
+def test_the_tiled_launches_at_engine_sizes_lay_out_and_compute_as_the_references(num_tokens):
+    """64 experts, top 8 (the anchor's router): the experts' lists (`expert_rows`) give align_torch's layout, and
+    the pairs match the float32 reference."""
+    gen = torch.Generator().manual_seed(num_tokens)
+    ids_TK = torch.stack([torch.randperm(64, generator=gen)[:8] for _ in range(num_tokens)]).cuda()
+    x_TD = (torch.randn(num_tokens, 128, generator=gen) * 0.5).cuda().to(torch.bfloat16)
+    weights = torch.rand(num_tokens, 8, generator=gen).cuda()
+    w13 = (torch.randn(64, 2 * 64, 128, generator=gen) * 0.1).cuda().to(torch.bfloat16)
+    w2 = (torch.randn(64, 128, 64, generator=gen) * 0.1).cuda().to(torch.bfloat16)
+    got, sorted_S, block_expert_B = fused_moe.tiled_launches(x_TD, weights, ids_TK, w13, w2)
+    want_S, want_B = fused_moe.align_torch(ids_TK, 64)
+    assert torch.equal(block_expert_B, want_B)
+    used = (want_B < 64).repeat_interleave(fused_moe.BLOCK_M)
+    assert torch.equal(sorted_S[used], want_S[used])
+    want = fused_moe.pairs_reference(x_TD, weights, ids_TK, w13, w2)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
