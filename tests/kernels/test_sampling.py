@@ -45,10 +45,12 @@ def test_reference_equals_the_full_sampler_without_truncation():
 @pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="needs the interpreter")
 def test_triton_kernel_matches_the_reference():
     pytest.importorskip("triton")
-    for rows, block in ((slice(0, 8), 64), (slice(1, 2), 64), (slice(2, 3), None)):  # 64: ties span tiles
+    # 64: ties span tiles; split 128: a row over three programs (the tie of row 1 across two of them)
+    cases = ((slice(0, 8), 64, None), (slice(1, 2), 64, None), (slice(2, 3), None, None), (slice(0, 8), 64, 128))
+    for rows, block, split in cases:
         args = [x[rows].to(DEVICE) for x in _rows(8, seed=rows.start)]
         want_tokens, want_logprobs = sampling.sample_plain_reference(*args)
-        got_tokens, got_logprobs = sampling.sample_plain_triton(*args, block=block)
+        got_tokens, got_logprobs = sampling.sample_plain_triton(*args, block=block, split=split)
         assert torch.equal(got_tokens, want_tokens)
         torch.testing.assert_close(got_logprobs, want_logprobs, rtol=0, atol=1e-5)
 
