@@ -202,7 +202,7 @@ def _decode_rows(engine, model, hf, args, ceilings_, deterministic: bool, batche
             log(args.out, **row)
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="anchor")
     parser.add_argument("--batches", default="1,8,64,256")
@@ -222,7 +222,47 @@ def main():
         help="decode steps of at most this many rows run the GEMV projections (0: the library GEMM)",
     )
     parser.add_argument("--out", default=os.path.join(OUT, "engine.jsonl"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def prefill_row(engine: Engine, model, vocab: int, args) -> None:
+    """64 prompts of 512 tokens, the prefix cache emptied before each of three timed calls, against HF's forward."""
+    batch = prompts(64, 512, vocab, seed=3)
+    engine_time(engine, batch, 1)
+    prefill = statistics.median(_uncached_time(engine, batch) for _ in range(3))
+    ids = torch.tensor(batch, device="cuda")
+    with torch.inference_mode():
+        hf_prefill = _time(lambda: model(input_ids=ids), iters=3)
+    log(
+        args.out,
+        what="prefill",
+        shape=args.shape,
+        tokens=64 * 512,
+        tokens_per_s=round(64 * 512 / prefill),
+        hf_forward_tokens_per_s=round(64 * 512 / hf_prefill),
+        ratio_vs_hf_forward=round(hf_prefill / prefill, 2),
+    )
+
+
+def deterministic_rows(path: str, model, hf: dict, args, ceilings_, options: dict) -> None:
+    det_batches = [int(b) for b in args.det_batches.split(",") if b]
+    if not det_batches:
+        return
+    t0 = time.perf_counter()
+    engine = Engine(path, deterministic=True, **options)
+    log(
+        args.out,
+        what="engine_start_s",
+        shape=args.shape,
+        deterministic=True,
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+    decode_rows(engine, model, hf, args, ceilings_, True, det_batches)
+    engine.close()
+
+
+def main():
+    args = parse_args()
     gemv.MAX_ROWS = args.gemv_rows  # read when the blocks compile and capture: set before the engine starts
     import transformers
 
@@ -255,37 +295,11 @@ def main():
     if not args.no_parity:
         parity(engine, model, hf["vocab_size"], args.out)
     decode_rows(engine, model, hf, args, ceilings_, False, [int(b) for b in args.batches.split(",") if b])
-    batch = prompts(64, 512, hf["vocab_size"], seed=3)
-    engine_time(engine, batch, 1)
-    prefill = statistics.median(_uncached_time(engine, batch) for _ in range(3))
-    ids = torch.tensor(batch, device="cuda")
-    with torch.inference_mode():
-        hf_prefill = _time(lambda: model(input_ids=ids), iters=3)
-    log(
-        args.out,
-        what="prefill",
-        shape=args.shape,
-        tokens=64 * 512,
-        tokens_per_s=round(64 * 512 / prefill),
-        hf_forward_tokens_per_s=round(64 * 512 / hf_prefill),
-        ratio_vs_hf_forward=round(hf_prefill / prefill, 2),
-    )
+    prefill_row(engine, model, hf["vocab_size"], args)
     engine.close()
     del engine
     torch.cuda.empty_cache()
-    det_batches = [int(b) for b in args.det_batches.split(",") if b]
-    if det_batches:
-        t0 = time.perf_counter()
-        engine = Engine(path, deterministic=True, **options)
-        log(
-            args.out,
-            what="engine_start_s",
-            shape=args.shape,
-            deterministic=True,
-            seconds=round(time.perf_counter() - t0, 1),
-        )
-        decode_rows(engine, model, hf, args, ceilings_, True, det_batches)
-        engine.close()
+    deterministic_rows(path, model, hf, args, ceilings_, options)
 
 
 if __name__ == "__main__":
