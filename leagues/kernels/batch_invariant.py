@@ -74,7 +74,10 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def add_rms_norm_reference(x, y, weight, eps: float):
-    """(x + y, RMSNorm of x + y) as the model's ops compute them; y None: (x, RMSNorm of x)."""
+    """(x + y, RMSNorm of x + y) as the model's ops compute them; y None: (x, RMSNorm of x). y of one more axis
+    than x: float32 pair outputs [..., K, D], summed over K in index order and rounded to x's dtype first."""
+    if y is not None and y.dim() == x.dim() + 1:
+        y = sum_rows(y.reshape(-1, *y.shape[-2:])).view(x.shape).to(x.dtype)
     s = x if y is None else x + y
     return s, rms_norm_reference(s, weight, eps)
 
@@ -157,14 +160,20 @@ if triton is not None:
         _store_rms_row(x, w_ptr, o_ptr + row * stride_o, offs, ok, D, eps)
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, sum_ptr, o_ptr, D, stride_x, stride_y, stride_s, stride_o, eps,
-                             BLOCK_D: tl.constexpr):  # fmt: skip
-        """One row per program: s = x + y rounded to x's dtype (stored), then `_store_rms_row` of s."""
+    def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, sum_ptr, o_ptr, D, stride_x, stride_y, stride_yk, stride_s, stride_o,
+                             eps, K: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+        """One row per program: s = x + y rounded to x's dtype (stored), then `_store_rms_row` of s. K > 0: y is
+        a row's K float32 pair outputs, summed in index order and rounded to x's dtype first (`sum_pairs_triton`'s
+        arithmetic)."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         ok = offs < D
         x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
         y = tl.load(y_ptr + row * stride_y + offs, mask=ok, other=0.0)
+        if K > 0:
+            for k in tl.static_range(1, K):
+                y += tl.load(y_ptr + row * stride_y + k * stride_yk + offs, mask=ok, other=0.0)
+            y = y.to(x.dtype)
         x = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)
         tl.store(sum_ptr + row * stride_s + offs, x, mask=ok)
         _store_rms_row(x, w_ptr, o_ptr + row * stride_o, offs, ok, D, eps)
@@ -306,15 +315,18 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 
 def add_rms_norm_triton(x, y, weight, eps: float):
-    """`add_rms_norm_reference` in one launch (x and y of one shape and dtype)."""
-    x_RD, y_RD = x.reshape(-1, x.shape[-1]).contiguous(), y.reshape(-1, y.shape[-1]).contiguous()
+    """`add_rms_norm_reference` in one launch: y of x's shape and dtype, or x's pair outputs [..., K, D] float32."""
+    x_RD = x.reshape(-1, x.shape[-1]).contiguous()
+    pairs = y.dim() == x.dim() + 1
+    y_RKD = y.reshape(x_RD.shape[0], -1, x.shape[-1]).contiguous()  # K = 1 for y of x's shape
     sum_RD = torch.empty(x_RD.shape, dtype=x.dtype, device=x.device)
     out_RD = torch.empty(x_RD.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if x_RD.shape[0]:
         block = triton.next_power_of_2(x_RD.shape[1])
         _add_rms_norm_kernel[(x_RD.shape[0],)](
-            x_RD, y_RD, weight.contiguous(), sum_RD, out_RD, x_RD.shape[1], x_RD.stride(0), y_RD.stride(0),
-            sum_RD.stride(0), out_RD.stride(0), eps, BLOCK_D=block, num_warps=min(16, max(4, block // 256)),
+            x_RD, y_RKD, weight.contiguous(), sum_RD, out_RD, x_RD.shape[1], x_RD.stride(0), y_RKD.stride(0),
+            y_RKD.stride(1), sum_RD.stride(0), out_RD.stride(0), eps, K=y_RKD.shape[1] if pairs else 0,
+            BLOCK_D=block, num_warps=min(16, max(4, block // 256)),
         )  # fmt: skip
     return sum_RD.view(x.shape), out_RD.view(x.shape)
 
@@ -481,6 +493,23 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, 
     if not uses_triton(x):
         return add_rms_norm_reference(x, y, weight, eps)
     return recompute(add_rms_norm_triton, add_rms_norm_reference, x, y, weight, eps)
+
+
+@torch.library.custom_op("leagues::add_pairs_rms_norm", mutates_args=())
+def add_pairs_rms_norm(
+    x_TD: torch.Tensor, pairs_TKD: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + the sum of a token's pair outputs, RMSNorm of it), for inference: the tiled MoE's float32 pair outputs
+    summed in index order, the residual add and the next norm in one launch on CUDA (an operator, so a compiled
+    block calls the kernel as it is), the reference elsewhere."""
+    if uses_triton(x_TD):
+        return add_rms_norm_triton(x_TD, pairs_TKD, weight, eps)
+    return add_rms_norm_reference(x_TD, pairs_TKD, weight, eps)
+
+
+@add_pairs_rms_norm.register_fake
+def _(x_TD, pairs_TKD, weight, eps):
+    return torch.empty_like(x_TD), x_TD.new_empty(x_TD.shape, dtype=torch.promote_types(x_TD.dtype, weight.dtype))
 
 
 def norm_rope(q_THA, k_TGA, cos_TA, sin_TA, q_weight_A=None, k_weight_A=None, eps: float = 0.0):

@@ -95,8 +95,8 @@ class Block(nn.Module):
         the trainer and the engine run the same launches on the same values."""
         if self.attn_norm.invariant:
             return self._invariant_forward(x_TD, rope, backend, replay_ids_TK, pending)
-        x_TD = add_pending(x_TD, pending)
-        x_TD = x_TD + self.attn(self.attn_norm(x_TD), rope, backend)
+        x_TD, h_TD = add_norm(x_TD, pending, self.attn_norm)
+        x_TD = x_TD + self.attn(h_TD, rope, backend)
         h_TD = self.mlp_norm(x_TD)
         if self.is_moe:
             out, routing = self.moe(h_TD, replay_ids_TK, sum_pairs=False)
@@ -113,6 +113,16 @@ class Block(nn.Module):
         x_TD, h_TD = batch_invariant.add_rms_norm(x_TD, attn_TD, mlp_norm.weight, mlp_norm.eps)
         out, routing = self.moe(h_TD, replay_ids_TK) if self.is_moe else (self.mlp(h_TD), None)
         return x_TD, out, routing
+
+
+def add_norm(x_TD: torch.Tensor, pending: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + pending, norm of it). The tiled MoE's pair outputs [T, K, D] on CUDA take one launch for the top-k
+    sum, the add and the norm (`batch_invariant.add_pairs_rms_norm`: the compiler would reduce over K and over D
+    in two kernels); otherwise the model's ops, which the compiler fuses."""
+    if pending is not None and pending.dim() == 3 and batch_invariant.uses_triton(x_TD):
+        return batch_invariant.add_pairs_rms_norm(x_TD, pending, norm.weight, norm.eps)
+    x_TD = add_pending(x_TD, pending)
+    return x_TD, norm(x_TD)
 
 
 def add_pending(x_TD: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
@@ -166,12 +176,12 @@ class Transformer(nn.Module):
                 router_logits.append(routing.logits_TE)
         if self.norm.invariant:  # deterministic mode (never padded): the last add and the final norm in one launch
             hidden_TD = batch_invariant.add_rms_norm(x_TD, pending, self.norm.weight, self.norm.eps)[1]
-        else:
-            x_TD = add_pending(x_TD, pending)
-            if pad:  # the padding's rows leave here: nothing downstream sees them
-                x_TD = x_TD[:num_tokens]
-                routes = [ids_TK[:num_tokens] for ids_TK in routes]
-                router_logits = [logits_TE[:num_tokens] for logits_TE in router_logits]
+        elif not pad:
+            hidden_TD = add_norm(x_TD, pending, self.norm)[1]
+        else:  # the padding's rows leave here: nothing downstream sees them
+            x_TD = add_pending(x_TD, pending)[:num_tokens]
+            routes = [ids_TK[:num_tokens] for ids_TK in routes]
+            router_logits = [logits_TE[:num_tokens] for logits_TE in router_logits]
             hidden_TD = self.norm(x_TD)
         out = ForwardOutput(hidden_TD=hidden_TD)
         if batch.compute_logits:

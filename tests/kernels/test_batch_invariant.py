@@ -146,6 +146,33 @@ def test_the_fused_norm_and_rotary_compute_what_the_models_ops_compute_and_train
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter runs where there is no GPU")
+def test_the_pairs_sum_the_add_and_the_norm_in_one_launch_equal_the_separate_launches():
+    """The MoE's float32 pair outputs summed in the add-and-norm launch: the sum launch's numbers, then the add
+    and the norm of two launches; and within rounding of the model's own ops (`transformer.add_pending`)."""
+    from leagues.kernels import fused_moe
+    from leagues.model.layers import RMSNorm
+    from leagues.model.transformer import add_norm, add_pending
+
+    gen = torch.Generator().manual_seed(5)
+    x, pairs = torch.randn(7, 96, generator=gen), torch.randn(7, 8, 96, generator=gen)
+    weight = torch.randn(96, generator=gen)
+    total, normed = bi.add_rms_norm_triton(x, pairs, weight, 1e-6)
+    want = bi.add_rms_norm_triton(x, fused_moe.sum_pairs_triton(pairs, x.dtype), weight, 1e-6)
+    assert torch.equal(total, want[0]) and torch.equal(normed, want[1])
+    op = bi.add_pairs_rms_norm(x, pairs, weight, 1e-6)  # the operator (the reference on the CPU)
+    assert torch.equal(op[0], bi.add_rms_norm_reference(x, pairs, weight, 1e-6)[0])
+    torch.testing.assert_close(op[0], total, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(op[1], normed, rtol=1e-5, atol=1e-5)
+    norm = RMSNorm(96, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        model_sum = add_pending(x, pairs)
+        torch.testing.assert_close(total, model_sum, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(normed, norm(model_sum), rtol=1e-5, atol=1e-5)
+        assert torch.equal(add_norm(x, pairs, norm)[1], norm(model_sum))  # the CPU keeps the model's ops
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter runs where there is no GPU")
 def test_the_fused_residual_add_and_norm_compute_the_models_sum_and_train_through_it():
     gen = torch.Generator().manual_seed(4)
     x, y, weight = torch.randn(9, 96, generator=gen), torch.randn(9, 96, generator=gen), torch.randn(96, generator=gen)
@@ -258,3 +285,20 @@ def test_gpu_moe_rows_do_not_depend_on_the_batch_and_train_with_the_ordinary_bac
     _, want = grads(routing.expert_ids_TK)
     for g, w in zip(got, want, strict=True):
         assert (g.float() - w.float()).norm() / w.float().norm() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_pairs_add_and_norm_equal_the_sum_launch_then_the_add_and_norm():
+    from leagues.kernels import fused_moe
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(256, 1024, generator=gen).cuda().bfloat16()
+    pairs = torch.randn(256, 8, 1024, generator=gen).cuda()
+    weight = torch.randn(1024, generator=gen).cuda().bfloat16()
+    got = bi.add_pairs_rms_norm(x, pairs, weight, 1e-6)
+    want = bi.add_rms_norm_triton(x, fused_moe.sum_pairs_triton(pairs, x.dtype), weight, 1e-6)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    compiled = torch.compile(lambda *a: bi.add_pairs_rms_norm(*a, 1e-6), fullgraph=True)
+    again = compiled(x, pairs, weight)
+    assert torch.equal(again[0], got[0]) and torch.equal(again[1], got[1])
