@@ -467,6 +467,12 @@ def moe_experts(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, reference):
     return recompute(fast, reference, x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF)
 
 
+def moe_pairs(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF) -> torch.Tensor:
+    """Each (token, expert) pair's weighted output [T, K, D] float32 (inference, CUDA): `moe_experts` before its
+    top-k sum, which `add_rms_norm` then does in the next block's add-and-norm launch (the same arithmetic)."""
+    return fused_moe.pairs_tiled_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **fused_moe.INVARIANT_TILES)
+
+
 def moe_rows(x_RD, ids_R, w13_EFD, w2_EDF, reference):
     """Rows of one expert each (the rows expert parallelism receives), on CUDA: float32 [R, D] before any
     routing weight, the dot products `moe_experts` computes for the same (token, expert) pair. With gradients

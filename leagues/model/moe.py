@@ -200,21 +200,34 @@ class MoE(nn.Module):
         self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
 
     def forward(self, x_TD: torch.Tensor, replay_ids_TK: torch.Tensor | None = None, sum_pairs: bool = True):
-        """(output, routing). The output is [T, D]; with `sum_pairs=False` the tiled decode path (no shared expert)
-        returns its per-pair outputs [T, K, D] in float32 instead, whose sum over K is the caller's
-        (`transformer.add_pending`: one kernel with the residual add and the next norm)."""
+        """(output, routing). The output is [T, D]; with `sum_pairs=False` the tiled decode path and deterministic
+        mode's experts on CUDA without gradients (no shared expert either way) return their per-pair outputs
+        [T, K, D] in float32 instead, whose sum over K is the caller's (`transformer.add_norm`,
+        `batch_invariant.add_rms_norm`: one kernel with the residual add and the next norm)."""
         fused = self._fused(x_TD) if replay_ids_TK is None else None
         if fused is not None:
             routing, out_TD = self._forward_fused(x_TD, fused, sum_pairs)
         else:
             routing = self.router(x_TD, replay_ids_TK)
-            out_TD = self.experts(x_TD, routing.weights_TK, routing.expert_ids_TK)
+            weights_TK, ids_TK = routing.weights_TK, routing.expert_ids_TK
+            if not sum_pairs and self._invariant_pairs(x_TD):
+                out_TD = batch_invariant.moe_pairs(x_TD, weights_TK, ids_TK, self.experts.w13, self.experts.w2)
+            else:
+                out_TD = self.experts(x_TD, weights_TK, ids_TK)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             out_TD = out_TD + shared_TD
         return out_TD, routing
+
+    def _invariant_pairs(self, x_TD: torch.Tensor) -> bool:
+        """Deterministic mode's experts may hand their pair outputs over unsummed: on CUDA, without gradients
+        (the trainer's backward recomputes from summed outputs), all experts on this rank, no shared expert."""
+        experts = self.experts
+        if type(experts) is not GroupedExperts or experts.impl != "invariant" or self.shared is not None:
+            return False
+        return not torch.is_grad_enabled() and batch_invariant.uses_triton(x_TD)
 
     def _fused(self, x_TD: torch.Tensor) -> str | None:
         """The `fused_moe` path ("small" or "tiled") for decode-sized inference batches on CUDA; None for the

@@ -111,7 +111,8 @@ class Block(nn.Module):
         x_TD, h_TD = batch_invariant.add_rms_norm(x_TD, pending, attn_norm.weight, attn_norm.eps)
         attn_TD = self.attn(h_TD, rope, backend)
         x_TD, h_TD = batch_invariant.add_rms_norm(x_TD, attn_TD, mlp_norm.weight, mlp_norm.eps)
-        out, routing = self.moe(h_TD, replay_ids_TK) if self.is_moe else (self.mlp(h_TD), None)
+        # without gradients on CUDA the MoE's pair outputs go over unsummed: the next add-and-norm launch sums them
+        out, routing = self.moe(h_TD, replay_ids_TK, sum_pairs=False) if self.is_moe else (self.mlp(h_TD), None)
         return x_TD, out, routing
 
 

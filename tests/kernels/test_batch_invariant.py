@@ -302,3 +302,25 @@ def test_gpu_pairs_add_and_norm_equal_the_sum_launch_then_the_add_and_norm():
     compiled = torch.compile(lambda *a: bi.add_pairs_rms_norm(*a, 1e-6), fullgraph=True)
     again = compiled(x, pairs, weight)
     assert torch.equal(again[0], got[0]) and torch.equal(again[1], got[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_deterministic_moe_pairs_summed_in_the_add_and_norm_equal_the_summed_experts():
+    """Deterministic mode's engine hands the MoE's pair outputs to the next add-and-norm launch; the trainer
+    (with gradients) sums them first. Both must give the same bits."""
+    from leagues.kernels import fused_moe
+
+    gen = torch.Generator().manual_seed(7)
+    for num_tokens in (1, 64, 300):
+        x = torch.randn(num_tokens, 256, generator=gen).cuda().bfloat16()
+        ids = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(num_tokens)]).cuda()
+        weights = torch.rand(num_tokens, 4, generator=gen).cuda().bfloat16()
+        w13 = (torch.randn(16, 128, 256, generator=gen) * 0.1).cuda().bfloat16()
+        w2 = (torch.randn(16, 256, 64, generator=gen) * 0.1).cuda().bfloat16()
+        norm_w = torch.randn(256, generator=gen).cuda().bfloat16()
+        with torch.no_grad():
+            summed = bi.moe_experts(x, weights, ids, w13, w2, fused_moe.experts_reference)
+            want = bi.add_rms_norm(x, summed, norm_w, 1e-6)
+            got = bi.add_rms_norm(x, bi.moe_pairs(x, weights, ids, w13, w2), norm_w, 1e-6)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
