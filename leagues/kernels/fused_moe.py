@@ -459,7 +459,8 @@ def tiled_launches(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
         block_expert_B = torch.empty(num_blocks, dtype=torch.int32, device=x_TD.device)
     if num_tokens == 0:
         return y_PD.view(0, top_k, dim), sorted_S, block_expert_B
-    table_EP, counts_E = expert_rows(ids_TK, num_experts) if not given else (sorted_S, block_expert_B)  # unused
+    # a given layout needs no experts' lists: the kernel never reads the two pointers passed in their place
+    table_EP, counts_E = (sorted_S, block_expert_B) if given else expert_rows(ids_TK, num_experts)
     precision = "ieee" if x_TD.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     _gate_up_tiled_kernel[(num_blocks, triton.cdiv(num_ffn, block_n))](
         x_TD, table_EP, counts_E, sorted_S, block_expert_B, w13_EFD, h_PF, num_pairs, dim, num_ffn, x_TD.stride(0),
