@@ -87,12 +87,14 @@ class Block(nn.Module):
 
     def forward(self, x_TD, rope, backend, replay_ids_TK=None, pending=None):
         """(residual stream, this block's output not yet added to it, routing). `pending` is the previous block's
-        output: adding it here puts the block boundary's residual add in the same kernel as this block's first
-        norm when the block is compiled (one launch fewer a layer in a decode step). Under autograd the add stays
-        in this block (pending None): a checkpointed block keeps its inputs, and one tensor crossing the boundary
-        is half the memory of two. Deterministic mode (`set_batch_invariant`) adds and normalises in one launch
-        (`batch_invariant.add_rms_norm`) and leaves the boundary's add to the next block under autograd too, so
-        the trainer and the engine run the same launches on the same values."""
+        output (the MoE's unsummed pair outputs [T, K, D] where its kernels hand them over): adding it here puts
+        the block boundary's residual add in the same kernel as this block's first norm (`add_norm`; one launch
+        fewer a layer in a decode step). Under autograd the add stays in this block (pending None): a checkpointed
+        block keeps its inputs, and one tensor crossing the boundary is half the memory of two. Deterministic mode
+        (`set_batch_invariant`) adds and normalises in one launch (`batch_invariant.add_rms_norm`) and leaves the
+        boundary's add to the next block under autograd too; without gradients that launch also sums the MoE's
+        pairs, which the trainer sums first with the same float32 adds in the same order, so both get the same
+        values."""
         if self.attn_norm.invariant:
             return self._invariant_forward(x_TD, rope, backend, replay_ids_TK, pending)
         x_TD, h_TD = add_norm(x_TD, pending, self.attn_norm)
