@@ -10,9 +10,10 @@ One row per (K, N, config) to $OUT/matmul_tiles.jsonl: `config` (block_m, block_
 computed alone equal to the same rows of the full batch), `us_m1` .. `us_m256` (one launch replayed in a CUDA
 graph), `max_err` (against a float32 product).
 
-    PYTHONPATH=. python benchmarks/matmul_tiles.py
+    PYTHONPATH=. python benchmarks/matmul_tiles.py [--shapes 3]
 """
 
+import argparse
 import json
 import os
 
@@ -34,7 +35,8 @@ PINNED = (
     batch_invariant.MM_STAGES,
 )
 CONFIGS = [PINNED, (128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (32, 64, 64, 4, 4),
-           (16, 64, 64, 4, 4), (16, 32, 64, 2, 4), (16, 128, 64, 4, 3)]  # fmt: skip
+           (16, 64, 64, 4, 4), (16, 32, 64, 2, 4), (16, 128, 64, 4, 3), (16, 32, 64, 1, 4), (16, 16, 64, 1, 4),
+           (16, 16, 64, 2, 3), (32, 32, 64, 2, 4), (64, 32, 64, 4, 3)]  # fmt: skip
 SHAPES = [(1024, 1536), (1024, 1024), (1024, 32000), (2048, 5120), (2048, 151936)]  # (K, N): qkv, o, LM heads
 
 
@@ -52,9 +54,12 @@ def matmul(x_MK: torch.Tensor, w_NK: torch.Tensor, config) -> torch.Tensor:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", type=int, default=len(SHAPES), help="the first this many (K, N) shapes")
+    args = parser.parse_args()
     out = os.path.join(os.environ.get("OUT", "/tmp"), "matmul_tiles.jsonl")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for k, n in SHAPES:
+    for k, n in SHAPES[: args.shapes]:
         w_NK = torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) * k**-0.5
         x_MK = torch.randn(300, k, generator=gen, device="cuda", dtype=torch.bfloat16)
         pinned = matmul(x_MK, w_NK, PINNED)

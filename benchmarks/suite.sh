@@ -24,7 +24,10 @@
 #   profile-engine  the decode step's kernels by GPU time at batches 1 and 64, compiled, without graphs
 #   profile-host    the step's phases, a cProfile of the host's unsynced steps and the kernels, graphs on, 64 and 256
 #   decode-tune     the paged decode kernel's warps, stages and key tile at batches 1-256 (benchmarks/decode_tune.py)
-#   matmul-tiles    deterministic mode's dense product under other tile shapes: bits kept? cost (benchmarks/matmul_tiles.py)
+#   matmul-tiles    deterministic mode's dense product under other tile shapes: bits kept? cost (benchmarks/matmul_tiles.py),
+#                   the anchor's q/k/v, output and LM-head shapes
+#   profile-det     the deterministic decode step's phases and kernels, graphs on, batches 1 and 256
+#   moe-tune-few    the tiled fused MoE launches' tiles at 1 and 8 tokens, anchor (deterministic mode's decode sizes)
 #   engine-base     benchmarks/engine.py from the tree at $BASE_TREE (a copy of an older commit carried beside the
 #                   checkout), for an A/B in one call: run `engine` after it
 # The ANCHORS.md checkpoint is made once at $ANCHOR (default /tmp/leagues-anchor-1b).
@@ -82,7 +85,10 @@ for part in "$@"; do
     profile-host) run profile-host 200 python3 benchmarks/profile_engine.py --batch 64,256 --cprofile \
         --sort self_cuda_time_total ;;
     decode-tune) run decode-tune 220 python3 benchmarks/decode_tune.py ;;
-    matmul-tiles) run matmul-tiles 150 python3 benchmarks/matmul_tiles.py ;;
+    matmul-tiles) run matmul-tiles 150 python3 benchmarks/matmul_tiles.py --shapes 3 ;;
+    profile-det) run profile-det 200 python3 benchmarks/profile_engine.py --batch 1,256 --deterministic ;;
+    moe-tune-few) run moe-tune-few 200 python3 benchmarks/moe_small_tune.py --kernels gate_up_tiled,down_tiled \
+        --shapes anchor --tiled-tokens 1,8 --out "$OUT/moe_tiled_tune.jsonl" ;;
     engine-base) (cd "${BASE_TREE:?set BASE_TREE to a copy of the older tree}" && run engine-base 200 \
         env PYTHONPATH=. python3 benchmarks/engine.py --shape anchor --batches 1,64,256 --new-tokens 128 \
         --hf-batches '' --det-batches '' --no-parity --out "$OUT/engine-base.jsonl") ;;

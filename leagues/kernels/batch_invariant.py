@@ -12,8 +12,8 @@ Decisions:
 - Triton kernels never split a reduction across programs and fix its step (the K tile of a product): a row's
   reduction order is then a function of the reduction length only. A row's position inside a tile does not
   change its arithmetic (the tensor-core product of a row reads only that row), so the dense product may size
-  its output tile by the row count (a decode row takes small tiles, `dense_tiles`); every other kernel keeps one
-  tile configuration whatever the shapes.
+  its output tile by the shape and the card (a decode row takes small tiles, `dense_tiles`); every other kernel
+  keeps one tile configuration whatever the shapes.
 - Attention is `invariant_attention`'s (one kernel for the trainer's packed keys and the engine's paged cache).
 - The CPU references: a product is an elementwise multiply and a sum over the last (contiguous) axis, whose
   reduction order depends only on that axis's length. They are slow (M x N x K intermediates) and serve small
@@ -32,7 +32,7 @@ B sequences, T tokens, V vocabulary.
 
 import torch
 
-from leagues.kernels import fused_moe
+from leagues.kernels import fused_moe, num_sms
 from leagues.kernels.grouped_gemm import grouped_mm as ordinary_grouped_mm
 
 try:
@@ -43,13 +43,19 @@ except ImportError:  # triton is Linux-only; the CPU references need none
 
 LOG2E = 1.4426950408889634
 # One tile configuration each, never chosen by shape: that is what makes the kernels batch-invariant. The dense
-# product alone picks its output tile by row count (`MM_FEW_ROWS`), never its K step: a row's sum then runs the
+# product alone picks its output tile by shape (`dense_tiles`), never its K step: a row's sum then runs the
 # same instructions in the same order (measured bitwise equal on an H100 for 8 tile shapes, 1 to 300 rows).
 MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_WARPS, MM_STAGES = 128, 128, 64, 8, 3
 MM_FEW_ROWS = ((16, (16, 64, 4, 4)), (64, (64, 64, 4, 3)))
 """(at most this many rows, (block_m, block_n, warps, stages)) of the dense product, smallest first; more rows take
-the pinned 128 x 128 tile. A decode row's projection is a dozen programs at 128 x 128 and ~100 at 16 x 64 (one
-row, 1,024 x 1,536: 5.8 against 10.6 us on an H100; `benchmarks/matmul_tiles.py`)."""
+the pinned 128 x 128 tile where its grid fills the card, else `MM_SMALL_GRID`. A decode row's projection is a dozen
+programs at 128 x 128 and ~100 at 16 x 64 (one row, 1,024 x 1,536: 5.8 against 10.6 us on an H100;
+`benchmarks/matmul_tiles.py`)."""
+MM_SMALL_GRID = (64, 64, 4, 3)
+"""The tile of more than 64 rows when 128 x 128 tiles would leave SMs idle (a batch-256 decode step's q/k/v and
+output projections: 24 and 16 programs). 256 rows, 1,024 x 1,536 and 1,024 x 1,024: 6.9 against 11.2 and 11.1 us
+on an H100, each row's bits unchanged (`benchmarks/matmul_tiles.py`); the LM head's 500 programs keep 128 x 128
+(39.9 against 52.1 us)."""
 ROW_BLOCK = 4096
 
 
@@ -260,7 +266,7 @@ def matmul_nt_triton(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     out_MN = x_MK.new_empty(num_rows, n)
     if num_rows == 0:
         return out_MN
-    block_m, block_n, warps, stages = dense_tiles(num_rows)
+    block_m, block_n, warps, stages = dense_tiles(num_rows, n, num_sms(x_MK.device))
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n, block_n))
     _matmul_nt_kernel[grid](
         x_MK, w_NK, out_MN, x_MK, x_MK, x_MK, num_rows, n, k, x_MK.stride(0), 0, w_NK.stride(0), out_MN.stride(0),
@@ -270,12 +276,14 @@ def matmul_nt_triton(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     return out_MN
 
 
-def dense_tiles(num_rows: int) -> tuple[int, int, int, int]:
-    """(block_m, block_n, warps, stages) of a dense product of `num_rows` rows (`MM_FEW_ROWS`); the K step is
-    always `MM_BLOCK_K`."""
+def dense_tiles(num_rows: int, num_cols: int, sms: int) -> tuple[int, int, int, int]:
+    """(block_m, block_n, warps, stages) of a dense product of `num_rows` x `num_cols` outputs on a card of `sms`
+    SMs (`MM_FEW_ROWS`, `MM_SMALL_GRID`); the K step is always `MM_BLOCK_K`, so every choice keeps a row's bits."""
     for max_rows, tiles in MM_FEW_ROWS:
         if num_rows <= max_rows:
             return tiles
+    if -(-num_rows // MM_BLOCK_M) * -(-num_cols // MM_BLOCK_N) < sms:
+        return MM_SMALL_GRID
     return MM_BLOCK_M, MM_BLOCK_N, MM_WARPS, MM_STAGES
 
 

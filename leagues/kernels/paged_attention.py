@@ -29,9 +29,9 @@ M max blocks per sequence (block-table width), T tokens (packed), K keys of one 
 sequence, P splits (split-K).
 """
 
-import functools
-
 import torch
+
+from leagues.kernels import num_sms
 
 try:
     import triton
@@ -409,14 +409,9 @@ def decode_tiles(num_programs: int, split: bool, device: torch.device) -> tuple[
     faster at 1,088 keys; split-K launches keep 64-key tiles (their splits are multiples of 64), 2 stages."""
     if split:
         return 64, 4, 2
-    if num_programs >= 4 * _num_sms(device):
+    if num_programs >= 4 * num_sms(device):
         return 32, 1, 2
     return 128, 4, 2
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def decode_split_tokens(

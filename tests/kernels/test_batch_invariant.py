@@ -111,15 +111,20 @@ def test_triton_kernels_match_the_references_under_the_interpreter():
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter runs where there is no GPU")
-def test_the_dense_product_sizes_its_tiles_by_rows_and_keeps_each_rows_numbers():
+def test_the_dense_product_sizes_its_tiles_by_shape_and_keeps_each_rows_numbers(monkeypatch):
     gen = torch.Generator().manual_seed(2)
     x, w = torch.randn(200, 192, generator=gen), torch.randn(150, 192, generator=gen)
     parts = (slice(0, 1), slice(3, 19), slice(100, 140))  # one row, 16 rows, 40 rows: each its own tile size
-    assert len({bi.dense_tiles(p.stop - p.start) for p in parts} | {bi.dense_tiles(200)}) == 3
+    assert len({bi.dense_tiles(p.stop - p.start, 150, 1) for p in parts} | {bi.dense_tiles(200, 150, 1)}) == 3
+    # more rows: the pinned 128 x 128 tile where its grid (here 2 x 2 programs) fills the card, else smaller tiles
+    assert bi.dense_tiles(200, 150, 4) != bi.dense_tiles(200, 150, 5) == bi.MM_SMALL_GRID
     for dtype in (torch.float32, torch.bfloat16):
-        full = bi.matmul_nt_triton(x.to(dtype), w.to(dtype))
+        full = bi.matmul_nt_triton(x.to(dtype), w.to(dtype))  # one SM here: the pinned tile
         for rows in parts:
             assert torch.equal(bi.matmul_nt_triton(x[rows].to(dtype), w.to(dtype)), full[rows])
+        with monkeypatch.context() as patch:
+            patch.setattr(bi, "num_sms", lambda device: 132)
+            assert torch.equal(bi.matmul_nt_triton(x.to(dtype), w.to(dtype)), full)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter runs where there is no GPU")
@@ -216,6 +221,12 @@ def test_gpu_rows_do_not_depend_on_the_batch():
     full = bi.matmul_nt(x, w)
     for rows in (slice(0, 1), slice(7, 8), slice(100, 164), slice(250, 300)):
         assert torch.equal(bi.matmul_nt(x[rows], w), full[rows])
+    # 300 rows take the small-grid tile (3 x 8 pinned programs would idle the card); a training-sized batch the
+    # pinned 128 x 128 one: the same bits
+    sms = bi.num_sms(x.device)
+    assert bi.dense_tiles(300, 1000, sms) == bi.MM_SMALL_GRID != bi.dense_tiles(4000, 1000, sms)
+    big = torch.cat([x, torch.randn(3700, 512, generator=gen).cuda().bfloat16()])
+    assert torch.equal(bi.matmul_nt(big, w)[:300], full)
     logits = torch.randn(40, 151936, generator=gen).cuda()
     assert torch.equal(bi.log_softmax(logits[3:4]), bi.log_softmax(logits)[3:4])
     norm_w = torch.randn(512, generator=gen).cuda().bfloat16()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+from leagues.kernels import num_sms  # noqa: E402
 from leagues.kernels import paged_attention as pa  # noqa: E402
 
 triton = pa.triton  # None where triton is not installed
@@ -322,7 +323,7 @@ def test_triton_decode_at_each_launch_setting_matches_the_reference(kernels, num
     lens = [700, 1000] if num_seqs == 2 else [1 + (37 * i) % 300 for i in range(num_seqs)]  # 2: long, so split
     case = make_case(lens, block_size=16, num_kv_heads=4, head_dim=64, dtype=torch.bfloat16)
     q_BHA = random_q(num_seqs, 16, 64, dtype=torch.bfloat16)
-    split = kernels.decode_split_tokens(num_seqs, 4, case.block_tables_BM.shape[1] * 16, kernels._num_sms(q_BHA.device))
+    split = kernels.decode_split_tokens(num_seqs, 4, case.block_tables_BM.shape[1] * 16, num_sms(q_BHA.device))
     want = kernels.paged_decode_reference(q_BHA, *kernel_args(case), 0.125)
     got = kernels.paged_decode_triton(q_BHA, *kernel_args(case), 0.125, split_tokens=split)
     assert (split is not None) == (num_seqs == 2)
