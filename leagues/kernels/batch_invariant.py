@@ -469,7 +469,7 @@ def moe_experts(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, reference):
     With gradients the backward differentiates `reference(x, weights, ids, w13, w2)`, recomputed."""
 
     def fast(x, weights, ids, w13, w2):
-        pairs = fused_moe.pairs_tiled_triton(x, weights, ids, w13, w2, **fused_moe.INVARIANT_TILES)
+        pairs = fused_moe.pairs_tiled_triton(x, weights, ids, w13, w2, **fused_moe.invariant_tiles(ids.numel()))
         return fused_moe.sum_pairs_triton(pairs, x.dtype)
 
     return recompute(fast, reference, x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF)
@@ -478,7 +478,9 @@ def moe_experts(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, reference):
 def moe_pairs(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF) -> torch.Tensor:
     """Each (token, expert) pair's weighted output [T, K, D] float32 (inference, CUDA): `moe_experts` before its
     top-k sum, which `add_rms_norm` then does in the next block's add-and-norm launch (the same arithmetic)."""
-    return fused_moe.pairs_tiled_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **fused_moe.INVARIANT_TILES)
+    return fused_moe.pairs_tiled_triton(
+        x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **fused_moe.invariant_tiles(ids_TK.numel())
+    )
 
 
 def moe_rows(x_RD, ids_R, w13_EFD, w2_EDF, reference):
@@ -488,7 +490,9 @@ def moe_rows(x_RD, ids_R, w13_EFD, w2_EDF, reference):
 
     def fast(x, ids, w13, w2):
         ones_R1 = torch.ones(ids.shape[0], 1, device=x.device)
-        return fused_moe.pairs_tiled_triton(x, ones_R1, ids[:, None], w13, w2, **fused_moe.INVARIANT_TILES)[:, 0]
+        return fused_moe.pairs_tiled_triton(
+            x, ones_R1, ids[:, None], w13, w2, **fused_moe.invariant_tiles(ids.numel())
+        )[:, 0]
 
     return recompute(fast, reference, x_RD, ids_R, w13_EFD, w2_EDF)
 

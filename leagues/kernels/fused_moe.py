@@ -61,6 +61,10 @@ pipeline stages. Deterministic mode pins `INVARIANT_TILES` instead (a row's redu
 INVARIANT_TILES = dict(block_n=64, block_k=64, warps=(4, 4), stages=(3, 3))
 """The tiled launches of deterministic mode (`leagues.kernels.batch_invariant`): fixed, whatever tuning
 `TILED_TILES` gets, so the trainer and the engine of any version agree."""
+INVARIANT_FEW_PAIRS: tuple[tuple[int, dict], ...] = ()
+"""(at most this many pairs, the columns, warps and stages that replace `INVARIANT_TILES`') of deterministic mode's
+decode-sized launches, smallest first: a pair's numbers follow the K step alone (a GPU test checks the bits under
+other tiles), so only `block_k` is pinned."""
 ROUTE_TILES = dict(block_d=128, num_warps=16)
 """The route launch: the model-dim tile of its GEMV and warps a program (measured best at 1-8 tokens, both shapes)."""
 
@@ -394,6 +398,14 @@ def experts_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
         BLOCK_F=min(inner_f, triton.next_power_of_2(num_ffn)), num_warps=warps[1],
     )  # fmt: skip
     return out_TD
+
+
+def invariant_tiles(num_pairs: int) -> dict:
+    """Deterministic mode's tiled launches at `num_pairs` (token, expert) pairs (`INVARIANT_FEW_PAIRS`)."""
+    for max_pairs, tiles in INVARIANT_FEW_PAIRS:
+        if num_pairs <= max_pairs:
+            return INVARIANT_TILES | tiles
+    return INVARIANT_TILES
 
 
 def align_torch(ids_TK: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):

@@ -335,3 +335,30 @@ def test_gpu_deterministic_moe_pairs_summed_in_the_add_and_norm_equal_the_summed
             want = bi.add_rms_norm(x, summed, norm_w, 1e-6)
             got = bi.add_rms_norm(x, bi.moe_pairs(x, weights, ids, w13, w2), norm_w, 1e-6)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_moe_pairs_keep_their_bits_under_any_tiles_of_the_same_k_step():
+    """The tiled expert launches may size their programs (columns, warps, stages) by the batch as the dense
+    product does: a pair's numbers follow the K step alone. A decode token's pairs under each tile choice equal
+    the same token's inside a training-sized batch under the pinned tiles."""
+    from leagues.kernels import fused_moe
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(300, 1024, generator=gen).cuda().bfloat16()
+    ids = torch.stack([torch.randperm(64, generator=gen)[:8] for _ in range(300)]).cuda()
+    weights = torch.rand(300, 8, generator=gen).cuda().bfloat16()
+    w13 = (torch.randn(64, 512, 1024, generator=gen) * 0.03).cuda().bfloat16()
+    w2 = (torch.randn(64, 1024, 256, generator=gen) * 0.06).cuda().bfloat16()
+    pinned = fused_moe.INVARIANT_TILES
+    full = fused_moe.pairs_tiled_triton(x, weights, ids, w13, w2, **pinned)
+    choices = [
+        pinned | dict(block_n=n, warps=(w, w), stages=(s, s)) for n, w, s in ((32, 2, 4), (128, 4, 2), (16, 1, 3))
+    ]
+    for tiles in [*choices, *(fused_moe.invariant_tiles(rows * 8) for rows in (1, 8, 64, 256))]:
+        assert tiles["block_k"] == pinned["block_k"]
+        assert torch.equal(fused_moe.pairs_tiled_triton(x, weights, ids, w13, w2, **tiles), full)
+        for rows in (slice(0, 1), slice(5, 13)):
+            part = fused_moe.pairs_tiled_triton(x[rows], weights[rows], ids[rows], w13, w2, **tiles)
+            assert torch.equal(part, full[rows])
