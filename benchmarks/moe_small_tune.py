@@ -7,7 +7,7 @@ One row per (shape, kernel, tokens, config) to $OUT/moe_small_tune.jsonl: `shape
 `best` row per (shape, kernel, tokens) with the default configuration's time beside it.
 
     PYTHONPATH=. python benchmarks/moe_small_tune.py [--shapes anchor,wide] [--tokens 1,2,4,8]
-        [--tiled-tokens 64,256] [--kernels route,gate_up,down,gate_up_tiled,down_tiled]
+        [--tiled-tokens 64,256] [--kernels route,gate_up,down,gate_up_tiled,down_tiled] [--block-k 64]
 """
 
 import argparse
@@ -39,8 +39,8 @@ DOWN = [
 # the tiled path: output columns and reduction step a program takes, warps, pipeline stages (same for both kernels)
 TILED = [
     dict(block_n=bn, block_k=bk, warps=(w, w), stages=(st, st))
-    for bn, bk, w, st in itertools.product((32, 64, 128), (32, 64, 128), (2, 4, 8), (2, 3, 4))
-    if bn * bk <= 128 * 64 * w // 2
+    for bn, bk, w, st in itertools.product((16, 32, 64, 128), (32, 64, 128), (1, 2, 4, 8), (2, 3, 4))
+    if bn * bk <= 128 * 64 * w // 2 and (bn >= 32 or w <= 2) and (bn < 128 or w >= 2)
 ]
 
 
@@ -62,6 +62,7 @@ def main():
     parser.add_argument("--tokens", default="1,2,4,8")
     parser.add_argument("--tiled-tokens", default="64,256")
     parser.add_argument("--kernels", default="route,gate_up,down,gate_up_tiled,down_tiled")
+    parser.add_argument("--block-k", type=int, help="the tiled launches at this K step alone (deterministic mode: 64)")
     parser.add_argument("--out", default=os.path.join(OUT, "moe_small_tune.jsonl"))
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -78,10 +79,10 @@ def main():
         for tokens in (int(t) for t in args.tokens.split(",") if small):
             tune(args.out, shape, tokens, gen, w13, w2, router, bias, k, small)
         for tokens in (int(t) for t in args.tiled_tokens.split(",") if tiled):
-            tune(args.out, shape, tokens, gen, w13, w2, router, bias, k, tiled)
+            tune(args.out, shape, tokens, gen, w13, w2, router, bias, k, tiled, args.block_k)
 
 
-def tune(out, shape, tokens, gen, w13, w2, router, bias, k, names) -> None:
+def tune(out, shape, tokens, gen, w13, w2, router, bias, k, names, block_k=None) -> None:
     """Every configuration of the three kernels at `tokens` tokens; the best of each beside the default."""
     (e, two_f, d), f = w13.shape, w2.shape[-1]
     x = torch.randn(tokens, d, generator=gen, dtype=w13.dtype, device="cuda")
@@ -97,6 +98,7 @@ def tune(out, shape, tokens, gen, w13, w2, router, bias, k, names) -> None:
                        _experts_hit(ids, e) * f * d * 2),
     }  # fmt: skip
     for kernel, (configs, fn, num_bytes) in ((n, kernels[n]) for n in names):
+        configs = [c for c in configs if block_k is None or c.get("block_k", block_k) == block_k]
         times = []
         for config in configs:
             us = replay_us(partial(fn, config), repeats=100)

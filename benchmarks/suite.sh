@@ -88,7 +88,7 @@ for part in "$@"; do
     matmul-tiles) run matmul-tiles 150 python3 benchmarks/matmul_tiles.py --shapes 3 ;;
     profile-det) run profile-det 200 python3 benchmarks/profile_engine.py --batch 1,256 --deterministic ;;
     moe-tune-few) run moe-tune-few 200 python3 benchmarks/moe_small_tune.py --kernels gate_up_tiled,down_tiled \
-        --shapes anchor --tiled-tokens 1,8 --out "$OUT/moe_tiled_tune.jsonl" ;;
+        --shapes anchor --tiled-tokens 1,8 --block-k 64 --out "$OUT/moe_tiled_tune.jsonl" ;;
     engine-base) (cd "${BASE_TREE:?set BASE_TREE to a copy of the older tree}" && run engine-base 200 \
         env PYTHONPATH=. python3 benchmarks/engine.py --shape anchor --batches 1,64,256 --new-tokens 128 \
         --hf-batches '' --det-batches '' --no-parity --out "$OUT/engine-base.jsonl") ;;
