@@ -46,11 +46,11 @@ LOG2E = 1.4426950408889634
 # product alone picks its output tile by shape (`dense_tiles`), never its K step: a row's sum then runs the
 # same instructions in the same order (measured bitwise equal on an H100 for 8 tile shapes, 1 to 300 rows).
 MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_WARPS, MM_STAGES = 128, 128, 64, 8, 3
-MM_FEW_ROWS = ((16, (16, 64, 4, 4)), (64, (64, 64, 4, 3)))
+MM_FEW_ROWS = ((16, (16, 32, 2, 4)), (64, (64, 32, 4, 3)))
 """(at most this many rows, (block_m, block_n, warps, stages)) of the dense product, smallest first; more rows take
 the pinned 128 x 128 tile where its grid fills the card, else `MM_SMALL_GRID`. A decode row's projection is a dozen
-programs at 128 x 128 and ~100 at 16 x 64 (one row, 1,024 x 1,536: 5.8 against 10.6 us on an H100;
-`benchmarks/matmul_tiles.py`)."""
+programs at 128 x 128 and ~50 at 16 x 32 (`benchmarks/matmul_tiles.py`, H100, 1,024 x 1,536 and 1,024 x 1,024: one
+row 5.2 against 10.5 and 10.7 us; 64 rows at 64 x 32 tiles 6.0 and 5.8 against 10.9)."""
 MM_SMALL_GRID = (64, 64, 4, 3)
 """The tile of more than 64 rows when 128 x 128 tiles would leave SMs idle (a batch-256 decode step's q/k/v and
 output projections: 24 and 16 programs). 256 rows, 1,024 x 1,536 and 1,024 x 1,024: 6.9 against 11.2 and 11.1 us
