@@ -74,7 +74,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", default="1,64,256")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs, so kernels show one by one")
-    parser.add_argument("--sort", default="cpu_time_total")
+    parser.add_argument("--sort", default="self_cuda_time_total", help="the table's order (the kernels' GPU time)")
     parser.add_argument("--compile-model", default="auto")
     parser.add_argument("--shape", default="anchor")
     parser.add_argument("--deterministic", action="store_true", help="the engine's deterministic mode")
@@ -107,7 +107,7 @@ def main():
         kernels = sum(e.count for e in on_gpu) / 20
         busy_ms = sum(e.self_device_time_total for e in on_gpu) / 20 / 1e3
         print(f"batch {batch}: {kernels:.0f} GPU kernels and copies a step, {busy_ms:.3f} ms of GPU time a step")
-        print(events.table(sort_by=args.sort, row_limit=22, max_name_column_width=60))
+        print(events.table(sort_by=args.sort, row_limit=30, max_name_column_width=60))
         if engine.stepper.inflight is not None:
             engine.stepper.land()
         for rid in list(engine.requests):
