@@ -139,15 +139,17 @@ if triton is not None:
         if LOGITS_GIVEN:  # computed by another launch (`route_logits`): x and w are not read
             logits = tl.load(logits_ptr + t * E + offs_e, mask=mask_e, other=0.0)
         else:
-            acc = tl.zeros([E_PAD], dtype=tl.float32)
+            # products summed per lane across the D tiles, then one reduction over the lanes: no cross-warp
+            # reduction (and its barriers) inside the loop, so the tiles' loads stream back to back
+            acc = tl.zeros([E_PAD, BLOCK_D], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 mask_d = offs_d < D
                 x = tl.load(x_ptr + t * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
                 w_mask = mask_e[:, None] & mask_d[None, :]
                 w = tl.load(w_ptr + offs_e[:, None] * stride_w + offs_d[None, :], mask=w_mask, other=0.0)
-                acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-            logits = acc.to(logits_ptr.dtype.element_ty)
+                acc += w.to(tl.float32) * x[None, :]
+            logits = tl.sum(acc, axis=1).to(logits_ptr.dtype.element_ty)
             tl.store(logits_ptr + t * E + offs_e, logits, mask=mask_e)
         scores = tl.where(mask_e, logits.to(tl.float32), float("-inf"))
         probs = tl.exp(scores - tl.max(scores, axis=0))
