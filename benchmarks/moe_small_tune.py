@@ -8,6 +8,7 @@ One row per (shape, kernel, tokens, config) to $OUT/moe_small_tune.jsonl: `shape
 
     PYTHONPATH=. python benchmarks/moe_small_tune.py [--shapes anchor,wide] [--tokens 1,2,4,8]
         [--tiled-tokens 64,256] [--kernels route,gate_up,down,gate_up_tiled,down_tiled] [--block-k 64]
+        [--block-m 16,64]
 """
 
 import argparse
@@ -63,6 +64,7 @@ def main():
     parser.add_argument("--tiled-tokens", default="64,256")
     parser.add_argument("--kernels", default="route,gate_up,down,gate_up_tiled,down_tiled")
     parser.add_argument("--block-k", type=int, help="the tiled launches at this K step alone (deterministic mode: 64)")
+    parser.add_argument("--block-m", default="16", help="the tiled launches' rows of an expert block, each tried")
     parser.add_argument("--out", default=os.path.join(OUT, "moe_small_tune.jsonl"))
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -79,22 +81,25 @@ def main():
         for tokens in (int(t) for t in args.tokens.split(",") if small):
             tune(args.out, shape, tokens, gen, w13, w2, router, bias, k, small)
         for tokens in (int(t) for t in args.tiled_tokens.split(",") if tiled):
-            tune(args.out, shape, tokens, gen, w13, w2, router, bias, k, tiled, args.block_k)
+            block_ms = [int(m) for m in args.block_m.split(",")]
+            tune(args.out, shape, tokens, gen, w13, w2, router, bias, k, tiled, args.block_k, block_ms)
 
 
-def tune(out, shape, tokens, gen, w13, w2, router, bias, k, names, block_k=None) -> None:
+def tune(out, shape, tokens, gen, w13, w2, router, bias, k, names, block_k=None, block_ms=(16,)) -> None:
     """Every configuration of the three kernels at `tokens` tokens; the best of each beside the default."""
     (e, two_f, d), f = w13.shape, w2.shape[-1]
     x = torch.randn(tokens, d, generator=gen, dtype=w13.dtype, device="cuda")
     weights, ids, _ = fused_moe.route_triton(x, router, bias, k, True)
     h = torch.randn(tokens * k, f, generator=gen, dtype=w13.dtype, device="cuda")
+    tiled = [c | dict(block_m=m) for m in block_ms for c in TILED]
+    layouts = {m: fused_moe.align_torch(ids, e, m) for m in {*block_ms, fused_moe.TILED_TILES["block_m"]}}
     kernels = {
         "route": (route_configs(e), partial(_route, x, router, bias, k), e * d * 2),
         "gate_up": (GATE_UP, partial(_gate_up, x, ids, w13, f), tokens * k * two_f * d * 2),
         "down": ([c for c in DOWN if c["inner_f"] <= max(f, 128)], partial(_down, h, ids, weights, w2, d),
                  tokens * k * f * d * 2),
-        "gate_up_tiled": (TILED, partial(_gate_up_tiled, x, ids, w13, f), _experts_hit(ids, e) * two_f * d * 2),
-        "down_tiled": (TILED, partial(_down_tiled, h, fused_moe.align_torch(ids, e), weights, w2, d),
+        "gate_up_tiled": (tiled, partial(_gate_up_tiled, x, ids, w13, f), _experts_hit(ids, e) * two_f * d * 2),
+        "down_tiled": (tiled, partial(_down_tiled, h, layouts, weights, w2, d),
                        _experts_hit(ids, e) * f * d * 2),
     }  # fmt: skip
     for kernel, (configs, fn, num_bytes) in ((n, kernels[n]) for n in names):
@@ -148,28 +153,28 @@ def _gate_up_tiled(x, ids, w13, f, c):
     """The tiled gate/up launch, as `tiled_launches` makes it (each program reading its rows from `expert_rows`)."""
     c = fused_moe.TILED_TILES | c
     e, num_pairs = w13.shape[0], ids.numel()
-    num_blocks = -(-num_pairs // fused_moe.BLOCK_M) + e
-    sorted_S = torch.empty(num_blocks * fused_moe.BLOCK_M, dtype=torch.int32, device=x.device)
+    num_blocks = -(-num_pairs // c["block_m"]) + e
+    sorted_S = torch.empty(num_blocks * c["block_m"], dtype=torch.int32, device=x.device)
     block_expert_B = torch.empty(num_blocks, dtype=torch.int32, device=x.device)
     h = x.new_empty(num_pairs, f)
     table_EP, counts_E = fused_moe.expert_rows(ids, e)
     fused_moe._gate_up_tiled_kernel[(num_blocks, -(-f // c["block_n"]))](
         x, table_EP, counts_E, sorted_S, block_expert_B, w13, h, num_pairs, x.shape[1], f, x.stride(0),
         w13.stride(0), w13.stride(1), h.stride(0), E=e, E_PAD=1 << (e - 1).bit_length(), K=ids.shape[1],
-        BLOCK_M=fused_moe.BLOCK_M, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], LAYOUT_GIVEN=False, PRECISION="tf32",
+        BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], LAYOUT_GIVEN=False, PRECISION="tf32",
         num_warps=c["warps"][0], num_stages=c["stages"][0],
     )  # fmt: skip
     return h
 
 
-def _down_tiled(h, layout, weights, w2, d, c):
-    """The tiled down launch alone, as `tiled_launches` makes it (the layout given)."""
+def _down_tiled(h, layouts, weights, w2, d, c):
+    """The tiled down launch alone, as `tiled_launches` makes it (the layout of its block rows given)."""
     c = fused_moe.TILED_TILES | c
-    sorted_S, block_expert_B = layout
+    sorted_S, block_expert_B = layouts[c["block_m"]]
     y = torch.empty(h.shape[0], d, dtype=torch.float32, device=h.device)
     fused_moe._down_tiled_kernel[(block_expert_B.shape[0], -(-d // c["block_n"]))](
         h, sorted_S, block_expert_B, weights.contiguous(), w2, y, h.shape[0], d, h.shape[1], h.stride(0),
-        w2.stride(0), w2.stride(1), y.stride(0), E=w2.shape[0], BLOCK_M=fused_moe.BLOCK_M, BLOCK_N=c["block_n"],
+        w2.stride(0), w2.stride(1), y.stride(0), E=w2.shape[0], BLOCK_M=c["block_m"], BLOCK_N=c["block_n"],
         BLOCK_K=c["block_k"], PRECISION="tf32", num_warps=c["warps"][1], num_stages=c["stages"][1],
     )  # fmt: skip
     return y

@@ -17,15 +17,15 @@ Decisions:
 - Down: program (token, block of D) walks the token's k experts and adds weight * (h @ w2[e].T) in float32,
   so the routing weight and the top-k sum live in the kernel's epilogue; one rounding at the end.
 - Tiled (more pairs than experts, up to `MAX_TILED_PAIRS`): the pairs are laid out by expert in blocks of
-  `BLOCK_M` rows (each block one expert's, padded with an out-of-range pair, a block's rows in pair order),
-  and gate/up and down are tensor-core GEMM tiles of a block x a slice of the output, reading each expert's
-  weights once per block instead of once per pair. One small launch lists each expert's pairs in pair order
-  (`expert_rows`: a program an expert, all scanning the ids at once); each gate/up program finds its block's
-  expert from the counts and reads its rows from that list, and the first column's programs store the layout
-  for down. (Measured on an H100 at 256 tokens, a layer: every gate/up program scanning every pair itself cost
-  that launch about 17 us; one align program serialised on atomic counters cost 19 us.) Down stores each
-  pair's weighted float32 row; the top-k sum is the caller's (it fuses with the residual add in a compiled
-  block).
+  `block_m` rows (each block one expert's, padded with an out-of-range pair, a block's rows in pair order; 16
+  rows, 64 from `WIDE_BLOCKS` pairs an expert up), and gate/up and down are tensor-core GEMM tiles of a block x
+  a slice of the output, reading each expert's weights once per block instead of once per pair. One small
+  launch lists each expert's pairs in pair order (`expert_rows`: a program an expert, all scanning the ids at
+  once); each gate/up program finds its block's expert from the counts and reads its rows from that list, and
+  the first column's programs store the layout for down. (Measured on an H100 at 256 tokens, a layer: every
+  gate/up program scanning every pair itself cost that launch about 17 us; one align program serialised on
+  atomic counters cost 19 us.) Down stores each pair's weighted float32 row; the top-k sum is the caller's (it
+  fuses with the residual add in a compiled block).
 - Deterministic mode (`leagues.kernels.batch_invariant`) runs every batch through these kernels, so a token's
   numbers never depend on what shares its batch: the route kernel (also replaying given experts), the tiled
   GEMMs (beyond `MAX_TILED_PAIRS` the layout comes from `align_torch`, a stable sort) and `sum_pairs_triton`
@@ -49,16 +49,23 @@ MAX_TILED_PAIRS = 4096
 """Up to this many (token, expert) pairs the tiled kernels lay the pairs out themselves (`expert_rows`, E programs
 each scanning every pair); beyond, `align_torch` sorts them."""
 BLOCK_M = 16
-"""Rows of one expert block in the tiled kernels (the smallest tensor-core tile)."""
+"""Rows of one expert block in the tiled kernels by default (the smallest tensor-core tile); `block_m` of the
+tiles overrides it."""
 SMALL_TILES = dict(block_f=4, block_d=4, inner_d=1024, inner_f=512, warps=(2, 2))
 """The small path's launches: rows of F (gate/up) and of D (down) a program owns, the reduction tile of each,
 and (gate/up, down) warps a program. Measured best at 1-8 tokens for 1024 x 256 and 2048 x 768 experts on an
 H200 (`benchmarks/moe_small_tune.py`): at decode sizes these launches wait on memory latency, so many small
 programs, each with a whole row of its reduction in flight, beat fewer larger ones."""
-TILED_TILES = dict(block_n=64, block_k=64, warps=(4, 4), stages=(3, 3))
-"""The tiled path's launches: output columns and reduction step a program takes, and (gate/up, down) warps and
-pipeline stages. Deterministic mode pins `INVARIANT_TILES` instead (a row's reduction order follows `block_k`)."""
-INVARIANT_TILES = dict(block_n=64, block_k=64, warps=(4, 4), stages=(3, 3))
+TILED_TILES = dict(block_m=BLOCK_M, block_n=64, block_k=64, warps=(4, 4), stages=(3, 3))
+"""The tiled path's launches: rows of an expert block, output columns and reduction step a program takes, and
+(gate/up, down) warps and pipeline stages. Deterministic mode pins `INVARIANT_TILES` instead (a row's reduction
+order follows `block_k`)."""
+WIDE_BLOCKS = (12, 64)
+"""(pairs an expert on average, rows of a block): from that many pairs an expert up, default mode's tiled launches
+take blocks of that many rows (`tiled_tiles`). Every block reads its expert's whole weight slice from L2, so at
+256 tokens of the anchor (32 pairs an expert) 16-row blocks read each expert's weights ~2.5 times (~160 MB of
+L2 reads a layer for 64 MB of weights); one 64-row block an expert reads them once."""
+INVARIANT_TILES = dict(block_m=BLOCK_M, block_n=64, block_k=64, warps=(4, 4), stages=(3, 3))
 """The tiled launches of deterministic mode (`leagues.kernels.batch_invariant`): fixed, whatever tuning
 `TILED_TILES` gets, so the trainer and the engine of any version agree."""
 INVARIANT_FEW_PAIRS = (
@@ -407,6 +414,12 @@ def experts_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
     return out_TD
 
 
+def tiled_tiles(num_pairs: int, num_experts: int) -> dict:
+    """Default mode's tiled launches at `num_pairs` (token, expert) pairs over `num_experts` (`WIDE_BLOCKS`)."""
+    min_pairs, block_m = WIDE_BLOCKS
+    return TILED_TILES | dict(block_m=block_m) if num_pairs >= min_pairs * num_experts else TILED_TILES
+
+
 def invariant_tiles(num_pairs: int) -> dict:
     """Deterministic mode's tiled launches at `num_pairs` (token, expert) pairs (`INVARIANT_FEW_PAIRS`)."""
     for max_pairs, tiles in INVARIANT_FEW_PAIRS:
@@ -455,13 +468,14 @@ def expert_rows(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
 
 def tiled_launches(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
     """(pairs [T, K, D] float32, sorted_S int32, block_expert_B int32): `pairs_tiled_triton` and the layout its
-    launches used: the pairs by expert in blocks of `BLOCK_M` slots, B = cdiv(P, BLOCK_M) + E blocks, fixed
+    launches used: the pairs by expert in blocks of `block_m` slots, B = cdiv(P, block_m) + E blocks, fixed
     by P and E alone (no host sync). Up to `MAX_TILED_PAIRS` pairs the gate/up launch finds each block's rows
     in the experts' lists (`expert_rows`) and stores the layout for the down launch (slots of a block past the
     last expert's, marked E in block_expert_B, stay unwritten); beyond, `align_torch` sorts it out first. Both
     are the stable layout, so the order of a block's rows is fixed too."""
     tiles = TILED_TILES | tiles
-    block_n, block_k, warps, stages = tiles["block_n"], tiles["block_k"], tiles["warps"], tiles["stages"]
+    block_m, block_n, block_k = tiles["block_m"], tiles["block_n"], tiles["block_k"]
+    warps, stages = tiles["warps"], tiles["stages"]
     num_tokens, dim = x_TD.shape
     top_k, num_ffn, num_experts = ids_TK.shape[1], w2_EDF.shape[-1], w2_EDF.shape[0]
     x_TD, weights_TK, ids_TK = x_TD.contiguous(), weights_TK.contiguous(), ids_TK.contiguous()
@@ -469,12 +483,12 @@ def tiled_launches(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
     num_pairs = num_tokens * top_k
     h_PF = x_TD.new_empty(num_pairs, num_ffn)
     y_PD = torch.empty(num_pairs, dim, dtype=torch.float32, device=x_TD.device)
-    num_blocks = triton.cdiv(num_pairs, BLOCK_M) + num_experts
+    num_blocks = triton.cdiv(num_pairs, block_m) + num_experts
     given = num_pairs > MAX_TILED_PAIRS
     if given:
-        sorted_S, block_expert_B = align_torch(ids_TK, num_experts)
+        sorted_S, block_expert_B = align_torch(ids_TK, num_experts, block_m)
     else:
-        sorted_S = torch.empty(num_blocks * BLOCK_M, dtype=torch.int32, device=x_TD.device)
+        sorted_S = torch.empty(num_blocks * block_m, dtype=torch.int32, device=x_TD.device)
         block_expert_B = torch.empty(num_blocks, dtype=torch.int32, device=x_TD.device)
     if num_tokens == 0:
         return y_PD.view(0, top_k, dim), sorted_S, block_expert_B
@@ -484,12 +498,12 @@ def tiled_launches(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles):
     _gate_up_tiled_kernel[(num_blocks, triton.cdiv(num_ffn, block_n))](
         x_TD, table_EP, counts_E, sorted_S, block_expert_B, w13_EFD, h_PF, num_pairs, dim, num_ffn, x_TD.stride(0),
         w13_EFD.stride(0), w13_EFD.stride(1), h_PF.stride(0), E=num_experts,
-        E_PAD=triton.next_power_of_2(num_experts), K=top_k, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        E_PAD=triton.next_power_of_2(num_experts), K=top_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         LAYOUT_GIVEN=given, PRECISION=precision, num_warps=warps[0], num_stages=stages[0],
     )  # fmt: skip
     _down_tiled_kernel[(num_blocks, triton.cdiv(dim, block_n))](
         h_PF, sorted_S, block_expert_B, weights_TK, w2_EDF, y_PD, num_pairs, dim, num_ffn, h_PF.stride(0),
-        w2_EDF.stride(0), w2_EDF.stride(1), y_PD.stride(0), E=num_experts, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        w2_EDF.stride(0), w2_EDF.stride(1), y_PD.stride(0), E=num_experts, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, PRECISION=precision, num_warps=warps[1], num_stages=stages[1],
     )  # fmt: skip
     return y_PD.view(num_tokens, top_k, dim), sorted_S, block_expert_B
@@ -558,9 +572,10 @@ def pairs_tiled(
     x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor
 ) -> torch.Tensor:
     """Each pair's weighted expert output [T, K, D] float32 for up to `MAX_TILED_PAIRS` pairs: the tiled Triton
-    kernels on CUDA, the reference elsewhere."""
+    kernels on CUDA (`tiled_tiles`), the reference elsewhere."""
     if x_TD.is_cuda and triton is not None:
-        return pairs_tiled_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF)
+        tiles = tiled_tiles(ids_TK.numel(), w2_EDF.shape[0])
+        return pairs_tiled_triton(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF, **tiles)
     return pairs_reference(x_TD, weights_TK, ids_TK, w13_EFD, w2_EDF)
 
 

@@ -69,11 +69,12 @@ def test_triton_kernels_match_the_references(num_experts):
     torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
 
 
-def test_align_torch_lays_every_pair_once_in_blocks_of_one_expert_in_pair_order():
-    num_tokens, num_experts, block_m = 40, 6, fused_moe.BLOCK_M
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_align_torch_lays_every_pair_once_in_blocks_of_one_expert_in_pair_order(block_m):
+    num_tokens, num_experts = 40, 6
     gen = torch.Generator().manual_seed(num_tokens)
     ids_TK = torch.stack([torch.randperm(num_experts, generator=gen)[:3] for _ in range(num_tokens)])
-    sorted_S, block_expert_B = fused_moe.align_torch(ids_TK, num_experts)
+    sorted_S, block_expert_B = fused_moe.align_torch(ids_TK, num_experts, block_m)
     assert sorted_S.dtype == block_expert_B.dtype == torch.int32
     num_pairs = ids_TK.numel()
     slots, experts_B, flat = sorted_S.long().view(-1, block_m), block_expert_B.long(), ids_TK.flatten()
@@ -94,8 +95,10 @@ def test_align_torch_lays_every_pair_once_in_blocks_of_one_expert_in_pair_order(
 
 
 @needs_kernels
-@pytest.mark.parametrize("num_tokens,num_experts", [(11, 8), (40, 6), (3, 64), (100, 8)])
-def test_the_gate_up_launch_lays_the_pairs_out_as_align_torch_does(num_tokens, num_experts):
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,block_m", [(11, 8, 16), (40, 6, 16), (3, 64, 16), (100, 8, 16), (100, 8, 64), (40, 6, 64)]
+)
+def test_the_gate_up_launch_lays_the_pairs_out_as_align_torch_does(num_tokens, num_experts, block_m):
     # (100, 8): 300 pairs, more than one 256-pair chunk of the programs' scan
     _, experts, _ = _layer(num_experts=num_experts, seed=num_tokens)
     gen = torch.Generator().manual_seed(num_tokens)
@@ -103,24 +106,36 @@ def test_the_gate_up_launch_lays_the_pairs_out_as_align_torch_does(num_tokens, n
     x_TD = torch.randn(num_tokens, 48, generator=gen).to(DEVICE)
     weights = torch.rand(num_tokens, 3, generator=gen).to(DEVICE)
     w13, w2 = experts.w13.detach().to(DEVICE), experts.w2.detach().to(DEVICE)
-    _, sorted_S, block_expert_B = fused_moe.tiled_launches(x_TD, weights, ids_TK, w13, w2, block_n=16, block_k=16)
-    want_S, want_B = fused_moe.align_torch(ids_TK, num_experts)
+    tiles = dict(block_m=block_m, block_n=16, block_k=16)
+    _, sorted_S, block_expert_B = fused_moe.tiled_launches(x_TD, weights, ids_TK, w13, w2, **tiles)
+    want_S, want_B = fused_moe.align_torch(ids_TK, num_experts, block_m)
     assert torch.equal(block_expert_B, want_B)
-    used = (want_B < num_experts).repeat_interleave(fused_moe.BLOCK_M)  # the slots of blocks past the end: unset
+    used = (want_B < num_experts).repeat_interleave(block_m)  # the slots of blocks past the end: unset
     assert torch.equal(sorted_S[used], want_S[used])
 
 
 @needs_kernels
-@pytest.mark.parametrize("num_tokens,num_experts,max_pairs", [(11, 8, 4096), (40, 6, 4096), (100, 8, 4096), (11, 8, 0)])
-def test_tiled_kernels_match_the_reference(num_tokens, num_experts, max_pairs, monkeypatch):
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,max_pairs,block_m",
+    [(11, 8, 4096, 16), (40, 6, 4096, 16), (100, 8, 4096, 16), (11, 8, 0, 16), (100, 8, 4096, 64), (40, 6, 0, 64)],
+)
+def test_tiled_kernels_match_the_reference(num_tokens, num_experts, max_pairs, block_m, monkeypatch):
     monkeypatch.setattr(fused_moe, "MAX_TILED_PAIRS", max_pairs)  # 0: the pairs aligned by a sort (training sizes)
     router, experts, _ = _layer(num_experts=num_experts, seed=num_tokens)
     x_TD = torch.randn(num_tokens, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     weights, ids, _ = fused_moe.route_reference(x_TD, router.weight.to(DEVICE), router.expert_bias.to(DEVICE), 3, True)
     w13, w2 = experts.w13.detach().to(DEVICE), experts.w2.detach().to(DEVICE)
     want = fused_moe.pairs_reference(x_TD, weights, ids, w13, w2)
-    got = fused_moe.pairs_tiled_triton(x_TD, weights, ids, w13, w2, block_n=16, block_k=16)  # several tiles
+    got = fused_moe.pairs_tiled_triton(x_TD, weights, ids, w13, w2, block_m=block_m, block_n=16, block_k=16)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_tiled_blocks_grow_with_the_pairs_an_expert_gets():
+    min_pairs, block_m = fused_moe.WIDE_BLOCKS
+    assert fused_moe.tiled_tiles(64 * 8, 64)["block_m"] == fused_moe.BLOCK_M  # 64 tokens of top 8 over 64 experts
+    assert fused_moe.tiled_tiles(min_pairs * 64, 64)["block_m"] == block_m
+    assert fused_moe.tiled_tiles(256 * 8, 64)["block_m"] == block_m
+    assert fused_moe.INVARIANT_TILES["block_m"] == fused_moe.BLOCK_M  # deterministic mode keeps its blocks
 
 
 def test_the_layer_picks_the_path_by_pairs_per_expert():
@@ -166,8 +181,8 @@ def test_the_top_k_sum_adds_in_index_order():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE == "cpu", reason="engine-sized batches: CUDA")
-@pytest.mark.parametrize("num_tokens", [64, 256, 512])
-def test_the_tiled_launches_at_engine_sizes_lay_out_and_compute_as_the_references(num_tokens):
+@pytest.mark.parametrize("num_tokens,block_m", [(64, 16), (256, 16), (512, 16), (256, 64), (512, 64)])
+def test_the_tiled_launches_at_engine_sizes_lay_out_and_compute_as_the_references(num_tokens, block_m):
     """64 experts, top 8 (the anchor's router): the experts' lists (`expert_rows`) give align_torch's layout, and
     the pairs match the float32 reference."""
     gen = torch.Generator().manual_seed(num_tokens)
@@ -176,10 +191,10 @@ def test_the_tiled_launches_at_engine_sizes_lay_out_and_compute_as_the_reference
     weights = torch.rand(num_tokens, 8, generator=gen).cuda()
     w13 = (torch.randn(64, 2 * 64, 128, generator=gen) * 0.1).cuda().to(torch.bfloat16)
     w2 = (torch.randn(64, 128, 64, generator=gen) * 0.1).cuda().to(torch.bfloat16)
-    got, sorted_S, block_expert_B = fused_moe.tiled_launches(x_TD, weights, ids_TK, w13, w2)
-    want_S, want_B = fused_moe.align_torch(ids_TK, 64)
+    got, sorted_S, block_expert_B = fused_moe.tiled_launches(x_TD, weights, ids_TK, w13, w2, block_m=block_m)
+    want_S, want_B = fused_moe.align_torch(ids_TK, 64, block_m)
     assert torch.equal(block_expert_B, want_B)
-    used = (want_B < 64).repeat_interleave(fused_moe.BLOCK_M)
+    used = (want_B < 64).repeat_interleave(block_m)
     assert torch.equal(sorted_S[used], want_S[used])
     want = fused_moe.pairs_reference(x_TD, weights, ids_TK, w13, w2)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
