@@ -31,6 +31,7 @@
 #   profile-det     the deterministic decode step's phases and kernels, graphs on, batches 1 and 256
 #   moe-tune-few    the tiled fused MoE launches' tiles at 1 and 8 tokens, anchor (deterministic mode's decode sizes)
 #   moe-tune-blocks the tiled launches with blocks of 16 and 64 rows an expert at 128 and 256 tokens, anchor
+#   route-tune      the route launch's D tile and warps at 1, 8, 64 and 256 tokens, anchor
 #   engine-base     benchmarks/engine.py from the tree at $BASE_TREE (a copy of an older commit carried beside the
 #                   checkout), for an A/B in one call: run `engine` after it
 # The ANCHORS.md checkpoint is made once at $ANCHOR (default /tmp/leagues-anchor-1b).
@@ -94,6 +95,8 @@ for part in "$@"; do
     profile-det) run profile-det 200 python3 benchmarks/profile_engine.py --batch 1,256 --deterministic ;;
     moe-tune-blocks) run moe-tune-blocks 240 python3 benchmarks/moe_small_tune.py --kernels gate_up_tiled,down_tiled \
         --shapes anchor --tiled-tokens 128,256 --block-k 64 --block-m 16,64 --out "$OUT/moe_tiled_tune.jsonl" ;;
+    route-tune) run route-tune 150 python3 benchmarks/moe_small_tune.py --kernels route --shapes anchor \
+        --tokens 1,8,64,256 --out "$OUT/route_tune.jsonl" ;;
     moe-tune-few) run moe-tune-few 200 python3 benchmarks/moe_small_tune.py --kernels gate_up_tiled,down_tiled \
         --shapes anchor --tiled-tokens 1,8 --block-k 64 --out "$OUT/moe_tiled_tune.jsonl" ;;
     engine-base) (cd "${BASE_TREE:?set BASE_TREE to a copy of the older tree}" && run engine-base 200 \
