@@ -21,7 +21,7 @@ experts per layer E·(1-(1-K/E)^B)) + router + the KV cache read (B × context �
 FLOPs = 2 × active matmul parameters × B.
 
     PYTHONPATH=. python benchmarks/engine.py [--shape anchor] [--batches 1,8,64,256] [--new-tokens 128,1024]
-        [--overlap on|off|both] [--gemv-rows N]
+        [--overlap on|off|both] [--gemv-rows N] [--moe-block-rows 16|64]
 """
 
 import argparse
@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.train_step import BASE, SHAPES, make_checkpoint
 from leagues.engine import Engine, SamplingParams
-from leagues.kernels import gemv
+from leagues.kernels import fused_moe, gemv
 
 OUT = os.environ.get("OUT", "/tmp")
 
@@ -186,6 +186,7 @@ def _decode_rows(engine, model, hf, args, ceilings_, deterministic: bool, batche
                 deterministic=deterministic,
                 overlap=overlap,
                 gemv_rows=gemv.MAX_ROWS,
+                moe_block_rows=fused_moe.WIDE_BLOCKS[1],
                 step_ms=round(step * 1e3, 3),
                 step_ms_by_difference=round((total - prefill) / (new_tokens - 1) * 1e3, 3),
                 floor_ms=round(floor * 1e3, 3),
@@ -220,6 +221,13 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=gemv.MAX_ROWS,
         help="decode steps of at most this many rows run the GEMV projections (0: the library GEMM)",
+    )
+    parser.add_argument(
+        "--moe-block-rows",
+        type=int,
+        default=fused_moe.WIDE_BLOCKS[1],
+        help="rows of the default tiled MoE's expert blocks from `fused_moe.WIDE_BLOCKS` pairs an expert up (16: as "
+        "with fewer)",
     )
     parser.add_argument("--out", default=os.path.join(OUT, "engine.jsonl"))
     return parser.parse_args()
@@ -264,6 +272,7 @@ def deterministic_rows(path: str, model, hf: dict, args, ceilings_, options: dic
 def main():
     args = parse_args()
     gemv.MAX_ROWS = args.gemv_rows  # read when the blocks compile and capture: set before the engine starts
+    fused_moe.WIDE_BLOCKS = (fused_moe.WIDE_BLOCKS[0], args.moe_block_rows)
     import transformers
 
     hf = BASE | SHAPES[args.shape]

@@ -18,7 +18,9 @@
 #   prefill         prefill latency at batches 1, 8, 64 and its profile, syncs and Python profile (benchmarks/prefill.py)
 #   det             default and deterministic decode steps at batches 1, 8, 64, 256 in one process, and HF at 64
 #   engine          decode steps at batches 1, 8, 64, 256 and the HF comparison (benchmarks/engine.py)
-#   engine-wide     the same on the wide shape (Qwen3-30B-A3B layers), 128 and 1,024 new tokens, deterministic
+#   engine-blocks16 decode steps at 64 and 256 rows with the tiled MoE's 16-row expert blocks throughout (an A/B of
+#                   `fused_moe.WIDE_BLOCKS` beside `det` or `engine`)
+#   engine-wide     `engine` on the wide shape (Qwen3-30B-A3B layers), 128 and 1,024 new tokens, deterministic
 #                   mode at 1, 64 and 256, HF at 64
 #   trainer-wide    the trainer on the wide shape, 8 x 1,024 tokens (benchmarks/trainer.py)
 #   sync            colocated weight sync on one rank against a device copy, anchor and wide (benchmarks/sync.py)
@@ -79,6 +81,9 @@ for part in "$@"; do
     det) run det 330 python3 benchmarks/engine.py --shape anchor --batches 1,8,64,256 --new-tokens 128 \
         --hf-batches 64 --det-batches 1,8,64,256 --no-parity --out "$OUT/det.jsonl" ;;
     engine) run engine 300 python3 benchmarks/engine.py --shape anchor --batches 1,8,64,256 --new-tokens 128 ;;
+    engine-blocks16) run engine-blocks16 200 python3 benchmarks/engine.py --shape anchor --batches 64,256 \
+        --new-tokens 128 --hf-batches '' --det-batches '' --no-parity --moe-block-rows 16 \
+        --out "$OUT/engine-blocks16.jsonl" ;;
     engine-wide) run engine-wide 300 python3 benchmarks/engine.py --shape wide --batches 1,8,64,256 \
         --new-tokens 128,1024 --hf-batches 64 --det-batches 1,64,256 --no-parity --out "$OUT/engine-wide.jsonl" ;;
     trainer-wide) run trainer-wide 200 torchrun --standalone --nproc_per_node 1 benchmarks/trainer.py --shape wide \
