@@ -60,6 +60,22 @@ def test_bf16_graph_decode_stays_close_to_a_full_forward(tiny_path):
         assert (torch.tensor(out.logprobs) - want).abs().max() < 0.1
 
 
+def test_bf16_graph_decode_of_64_rows_stays_close_to_a_full_forward(tiny_path):
+    """64 rows of the tiny model's 8 experts, top 2: 16 pairs an expert, so the decode graphs' tiled MoE runs
+    `fused_moe.WIDE_BLOCKS`' taller expert blocks."""
+    from leagues.kernels import fused_moe
+
+    assert fused_moe.tiled_tiles(64 * 2, 8)["block_m"] == fused_moe.WIDE_BLOCKS[1] > fused_moe.BLOCK_M
+    model = load_pretrained(tiny_path, dtype=torch.float32)
+    prompts = make_prompts([5 + i % 23 for i in range(32)], VOCAB, seed=5)
+    with engine_of(tiny_path, dtype="bfloat16", num_blocks=512) as engine:
+        outs = _sampled(engine, prompts)
+    assert len(outs) == 64
+    for out in outs[::7]:
+        want = reference_logprobs(model, out, 1.0)
+        assert (torch.tensor(out.logprobs) - want).abs().max() < 0.1
+
+
 def test_fused_sampler_matches_the_reference_at_full_vocabulary():
     gen = torch.Generator().manual_seed(0)
     logits_BV = (torch.randn(256, 151936, generator=gen) * 4).cuda().bfloat16()
