@@ -11,17 +11,19 @@ Decisions:
   the CPU. The two need not agree with each other bit for bit; each agrees with itself across batch shapes.
 - Triton kernels never split a reduction across programs and fix its step (the K tile of a product): a row's
   reduction order is then a function of the reduction length only. A row's position inside a tile does not
-  change its arithmetic (the tensor-core product of a row reads only that row), so the dense product may size
-  its output tile by the shape and the card (a decode row takes small tiles, `dense_tiles`); every other kernel
-  keeps one tile configuration whatever the shapes.
+  change its arithmetic (the tensor-core product of a row reads only that row), so the dense product and the
+  MoE's expert tiles may size their programs by the shape and the card (a decode row takes small tiles,
+  `dense_tiles`, `fused_moe.invariant_tiles`) as long as the K step stays pinned; every other kernel keeps one
+  tile configuration whatever the shapes.
 - Attention is `invariant_attention`'s (one kernel for the trainer's packed keys and the engine's paged cache).
 - The CPU references: a product is an elementwise multiply and a sum over the last (contiguous) axis, whose
   reduction order depends only on that axis's length. They are slow (M x N x K intermediates) and serve small
   models in tests.
 - The MoE on CUDA runs `fused_moe`'s kernels at every batch size, the engine's decode steps and the trainer's
   packed batches alike: the route kernel is one program a token, the expert kernels are tensor-core tiles of
-  16 pairs of one expert (a pair's dot products do not depend on the pairs beside it in a tile), and the
-  top-k sum adds in index order in float32 before one rounding. Expert parallelism runs the same tiles on the
+  16 pairs of one expert and a pinned K step (a pair's dot products do not depend on the pairs beside it in a
+  tile, nor on the tile's columns, warps or stages), and the top-k sum adds in index order in float32 before
+  one rounding. Expert parallelism runs the same tiles on the
   rows it receives and applies the routing weight after the exchange, the same float32 product.
 - Only forward passes need to be invariant (rollout and trainer logprobs). Backward passes recompute with the
   ordinary differentiable ops (cuBLAS, FlashAttention, grouped GEMM).
@@ -42,9 +44,9 @@ except ImportError:  # triton is Linux-only; the CPU references need none
     triton = None
 
 LOG2E = 1.4426950408889634
-# One tile configuration each, never chosen by shape: that is what makes the kernels batch-invariant. The dense
-# product alone picks its output tile by shape (`dense_tiles`), never its K step: a row's sum then runs the
-# same instructions in the same order (measured bitwise equal on an H100 for 8 tile shapes, 1 to 300 rows).
+# The K step of every product is pinned: that is what makes the kernels batch-invariant. The dense product picks
+# its output tile by shape (`dense_tiles`), never its K step: a row's sum then runs the same instructions in the
+# same order (measured bitwise equal on an H100 for 13 tile shapes, 1 to 300 rows).
 MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_WARPS, MM_STAGES = 128, 128, 64, 8, 3
 MM_FEW_ROWS = ((16, (16, 32, 2, 4)), (64, (64, 32, 4, 3)))
 """(at most this many rows, (block_m, block_n, warps, stages)) of the dense product, smallest first; more rows take

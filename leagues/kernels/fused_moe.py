@@ -58,16 +58,17 @@ H200 (`benchmarks/moe_small_tune.py`): at decode sizes these launches wait on me
 programs, each with a whole row of its reduction in flight, beat fewer larger ones."""
 TILED_TILES = dict(block_m=BLOCK_M, block_n=64, block_k=64, warps=(4, 4), stages=(3, 3))
 """The tiled path's launches: rows of an expert block, output columns and reduction step a program takes, and
-(gate/up, down) warps and pipeline stages. Deterministic mode pins `INVARIANT_TILES` instead (a row's reduction
-order follows `block_k`)."""
+(gate/up, down) warps and pipeline stages. Deterministic mode takes `invariant_tiles` instead (a row's reduction
+order follows `block_k`, which it pins)."""
 WIDE_BLOCKS = (12, 64)
 """(pairs an expert on average, rows of a block): from that many pairs an expert up, default mode's tiled launches
 take blocks of that many rows (`tiled_tiles`). Every block reads its expert's whole weight slice from L2, so at
 256 tokens of the anchor (32 pairs an expert) 16-row blocks read each expert's weights ~2.5 times (~160 MB of
 L2 reads a layer for 64 MB of weights); one 64-row block an expert reads them once."""
 INVARIANT_TILES = dict(block_m=BLOCK_M, block_n=64, block_k=64, warps=(4, 4), stages=(3, 3))
-"""The tiled launches of deterministic mode (`leagues.kernels.batch_invariant`): fixed, whatever tuning
-`TILED_TILES` gets, so the trainer and the engine of any version agree."""
+"""The tiled launches of deterministic mode (`leagues.kernels.batch_invariant`) beyond `INVARIANT_FEW_PAIRS`: fixed,
+whatever tuning `TILED_TILES` gets; its `block_k` (and 16-row blocks) hold at every size, so the trainer and the
+engine of any version agree."""
 INVARIANT_FEW_PAIRS = (
     (8, dict(block_n=32, warps=(1, 2), stages=(3, 3))),
     (64, dict(block_n=64, warps=(4, 1), stages=(4, 2))),
