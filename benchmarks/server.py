@@ -18,7 +18,8 @@ One row per (clients, stream) to $OUT/server.jsonl (keys `clients`, `stream`, `i
 arrival and from its engine's: where a request's wait is), `in_process_engine_ttft_ms_mean`, `to_engine_ms_mean`
 and `from_engine_ms_mean` (the server's means of the hops between its front and its engine's loop),
 `inbox_ms_mean` and `in_process_inbox_ms_mean` (the engine's mean wait of a request in its loop's inbox: the
-engine's part of the hop to it), `front`
+engine's part of the hop to it), `front_cpu_share` and `engine_proc_cpu_share` (CPU seconds a second of the timed
+part of the server's process and of its engine's: 1.0 is one core busy throughout), `front`
 (`process`: the server's engine in its own process, `leagues serve`'s default; `thread`: on a thread of the
 server's process, with `--engine_process false`), plus the card and the load).
 
@@ -144,10 +145,19 @@ def _client_process(args: tuple, out) -> None:
 
 
 def run_server(
-    url: str, body: dict, stream: bool, clients: int, load: tuple[int, int], procs: int, first: int | None
+    url: str,
+    body: dict,
+    stream: bool,
+    clients: int,
+    load: tuple[int, int],
+    procs: int,
+    first: int | None,
+    cpu_of: dict[str, int] | None = None,
 ) -> dict:
     """`clients` clients over `procs` processes, each sending `load` = (warm-up, timed) requests one after another;
-    the summary of the timed ones, with the server's own means over them (`_server_side`)."""
+    the summary of the timed ones, with the server's own means over them (`_server_side`) and, for each process of
+    `cpu_of` (name: pid), `{name}_cpu_share`: its CPU seconds (all threads) per second of the timed part (1.0: one
+    core busy throughout)."""
     procs = max(1, min(procs, clients))
     shares = [clients // procs + (i < clients % procs) for i in range(procs)]
     ctx = mp.get_context("spawn")
@@ -161,11 +171,19 @@ def run_server(
     for w in workers:
         w.start()
     time.sleep(max(go - time.time() - 0.05, 0))
-    before = _metrics(url)
+    before, cpu_before, start = _metrics(url), {k: _cpu_s(p) for k, p in (cpu_of or {}).items()}, time.monotonic()
     results = [r for _ in workers for r in out.get()]
+    wall = time.monotonic() - start
+    shares = {f"{k}_cpu_share": round((_cpu_s(p) - cpu_before[k]) / wall, 2) for k, p in (cpu_of or {}).items()}
     for w in workers:
         w.join()
-    return _summary(results) | _server_side(before, _metrics(url))
+    return _summary(results) | _server_side(before, _metrics(url)) | shares
+
+
+def _cpu_s(pid: int) -> float:
+    """A process's CPU seconds so far, user and system, all its threads (Linux's /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -324,6 +342,8 @@ def _row(args, c: int, stream: bool, served: dict, mine: dict, card: str) -> dic
         inbox_ms_mean=served["inbox_ms_mean"],
         in_process_inbox_ms_mean=mine["inbox_ms_mean"],
         rows_per_step=served["rows_per_step"],
+        front_cpu_share=served.get("front_cpu_share"),
+        engine_proc_cpu_share=served.get("engine_proc_cpu_share"),
         front=_front(args.serve_extra),
         in_process_rows_per_step=mine["rows_per_step"],
         requests=c * args.requests,
@@ -384,13 +404,16 @@ def main():
     raw = os.path.join(out_dir, "server-profile.raw")
     prefix = f"py-spy record --threads --subprocesses --gil --rate 250 --format raw -o {raw} --" if args.profile else ""
     proc, url = launch(args.model, serve_extra, prefix)
+    engine_pid = httpx.get(f"{url}/get_server_info", timeout=30).json().get("engine_pid")
+    cpu_of = {} if args.profile else {"front": proc.pid}  # under the profiler, proc is py-spy's
+    cpu_of |= {"engine_proc": engine_pid} if engine_pid is not None else {}
     try:
         for c in clients:
             for stream in streams:
                 before = _server_stats(url)
                 load = (args.warmup_requests, args.requests)
                 first = 100_000 * next(runs) if distinct else None
-                served = run_server(url, body, stream, c, load, args.client_procs, first)
+                served = run_server(url, body, stream, c, load, args.client_procs, first, cpu_of)
                 after = _server_stats(url)
                 served["rows_per_step"], served["inbox_ms_mean"] = (
                     _rows_per_step(before, after),

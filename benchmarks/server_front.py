@@ -9,7 +9,7 @@ are the real ones, in one process as `leagues serve` runs them; the clients are 
 
 One row per run to $OUT/server_front.jsonl: `clients`, `stream`, `step_ms` (asked), `engine_step_ms` (achieved,
 mean over busy steps), `engine_busy_ms_per_step` (the stand-in's own work), `target_tokens_per_s` (clients /
-step), `server_tokens_per_s` (what the clients got), `ttft_ms_p50`, `itl_ms_p50`.
+step), `server_tokens_per_s` (what the clients got), `ttft_ms_p50`, `itl_ms_p50`, `front_cpu_share` (this process's CPU seconds a second: the front and the stand-in).
 
     PYTHONPATH=. python benchmarks/server_front.py [--clients 8,64] [--stream both] [--step-ms 1.6] [--host-ms 0.8]
         [--switch-interval-ms 0.5]
@@ -151,7 +151,7 @@ def main() -> None:
         for stream in {"true": [True], "false": [False], "both": [True, False]}[args.stream]:
             engine = StandInEngine(args.step_ms / 1e3, tokenizer, args.host_ms / 1e3)
             server, url, thread = serve(engine, args.switch_interval_ms / 1e3)
-            served = run_server(url, body, stream, clients, (1, args.requests), args.client_procs)
+            served = run_server(url, body, stream, clients, (1, args.requests), args.client_procs, None, {"front": os.getpid()})
             engine.closed, server.should_exit = True, True
             thread.join(timeout=10)
             gaps = [b - a for a, b in zip(engine.steps, engine.steps[1:], strict=False) if b - a < 0.1]
@@ -168,6 +168,7 @@ def main() -> None:
                 ttft_ms_p50=served["ttft_ms_p50"],
                 itl_ms_p50=served["itl_ms_p50"],
                 latency_ms_p50=served["latency_ms_p50"],
+                front_cpu_share=served["front_cpu_share"],
                 new_tokens=args.new_tokens,
                 requests=clients * args.requests,
                 date=time.strftime("%F"),
