@@ -151,7 +151,9 @@ def main() -> None:
         for stream in {"true": [True], "false": [False], "both": [True, False]}[args.stream]:
             engine = StandInEngine(args.step_ms / 1e3, tokenizer, args.host_ms / 1e3)
             server, url, thread = serve(engine, args.switch_interval_ms / 1e3)
-            served = run_server(url, body, stream, clients, (1, args.requests), args.client_procs, None, {"front": os.getpid()})
+            served = run_server(
+                url, body, stream, clients, (1, args.requests), args.client_procs, None, {"front": os.getpid()}
+            )
             engine.closed, server.should_exit = True, True
             thread.join(timeout=10)
             gaps = [b - a for a, b in zip(engine.steps, engine.steps[1:], strict=False) if b - a < 0.1]
