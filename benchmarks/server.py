@@ -182,7 +182,8 @@ def run_server(
 
 def _cpu_s(pid: int) -> float:
     """A process's CPU seconds so far, user and system, all its threads (Linux's /proc)."""
-    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

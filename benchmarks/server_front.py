@@ -9,7 +9,8 @@ are the real ones, in one process as `leagues serve` runs them; the clients are 
 
 One row per run to $OUT/server_front.jsonl: `clients`, `stream`, `step_ms` (asked), `engine_step_ms` (achieved,
 mean over busy steps), `engine_busy_ms_per_step` (the stand-in's own work), `target_tokens_per_s` (clients /
-step), `server_tokens_per_s` (what the clients got), `ttft_ms_p50`, `itl_ms_p50`, `front_cpu_share` (this process's CPU seconds a second: the front and the stand-in).
+step), `server_tokens_per_s` (what the clients got), `ttft_ms_p50`, `itl_ms_p50`, `front_cpu_share` (this
+process's CPU seconds a second: the front and the stand-in).
 
     PYTHONPATH=. python benchmarks/server_front.py [--clients 8,64] [--stream both] [--step-ms 1.6] [--host-ms 0.8]
         [--switch-interval-ms 0.5]
