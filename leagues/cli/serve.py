@@ -98,7 +98,7 @@ def run_serve(cfg: ServeConfig) -> int:
         weights_root=cfg.weights_root,
         served_model_name=cfg.served_model_name,
     )
-    _mount_sessions(app, engine)
+    _mount_sessions(app)
     server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
     host, port = sock.getsockname()[:2]
     sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -128,16 +128,22 @@ def _check_exposure(cfg: ServeConfig, api_key: str | None, admin_key: str | None
         print(f"leagues serve: warning: {warning}", file=sys.stderr)
 
 
-def _mount_sessions(app, engine) -> None:
-    """Agent sessions (`/sessions`, `leagues.serve.sessions`) when the model's chat template can be bridged."""
+def _mount_sessions(app) -> None:
+    """Agent sessions (`/sessions`, `leagues.serve.sessions`) when the model's chat template can be bridged: within
+    the server's `limits.max_sessions`, refused while the engine sleeps, their turns in the server's requests in
+    flight."""
     from leagues.agent.ledger import LedgerError
-    from leagues.engine.client import LocalClient
-    from leagues.serve.sessions import SessionStore, session_router
+    from leagues.serve.sessions import ServedClient, SessionStore, session_router
 
+    state = app.state.leagues
+    engine = state.engine
     if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
         return
+    client = ServedClient(engine, state.in_flight)
     try:
-        store = SessionStore(LocalClient(engine), engine.tokenizer)
+        store = SessionStore(
+            client, engine.tokenizer, max_sessions=state.limits.max_sessions, asleep=lambda: engine.asleep
+        )
     except LedgerError as e:  # a template that is not append-only cannot record sessions
         print(f"leagues serve: no agent sessions: {e}", file=sys.stderr)
         return

@@ -142,8 +142,24 @@ class _Tracker:
             self.mailbox.put(self.queue, ("token", self.base + index, token_id, logprob))
 
 
-def _admit(state: ServerState, prompts: list, params: SamplingParams, field: str) -> list[list[int]]:
-    """The prompts as token ids, once the engine is awake and the request is within the server's limits."""
+OFF_LOOP_BYTES = 1 << 16
+"""Requests with bodies larger than this are tokenized (and their chat templates rendered) in a worker thread, so
+the event loop keeps serving every other request's stream meanwhile: a text of megabytes takes seconds to encode,
+and the tokenizer's core runs without holding the interpreter lock. Smaller ones stay on the loop, where the
+thread hop would cost more than their encoding."""
+
+
+async def off_loop_if_large(request: Request, fn, *args):
+    """`fn(*args)`, in a worker thread when the request's body is over `OFF_LOOP_BYTES` (its size as the body-limit
+    middleware read it)."""
+    if request.scope.get("leagues_body_bytes", 0) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def admit(state: ServerState, prompts: list, params: SamplingParams, field: str) -> list[list[int]]:
+    """The prompts as token ids, once the engine is awake and the request is within the server's limits (400 or
+    503 as an `APIError` otherwise). Safe in a worker thread (`off_loop_if_large`)."""
     engine, limits = state.engine, state.limits
     if engine.asleep:  # its memory is released: a request would wait for a wake nobody may send
         raise APIError(503, "the engine is asleep (memory released); retry once it resumes", kind="server_error")
@@ -164,16 +180,22 @@ def _admit(state: ServerState, prompts: list, params: SamplingParams, field: str
 
 
 class Batch:
-    """The engine requests of one HTTP request: one per prompt, each with `params.n` samples.
+    """The engine requests of one HTTP request: one per prompt (token ids `admit` gave), each with `params.n`
+    samples.
 
     Outputs are indexed prompt-major: output `i * n + j` is sample `j` of prompt `i`. `field` names the
     request field that holds the prompts, for errors.
     """
 
     def __init__(
-        self, state: ServerState, prompts: list, params: SamplingParams, rids: list[str], stream: bool, field: str
+        self,
+        state: ServerState,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        rids: list[str],
+        stream: bool,
+        field: str,
     ):
-        prompts = _admit(state, prompts, params, field)
         self.state, self.params, self.rids = state, params, rids
         self.start = time.monotonic()
         mailbox = mailbox_of(state)

@@ -34,7 +34,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from leagues.engine.output import Output
-from leagues.serve.api_common import APIError, Batch, ServerState, error_body, finite, state_of
+from leagues.serve.api_common import (
+    APIError,
+    Batch,
+    ServerState,
+    admit,
+    error_body,
+    finite,
+    off_loop_if_large,
+    state_of,
+)
 from leagues.serve.engine_process import EngineGone
 from leagues.serve.protocol import ChatCompletionRequest, CompletionRequest
 from leagues.serve.reply import Reply, TextStream, call_prefill, opens_thinking, sse
@@ -65,7 +74,8 @@ async def completions(req: CompletionRequest, request: Request):
     params = req.sampling(req.max_tokens, top)
     rid = state.new_id("cmpl")
     rids = [f"{rid}-{i}" for i in range(len(prompts))]
-    batch = Batch(state, prompts, params, rids, stream=req.stream, field="prompt")
+    ids = await off_loop_if_large(request, admit, state, prompts, params, "prompt")
+    batch = Batch(state, ids, params, rids, stream=req.stream, field="prompt")
     shell = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": _model(state, req)}
     if req.stream:
         return StreamingResponse(_stream(state, req, batch, shell, None), media_type="text/event-stream")
@@ -79,7 +89,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = state_of(request)
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
-    prompt = _chat_prompt(state, req)
+    prompt = await off_loop_if_large(request, _chat_prompt, state, req)
     thinking = opens_thinking(prompt)
     choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
     try:
@@ -88,7 +98,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         raise APIError(400, str(err), param="tool_choice") from None
     params = req.sampling(req.max_new_tokens(state.engine.max_model_len), req.top_logprobs or 0)
     rid = state.new_id("chatcmpl")
-    batch = Batch(state, [prompt + prefill], params, [rid], stream=req.stream, field="messages")
+    ids = await off_loop_if_large(request, admit, state, [prompt + prefill], params, "messages")
+    batch = Batch(state, ids, params, [rid], stream=req.stream, field="messages")
     shell = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": _model(state, req)}
     reply = partial(_reply, req, thinking, prefill, rid)
     if req.stream:
@@ -205,23 +216,15 @@ async def _stream(state: ServerState, req, batch: Batch, shell: dict, reply):
     try:
         async for events in batch.events():
             chunks: list[bytes] = []
+            touched: dict[int, tuple[list[int], list[float]]] = {}  # the choices a burst moved, with their tokens
             for event in events:
                 if event[0] == "token":
                     _, index, token_id, logprob = event
-                    if index not in streams:
-                        streams[index] = TextStream(state.engine.tokenizer, batch.params.stop)
-                        if chat:  # OpenAI opens every choice with the role
-                            replies[index] = reply(index % n)
-                            chunks.append(
-                                sse(shell | {"choices": [_delta(index, {"role": "assistant", "content": ""})]})
-                            )
-                    delta = streams[index].add(token_id, logprob)
-                    if chat:
-                        for d in replies[index].deltas(streams[index].text):
-                            chunks.append(sse(shell | {"choices": [_delta(index, d)]}))
-                    elif delta:
-                        chunks.append(sse(shell | {"choices": [_text_piece(index, delta)]}))
+                    ids, logprobs = touched.setdefault(index, ([], []))
+                    ids.append(token_id)
+                    logprobs.append(logprob)
                     continue
+                chunks += _token_pieces(state, batch, shell, reply, streams, replies, touched)
                 for o in event[2]:
                     index = event[1] * n + o.index
                     text = streams.setdefault(index, TextStream(state.engine.tokenizer, [])).finish(o.text)
@@ -232,6 +235,7 @@ async def _stream(state: ServerState, req, batch: Batch, shell: dict, reply):
                     )
                     chunks += [sse(shell | {"choices": [piece]}) for piece in pieces]
                     outputs.append(o)
+            chunks += _token_pieces(state, batch, shell, reply, streams, replies, touched)
             if chunks:
                 yield b"".join(chunks)  # a burst of tokens goes out in one write
     except ValueError as err:
@@ -241,6 +245,25 @@ async def _stream(state: ServerState, req, batch: Batch, shell: dict, reply):
     if req.stream_options is not None and req.stream_options.include_usage and outputs:
         yield sse(shell | {"choices": [], "usage": _usage(outputs, n)})
     yield sse("[DONE]")
+
+
+def _token_pieces(state: ServerState, batch: Batch, shell: dict, reply, streams: dict, replies: dict, touched: dict):
+    """The chunks of the choices a burst of tokens moved (`touched`: index -> its new ids and logprobs, emptied
+    here), each choice's tokens decoded at once; a choice's first chunk opens it."""
+    chunks = []
+    for index, (ids, logprobs) in touched.items():
+        if index not in streams:
+            streams[index] = TextStream(state.engine.tokenizer, batch.params.stop)
+            if reply is not None:  # OpenAI opens every chat choice with the role
+                replies[index] = reply(index % batch.params.n)
+                chunks.append(sse(shell | {"choices": [_delta(index, {"role": "assistant", "content": ""})]}))
+        delta = streams[index].extend(ids, logprobs)
+        if reply is not None:
+            chunks += [sse(shell | {"choices": [_delta(index, d)]}) for d in replies[index].deltas(streams[index].text)]
+        elif delta:
+            chunks.append(sse(shell | {"choices": [_text_piece(index, delta)]}))
+    touched.clear()
+    return chunks
 
 
 def _delta(index: int, delta: dict, **extra) -> dict:

@@ -40,7 +40,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from leagues.engine.output import Output
-from leagues.serve.api_common import APIError, Batch, ServerState, error_body, finite, state_of
+from leagues.serve.api_common import (
+    APIError,
+    Batch,
+    ServerState,
+    admit,
+    error_body,
+    finite,
+    off_loop_if_large,
+    state_of,
+)
 from leagues.serve.engine_process import EngineGone
 from leagues.serve.protocol import GenerateRequest
 from leagues.serve.reply import TextStream, sse
@@ -59,7 +68,8 @@ async def generate(req: GenerateRequest, request: Request):
         return_routed_experts=req.return_routed_experts,
         routed_experts_start=req.routed_experts_start,
     )
-    batch = Batch(state, prompts, params, _rids(state, req.rid, len(prompts), is_batch), stream=req.stream, field=field)
+    ids = await off_loop_if_large(request, admit, state, prompts, params, field)
+    batch = Batch(state, ids, params, _rids(state, req.rid, len(prompts), is_batch), stream=req.stream, field=field)
     if req.stream:
         return StreamingResponse(_stream(state, req, batch), media_type="text/event-stream")
     outputs = await batch.results()
@@ -144,26 +154,23 @@ def response_of(state: ServerState, req: GenerateRequest, o: Output, batch: Batc
 
 
 async def _stream(state: ServerState, req: GenerateRequest, batch: Batch):
-    n, stop = batch.params.n, batch.params.stop
+    n = batch.params.n
     streams: dict[int, TextStream] = {}
     try:
         async for events in batch.events():
-            chunks, touched = [], {}  # the outputs a burst of tokens moved: one chunk each, with all of them
+            chunks, touched = [], {}  # the outputs a burst of tokens moved, with their tokens: one chunk each
             for event in events:
                 if event[0] == "token":
                     _, index, token_id, logprob = event
-                    text = streams.get(index)
-                    if text is None:
-                        text = streams[index] = TextStream(state.engine.tokenizer, stop)
-                    text.add(token_id, logprob)
-                    touched[index] = text
+                    ids, logprobs = touched.setdefault(index, ([], []))
+                    ids.append(token_id)
+                    logprobs.append(logprob)
                     continue
-                chunks += [_partial(req, batch, i, text) for i, text in touched.items()]
-                touched.clear()
+                chunks += _partials(state, req, batch, streams, touched)
                 for o in event[2]:
                     body = response_of(state, req, o, batch)
                     chunks.append(sse(body | {"index": event[1] * n + o.index}))
-            chunks += [_partial(req, batch, i, text) for i, text in touched.items()]
+            chunks += _partials(state, req, batch, streams, touched)
             if chunks:
                 yield b"".join(chunks)
     except ValueError as err:
@@ -171,6 +178,19 @@ async def _stream(state: ServerState, req: GenerateRequest, batch: Batch):
     except EngineGone as err:  # the stream ends with the reason, not a cut connection
         yield sse(error_body(str(err), "server_error", None, 503))
     yield sse("[DONE]")
+
+
+def _partials(state: ServerState, req: GenerateRequest, batch: Batch, streams: dict, touched: dict) -> list[bytes]:
+    """One chunk for each output that got tokens (`touched`: index -> its new ids and logprobs, emptied here)."""
+    chunks = []
+    for index, (ids, logprobs) in touched.items():
+        text = streams.get(index)
+        if text is None:
+            text = streams[index] = TextStream(state.engine.tokenizer, batch.params.stop)
+        text.extend(ids, logprobs)
+        chunks.append(_partial(req, batch, index, text))
+    touched.clear()
+    return chunks
 
 
 def _partial(req: GenerateRequest, batch: Batch, index: int, text: TextStream) -> bytes:

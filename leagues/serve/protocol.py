@@ -37,6 +37,8 @@ class ServerLimits:
     max_request_tokens: int = 2**22
     """Tokens one request may ask the engine to hold: per sequence its prompt plus its max new tokens (at most
     the context length), summed over prompts x n; more is 400."""
+    max_sessions: int = 1024
+    """Agent sessions (`/sessions`) open at once; creating one more is 429 until some close."""
     health_generate_timeout: float = 20.0
     """Seconds `/health_generate` waits for its one token before answering 503."""
     weight_group_timeout: float = 300.0
@@ -44,7 +46,7 @@ class ServerLimits:
     take; past it the join (or the update) fails."""
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_request_sequences", "max_request_tokens"):
+        for name in ("max_request_bytes", "max_request_sequences", "max_request_tokens", "max_sessions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"limits.{name}: must be positive, got {getattr(self, name)}")
         for name in ("health_generate_timeout", "weight_group_timeout"):

@@ -174,7 +174,8 @@ class TextStream:
 
     The engine cuts the final text before a matched stop string, so the last `max(len(stop))` characters are
     held back until the end; `finish` then sends what remains of the final text. Decoding is incremental and
-    costs the same for every token, whatever the output's length: each new token is decoded in a window that
+    costs the same for every burst of tokens, whatever the output's length (a stream that falls behind the engine
+    takes its tokens in bursts and so decodes less a token): new tokens are decoded in a window that
     starts a few tokens back (so merges across token boundaries and leading spaces come out as in a whole
     decode), and text is taken only once the window no longer ends inside a UTF-8 character (U+FFFD).
     """
@@ -204,21 +205,36 @@ class TextStream:
 
     def add(self, token_id: int, logprob: float) -> str:
         """Append a token; returns the new text that is safe to show (maybe empty)."""
-        self.ids.append(token_id)
-        self.logprobs.append(logprob)
+        return self.extend([token_id], [logprob])
+
+    def extend(self, token_ids: list[int], logprobs: list[float]) -> str:
+        """Append tokens (a burst that came at once: one window decode for all of them, unless the burst ends inside
+        a character, when they are taken one by one as `add` would); returns the new text that is safe to show
+        (maybe empty)."""
+        first = len(self.ids)
+        self.ids += token_ids
+        self.logprobs += logprobs
         if self.tokenizer is None:
             return ""
-        window = self.decode(self.ids[self.prefix : self.read])
-        grown = self.decode(self.ids[self.prefix :])
-        if len(grown) > len(window) and not grown.endswith("\ufffd"):
-            self.decoded += grown[len(window) :]
-            self.prefix, self.read = self.read, len(self.ids)
+        if not self._take(len(self.ids)):
+            for upto in range(first + 1, len(self.ids)):
+                self._take(upto)
         end = len(self.decoded) - self.holdback
         if end <= len(self.text):
             return ""
         delta = self.decoded[len(self.text) : end]
         self.text += delta
         return delta
+
+    def _take(self, upto: int) -> bool:
+        """Decode the window up to token `upto`; take its new text unless it ends inside a character."""
+        window = self.decode(self.ids[self.prefix : self.read])
+        grown = self.decode(self.ids[self.prefix : upto])
+        if len(grown) > len(window) and not grown.endswith("\ufffd"):
+            self.decoded += grown[len(window) :]
+            self.prefix, self.read = self.read, upto
+            return True
+        return False
 
     def finish(self, final_text: str) -> str:
         delta = final_text[len(self.text) :] if final_text.startswith(self.text) else ""

@@ -13,6 +13,7 @@ Decisions:
   router without one), since they choose where users' prompts go. Keys are compared in constant time.
 - A URL added over HTTP gets neither the engines' key nor, unless it is one the router was started with,
   any secret (the fleet's trust rule).
+- Bodies are read only past the key check, and at most `max_request_bytes` of them (413 beyond).
 - The router's own errors take the engine server's shape, `{"error": {"message", "type", "param", "code"}}`.
 - Health checks run while the app is up (its lifespan starts and closes the fleet).
 """
@@ -43,11 +44,18 @@ class RouterConfig:
     admin_key: str = ""
     """Key `/add_engine` and `/remove_engine` need (403 for any other key; without one they are refused); it
     also opens every other route (`leagues router` reads $LEAGUES_ROUTER_ADMIN_KEY when it is empty)."""
+    max_request_bytes: int = 32 * 2**20
+    """Largest request body the router reads (larger ones get 413, counted as they arrive), as an engine server's
+    `limits.max_request_bytes`."""
     insecure: bool = False
     """Allow `leagues router` to bind beyond loopback without both client keys (a network where every peer
     is trusted)."""
     fleet: FleetConfig = field(default_factory=FleetConfig)
     """Balancing, affinity, health checks, retries, and the engines' key (`--fleet.api_key`)."""
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes: must be positive, got {self.max_request_bytes}")
 
 
 FLEET_PATHS = frozenset({"/add_engine", "/remove_engine"})
@@ -103,8 +111,14 @@ def build_app(fleet: Fleet, cfg: RouterConfig):
     app.add_middleware(_ClientAuth, client_key=cfg.client_api_key, admin_key=cfg.admin_key)
 
     async def body_of(request: Request) -> dict[str, Any] | JSONResponse:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > cfg.max_request_bytes:
+                message = f"request body is larger than {cfg.max_request_bytes} bytes"
+                return JSONResponse(error_body(413, message, "invalid_request"), status_code=413)
         try:
-            payload = await request.json()
+            payload = json.loads(body)
         except ValueError:
             return JSONResponse(error_body(400, "the request body is not JSON", "invalid_request"), status_code=400)
         if not isinstance(payload, dict):

@@ -26,8 +26,10 @@ Decisions:
   `weights_root` confines `/update_weights_from_disk`. Nothing received is unpickled or executed:
   weights come from safetensors files or (elsewhere) NCCL.
 - Limits (`protocol.ServerLimits`): bodies are capped at `max_request_bytes` (413), counted as they
-  arrive, whatever Content-Length says; one request starts at most `max_request_sequences` sequences
-  (prompts x n) and asks for at most `max_request_tokens` tokens (400 beyond).
+  arrive, whatever Content-Length says, and read only once the caller's key is checked; one request starts
+  at most `max_request_sequences` sequences (prompts x n) and asks for at most `max_request_tokens` tokens
+  (400 beyond). Bodies over `api_common.OFF_LOOP_BYTES` are tokenized in a worker thread, so a long text
+  does not stall the other clients' streams.
 - No client can stop the engine's loop thread: futures a caller gave up on are settled quietly, a
   stream listener that raises is dropped, and a message that fails fails only its sender.
 - A request whose client goes away is aborted in the engine, streaming or not: `BodyLimitMiddleware`
@@ -141,6 +143,7 @@ class BodyLimitMiddleware:
             if size > self.max_bytes:
                 limit = f"request body is larger than {self.max_bytes} bytes"
                 return await _send_error(send, 413, limit, "invalid_request_error")
+        scope["leagues_body_bytes"] = size  # the routes tokenize large bodies off the event loop
         await _run_watched(self.app, scope, b"".join(chunks), receive, send)
 
 
@@ -264,8 +267,10 @@ def create_app(
     app.add_exception_handler(ValueError, _on_value_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
-    app.add_middleware(AuthMiddleware, api_key=api_key, admin_key=admin_key)
+    # The last added runs first: metrics, then the key check, then the body is read (none is buffered for a
+    # caller without a key).
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_bytes)
+    app.add_middleware(AuthMiddleware, api_key=api_key, admin_key=admin_key)
     paths = {route.path for router in routers for route in router.routes}
     app.add_middleware(MetricsMiddleware, metrics=metrics, paths=paths)
     return app

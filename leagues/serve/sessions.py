@@ -34,6 +34,11 @@ Decisions:
   is. One turn at a time: a request while a turn samples is refused.
 - A turn that stops on its token limit ends the session's sampling (a later request is refused, 400);
   `close` gives the trajectory as a `Sample` with its termination.
+- On `leagues serve` the store is bounded like the server's other routes: at most `limits.max_sessions` sessions
+  open (429 beyond; closing a session frees its place, also before its first turn, which gives no sample), new
+  sessions and turns answer 503 while the engine sleeps (checked before the ledger grows, so the same request
+  can be sent again), and a sampling turn is one of the server's requests in flight (`ServedClient`), which
+  `/abort_request {"abort_all": true}` aborts.
 - The routes here parse plain JSON (not the server's pydantic models, which are the OpenAI routes' own);
   unknown fields are ignored.
 - An agent run's session server (`LoopbackSessions`) is a uvicorn server on 127.0.0.1 and a free port, run as
@@ -45,7 +50,7 @@ import asyncio
 import json
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -53,7 +58,7 @@ from leagues.agent.env import call_id
 from leagues.agent.ledger import Ledger, Termination
 from leagues.agent.multi_turn import turn_seed
 from leagues.agent.render import ChatRender
-from leagues.engine.client import EngineClient
+from leagues.engine.client import EngineClient, LocalClient
 from leagues.engine.output import Output
 from leagues.serve.reply import Reply, TextStream, call_prefill, opens_thinking, sse
 from leagues.types import FinishReason, Sample, SamplingParams
@@ -61,6 +66,15 @@ from leagues.types import FinishReason, Sample, SamplingParams
 
 class SessionError(ValueError):
     """A request the session cannot take (the HTTP routes answer 400 with its message)."""
+
+
+class Unavailable(Exception):
+    """A request the store cannot take now, whatever it asks: `status` 503 (the engine is asleep) or 429 (as many
+    sessions are open as the store allows)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(slots=True)
@@ -142,9 +156,20 @@ class SessionStore:
     """The sessions of one engine client and tokenizer."""
 
     def __init__(
-        self, client: EngineClient, tokenizer, params: SamplingParams | None = None, client_sampling: bool = True
+        self,
+        client: EngineClient,
+        tokenizer,
+        params: SamplingParams | None = None,
+        client_sampling: bool = True,
+        max_sessions: int | None = None,
+        asleep: Callable[[], bool] | None = None,
     ) -> None:
         self.client, self.render, self.parser = client, ChatRender(tokenizer), "hermes"
+        self.max_sessions = max_sessions
+        """Sessions open at once (None: no limit); `create` beyond it is `Unavailable` (429) until some close."""
+        self.asleep = asleep
+        """Whether the engine is asleep (its memory released): new sessions and turns are then `Unavailable`
+        (503) rather than queued for a wake that may not come; None: never asks."""
         self.params = params or SamplingParams()
         """Sampling defaults (temperature, top-p, max tokens)."""
         self.client_sampling = client_sampling
@@ -155,10 +180,17 @@ class SessionStore:
         """Aborts of turns whose client left, in flight (held so they are not collected)."""
 
     def create(self, seed: int | None = None, params: SamplingParams | None = None) -> Session:
+        self._check_available()
+        if self.max_sessions is not None and len(self.sessions) >= self.max_sessions:
+            raise Unavailable(429, f"{len(self.sessions)} sessions are open, the server's limit; close some first")
         seed = secrets.randbelow(2**31) if seed is None else seed
         session = Session(id="s-" + secrets.token_hex(8), seed=seed, params=params)
         self.sessions[session.id] = session
         return session
+
+    def _check_available(self) -> None:
+        if self.asleep is not None and self.asleep():
+            raise Unavailable(503, "the engine is asleep (memory released); retry once it resumes")
 
     def get(self, session_id: str) -> Session:
         if session_id not in self.sessions:
@@ -209,6 +241,7 @@ class SessionStore:
         """Check a chat request, append what it adds to the session's ledger (the new messages, and a forced
         call's opening) and start sampling the turn; `stream`: queue its tokens as they come (`stream`)."""
         session = self.get(session_id)
+        self._check_available()  # before the ledger grows: the agent can send the same request again
         if session.termination is not None:
             raise SessionError(f"session {session_id}: sampling ended ({session.termination}); close it")
         if session.busy:
@@ -302,7 +335,8 @@ class SessionStore:
         """The session's trajectory as one `Sample` (reward in `metadata["env_reward"]`); the session ends."""
         session = self.get(session_id)
         if session.ledger is None:
-            raise SessionError(f"session {session_id}: closed before any chat completion")
+            del self.sessions[session_id]  # gone all the same: an agent that gave up frees its place
+            raise SessionError(f"session {session_id}: closed before any chat completion (no sample)")
         if session.busy:
             raise SessionError(f"session {session_id}: a turn is sampling; close it once the turn is recorded")
         del self.sessions[session_id]
@@ -312,6 +346,23 @@ class SessionStore:
         sample.metadata |= {"messages": session.messages, "response_text": final.get("content", ""),
                             "env_reward": reward, "turn_rewards": [], "env_info": {}}  # fmt: skip
         return sample
+
+
+class ServedClient(LocalClient):
+    """The sessions' client on `leagues serve`: each turn is one of the server's requests in flight while it
+    samples, so `/abort_request {"abort_all": true}` reaches it as it reaches the other routes' requests."""
+
+    def __init__(self, engine, in_flight: set[str]) -> None:
+        super().__init__(engine)
+        self.in_flight = in_flight
+
+    async def generate(self, prompt_ids, params, request_id=None, on_token=None) -> list[Output]:
+        if request_id is not None:
+            self.in_flight.add(request_id)
+        try:
+            return await super().generate(prompt_ids, params, request_id, on_token)
+        finally:
+            self.in_flight.discard(request_id)
 
 
 def _usage(out: Output) -> dict:
@@ -361,6 +412,8 @@ def session_router(store: SessionStore):
             return error(404, str(e.args[0]))
         except ValueError as e:  # SessionError, LedgerError: the request's fault
             return error(400, str(e))
+        except Unavailable as e:
+            return error(e.status, str(e))
 
     @router.post("/sessions")
     async def create(request: Request):

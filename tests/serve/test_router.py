@@ -75,6 +75,7 @@ def test_router_server_process(replicas, checkpoints, rogue):
     log = checkpoints[2] / "router.log"
     with open(log, "wb") as out:
         options = ["--fleet.health-interval", str(HEALTH_INTERVAL), "--fleet.api-key", API_KEY]
+        options += ["--max-request-bytes", "100000"]
         env = {**os.environ, "LEAGUES_ROUTER_API_KEY": CLIENT_KEY, "LEAGUES_ROUTER_ADMIN_KEY": ROUTER_ADMIN_KEY}
         proc = subprocess.Popen([*cmd, *options], stdout=out, stderr=out, env=env)
     try:
@@ -100,6 +101,8 @@ def _check_router_auth(url: str, rogue: str) -> None:
         r = httpx.post(url + path, json={"url": rogue}, headers=client)
         assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error", r.text
     assert not Recorder.seen  # refused before the router ever looked at the URL
+    big = httpx.post(url + "/generate", json={"text": "a" * 200_000}, headers=client)
+    assert big.status_code == 413 and "larger than 100000 bytes" in big.text, big.text
     r = httpx.post(url + "/add_engine", json={"url": rogue}, headers=admin, timeout=30)
     assert r.status_code == 200 and r.json()["num_healthy"] == 3, r.text
     for i in range(6):  # least outstanding spreads them: the added engine gets some

@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -19,6 +21,8 @@ import pytest
 
 from leagues.engine import Engine, SamplingParams
 from leagues.model import write_tiny_moe
+from leagues.serve.api_common import OFF_LOOP_BYTES
+from leagues.serve.server import create_app
 from tests.serve.test_server import serving
 
 API_KEY, ADMIN_KEY = "user-key", "admin-key"
@@ -35,7 +39,14 @@ def roots(tmp_path_factory):
 @pytest.fixture(scope="module")
 def servers(roots):
     busy = ["--engine.max_num_seqs", "2", "--engine.max_model_len", "2048", "--limits.health_generate_timeout", "0.5"]
-    busy += ["--limits.max_request_tokens", "20000", "--limits.max_request_bytes", "100000"]
+    busy += [
+        "--limits.max_request_tokens",
+        "20000",
+        "--limits.max_request_bytes",
+        "100000",
+        "--limits.max_sessions",
+        "3",
+    ]
     keyed = ["--host", "0.0.0.0", "--api_key", API_KEY, "--admin_key", ADMIN_KEY, "--weights_root", str(roots[0])]
     keyed += ["--engine.max_model_len", "256", "--limits.weight_group_timeout", "2"]
     with serving(busy, keyed, engine_args=["--engine.num_blocks", "1024"], timeout=90) as urls:
@@ -244,6 +255,90 @@ def test_a_sleeping_engine_is_not_ready_and_refuses_work(busy):
     assert all("asleep" in a.text for a in answers) and time.monotonic() - started < 20
     assert running.status_code == 200 and running.json()["meta_info"]["completion_tokens"] == 200  # paused, resumed
     _serves(busy)
+
+
+def test_large_bodies_are_tokenized_off_the_event_loop(tiny_path):
+    """A long text is encoded in a worker thread (the event loop serves the other clients meanwhile), a short one
+    on the loop; either way a prompt over the context is a 400 naming the field."""
+    engine = Engine(tiny_path, num_blocks=256, max_model_len=512)
+    app = create_app(engine)
+    tokenizer = app.state.leagues.engine.tokenizer
+    threads, encode = [], tokenizer.encode
+
+    def recording(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return encode(*args, **kwargs)
+
+    tokenizer.encode = recording
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            short = await c.post("/generate", json={"text": "ab", "sampling_params": {"max_new_tokens": 2}})
+            long = await c.post("/generate", json={"text": "ab" * (OFF_LOOP_BYTES // 2), "sampling_params": {}})
+            chat = {"messages": [{"role": "user", "content": "ab" * (OFF_LOOP_BYTES // 2)}], "max_tokens": 1}
+            return threading.get_ident(), short, long, await c.post("/v1/chat/completions", json=chat)
+
+    try:
+        loop_thread, short, long, chat = asyncio.run(run())
+    finally:
+        engine.close()
+    assert short.status_code == 200, short.text
+    for r, field in ((long, "text"), (chat, "messages")):
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        assert "the limit is 511" in r.json()["error"]["message"], r.text
+    assert len(threads) == 3 and threads[0] == loop_thread and loop_thread not in threads[1:], threads
+
+
+def test_a_caller_without_the_key_is_refused_before_its_body_is_read(keyed):
+    """A body that never ends (Content-Length says a megabyte, 10 bytes come) gets its 401 at once."""
+    host, port = keyed.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        head = f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        sock.sendall((head + "Content-Length: 1000000\r\n\r\n" + '{"text": "').encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 401 ")
+
+
+def _session_turn(url: str, sid: str, max_tokens: int = 2):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "temperature": 0}
+    return httpx.post(f"{url}/sessions/{sid}/v1/chat/completions", json=body, timeout=60)
+
+
+def test_sessions_are_bounded_refused_asleep_and_aborted_with_the_rest(busy):
+    """Agent sessions on `leagues serve`: at most `limits.max_sessions` open (3 here); none made and no turn taken
+    while the engine sleeps (the turn then runs unchanged once it wakes); `abort_all` stops a sampling turn."""
+    sessions = [httpx.post(busy + "/sessions", json={}, timeout=10) for _ in range(4)]
+    assert [r.status_code for r in sessions] == [200, 200, 200, 429], [r.text for r in sessions]
+    assert "sessions are open" in sessions[3].json()["error"]["message"]
+    idle, sid, third = (r.json()["id"] for r in sessions[:3])
+    closed = httpx.post(f"{busy}/sessions/{idle}/close", json={}, timeout=10)
+    assert closed.status_code == 400 and "no sample" in closed.text  # but its place is free again
+    assert httpx.post(f"{busy}/sessions/{third}/close", timeout=10).status_code == 400
+    assert httpx.post(busy + "/release_memory_occupation", timeout=30).status_code == 200
+    try:
+        asleep = [httpx.post(busy + "/sessions", json={}, timeout=10), _session_turn(busy, sid)]
+    finally:
+        assert httpx.post(busy + "/resume_memory_occupation", timeout=30).status_code == 200
+    assert [r.status_code for r in asleep] == [503, 503] and all("asleep" in r.text for r in asleep)
+    turn = _session_turn(busy, sid)  # the same first request: the refused one left no trace in the session
+    assert turn.status_code == 200 and turn.json()["usage"]["completion_tokens"] == 2, turn.text
+
+    long = httpx.post(busy + "/sessions", json={}, timeout=10).json()["id"]
+
+    async def abort_all():
+        async with httpx.AsyncClient(base_url=busy, timeout=60) as c:
+            sampling = asyncio.create_task(asyncio.to_thread(_session_turn, busy, long, 1500))
+            await _running(c, 1)
+            aborted = await c.post("/abort_request", json={"abort_all": True})
+            return aborted, await sampling
+
+    aborted, answer = asyncio.run(abort_all())
+    assert aborted.status_code == 200 and "aborted 1 request" in aborted.text, aborted.text
+    assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] == "abort", answer.text
+    assert answer.json()["usage"]["completion_tokens"] < 1500
+    for s in (sid, long):
+        assert httpx.post(f"{busy}/sessions/{s}/close", json={}, timeout=10).status_code == 200
+    _settles(busy)
 
 
 # --- admin --------------------------------------------------------------------------------------------

@@ -49,6 +49,24 @@ def test_the_deltas_concatenate_to_the_whole_decode(tokenizer):
     assert checked > 50
 
 
+def test_bursts_of_tokens_stream_what_token_by_token_streams(tokenizer):
+    """A stream that falls behind takes its tokens in bursts, decoded at once: its text is the token-by-token
+    stream's at every burst's end."""
+    rng = random.Random(1)
+    vocab = len(tokenizer)
+    for _ in range(100):
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        one, _ = stream(tokenizer, [], [])
+        bursts, deltas, end = TextStream(tokenizer, []), [], 0
+        while end < len(ids):
+            start, end = end, min(len(ids), end + rng.randrange(1, 6))
+            deltas.append(bursts.extend(ids[start:end], [-0.5] * (end - start)))
+            for t in ids[start:end]:
+                one.add(t, -0.5)
+            assert bursts.text == one.text
+        assert "".join(deltas) == bursts.text and bursts.ids == ids and bursts.logprobs == [-0.5] * len(ids)
+
+
 def test_text_of_real_words_streams_whole_and_multibyte_characters_wait_for_their_last_byte(tokenizer):
     sentence = "ça va? 中文字符 🙂🚀 déjà"
     ids = tokenizer.encode(sentence)
