@@ -174,7 +174,7 @@ def run_server(
     before, cpu_before, start = _metrics(url), {k: _cpu_s(p) for k, p in (cpu_of or {}).items()}, time.monotonic()
     results = [r for _ in workers for r in out.get()]
     wall = time.monotonic() - start
-    shares = {f"{k}_cpu_share": round((_cpu_s(p) - cpu_before[k]) / wall, 2) for k, p in (cpu_of or {}).items()}
+    shares = {f"{k}_cpu_share": round((_cpu_s(p) - cpu_before[k]) / wall, 3) for k, p in (cpu_of or {}).items()}
     for w in workers:
         w.join()
     return _summary(results) | _server_side(before, _metrics(url)) | shares

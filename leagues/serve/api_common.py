@@ -96,19 +96,38 @@ def state_of(request: Request) -> ServerState:
 # --- one HTTP request's engine requests -------------------------------------------------------------
 
 
+class _Inbox:
+    """One streaming request's events on the event loop: added one by one, taken all at once."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple] = []
+        self.ready = asyncio.Event()
+
+    def add(self, event: tuple) -> None:  # on the event loop
+        self.items.append(event)
+        self.ready.set()
+
+    async def take(self) -> list[tuple]:
+        """Every event added since the last take (waits for one)."""
+        await self.ready.wait()
+        self.ready.clear()
+        items, self.items = self.items, []
+        return items
+
+
 class _Mailbox:
     """Tokens from the thread that delivers them (the engine's loop thread, or the one receiving from the engine's
     process) to one event loop, handed over in bursts: the first token after a hand-over
     schedules one wake-up of the loop, and every token that comes before it runs rides along. So a decode step of
     256 streaming rows wakes the loop once, not 256 times, and the loop never falls behind the engine by a backlog
-    of wake-ups."""
+    of wake-ups; each request's stream then takes its burst at once from its `_Inbox`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self.lock, self.items = loop, threading.Lock(), []
 
-    def put(self, queue: asyncio.Queue, event: tuple) -> None:  # on the delivering thread
+    def put(self, inbox: _Inbox, event: tuple) -> None:  # on the delivering thread
         with self.lock:
-            self.items.append((queue, event))
+            self.items.append((inbox, event))
             if len(self.items) > 1:
                 return  # a hand-over is already scheduled and will take this one too
         with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
@@ -117,8 +136,8 @@ class _Mailbox:
     def _hand_over(self) -> None:
         with self.lock:
             items, self.items = self.items, []
-        for queue, event in items:
-            queue.put_nowait(event)
+        for inbox, event in items:
+            inbox.add(event)
 
 
 def mailbox_of(state: "ServerState") -> _Mailbox:
@@ -132,14 +151,14 @@ def mailbox_of(state: "ServerState") -> _Mailbox:
 class _Tracker:
     """The engine's `on_token` for one prompt: timestamps every token and, when streaming, queues it."""
 
-    def __init__(self, mailbox: _Mailbox, queue: asyncio.Queue | None, base: int, n: int):
-        self.mailbox, self.queue, self.base = mailbox, queue, base
+    def __init__(self, mailbox: _Mailbox, inbox: _Inbox | None, base: int, n: int):
+        self.mailbox, self.inbox, self.base = mailbox, inbox, base
         self.times: list[list[float]] = [[] for _ in range(n)]
 
     def __call__(self, index: int, token_id: int, logprob: float) -> None:  # on the delivering thread
         self.times[index].append(time.monotonic())
-        if self.queue is not None:
-            self.mailbox.put(self.queue, ("token", self.base + index, token_id, logprob))
+        if self.inbox is not None:
+            self.mailbox.put(self.inbox, ("token", self.base + index, token_id, logprob))
 
 
 OFF_LOOP_BYTES = 1 << 16
@@ -199,8 +218,8 @@ class Batch:
         self.state, self.params, self.rids = state, params, rids
         self.start = time.monotonic()
         mailbox = mailbox_of(state)
-        self.queue: asyncio.Queue | None = asyncio.Queue() if stream else None
-        self.trackers = [_Tracker(mailbox, self.queue, i * params.n, params.n) for i in range(len(prompts))]
+        self.inbox = _Inbox() if stream else None
+        self.trackers = [_Tracker(mailbox, self.inbox, i * params.n, params.n) for i in range(len(prompts))]
         self.futures: list[Future] = []
         try:
             for prompt, rid, tracker in zip(prompts, rids, self.trackers, strict=True):
@@ -216,9 +235,9 @@ class Batch:
             self.abort()
             raise
         self.waiters = [asyncio.wrap_future(f) for f in self.futures]
-        if self.queue is not None:
+        if self.inbox is not None:
             for i, waiter in enumerate(self.waiters):
-                waiter.add_done_callback(lambda w, i=i: self.queue.put_nowait(("done", i, w)))
+                waiter.add_done_callback(lambda w, i=i: self.inbox.add(("done", i, w)))
 
     def abort(self) -> None:
         for rid, future in zip(self.rids, self.futures, strict=False):
@@ -265,13 +284,11 @@ class Batch:
         """Lists of the events that have come since the last one was taken, in order: `("token", index, token_id,
         logprob)` as tokens come, `("done", prompt_index, outputs)` per prompt. A stream that falls behind the
         engine so gets several tokens at once and answers them in one write."""
-        assert self.queue is not None, "events() needs stream=True"
+        assert self.inbox is not None, "events() needs stream=True"
         done: dict[int, list[Output]] = {}
         try:
             while len(done) < len(self.waiters):
-                events = [await self.queue.get()]
-                while not self.queue.empty():
-                    events.append(self.queue.get_nowait())
+                events = await self.inbox.take()
                 for k, event in enumerate(events):
                     if event[0] == "done":
                         done[event[1]] = event[2].result()  # raises the engine's error, if any

@@ -195,14 +195,13 @@ def _partials(state: ServerState, req: GenerateRequest, batch: Batch, streams: d
 
 def _partial(req: GenerateRequest, batch: Batch, index: int, text: TextStream) -> bytes:
     """The chunk of a sample still running: its text and ids so far (SGLang repeats them every chunk)."""
-    meta = {
-        "id": batch.rids[index // batch.params.n],
-        "finish_reason": None,
-        "completion_tokens": len(text.ids),
-    }
+    rid = batch.rids[index // batch.params.n]
     if req.return_logprob:
+        meta = {"id": rid, "finish_reason": None, "completion_tokens": len(text.ids)}
         meta["output_token_logprobs"] = [[finite(lp), t, None] for lp, t in zip(text.logprobs, text.ids, strict=True)]
         return sse({"text": text.text, "output_ids": list(text.ids), "meta_info": meta, "index": index})
-    # json.dumps of the same dict, with the ids' JSON grown token by token instead of encoded whole every chunk
-    body = f'{{"text": {json.dumps(text.text)}, "output_ids": {text.ids_json()}, "meta_info": {json.dumps(meta)}'
+    # json.dumps of the same dict, written out: the ids' JSON grown token by token instead of encoded whole every
+    # chunk, and no meta dict to build and walk
+    meta = f'{{"id": {json.dumps(rid)}, "finish_reason": null, "completion_tokens": {len(text.ids)}}}'
+    body = f'{{"text": {json.dumps(text.text)}, "output_ids": {text.ids_json()}, "meta_info": {meta}'
     return f'data: {body}, "index": {index}}}\n\n'.encode()
