@@ -152,6 +152,17 @@ def _template_input(message: dict) -> dict:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A chat request rendered against its session as it was (`SessionStore.render`): applied only if the session
+    still has `known` messages and (`first`) no ledger yet, else rendered again."""
+
+    known: int
+    first: bool
+    ids: list[int]
+    messages: list[dict]
+
+
 class SessionStore:
     """The sessions of one engine client and tokenizer."""
 
@@ -164,7 +175,7 @@ class SessionStore:
         max_sessions: int | None = None,
         asleep: Callable[[], bool] | None = None,
     ) -> None:
-        self.client, self.render, self.parser = client, ChatRender(tokenizer), "hermes"
+        self.client, self.render_chat, self.parser = client, ChatRender(tokenizer), "hermes"
         self.max_sessions = max_sessions
         """Sessions open at once (None: no limit); `create` beyond it is `Unavailable` (429) until some close."""
         self.asleep = asleep
@@ -197,9 +208,9 @@ class SessionStore:
             raise KeyError(f"no session {session_id!r}")
         return self.sessions[session_id]
 
-    async def chat(self, session_id: str, body: dict) -> dict:
-        """One chat completion in the session; the answer in OpenAI's shape."""
-        turn = self.begin(session_id, body)
+    async def chat(self, session_id: str, body: dict, rendered: "Rendered | None" = None) -> dict:
+        """One chat completion in the session; the answer in OpenAI's shape (`rendered`: as `begin`'s)."""
+        turn = self.begin(session_id, body, rendered=rendered)
         try:
             out = await asyncio.shield(turn.task)
         except asyncio.CancelledError:  # the client left: the turn ends as an abort and is recorded so
@@ -210,7 +221,7 @@ class SessionStore:
 
     async def stream(self, turn: Turn, usage: bool = False) -> AsyncIterator[dict]:
         """The answer of a turn begun with `stream=True`, as OpenAI chat chunks while it samples."""
-        text = TextStream(self.render.tokenizer, turn.params.stop)
+        text = TextStream(self.render_chat.tokenizer, turn.params.stop)
         try:
             yield _chunk(turn, {"role": "assistant", "content": ""})
             while (token := await turn.tokens.get()) is not None:
@@ -237,9 +248,10 @@ class SessionStore:
             self._aborts.add(abort := asyncio.ensure_future(self.client.abort(turn.request_id)))
             abort.add_done_callback(self._aborts.discard)
 
-    def begin(self, session_id: str, body: dict, stream: bool = False) -> Turn:
+    def begin(self, session_id: str, body: dict, stream: bool = False, rendered: "Rendered | None" = None) -> Turn:
         """Check a chat request, append what it adds to the session's ledger (the new messages, and a forced
-        call's opening) and start sampling the turn; `stream`: queue its tokens as they come (`stream`)."""
+        call's opening) and start sampling the turn; `stream`: queue its tokens as they come (`stream`);
+        `rendered`: what `render` made of the request (else it is rendered here)."""
         session = self.get(session_id)
         self._check_available()  # before the ledger grows: the agent can send the same request again
         if session.termination is not None:
@@ -253,12 +265,12 @@ class SessionStore:
         choice = body.get("tool_choice")
         call_prefill(choice, names, False)  # refuse a bad tool_choice before the ledger grows
         params = self._params(session, body)
-        self._extend(session, messages, tools)
+        self._extend(session, messages, tools, rendered)
         ledger = session.ledger
-        thinking = opens_thinking(self.render.tokenizer.decode(ledger.token_ids[-16:]))
+        thinking = opens_thinking(self.render_chat.tokenizer.decode(ledger.token_ids[-16:]))
         prefill = call_prefill(choice, names, thinking)
         if prefill:
-            ledger.append_context(self.render.tokenizer.encode(prefill, add_special_tokens=False))
+            ledger.append_context(self.render_chat.tokenizer.encode(prefill, add_special_tokens=False))
         parses = bool(tools) and choice != "none"
         reply = Reply(tools=parses, thinking=thinking, prefill=prefill, call_id=partial(call_id, session.turn))
         turn = Turn(session, params, reply, request_id=f"{session.id}-{session.turn}")
@@ -272,12 +284,26 @@ class SessionStore:
             turn.task.add_done_callback(lambda _: turn.tokens.put_nowait(None))
         return turn
 
-    def _extend(self, session: Session, messages: list[dict], tools) -> None:
-        """Match the request's history against the session and append what is new to the ledger."""
+    def render(self, session_id: str, body: dict) -> "Rendered | None":
+        """What a chat request adds to its session, rendered for `begin` to apply (the chat template and the
+        tokenizer, which take seconds for a long conversation); safe in a worker thread. None for a request `begin`
+        will refuse anyway, or one whose history does not match (`begin` says why)."""
+        session = self.sessions.get(session_id)
+        messages, tools = body.get("messages"), body.get("tools") or None
+        if session is None or not isinstance(messages, list) or not messages:
+            return None
+        known, first = len(session.messages), session.ledger is None
+        try:
+            return Rendered(known, first, *self._render(session, messages, tools))
+        except Exception:  # noqa: BLE001 (`begin` renders it again on the loop and answers its error)
+            return None
+
+    def _render(self, session: Session, messages: list[dict], tools) -> tuple[list[int], list[dict]]:
+        """The ids the request adds to the ledger (the whole prompt for a session's first request, else the bridge to
+        its new messages) and those messages as the template reads them; the history must match the session's."""
         if session.ledger is None:
-            session.ledger = Ledger(self.render.prompt([_template_input(m) for m in messages], tools))
-            session.messages = [_template_input(m) for m in messages]
-            return
+            new = [_template_input(m) for m in messages]
+            return self.render_chat.prompt(new, tools), new
         known = session.messages
         for i, (have, sent) in enumerate(zip(known, messages, strict=False)):
             if _comparable(have) != _comparable(sent):
@@ -290,7 +316,20 @@ class SessionStore:
                 "turns; no assistant message the session did not answer)"
             )
         new = [_template_input(m) for m in new]
-        session.ledger.append_context((self.render.stop_ids if session.unclosed else []) + self.render.bridge(new))
+        return self.render_chat.bridge(new), new
+
+    def _extend(self, session: Session, messages: list[dict], tools, rendered: "Rendered | None" = None) -> None:
+        """Match the request's history against the session and append what is new to the ledger (as `rendered`
+        says, when it was rendered against the session as it still is)."""
+        current = rendered is not None and (rendered.known, rendered.first) == (
+            len(session.messages),
+            session.ledger is None,
+        )
+        ids, new = (rendered.ids, rendered.messages) if current else self._render(session, messages, tools)
+        if session.ledger is None:
+            session.ledger, session.messages = Ledger(ids), new
+            return
+        session.ledger.append_context((self.render_chat.stop_ids if session.unclosed else []) + ids)
         session.messages += new
 
     def _params(self, session: Session, body: dict) -> SamplingParams:
@@ -326,7 +365,7 @@ class SessionStore:
         elif out.finish_reason == FinishReason.ABORT:
             session.termination = Termination.ABORT
         # a stop string or token other than the model's: the next bridge closes the turn as the template does
-        session.unclosed = out.token_ids[-1:] != self.render.stop_ids[-1:]
+        session.unclosed = out.token_ids[-1:] != self.render_chat.stop_ids[-1:]
         message, _ = turn.reply.message(out.text, str(out.finish_reason))
         session.messages.append(_template_input(message))  # what the agent will repeat
         return out
@@ -391,6 +430,8 @@ def session_router(store: SessionStore):
     from fastapi import APIRouter, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
+    from leagues.serve.api_common import OFF_LOOP_BYTES
+
     router = APIRouter(tags=["sessions"])
 
     async def body_of(request: Request) -> dict:
@@ -430,10 +471,13 @@ def session_router(store: SessionStore):
     async def chat(session_id: str, request: Request):
         async def go():
             body = await body_of(request)
+            rendered = None
+            if request.scope.get("leagues_body_bytes", 0) > OFF_LOOP_BYTES:  # keep the loop serving the others
+                rendered = await asyncio.to_thread(store.render, session_id, body)
             if not body.get("stream"):
-                return await store.chat(session_id, body)
+                return await store.chat(session_id, body, rendered)
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = store.stream(store.begin(session_id, body, stream=True), usage)
+            chunks = store.stream(store.begin(session_id, body, stream=True, rendered=rendered), usage)
             return StreamingResponse(_sse(chunks), media_type="text/event-stream")
 
         return await guarded(go)

@@ -19,6 +19,7 @@ import time
 import httpx
 import pytest
 
+from leagues.cli.serve import _mount_sessions
 from leagues.engine import Engine, SamplingParams
 from leagues.model import write_tiny_moe
 from leagues.serve.api_common import OFF_LOOP_BYTES
@@ -259,9 +260,11 @@ def test_a_sleeping_engine_is_not_ready_and_refuses_work(busy):
 
 def test_large_bodies_are_tokenized_off_the_event_loop(tiny_path):
     """A long text is encoded in a worker thread (the event loop serves the other clients meanwhile), a short one
-    on the loop; either way a prompt over the context is a 400 naming the field."""
+    on the loop; either way a prompt over the context is a 400 naming the field. Agent sessions render a long
+    conversation in a worker thread too."""
     engine = Engine(tiny_path, num_blocks=256, max_model_len=512)
     app = create_app(engine)
+    _mount_sessions(app)
     tokenizer = app.state.leagues.engine.tokenizer
     threads, encode = [], tokenizer.encode
 
@@ -277,17 +280,24 @@ def test_large_bodies_are_tokenized_off_the_event_loop(tiny_path):
             short = await c.post("/generate", json={"text": "ab", "sampling_params": {"max_new_tokens": 2}})
             long = await c.post("/generate", json={"text": "ab" * (OFF_LOOP_BYTES // 2), "sampling_params": {}})
             chat = {"messages": [{"role": "user", "content": "ab" * (OFF_LOOP_BYTES // 2)}], "max_tokens": 1}
-            return threading.get_ident(), short, long, await c.post("/v1/chat/completions", json=chat)
+            answers = [short, long, await c.post("/v1/chat/completions", json=chat)]
+            for content in ("ab" * (OFF_LOOP_BYTES // 2), "hi"):  # a long first message, then a short one
+                sid = (await c.post("/sessions", json={})).json()["id"]
+                turn = {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+                answers.append(await c.post(f"/sessions/{sid}/v1/chat/completions", json=turn))
+            return threading.get_ident(), answers
 
     try:
-        loop_thread, short, long, chat = asyncio.run(run())
+        loop_thread, (short, long, chat, long_session, short_session) = asyncio.run(run())
     finally:
         engine.close()
-    assert short.status_code == 200, short.text
+    assert short.status_code == 200 and short_session.status_code == 200, (short.text, short_session.text)
     for r, field in ((long, "text"), (chat, "messages")):
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
         assert "the limit is 511" in r.json()["error"]["message"], r.text
-    assert len(threads) == 3 and threads[0] == loop_thread and loop_thread not in threads[1:], threads
+    assert long_session.status_code == 400 and "511" in long_session.text, long_session.text
+    on_loop = [t == loop_thread for t in threads]
+    assert on_loop == [True, False, False, False, True], on_loop
 
 
 def test_a_caller_without_the_key_is_refused_before_its_body_is_read(keyed):
