@@ -346,6 +346,9 @@ def _row(args, c: int, stream: bool, served: dict, mine: dict, card: str) -> dic
         front_cpu_share=served.get("front_cpu_share"),
         engine_proc_cpu_share=served.get("engine_proc_cpu_share"),
         front=_front(args.serve_extra),
+        stream_interval=int(
+            dict(zip(args.serve_extra, args.serve_extra[1:], strict=False)).get("--stream_interval", 1)
+        ),
         in_process_rows_per_step=mine["rows_per_step"],
         requests=c * args.requests,
         warmup_requests=c * args.warmup_requests,

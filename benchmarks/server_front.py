@@ -13,6 +13,7 @@ step), `server_tokens_per_s` (what the clients got), `ttft_ms_p50`, `itl_ms_p50`
 process's CPU seconds a second: the front and the stand-in).
 
     PYTHONPATH=. python benchmarks/server_front.py [--clients 8,64] [--stream both] [--step-ms 1.6] [--host-ms 0.8]
+        [--stream-interval 1]
         [--switch-interval-ms 0.5]
 
 `--host-ms` makes the stand-in hold the GIL that long a step (a real engine's Python work between launches), so
@@ -114,11 +115,13 @@ def _spin(seconds: float) -> None:
         pass
 
 
-def serve(engine: StandInEngine, switch_interval: float) -> tuple[uvicorn.Server, str, threading.Thread]:
+def serve(
+    engine: StandInEngine, switch_interval: float, stream_interval: int = 1
+) -> tuple[uvicorn.Server, str, threading.Thread]:
     """The app under uvicorn on a thread of this process (the event loop's thread, as `leagues serve` has one), with
     the event loop and the GIL switch interval `leagues serve` uses."""
     sys.setswitchinterval(switch_interval)
-    app = create_app(engine)
+    app = create_app(engine, stream_interval=stream_interval)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -143,6 +146,7 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=1.6, help="the stand-in engine's decode step")
     parser.add_argument("--client-procs", type=int, default=1)
     parser.add_argument("--host-ms", type=float, default=0.0, help="Python work the stand-in does a step (GIL held)")
+    parser.add_argument("--stream-interval", type=int, default=1, help="leagues serve's --stream_interval")
     parser.add_argument("--switch-interval-ms", type=float, default=SWITCH_INTERVAL_S * 1e3,
                         help="the GIL switch interval (leagues serve's by default)")  # fmt: skip
     args = parser.parse_args()
@@ -151,7 +155,7 @@ def main() -> None:
     for clients in [int(c) for c in args.clients.split(",")]:
         for stream in {"true": [True], "false": [False], "both": [True, False]}[args.stream]:
             engine = StandInEngine(args.step_ms / 1e3, tokenizer, args.host_ms / 1e3)
-            server, url, thread = serve(engine, args.switch_interval_ms / 1e3)
+            server, url, thread = serve(engine, args.switch_interval_ms / 1e3, args.stream_interval)
             served = run_server(
                 url, body, stream, clients, (1, args.requests), args.client_procs, None, {"front": os.getpid()}
             )
@@ -164,6 +168,7 @@ def main() -> None:
                 step_ms=args.step_ms,
                 host_ms=args.host_ms,
                 switch_interval_ms=args.switch_interval_ms,
+                stream_interval=args.stream_interval,
                 engine_step_ms=round(statistics.fmean(gaps) * 1e3, 3) if gaps else None,
                 engine_busy_ms_per_step=round(engine.busy_s / max(len(engine.steps), 1) * 1e3, 3),
                 target_tokens_per_s=round(clients / (args.step_ms / 1e3), 1),

@@ -71,6 +71,8 @@ for part in "$@"; do
         --client-procs 8 --tag thread --engine_process false ;;
     server-mixed) run server-mixed 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
         --client-procs 8 --tag mixed-steps --engine.mixed_steps true ;;
+    server-interval) run server-interval 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
+        --client-procs 8 --tag stream-interval-4 --stream_interval 4 ;;
     server-admit) run server-admit 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
         --client-procs 8 --tag admit-4 --engine.admit_after_decode_steps 4 ;;
     server-profile) run server-profile 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 64 \

@@ -65,12 +65,18 @@ class ServeConfig:
     engine_process: bool = True
     """Run the engine in a process of its own, so the HTTP front and the engine never wait for each other's GIL;
     false: on a thread of the server's process."""
+    stream_interval: int = 1
+    """Tokens a streamed output gathers before the server sends them (SGLang's `--stream-interval`): a chunk of
+    `/generate` and `/v1/...` streams every N tokens of an output, and its last at its end. Larger costs the
+    front less a token (fewer chunks to build and write) and gives the client its text in coarser steps."""
     limits: ServerLimits = field(default_factory=ServerLimits)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port: must be in 0..65535, got {self.port}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval: must be at least 1 token, got {self.stream_interval}")
 
 
 def run_serve(cfg: ServeConfig) -> int:
@@ -97,6 +103,7 @@ def run_serve(cfg: ServeConfig) -> int:
         limits=cfg.limits,
         weights_root=cfg.weights_root,
         served_model_name=cfg.served_model_name,
+        stream_interval=cfg.stream_interval,
     )
     _mount_sessions(app)
     server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))

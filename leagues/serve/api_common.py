@@ -82,6 +82,8 @@ class ServerState:
     """Directory `/update_weights_from_disk` may load from (anything under it); None: anywhere."""
     joining: bool = False
     """A weight-group join is under way (one at a time: each holds a worker thread until the group forms)."""
+    stream_interval: int = 1
+    """Tokens a streamed output gathers before the routes send them (its last chunk goes at its end whatever)."""
     mailbox: "_Mailbox | None" = None
     """Streamed tokens' way from the thread that delivers them to the event loop (`mailbox_of`)."""
 

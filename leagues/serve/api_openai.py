@@ -213,10 +213,10 @@ async def _stream(state: ServerState, req, batch: Batch, shell: dict, reply):
     streams: dict[int, TextStream] = {}
     replies: dict[int, Reply] = {}
     outputs: list[Output] = []
+    touched: dict[int, tuple[list[int], list[float]]] = {}  # choices with tokens not sent yet, and those tokens
     try:
         async for events in batch.events():
             chunks: list[bytes] = []
-            touched: dict[int, tuple[list[int], list[float]]] = {}  # the choices a burst moved, with their tokens
             for event in events:
                 if event[0] == "token":
                     _, index, token_id, logprob = event
@@ -227,6 +227,7 @@ async def _stream(state: ServerState, req, batch: Batch, shell: dict, reply):
                 chunks += _token_pieces(state, batch, shell, reply, streams, replies, touched)
                 for o in event[2]:
                     index = event[1] * n + o.index
+                    touched.pop(index, None)  # its last chunks complete its text from the output's
                     text = streams.setdefault(index, TextStream(state.engine.tokenizer, [])).finish(o.text)
                     pieces = (
                         _last_chat(state, req, o, index, replies, reply)
@@ -248,10 +249,13 @@ async def _stream(state: ServerState, req, batch: Batch, shell: dict, reply):
 
 
 def _token_pieces(state: ServerState, batch: Batch, shell: dict, reply, streams: dict, replies: dict, touched: dict):
-    """The chunks of the choices a burst of tokens moved (`touched`: index -> its new ids and logprobs, emptied
-    here), each choice's tokens decoded at once; a choice's first chunk opens it."""
+    """The chunks of the choices that got `state.stream_interval` tokens or more (`touched`: index -> its new ids
+    and logprobs; those sent leave it), each choice's tokens decoded at once; a choice's first chunk opens it."""
     chunks = []
-    for index, (ids, logprobs) in touched.items():
+    for index, (ids, logprobs) in list(touched.items()):
+        if len(ids) < state.stream_interval:
+            continue
+        del touched[index]
         if index not in streams:
             streams[index] = TextStream(state.engine.tokenizer, batch.params.stop)
             if reply is not None:  # OpenAI opens every chat choice with the role
@@ -262,7 +266,6 @@ def _token_pieces(state: ServerState, batch: Batch, shell: dict, reply, streams:
             chunks += [sse(shell | {"choices": [_delta(index, d)]}) for d in replies[index].deltas(streams[index].text)]
         elif delta:
             chunks.append(sse(shell | {"choices": [_text_piece(index, delta)]}))
-    touched.clear()
     return chunks
 
 

@@ -157,8 +157,9 @@ async def _stream(state: ServerState, req: GenerateRequest, batch: Batch):
     n = batch.params.n
     streams: dict[int, TextStream] = {}
     try:
+        touched: dict[int, tuple[list[int], list[float]]] = {}  # outputs with tokens not sent yet, and those tokens
         async for events in batch.events():
-            chunks, touched = [], {}  # the outputs a burst of tokens moved, with their tokens: one chunk each
+            chunks = []
             for event in events:
                 if event[0] == "token":
                     _, index, token_id, logprob = event
@@ -168,6 +169,7 @@ async def _stream(state: ServerState, req: GenerateRequest, batch: Batch):
                     continue
                 chunks += _partials(state, req, batch, streams, touched)
                 for o in event[2]:
+                    touched.pop(event[1] * n + o.index, None)  # its last chunk holds every token
                     body = response_of(state, req, o, batch)
                     chunks.append(sse(body | {"index": event[1] * n + o.index}))
             chunks += _partials(state, req, batch, streams, touched)
@@ -181,15 +183,18 @@ async def _stream(state: ServerState, req: GenerateRequest, batch: Batch):
 
 
 def _partials(state: ServerState, req: GenerateRequest, batch: Batch, streams: dict, touched: dict) -> list[bytes]:
-    """One chunk for each output that got tokens (`touched`: index -> its new ids and logprobs, emptied here)."""
+    """One chunk for each output that got `state.stream_interval` tokens or more (`touched`: index -> its new ids and
+    logprobs; those sent leave it)."""
     chunks = []
-    for index, (ids, logprobs) in touched.items():
+    for index, (ids, logprobs) in list(touched.items()):
+        if len(ids) < state.stream_interval:
+            continue
+        del touched[index]
         text = streams.get(index)
         if text is None:
             text = streams[index] = TextStream(state.engine.tokenizer, batch.params.stop)
         text.extend(ids, logprobs)
         chunks.append(_partial(req, batch, index, text))
-    touched.clear()
     return chunks
 
 

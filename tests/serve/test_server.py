@@ -1,13 +1,15 @@
 """`leagues serve` end to end: real server processes on loopback with the built-in tiny MoE.
 
 Two servers start once, in parallel: `open_url` (no keys) for the APIs, and `secured` (an API key and
-an admin key) for auth and the weight update, which changes its weights. Outputs are checked against an
+an admin key, and a stream interval of 4 tokens) for auth, grouped streams and the weight update, which changes
+its weights. Outputs are checked against an
 in-process `Engine` on the same checkpoint: greedy tokens equal, logprobs within 1e-5.
 """
 
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -66,7 +68,7 @@ def serving(*arg_lists: list[str], engine_args: list[str] = ENGINE_ARGS, timeout
 
 @pytest.fixture(scope="module")
 def servers():
-    with serving([], ["--api_key", API_KEY, "--admin_key", ADMIN_KEY]) as urls:
+    with serving([], ["--api_key", API_KEY, "--admin_key", ADMIN_KEY, "--stream_interval", "4"]) as urls:
         yield urls
 
 
@@ -199,6 +201,24 @@ def test_generate_batch_n_and_stream(open_url):
     last = httpx.Response(200, content=events[-2]).json()
     assert last["text"] == full["text"] and last["output_ids"] == full["output_ids"]
     assert last["meta_info"]["finish_reason"] == full["meta_info"]["finish_reason"]
+
+
+def test_stream_interval_sends_tokens_in_groups_and_the_same_answer(secured):
+    """`--stream_interval 4`: every chunk but an output's last carries 4 new tokens or more, and the streams add up
+    to the answers sent whole."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    single = {"input_ids": [5, 6, 7], "sampling_params": {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}}
+    full = httpx.post(secured + "/generate", json=single, headers=headers, timeout=30).json()
+    with httpx.stream("POST", secured + "/generate", json=single | {"stream": True}, headers=headers, timeout=30) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    counts = [e["meta_info"]["completion_tokens"] for e in events]
+    assert counts[-1] == 10 and all(b - a >= 4 for a, b in zip([0, *counts[:-2]], counts[:-1], strict=True)), counts
+    assert events[-1]["text"] == full["text"] and events[-1]["output_ids"] == full["output_ids"]
+    client = openai.OpenAI(base_url=secured + "/v1", api_key=API_KEY)
+    kwargs = dict(model="m", prompt="ab", max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kwargs).choices[0].text
+    pieces = [c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    assert "".join(pieces) == whole and 1 < len(pieces) <= 3, pieces  # 4 + 4 tokens, then the last 2 with the end
 
 
 def test_info_health_and_abort(open_url):
