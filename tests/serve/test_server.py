@@ -219,6 +219,11 @@ def test_stream_interval_sends_tokens_in_groups_and_the_same_answer(secured):
     whole = client.completions.create(**kwargs).choices[0].text
     pieces = [c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices]
     assert "".join(pieces) == whole and 1 < len(pieces) <= 3, pieces  # 4 + 4 tokens, then the last 2 with the end
+    chat = dict(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=10, temperature=0)
+    chat["extra_body"] = {"ignore_eos": True}
+    answer = client.chat.completions.create(**chat).choices[0].message.content
+    chunks = [c.choices[0].delta.content for c in client.chat.completions.create(stream=True, **chat) if c.choices]
+    assert "".join(c or "" for c in chunks) == answer and len([c for c in chunks if c]) <= 3, chunks
 
 
 def test_info_health_and_abort(open_url):
