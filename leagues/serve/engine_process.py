@@ -30,6 +30,7 @@ Decisions:
 """
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import multiprocessing
@@ -366,19 +367,18 @@ class EngineProcess:
 
 class _Outbox:
     """The child's messages to the front: events gathered from any thread, sent by one thread in bursts, each with
-    the engine's status."""
+    the engine's status. Adding one takes no lock (a deque's appends and pops are atomic): the engine's thread
+    adds a token's event for every streaming row of every step."""
 
     def __init__(self, conn, status, period_s: float = 0.2) -> None:
         self.conn, self.status, self.period_s = conn, status, period_s
-        self.items: list[tuple] = []
-        self.lock, self.ready, self.closed = threading.Lock(), threading.Event(), False
+        self.items: collections.deque[tuple] = collections.deque()
+        self.ready, self.closed = threading.Event(), False
         self.thread = threading.Thread(target=self._run, name="leagues-engine-outbox", daemon=True)
 
     def put(self, event: tuple) -> None:
-        with self.lock:
-            self.items.append(event)
-            first = len(self.items) == 1
-        if first:
+        self.items.append(event)
+        if not self.ready.is_set():  # the sender clears it before it drains, so nothing added waits a period
             self.ready.set()
 
     def send(self, kind: str, payload) -> None:
@@ -389,8 +389,10 @@ class _Outbox:
             while not self.closed:
                 self.ready.wait(self.period_s)
                 self.ready.clear()
-                with self.lock:
-                    items, self.items = self.items, []
+                items, popleft = [], self.items.popleft
+                with contextlib.suppress(IndexError):
+                    while True:
+                        items.append(popleft())
                 self.send("events", items)
 
     def close(self) -> None:
