@@ -2,9 +2,9 @@
 request's engine requests (see `server.py` for the decisions behind them)."""
 
 import asyncio
+import collections
 import contextlib
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
@@ -125,21 +125,23 @@ class _Mailbox:
     of wake-ups; each request's stream then takes its burst at once from its `_Inbox`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.lock, self.items = loop, threading.Lock(), []
+        self.loop, self.items, self.scheduled = loop, collections.deque(), False
 
-    def put(self, inbox: _Inbox, event: tuple) -> None:  # on the delivering thread
-        with self.lock:
-            self.items.append((inbox, event))
-            if len(self.items) > 1:
-                return  # a hand-over is already scheduled and will take this one too
+    def put(self, inbox: _Inbox, event: tuple) -> None:  # on the delivering thread; a deque needs no lock
+        self.items.append((inbox, event))
+        if self.scheduled:
+            return  # a hand-over is scheduled and has not started: it will take this one too
+        self.scheduled = True
         with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
             self.loop.call_soon_threadsafe(self._hand_over)
 
     def _hand_over(self) -> None:
-        with self.lock:
-            items, self.items = self.items, []
-        for inbox, event in items:
-            inbox.add(event)
+        self.scheduled = False  # before draining: what comes after this schedules the next hand-over
+        popleft = self.items.popleft
+        with contextlib.suppress(IndexError):
+            while True:
+                inbox, event = popleft()
+                inbox.add(event)
 
 
 def mailbox_of(state: "ServerState") -> _Mailbox:
