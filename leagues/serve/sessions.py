@@ -53,6 +53,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import Any
 
 from leagues.agent.env import call_id
 from leagues.agent.ledger import Ledger, Termination
@@ -102,8 +103,8 @@ class Turn:
     params: SamplingParams
     reply: Reply
     request_id: str
-    tokens: asyncio.Queue | None = None
-    """Streamed: each sampled token id as it comes, then None."""
+    tokens: Any = None
+    """Streamed: the sampled token ids as they come, then None (an `api_common._Inbox`, taken in bursts)."""
     task: asyncio.Future | None = None
     """The turn's sampling, which records it in the ledger."""
 
@@ -187,6 +188,8 @@ class SessionStore:
         """A request's temperature and top-p replace the defaults; False (training): the run's settings hold, so
         the trainer's temperature is the one that sampled, and a request's max tokens can only lower the limit."""
         self.sessions: dict[str, Session] = {}
+        self._mailbox = None
+        """Streamed tokens' hand-over to the event loop (`api_common._Mailbox`), made on the first stream."""
         self._aborts: set[asyncio.Future] = set()
         """Aborts of turns whose client left, in flight (held so they are not collected)."""
 
@@ -224,10 +227,16 @@ class SessionStore:
         text = TextStream(self.render_chat.tokenizer, turn.params.stop)
         try:
             yield _chunk(turn, {"role": "assistant", "content": ""})
-            while (token := await turn.tokens.get()) is not None:
-                text.add(token, 0.0)
-                for delta in turn.reply.deltas(text.text):
-                    yield _chunk(turn, delta)
+            while True:
+                burst = await turn.tokens.take()
+                ended = burst[-1] is None
+                ids = burst[:-1] if ended else burst
+                if ids:
+                    text.extend(ids, [0.0] * len(ids))
+                    for delta in turn.reply.deltas(text.text):
+                        yield _chunk(turn, delta)
+                if ended:
+                    break
         except BaseException:  # the client left (cancelled, or the stream closed): abort; the turn is recorded
             self._abort(turn)
             raise
@@ -276,12 +285,17 @@ class SessionStore:
         turn = Turn(session, params, reply, request_id=f"{session.id}-{session.turn}")
         on_token = None
         if stream:
-            loop, turn.tokens = asyncio.get_running_loop(), asyncio.Queue()
-            on_token = lambda i, token, lp: loop.call_soon_threadsafe(turn.tokens.put_nowait, token)  # noqa: E731
+            from leagues.serve.api_common import _Inbox, _Mailbox  # the HTTP routes' burst hand-over
+
+            loop = asyncio.get_running_loop()
+            if self._mailbox is None or self._mailbox.loop is not loop:
+                self._mailbox = _Mailbox(loop)
+            mailbox, turn.tokens = self._mailbox, _Inbox()
+            on_token = lambda i, token, lp: mailbox.put(turn.tokens, token)  # noqa: E731 (one loop wake a burst)
         session.busy = True  # until the turn is recorded
         turn.task = asyncio.ensure_future(self._sample(turn, on_token))
         if stream:
-            turn.task.add_done_callback(lambda _: turn.tokens.put_nowait(None))
+            turn.task.add_done_callback(lambda _: turn.tokens.add(None))
         return turn
 
     def render(self, session_id: str, body: dict) -> "Rendered | None":
