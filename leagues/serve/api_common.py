@@ -84,7 +84,7 @@ class ServerState:
     """A weight-group join is under way (one at a time: each holds a worker thread until the group forms)."""
     stream_interval: int = 1
     """Tokens a streamed output gathers before the routes send them (its last chunk goes at its end whatever)."""
-    mailbox: "_Mailbox | None" = None
+    mailbox: "Mailbox | None" = None
     """Streamed tokens' way from the thread that delivers them to the event loop (`mailbox_of`)."""
 
     def new_id(self, prefix: str) -> str:
@@ -98,7 +98,7 @@ def state_of(request: Request) -> ServerState:
 # --- one HTTP request's engine requests -------------------------------------------------------------
 
 
-class _Inbox:
+class Inbox:
     """One streaming request's events on the event loop: added one by one, taken all at once."""
 
     def __init__(self) -> None:
@@ -117,17 +117,17 @@ class _Inbox:
         return items
 
 
-class _Mailbox:
+class Mailbox:
     """Tokens from the thread that delivers them (the engine's loop thread, or the one receiving from the engine's
     process) to one event loop, handed over in bursts: the first token after a hand-over
     schedules one wake-up of the loop, and every token that comes before it runs rides along. So a decode step of
     256 streaming rows wakes the loop once, not 256 times, and the loop never falls behind the engine by a backlog
-    of wake-ups; each request's stream then takes its burst at once from its `_Inbox`."""
+    of wake-ups; each request's stream then takes its burst at once from its `Inbox`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self.items, self.scheduled = loop, collections.deque(), False
 
-    def put(self, inbox: _Inbox, event: tuple) -> None:  # on the delivering thread; a deque needs no lock
+    def put(self, inbox: Inbox, event: tuple) -> None:  # on the delivering thread; a deque needs no lock
         self.items.append((inbox, event))
         if self.scheduled:
             return  # a hand-over is scheduled and has not started: it will take this one too
@@ -144,18 +144,18 @@ class _Mailbox:
                 inbox.add(event)
 
 
-def mailbox_of(state: "ServerState") -> _Mailbox:
+def mailbox_of(state: "ServerState") -> Mailbox:
     """The mailbox of the running event loop (one a server; a new one if the loop changed, as in tests)."""
     loop = asyncio.get_running_loop()
     if state.mailbox is None or state.mailbox.loop is not loop:
-        state.mailbox = _Mailbox(loop)
+        state.mailbox = Mailbox(loop)
     return state.mailbox
 
 
 class _Tracker:
     """The engine's `on_token` for one prompt: timestamps every token and, when streaming, queues it."""
 
-    def __init__(self, mailbox: _Mailbox, inbox: _Inbox | None, base: int, n: int):
+    def __init__(self, mailbox: Mailbox, inbox: Inbox | None, base: int, n: int):
         self.mailbox, self.inbox, self.base = mailbox, inbox, base
         self.times: list[list[float]] = [[] for _ in range(n)]
 
@@ -222,7 +222,7 @@ class Batch:
         self.state, self.params, self.rids = state, params, rids
         self.start = time.monotonic()
         mailbox = mailbox_of(state)
-        self.inbox = _Inbox() if stream else None
+        self.inbox = Inbox() if stream else None
         self.trackers = [_Tracker(mailbox, self.inbox, i * params.n, params.n) for i in range(len(prompts))]
         self.futures: list[Future] = []
         try:

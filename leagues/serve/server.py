@@ -40,7 +40,7 @@ Decisions:
 - Middleware is plain ASGI (not `BaseHTTPMiddleware`), so streamed responses are not buffered.
 - Streaming: `on_token` runs for every sampled token on the thread that delivers it (the engine's loop thread,
   or the thread receiving from the engine's process); `Batch` hands tokens to the event loop in bursts
-  (`api_common._Mailbox`) into each streaming request's inbox. The same callback timestamps
+  (`api_common.Mailbox`) into each streaming request's inbox. The same callback timestamps
   tokens for the latency histograms, so metrics cost one callback per token, streamed or not.
 """
 

@@ -104,7 +104,7 @@ class Turn:
     reply: Reply
     request_id: str
     tokens: Any = None
-    """Streamed: the sampled token ids as they come, then None (an `api_common._Inbox`, taken in bursts)."""
+    """Streamed: the sampled token ids as they come, then None (an `api_common.Inbox`, taken in bursts)."""
     task: asyncio.Future | None = None
     """The turn's sampling, which records it in the ledger."""
 
@@ -189,7 +189,7 @@ class SessionStore:
         the trainer's temperature is the one that sampled, and a request's max tokens can only lower the limit."""
         self.sessions: dict[str, Session] = {}
         self._mailbox = None
-        """Streamed tokens' hand-over to the event loop (`api_common._Mailbox`), made on the first stream."""
+        """Streamed tokens' hand-over to the event loop (`api_common.Mailbox`), made on the first stream."""
         self._aborts: set[asyncio.Future] = set()
         """Aborts of turns whose client left, in flight (held so they are not collected)."""
 
@@ -285,12 +285,12 @@ class SessionStore:
         turn = Turn(session, params, reply, request_id=f"{session.id}-{session.turn}")
         on_token = None
         if stream:
-            from leagues.serve.api_common import _Inbox, _Mailbox  # the HTTP routes' burst hand-over
+            from leagues.serve.api_common import Inbox, Mailbox  # the HTTP routes' burst hand-over
 
             loop = asyncio.get_running_loop()
             if self._mailbox is None or self._mailbox.loop is not loop:
-                self._mailbox = _Mailbox(loop)
-            mailbox, turn.tokens = self._mailbox, _Inbox()
+                self._mailbox = Mailbox(loop)
+            mailbox, turn.tokens = self._mailbox, Inbox()
             on_token = lambda i, token, lp: mailbox.put(turn.tokens, token)  # noqa: E731 (one loop wake a burst)
         session.busy = True  # until the turn is recorded
         turn.task = asyncio.ensure_future(self._sample(turn, on_token))
