@@ -12,6 +12,7 @@
 #   server          the HTTP front against in-process, 8 and 64 clients, streamed and not (benchmarks/server.py)
 #   server-thread   the same with the server's engine on a thread of its process (`--engine_process false`)
 #   server-mixed    the same with the engine's mixed steps (`--engine.mixed_steps true`, both sides)
+#   server-interval the same with `--stream_interval 4` (an output's tokens sent 4 at a time)
 #   server-admit    the same with arrivals deferred for 4 decode steps (`--engine.admit_after_decode_steps 4`, both sides)
 #   server-profile  64 streaming clients with the server under py-spy (needs py-spy on PATH)
 #   server-front    the HTTP front alone before a stand-in engine that costs nothing (benchmarks/server_front.py)
@@ -36,7 +37,8 @@
 #   route-tune      the route launch's D tile and warps at 1, 8, 64 and 256 tokens, anchor
 #   engine-base     benchmarks/engine.py from the tree at $BASE_TREE (a copy of an older commit carried beside the
 #                   checkout), for an A/B in one call: run `engine` after it
-# The ANCHORS.md checkpoint is made once at $ANCHOR (default /tmp/leagues-anchor-1b).
+# The ANCHORS.md checkpoint is made once at $ANCHOR (default /tmp/leagues-anchor-1b). The server parts need the
+# serving dependencies the GPU machine lacks (fastapi, uvicorn, pydantic, httptools ...): carry them as wheels.
 set -u
 OUT=${OUT:-/tmp/leagues-bench}
 ANCHOR=${ANCHOR:-/tmp/leagues-anchor-1b}
