@@ -19,8 +19,9 @@ Decisions:
 - The engine runs in a process of its own by default (`leagues.serve.engine_process`): the front's per-token
   work (SSE, detokenizing) and the engine's host work then run at the same time instead of taking turns for
   one GIL. uvicorn reads and writes HTTP with httptools (a dependency: cheaper a streamed chunk than h11); the
-  event loop is uvloop's where it is installed, and the interpreter hands the GIL between threads every 0.5 ms instead of 5 (with
-  `--engine_process false` the engine's loop thread then waits less for the event loop's bursts).
+  event loop is uvloop's where it is installed, and the interpreter hands the GIL between threads every 0.5 ms
+  instead of 5 (with `--engine_process false` the engine's loop thread then waits less for the event loop's
+  bursts).
 - Agent sessions (`POST /sessions`, `/sessions/{id}/v1/chat/completions`, `/sessions/{id}/close`,
   `leagues.serve.sessions`) are mounted beside the APIs when the chat template is append-only.
 """
