@@ -144,6 +144,30 @@ class Mailbox:
                 inbox.add(event)
 
 
+class PendingTokens:
+    """A stream's tokens not sent yet, by output index: gathered from the bursts' events and given out once an output
+    has `interval` of them (`ServerState.stream_interval`); an output's last chunk carries its rest (`drop`)."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self.by_index: dict[int, tuple[list[int], list[float]]] = {}
+
+    def add(self, index: int, token_id: int, logprob: float) -> None:
+        ids, logprobs = self.by_index.setdefault(index, ([], []))
+        ids.append(token_id)
+        logprobs.append(logprob)
+
+    def drop(self, index: int) -> None:
+        self.by_index.pop(index, None)
+
+    def due(self) -> list[tuple[int, list[int], list[float]]]:
+        """The outputs with `interval` tokens or more, with those tokens, which leave the pending ones."""
+        ready = [(i, ids, lps) for i, (ids, lps) in self.by_index.items() if len(ids) >= self.interval]
+        for index, _, _ in ready:
+            del self.by_index[index]
+        return ready
+
+
 def mailbox_of(state: "ServerState") -> Mailbox:
     """The mailbox of the running event loop (one a server; a new one if the loop changed, as in tests)."""
     loop = asyncio.get_running_loop()

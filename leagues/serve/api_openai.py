@@ -37,6 +37,7 @@ from leagues.engine.output import Output
 from leagues.serve.api_common import (
     APIError,
     Batch,
+    PendingTokens,
     ServerState,
     admit,
     error_body,
@@ -213,21 +214,18 @@ async def _stream(state: ServerState, req, batch: Batch, shell: dict, reply):
     streams: dict[int, TextStream] = {}
     replies: dict[int, Reply] = {}
     outputs: list[Output] = []
-    touched: dict[int, tuple[list[int], list[float]]] = {}  # choices with tokens not sent yet, and those tokens
+    pending = PendingTokens(state.stream_interval)
     try:
         async for events in batch.events():
             chunks: list[bytes] = []
             for event in events:
                 if event[0] == "token":
-                    _, index, token_id, logprob = event
-                    ids, logprobs = touched.setdefault(index, ([], []))
-                    ids.append(token_id)
-                    logprobs.append(logprob)
+                    pending.add(*event[1:])
                     continue
-                chunks += _token_pieces(state, batch, shell, reply, streams, replies, touched)
+                chunks += _token_pieces(state, batch, shell, reply, streams, replies, pending)
                 for o in event[2]:
                     index = event[1] * n + o.index
-                    touched.pop(index, None)  # its last chunks complete its text from the output's
+                    pending.drop(index)  # its last chunks complete its text from the output's
                     text = streams.setdefault(index, TextStream(state.engine.tokenizer, [])).finish(o.text)
                     pieces = (
                         _last_chat(state, req, o, index, replies, reply)
@@ -236,7 +234,7 @@ async def _stream(state: ServerState, req, batch: Batch, shell: dict, reply):
                     )
                     chunks += [sse(shell | {"choices": [piece]}) for piece in pieces]
                     outputs.append(o)
-            chunks += _token_pieces(state, batch, shell, reply, streams, replies, touched)
+            chunks += _token_pieces(state, batch, shell, reply, streams, replies, pending)
             if chunks:
                 yield b"".join(chunks)  # a burst of tokens goes out in one write
     except ValueError as err:
@@ -248,14 +246,11 @@ async def _stream(state: ServerState, req, batch: Batch, shell: dict, reply):
     yield sse("[DONE]")
 
 
-def _token_pieces(state: ServerState, batch: Batch, shell: dict, reply, streams: dict, replies: dict, touched: dict):
-    """The chunks of the choices that got `state.stream_interval` tokens or more (`touched`: index -> its new ids
-    and logprobs; those sent leave it), each choice's tokens decoded at once; a choice's first chunk opens it."""
+def _token_pieces(state: ServerState, batch: Batch, shell: dict, reply, streams: dict, replies: dict, pending):
+    """The chunks of the choices with tokens due (`pending.due`), each choice's tokens decoded at once; a choice's
+    first chunk opens it."""
     chunks = []
-    for index, (ids, logprobs) in list(touched.items()):
-        if len(ids) < state.stream_interval:
-            continue
-        del touched[index]
+    for index, ids, logprobs in pending.due():
         if index not in streams:
             streams[index] = TextStream(state.engine.tokenizer, batch.params.stop)
             if reply is not None:  # OpenAI opens every chat choice with the role

@@ -43,6 +43,7 @@ from leagues.engine.output import Output
 from leagues.serve.api_common import (
     APIError,
     Batch,
+    PendingTokens,
     ServerState,
     admit,
     error_body,
@@ -157,22 +158,19 @@ async def _stream(state: ServerState, req: GenerateRequest, batch: Batch):
     n = batch.params.n
     streams: dict[int, TextStream] = {}
     try:
-        touched: dict[int, tuple[list[int], list[float]]] = {}  # outputs with tokens not sent yet, and those tokens
+        pending = PendingTokens(state.stream_interval)
         async for events in batch.events():
             chunks = []
             for event in events:
                 if event[0] == "token":
-                    _, index, token_id, logprob = event
-                    ids, logprobs = touched.setdefault(index, ([], []))
-                    ids.append(token_id)
-                    logprobs.append(logprob)
+                    pending.add(*event[1:])
                     continue
-                chunks += _partials(state, req, batch, streams, touched)
+                chunks += _partials(state, req, batch, streams, pending)
                 for o in event[2]:
-                    touched.pop(event[1] * n + o.index, None)  # its last chunk holds every token
+                    pending.drop(event[1] * n + o.index)  # its last chunk holds every token
                     body = response_of(state, req, o, batch)
                     chunks.append(sse(body | {"index": event[1] * n + o.index}))
-            chunks += _partials(state, req, batch, streams, touched)
+            chunks += _partials(state, req, batch, streams, pending)
             if chunks:
                 yield b"".join(chunks)
     except ValueError as err:
@@ -182,14 +180,10 @@ async def _stream(state: ServerState, req: GenerateRequest, batch: Batch):
     yield sse("[DONE]")
 
 
-def _partials(state: ServerState, req: GenerateRequest, batch: Batch, streams: dict, touched: dict) -> list[bytes]:
-    """One chunk for each output that got `state.stream_interval` tokens or more (`touched`: index -> its new ids and
-    logprobs; those sent leave it)."""
+def _partials(state: ServerState, req: GenerateRequest, batch: Batch, streams: dict, pending: PendingTokens):
+    """One chunk for each output with tokens due (`pending.due`), its tokens decoded at once."""
     chunks = []
-    for index, (ids, logprobs) in list(touched.items()):
-        if len(ids) < state.stream_interval:
-            continue
-        del touched[index]
+    for index, ids, logprobs in pending.due():
         text = streams.get(index)
         if text is None:
             text = streams[index] = TextStream(state.engine.tokenizer, batch.params.stop)

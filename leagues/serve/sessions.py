@@ -53,7 +53,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING
 
 from leagues.agent.env import call_id
 from leagues.agent.ledger import Ledger, Termination
@@ -63,6 +63,9 @@ from leagues.engine.client import EngineClient, LocalClient
 from leagues.engine.output import Output
 from leagues.serve.reply import Reply, TextStream, call_prefill, opens_thinking, sse
 from leagues.types import FinishReason, Sample, SamplingParams
+
+if TYPE_CHECKING:  # the HTTP routes' module, imported where a stream needs it
+    from leagues.serve.api_common import Inbox
 
 
 class SessionError(ValueError):
@@ -103,7 +106,7 @@ class Turn:
     params: SamplingParams
     reply: Reply
     request_id: str
-    tokens: Any = None
+    tokens: "Inbox | None" = None
     """Streamed: the sampled token ids as they come, then None (an `api_common.Inbox`, taken in bursts)."""
     task: asyncio.Future | None = None
     """The turn's sampling, which records it in the ledger."""
