@@ -7,12 +7,12 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from leagues.loop import TrainConfig
 from leagues.loop.train import assign_advantages
 from leagues.train.advantages import AdvantageConfig
 from leagues.types import Sample
+from tests import processes
 
 
 def rank_samples(rank: int) -> list[Sample]:
@@ -40,7 +40,7 @@ def test_two_ranks_equal_one_process_over_the_global_batch(name, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, name, str(tmp_path)), nprocs=2, join=True)
+    processes.start_ranks(_worker, (port, name, str(tmp_path)), 2)
     got = torch.load(tmp_path / "rank0.pt") + torch.load(tmp_path / "rank1.pt")
     everything = rank_samples(0) + [
         Sample(prompt_ids=[1], response_ids=[2], reward=s.reward, group_id=s.group_id + 100) for s in rank_samples(1)

@@ -11,13 +11,13 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from leagues.model import ForwardBatch
 from leagues.parallel import ParallelConfig, apply_fsdp, build_mesh, compute_weights, parallelize, refresh
 from leagues.parallel.fsdp import set_last_microbatch, whole_parameters
+from tests import processes
 from tests.parallel.test_parallel import free_port, make_model
 
 LENGTHS = [[5, 7], [3, 9, 4]]  # two micro-batches of packed sequences
@@ -98,7 +98,7 @@ def _compare(port: int, results, device: str) -> None:
 def test_one_rank_compute_copies_train_bit_for_bit_as_fsdp_on_a_group_of_one(device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    ctx = mp.get_context("spawn")
+    ctx = processes.context()
     results = ctx.Queue()
     proc = ctx.Process(target=_compare, args=(free_port(), results, device))
     proc.start()

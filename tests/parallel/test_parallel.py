@@ -15,11 +15,11 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from leagues.model import ForwardBatch, Transformer, config_from_hf
 from leagues.parallel import ParallelConfig, apply_ep, build_mesh, full_state_dict, parallelize, unit_buckets
+from tests import processes
 
 CONFIG = {
     "architectures": ["Qwen3MoeForCausalLM"],
@@ -66,7 +66,7 @@ def _worker(rank: int, port: int, fn) -> None:
 
 
 def spawn(fn) -> None:
-    mp.spawn(_worker, args=(free_port(), fn), nprocs=WORLD, join=True)
+    processes.start_ranks(_worker, (free_port(), fn), WORLD)
 
 
 # ---------------------------------------------------------------- model, data, loss

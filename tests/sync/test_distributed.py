@@ -11,7 +11,6 @@ the real send. Malformed requests are a 400 naming the field, before any broadca
 engine is missing fails at once instead of waiting for the rendezvous.
 """
 
-import multiprocessing as mp
 import os
 import socket
 import threading
@@ -33,6 +32,7 @@ from leagues.engine.remote_weights import (
 from leagues.model import load_pretrained, resolve_model_path, write_tiny_moe
 from leagues.sync import DistributedWeightSender
 from leagues.sync.distributed import EngineRefused
+from tests import processes
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
 PROMPTS = [[5, 17, 33, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48], [99]]
@@ -184,7 +184,7 @@ def test_broadcast_sync_matches_the_checkpoint(served, tmp_path):
     second = write_tiny_moe(tmp_path / "second", seed=1)
     before = {name: p.detach().clone() for name, p in served[0][1].model.named_parameters()}
     old_outputs = greedy_ids(served[0][1])
-    ctx = mp.get_context("spawn")
+    ctx = processes.context()
     results, proceed = ctx.Queue(), ctx.Event()
     urls = [url for url, _ in served]
     trainer = ctx.Process(target=_trainer, args=(urls, free_port(), str(second), results, proceed))

@@ -6,7 +6,6 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from leagues.engine import Engine, SamplingParams
@@ -15,6 +14,7 @@ from leagues.parallel import ParallelConfig, build_mesh
 from leagues.sync import WEIGHT_SYNCS, BroadcastSync
 from leagues.train import LossConfig, OptimConfig, Trainer, TrainerConfig
 from leagues.types import Sample
+from tests import processes
 from tests.sync.test_distributed import free_port
 
 PROMPT = [5, 17, 33, 42, 8]
@@ -67,7 +67,7 @@ def _broadcast_rank(rank: int, port: int, second: str, results) -> None:
 
 def test_broadcast_sync_lands_the_sent_weights(tmp_path):
     second = write_tiny_moe(tmp_path / "second", seed=1)
-    ctx = mp.get_context("spawn")
+    ctx = processes.context()
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_broadcast_rank, args=(r, port, str(second), results)) for r in range(2)]
@@ -124,7 +124,7 @@ def _one_rank_sync(port: int, results) -> None:
 
 
 def test_one_rank_sync_hands_over_the_compute_copies_and_lands_the_masters_cast():
-    ctx = mp.get_context("spawn")
+    ctx = processes.context()
     results = ctx.Queue()
     proc = ctx.Process(target=_one_rank_sync, args=(free_port(), results))
     proc.start()

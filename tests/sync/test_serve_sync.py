@@ -2,12 +2,11 @@
 of a second checkpoint over `/init_weights_update_group` + `/update_weights_from_distributed` (gloo),
 and the server's greedy outputs and weight version then match that checkpoint."""
 
-import multiprocessing as mp
-
 import httpx
 
 from leagues.engine import Engine
 from leagues.model import write_tiny_moe
+from tests import processes
 from tests.serve.test_server import _launch, _wait_url
 
 from .test_distributed import GREEDY, PROMPTS, VERSION, _next, _trainer, free_port
@@ -16,7 +15,7 @@ from .test_distributed import GREEDY, PROMPTS, VERSION, _next, _trainer, free_po
 def test_leagues_serve_receives_broadcast_weights(tmp_path):
     second = write_tiny_moe(tmp_path / "second", seed=1)
     server = _launch()
-    ctx = mp.get_context("spawn")
+    ctx = processes.context()
     results, proceed = ctx.Queue(), ctx.Event()
     try:
         url = _wait_url(server)

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
@@ -16,6 +15,7 @@ from leagues.model.tiny import TINY_MOE_CONFIG
 from leagues.train import checkpoint as ckpt
 from leagues.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint, step_dir
 from leagues.train.optim import SKIPPED_KEY, OptimConfig, build_optimizer, build_scheduler, optimizer_step
+from tests import processes
 
 CFG = OptimConfig(lr=1e-2, warmup_steps=2, schedule="cosine", total_steps=6, min_lr_ratio=0.1)
 
@@ -239,7 +239,7 @@ def _fsdp_worker(rank: int, world_size: int, tmp: str) -> None:
 
 
 def test_fsdp2_two_ranks_save_load_and_export(tmp_path):
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    processes.start_ranks(_fsdp_worker, (2, str(tmp_path)), 2)
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
     path = step_dir(tmp_path / "ckpt", 2)
     model = Transformer(config_from_hf(TINY_MOE_CONFIG))

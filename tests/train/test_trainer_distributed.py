@@ -7,7 +7,6 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from leagues.model import Transformer, config_from_hf
 from leagues.parallel import ParallelConfig, full_state_dict
@@ -15,6 +14,7 @@ from leagues.train.critic import CriticConfig
 from leagues.train.losses import LossConfig
 from leagues.train.optim import OptimConfig
 from leagues.train.trainer import Trainer, TrainerConfig
+from tests import processes
 
 from .test_trainer import make_samples
 
@@ -111,7 +111,7 @@ def free_port() -> int:
 def test_two_ranks_match_one_process(ep, num_minibatches, kl_coef, tmp_path):
     """Mini-batches are cut from the global batch in rank order, so one process given that order makes the
     same updates; with a KL term, the reference's logprobs are the same on any split too."""
-    mp.spawn(_worker, args=(free_port(), ep, num_minibatches, kl_coef, str(tmp_path)), nprocs=2, join=True)
+    processes.start_ranks(_worker, (free_port(), ep, num_minibatches, kl_coef, str(tmp_path)), 2)
     got = torch.load(tmp_path / "result.pt")
     with one_thread():  # the ranks' reduction order: with more threads Adam magnifies the last bits of ~0 gradients
         single = make_trainer(num_minibatches=num_minibatches, kl_coef=kl_coef)
@@ -159,7 +159,7 @@ def _resume_worker(rank: int, port: int, out_dir: str) -> None:
 def test_expert_parallel_checkpoint_resumes_bitwise_and_exports(tmp_path):
     from leagues.train.checkpoint import export_hf
 
-    mp.spawn(_resume_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    processes.start_ranks(_resume_worker, (free_port(), str(tmp_path)), 2)
     got = torch.load(tmp_path / "resume.pt")
     model = Transformer(config_from_hf(CONFIG | {"architectures": ["Qwen3MoeForCausalLM"]}))
     model.init_weights(seed=9)
@@ -188,7 +188,7 @@ def _critic_worker(rank: int, port: int, ep: int, out_dir: str) -> None:
 def test_critic_two_ranks_match_one_process(ep, tmp_path):
     """The critic's values of each rank's samples, then a step of two mini-batches (FSDP2, with expert parallel):
     the same values, critic weights and critic metrics as one process."""
-    mp.spawn(_critic_worker, args=(free_port(), ep, str(tmp_path)), nprocs=2, join=True)
+    processes.start_ranks(_critic_worker, (free_port(), ep, str(tmp_path)), 2)
     ranks = [torch.load(tmp_path / f"critic{rank}.pt") for rank in range(2)]
     with one_thread():
         single = make_trainer(num_minibatches=2, critic=True)
