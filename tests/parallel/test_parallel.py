@@ -2,10 +2,10 @@
 
 Each test starts 2 ranks (forked from a preloaded server, `tests/processes.py`). Both build the same seeded
 model; each rank trains on its own packed sequences, with loss = (cross-entropy summed over its tokens) /
-(tokens over both ranks), so the sum of the ranks' losses is the global loss. Every rank also runs the single-
-process reference (the unsharded model on the union of both ranks' sequences, one packed batch) locally, and
-compares: logits, the full parameters after one SGD step with lr 1 (so a wrong gradient shows at its own scale),
-and `full_state_dict`.
+(tokens over both ranks), so the sum of the ranks' losses is the global loss. Every rank also runs the
+single-process reference (the unsharded model on the union of both ranks' sequences, one packed batch) locally,
+and compares: logits, the full parameters after one SGD step with lr 1 (so a wrong gradient shows at its own
+scale), and `full_state_dict`.
 """
 
 import os
