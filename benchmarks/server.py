@@ -19,16 +19,17 @@ arrival and from its engine's: where a request's wait is), `in_process_engine_tt
 and `from_engine_ms_mean` (the server's means of the hops between its front and its engine's loop),
 `inbox_ms_mean` and `in_process_inbox_ms_mean` (the engine's mean wait of a request in its loop's inbox: the
 engine's part of the hop to it), `front_cpu_share` and `engine_proc_cpu_share` (CPU seconds a second of the timed
-part of the server's process and of its engine's: 1.0 is one core busy throughout), `front`
+part of the server's front processes together and of its engine's: 1.0 is one core busy throughout), `front`
 (`process`: the server's engine in its own process, `leagues serve`'s default; `thread`: on a thread of the
-server's process, with `--engine_process false`), plus the card and the load).
+server's process, with `--engine_process false`), `fronts` (front processes, `--fronts`), plus the card and the
+load).
 
     PYTHONPATH=. python benchmarks/server.py [--model tiny-moe] [--clients 8,64] [--stream both] [--requests 4]
         [--warmup-requests 2]
         [--new-tokens 128] [--client-procs 4] [--profile] [--engine.FIELD VALUE ...]
 
 `--engine.FIELD VALUE` (an `EngineConfig` field, as `leagues serve` takes it) goes to both engines; other
-unknown options go to `leagues serve` alone (`--engine_process false`).
+unknown options go to `leagues serve` alone (`--engine_process false`, `--fronts 4`).
 
 `--profile` runs the server under py-spy (which must be on PATH), sampling only the threads that hold a GIL (the
 engine's process too), and writes $OUT/server-profile.txt: each thread's share of the GIL while serving and its
@@ -152,11 +153,11 @@ def run_server(
     load: tuple[int, int],
     procs: int,
     first: int | None,
-    cpu_of: dict[str, int] | None = None,
+    cpu_of: dict[str, list[int]] | None = None,
 ) -> dict:
     """`clients` clients over `procs` processes, each sending `load` = (warm-up, timed) requests one after another;
     the summary of the timed ones, with the server's own means over them (`_server_side`) and, for each process of
-    `cpu_of` (name: pid), `{name}_cpu_share`: its CPU seconds (all threads) per second of the timed part (1.0: one
+    `cpu_of` (name: pids), `{name}_cpu_share`: their CPU seconds (all threads) per second of the timed part (1.0: one
     core busy throughout)."""
     procs = max(1, min(procs, clients))
     shares = [clients // procs + (i < clients % procs) for i in range(procs)]
@@ -180,11 +181,22 @@ def run_server(
     return _summary(results) | _server_side(before, _metrics(url)) | shares
 
 
-def _cpu_s(pid: int) -> float:
-    """A process's CPU seconds so far, user and system, all its threads (Linux's /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_s(pids: list[int]) -> float:
+    """Processes' CPU seconds so far, user and system, all their threads (Linux's /proc)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _front_pids(server_pid: int, engine_pid: int | None) -> list[int]:
+    """The server's front processes: the server's own, and with `--fronts N` its children but the engine (the
+    server's process then only watches them)."""
+    with open(f"/proc/{server_pid}/task/{server_pid}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    return [server_pid, *(p for p in children if p != engine_pid)]
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -346,6 +358,7 @@ def _row(args, c: int, stream: bool, served: dict, mine: dict, card: str) -> dic
         front_cpu_share=served.get("front_cpu_share"),
         engine_proc_cpu_share=served.get("engine_proc_cpu_share"),
         front=_front(args.serve_extra),
+        fronts=int(dict(zip(args.serve_extra, args.serve_extra[1:], strict=False)).get("--fronts", 1)),
         stream_interval=int(
             dict(zip(args.serve_extra, args.serve_extra[1:], strict=False)).get("--stream_interval", 1)
         ),
@@ -409,8 +422,8 @@ def main():
     prefix = f"py-spy record --threads --subprocesses --gil --rate 250 --format raw -o {raw} --" if args.profile else ""
     proc, url = launch(args.model, serve_extra, prefix)
     engine_pid = httpx.get(f"{url}/get_server_info", timeout=30).json().get("engine_pid")
-    cpu_of = {} if args.profile else {"front": proc.pid}  # under the profiler, proc is py-spy's
-    cpu_of |= {"engine_proc": engine_pid} if engine_pid is not None else {}
+    cpu_of = {} if args.profile else {"front": _front_pids(proc.pid, engine_pid)}  # under the profiler: py-spy's
+    cpu_of |= {"engine_proc": [engine_pid]} if engine_pid is not None else {}
     try:
         for c in clients:
             for stream in streams:

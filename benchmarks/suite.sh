@@ -13,6 +13,7 @@
 #   server-thread   the same with the server's engine on a thread of its process (`--engine_process false`)
 #   server-mixed    the same with the engine's mixed steps (`--engine.mixed_steps true`, both sides)
 #   server-interval the same with `--stream_interval 4` (an output's tokens sent 4 at a time)
+#   server-fronts   the same with `--fronts 4` (four HTTP front processes over the one engine process)
 #   server-admit    the same with arrivals deferred for 4 decode steps (`--engine.admit_after_decode_steps 4`, both sides)
 #   server-profile  64 streaming clients with the server under py-spy (needs py-spy on PATH)
 #   server-front    the HTTP front alone before a stand-in engine that costs nothing (benchmarks/server_front.py)
@@ -75,6 +76,8 @@ for part in "$@"; do
         --client-procs 8 --tag mixed-steps --engine.mixed_steps true ;;
     server-interval) run server-interval 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
         --client-procs 8 --tag stream-interval-4 --stream_interval 4 ;;
+    server-fronts) run server-fronts 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
+        --client-procs 8 --tag fronts-4 --fronts 4 ;;
     server-admit) run server-admit 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 8,64 --stream both \
         --client-procs 8 --tag admit-4 --engine.admit_after_decode_steps 4 ;;
     server-profile) run server-profile 250 python3 benchmarks/server.py --model "$ANCHOR" --clients 64 \

@@ -25,6 +25,7 @@ from leagues.model import resolve_model_path  # noqa: E402
 SHARED_FIXTURE_GROUPS = {
     "tests/serve/test_engine_process.py": "engine-process",
     "tests/serve/test_fleet.py": "fleet",
+    "tests/serve/test_fronts.py": "fronts",
     "tests/serve/test_openai_tools.py": "scripted",
     "tests/serve/test_router.py": "router",
     "tests/serve/test_server.py": "server",

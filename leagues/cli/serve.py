@@ -27,10 +27,14 @@ Decisions:
 """
 
 import asyncio
+import contextlib
 import os
+import shutil
 import socket
 import sys
+import threading
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from leagues.cli import LOOPBACK, UsageError
@@ -66,6 +70,10 @@ class ServeConfig:
     engine_process: bool = True
     """Run the engine in a process of its own, so the HTTP front and the engine never wait for each other's GIL;
     false: on a thread of the server's process."""
+    fronts: int = 1
+    """HTTP front processes over the one engine process (needs engine_process): each parses, tokenizes,
+    detokenizes and streams the connections it accepts from the shared port, so streaming clients get more than
+    one core of front work. /metrics sums every front's counts; agent sessions (/sessions) need one front."""
     stream_interval: int = 1
     """Tokens a streamed output gathers before the server sends them (SGLang's `--stream-interval`): a chunk of
     `/generate` and `/v1/...` streams every N tokens of an output, and its last at its end. Larger costs the
@@ -78,13 +86,14 @@ class ServeConfig:
             raise ValueError(f"port: must be in 0..65535, got {self.port}")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval: must be at least 1 token, got {self.stream_interval}")
+        if self.fronts < 1:
+            raise ValueError(f"fronts: must be at least 1, got {self.fronts}")
+        if self.fronts > 1 and not self.engine_process:
+            raise ValueError("fronts: several fronts share an engine process; drop --engine_process false")
 
 
 def run_serve(cfg: ServeConfig) -> int:
-    import uvicorn
-
     from leagues.engine import Engine
-    from leagues.serve.server import create_app
 
     api_key = cfg.api_key or os.environ.get("LEAGUES_API_KEY") or None
     admin_key = cfg.admin_key or os.environ.get("LEAGUES_ADMIN_KEY") or None
@@ -92,30 +101,140 @@ def run_serve(cfg: ServeConfig) -> int:
     if cfg.weights_root is not None and not Path(cfg.weights_root).is_dir():
         raise UsageError(f"weights_root: {cfg.weights_root} is not a directory")
     path = resolve_model_dir(cfg.model)
-    sock = _bind(cfg.host, cfg.port)
+    sock = _bind(cfg.host, cfg.port, reuse_port=cfg.fronts > 1)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{_url_host(host)}:{port}"
+    if cfg.fronts > 1:
+        return _run_fronts(cfg, path, sock, url, (api_key, admin_key))  # `sock` holds the port while they start
     try:
         engine = EngineProcess(path, cfg.engine) if cfg.engine_process else Engine(path, config=cfg.engine)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    try:
+        _serve_front(
+            cfg, engine, sock, (api_key, admin_key), partial(print, f"leagues serve: listening on {url}", flush=True)
+        )
+    finally:
+        engine.close()
+    return 0
+
+
+def _serve_front(cfg: ServeConfig, engine, sock: socket.socket, keys: tuple, on_started) -> None:
+    """One HTTP front: the app over `engine` on `sock` until uvicorn stops (a signal); `on_started` once it serves."""
+    import uvicorn
+
+    from leagues.serve.server import create_app
+
     app = create_app(
         engine,
-        api_key=api_key,
-        admin_key=admin_key,
+        api_key=keys[0],
+        admin_key=keys[1],
         limits=cfg.limits,
         weights_root=cfg.weights_root,
         served_model_name=cfg.served_model_name,
         stream_interval=cfg.stream_interval,
+        fronts=cfg.fronts,
     )
-    _mount_sessions(app)
+    _mount_sessions(app, cfg.fronts)
     server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
-    host, port = sock.getsockname()[:2]
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(_serve(server, sock, on_started))
+
+
+# --- several fronts ----------------------------------------------------------------------------------------
+
+
+def _run_fronts(cfg: ServeConfig, path: Path, sock: socket.socket, url: str, keys: tuple) -> int:
+    """`--fronts N`: this process starts the engine process and N front processes, each with its own link to
+    the engine and its own socket on the port (`SO_REUSEPORT`: the kernel spreads connections evenly over them;
+    one shared listening socket would hand most to whichever front waits longest), then watches them: a signal
+    or a front that exits stops them all. Their metrics go to one directory (`metrics.py`)."""
+    import multiprocessing
+    import signal
+    import tempfile
+    from multiprocessing.connection import wait
+
+    metrics_dir = tempfile.mkdtemp(prefix="leagues-serve-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before the fronts start: they read it at import
+    context = multiprocessing.get_context("spawn")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            runner.run(_serve(server, sock, f"http://{_url_host(host)}:{port}"))
+        engine = EngineProcess(path, cfg.engine, links=cfg.fronts)
+    except ValueError as e:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        raise UsageError(str(e)) from None
+    if stop.is_set():  # stopped while the engine loaded
+        engine.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        return 0
+    lifeline, held = context.Pipe(duplex=False)  # a front whose reading end sees EOF stops: this process is gone
+    started = [context.Event() for _ in range(cfg.fronts)]
+    fronts = [
+        context.Process(
+            target=_front_main,
+            args=(cfg, link, sock.getsockname()[:2], keys, lifeline, ready),
+            name=f"leagues-front-{i}",
+        )
+        for i, (link, ready) in enumerate(zip(engine.links, started, strict=True))
+    ]
+    code = 0
+    try:
+        for front in fronts:
+            front.start()
+        for link in engine.links:
+            link.close()  # the fronts hold them now: a front that dies closes its link, and the engine aborts its work
+        lifeline.close()
+        sentinels = [front.sentinel for front in fronts]
+        while not stop.is_set() and not all(e.is_set() for e in started):
+            if wait(sentinels, timeout=0.1):
+                break
+        sock.close()  # never listening, it only held the port until the fronts bound theirs
+        if all(e.is_set() for e in started):
+            print(f"leagues serve: listening on {url} ({cfg.fronts} fronts)", flush=True)
+        while not stop.is_set() and not wait(sentinels, timeout=0.2):
+            pass
+        gone = [f for f in fronts if f.exitcode is not None]
+        if gone and not stop.is_set():
+            print(f"leagues serve: {gone[0].name} exited (code {gone[0].exitcode}); stopping", file=sys.stderr)
+            code = 1
+    finally:
+        for front in fronts:
+            if front.is_alive():
+                front.terminate()  # uvicorn's graceful shutdown
+        for front in fronts:
+            front.join(timeout=15)
+            if front.is_alive():
+                front.kill()
+                front.join()
+        held.close()
+        engine.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return code
+
+
+def _front_main(cfg: ServeConfig, link, address: tuple, keys: tuple, lifeline, started) -> None:
+    """A front process of `--fronts N`: an `EngineLink` over `link` and the app on a socket of its own on `address`
+    (host, port), beside the other fronts'."""
+    import signal
+
+    from leagues.serve.engine_process import EngineLink
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the supervisor stops the fronts
+
+    def watch() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            lifeline.recv()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="leagues-front-lifeline", daemon=True).start()
+    engine = EngineLink.attach(link)
+    try:
+        _serve_front(cfg, engine, _bind(*address, reuse_port=True), keys, started.set)
     finally:
         engine.close()
-    return 0
 
 
 def _check_exposure(cfg: ServeConfig, api_key: str | None, admin_key: str | None) -> None:
@@ -136,16 +255,21 @@ def _check_exposure(cfg: ServeConfig, api_key: str | None, admin_key: str | None
         print(f"leagues serve: warning: {warning}", file=sys.stderr)
 
 
-def _mount_sessions(app) -> None:
+def _mount_sessions(app, fronts: int = 1) -> None:
     """Agent sessions (`/sessions`, `leagues.serve.sessions`) when the model's chat template can be bridged: within
     the server's `limits.max_sessions`, refused while the engine sleeps, their turns in the server's requests in
-    flight."""
+    flight. With several fronts the routes answer 501: a session lives in one front, and its next request may
+    reach another."""
     from leagues.agent.ledger import LedgerError
     from leagues.serve.sessions import ServedClient, SessionStore, session_router
 
     state = app.state.leagues
     engine = state.engine
     if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
+        return
+    if fronts > 1:
+        app.add_api_route("/sessions", _no_sessions, methods=["POST"])
+        app.add_api_route("/sessions/{rest:path}", _no_sessions, methods=["POST"])
         return
     client = ServedClient(engine, state.in_flight)
     try:
@@ -158,10 +282,19 @@ def _mount_sessions(app) -> None:
     app.include_router(session_router(store))
 
 
-def _bind(host: str, port: int) -> socket.socket:
+async def _no_sessions():
+    from leagues.serve.api_common import error_response
+
+    message = "agent sessions need one HTTP front: this server runs several (leagues serve --fronts 1 serves them)"
+    return error_response(501, message, "server_error")
+
+
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -184,10 +317,10 @@ def event_loop_factory():
     return uvloop.new_event_loop
 
 
-async def _serve(server, sock: socket.socket, url: str) -> None:
+async def _serve(server, sock: socket.socket, on_started) -> None:
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
-        print(f"leagues serve: listening on {url}", flush=True)
+        on_started()
     await task

@@ -37,6 +37,7 @@ Decisions:
 """
 
 import asyncio
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -127,6 +128,8 @@ async def get_server_info(request: Request):
         "num_running": status.num_running,
         "num_in_flight_requests": len(state.in_flight),
         "engine_pid": engine.pid,
+        "fronts": state.fronts,
+        "front_pid": os.getpid(),
         "version": request.app.version,
     }
 
@@ -144,10 +147,12 @@ async def abort_request(req: AbortRequest, request: Request):
         raise APIError(422, "rid: give a request id, or abort_all: true", param="rid")
     if req.abort_all:
         require_admin(request, param="abort_all")
-    rids = list(state.in_flight) if req.abort_all else [req.rid]
-    for rid in rids:
-        state.engine.abort(rid)
-    return {"success": True, "message": f"aborted {len(rids)} request(s)"}
+    if req.abort_all:  # every front's requests, where the engine serves several
+        count = await asyncio.to_thread(state.engine.abort_all, list(state.in_flight))
+    else:
+        state.engine.abort(req.rid)
+        count = 1
+    return {"success": True, "message": f"aborted {count} request(s)"}
 
 
 @admin.post("/update_weights_from_disk")

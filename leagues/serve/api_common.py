@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from leagues.engine.output import Output
 from leagues.engine.requests import prompt_ids
-from leagues.serve.engine_process import EngineGone, EngineProcess, InProcess
+from leagues.serve.engine_process import EngineGone, EngineLink, InProcess
 from leagues.serve.metrics import ServerMetrics
 from leagues.serve.protocol import ServerLimits
 from leagues.types import SamplingParams
@@ -69,9 +69,10 @@ class Caller(StrEnum):
 
 @dataclass(slots=True)
 class ServerState:
-    """What the routes share: the engine (`InProcess` or `EngineProcess`), the metrics, and the requests in flight."""
+    """What the routes share: the engine (`InProcess`, or an `EngineLink` to its process), the metrics, and the
+    requests in flight."""
 
-    engine: "InProcess | EngineProcess"
+    engine: "InProcess | EngineLink"
     metrics: ServerMetrics
     model_path: str
     served_model_name: str
@@ -84,6 +85,8 @@ class ServerState:
     """A weight-group join is under way (one at a time: each holds a worker thread until the group forms)."""
     stream_interval: int = 1
     """Tokens a streamed output gathers before the routes send them (its last chunk goes at its end whatever)."""
+    fronts: int = 1
+    """Front processes serving the same engine (`leagues serve --fronts`); this is one of them."""
     mailbox: "Mailbox | None" = None
     """Streamed tokens' way from the thread that delivers them to the event loop (`mailbox_of`)."""
 

@@ -2,11 +2,12 @@
 
     handle = InProcess(Engine(path))                     # the engine on a thread of this process
     handle = EngineProcess(path, EngineConfig())         # `leagues serve`: the engine in a child process
+    handle = EngineLink.attach(conn)                     # another front's link to it (`EngineProcess(links=N)`)
     future = handle.submit(prompt_ids, params, rid, on_token)      # a concurrent Future of the n outputs
 
-Both give the routes one surface: `submit`, `abort`, `generate_async`, the blocking calls (`flush_cache`,
-`sleep`, `wake`, `load_from_disk`, `weight_group`), `status()` (alive, asleep, weight version, stats, queues,
-cache) and what never changes (`model_path`, `tokenizer`, `max_model_len`, `config`, `family`).
+All give the routes one surface: `submit`, `abort`, `generate_async`, the blocking calls (`abort_all`,
+`flush_cache`, `sleep`, `wake`, `load_from_disk`, `weight_group`), `status()` (alive, asleep, weight version,
+stats, queues, cache) and what never changes (`model_path`, `tokenizer`, `max_model_len`, `config`, `family`).
 
 Why a process of its own: in one process the event loop (HTTP parsing, SSE writes, detokenizing) and the
 engine's loop thread take turns holding the GIL, so every streamed token's front work delays the next decode
@@ -22,9 +23,12 @@ Decisions:
 - Prompts are tokenized and checked in the front, against the engine's own `PromptLimits`: a bad prompt fails
   before it crosses, and tokenizing costs the engine's process nothing.
 - Status comes with every message from the child (at least every 0.2 s); `fresh_status()` asks for it now.
-- The child ends when the pipe closes (the front is gone, however it ended). If the child dies, every request
-  and call in flight fails with its exit code, `status().alive` turns False (`/health`: 503), and new requests
-  fail at once.
+- One engine process can serve several fronts (`leagues serve --fronts N`): each front has a pipe of its own
+  (an `EngineLink`), the child serves each on a thread and sends each link's tokens and answers on that link.
+  `abort_all` aborts every link's requests; a link that closes has its requests aborted.
+- The child ends when the first pipe closes (the process that started it is gone, however it ended). If the
+  child dies, every request and call in flight fails with its exit code, `status().alive` turns False
+  (`/health`: 503), and new requests fail at once.
 - Blocking calls (sleep, wake, weight loads, weight-group joins) run on worker threads of the child, so its pipe
   keeps taking requests and aborts meanwhile.
 """
@@ -128,6 +132,12 @@ class InProcess:
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
+    def abort_all(self, request_ids: list[str]) -> int:
+        """Abort `request_ids` (the server's requests in flight: its engine serves nobody else); returns how many."""
+        for rid in request_ids:
+            self.engine.abort(rid)
+        return len(request_ids)
+
     async def generate_async(self, prompt, params=None, request_id=None, on_token=None) -> list[Output]:
         return await asyncio.wrap_future(self.submit(prompt, params or SamplingParams(), request_id, on_token))
 
@@ -162,8 +172,8 @@ class InProcess:
 
 # --- the engine in a child process --------------------------------------------------------------------------
 
-_CALLS = frozenset({"flush_cache", "sleep", "wake", "load_from_disk", "weight_group", "status"})
-"""What the front may ask the child to run (`InProcess` methods)."""
+_CALLS = frozenset({"flush_cache", "sleep", "wake", "load_from_disk", "weight_group", "status", "abort_all"})
+"""What a front may ask the child to run (`InProcess` methods; `abort_all` is the child's, over every link)."""
 
 _ERRORS = {"ValueError": ValueError, "OSError": OSError, "FileNotFoundError": OSError, "TimeoutError": TimeoutError}
 
@@ -177,23 +187,14 @@ def _rebuild(kind: str, message: str) -> Exception:
     return _ERRORS[kind](message) if kind in _ERRORS else RuntimeError(f"{kind}: {message}")
 
 
-class EngineProcess:
-    """An `Engine` in a child process (spawned, so CUDA starts clean), with `InProcess`'s surface.
+class EngineLink:
+    """The front's end of one link to the engine's process, with `InProcess`'s surface. `EngineProcess` is the link
+    of the process that started the engine; a front of `leagues serve --fronts N` takes one of its `links` with
+    `EngineLink.attach`."""
 
-    `start_timeout_s` bounds loading the model and building the engine; an engine that cannot be built raises
-    here (a ValueError for a bad config, as `Engine` would)."""
-
-    def __init__(self, model_path: str | Path, config: EngineConfig, start_timeout_s: float = 3600.0) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_end = context.Pipe()
-        self._proc = context.Process(target=run_child, args=(child_end, str(model_path), config), name="leagues-engine")
-        self._proc.start()
-        child_end.close()
-        kind, info = self._first_message(start_timeout_s)
-        if kind == "failed":
-            self._proc.join(timeout=10)
-            raise _rebuild(*info)
-        self.model_path, self.config = info["model_path"], config
+    def __init__(self, conn, info: dict, proc=None) -> None:
+        self._conn, self._proc = conn, proc
+        self.model_path, self.config, self._pid = info["model_path"], info["config"], info["pid"]
         self.max_model_len, self.family, self.limits = info["max_model_len"], info["family"], info["limits"]
         self._status: EngineStatus = info["status"]
         self.tokenizer = checkpoint_tokenizer(Path(self.model_path))  # the engine's own choice, made the same way
@@ -205,15 +206,14 @@ class EngineProcess:
         self._receiver = threading.Thread(target=self._receive, name="leagues-engine-link", daemon=True)
         self._receiver.start()
 
-    def _first_message(self, timeout_s: float) -> tuple[str, object]:
-        deadline = time.monotonic() + timeout_s
-        while not self._conn.poll(0.5):
-            if not self._proc.is_alive():
-                raise RuntimeError(f"the engine process exited while starting (code {self._proc.exitcode})")
-            if time.monotonic() > deadline:
-                self._proc.kill()
-                raise RuntimeError(f"the engine process did not start within {timeout_s:g} s")
-        return pickle.loads(self._conn.recv_bytes())
+    @classmethod
+    def attach(cls, conn, start_timeout_s: float = 3600.0) -> "EngineLink":
+        """The link over `conn`, one of an `EngineProcess`'s `links` handed to this process, once the engine says
+        it is ready."""
+        kind, info = _first_message(conn, None, start_timeout_s)
+        if kind == "failed":
+            raise _rebuild(*info)
+        return cls(conn, info)
 
     # --- the surface ------------------------------------------------------------------------------------------
 
@@ -234,7 +234,7 @@ class EngineProcess:
     @property
     def pid(self) -> int | None:
         """The engine process's id (`/get_server_info`'s `engine_pid`)."""
-        return self._proc.pid
+        return self._pid
 
     @property
     def asleep(self) -> bool:
@@ -265,6 +265,11 @@ class EngineProcess:
         with contextlib.suppress(RuntimeError):  # nothing to abort in an engine that is gone
             self._send(("abort", request_id))
 
+    def abort_all(self, request_ids: list[str]) -> int:
+        """Abort every request in the engine, whichever front sent it (`request_ids`, this front's, are among
+        them); returns how many were aborted (blocking)."""
+        return self._call("abort_all")
+
     async def generate_async(self, prompt, params=None, request_id=None, on_token=None) -> list[Output]:
         return await asyncio.wrap_future(self.submit(prompt, params or SamplingParams(), request_id, on_token))
 
@@ -284,12 +289,9 @@ class EngineProcess:
         return self._call("weight_group", route, req, timeout_s)
 
     def close(self) -> None:
+        """Leave the engine: its requests from this link are aborted (the engine runs on for the other links)."""
         with contextlib.suppress(RuntimeError):
             self._send(("close",))
-        self._proc.join(timeout=30)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(timeout=10)
         self._conn.close()
 
     # --- the pipe --------------------------------------------------------------------------------------------
@@ -327,9 +329,13 @@ class EngineProcess:
             pass
         except Exception as err:  # a message this side cannot take: the link is lost, so is the engine
             reason = f"{type(err).__name__}: {err}"
-            self._proc.kill()
-        self._proc.join(timeout=5)
-        self._failure = f"the engine process exited (code {self._proc.exitcode})"
+            if self._proc is not None:
+                self._proc.kill()
+        if self._proc is not None:
+            self._proc.join(timeout=5)
+            self._failure = f"the engine process exited (code {self._proc.exitcode})"
+        else:
+            self._failure = "the engine process exited"
         if reason is not None:
             self._failure += f" after its link failed ({reason})"
         error = EngineGone(self._failure)
@@ -363,6 +369,56 @@ class EngineProcess:
             future = self._calls.pop(call_id, None)
             if future is not None:
                 resolve(future, value) if ok else resolve(future, error=_rebuild(*value))
+
+
+class EngineProcess(EngineLink):
+    """An `Engine` in a child process (spawned, so CUDA starts clean), with `InProcess`'s surface.
+
+    `start_timeout_s` bounds loading the model and building the engine; an engine that cannot be built raises
+    here (a ValueError for a bad config, as `Engine` would). `links` more links to the same engine are made for
+    other processes (`self.links`, each taken by one `EngineLink.attach`); the engine ends when this object's own
+    link closes, whatever the others do."""
+
+    def __init__(
+        self, model_path: str | Path, config: EngineConfig, start_timeout_s: float = 3600.0, links: int = 0
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        pipes = [context.Pipe() for _ in range(1 + links)]
+        proc = context.Process(
+            target=run_child, args=([child for _, child in pipes], str(model_path), config), name="leagues-engine"
+        )
+        proc.start()
+        for _, child in pipes:
+            child.close()
+        kind, info = _first_message(pipes[0][0], proc, start_timeout_s)
+        if kind == "failed":
+            proc.join(timeout=10)
+            raise _rebuild(*info)
+        super().__init__(pipes[0][0], info, proc)
+        self.links = [front for front, _ in pipes[1:]]
+        """The other links' front ends, to hand to the processes that take them (and then close here)."""
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._send(("close",))
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=10)
+        self._conn.close()
+
+
+def _first_message(conn, proc, timeout_s: float) -> tuple[str, object]:
+    """The child's first message on `conn` (ready, or failed); `proc`, when this process started it, is watched."""
+    deadline = time.monotonic() + timeout_s
+    while not conn.poll(0.5):
+        if proc is not None and not proc.is_alive():
+            raise RuntimeError(f"the engine process exited while starting (code {proc.exitcode})")
+        if time.monotonic() > deadline:
+            if proc is not None:
+                proc.kill()
+            raise RuntimeError(f"the engine process did not start within {timeout_s:g} s")
+    return pickle.loads(conn.recv_bytes())
 
 
 class _Outbox:
@@ -401,74 +457,127 @@ class _Outbox:
         self.thread.join(timeout=5)
 
 
-def run_child(conn, model_path: str, config: EngineConfig) -> None:
-    """The engine process: build the engine, say it is ready, then serve the pipe until it closes."""
+def run_child(conns: list, model_path: str, config: EngineConfig) -> None:
+    """The engine process: build the engine, say it is ready on every link, then serve them; it ends when the
+    first link (that of the process that started it) closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front decides when to stop
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         engine = InProcess(Engine(model_path, config=config))
     except Exception as err:
-        conn.send_bytes(pickle.dumps(("failed", _error_of(err))))
+        for conn in conns:
+            conn.send_bytes(pickle.dumps(("failed", _error_of(err))))
         return
-    outbox = _Outbox(conn, engine.status)
     info = {
         "model_path": engine.model_path,
+        "config": config,
+        "pid": os.getpid(),
         "max_model_len": engine.max_model_len,
         "family": engine.family,
         "limits": engine.engine.prompt_limits,
         "status": engine.status(),
     }
-    conn.send_bytes(pickle.dumps(("ready", info)))
-    outbox.thread.start()
     workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="leagues-engine-call")
+    child = _Child(engine, workers)
+    links = [_Link(child, conn) for conn in conns]
+    child.links = links
+    for link in links:
+        link.conn.send_bytes(pickle.dumps(("ready", info)))
+        link.outbox.thread.start()
+    for link in links[1:]:
+        threading.Thread(target=link.serve, name="leagues-engine-pipe", daemon=True).start()
     try:
-        _serve_pipe(conn, engine, outbox, workers)
+        links[0].serve()
     finally:
         workers.shutdown(wait=False, cancel_futures=True)
         engine.close()
-        outbox.close()
+        for link in links:
+            link.outbox.close()
         # now, not once every worker returns: one may wait minutes in a weight-group broadcast whose sender is
         # gone, and this process holds the GPU memory a restarted server needs
         os._exit(0)
 
 
-def _serve_pipe(conn, engine: InProcess, outbox: _Outbox, workers: ThreadPoolExecutor) -> None:
-    with contextlib.suppress(EOFError, OSError):
-        while True:
-            message = pickle.loads(conn.recv_bytes())
-            kind = message[0]
-            if kind == "add":
-                _, rid, ids, params = message
-                _add(engine, outbox, rid, ids, params)
-            elif kind == "abort":
-                engine.abort(message[1])
-            elif kind == "call":
-                _, call_id, name, args = message
-                workers.submit(_answer, engine, outbox, call_id, name, args)
-            elif kind == "close":
-                return
+@dataclass(slots=True)
+class _Child:
+    """What the engine process's links share: the engine, the call workers, and the links themselves."""
+
+    engine: InProcess
+    workers: ThreadPoolExecutor
+    links: list["_Link"] = field(default_factory=list)
+    joining: threading.Lock = field(default_factory=threading.Lock)
+    """Held while a weight-group join waits for its group: one at a time, whichever front asked."""
+
+    def abort_all(self) -> int:
+        rids = [rid for link in self.links for rid in list(link.owned)]
+        for rid in rids:
+            self.engine.abort(rid)
+        return len(rids)
 
 
-def _add(engine: InProcess, outbox: _Outbox, rid: str, ids: list[int], params: SamplingParams) -> None:
-    def on_token(index: int, token_id: int, logprob: float) -> None:  # on the engine's thread
-        outbox.put(("token", rid, index, token_id, logprob))
+class _Link:
+    """The engine's end of one link: the requests that came over it (`owned`), and its outbox."""
 
-    def finished(future: Future) -> None:
-        error = future.exception()
-        outbox.put(("done", rid, future.result()) if error is None else ("failed", rid, _error_of(error)))
+    def __init__(self, child: _Child, conn) -> None:
+        self.child, self.conn = child, conn
+        self.outbox = _Outbox(conn, child.engine.status)
+        self.owned: set[str] = set()
 
-    try:
-        future = engine.submit(ids, params, rid, on_token)
-    except Exception as err:  # the front checked the prompt; anything left fails this request only
-        outbox.put(("failed", rid, _error_of(err)))
-        return
-    future.add_done_callback(finished)
+    def serve(self) -> None:
+        """Take the link's messages until it closes; then abort what it asked for and nobody will read."""
+        engine = self.child.engine
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                message = pickle.loads(self.conn.recv_bytes())
+                kind = message[0]
+                if kind == "add":
+                    _, rid, ids, params = message
+                    self._add(rid, ids, params)
+                elif kind == "abort":
+                    engine.abort(message[1])
+                elif kind == "call":
+                    _, call_id, name, args = message
+                    self.child.workers.submit(self._answer, call_id, name, args)
+                elif kind == "close":
+                    break
+        for rid in list(self.owned):
+            engine.abort(rid)
 
+    def _add(self, rid: str, ids: list[int], params: SamplingParams) -> None:
+        outbox = self.outbox
 
-def _answer(engine: InProcess, outbox: _Outbox, call_id: int, name: str, args: tuple) -> None:
-    try:
-        if name not in _CALLS:
-            raise ValueError(f"unknown engine call {name!r}")
-        outbox.put(("answer", call_id, True, getattr(engine, name)(*args)))
-    except Exception as err:
-        outbox.put(("answer", call_id, False, _error_of(err)))
+        def on_token(index: int, token_id: int, logprob: float) -> None:  # on the engine's thread
+            outbox.put(("token", rid, index, token_id, logprob))
+
+        def finished(future: Future) -> None:
+            self.owned.discard(rid)
+            error = future.exception()
+            outbox.put(("done", rid, future.result()) if error is None else ("failed", rid, _error_of(error)))
+
+        self.owned.add(rid)  # before the engine has it: it may finish at once
+        try:
+            future = self.child.engine.submit(ids, params, rid, on_token)
+        except Exception as err:  # the front checked the prompt; anything left fails this request only
+            self.owned.discard(rid)
+            outbox.put(("failed", rid, _error_of(err)))
+            return
+        future.add_done_callback(finished)
+
+    def _answer(self, call_id: int, name: str, args: tuple) -> None:
+        try:
+            if name not in _CALLS:
+                raise ValueError(f"unknown engine call {name!r}")
+            if name == "abort_all":
+                value = self.child.abort_all()
+            elif name == "weight_group" and args[0] == "init_weights_update_group":
+                if not self.child.joining.acquire(blocking=False):
+                    raise ValueError("a weight-group join is already under way")
+                try:
+                    value = self.child.engine.weight_group(*args)
+                finally:
+                    self.child.joining.release()
+            else:
+                value = getattr(self.child.engine, name)(*args)
+            self.outbox.put(("answer", call_id, True, value))
+        except Exception as err:
+            self.outbox.put(("answer", call_id, False, _error_of(err)))

@@ -6,6 +6,10 @@ latencies, and `GET /metrics` refreshes the engine gauges and renders the regist
 Decisions:
 - A registry per app, never prometheus-client's global one: two servers (or tests) in one process stay
   apart, and there is no module-level mutable state.
+- Several front processes (`leagues serve --fronts N`) count into one set of files: `leagues serve` sets
+  `PROMETHEUS_MULTIPROC_DIR` before it starts them (prometheus-client reads it at import), and `render` then sums
+  every front's counters and histograms, whichever front a scrape reaches; an engine gauge is the value a front
+  set last (they all read the same engine).
 - Engine gauges (queue, running, KV blocks, prefix hits) are read at scrape time, not pushed from the
   engine thread: scrapes are rare, steps are not. Reading lengths of the engine's containers from another
   thread is a benign race (a value one step old).
@@ -16,7 +20,15 @@ Decisions:
   vLLM/SGLang conventions with a `leagues_` prefix.
 """
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+from functools import partial
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import Gauge as _Gauge
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+Gauge = partial(_Gauge, multiprocess_mode="mostrecent")  # the mode matters only when several fronts count
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -87,4 +99,8 @@ class ServerMetrics:
         self.weight_version.set(status.weight_version)
 
     def render(self) -> bytes:
+        if os.environ.get(MULTIPROC_DIR):  # several fronts: every front's files, this one's included
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)

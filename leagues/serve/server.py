@@ -249,10 +249,12 @@ def create_app(
     weights_root: str | Path | None = None,
     served_model_name: str | None = None,
     stream_interval: int = 1,
+    fronts: int = 1,
 ) -> FastAPI:
     """The server's FastAPI app around a running (or lazily started) engine, of this process or its own;
     `weights_root`: the directory `/update_weights_from_disk` may load from (None: anywhere); `stream_interval`:
-    the tokens a streamed output gathers before they are sent (`ServerState.stream_interval`)."""
+    the tokens a streamed output gathers before they are sent (`ServerState.stream_interval`); `fronts`: how many
+    front processes serve the same engine (`/get_server_info` says)."""
     engine = InProcess(engine) if isinstance(engine, Engine) else engine
     path = str(engine.model_path) if engine.model_path is not None else ""
     metrics = ServerMetrics()
@@ -261,7 +263,7 @@ def create_app(
     name = served_model_name or Path(path).name or "leagues"
     root = Path(weights_root) if weights_root is not None else None
     app.state.leagues = ServerState(
-        engine, metrics, path, name, limits=limits, weights_root=root, stream_interval=stream_interval
+        engine, metrics, path, name, limits=limits, weights_root=root, stream_interval=stream_interval, fronts=fronts
     )
     routers = (api_sglang.router, api_openai.router, api_admin.router, api_admin.admin)
     for router in routers:
