@@ -22,6 +22,10 @@ Decisions:
   event loop is uvloop's where it is installed, and the interpreter hands the GIL between threads every 0.5 ms
   instead of 5 (with `--engine_process false` the engine's loop thread then waits less for the event loop's
   bursts).
+- `--fronts N` (N > 1): this process starts the engine process and N front processes and watches them (a signal,
+  or a front that exits, stops all); each front has its own link to the engine and its own `SO_REUSEPORT` socket
+  on the port, and the fronts count into one set of metrics files (`leagues.serve.metrics`). A front whose
+  watcher (this process) is gone stops itself.
 - Agent sessions (`POST /sessions`, `/sessions/{id}/v1/chat/completions`, `/sessions/{id}/close`,
   `leagues.serve.sessions`) are mounted beside the APIs when the chat template is append-only.
 """
@@ -187,18 +191,18 @@ def _run_fronts(cfg: ServeConfig, path: Path, sock: socket.socket, url: str, key
         for link in engine.links:
             link.close()  # the fronts hold them now: a front that dies closes its link, and the engine aborts its work
         lifeline.close()
-        sentinels = [front.sentinel for front in fronts]
-        while not stop.is_set() and not all(e.is_set() for e in started):
-            if wait(sentinels, timeout=0.1):
-                break
+        sentinels, gone = [front.sentinel for front in fronts], []
+        while not stop.is_set() and not all(e.is_set() for e in started) and not gone:
+            gone = wait(sentinels, timeout=0.1)
         sock.close()  # never listening, it only held the port until the fronts bound theirs
-        if all(e.is_set() for e in started):
+        if not gone and all(e.is_set() for e in started):
             print(f"leagues serve: listening on {url} ({cfg.fronts} fronts)", flush=True)
-        while not stop.is_set() and not wait(sentinels, timeout=0.2):
-            pass
-        gone = [f for f in fronts if f.exitcode is not None]
+        while not stop.is_set() and not gone:
+            gone = wait(sentinels, timeout=0.2)
         if gone and not stop.is_set():
-            print(f"leagues serve: {gone[0].name} exited (code {gone[0].exitcode}); stopping", file=sys.stderr)
+            front = fronts[sentinels.index(gone[0])]
+            front.join(timeout=10)  # its sentinel closes as it exits, a moment before its exit code is there
+            print(f"leagues serve: {front.name} exited (code {front.exitcode}); stopping", file=sys.stderr)
             code = 1
     finally:
         for front in fronts:

@@ -147,8 +147,8 @@ async def abort_request(req: AbortRequest, request: Request):
         raise APIError(422, "rid: give a request id, or abort_all: true", param="rid")
     if req.abort_all:
         require_admin(request, param="abort_all")
-    if req.abort_all:  # every front's requests, where the engine serves several
-        count = await asyncio.to_thread(state.engine.abort_all, list(state.in_flight))
+    if req.abort_all:  # every request the engine holds: every front's, where it serves several
+        count = await asyncio.to_thread(state.engine.abort_all)
     else:
         state.engine.abort(req.rid)
         count = 1
@@ -163,9 +163,9 @@ async def update_weights_from_disk(req: UpdateWeightsFromDiskRequest, request: R
     if root is not None and not Path(req.model_path).resolve().is_relative_to(root.resolve()):
         message = f"model_path: {req.model_path} is outside the server's weights root {root}"
         raise APIError(403, message, param="model_path", kind="permission_error")
-    abort = list(state.in_flight) if req.abort_all_requests else []
+    path, version, abort_all = Path(req.model_path), req.weight_version, req.abort_all_requests
     try:  # the checkpoint is checked against the model before anything is aborted or written
-        count = await asyncio.to_thread(engine.load_from_disk, Path(req.model_path), req.weight_version, abort)
+        count = await asyncio.to_thread(engine.load_from_disk, path, version, abort_all)
     except (ValueError, OSError) as err:
         return JSONResponse({"success": False, "message": str(err)}, status_code=400)
     state.model_path = req.model_path

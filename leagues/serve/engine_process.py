@@ -132,11 +132,13 @@ class InProcess:
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
-    def abort_all(self, request_ids: list[str]) -> int:
-        """Abort `request_ids` (the server's requests in flight: its engine serves nobody else); returns how many."""
-        for rid in request_ids:
+    def abort_all(self) -> int:
+        """Abort every request the engine holds (a served engine's are the server's, whichever front sent them);
+        returns how many."""
+        rids = list(self.engine.requests)  # one C-level copy of the keys: safe beside the engine's thread
+        for rid in rids:
             self.engine.abort(rid)
-        return len(request_ids)
+        return len(rids)
 
     async def generate_async(self, prompt, params=None, request_id=None, on_token=None) -> list[Output]:
         return await asyncio.wrap_future(self.submit(prompt, params or SamplingParams(), request_id, on_token))
@@ -150,12 +152,12 @@ class InProcess:
     def wake(self) -> None:
         self.engine.wake()
 
-    def load_from_disk(self, path: Path, version: int | None = None, abort: list[str] = ()) -> int:
+    def load_from_disk(self, path: Path, version: int | None = None, abort_all: bool = False) -> int:
         """Load a safetensors checkpoint once it is known to fit the model (a ValueError or OSError before anything
-        changes if not), aborting the requests `abort` names first; returns the number of tensors loaded."""
+        changes if not), with `abort_all` aborting every request first; returns the number of tensors loaded."""
         files = check_checkpoint(self.engine.model, Path(path))
-        for rid in abort:
-            self.engine.abort(rid)
+        if abort_all:
+            self.abort_all()
         return self.engine.load_weights(disk_tensors(files), version)
 
     def weight_group(self, route: str, req: dict, timeout_s: float) -> dict:
@@ -173,7 +175,7 @@ class InProcess:
 # --- the engine in a child process --------------------------------------------------------------------------
 
 _CALLS = frozenset({"flush_cache", "sleep", "wake", "load_from_disk", "weight_group", "status", "abort_all"})
-"""What a front may ask the child to run (`InProcess` methods; `abort_all` is the child's, over every link)."""
+"""What a front may ask the child to run (`InProcess` methods)."""
 
 _ERRORS = {"ValueError": ValueError, "OSError": OSError, "FileNotFoundError": OSError, "TimeoutError": TimeoutError}
 
@@ -265,9 +267,8 @@ class EngineLink:
         with contextlib.suppress(RuntimeError):  # nothing to abort in an engine that is gone
             self._send(("abort", request_id))
 
-    def abort_all(self, request_ids: list[str]) -> int:
-        """Abort every request in the engine, whichever front sent it (`request_ids`, this front's, are among
-        them); returns how many were aborted (blocking)."""
+    def abort_all(self) -> int:
+        """Abort every request in the engine, whichever front sent it; returns how many (blocking)."""
         return self._call("abort_all")
 
     async def generate_async(self, prompt, params=None, request_id=None, on_token=None) -> list[Output]:
@@ -282,8 +283,8 @@ class EngineLink:
     def wake(self) -> None:
         self._call("wake")
 
-    def load_from_disk(self, path: Path, version: int | None = None, abort: list[str] = ()) -> int:
-        return self._call("load_from_disk", str(path), version, list(abort))
+    def load_from_disk(self, path: Path, version: int | None = None, abort_all: bool = False) -> int:
+        return self._call("load_from_disk", str(path), version, abort_all)
 
     def weight_group(self, route: str, req: dict, timeout_s: float) -> dict:
         return self._call("weight_group", route, req, timeout_s)
@@ -480,7 +481,6 @@ def run_child(conns: list, model_path: str, config: EngineConfig) -> None:
     workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="leagues-engine-call")
     child = _Child(engine, workers)
     links = [_Link(child, conn) for conn in conns]
-    child.links = links
     for link in links:
         link.conn.send_bytes(pickle.dumps(("ready", info)))
         link.outbox.thread.start()
@@ -500,19 +500,12 @@ def run_child(conns: list, model_path: str, config: EngineConfig) -> None:
 
 @dataclass(slots=True)
 class _Child:
-    """What the engine process's links share: the engine, the call workers, and the links themselves."""
+    """What the engine process's links share: the engine, the call workers, and the weight-group join's lock."""
 
     engine: InProcess
     workers: ThreadPoolExecutor
-    links: list["_Link"] = field(default_factory=list)
     joining: threading.Lock = field(default_factory=threading.Lock)
     """Held while a weight-group join waits for its group: one at a time, whichever front asked."""
-
-    def abort_all(self) -> int:
-        rids = [rid for link in self.links for rid in list(link.owned)]
-        for rid in rids:
-            self.engine.abort(rid)
-        return len(rids)
 
 
 class _Link:
@@ -567,9 +560,7 @@ class _Link:
         try:
             if name not in _CALLS:
                 raise ValueError(f"unknown engine call {name!r}")
-            if name == "abort_all":
-                value = self.child.abort_all()
-            elif name == "weight_group" and args[0] == "init_weights_update_group":
+            if name == "weight_group" and args[0] == "init_weights_update_group":
                 if not self.child.joining.acquire(blocking=False):
                     raise ValueError("a weight-group join is already under way")
                 try:
