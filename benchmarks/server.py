@@ -59,10 +59,12 @@ def launch(model: str, extra: list[str], prefix: str = "") -> tuple[subprocess.P
     cmd = [*prefix.split(), sys.executable, "-m", "leagues.cli", "serve", "--model", model, "--port", "0", *extra]
     # a session of its own: the server, its engine's process and a profiler over them stop together (`stop`)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
     for line in proc.stdout:
         if m := re.search(r"listening on (http://\S+)", line):
             return proc, m.group(1)
-    raise RuntimeError("server did not start")
+        lines.append(line)
+    raise RuntimeError("server did not start:\n" + "".join(lines[-40:]))
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -39,7 +39,8 @@
 #   engine-base     benchmarks/engine.py from the tree at $BASE_TREE (a copy of an older commit carried beside the
 #                   checkout), for an A/B in one call: run `engine` after it
 # The ANCHORS.md checkpoint is made once at $ANCHOR (default /tmp/leagues-anchor-1b). The server parts need the
-# serving dependencies the GPU machine lacks (fastapi, uvicorn, pydantic, httptools ...): carry them as wheels.
+# serving dependencies the GPU machine lacks (fastapi, uvicorn, pydantic, httptools, and
+# opentelemetry-api, which fastapi imports ...): carry them as wheels.
 set -u
 OUT=${OUT:-/tmp/leagues-bench}
 ANCHOR=${ANCHOR:-/tmp/leagues-anchor-1b}
