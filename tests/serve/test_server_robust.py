@@ -8,17 +8,15 @@ Long requests are 1,000+ tokens, which take seconds on CPU, so a client can leav
 
 import asyncio
 import contextlib
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
+from leagues.cli.main import main
 from leagues.cli.serve import _mount_sessions
 from leagues.engine import Engine, SamplingParams
 from leagues.model import write_tiny_moe
@@ -404,13 +402,14 @@ def test_weight_group_joins_are_bounded_and_one_at_a_time(keyed):
     assert second.status_code == 409 and flush.status_code == 200
 
 
-def test_binding_beyond_loopback_needs_keys():
-    cmd = [sys.executable, "-m", "leagues.cli", "serve", "--host", "0.0.0.0", "--port", "0"]
-    env = {k: v for k, v in os.environ.items() if k not in ("LEAGUES_API_KEY", "LEAGUES_ADMIN_KEY")}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 2 and "--api_key and --admin_key are not set" in out.stderr, out.stderr
-    assert "--insecure" in out.stderr
-    cmd += ["--insecure", "--model", "/nonexistent-model"]  # past the exposure check, to the model's
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 2 and "/nonexistent-model" in out.stderr and "not loopback and" in out.stderr
-    assert "--insecure" not in out.stderr  # a warning only
+def test_binding_beyond_loopback_needs_keys(monkeypatch, capsys):
+    monkeypatch.delenv("LEAGUES_API_KEY", raising=False)
+    monkeypatch.delenv("LEAGUES_ADMIN_KEY", raising=False)
+    argv = ["serve", "--host", "0.0.0.0", "--port", "0"]
+    assert main(argv) == 2  # the command as a user runs it, in this process: it stops before it binds
+    err = capsys.readouterr().err
+    assert "--api_key and --admin_key are not set" in err and "--insecure" in err, err
+    assert main([*argv, "--insecure", "--model", "/nonexistent-model"]) == 2  # past the exposure check, to the model's
+    err = capsys.readouterr().err
+    assert "/nonexistent-model" in err and "not loopback and" in err, err
+    assert "--insecure" not in err  # a warning only
