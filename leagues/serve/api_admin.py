@@ -126,7 +126,7 @@ async def get_server_info(request: Request):
         "stats": status.stats,
         "num_waiting": status.num_waiting,
         "num_running": status.num_running,
-        "num_in_flight_requests": len(state.in_flight),
+        "num_in_flight_requests": len(state.in_flight),  # this front's (the engine's queues: the two above)
         "engine_pid": engine.pid,
         "fronts": state.fronts,
         "front_pid": os.getpid(),
@@ -145,9 +145,8 @@ async def abort_request(req: AbortRequest, request: Request):
     state = state_of(request)
     if not req.rid and not req.abort_all:
         raise APIError(422, "rid: give a request id, or abort_all: true", param="rid")
-    if req.abort_all:
-        require_admin(request, param="abort_all")
     if req.abort_all:  # every request the engine holds: every front's, where it serves several
+        require_admin(request, param="abort_all")
         count = await asyncio.to_thread(state.engine.abort_all)
     else:
         state.engine.abort(req.rid)

@@ -15,7 +15,7 @@ step, and the more clients stream the less the engine runs (on one H200, 64 stre
 engine's in-process throughput). In its own process the engine steps while the front writes.
 
 Decisions:
-- One duplex pipe; messages are pickled tuples sent whole (`send_bytes`), so the CPU tensors of outputs (routes)
+- One duplex pipe a front; messages are pickled tuples sent whole (`send_bytes`), so the CPU tensors of outputs (routes)
   travel by value and nothing is unpickled from anyone but the child this process started.
 - Tokens travel in bursts: the engine's thread appends each sampled token to an outbox and a sender thread sends
   all that gathered since its last send as one message, so a decode step of 64 streaming rows is one message.
@@ -400,13 +400,12 @@ class EngineProcess(EngineLink):
         """The other links' front ends, to hand to the processes that take them (and then close here)."""
 
     def close(self) -> None:
-        with contextlib.suppress(RuntimeError):
-            self._send(("close",))
+        """Leave the engine and wait for its process to end (this is its first link)."""
+        super().close()
         self._proc.join(timeout=30)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(timeout=10)
-        self._conn.close()
 
 
 def _first_message(conn, proc, timeout_s: float) -> tuple[str, object]:
